@@ -1,0 +1,60 @@
+"""The built-in demo assets: the tiny model and the synthetic dataset, made once and reused.
+
+They live under ``$QFLUX_HOME`` (default ``~/.cache/qflux``) and are built into a temporary
+folder that is renamed into place, so an interrupted build never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from qflux.config import BUILTIN_SYNTHETIC_DATASET, BUILTIN_TINY_FLUX_KONTEXT
+
+SYNTHETIC_TRAIN = 24
+SYNTHETIC_HELDOUT = 8
+
+
+def qflux_home() -> Path:
+    """``$QFLUX_HOME`` or ``~/.cache/qflux``."""
+    return Path(os.environ.get("QFLUX_HOME", "~/.cache/qflux")).expanduser()
+
+
+def _build_once(name: str, build: Callable[[Path], object]) -> Path:
+    final = qflux_home() / name
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not final.is_dir():  # a concurrent builder did not win the race either
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``builtin:tiny-flux-kontext`` to its built folder; other values pass through."""
+    if name_or_path == BUILTIN_TINY_FLUX_KONTEXT:
+        from qflux.tiny import build_flux_kontext
+
+        return str(_build_once("tiny-flux-kontext-seed0", lambda p: build_flux_kontext(p, seed=0)))
+    return name_or_path
+
+
+def resolve_dataset_path(path: str, *, heldout: bool = False) -> Path:
+    """Map ``builtin:synthetic`` to the synthetic training set (or its held-out set); others pass through."""
+    if path != BUILTIN_SYNTHETIC_DATASET:
+        return Path(path)
+    from qflux.synthetic import make_synthetic_pairs
+
+    if heldout:
+        return _build_once("synthetic-heldout", lambda p: make_synthetic_pairs(p, SYNTHETIC_HELDOUT, seed=1))
+    return _build_once("synthetic-train", lambda p: make_synthetic_pairs(p, SYNTHETIC_TRAIN, seed=0))

@@ -1,0 +1,169 @@
+"""The configuration schema for the FLUX.1 Kontext LoRA recipe: one frozen attrs tree.
+
+Defaults live here and nowhere else. They describe the built-in demo run (the tiny model and the
+synthetic dataset), so ``python -m recipes.flux_kontext_lora`` works with no arguments; the YAML
+files in ``recipes/configs/`` set the values for the real models. Every key is read by the code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+from attrs import validators as v
+
+# Names that stand for things qflux builds itself, offline.
+BUILTIN_TINY_FLUX_KONTEXT = "builtin:tiny-flux-kontext"
+BUILTIN_SYNTHETIC_DATASET = "builtin:synthetic"
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _positive(inst: object, att: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+    if value <= 0:
+        raise ValueError(f"{att.name} must be > 0, got {value!r}")
+
+
+def _non_negative(inst: object, att: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+    if value < 0:
+        raise ValueError(f"{att.name} must be >= 0, got {value!r}")
+
+
+def _probability(inst: object, att: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{att.name} must be in [0, 1], got {value!r}")
+
+
+def _init_lora(inst: object, att: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
+    if value not in (True, False, "gaussian"):
+        raise ValueError(f"{att.name} must be one of true, false, 'gaussian'; got {value!r}")
+
+
+@attrs.frozen
+class LoraConfig:
+    """LoRA adapter settings, handed to ``peft.LoraConfig``."""
+
+    r: int = attrs.field(default=16, validator=[v.instance_of(int), _positive])
+    """Rank of the low-rank update ΔW = B·A (A: [r, in], B: [out, r])."""
+    lora_alpha: float = attrs.field(default=16, validator=_positive)
+    """Scale numerator: the update is (lora_alpha / r)·B·A."""
+    init_lora_weights: bool | str = attrs.field(default="gaussian", validator=_init_lora)
+    """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random)."""
+    target_modules: tuple[str, ...] = attrs.field(
+        default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple
+    )
+    """Module names (suffixes) of the transformer that get an adapter."""
+
+
+@attrs.frozen
+class ModelConfig:
+    """Which model to load and how."""
+
+    pretrained_model_name_or_path: str = BUILTIN_TINY_FLUX_KONTEXT
+    """Local diffusers folder or hub id; 'builtin:tiny-flux-kontext' builds a tiny random model."""
+    dtype: Dtype = attrs.field(default="bfloat16", validator=v.in_(DTYPES))
+    """dtype of the frozen weights for train, cache and predict. LoRA weights train in float32."""
+    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
+    """T5 token length of the prompt embedding (FLUX.1 uses 512)."""
+    lora: LoraConfig = attrs.field(factory=LoraConfig)
+
+
+@attrs.frozen
+class DataConfig:
+    """The paired dataset and batching."""
+
+    dataset_path: str = BUILTIN_SYNTHETIC_DATASET
+    """Folder with control_images/ and training_images/; 'builtin:synthetic' makes a demo set."""
+    batch_size: int = attrs.field(default=2, validator=[v.instance_of(int), _positive])
+    """Samples per micro-batch; each batch holds images of one size."""
+    caption_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
+    """Probability that a sample's instruction is replaced by the empty prompt."""
+    prompt_image_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
+    """Probability that a sample's control latents are replaced by zeros."""
+    max_pixels: int | None = attrs.field(default=1024 * 1024, validator=v.optional(_positive))
+    """Images larger than this area are scaled down (aspect kept) before rounding to 16."""
+    shuffle: bool = True
+    """Shuffle batches each epoch (the order depends only on seed and epoch)."""
+    num_workers: int = attrs.field(default=0, validator=_non_negative)
+    """DataLoader worker processes that decode and resize images."""
+
+
+@attrs.frozen
+class OptimizerConfig:
+    """AdamW hyperparameters (decoupled weight decay, as ``torch.optim.AdamW``)."""
+
+    lr: float = attrs.field(default=1e-3, validator=_positive)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple)
+    weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
+    eps: float = attrs.field(default=1e-8, validator=_positive)
+
+    @betas.validator
+    def _check_betas(self, att: attrs.Attribute, value: tuple[float, ...]) -> None:  # type: ignore[type-arg]
+        if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+
+
+@attrs.frozen
+class LrSchedulerConfig:
+    """Learning-rate schedule: lr(step) = lr · warmup(step) · decay(step)."""
+
+    scheduler_type: Literal["constant", "linear", "cosine"] = attrs.field(
+        default="constant", validator=v.in_(("constant", "linear", "cosine"))
+    )
+    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
+    """Linear warmup from 0 over this many optimizer steps."""
+    num_cycles: float = attrs.field(default=0.5, validator=_positive)
+    """Cosine only: number of half-periods over the decay (0.5 decays once to 0)."""
+
+
+@attrs.frozen
+class TrainConfig:
+    """The optimisation loop and the flow-matching objective."""
+
+    max_train_steps: int = attrs.field(default=120, validator=[v.instance_of(int), _positive])
+    """Training stops after exactly this many optimizer steps."""
+    gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive)
+    """Micro-batches averaged into one optimizer step."""
+    max_grad_norm: float | None = attrs.field(default=1.0, validator=v.optional(_positive))
+    """Clip the global L2 norm of the LoRA gradient to this value; null disables clipping."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer blocks in backward to save memory (uses the autograd engine)."""
+    guidance_scale: float = attrs.field(default=2.5, validator=_non_negative)
+    """Guidance value fed to the guidance-distilled transformer in training (Kontext's predict default)."""
+    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = attrs.field(
+        default="none", validator=v.in_(("none", "logit_normal", "mode", "cosmap", "sigma_sqrt"))
+    )
+    """Timestep density and loss weighting (SD3 paper, as diffusers' training scripts)."""
+    logit_mean: float = 0.0
+    """logit_normal: mean of the normal before the sigmoid."""
+    logit_std: float = attrs.field(default=1.0, validator=_positive)
+    """logit_normal: standard deviation of the normal before the sigmoid."""
+    mode_scale: float = 1.29
+    """mode: scale of the mode-favouring density."""
+    resolution_shift: bool = False
+    """Shift sampled sigmas towards noise for large images: σ' = e^μ / (e^μ + 1/σ − 1), μ from seq len."""
+    save_dtype: Dtype = attrs.field(default="float32", validator=v.in_(DTYPES))
+    """dtype of the saved LoRA tensors."""
+
+
+@attrs.frozen
+class LoggingConfig:
+    """Where results go."""
+
+    output_dir: str = "outputs/flux_kontext_lora"
+    """Folder for the LoRA, the resolved config, the loss curve and the sample image."""
+
+
+@attrs.frozen
+class FluxKontextConfig:
+    """The whole FLUX.1 Kontext LoRA recipe configuration."""
+
+    seed: int = 0
+    """Seeds every random draw: LoRA init, data order, noise, timesteps and dropout."""
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    data: DataConfig = attrs.field(factory=DataConfig)
+    optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
+    lr_scheduler: LrSchedulerConfig = attrs.field(factory=LrSchedulerConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)

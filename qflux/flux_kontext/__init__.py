@@ -1,0 +1,1 @@
+"""FLUX.1 Kontext: loaders, conditioning, the training loss and predict."""

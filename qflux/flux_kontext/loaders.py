@@ -1,0 +1,135 @@
+"""Loading FLUX.1 Kontext components one at a time from a diffusers-layout folder (plan §2).
+
+Each loader takes a local folder or hub id, a dtype and a device, and returns the component in
+eval mode with ``requires_grad`` off. Loading one component never loads the others, so training
+from a cache can skip the text encoders entirely.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from qflux.errors import QfluxError
+from qflux.model_dir import resolve_model_dir
+
+PIPELINE = "FLUX.1 Kontext"
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``'bfloat16'`` → ``torch.bfloat16`` (the config's dtype names)."""
+    return _DTYPES[name]
+
+
+def _folder(model_path: str | Path, subfolder: str) -> Path:
+    return resolve_model_dir(str(model_path), [subfolder], pipeline=PIPELINE)
+
+
+def _frozen(module: Any, device: str | torch.device) -> Any:
+    module.requires_grad_(False)
+    module.eval()
+    return module.to(device)
+
+
+def _load(cls: Any, model_path: str | Path, subfolder: str, weight_dtype: torch.dtype, device: str) -> Any:
+    path = _folder(model_path, subfolder)
+    try:
+        module = cls.from_pretrained(path, subfolder=subfolder, dtype=weight_dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise QfluxError(f"could not load {subfolder} from '{path / subfolder}': {e}") from None
+    return _frozen(module, device)
+
+
+def load_flux_kontext_clip(
+    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> Any:
+    """The CLIP text encoder (``text_encoder/``): pooled prompt embedding [B, 768]."""
+    from transformers import CLIPTextModel
+
+    return _load(CLIPTextModel, model_path, "text_encoder", weight_dtype, device)
+
+
+def load_flux_kontext_t5(
+    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> Any:
+    """The T5 encoder (``text_encoder_2/``): prompt token embeddings [B, S, 4096]."""
+    from transformers import T5EncoderModel
+
+    return _load(T5EncoderModel, model_path, "text_encoder_2", weight_dtype, device)
+
+
+def load_flux_kontext_vae(
+    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> Any:
+    """The autoencoder (``vae/``): images [B, 3, H, W] ↔ latents [B, 16, H/8, W/8]."""
+    from diffusers import AutoencoderKL
+
+    return _load(AutoencoderKL, model_path, "vae", weight_dtype, device)
+
+
+def load_flux_kontext_transformer(
+    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> Any:
+    """The Flux transformer (``transformer/``) with its guidance embedding."""
+    from diffusers import FluxTransformer2DModel
+
+    return _load(FluxTransformer2DModel, model_path, "transformer", weight_dtype, device)
+
+
+def load_flux_kontext_tokenizers(model_path: str | Path) -> tuple[Any, Any]:
+    """The CLIP tokenizer (``tokenizer/``) and the T5 tokenizer (``tokenizer_2/``)."""
+    from transformers import AutoTokenizer
+
+    out = []
+    for sub in ("tokenizer", "tokenizer_2"):
+        path = _folder(model_path, sub)
+        try:
+            out.append(AutoTokenizer.from_pretrained(path / sub))
+        except (OSError, ValueError) as e:
+            raise QfluxError(f"could not load {sub} from '{path / sub}': {e}") from None
+    return out[0], out[1]
+
+
+def load_flux_kontext_scheduler(model_path: str | Path) -> Any:
+    """The flow-matching Euler scheduler (``scheduler/``) whose config predict and training read."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = _folder(model_path, "scheduler")
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+
+
+@attrs.frozen(eq=False)
+class FluxKontextModels:
+    """The frozen components one job needs; ``None`` where a job does not need one."""
+
+    transformer: Any
+    """``FluxTransformer2DModel``; in training it carries an injected (zeroed) LoRA adapter."""
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    scheduler: Any
+
+
+def load_flux_kontext(
+    model_path: str | Path, weight_dtype: torch.dtype, device: str = "cpu"
+) -> FluxKontextModels:
+    """Load every component of a FLUX.1 Kontext folder (train without cache, predict)."""
+    path = resolve_model_dir(str(model_path), COMPONENTS, pipeline=PIPELINE)
+    tok, tok2 = load_flux_kontext_tokenizers(path)
+    return FluxKontextModels(
+        transformer=load_flux_kontext_transformer(path, weight_dtype, device),
+        vae=load_flux_kontext_vae(path, weight_dtype, device),
+        text_encoder=load_flux_kontext_clip(path, weight_dtype, device),
+        text_encoder_2=load_flux_kontext_t5(path, weight_dtype, device),
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        scheduler=load_flux_kontext_scheduler(path),
+    )

@@ -1,0 +1,129 @@
+"""The FLUX.1 Kontext training objective as a pure function of (LoRA tensors, batch).
+
+Per sample: the target latents are noised, packed and concatenated with the packed control
+latents along the sequence; the transformer predicts a velocity for every token and the loss is
+taken over the target tokens only:
+
+    x_t = (1 − σ)·x0 + σ·ε
+    v̂ = F([pack(x_t) ; pack(c)], t = σ, ids = [(0, i, j) ; (1, i, j)])[:, :N]
+    loss = mean_b w(σ_b) · mean (v̂ − (ε − x0))²
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch.func import functional_call
+
+from qflux.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
+from qflux.latents import latent_image_ids, pack_latents, unpack_latents
+
+
+@attrs.frozen(eq=False)
+class FluxKontextBatch:
+    """Everything one training micro-batch needs, randomness included (drawn outside the step)."""
+
+    latents: torch.Tensor
+    """Target latents x0 [B, C, h, w] (float32)."""
+    control_latents: torch.Tensor
+    """Control latents c [B, C, hc, wc] (float32); zeros where the control image was dropped."""
+    pooled: torch.Tensor
+    """CLIP pooled prompt embedding [B, P]."""
+    prompt_embeds: torch.Tensor
+    """T5 prompt embedding [B, S, D]."""
+    noise: torch.Tensor
+    """ε [B, C, h, w] (float32)."""
+    sigmas: torch.Tensor
+    """σ [B] (float32) in (0, 1]."""
+
+
+def kontext_ids(latent_hw: tuple[int, int], control_hw: tuple[int, int]) -> torch.Tensor:
+    """Position ids for [target tokens ; control tokens]: index 0 for the target, 1 for the control.
+
+    Returns:
+        [N + Nc, 3].
+    """
+    return torch.cat([latent_image_ids(*latent_hw, index=0), latent_image_ids(*control_hw, index=1)], dim=0)
+
+
+def predict_velocity(
+    transformer: Any,
+    params: Mapping[str, torch.Tensor],
+    noisy: torch.Tensor,
+    control: torch.Tensor | None,
+    sigmas: torch.Tensor,
+    pooled: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    guidance: torch.Tensor | None,
+) -> torch.Tensor:
+    """One transformer evaluation on packed tokens; returns the velocity of the target tokens.
+
+    Args:
+        transformer: ``FluxTransformer2DModel`` (frozen).
+        params: tensors substituted into the module (the LoRA); ``{}`` runs the module as it is.
+        noisy: x_t [B, C, h, w].
+        control: control latents [B, C, hc, wc], or None for no control image.
+        sigmas: [B]; the transformer's timestep input is σ (diffusers passes t/1000 = σ).
+        pooled: [B, P]; prompt_embeds: [B, S, D].
+        guidance: [B] guidance values, or None for a model without guidance embedding.
+
+    Returns:
+        v̂ [B, C, h, w] in the transformer's output dtype.
+    """
+    dtype = transformer.dtype
+    h, w = noisy.shape[-2:]
+    tokens = pack_latents(noisy.to(dtype))
+    n = tokens.shape[1]
+    if control is not None:
+        ids = kontext_ids((h, w), (control.shape[-2], control.shape[-1]))
+        tokens = torch.cat([tokens, pack_latents(control.to(dtype))], dim=1)
+    else:
+        ids = latent_image_ids(h, w, index=0)
+    out = functional_call(
+        transformer,
+        dict(params),
+        (),
+        {
+            "hidden_states": tokens,
+            "timestep": sigmas.to(dtype),
+            "guidance": guidance,
+            "pooled_projections": pooled.to(dtype),
+            "encoder_hidden_states": prompt_embeds.to(dtype),
+            "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=tokens.device, dtype=dtype),
+            "img_ids": ids.to(device=tokens.device, dtype=dtype),
+            "return_dict": False,
+        },
+        strict=False,
+    )[0]
+    return unpack_latents(out[:, :n], h, w)
+
+
+def make_loss_fn(
+    transformer: Any, *, guidance_scale: float, weighting_scheme: WeightingScheme
+) -> Callable[[Mapping[str, torch.Tensor], FluxKontextBatch], torch.Tensor]:
+    """Close over the frozen transformer and objective settings; return ``loss_fn(lora, batch)``.
+
+    The returned function is pure: same (lora, batch) gives the same 0-d float32 loss.
+    """
+
+    def loss_fn(lora: Mapping[str, torch.Tensor], batch: FluxKontextBatch) -> torch.Tensor:
+        x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((x0.shape[0],), guidance_scale, dtype=torch.float32, device=x0.device)
+        pred = predict_velocity(
+            transformer,
+            lora,
+            add_noise(x0, eps, sigmas),
+            batch.control_latents,
+            sigmas,
+            batch.pooled,
+            batch.prompt_embeds,
+            guidance,
+        )
+        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas))
+
+    return loss_fn

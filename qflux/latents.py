@@ -1,0 +1,63 @@
+"""2×2 latent packing and the 3-axis position ids of Flux-style transformers.
+
+A latent image [B, C, h, w] becomes a token sequence [B, (h/2)·(w/2), 4C]: each token is one
+2×2 patch, channels-major inside the patch (the layout of diffusers' ``_pack_latents``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Pack 2×2 patches into tokens.
+
+    Args:
+        latents: [B, C, h, w] with h and w even.
+
+    Returns:
+        [B, (h/2)·(w/2), 4C]; token (i, j) holds latents[:, c, 2i + di, 2j + dj] at index 4c + 2di + dj.
+    """
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2)
+    x = x.permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`.
+
+    Args:
+        tokens: [B, (h/2)·(w/2), 4C].
+        height: latent height h (even).
+        width: latent width w (even).
+
+    Returns:
+        [B, C, h, w].
+    """
+    b, _, ch = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, ch // 4, 2, 2)
+    x = x.permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, ch // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, index: int = 0) -> torch.Tensor:
+    """Position ids of a packed latent image: (index, row, column) per token.
+
+    Kontext puts the target at index 0 and the control image at index 1, so RoPE separates the
+    two images on the first axis while rows and columns line up.
+
+    Args:
+        height: latent height h (tokens are h/2 rows).
+        width: latent width w (tokens are w/2 columns).
+        index: value of the first axis for every token.
+
+    Returns:
+        [(h/2)·(w/2), 3] float32.
+    """
+    rows, cols = height // 2, width // 2
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 0] = float(index)
+    ids[..., 1] = torch.arange(rows)[:, None].float()
+    ids[..., 2] = torch.arange(cols)[None, :].float()
+    return ids.reshape(rows * cols, 3)

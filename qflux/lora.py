@@ -1,0 +1,121 @@
+"""LoRA adapters from peft, held outside the module as a dict of tensors.
+
+``inject_lora`` adds a peft adapter to the transformer and returns its initial tensors; the
+module's own copies are then zeroed (B = 0), so calling the module *without* the dict is exactly
+the base model and calling it through ``functional_call(module, lora, ...)`` applies the adapter:
+
+    y = W·x + (α / r)·B·(A·x)
+
+Saved files are diffusers' format: ``transformer.``-prefixed ``lora_A`` / ``lora_B`` keys with the
+peft config in the safetensors metadata, which ``FluxKontextPipeline.load_lora_weights`` reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qflux.config import LoraConfig
+from qflux.errors import QfluxError
+
+Params = dict[str, torch.Tensor]
+
+ADAPTER = "default"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
+    """Add a LoRA adapter to ``transformer`` in place and return its initial tensors in float32.
+
+    Args:
+        transformer: a diffusers model with ``PeftAdapterMixin`` (``add_adapter``).
+        cfg: rank, alpha, init and target modules.
+        seed: the adapter's random init is a function of this seed alone.
+
+    Returns:
+        ``{module parameter name: tensor}`` for every ``lora_A`` / ``lora_B`` weight.
+    """
+    import peft
+
+    config = peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        init_lora_weights=cfg.init_lora_weights,
+        target_modules=list(cfg.target_modules),
+    )
+    with torch.random.fork_rng(devices=[]):  # local seeding; the global RNG is left as it was
+        torch.manual_seed(seed)
+        try:
+            transformer.add_adapter(config, adapter_name=ADAPTER)
+        except ValueError as e:
+            raise QfluxError(f"model.lora.target_modules {list(cfg.target_modules)} do not fit the model: {e}") from None
+    lora: Params = {}
+    for name, p in transformer.named_parameters():
+        if ".lora_" in name:
+            lora[name] = p.detach().to(torch.float32).clone()
+            p.requires_grad_(False)
+            if ".lora_B." in name:
+                p.data.zero_()  # the module alone is now exactly the base model
+    if not lora:
+        raise QfluxError(f"model.lora.target_modules {list(cfg.target_modules)} matched no layer of the model")
+    return lora
+
+
+def lora_to_diffusers(transformer: Any, lora: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Params:
+    """Rename module parameter names to peft's saved names (adapter name dropped), cast to ``dtype``."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(transformer, state_dict=dict(lora), adapter_name=ADAPTER)
+    return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+
+def save_lora(
+    out_dir: str | Path,
+    transformer: Any,
+    lora: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype,
+    pipeline_cls: Any,
+) -> Path:
+    """Write ``<out_dir>/pytorch_lora_weights.safetensors`` in the diffusers LoRA format.
+
+    Args:
+        transformer: the module the adapter was injected into (its peft config goes in the metadata).
+        lora: the trained tensors, keyed by module parameter name.
+        dtype: precision of the saved tensors.
+        pipeline_cls: the diffusers pipeline class whose ``save_lora_weights`` writes the file.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline_cls.save_lora_weights(
+        out,
+        transformer_lora_layers=lora_to_diffusers(transformer, lora, dtype),
+        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    return out / LORA_WEIGHT_NAME
+
+
+def load_lora_file(transformer: Any, path: str | Path, *, pipeline_cls: Any) -> None:
+    """Load a LoRA file into ``transformer`` as its active adapter (for predict).
+
+    Any format the diffusers pipeline's ``lora_state_dict`` understands is accepted.
+
+    Raises:
+        QfluxError: the file is missing or holds no LoRA for this transformer.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise QfluxError(f"LoRA file '{p}' does not exist; pass --lora=PATH to a .safetensors file")
+    try:
+        state_dict, alphas, metadata = pipeline_cls.lora_state_dict(
+            str(p), return_alphas=True, return_lora_metadata=True
+        )
+        pipeline_cls.load_lora_into_transformer(
+            state_dict, network_alphas=alphas, transformer=transformer, metadata=metadata
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise QfluxError(f"could not load LoRA '{p}' into the transformer: {e}") from None

@@ -1,0 +1,49 @@
+"""Writing pictures of a run: the loss curve and labelled image rows (PNG files)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "training loss") -> Path:
+    """Plot per-step losses and a moving average to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(losses, dtype=np.float64)
+    x = np.arange(1, len(y) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(x, y, lw=0.8, alpha=0.5, label="loss")
+    k = max(1, len(y) // 20)
+    if len(y) >= k > 1:
+        ax.plot(x[k - 1 :], np.convolve(y, np.ones(k) / k, mode="valid"), lw=1.6, label=f"mean of {k}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_image_row(images: Sequence[Image.Image], labels: Sequence[str], path: str | Path) -> Path:
+    """Images side by side (each scaled to the tallest's height), each with a caption above."""
+    h = max(im.height for im in images)
+    scaled = [im.resize((max(1, round(im.width * h / im.height)), h)) for im in images]
+    pad = 14
+    canvas = Image.new("RGB", (sum(im.width for im in scaled) + 4 * (len(scaled) - 1), h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for im, label in zip(scaled, labels, strict=True):
+        canvas.paste(im, (x, pad))
+        draw.text((x + 1, 1), label, fill="black")
+        x += im.width + 4
+    canvas.save(path)
+    return Path(path)

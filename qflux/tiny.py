@@ -1,0 +1,185 @@
+"""Tiny random models in the standard diffusers folder layout, built offline and deterministically.
+
+``python -m qflux.tiny flux_kontext DIR [--seed=0]`` writes a complete FLUX.1-Kontext folder
+(transformer with guidance embedding, VAE, CLIP and T5 with tokenizers built in code, scheduler)
+that ``FluxKontextPipeline.from_pretrained(DIR)`` and the qflux loaders both read.
+
+The shapes keep the real model's structure (VAE downsampling ×8, 2×2 packing, CLIP pooled
+projection, T5 sequence, 3-axis RoPE) at a width small enough for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+__all__ = ["build_flux_kontext", "clip_tokenizer", "t5_tokenizer"]
+
+# Characters the tiny tokenizers know; anything else maps to the unknown token.
+_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,!?'-:;()"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte→unicode table (printable stand-ins for all 256 bytes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def clip_tokenizer():  # noqa: ANN201 - transformers type
+    """A byte-level CLIP BPE tokenizer over all 256 bytes plus a few merges, built in code."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [("e", "d</w>"), ("i", "n"), ("t", "h"), ("th", "e</w>"), ("o", "n</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def t5_tokenizer():  # noqa: ANN201 - transformers type
+    """A unigram T5 tokenizer over single characters and a few words, built in code."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    words = ["▁the", "▁make", "▁turn", "▁color", "▁image", "▁invert", "▁flip", "▁red", "▁blue"]
+    pieces += [(w, -3.0) for w in words]
+    pieces += [(c, -5.0) for c in _ALPHABET]
+    pieces += [("▁" + c, -4.0) for c in _ALPHABET]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_flux_kontext(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.1-Kontext model folder (diffusers layout) to ``out_dir``.
+
+    Args:
+        out_dir: destination folder; created if missing.
+        seed: weights are a deterministic function of this seed.
+
+    Returns:
+        The folder path. ``FluxKontextPipeline.from_pretrained(path)`` loads it.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    out = Path(out_dir)
+    tok = clip_tokenizer()
+    tok2 = t5_tokenizer()
+    latent_channels = 4
+    # fork_rng keeps the seeding local: the caller's global RNG is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,  # 2×2 packed latents
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # = T5 d_model
+            pooled_projection_dim=32,  # = CLIP hidden size
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        )
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=77,
+                projection_dim=32,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                hidden_act="gelu",
+            )
+        )
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tok2),
+                d_model=32,
+                d_ff=37,
+                d_kv=8,
+                num_heads=4,
+                num_layers=2,
+                relative_attention_num_buckets=8,
+                pad_token_id=tok2.pad_token_id,
+                eos_token_id=tok2.eos_token_id,
+                decoder_start_token_id=tok2.pad_token_id,
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),  # 4 levels: downsampling ×8, as in FLUX
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=4,
+            sample_size=64,
+            shift_factor=0.1159,  # FLUX.1 values
+            scaling_factor=0.3611,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tok,
+        text_encoder_2=t5,
+        tokenizer_2=tok2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+_BUILDERS = {"flux_kontext": build_flux_kontext}
+
+
+def main(model: str, out_dir: str, seed: int = 0) -> None:
+    """CLI: ``python -m qflux.tiny flux_kontext DIR [--seed=0]``."""
+    if model not in _BUILDERS:
+        raise SystemExit(f"unknown tiny model {model!r}; choose one of {sorted(_BUILDERS)}")
+    path = _BUILDERS[model](out_dir, seed=seed)
+    print(f"wrote tiny {model} model to {path}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,124 @@
+"""The training state and the pure training step, shared by every recipe.
+
+``train_step(state, microbatches, ...) -> (state, metrics)`` averages the gradient of a pure
+``loss_fn(lora, batch)`` over the micro-batches, clips it, and applies AdamW. It returns a new
+state, never mutates its inputs and never syncs with the host: metrics are 0-d tensors that the
+recipe reads (``.item()``) only when it logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+
+from qflux.optim import AdamWState, adamw_init, adamw_update, clip_by_global_norm
+
+Params = dict[str, torch.Tensor]
+LossFn = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
+GradEngine = Literal["func", "autograd"]
+
+
+@attrs.frozen(eq=False)
+class TrainState:
+    """Everything that changes during training; frozen weights are not state."""
+
+    step: int
+    """Optimizer steps completed."""
+    lora: Params
+    """Trainable LoRA tensors (float32), keyed by module parameter name."""
+    opt: AdamWState
+    """AdamW moments."""
+    seed: int
+    """Root of every random draw; with ``step`` it is the RNG position (draws are keyed by both)."""
+
+
+@attrs.frozen
+class StepHParams:
+    """Per-run constants of the update rule (the per-step lr comes in as a tensor)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    engine: GradEngine = "func"
+    """'func': torch.func.grad_and_value. 'autograd': torch.autograd.grad over fresh leaves, which
+    also works with activation checkpointing (torch.func transforms do not)."""
+
+
+def init_train_state(lora: Mapping[str, torch.Tensor], seed: int) -> TrainState:
+    """A step-0 state holding copies of ``lora`` and zero AdamW moments."""
+    params = {k: v.detach().clone() for k, v in lora.items()}
+    return TrainState(step=0, lora=params, opt=adamw_init(params), seed=seed)
+
+
+def value_and_grad(
+    loss_fn: LossFn, lora: Mapping[str, torch.Tensor], batch: Any, *, engine: GradEngine, module: Any = None
+) -> tuple[torch.Tensor, Params]:
+    """(loss, ∂loss/∂lora) for one batch, by the chosen engine; inputs are not modified.
+
+    Args:
+        module: for ``engine='autograd'``, the module ``loss_fn`` calls; the LoRA tensors stay
+            substituted into it through backward, so recomputed (checkpointed) blocks see them.
+    """
+    if engine == "func":
+        grads, loss = torch.func.grad_and_value(loss_fn)(dict(lora), batch)
+        return loss.detach(), grads
+    leaves = {k: v.detach().requires_grad_(True) for k, v in lora.items()}
+    with torch.enable_grad(), _reparametrize_module(module, leaves, strict=False):
+        loss = loss_fn(leaves, batch)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return loss.detach(), dict(zip(leaves, grads, strict=True))
+
+
+def train_step(
+    state: TrainState,
+    microbatches: Sequence[Any],
+    *,
+    loss_fn: LossFn,
+    lr: torch.Tensor,
+    hp: StepHParams,
+    module: Any = None,
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """One optimizer step over ``len(microbatches)`` accumulated micro-batches.
+
+        g = (1/K) Σ_k ∇ loss_fn(lora, batch_k)
+        g ← clip(g, max_grad_norm);   lora, opt ← AdamW(g, opt, lora, lr)
+
+    Args:
+        state: the current state (not modified).
+        microbatches: K ≥ 1 batches, each accepted by ``loss_fn``.
+        loss_fn: pure ``(lora, batch) -> 0-d loss``.
+        lr: 0-d tensor learning rate for this step.
+
+    Returns:
+        (new state with ``step + 1``, metrics: ``loss`` (mean over micro-batches), ``grad_norm``
+        (before clipping), ``lr`` and ``finite`` (1.0 when loss and gradient are finite)), all 0-d.
+    """
+    k = len(microbatches)
+    total_loss = torch.zeros((), dtype=torch.float32)
+    grads: Params = {}
+    for batch in microbatches:
+        loss, g = value_and_grad(loss_fn, state.lora, batch, engine=hp.engine, module=module)
+        total_loss = total_loss + loss.float()
+        grads = g if not grads else {n: grads[n] + g[n] for n in grads}
+    if k > 1:
+        grads = {n: t / k for n, t in grads.items()}
+    grads, norm = clip_by_global_norm(grads, hp.max_grad_norm)
+    lora, opt = adamw_update(
+        grads, state.opt, state.lora, lr=lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
+    )
+    mean_loss = total_loss / k
+    finite = (torch.isfinite(mean_loss) & torch.isfinite(norm)).float()
+    new_state = attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt)
+    return new_state, {"loss": mean_loss, "grad_norm": norm, "lr": lr.detach().float(), "finite": finite}
+
+
+@torch.no_grad()
+def evaluate_loss(loss_fn: LossFn, lora: Mapping[str, torch.Tensor], batches: Sequence[Any]) -> torch.Tensor:
+    """Mean of ``loss_fn`` over fixed batches (fixed noise and σ make it deterministic); 0-d."""
+    losses = [loss_fn(dict(lora), b).float() for b in batches]
+    return torch.stack(losses).mean()
