@@ -121,7 +121,7 @@ class LrSchedulerConfig:
 class TrainConfig:
     """The optimisation loop and the flow-matching objective."""
 
-    max_train_steps: int = attrs.field(default=120, validator=[v.instance_of(int), _positive])
+    max_train_steps: int = attrs.field(default=150, validator=[v.instance_of(int), _positive])
     """Training stops after exactly this many optimizer steps."""
     gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive)
     """Micro-batches averaged into one optimizer step."""

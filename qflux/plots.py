@@ -33,10 +33,13 @@ def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "
     return Path(path)
 
 
-def save_image_row(images: Sequence[Image.Image], labels: Sequence[str], path: str | Path) -> Path:
-    """Images side by side (each scaled to the tallest's height), each with a caption above."""
-    h = max(im.height for im in images)
-    scaled = [im.resize((max(1, round(im.width * h / im.height)), h)) for im in images]
+def save_image_row(
+    images: Sequence[Image.Image], labels: Sequence[str], path: str | Path, *, min_height: int = 192
+) -> Path:
+    """Images side by side, each with a caption above; all scaled to one height of at least
+    ``min_height`` pixels (nearest-neighbour, so tiny images stay crisp)."""
+    h = max(min_height, *(im.height for im in images))
+    scaled = [im.resize((max(1, round(im.width * h / im.height)), h), Image.Resampling.NEAREST) for im in images]
     pad = 14
     canvas = Image.new("RGB", (sum(im.width for im in scaled) + 4 * (len(scaled) - 1), h + pad), "white")
     draw = ImageDraw.Draw(canvas)

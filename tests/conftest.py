@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny FLUX.1 Kontext model (built once per session) and hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+# Built-in assets go to a throwaway folder, never the user's ~/.cache; the hub is never contacted.
+os.environ.setdefault("QFLUX_HOME", tempfile.mkdtemp(prefix="qflux-test-home-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+settings.register_profile("qflux", deadline=None, max_examples=25, derandomize=True)
+settings.load_profile("qflux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random FLUX.1 Kontext folder in the diffusers layout."""
+    from qflux.tiny import build_flux_kontext
+
+    return build_flux_kontext(tmp_path_factory.mktemp("tiny-flux-kontext"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(tiny_flux_dir: Path):  # noqa: ANN201
+    """The diffusers reference pipeline on the tiny model, float32."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline.from_pretrained(tiny_flux_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def flux_models(tiny_flux_dir: Path):  # noqa: ANN201
+    """qflux's own loading of the same folder, float32 (do not inject adapters into it)."""
+    from qflux.flux_kontext.loaders import load_flux_kontext
+
+    return load_flux_kontext(tiny_flux_dir, torch.float32)

@@ -1,0 +1,87 @@
+"""Each qflux loader gives exactly the component the diffusers pipeline loads; failures are one clear sentence."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qflux.errors import QfluxError
+from qflux.flux_kontext import loaders
+
+
+def _same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].shape == sb[k].shape, k
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize(
+    ("loader", "attr"),
+    [
+        (loaders.load_flux_kontext_clip, "text_encoder"),
+        (loaders.load_flux_kontext_t5, "text_encoder_2"),
+        (loaders.load_flux_kontext_vae, "vae"),
+        (loaders.load_flux_kontext_transformer, "transformer"),
+    ],
+)
+def test_component_equals_pipeline_component(tiny_flux_dir: Path, flux_pipe, loader, attr: str) -> None:
+    ours = loader(tiny_flux_dir, torch.float32, "cpu")
+    _same_params(ours, getattr(flux_pipe, attr))
+    assert not any(p.requires_grad for p in ours.parameters())
+    assert not ours.training
+
+
+def test_dtype_is_applied(tiny_flux_dir: Path) -> None:
+    vae = loaders.load_flux_kontext_vae(tiny_flux_dir, torch.bfloat16)
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+
+
+def test_tokenizers_and_scheduler_equal_pipeline(tiny_flux_dir: Path, flux_pipe) -> None:
+    tok, tok2 = loaders.load_flux_kontext_tokenizers(tiny_flux_dir)
+    text = ["make the image red", "", "Invert the colors, please!"]
+    assert tok(text, padding="max_length", max_length=77).input_ids == flux_pipe.tokenizer(
+        text, padding="max_length", max_length=77
+    ).input_ids
+    assert tok2(text, padding="max_length", max_length=32).input_ids == flux_pipe.tokenizer_2(
+        text, padding="max_length", max_length=32
+    ).input_ids
+    sched = loaders.load_flux_kontext_scheduler(tiny_flux_dir)
+    assert dict(sched.config) == dict(flux_pipe.scheduler.config)
+
+
+def test_missing_folder_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(QfluxError, match=r"does not exist; expected a FLUX.1 Kontext model in the diffusers layout"):
+        loaders.load_flux_kontext_vae(tmp_path / "nope", torch.float32)
+
+
+def test_wrong_layout_names_missing_parts(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_flux_dir, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(QfluxError, match=r"missing vae/config.json"):
+        loaders.load_flux_kontext_vae(broken, torch.float32)
+    (broken / "model_index.json").unlink()
+    with pytest.raises(QfluxError, match=r"missing model_index.json"):
+        loaders.load_flux_kontext_transformer(broken, torch.float32)
+
+
+def test_unfetchable_hub_id_is_one_sentence() -> None:
+    with pytest.raises(QfluxError) as info:
+        loaders.load_flux_kontext_transformer("black-forest-labs/FLUX.1-Kontext-dev", torch.float32)
+    msg = str(info.value)
+    assert "could not fetch 'black-forest-labs/FLUX.1-Kontext-dev'" in msg
+    assert "local folder" in msg and "\n" not in msg
+
+
+def test_corrupt_weights_are_reported(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    broken = tmp_path / "corrupt"
+    shutil.copytree(tiny_flux_dir, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(QfluxError, match=r"could not load vae from .*corrupt"):
+        loaders.load_flux_kontext_vae(broken, torch.float32)

@@ -1,0 +1,108 @@
+"""Config parsing: defaults, YAML, overrides, unknown keys with suggestions, range checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qflux.config import FluxKontextConfig
+from qflux.config_parse import load_config, schema_keys, to_dict
+from qflux.errors import QfluxError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_builtin_demo() -> None:
+    cfg = load_config(FluxKontextConfig, None, {})
+    assert cfg.model.pretrained_model_name_or_path == "builtin:tiny-flux-kontext"
+    assert cfg.data.dataset_path == "builtin:synthetic"
+
+
+def test_overrides_are_coerced() -> None:
+    cfg = load_config(
+        FluxKontextConfig,
+        None,
+        {
+            "model.lora.r": "8",
+            "train.gradient_checkpointing": "true",
+            "optimizer.lr": "1e-4",
+            "optimizer.betas": [0.8, 0.9],
+            "model.lora.target_modules": ["to_q"],
+            "data.max_pixels": "null",
+            "train.max_grad_norm": "none",
+            "model.lora.init_lora_weights": "false",
+        },
+    )
+    assert cfg.model.lora.r == 8 and cfg.train.gradient_checkpointing is True
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.betas == (0.8, 0.9)
+    assert cfg.model.lora.target_modules == ("to_q",)
+    assert cfg.data.max_pixels is None and cfg.train.max_grad_norm is None
+    assert cfg.model.lora.init_lora_weights is False
+
+
+def test_unknown_override_suggests_closest() -> None:
+    with pytest.raises(QfluxError, match=r"unknown option '--train.max_train_step'; did you mean 'train.max_train_steps'"):
+        load_config(FluxKontextConfig, None, {"train.max_train_step": 3})
+
+
+def test_unknown_file_key_names_file_and_closest(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("optimizer:\n  learning_rate: 0.1\n")
+    with pytest.raises(QfluxError, match=r"c.yaml: unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'"):
+        load_config(FluxKontextConfig, f, {})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "msg"),
+    [
+        ("data.caption_dropout_rate", 1.5, r"must be in \[0, 1\]"),
+        ("model.dtype", "float8", r"must be one of 'bfloat16', 'float16', 'float32'"),
+        ("train.max_train_steps", 0, r"must be > 0"),
+        ("train.max_train_steps", "many", r"must be an integer"),
+        ("optimizer.betas", [0.9], r"list of 2 values"),
+        ("lr_scheduler.scheduler_type", "step", r"must be one of"),
+        ("model.max_sequence_length", 1024, r"max_sequence_length"),
+    ],
+)
+def test_invalid_values_are_rejected(key: str, value: object, msg: str) -> None:
+    with pytest.raises(QfluxError, match=msg):
+        load_config(FluxKontextConfig, None, {key: value})
+
+
+def test_missing_and_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(QfluxError, match="does not exist"):
+        load_config(FluxKontextConfig, tmp_path / "none.yaml", {})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(QfluxError, match="not valid YAML"):
+        load_config(FluxKontextConfig, bad, {})
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(QfluxError, match="must hold a mapping"):
+        load_config(FluxKontextConfig, listy, {})
+
+
+def test_shipped_configs_load_and_round_trip(tmp_path: Path) -> None:
+    import yaml
+
+    configs = sorted((ROOT / "recipes" / "configs").glob("flux_kontext_*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(FluxKontextConfig, path, {})
+        out = tmp_path / path.name
+        out.write_text(yaml.safe_dump(to_dict(cfg)))
+        assert load_config(FluxKontextConfig, out, {}) == cfg
+
+
+def test_plan_contract_keys_exist() -> None:
+    keys = set(schema_keys(FluxKontextConfig))
+    contract = {
+        "model.pretrained_model_name_or_path", "model.dtype", "model.lora.r", "model.lora.lora_alpha",
+        "model.lora.init_lora_weights", "model.lora.target_modules", "data.dataset_path", "data.batch_size",
+        "data.caption_dropout_rate", "data.prompt_image_dropout_rate", "optimizer.lr", "optimizer.betas",
+        "optimizer.weight_decay", "optimizer.eps", "lr_scheduler.scheduler_type", "lr_scheduler.warmup_steps",
+        "train.max_train_steps", "train.gradient_accumulation_steps", "train.max_grad_norm",
+        "train.gradient_checkpointing", "logging.output_dir", "seed",
+    }  # fmt: skip
+    assert contract <= keys

@@ -1,0 +1,96 @@
+"""Flow-matching maths: endpoints, loss properties, and agreement with the diffusers scheduler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qflux import flow
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(1, 6))
+
+
+def _randn(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@given(shape=shapes, seed=st.integers(0, 1000))
+def test_noising_endpoints(shape: tuple[int, ...], seed: int) -> None:
+    x0, eps = _randn(shape, seed), _randn(shape, seed + 1)
+    b = shape[0]
+    assert torch.equal(flow.add_noise(x0, eps, torch.zeros(b)), x0)
+    assert torch.equal(flow.add_noise(x0, eps, torch.ones(b)), eps)
+
+
+@given(shape=shapes, seed=st.integers(0, 1000), scheme=st.sampled_from(["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]))
+def test_loss_nonnegative_and_zero_at_target(shape: tuple[int, ...], seed: int, scheme: str) -> None:
+    pred, target = _randn(shape, seed), _randn(shape, seed + 1)
+    sig = torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) * 0.98 + 0.01
+    w = flow.loss_weights(scheme, sig)  # type: ignore[arg-type]
+    assert flow.flow_match_loss(pred, target, w) >= 0
+    assert flow.flow_match_loss(target, target, w) == 0
+
+
+def test_loss_formula() -> None:
+    pred = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    target = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    w = torch.tensor([1.0, 0.5])
+    # sample 0: (1 + 4)/2 = 2.5; sample 1: 0.5·(4 + 0)/2 = 1.0; mean 1.75
+    assert flow.flow_match_loss(pred, target, w).item() == pytest.approx(1.75)
+
+
+def test_discrete_sigmas_match_scheduler_table() -> None:
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    u = torch.linspace(0, 0.9999, 997)
+    idx = (u * 1000).long()
+    expected = sched.sigmas[idx]
+    assert torch.allclose(flow.sigmas_from_u(u), expected, rtol=0, atol=1e-7)
+    assert torch.allclose(flow.sigmas_from_u(u) * 1000, sched.timesteps[idx], rtol=0, atol=1e-4)
+
+
+@given(u=st.floats(0, 0.999999))
+def test_sigmas_in_unit_interval(u: float) -> None:
+    s = flow.sigmas_from_u(torch.tensor([u]))
+    assert 0 < s.item() <= 1
+
+
+@given(mu=st.floats(-2, 3))
+def test_time_shift_fixes_endpoints_and_is_monotone(mu: float) -> None:
+    s = torch.tensor([1e-3, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    shifted = flow.time_shift(s, mu)
+    assert shifted[-1].item() == pytest.approx(1.0)
+    assert torch.all(shifted[1:] > shifted[:-1])
+    assert torch.allclose(flow.time_shift(s, 0.0), s)
+
+
+def test_time_shift_matches_scheduler() -> None:
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    sigmas = np.linspace(1.0, 1 / 10, 10)
+    mu = flow.resolution_mu(1024)
+    assert mu == pytest.approx(calculate_shift(1024, 256, 4096, 0.5, 1.15))
+    sched.set_timesteps(sigmas=sigmas, mu=mu)
+    ours = flow.time_shift(torch.tensor(sigmas, dtype=torch.float64), mu)
+    assert torch.allclose(ours.float(), sched.sigmas[:-1], atol=1e-6)
+
+
+def test_weightings() -> None:
+    s = torch.tensor([0.25, 0.5])
+    assert torch.equal(flow.loss_weights("none", s), torch.ones(2))
+    assert torch.allclose(flow.loss_weights("sigma_sqrt", s), s**-2)
+    assert torch.allclose(flow.loss_weights("cosmap", s), 2 / (math.pi * (1 - 2 * s + 2 * s**2)))
+
+
+@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode"])
+def test_sample_u_range_and_determinism(scheme: str) -> None:
+    kw = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+    a = flow.sample_u(scheme, 256, generator=torch.Generator().manual_seed(3), **kw)  # type: ignore[arg-type]
+    b = flow.sample_u(scheme, 256, generator=torch.Generator().manual_seed(3), **kw)  # type: ignore[arg-type]
+    assert torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
