@@ -6,11 +6,14 @@ This runs outside the gradient (``no_grad``), before ``train_step``; all randomn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from qflux.config import FluxKontextConfig
+from qflux.data import PairDataset, PairSample, collate_pairs
 from qflux.flow import resolution_mu, sigmas_from_u, time_shift
 from qflux.flux_kontext.conditioning import encode_prompt, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
@@ -85,3 +88,23 @@ def build_batch(
         noise=draws.noise,
         sigmas=sigmas_for(cfg, models, draws.u, shape[1:]),
     )
+
+
+def fixed_eval_batches(
+    cfg: FluxKontextConfig,
+    models: FluxKontextModels,
+    samples: Sequence[PairSample],
+    *,
+    sigmas: Sequence[float] = (0.25, 0.5, 0.75),
+    seed: int = 0,
+) -> list[FluxKontextBatch]:
+    """Deterministic evaluation batches: every sample (one at a time, no dropout) at each fixed σ,
+    with noise keyed by (seed, sample index) — the same batches on every call.
+    """
+    no_dropout = attrs.evolve(cfg, data=attrs.evolve(cfg.data, caption_dropout_rate=0.0, prompt_image_dropout_rate=0.0))
+    dataset = PairDataset(samples)
+    out = []
+    for i in range(len(samples)):
+        batch = build_batch(no_dropout, models, collate_pairs([dataset[i]]), (seed, -1, i))
+        out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]
+    return out

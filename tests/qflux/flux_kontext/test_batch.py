@@ -1,0 +1,77 @@
+"""build_batch really applies caption and control-image dropout, and draws are keyed by (seed, step, micro)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import torch
+
+from qflux.config import FluxKontextConfig
+from qflux.data import collate_pairs, PairDataset, scan_pairs
+from qflux.flux_kontext.batch import build_batch, sigmas_for
+from qflux.flux_kontext.conditioning import encode_prompt, vae_encode
+from qflux.synthetic import make_synthetic_pairs
+
+
+def _cfg(caption: float, image: float, **train: object) -> FluxKontextConfig:
+    cfg = FluxKontextConfig()
+    return attrs.evolve(
+        cfg,
+        model=attrs.evolve(cfg.model, max_sequence_length=16),
+        data=attrs.evolve(cfg.data, caption_dropout_rate=caption, prompt_image_dropout_rate=image),
+        train=attrs.evolve(cfg.train, **train),
+    )
+
+
+def _raw(tmp_path: Path) -> dict:
+    make_synthetic_pairs(tmp_path, 4, seed=0)
+    samples = scan_pairs(tmp_path, None)
+    ds = PairDataset(samples)
+    return collate_pairs([ds[0], ds[2]])  # two 64×64 samples
+
+
+def _encode(models, prompts: list[str]):
+    return encode_prompt(
+        prompts,
+        tokenizer=models.tokenizer,
+        text_encoder=models.text_encoder,
+        tokenizer_2=models.tokenizer_2,
+        text_encoder_2=models.text_encoder_2,
+        max_sequence_length=16,
+    )
+
+
+def test_no_dropout_keeps_prompt_and_control(flux_models, tmp_path: Path) -> None:
+    raw = _raw(tmp_path)
+    batch = build_batch(_cfg(0.0, 0.0), flux_models, raw, (0, 0, 0))
+    ref = _encode(flux_models, raw["prompt"])
+    assert torch.equal(batch.pooled, ref.pooled) and torch.equal(batch.prompt_embeds, ref.tokens)
+    assert torch.equal(batch.control_latents, vae_encode(flux_models.vae, raw["control"]).float())
+    assert torch.equal(batch.latents, vae_encode(flux_models.vae, raw["target"]).float())
+    assert batch.noise.shape == batch.latents.shape == (2, 4, 8, 8)
+
+
+def test_full_dropout_uses_empty_prompt_and_zero_control(flux_models, tmp_path: Path) -> None:
+    raw = _raw(tmp_path)
+    batch = build_batch(_cfg(1.0, 1.0), flux_models, raw, (0, 0, 0))
+    empty = _encode(flux_models, ["", ""])
+    assert torch.equal(batch.pooled, empty.pooled) and torch.equal(batch.prompt_embeds, empty.tokens)
+    assert torch.count_nonzero(batch.control_latents) == 0
+
+
+def test_draws_depend_on_keys_only(flux_models, tmp_path: Path) -> None:
+    raw = _raw(tmp_path)
+    cfg = _cfg(0.0, 0.0)
+    a = build_batch(cfg, flux_models, raw, (0, 5, 0))
+    b = build_batch(cfg, flux_models, raw, (0, 5, 0))
+    c = build_batch(cfg, flux_models, raw, (0, 6, 0))
+    assert torch.equal(a.noise, b.noise) and torch.equal(a.sigmas, b.sigmas)
+    assert not torch.equal(a.noise, c.noise)
+
+
+def test_resolution_shift_moves_sigmas_towards_noise(flux_models) -> None:
+    u = torch.tensor([0.2, 0.5, 0.8])
+    plain = sigmas_for(_cfg(0, 0), flux_models, u, (64, 64))
+    shifted = sigmas_for(_cfg(0, 0, resolution_shift=True), flux_models, u, (64, 64))
+    assert torch.all(shifted > plain)
