@@ -7,7 +7,7 @@ files in ``recipes/configs/`` set the values for the real models. Every key is r
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 from attrs import validators as v
@@ -20,22 +20,27 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def _positive(inst: object, att: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+def _positive(inst: Any, att: Any, value: Any) -> None:
     if value <= 0:
         raise ValueError(f"{att.name} must be > 0, got {value!r}")
 
 
-def _non_negative(inst: object, att: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+def _positive_or_none(inst: Any, att: Any, value: Any) -> None:
+    if value is not None:
+        _positive(inst, att, value)
+
+
+def _non_negative(inst: Any, att: Any, value: Any) -> None:
     if value < 0:
         raise ValueError(f"{att.name} must be >= 0, got {value!r}")
 
 
-def _probability(inst: object, att: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+def _probability(inst: Any, att: Any, value: Any) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{att.name} must be in [0, 1], got {value!r}")
 
 
-def _init_lora(inst: object, att: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
+def _init_lora(inst: Any, att: Any, value: Any) -> None:
     if value not in (True, False, "gaussian"):
         raise ValueError(f"{att.name} must be one of true, false, 'gaussian'; got {value!r}")
 
@@ -50,9 +55,7 @@ class LoraConfig:
     """Scale numerator: the update is (lora_alpha / r)·B·A."""
     init_lora_weights: bool | str = attrs.field(default="gaussian", validator=_init_lora)
     """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random)."""
-    target_modules: tuple[str, ...] = attrs.field(
-        default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple
-    )
+    target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple)
     """Module names (suffixes) of the transformer that get an adapter."""
 
 
@@ -81,7 +84,7 @@ class DataConfig:
     """Probability that a sample's instruction is replaced by the empty prompt."""
     prompt_image_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
     """Probability that a sample's control latents are replaced by zeros."""
-    max_pixels: int | None = attrs.field(default=1024 * 1024, validator=v.optional(_positive))
+    max_pixels: int | None = attrs.field(default=1024 * 1024, validator=_positive_or_none)
     """Images larger than this area are scaled down (aspect kept) before rounding to 16."""
     shuffle: bool = True
     """Shuffle batches each epoch (the order depends only on seed and epoch)."""
@@ -99,7 +102,7 @@ class OptimizerConfig:
     eps: float = attrs.field(default=1e-8, validator=_positive)
 
     @betas.validator
-    def _check_betas(self, att: attrs.Attribute, value: tuple[float, ...]) -> None:  # type: ignore[type-arg]
+    def _check_betas(self, att: Any, value: tuple[float, ...]) -> None:
         if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
             raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
 
@@ -125,7 +128,7 @@ class TrainConfig:
     """Training stops after exactly this many optimizer steps."""
     gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive)
     """Micro-batches averaged into one optimizer step."""
-    max_grad_norm: float | None = attrs.field(default=1.0, validator=v.optional(_positive))
+    max_grad_norm: float | None = attrs.field(default=1.0, validator=_positive_or_none)
     """Clip the global L2 norm of the LoRA gradient to this value; null disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in backward to save memory (uses the autograd engine)."""

@@ -48,9 +48,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            if type(None) in args:
-                return None
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        if is_null and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -120,7 +120,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", 
     Raises:
         QfluxError: an unknown key (with the closest valid key) or an invalid value.
     """
-    attrs.resolve_types(cls)
+    attrs.resolve_types(cls)  # type: ignore[type-var]
     if not isinstance(data, Mapping):
         raise QfluxError(f"{source}: '{prefix.rstrip('.') or 'root'}' must be a mapping, got {data!r}")
     fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
@@ -145,9 +145,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", 
         raise QfluxError(f"{source}: invalid value in '{where}': {e}") from None
 
 
-def apply_overrides(
-    data: dict[str, Any], overrides: Mapping[str, Any], cls: type
-) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], cls: type) -> dict[str, Any]:
     """Return a copy of nested ``data`` with dotted ``overrides`` (``{'model.lora.r': 8}``) set.
 
     Raises:

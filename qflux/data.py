@@ -66,12 +66,10 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def load_rgb(path: Path) -> Image.Image:
     """Decode an image as 8-bit RGB: EXIF rotation applied, transparency composited on white."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
+    with Image.open(path) as raw:
+        im: Image.Image = ImageOps.exif_transpose(raw)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, im)
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
         return im.convert("RGB")
 
 
@@ -200,7 +198,7 @@ def batch_stream(
     epoch = 0
     while True:
         batches = epoch_batches(samples, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
-        loader = DataLoader(
+        loader: DataLoader[Any] = DataLoader(
             dataset,  # type: ignore[arg-type]
             batch_sampler=batches,
             num_workers=num_workers,

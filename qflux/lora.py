@@ -51,7 +51,9 @@ def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
         try:
             transformer.add_adapter(config, adapter_name=ADAPTER)
         except ValueError as e:
-            raise QfluxError(f"model.lora.target_modules {list(cfg.target_modules)} do not fit the model: {e}") from None
+            raise QfluxError(
+                f"model.lora.target_modules {list(cfg.target_modules)} do not fit the model: {e}"
+            ) from None
     lora: Params = {}
     for name, p in transformer.named_parameters():
         if ".lora_" in name:

@@ -64,4 +64,3 @@ def _fetch_from_hub(repo_id: str, subfolders: Sequence[str], *, pipeline: str) -
             f"{pipeline} model elsewhere and pass its local folder (diffusers layout, with "
             f"model_index.json) as model.pretrained_model_name_or_path"
         ) from None
-

@@ -83,9 +83,7 @@ def global_norm(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms), 2)
 
 
-def clip_by_global_norm(
-    grads: Mapping[str, torch.Tensor], max_norm: float | None
-) -> tuple[Params, torch.Tensor]:
+def clip_by_global_norm(grads: Mapping[str, torch.Tensor], max_norm: float | None) -> tuple[Params, torch.Tensor]:
     """Scale ``grads`` so their global norm is at most ``max_norm`` (``torch.nn.utils.clip_grad_norm_``).
 
     g ← g · min(1, max_norm / (‖g‖ + 1e-6))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def clip_tokenizer():  # noqa: ANN201 - transformers type
+def clip_tokenizer() -> Any:
     """A byte-level CLIP BPE tokenizer over all 256 bytes plus a few merges, built in code."""
     from transformers import CLIPTokenizer
 
@@ -53,7 +54,7 @@ def clip_tokenizer():  # noqa: ANN201 - transformers type
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def t5_tokenizer():  # noqa: ANN201 - transformers type
+def t5_tokenizer() -> Any:
     """A unigram T5 tokenizer over single characters and a few words, built in code."""
     from transformers import T5Tokenizer
 

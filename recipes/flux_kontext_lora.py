@@ -59,7 +59,9 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     """Train a LoRA as configured and write the outputs; returns the final state and losses."""
     out = Path(cfg.logging.output_dir)
     samples = scan_pairs(resolve_dataset_path(cfg.data.dataset_path), cfg.data.max_pixels)
-    models = load_flux_kontext(resolve_model_path(cfg.model.pretrained_model_name_or_path), torch_dtype(cfg.model.dtype))
+    models = load_flux_kontext(
+        resolve_model_path(cfg.model.pretrained_model_name_or_path), torch_dtype(cfg.model.dtype)
+    )
     transformer = models.transformer
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -103,9 +105,7 @@ def run(cfg: FluxKontextConfig) -> RunResult:
             bar.update(1)
     loss_values = torch.stack(losses).tolist()
     out.mkdir(parents=True, exist_ok=True)
-    lora_path = save_lora(
-        out, transformer, state.lora, dtype=torch_dtype(tr.save_dtype), pipeline_cls=_pipeline_cls()
-    )
+    lora_path = save_lora(out, transformer, state.lora, dtype=torch_dtype(tr.save_dtype), pipeline_cls=_pipeline_cls())
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     save_loss_curve(loss_values, out / "loss.png")
     _write_sample(cfg, models, samples[0], state.lora, out / "sample.png")
@@ -147,7 +147,9 @@ def predict(
     src = Path(image)
     if not src.is_file():
         raise QfluxError(f"input image '{src}' does not exist; pass --image=PATH")
-    models = load_flux_kontext(resolve_model_path(cfg.model.pretrained_model_name_or_path), torch_dtype(cfg.model.dtype))
+    models = load_flux_kontext(
+        resolve_model_path(cfg.model.pretrained_model_name_or_path), torch_dtype(cfg.model.dtype)
+    )
     if lora is not None:
         load_lora_file(models.transformer, lora, pipeline_cls=_pipeline_cls())
     result = kontext_predict(

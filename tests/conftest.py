@@ -27,7 +27,7 @@ def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def flux_pipe(tiny_flux_dir: Path):  # noqa: ANN201
+def flux_pipe(tiny_flux_dir: Path):
     """The diffusers reference pipeline on the tiny model, float32."""
     from diffusers import FluxKontextPipeline
 
@@ -35,7 +35,7 @@ def flux_pipe(tiny_flux_dir: Path):  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def flux_models(tiny_flux_dir: Path):  # noqa: ANN201
+def flux_models(tiny_flux_dir: Path):
     """qflux's own loading of the same folder, float32 (do not inject adapters into it)."""
     from qflux.flux_kontext.loaders import load_flux_kontext
 

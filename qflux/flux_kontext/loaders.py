@@ -118,9 +118,7 @@ class FluxKontextModels:
     scheduler: Any
 
 
-def load_flux_kontext(
-    model_path: str | Path, weight_dtype: torch.dtype, device: str = "cpu"
-) -> FluxKontextModels:
+def load_flux_kontext(model_path: str | Path, weight_dtype: torch.dtype, device: str = "cpu") -> FluxKontextModels:
     """Load every component of a FLUX.1 Kontext folder (train without cache, predict)."""
     path = resolve_model_dir(str(model_path), COMPONENTS, pipeline=PIPELINE)
     tok, tok2 = load_flux_kontext_tokenizers(path)

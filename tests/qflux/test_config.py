@@ -42,14 +42,18 @@ def test_overrides_are_coerced() -> None:
 
 
 def test_unknown_override_suggests_closest() -> None:
-    with pytest.raises(QfluxError, match=r"unknown option '--train.max_train_step'; did you mean 'train.max_train_steps'"):
+    with pytest.raises(
+        QfluxError, match=r"unknown option '--train.max_train_step'; did you mean 'train.max_train_steps'"
+    ):
         load_config(FluxKontextConfig, None, {"train.max_train_step": 3})
 
 
 def test_unknown_file_key_names_file_and_closest(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("optimizer:\n  learning_rate: 0.1\n")
-    with pytest.raises(QfluxError, match=r"c.yaml: unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'"):
+    with pytest.raises(
+        QfluxError, match=r"c.yaml: unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'"
+    ):
         load_config(FluxKontextConfig, f, {})
 
 

@@ -125,7 +125,9 @@ def test_dropout_draws_really_happen_at_the_rate(caption: float, image: float) -
     kw = {"weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
     drops_c, drops_i = [], []
     for step in range(100):
-        d = draw_sample_randomness((0, step, 0), 4, (4, 2, 2), caption_dropout_rate=caption, image_dropout_rate=image, **kw)  # type: ignore[arg-type]
+        d = draw_sample_randomness(
+            (0, step, 0), 4, (4, 2, 2), caption_dropout_rate=caption, image_dropout_rate=image, **kw
+        )  # type: ignore[arg-type]
         drops_c.append(d.drop_caption)
         drops_i.append(d.drop_image)
         assert d.noise.shape == (4, 4, 2, 2) and d.u.shape == (4,)

@@ -29,7 +29,11 @@ def test_noising_endpoints(shape: tuple[int, ...], seed: int) -> None:
     assert torch.equal(flow.add_noise(x0, eps, torch.ones(b)), eps)
 
 
-@given(shape=shapes, seed=st.integers(0, 1000), scheme=st.sampled_from(["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]))
+@given(
+    shape=shapes,
+    seed=st.integers(0, 1000),
+    scheme=st.sampled_from(["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]),
+)
 def test_loss_nonnegative_and_zero_at_target(shape: tuple[int, ...], seed: int, scheme: str) -> None:
     pred, target = _randn(shape, seed), _randn(shape, seed + 1)
     sig = torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) * 0.98 + 0.01

@@ -32,7 +32,12 @@ def test_trajectory_equals_torch_adamw(weight_decay: float) -> None:
             p.grad = grads[k].clone()
         opt.step()
         params, state = adamw_update(
-            grads, state, params, lr=torch.tensor(lr, dtype=torch.float64), betas=(0.9, 0.99), eps=1e-8,
+            grads,
+            state,
+            params,
+            lr=torch.tensor(lr, dtype=torch.float64),
+            betas=(0.9, 0.99),
+            eps=1e-8,
             weight_decay=weight_decay,
         )
         for k in params:

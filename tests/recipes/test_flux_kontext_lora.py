@@ -40,7 +40,7 @@ def _overrides(out: Path, steps: int) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def trained(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(FluxKontextConfig, None, _overrides(out, 120))
     return run(cfg)
@@ -57,9 +57,7 @@ def test_outputs_are_written(trained) -> None:
         assert (out / name).is_file(), name
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_train_steps"] == 120 and saved["model"]["dtype"] == "float32"
-    pipe = FluxKontextPipeline.from_pretrained(
-        resolve_model(trained), dtype=torch.float32
-    )
+    pipe = FluxKontextPipeline.from_pretrained(resolve_model(trained), dtype=torch.float32)
     pipe.load_lora_weights(out)  # loads in diffusers as is
 
 
@@ -118,5 +116,7 @@ def test_predict_cli_with_lora(trained, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_no_trainer_classes() -> None:
-    proc = subprocess.run(["grep", "-rn", "class .*Trainer", "qflux", "recipes"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["grep", "-rn", "class .*Trainer", "qflux", "recipes"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.stdout == ""

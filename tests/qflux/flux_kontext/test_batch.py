@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from qflux.config import FluxKontextConfig
-from qflux.data import collate_pairs, PairDataset, scan_pairs
+from qflux.data import PairDataset, collate_pairs, scan_pairs
 from qflux.flux_kontext.batch import build_batch, sigmas_for
 from qflux.flux_kontext.conditioning import encode_prompt, vae_encode
 from qflux.synthetic import make_synthetic_pairs

@@ -45,12 +45,14 @@ def test_dtype_is_applied(tiny_flux_dir: Path) -> None:
 def test_tokenizers_and_scheduler_equal_pipeline(tiny_flux_dir: Path, flux_pipe) -> None:
     tok, tok2 = loaders.load_flux_kontext_tokenizers(tiny_flux_dir)
     text = ["make the image red", "", "Invert the colors, please!"]
-    assert tok(text, padding="max_length", max_length=77).input_ids == flux_pipe.tokenizer(
-        text, padding="max_length", max_length=77
-    ).input_ids
-    assert tok2(text, padding="max_length", max_length=32).input_ids == flux_pipe.tokenizer_2(
-        text, padding="max_length", max_length=32
-    ).input_ids
+    assert (
+        tok(text, padding="max_length", max_length=77).input_ids
+        == flux_pipe.tokenizer(text, padding="max_length", max_length=77).input_ids
+    )
+    assert (
+        tok2(text, padding="max_length", max_length=32).input_ids
+        == flux_pipe.tokenizer_2(text, padding="max_length", max_length=32).input_ids
+    )
     sched = loaders.load_flux_kontext_scheduler(tiny_flux_dir)
     assert dict(sched.config) == dict(flux_pipe.scheduler.config)
 

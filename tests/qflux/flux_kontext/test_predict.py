@@ -48,7 +48,9 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize(("h", "w"), [(None, None), (32, 64)])
 def test_predict_equals_pipeline_without_lora(flux_pipe, flux_models, h: int | None, w: int | None) -> None:
     image = _image()
-    ours = predict(flux_models, image, "invert the colors", height=h, width=w, num_inference_steps=STEPS, max_sequence_length=64)
+    ours = predict(
+        flux_models, image, "invert the colors", height=h, width=w, num_inference_steps=STEPS, max_sequence_length=64
+    )
     eh, ew = (h or 48), (w or 64)  # 52×70 floors to 48×64
     assert ours.shape == (eh, ew, 3)
     ref = _pipe_out(flux_pipe, image, "invert the colors", eh, ew)

@@ -26,7 +26,7 @@ from qflux.train_state import StepHParams, init_train_state, train_step
 
 
 @pytest.fixture(scope="module")
-def lora_transformer(tiny_flux_dir: Path):  # noqa: ANN201
+def lora_transformer(tiny_flux_dir: Path):
     tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     lora = inject_lora(tr, LoraConfig(r=4, lora_alpha=8, target_modules=("to_q", "to_k", "to_v", "to_out.0")), seed=0)
     return tr, lora
@@ -49,7 +49,9 @@ def _perturbed(lora: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> 
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in lora.items()}
 
 
-def _reference_loss(transformer, batch: FluxKontextBatch, timesteps: torch.Tensor, guidance_scale: float, scheme: str) -> torch.Tensor:
+def _reference_loss(
+    transformer, batch: FluxKontextBatch, timesteps: torch.Tensor, guidance_scale: float, scheme: str
+) -> torch.Tensor:
     """Lines of train_dreambooth_lora_flux_kontext.py (diffusers examples), applied to the same inputs."""
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
     model_input, noise, cond_model_input = batch.latents, batch.noise, batch.control_latents
@@ -122,7 +124,9 @@ def test_loss_equals_diffusers_script(lora_transformer, scheme: str) -> None:
 def test_zero_b_lora_equals_base(lora_transformer, seed: int) -> None:
     tr, lora = lora_transformer
     g = torch.Generator().manual_seed(seed)
-    zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else torch.randn(v.shape, generator=g)) for k, v in lora.items()}
+    zero_b = {
+        k: (torch.zeros_like(v) if ".lora_B." in k else torch.randn(v.shape, generator=g)) for k, v in lora.items()
+    }
     b = _batch(seed, b=1)
     args = (b.latents, b.control_latents, b.sigmas, b.pooled, b.prompt_embeds, torch.tensor([2.5]))
     with_lora = predict_velocity(tr, zero_b, *args)
@@ -157,7 +161,10 @@ def test_accumulation_equals_mean_of_gradients(lora_transformer) -> None:
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
     state = init_train_state(_perturbed(lora, 5), seed=0)
     big = _batch(6, b=2)
-    halves = [attrs.evolve(big, **{f.name: getattr(big, f.name)[i : i + 1] for f in attrs.fields(FluxKontextBatch)}) for i in range(2)]
+    halves = [
+        attrs.evolve(big, **{f.name: getattr(big, f.name)[i : i + 1] for f in attrs.fields(FluxKontextBatch)})
+        for i in range(2)
+    ]
     hp = attrs.evolve(_hp(), max_grad_norm=None)
     one, m_one = train_step(state, [big], loss_fn=loss_fn, lr=torch.tensor(1e-2), hp=hp)
     acc, m_acc = train_step(state, halves, loss_fn=loss_fn, lr=torch.tensor(1e-2), hp=hp)
