@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from diffusers import FluxKontextPipeline
+from safetensors.torch import load_file
 
 from qflux.builtin import resolve_dataset_path
 from qflux.config import FluxKontextConfig
@@ -75,6 +76,16 @@ def test_heldout_loss_drops(trained) -> None:
     after = evaluate_loss(loss_fn, trained.state.lora, batches).item()
     print(f"held-out loss {before:.4f} -> {after:.4f}")
     assert after < (1 - HELDOUT_MARGIN) * before
+
+
+def test_same_seed_gives_bitwise_the_same_lora(tmp_path: Path) -> None:
+    a = run(load_config(FluxKontextConfig, None, _overrides(tmp_path / "a", 3)))
+    b = run(load_config(FluxKontextConfig, None, _overrides(tmp_path / "b", 3)))
+    assert a.losses == b.losses
+    assert all(torch.equal(a.state.lora[k], b.state.lora[k]) for k in a.state.lora)
+    files = [load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in ("a", "b")]
+    assert files[0].keys() == files[1].keys()
+    assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])
 
 
 def test_cli_rejects_unknown_key_without_traceback(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 from diffusers.training_utils import compute_loss_weighting_for_sd3
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qflux.config import LoraConfig
@@ -138,20 +138,28 @@ def _hp(engine: str = "func") -> StepHParams:
     return StepHParams(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, engine=engine)  # type: ignore[arg-type]
 
 
-def test_train_step_does_not_mutate_and_is_reproducible(lora_transformer) -> None:
+@settings(max_examples=6)
+@given(seed=st.integers(0, 10_000), n_micro=st.integers(1, 2), engine=st.sampled_from(["func", "autograd"]))
+def test_train_step_does_not_mutate_and_is_bitwise_reproducible(
+    lora_transformer, seed: int, n_micro: int, engine: str
+) -> None:
     tr, lora = lora_transformer
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
-    state = init_train_state(_perturbed(lora, 2), seed=0)
-    batches = [_batch(3), _batch(4)]
+    state = init_train_state(_perturbed(lora, seed), seed=seed)
+    batches = [_batch(seed + 1 + i) for i in range(n_micro)]
     snapshot = {k: v.clone() for k, v in state.lora.items()}
-    batch_snap = [b.latents.clone() for b in batches]
-    new1, m1 = train_step(state, batches, loss_fn=loss_fn, lr=torch.tensor(1e-3), hp=_hp())
-    new2, m2 = train_step(state, batches, loss_fn=loss_fn, lr=torch.tensor(1e-3), hp=_hp())
+    batch_snap = [(b.latents.clone(), b.noise.clone(), b.sigmas.clone()) for b in batches]
+    kw = {"loss_fn": loss_fn, "lr": torch.tensor(1e-3), "hp": _hp(engine), "module": tr}
+    new1, m1 = train_step(state, batches, **kw)
+    new2, m2 = train_step(state, batches, **kw)
     assert state.step == 0 and new1.step == 1
     assert all(torch.equal(state.lora[k], snapshot[k]) for k in snapshot)
     assert all(torch.equal(state.opt.exp_avg[k], torch.zeros_like(v)) for k, v in snapshot.items())
-    assert all(torch.equal(b.latents, s) for b, s in zip(batches, batch_snap, strict=True))
+    assert state.opt.count.item() == 0
+    for b, (lat, eps, sig) in zip(batches, batch_snap, strict=True):
+        assert torch.equal(b.latents, lat) and torch.equal(b.noise, eps) and torch.equal(b.sigmas, sig)
     assert all(torch.equal(new1.lora[k], new2.lora[k]) for k in snapshot)
+    assert all(torch.equal(new1.opt.exp_avg_sq[k], new2.opt.exp_avg_sq[k]) for k in snapshot)
     assert torch.equal(m1["loss"], m2["loss"]) and m1["finite"].item() == 1.0
     assert any(not torch.equal(new1.lora[k], snapshot[k]) for k in snapshot)
 
