@@ -22,6 +22,7 @@ from tqdm import tqdm
 from qflux.builtin import resolve_dataset_path, resolve_model_path
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config, to_dict
+from qflux.console import quiet_known_warnings
 from qflux.data import batch_stream, load_rgb, scan_pairs
 from qflux.errors import QfluxError
 from qflux.flux_kontext.batch import build_batch
@@ -34,7 +35,7 @@ from qflux.plots import save_image_row, save_loss_curve
 from qflux.schedules import learning_rate
 from qflux.train_state import StepHParams, TrainState, init_train_state, train_step
 
-LOG_EVERY = 10  # optimizer steps between progress-bar loss updates (the only host syncs)
+LOG_EVERY = 10  # optimizer steps between progress-bar updates of the mean loss (the only host syncs)
 
 
 @attrs.frozen(eq=False)
@@ -100,9 +101,10 @@ def run(cfg: FluxKontextConfig) -> RunResult:
                 state, micro, loss_fn=loss_fn, lr=torch.tensor(lr, dtype=torch.float64), hp=hp, module=transformer
             )
             losses.append(metrics["loss"])
-            if state.step % LOG_EVERY == 0 or state.step == tr.max_train_steps:
-                bar.set_postfix(loss=f"{metrics['loss'].item():.4f}", lr=f"{lr:.2e}")
             bar.update(1)
+            if state.step % LOG_EVERY == 0 or state.step == tr.max_train_steps:
+                recent = torch.stack(losses[-LOG_EVERY:]).mean().item()
+                bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}")
     loss_values = torch.stack(losses).tolist()
     out.mkdir(parents=True, exist_ok=True)
     lora_path = save_lora(out, transformer, state.lora, dtype=torch_dtype(tr.save_dtype), pipeline_cls=_pipeline_cls())
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
     import fire
 
+    quiet_known_warnings()
     args = sys.argv[1:] if argv is None else argv
     try:
         fire.Fire({"train": train, "predict": predict}, command=args or ["train"], name="flux_kontext_lora")

@@ -1,0 +1,28 @@
+"""Console hygiene for recipes: hide warnings that are known to be harmless here."""
+
+from __future__ import annotations
+
+import logging
+
+# transformers 5 warns once per image-processor class that torchvision is missing and that it
+# falls back to the PIL implementation; qflux never uses torchvision, so the fallback is intended.
+_HARMLESS = (("transformers.utils.import_utils", "requires torchvision (not installed)"),)
+
+
+class _DropContaining(logging.Filter):
+    """Drops records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_known_warnings() -> None:
+    """Attach a filter for each record listed in ``_HARMLESS`` (idempotent)."""
+    for name, text in _HARMLESS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropContaining) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropContaining(text))

@@ -1,0 +1,18 @@
+"""Known-harmless warnings are dropped, and nothing else."""
+
+from __future__ import annotations
+
+
+def test_quiet_known_warnings_drops_only_the_torchvision_fallback(caplog) -> None:
+    import logging
+
+    from qflux.console import quiet_known_warnings
+
+    quiet_known_warnings()
+    quiet_known_warnings()
+    logger = logging.getLogger("transformers.utils.import_utils")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="transformers.utils.import_utils"):
+        logger.warning("`X` requires torchvision (not installed); falling back")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
