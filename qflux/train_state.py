@@ -67,6 +67,8 @@ def value_and_grad(
     if engine == "func":
         grads, loss = torch.func.grad_and_value(loss_fn)(dict(lora), batch)
         return loss.detach(), grads
+    if module is None:
+        raise ValueError("engine='autograd' needs the module that loss_fn calls (module=...)")
     leaves = {k: v.detach().requires_grad_(True) for k, v in lora.items()}
     with torch.enable_grad(), _reparametrize_module(module, leaves, strict=False):
         loss = loss_fn(leaves, batch)

@@ -15,7 +15,7 @@ import torch
 from qflux.config import FluxKontextConfig
 from qflux.data import PairDataset, PairSample, collate_pairs
 from qflux.flow import resolution_mu, sigmas_from_u, time_shift
-from qflux.flux_kontext.conditioning import encode_prompt, vae_encode
+from qflux.flux_kontext.conditioning import encode_prompt_with, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import FluxKontextBatch
 from qflux.rng import draw_sample_randomness
@@ -69,14 +69,7 @@ def build_batch(
         mode_scale=tr.mode_scale,
     )
     prompts = ["" if drop else p for p, drop in zip(raw["prompt"], draws.drop_caption.tolist(), strict=True)]
-    embeds = encode_prompt(
-        prompts,
-        tokenizer=models.tokenizer,
-        text_encoder=models.text_encoder,
-        tokenizer_2=models.tokenizer_2,
-        text_encoder_2=models.text_encoder_2,
-        max_sequence_length=cfg.model.max_sequence_length,
-    )
+    embeds = encode_prompt_with(models, prompts, cfg.model.max_sequence_length)
     latents = vae_encode(models.vae, target).float()
     keep = (~draws.drop_image).float().view(b, 1, 1, 1)
     control = vae_encode(models.vae, raw["control"]).float() * keep

@@ -7,10 +7,13 @@ computations as ``FluxKontextPipeline.encode_prompt`` and ``_encode_vae_image``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
+
+if TYPE_CHECKING:
+    from qflux.flux_kontext.loaders import FluxKontextModels
 
 
 @attrs.frozen(eq=False)
@@ -54,6 +57,18 @@ def encode_prompt(
     ).input_ids
     tokens = text_encoder_2(t5_ids.to(text_encoder_2.device), output_hidden_states=False)[0]
     return PromptEmbeds(pooled=pooled.to(text_encoder.dtype), tokens=tokens.to(text_encoder_2.dtype))
+
+
+def encode_prompt_with(models: FluxKontextModels, prompts: Sequence[str], max_sequence_length: int) -> PromptEmbeds:
+    """:func:`encode_prompt` with the tokenizers and encoders of ``models``."""
+    return encode_prompt(
+        prompts,
+        tokenizer=models.tokenizer,
+        text_encoder=models.text_encoder,
+        tokenizer_2=models.tokenizer_2,
+        text_encoder_2=models.text_encoder_2,
+        max_sequence_length=max_sequence_length,
+    )
 
 
 @torch.no_grad()

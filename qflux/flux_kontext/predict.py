@@ -16,7 +16,7 @@ from PIL import Image
 
 from qflux.data import MULTIPLE, image_to_tensor
 from qflux.flow import resolution_mu
-from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt, vae_decode, vae_encode
+from qflux.flux_kontext.conditioning import encode_prompt_with, vae_decode, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import predict_velocity
 
@@ -24,17 +24,6 @@ from qflux.flux_kontext.step import predict_velocity
 def default_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of ``image`` floored to multiples of 16: the default output size."""
     return max(MULTIPLE, image.width // MULTIPLE * MULTIPLE), max(MULTIPLE, image.height // MULTIPLE * MULTIPLE)
-
-
-def _embed(models: FluxKontextModels, prompt: str, max_sequence_length: int) -> PromptEmbeds:
-    return encode_prompt(
-        [prompt],
-        tokenizer=models.tokenizer,
-        text_encoder=models.text_encoder,
-        tokenizer_2=models.tokenizer_2,
-        text_encoder_2=models.text_encoder_2,
-        max_sequence_length=max_sequence_length,
-    )
 
 
 @torch.no_grad()
@@ -72,10 +61,10 @@ def predict(
     height = (height or ch) // MULTIPLE * MULTIPLE
     transformer, params = models.transformer, dict(lora or {})
     dtype = models.text_encoder_2.dtype
-    pos = _embed(models, prompt, max_sequence_length)
+    pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
     if negative_prompt is not None and true_cfg_scale > 1:
-        neg = _embed(models, negative_prompt, max_sequence_length)
+        neg = encode_prompt_with(models, [negative_prompt], max_sequence_length)
     control = vae_encode(models.vae, image_to_tensor(image, (cw, ch)).to(dtype))
     c = models.vae.config.latent_channels
     shape = (1, c, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE))

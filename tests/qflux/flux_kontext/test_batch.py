@@ -10,7 +10,7 @@ import torch
 from qflux.config import FluxKontextConfig
 from qflux.data import PairDataset, collate_pairs, scan_pairs
 from qflux.flux_kontext.batch import build_batch, sigmas_for
-from qflux.flux_kontext.conditioning import encode_prompt, vae_encode
+from qflux.flux_kontext.conditioning import encode_prompt_with, vae_encode
 from qflux.synthetic import make_synthetic_pairs
 
 
@@ -32,14 +32,7 @@ def _raw(tmp_path: Path) -> dict:
 
 
 def _encode(models, prompts: list[str]):
-    return encode_prompt(
-        prompts,
-        tokenizer=models.tokenizer,
-        text_encoder=models.text_encoder,
-        tokenizer_2=models.tokenizer_2,
-        text_encoder_2=models.text_encoder_2,
-        max_sequence_length=16,
-    )
+    return encode_prompt_with(models, prompts, 16)
 
 
 def test_no_dropout_keeps_prompt_and_control(flux_models, tmp_path: Path) -> None:

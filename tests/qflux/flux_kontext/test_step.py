@@ -198,3 +198,12 @@ def test_engines_agree_with_and_without_checkpointing(tiny_flux_dir: Path) -> No
             torch.testing.assert_close(other.lora[k], ref.lora[k], rtol=1e-5, atol=1e-7)
     # the module's own LoRA stays zeroed: without the dict it is the base model
     assert all(torch.count_nonzero(p) == 0 for n, p in tr.named_parameters() if ".lora_B." in n)
+
+
+def test_autograd_engine_needs_the_module(lora_transformer) -> None:
+    from qflux.train_state import value_and_grad
+
+    tr, lora = lora_transformer
+    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    with pytest.raises(ValueError, match="needs the module"):
+        value_and_grad(loss_fn, lora, _batch(0), engine="autograd")
