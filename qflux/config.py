@@ -7,6 +7,7 @@ files in ``recipes/configs/`` set the values for the real models. Every key is r
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import attrs
@@ -38,6 +39,18 @@ def _non_negative(inst: Any, att: Any, value: Any) -> None:
 def _probability(inst: Any, att: Any, value: Any) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{att.name} must be in [0, 1], got {value!r}")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _device(inst: Any, att: Any, value: Any) -> None:
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise ValueError(f"{att.name} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {value!r}")
+
+
+def _device_field(doc_default: str = "auto") -> Any:
+    return attrs.field(default=doc_default, validator=_device)
 
 
 def _init_lora(inst: Any, att: Any, value: Any) -> None:
@@ -148,6 +161,47 @@ class TrainConfig:
     """Shift sampled sigmas towards noise for large images: σ' = e^μ / (e^μ + 1/σ − 1), μ from seq len."""
     save_dtype: Dtype = attrs.field(default="float32", validator=v.in_(DTYPES))
     """dtype of the saved LoRA tensors."""
+    device: str = _device_field()
+    """Where the transformer and the training step run ('auto': cuda if available, else cpu)."""
+    vae_encoder_device: str = _device_field()
+    """Where the VAE encodes images during training without the cache."""
+    text_encoder_device: str = _device_field()
+    """Where CLIP encodes prompts during training without the cache."""
+    text_encoder_2_device: str = _device_field()
+    """Where T5 encodes prompts during training without the cache."""
+
+
+@attrs.frozen
+class CacheConfig:
+    """The embedding cache (``cache`` command, and training with ``use_cache``)."""
+
+    use_cache: bool = False
+    """Train from cached latents and embeddings; only the transformer is loaded."""
+    cache_dir: str = "outputs/cache"
+    """Root of the content-addressed cache; safe to share between runs, datasets and models."""
+    vae_encoder_device: str = _device_field()
+    """Where the VAE runs while caching."""
+    text_encoder_device: str = _device_field()
+    """Where CLIP runs while caching."""
+    text_encoder_2_device: str = _device_field()
+    """Where T5 runs while caching."""
+
+
+@attrs.frozen
+class PredictDevices:
+    """Placement of each component for the predict command."""
+
+    vae: str = _device_field()
+    text_encoder: str = _device_field()
+    text_encoder_2: str = _device_field()
+    transformer: str = _device_field()
+
+
+@attrs.frozen
+class PredictConfig:
+    """Settings of the predict command that live in the config file."""
+
+    devices: PredictDevices = attrs.field(factory=PredictDevices)
 
 
 @attrs.frozen
@@ -170,3 +224,5 @@ class FluxKontextConfig:
     lr_scheduler: LrSchedulerConfig = attrs.field(factory=LrSchedulerConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
+    predict: PredictConfig = attrs.field(factory=PredictConfig)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,20 +189,28 @@ def epoch_batches(
 
 
 def batch_stream(
-    samples: Sequence[PairSample], batch_size: int, *, seed: int, shuffle: bool, num_workers: int
+    dataset: Any,
+    samples: Sequence[PairSample],
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool,
+    num_workers: int,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_pairs,
 ) -> Iterator[dict[str, Any]]:
-    """Endless stream of collated batches, epoch after epoch."""
+    """Endless stream of collated same-size batches of ``dataset``, epoch after epoch.
+
+    Args:
+        dataset: map-style, indexed like ``samples`` (images, or cached tensors).
+        samples: give the sizes that batches are grouped by.
+    """
     from torch.utils.data import DataLoader
 
-    dataset = PairDataset(samples)
     epoch = 0
     while True:
         batches = epoch_batches(samples, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
         loader: DataLoader[Any] = DataLoader(
-            dataset,  # type: ignore[arg-type]
-            batch_sampler=batches,
-            num_workers=num_workers,
-            collate_fn=collate_pairs,
+            dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_fn
         )
         yield from loader
         epoch += 1

@@ -1,7 +1,9 @@
-"""Turning a collated image batch into a :class:`FluxKontextBatch`: dropout, encoding and draws.
+"""Turning a micro-batch into a :class:`FluxKontextBatch`: conditioning, dropout and random draws.
 
-This runs outside the gradient (``no_grad``), before ``train_step``; all randomness comes from
-:func:`qflux.rng.draw_sample_randomness` keyed by (seed, step, micro-batch).
+Conditioning comes either from the encoders (:func:`encode_conditioning`) or from the cache
+(:func:`cached_conditioning`); :func:`assemble_batch` then applies the same keyed draws to either,
+so training with and without the cache sees identical batches. This all runs outside the gradient,
+before ``train_step``.
 """
 
 from __future__ import annotations
@@ -15,52 +17,82 @@ import torch
 from qflux.config import FluxKontextConfig
 from qflux.data import PairDataset, PairSample, collate_pairs
 from qflux.flow import resolution_mu, sigmas_from_u, time_shift
-from qflux.flux_kontext.conditioning import encode_prompt_with, vae_encode
+from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import FluxKontextBatch
 from qflux.rng import draw_sample_randomness
 
 
-def latent_shape(models: FluxKontextModels, image_hw: tuple[int, int]) -> tuple[int, int, int]:
-    """(C, h, w) of the latents of an image of pixel size (H, W): h = H/8, w = W/8 for FLUX."""
-    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    return models.vae.config.latent_channels, image_hw[0] // factor, image_hw[1] // factor
+@attrs.frozen(eq=False)
+class Conditioning:
+    """A micro-batch's encoded inputs before dropout."""
+
+    latents: torch.Tensor
+    """Target latents [B, C, h, w]."""
+    control: torch.Tensor
+    """Control latents [B, C, hc, wc]."""
+    pooled: torch.Tensor
+    """CLIP pooled embeddings [B, P]."""
+    tokens: torch.Tensor
+    """T5 embeddings [B, S, D]."""
 
 
-def sigmas_for(cfg: FluxKontextConfig, models: FluxKontextModels, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """σ from density draws u; with ``train.resolution_shift`` shifted by the image's token count."""
-    sched = models.scheduler.config
-    sigmas = sigmas_from_u(u, sched.num_train_timesteps)
+@torch.no_grad()
+def encode_conditioning(models: FluxKontextModels, raw: dict[str, Any], max_sequence_length: int) -> Conditioning:
+    """Encode a collated image batch (:func:`qflux.data.collate_pairs`) with the VAE and text encoders."""
+    embeds = encode_prompt_with(models, raw["prompt"], max_sequence_length)
+    return Conditioning(
+        latents=vae_encode(models.vae, raw["target"]),
+        control=vae_encode(models.vae, raw["control"]),
+        pooled=embeds.pooled,
+        tokens=embeds.tokens,
+    )
+
+
+def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
+    """Conditioning from a collated cached batch (:func:`qflux.flux_kontext.cache.collate_cached`)."""
+    return Conditioning(latents=raw["latent"], control=raw["control"], pooled=raw["pooled"], tokens=raw["tokens"])
+
+
+def sigmas_for(cfg: FluxKontextConfig, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """σ from density draws u; with ``train.resolution_shift`` shifted by the latent's token count.
+
+    Args:
+        hw: latent (h, w); the image has (h/2)·(w/2) tokens.
+    """
+    sc = scheduler_config
+    sigmas = sigmas_from_u(u, sc.num_train_timesteps)
     if cfg.train.resolution_shift:
         mu = resolution_mu(
-            (hw[0] // 2) * (hw[1] // 2),
-            sched.base_image_seq_len,
-            sched.max_image_seq_len,
-            sched.base_shift,
-            sched.max_shift,
+            (hw[0] // 2) * (hw[1] // 2), sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift
         )
         sigmas = time_shift(sigmas, mu)
     return sigmas
 
 
 @torch.no_grad()
-def build_batch(
-    cfg: FluxKontextConfig, models: FluxKontextModels, raw: dict[str, Any], keys: tuple[int, ...]
+def assemble_batch(
+    cfg: FluxKontextConfig,
+    scheduler_config: Any,
+    cond: Conditioning,
+    empty: PromptEmbeds,
+    keys: tuple[int, ...],
+    device: torch.device | str = "cpu",
 ) -> FluxKontextBatch:
-    """Encode one collated batch and attach its random draws.
+    """Apply caption and control dropout, draw noise and σ, and move everything to ``device``.
+
+    Dropped captions use the empty prompt's embeddings; dropped control images become zero latents.
 
     Args:
-        raw: from :func:`qflux.data.collate_pairs`: control [B, 3, Hc, Wc], target [B, 3, H, W], prompts.
-        keys: randomness keys, (seed, step, micro_batch).
+        empty: embeddings of the empty prompt, pooled [1, P] and tokens [1, S, D].
+        keys: randomness keys (seed, step, micro-batch); sample i draws from keys + (i,).
     """
-    target = raw["target"]
-    b = target.shape[0]
-    shape = latent_shape(models, (target.shape[-2], target.shape[-1]))
+    b, c, h, w = cond.latents.shape
     tr = cfg.train
     draws = draw_sample_randomness(
         keys,
         b,
-        shape,
+        (c, h, w),
         caption_dropout_rate=cfg.data.caption_dropout_rate,
         image_dropout_rate=cfg.data.prompt_image_dropout_rate,
         weighting_scheme=tr.weighting_scheme,
@@ -68,19 +100,38 @@ def build_batch(
         logit_std=tr.logit_std,
         mode_scale=tr.mode_scale,
     )
-    prompts = ["" if drop else p for p, drop in zip(raw["prompt"], draws.drop_caption.tolist(), strict=True)]
-    embeds = encode_prompt_with(models, prompts, cfg.model.max_sequence_length)
-    latents = vae_encode(models.vae, target).float()
+    drop_c = draws.drop_caption.to(cond.pooled.device)
+    pooled = torch.where(drop_c[:, None], empty.pooled.to(cond.pooled), cond.pooled)
+    tokens = torch.where(drop_c[:, None, None], empty.tokens.to(cond.tokens), cond.tokens)
     keep = (~draws.drop_image).float().view(b, 1, 1, 1)
-    control = vae_encode(models.vae, raw["control"]).float() * keep
     return FluxKontextBatch(
-        latents=latents,
-        control_latents=control,
-        pooled=embeds.pooled,
-        prompt_embeds=embeds.tokens,
-        noise=draws.noise,
-        sigmas=sigmas_for(cfg, models, draws.u, shape[1:]),
+        latents=cond.latents.float().to(device),
+        control_latents=(cond.control.float().cpu() * keep).to(device),
+        pooled=pooled.to(device),
+        prompt_embeds=tokens.to(device),
+        noise=draws.noise.to(device),
+        sigmas=sigmas_for(cfg, scheduler_config, draws.u, (h, w)).to(device),
     )
+
+
+def build_batch(
+    cfg: FluxKontextConfig,
+    models: FluxKontextModels,
+    raw: dict[str, Any],
+    keys: tuple[int, ...],
+    *,
+    empty: PromptEmbeds | None = None,
+    device: torch.device | str = "cpu",
+) -> FluxKontextBatch:
+    """Encode a collated image batch and assemble it (the training path without the cache).
+
+    Args:
+        empty: the empty prompt's embeddings; encoded here when not given.
+    """
+    if empty is None:
+        empty = encode_prompt_with(models, [""], cfg.model.max_sequence_length)
+    cond = encode_conditioning(models, raw, cfg.model.max_sequence_length)
+    return assemble_batch(cfg, models.scheduler.config, cond, empty, keys, device)
 
 
 def fixed_eval_batches(
@@ -96,8 +147,9 @@ def fixed_eval_batches(
     """
     no_dropout = attrs.evolve(cfg, data=attrs.evolve(cfg.data, caption_dropout_rate=0.0, prompt_image_dropout_rate=0.0))
     dataset = PairDataset(samples)
+    empty = encode_prompt_with(models, [""], cfg.model.max_sequence_length)
     out = []
     for i in range(len(samples)):
-        batch = build_batch(no_dropout, models, collate_pairs([dataset[i]]), (seed, -1, i))
+        batch = build_batch(no_dropout, models, collate_pairs([dataset[i]]), (seed, -1, i), empty=empty)
         out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]
     return out

@@ -7,6 +7,7 @@ from a cache can skip the text encoders entirely.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def _frozen(module: Any, device: str | torch.device) -> Any:
     return module.to(device)
 
 
-def _load(cls: Any, model_path: str | Path, subfolder: str, weight_dtype: torch.dtype, device: str) -> Any:
+def _load(
+    cls: Any, model_path: str | Path, subfolder: str, weight_dtype: torch.dtype, device: str | torch.device
+) -> Any:
     path = _folder(model_path, subfolder)
     try:
         module = cls.from_pretrained(path, subfolder=subfolder, dtype=weight_dtype)
@@ -47,7 +50,7 @@ def _load(cls: Any, model_path: str | Path, subfolder: str, weight_dtype: torch.
 
 
 def load_flux_kontext_clip(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Any:
     """The CLIP text encoder (``text_encoder/``): pooled prompt embedding [B, 768]."""
     from transformers import CLIPTextModel
@@ -56,7 +59,7 @@ def load_flux_kontext_clip(
 
 
 def load_flux_kontext_t5(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Any:
     """The T5 encoder (``text_encoder_2/``): prompt token embeddings [B, S, 4096]."""
     from transformers import T5EncoderModel
@@ -65,7 +68,7 @@ def load_flux_kontext_t5(
 
 
 def load_flux_kontext_vae(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Any:
     """The autoencoder (``vae/``): images [B, 3, H, W] ↔ latents [B, 16, H/8, W/8]."""
     from diffusers import AutoencoderKL
@@ -74,7 +77,7 @@ def load_flux_kontext_vae(
 
 
 def load_flux_kontext_transformer(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Any:
     """The Flux transformer (``transformer/``) with its guidance embedding."""
     from diffusers import FluxTransformer2DModel
@@ -111,6 +114,7 @@ class FluxKontextModels:
     transformer: Any
     """``FluxTransformer2DModel``; in training it carries an injected (zeroed) LoRA adapter."""
     vae: Any
+    """``AutoencoderKL``, or None when the job reads latents from the cache."""
     text_encoder: Any
     text_encoder_2: Any
     tokenizer: Any
@@ -118,15 +122,39 @@ class FluxKontextModels:
     scheduler: Any
 
 
-def load_flux_kontext(model_path: str | Path, weight_dtype: torch.dtype, device: str = "cpu") -> FluxKontextModels:
-    """Load every component of a FLUX.1 Kontext folder (train without cache, predict)."""
-    path = resolve_model_dir(str(model_path), COMPONENTS, pipeline=PIPELINE)
+def load_flux_kontext(
+    model_path: str | Path,
+    weight_dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    *,
+    devices: Mapping[str, str | torch.device] | None = None,
+    include: Sequence[str] = ("transformer", "vae", "text_encoder", "text_encoder_2"),
+) -> FluxKontextModels:
+    """Load the components a job needs from a FLUX.1 Kontext folder; the rest stay ``None``.
+
+    Tokenizers and the scheduler are always loaded (they are small).
+
+    Args:
+        device: default placement of every loaded component.
+        devices: per-component placement overriding ``device`` (keys as in ``include``).
+        include: which of transformer, vae, text_encoder, text_encoder_2 to load.
+    """
+    needed = [*include, "tokenizer", "tokenizer_2", "scheduler"]
+    path = resolve_model_dir(str(model_path), needed, pipeline=PIPELINE)
+    place = {name: (devices or {}).get(name, device) for name in include}
+    loaders = {
+        "transformer": load_flux_kontext_transformer,
+        "vae": load_flux_kontext_vae,
+        "text_encoder": load_flux_kontext_clip,
+        "text_encoder_2": load_flux_kontext_t5,
+    }
+    loaded = {name: loaders[name](path, weight_dtype, place[name]) for name in include}
     tok, tok2 = load_flux_kontext_tokenizers(path)
     return FluxKontextModels(
-        transformer=load_flux_kontext_transformer(path, weight_dtype, device),
-        vae=load_flux_kontext_vae(path, weight_dtype, device),
-        text_encoder=load_flux_kontext_clip(path, weight_dtype, device),
-        text_encoder_2=load_flux_kontext_t5(path, weight_dtype, device),
+        transformer=loaded.get("transformer"),
+        vae=loaded.get("vae"),
+        text_encoder=loaded.get("text_encoder"),
+        text_encoder_2=loaded.get("text_encoder_2"),
         tokenizer=tok,
         tokenizer_2=tok2,
         scheduler=load_flux_kontext_scheduler(path),

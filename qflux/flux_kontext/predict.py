@@ -49,6 +49,7 @@ def predict(
         image: the control image (RGB); resized to its own size floored to multiples of 16.
         height, width: output size (multiples of 16 after flooring); default the control's size.
         lora: LoRA tensors to substitute into the transformer; None uses the module as it is.
+            Components may sit on different devices; tensors move to where each one runs.
 
     Returns:
         The edited image, [height, width, 3] float32 in [0, 1].
@@ -60,7 +61,7 @@ def predict(
     width = (width or cw) // MULTIPLE * MULTIPLE
     height = (height or ch) // MULTIPLE * MULTIPLE
     transformer, params = models.transformer, dict(lora or {})
-    dtype = models.text_encoder_2.dtype
+    dtype, device = models.text_encoder_2.dtype, transformer.device
     pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
     if negative_prompt is not None and true_cfg_scale > 1:
@@ -69,20 +70,20 @@ def predict(
     c = models.vae.config.latent_channels
     shape = (1, c, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE))
     generator = torch.Generator("cpu").manual_seed(seed)
-    latents = torch.randn(shape, generator=generator, dtype=dtype)
+    latents = torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(models.scheduler.config)
     sc = scheduler.config
     seq_len = (shape[2] // 2) * (shape[3] // 2)
     mu = resolution_mu(seq_len, sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
     scheduler.set_begin_index(0)
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([1], guidance_scale, dtype=torch.float32)
     for t in scheduler.timesteps:
-        sigma = t.expand(1).to(dtype) / 1000
+        sigma = t.expand(1).to(device=device, dtype=dtype) / 1000
         v = predict_velocity(transformer, params, latents, control, sigma, pos.pooled, pos.tokens, guidance)
         if neg is not None:
             v_neg = predict_velocity(transformer, params, latents, control, sigma, neg.pooled, neg.tokens, guidance)

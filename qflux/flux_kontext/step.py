@@ -64,7 +64,7 @@ def predict_velocity(
     Args:
         transformer: ``FluxTransformer2DModel`` (frozen).
         params: tensors substituted into the module (the LoRA); ``{}`` runs the module as it is.
-        noisy: x_t [B, C, h, w].
+        noisy: x_t [B, C, h, w], on the transformer's device; other inputs are moved there.
         control: control latents [B, C, hc, wc], or None for no control image.
         sigmas: [B]; the transformer's timestep input is σ (diffusers passes t/1000 = σ).
         pooled: [B, P]; prompt_embeds: [B, S, D].
@@ -73,13 +73,13 @@ def predict_velocity(
     Returns:
         v̂ [B, C, h, w] in the transformer's output dtype.
     """
-    dtype = transformer.dtype
+    dtype, device = transformer.dtype, noisy.device
     h, w = noisy.shape[-2:]
     tokens = pack_latents(noisy.to(dtype))
     n = tokens.shape[1]
     if control is not None:
         ids = kontext_ids((h, w), (control.shape[-2], control.shape[-1]))
-        tokens = torch.cat([tokens, pack_latents(control.to(dtype))], dim=1)
+        tokens = torch.cat([tokens, pack_latents(control.to(device=device, dtype=dtype))], dim=1)
     else:
         ids = latent_image_ids(h, w, index=0)
     out = functional_call(
@@ -88,12 +88,12 @@ def predict_velocity(
         (),
         {
             "hidden_states": tokens,
-            "timestep": sigmas.to(dtype),
-            "guidance": guidance,
-            "pooled_projections": pooled.to(dtype),
-            "encoder_hidden_states": prompt_embeds.to(dtype),
-            "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=tokens.device, dtype=dtype),
-            "img_ids": ids.to(device=tokens.device, dtype=dtype),
+            "timestep": sigmas.to(device=device, dtype=dtype),
+            "guidance": None if guidance is None else guidance.to(device),
+            "pooled_projections": pooled.to(device=device, dtype=dtype),
+            "encoder_hidden_states": prompt_embeds.to(device=device, dtype=dtype),
+            "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+            "img_ids": ids.to(device=device, dtype=dtype),
             "return_dict": False,
         },
         strict=False,

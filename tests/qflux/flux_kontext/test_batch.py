@@ -65,6 +65,6 @@ def test_draws_depend_on_keys_only(flux_models, tmp_path: Path) -> None:
 
 def test_resolution_shift_moves_sigmas_towards_noise(flux_models) -> None:
     u = torch.tensor([0.2, 0.5, 0.8])
-    plain = sigmas_for(_cfg(0, 0), flux_models, u, (64, 64))
-    shifted = sigmas_for(_cfg(0, 0, resolution_shift=True), flux_models, u, (64, 64))
+    plain = sigmas_for(_cfg(0, 0), flux_models.scheduler.config, u, (8, 8))
+    shifted = sigmas_for(_cfg(0, 0, resolution_shift=True), flux_models.scheduler.config, u, (8, 8))
     assert torch.all(shifted > plain)

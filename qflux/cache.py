@@ -1,0 +1,123 @@
+"""A content-addressed store of tensors: one safetensors file per entry, written atomically.
+
+An entry's name is a hash of everything that determines its value (input bytes, preprocessing
+settings, encoder identity and settings), so an edited file, a changed setting or another model
+gives another name and is recomputed, while everything else is reused. Layout::
+
+    <cache_dir>/<kind>/<digest[:2]>/<digest>.safetensors
+
+Each file carries its key description in the safetensors metadata, for inspection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+class CorruptEntry(Exception):
+    """A cache file that cannot be used: unreadable, truncated, or with unexpected tensors."""
+
+
+def file_digest(path: str | Path) -> str:
+    """blake2b-128 of a file's bytes (hex)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_key(parts: Mapping[str, Any]) -> str:
+    """blake2b-128 (hex) of the canonical JSON of ``parts`` (everything that determines an entry)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def entry_path(root: str | Path, kind: str, digest: str) -> Path:
+    """Where the entry ``digest`` of ``kind`` lives under ``root``."""
+    return Path(root) / kind / digest[:2] / f"{digest}.safetensors"
+
+
+def write_entry(path: Path, tensors: Mapping[str, torch.Tensor], description: Mapping[str, Any]) -> None:
+    """Write tensors to ``path`` atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            tmp,
+            metadata={"qflux_key": json.dumps(description, sort_keys=True, default=str)},
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """The parsed safetensors header, checked against the file size (catches truncation)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CorruptEntry(f"{path}: {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CorruptEntry(f"{path}: header length {n} exceeds the file size {size}")
+        try:
+            header: dict[str, Any] = json.loads(f.read(n))
+        except ValueError as e:
+            raise CorruptEntry(f"{path}: unreadable safetensors header ({e})") from None
+    data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + data_end != size:
+        raise CorruptEntry(f"{path}: truncated or padded ({size} bytes, header says {8 + n + data_end})")
+    return header
+
+
+def check_entry(path: Path, shapes: Shapes) -> str | None:
+    """Cheap validity check from the header alone.
+
+    Returns:
+        None when the entry is present and holds exactly ``shapes``; otherwise 'missing' or the
+        reason it is corrupt.
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        header = _header(path)
+    except (CorruptEntry, OSError) as e:
+        return str(e)
+    found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if found != {k: tuple(s) for k, s in shapes.items()}:
+        return f"{path}: holds {found}, expected {dict(shapes)}"
+    return None
+
+
+def read_entry(path: Path, shapes: Shapes) -> dict[str, torch.Tensor]:
+    """Load an entry, checking it holds exactly the expected tensor names and shapes.
+
+    Raises:
+        CorruptEntry: the file is missing, unreadable, truncated or holds other tensors.
+    """
+    problem = check_entry(path, shapes)
+    if problem is not None:
+        raise CorruptEntry(f"{path}: missing" if problem == "missing" else problem)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in shapes}
+    except Exception as e:  # safetensors raises its own error type for bad data
+        raise CorruptEntry(f"{path}: {e}") from None
