@@ -135,7 +135,9 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     w, h = size
     proc = VaeImageProcessor(vae_scale_factor=MULTIPLE)
     tensor: torch.Tensor = proc.preprocess(proc.resize(image, h, w), h, w)
-    return tensor
+    # contiguous: the processor returns a channels-last view, and convolutions pick other kernels
+    # (with other rounding) for it, which would make cached and freshly encoded latents differ
+    return tensor.contiguous()
 
 
 @attrs.frozen

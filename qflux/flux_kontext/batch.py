@@ -39,13 +39,18 @@ class Conditioning:
 
 @torch.no_grad()
 def encode_conditioning(models: FluxKontextModels, raw: dict[str, Any], max_sequence_length: int) -> Conditioning:
-    """Encode a collated image batch (:func:`qflux.data.collate_pairs`) with the VAE and text encoders."""
-    embeds = encode_prompt_with(models, raw["prompt"], max_sequence_length)
+    """Encode a collated image batch (:func:`qflux.data.collate_pairs`) with the VAE and text encoders.
+
+    Each sample is encoded on its own, exactly as the cache encodes it, so training with and
+    without the cache sees bit-identical conditioning.
+    """
+    n = len(raw["prompt"])
+    embeds = [encode_prompt_with(models, [raw["prompt"][i]], max_sequence_length) for i in range(n)]
     return Conditioning(
-        latents=vae_encode(models.vae, raw["target"]),
-        control=vae_encode(models.vae, raw["control"]),
-        pooled=embeds.pooled,
-        tokens=embeds.tokens,
+        latents=torch.cat([vae_encode(models.vae, raw["target"][i : i + 1]) for i in range(n)]),
+        control=torch.cat([vae_encode(models.vae, raw["control"][i : i + 1]) for i in range(n)]),
+        pooled=torch.cat([e.pooled for e in embeds]),
+        tokens=torch.cat([e.tokens for e in embeds]),
     )
 
 

@@ -1,0 +1,63 @@
+"""The content-addressed store: atomic writes, keys, and detection of corrupt entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qflux.cache import CorruptEntry, check_entry, content_key, entry_path, file_digest, read_entry, write_entry
+
+SHAPES = {"a": (2, 3), "b": (4,)}
+
+
+def _entry(tmp_path: Path) -> Path:
+    path = entry_path(tmp_path, "kind", content_key({"x": 1}))
+    write_entry(path, {"a": torch.ones(2, 3), "b": torch.arange(4.0)}, {"x": 1})
+    return path
+
+
+def test_round_trip_and_no_temporary_files(tmp_path: Path) -> None:
+    path = _entry(tmp_path)
+    assert path.parent.parent.name == "kind" and path.parent.name == path.stem[:2]
+    assert check_entry(path, SHAPES) is None
+    got = read_entry(path, SHAPES)
+    assert torch.equal(got["b"], torch.arange(4.0))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_missing_truncated_garbage_and_wrong_shapes_are_detected(tmp_path: Path) -> None:
+    path = _entry(tmp_path)
+    assert check_entry(tmp_path / "nope.safetensors", SHAPES) == "missing"
+    assert "expected" in (check_entry(path, {"a": (3, 2), "b": (4,)}) or "")
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    assert "truncated" in (check_entry(path, SHAPES) or "")
+    with pytest.raises(CorruptEntry):
+        read_entry(path, SHAPES)
+    path.write_bytes(b"\x05\x00")
+    assert "too short" in (check_entry(path, SHAPES) or "")
+    path.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    assert "exceeds the file size" in (check_entry(path, SHAPES) or "")
+    path.write_bytes((4).to_bytes(8, "little") + b"{no}")
+    assert "unreadable safetensors header" in (check_entry(path, SHAPES) or "")
+
+
+@given(items=st.dictionaries(st.text(max_size=5), st.integers(), max_size=5))
+def test_content_key_ignores_order_and_sees_values(items: dict[str, int]) -> None:
+    reordered = dict(reversed(list(items.items())))
+    assert content_key(items) == content_key(reordered)
+    assert content_key({**items, "extra": 1}) != content_key(items) or "extra" in items
+
+
+def test_file_digest_follows_content(tmp_path: Path) -> None:
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"abc")
+    d1 = file_digest(f)
+    f.write_bytes(b"abd")
+    assert file_digest(f) != d1
+    f.write_bytes(b"abc")
+    assert file_digest(f) == d1
