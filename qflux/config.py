@@ -210,6 +210,9 @@ class LoggingConfig:
 
     output_dir: str = "outputs/flux_kontext_lora"
     """Folder for the LoRA, the resolved config, the loss curve and the sample image."""
+    write_sample: bool = True
+    """Write sample.png (base vs LoRA edit of the first sample) at the end. Training from the cache
+    loads the encoders for it only then, on ``predict.devices``."""
 
 
 @attrs.frozen

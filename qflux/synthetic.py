@@ -33,10 +33,10 @@ def draw_scene(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return img
 
 
-def make_synthetic_pairs(root: str | Path, n: int, seed: int) -> Path:
+def make_synthetic_pairs(root: str | Path, n: int, seed: int, sizes: tuple[tuple[int, int], ...] = SIZES) -> Path:
     """Write ``n`` (control, inverted target, instruction) samples under ``root``.
 
-    The files are a deterministic function of (n, seed).
+    The files are a deterministic function of (n, seed, sizes); sample i has size sizes[i % len].
     """
     root = Path(root)
     (root / "control_images").mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,7 @@ def make_synthetic_pairs(root: str | Path, n: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     for i in range(n):
         name = f"sample_{i:03d}"
-        control = draw_scene(rng, SIZES[i % len(SIZES)])
+        control = draw_scene(rng, sizes[i % len(sizes)])
         control.save(root / "control_images" / f"{name}.png")
         ImageOps.invert(control).save(root / "training_images" / f"{name}.png")
         (root / "training_images" / f"{name}.txt").write_text(PROMPT + "\n", encoding="utf-8")

@@ -66,12 +66,36 @@ def t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_flux_kontext(out_dir: str | Path, seed: int = 0) -> Path:
+# Shapes per preset. "tiny" is for tests and the default run; "small" is large enough that compute
+# matters on a CPU and that the text encoders outweigh the transformer, as they do for FLUX.1.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "latent_channels": 4,
+        "transformer": {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                        "axes_dims_rope": (4, 6, 6)},
+        "clip": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
+        "t5": {"d_model": 32, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 2},
+        "vae": {"block_out_channels": (8, 16, 16, 16), "norm_num_groups": 4},
+    },
+    "small": {
+        "latent_channels": 16,
+        "transformer": {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4,
+                        "axes_dims_rope": (16, 24, 24)},
+        "clip": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "num_hidden_layers": 4},
+        "t5": {"d_model": 512, "d_ff": 2048, "d_kv": 64, "num_heads": 8, "num_layers": 12},
+        "vae": {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8},
+    },
+}  # fmt: skip
+
+
+def build_flux_kontext(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a tiny random FLUX.1-Kontext model folder (diffusers layout) to ``out_dir``.
 
     Args:
         out_dir: destination folder; created if missing.
         seed: weights are a deterministic function of this seed.
+        size: "tiny" (tests, default run) or "small" (CPU benchmarks: width 256, 2 double and 4
+            single blocks, 16 latent channels, a 12-layer T5 of width 512).
 
     Returns:
         The folder path. ``FluxKontextPipeline.from_pretrained(path)`` loads it.
@@ -84,34 +108,30 @@ def build_flux_kontext(out_dir: str | Path, seed: int = 0) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+    if size not in _PRESETS:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(_PRESETS)}")
+    p = _PRESETS[size]
     out = Path(out_dir)
     tok = clip_tokenizer()
     tok2 = t5_tokenizer()
-    latent_channels = 4
+    latent_channels = p["latent_channels"]
     # fork_rng keeps the seeding local: the caller's global RNG is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=4 * latent_channels,  # 2×2 packed latents
-            num_layers=1,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,  # = T5 d_model
-            pooled_projection_dim=32,  # = CLIP hidden size
+            joint_attention_dim=p["t5"]["d_model"],
+            pooled_projection_dim=p["clip"]["hidden_size"],
             guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+            **p["transformer"],  # axes_dims_rope sums to attention_head_dim
         )
         clip = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tok),
-                hidden_size=32,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
+                **p["clip"],
                 max_position_embeddings=77,
-                projection_dim=32,
+                projection_dim=p["clip"]["hidden_size"],
                 bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
@@ -121,11 +141,7 @@ def build_flux_kontext(out_dir: str | Path, seed: int = 0) -> Path:
         t5 = T5EncoderModel(
             T5Config(
                 vocab_size=len(tok2),
-                d_model=32,
-                d_ff=37,
-                d_kv=8,
-                num_heads=4,
-                num_layers=2,
+                **p["t5"],
                 relative_attention_num_buckets=8,
                 pad_token_id=tok2.pad_token_id,
                 eos_token_id=tok2.eos_token_id,
@@ -137,10 +153,9 @@ def build_flux_kontext(out_dir: str | Path, seed: int = 0) -> Path:
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),  # 4 levels: downsampling ×8, as in FLUX
             layers_per_block=1,
             latent_channels=latent_channels,
-            norm_num_groups=4,
+            **p["vae"],  # 4 levels: downsampling ×8, as in FLUX
             sample_size=64,
             shift_factor=0.1159,  # FLUX.1 values
             scaling_factor=0.3611,
@@ -172,11 +187,13 @@ def build_flux_kontext(out_dir: str | Path, seed: int = 0) -> Path:
 _BUILDERS = {"flux_kontext": build_flux_kontext}
 
 
-def main(model: str, out_dir: str, seed: int = 0) -> None:
-    """CLI: ``python -m qflux.tiny flux_kontext DIR [--seed=0]``."""
+def main(model: str, out_dir: str, seed: int = 0, size: str = "tiny") -> None:
+    """CLI: ``python -m qflux.tiny flux_kontext DIR [--seed=0] [--size=tiny|small]``."""
     if model not in _BUILDERS:
         raise SystemExit(f"unknown tiny model {model!r}; choose one of {sorted(_BUILDERS)}")
-    path = _BUILDERS[model](out_dir, seed=seed)
+    if size not in _PRESETS:
+        raise SystemExit(f"unknown size {size!r}; choose one of {sorted(_PRESETS)}")
+    path = _BUILDERS[model](out_dir, seed=seed, size=size)
     print(f"wrote tiny {model} model to {path}")
 
 

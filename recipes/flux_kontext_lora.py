@@ -12,6 +12,7 @@ transformer. The recipe is parse → build → loop → save; the maths lives in
 from __future__ import annotations
 
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ class RunResult:
     state: TrainState
     initial_lora: dict[str, torch.Tensor]
     losses: list[float]
+    step_seconds: list[float]
+    """Wall time of each optimizer step, batch preparation included."""
     models: FluxKontextModels
     lora_path: Path
 
@@ -126,8 +129,10 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     )
     sched_cfg = models.scheduler.config
     losses: list[torch.Tensor] = []
+    step_seconds: list[float] = []
     with tqdm(total=tr.max_train_steps, desc="train", unit="step") as bar:
         while state.step < tr.max_train_steps:
+            started = time.perf_counter()
             micro = [
                 assemble_batch(cfg, sched_cfg, to_cond(next(stream)), empty, (cfg.seed, state.step, m), device)
                 for m in range(tr.gradient_accumulation_steps)
@@ -144,6 +149,7 @@ def run(cfg: FluxKontextConfig) -> RunResult:
                 state, micro, loss_fn=loss_fn, lr=torch.tensor(lr, dtype=torch.float64), hp=hp, module=transformer
             )
             losses.append(metrics["loss"])
+            step_seconds.append(time.perf_counter() - started)
             bar.update(1)
             if state.step % LOG_EVERY == 0 or state.step == tr.max_train_steps:
                 recent = torch.stack(losses[-LOG_EVERY:]).mean().item()
@@ -153,9 +159,10 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     lora_path = save_lora(out, transformer, state.lora, dtype=torch_dtype(tr.save_dtype), pipeline_cls=_pipeline_cls())
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     save_loss_curve(loss_values, out / "loss.png")
-    _write_sample(cfg, _with_encoders(cfg, path, models), samples[0], state.lora, out / "sample.png")
+    if cfg.logging.write_sample:
+        _write_sample(cfg, _with_encoders(cfg, path, models), samples[0], state.lora, out / "sample.png")
     print(f"saved LoRA to {lora_path}; loss {loss_values[0]:.4f} → {loss_values[-1]:.4f}")
-    return RunResult(cfg, state, lora0, loss_values, models, lora_path)
+    return RunResult(cfg, state, lora0, loss_values, step_seconds, models, lora_path)
 
 
 def _with_encoders(cfg: FluxKontextConfig, path: Path, models: FluxKontextModels) -> FluxKontextModels:

@@ -110,3 +110,17 @@ def test_plan_contract_keys_exist() -> None:
         "train.gradient_checkpointing", "logging.output_dir", "seed",
     }  # fmt: skip
     assert contract <= keys
+
+
+def test_devices_are_validated_and_resolved() -> None:
+    import torch
+
+    from qflux.devices import resolve_device
+
+    with pytest.raises(QfluxError, match=r"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"):
+        load_config(FluxKontextConfig, None, {"train.device": "gpu0"})
+    assert resolve_device("cpu", key="train.device") == torch.device("cpu")
+    assert resolve_device("auto", key="x").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(QfluxError, match=r"cache.vae_encoder_device is 'cuda:1' but this machine has no CUDA"):
+            resolve_device("cuda:1", key="cache.vae_encoder_device")

@@ -39,9 +39,14 @@ def test_no_dropout_keeps_prompt_and_control(flux_models, tmp_path: Path) -> Non
     raw = _raw(tmp_path)
     batch = build_batch(_cfg(0.0, 0.0), flux_models, raw, (0, 0, 0))
     ref = _encode(flux_models, raw["prompt"])
-    assert torch.equal(batch.pooled, ref.pooled) and torch.equal(batch.prompt_embeds, ref.tokens)
-    assert torch.equal(batch.control_latents, vae_encode(flux_models.vae, raw["control"]).float())
-    assert torch.equal(batch.latents, vae_encode(flux_models.vae, raw["target"]).float())
+    torch.testing.assert_close(batch.pooled, ref.pooled)
+    torch.testing.assert_close(batch.prompt_embeds, ref.tokens)
+    # each sample is encoded alone (as the cache does): bit-equal to one-sample encodes
+    for i in range(2):
+        one = _encode(flux_models, [raw["prompt"][i]])
+        assert torch.equal(batch.pooled[i], one.pooled[0]) and torch.equal(batch.prompt_embeds[i], one.tokens[0])
+        assert torch.equal(batch.control_latents[i], vae_encode(flux_models.vae, raw["control"][i : i + 1])[0])
+        assert torch.equal(batch.latents[i], vae_encode(flux_models.vae, raw["target"][i : i + 1])[0])
     assert batch.noise.shape == batch.latents.shape == (2, 4, 8, 8)
 
 

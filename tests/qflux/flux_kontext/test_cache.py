@@ -26,6 +26,10 @@ def _cfg(data: Path, cache: Path, model: Path, **extra: object) -> FluxKontextCo
         "model.max_sequence_length": 16,
         "data.dataset_path": str(data),
         "cache.cache_dir": str(cache),
+        "cache.vae_encoder_device": "cpu",
+        "cache.text_encoder_device": "cpu",
+        "cache.text_encoder_2_device": "cpu",
+        "train.device": "cpu",
         **extra,
     }
     return load_config(FluxKontextConfig, None, overrides)
