@@ -87,11 +87,9 @@ def run(cfg: FluxKontextConfig) -> RunResult:
         entries = kcache.sample_entries(spec, root, samples)
         problems = kcache.verify_cache(spec, root, entries)
         if problems:
-            raise QfluxError(
-                f"the cache at '{root}' lacks {len(problems)} entries for this dataset, model and settings "
-                f"(first: {problems[0]}); fill it with: python -m recipes.flux_kontext_lora cache "
-                "[--config=...] with the same options as this run"
-            )
+            # computed now with the encoders, which are freed before the transformer loads
+            print(f"cache '{root}': {len(problems)} entries missing or corrupt (first: {problems[0]}); computing them")
+            _fill(cfg, samples, path)
         models = load_flux_kontext(path, dtype, include=("transformer",), devices={"transformer": device})
         empty = kcache.read_empty_prompt(spec, root)
         dataset, collate, to_cond = kcache.CachedPairDataset(entries), kcache.collate_cached, cached_conditioning
@@ -192,7 +190,11 @@ def train(config: str | None = None, **overrides: Any) -> None:
 def fill(cfg: FluxKontextConfig) -> kcache.CacheReport:
     """Compute the cache entries the configured dataset needs; returns the computed/reused counts."""
     samples = scan_pairs(resolve_dataset_path(cfg.data.dataset_path), cfg.data.max_pixels)
-    path, root = _model_dir(cfg), Path(cfg.cache.cache_dir)
+    return _fill(cfg, samples, _model_dir(cfg))
+
+
+def _fill(cfg: FluxKontextConfig, samples: list[PairSample], path: Path) -> kcache.CacheReport:
+    root = Path(cfg.cache.cache_dir)
     spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length)
     names = {
         "vae": "vae_encoder_device",

@@ -106,10 +106,33 @@ def test_same_prompt_different_controls_share_only_image_independent_entries(
     assert ea.clip.path == eb.clip.path and ea.t5.path == eb.t5.path
 
 
-def test_training_needs_a_filled_cache(dataset: Path, tmp_path: Path, tiny_flux_dir: Path) -> None:
-    cfg = _cfg(dataset, tmp_path / "empty-cache", tiny_flux_dir, **{"cache.use_cache": True})
-    with pytest.raises(QfluxError, match=r"lacks 16 entries .* python -m recipes.flux_kontext_lora cache"):
-        run(cfg)
+def test_training_fills_missing_and_corrupt_entries_first(
+    dataset: Path, tmp_path: Path, tiny_flux_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    extra = {"cache.use_cache": True, "train.max_train_steps": 1, "logging.write_sample": False}
+    cfg = _cfg(dataset, cache, tiny_flux_dir, **extra, **{"logging.output_dir": str(tmp_path / "o")})
+    run(cfg)
+    out = capsys.readouterr().out
+    assert "16 entries missing or corrupt" in out and "16 entries computed, 0 reused" in out
+    victim = sorted((cache / "t5_prompt_embed").rglob("*.safetensors"))[0]
+    victim.write_bytes(b"")
+    result = run(cfg)
+    out = capsys.readouterr().out
+    assert "1 entries missing or corrupt" in out and "recomputed corrupt entry" in out
+    assert result.models.vae is None and victim.stat().st_size > 0
+
+
+def test_entry_damaged_during_training_stops_with_its_name(dataset: Path, tmp_path: Path, tiny_flux_dir: Path) -> None:
+    from qflux.data import scan_pairs
+
+    cfg = _cfg(dataset, tmp_path / "cache", tiny_flux_dir)
+    fill(cfg)
+    spec = kcache.cache_spec(tiny_flux_dir, "float32", 16)
+    entries = kcache.sample_entries(spec, tmp_path / "cache", scan_pairs(dataset, None))
+    entries[0].control.path.write_bytes(b"garbage")
+    with pytest.raises(QfluxError, match=r"cache entry unusable during training: .*control_latent.*rerun the cache"):
+        kcache.CachedPairDataset(entries)[0]
 
 
 def test_training_from_cache_equals_training_without(tmp_path: Path, tiny_flux_dir: Path) -> None:
