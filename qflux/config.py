@@ -103,6 +103,9 @@ class DataConfig:
     """Shuffle batches each epoch (the order depends only on seed and epoch)."""
     num_workers: int = attrs.field(default=0, validator=_non_negative)
     """DataLoader worker processes that decode and resize images."""
+    skip_invalid: bool = False
+    """Skip samples with problems (missing, unreadable or tiny images, bad instructions) with a
+    warning, instead of stopping before training with the list of problems."""
 
 
 @attrs.frozen

@@ -12,6 +12,7 @@ floored to a multiple of 16 (the VAE's ×8 times the 2×2 packing), as FluxKonte
 
 from __future__ import annotations
 
+import glob
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -64,24 +65,70 @@ def image_size(path: Path) -> tuple[int, int]:
     return w, h
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer greyscale (modes I;16*, I) scaled to 8-bit L; other modes unchanged."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8"), mode="L")
+    if im.mode == "F":
+        return im.convert("L")
+    return im
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image as 8-bit RGB: EXIF rotation applied, transparency composited on white."""
+    """Decode an image as 8-bit RGB: EXIF rotation applied, transparency composited on white,
+    CMYK, palette and 16-bit images converted."""
     with Image.open(path) as raw:
-        im: Image.Image = ImageOps.exif_transpose(raw)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im: Image.Image = _to_8bit(ImageOps.exif_transpose(raw))
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
             im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
         return im.convert("RGB")
 
 
+def _image_problem(path: Path) -> str | None:
+    """Why an image cannot be trained on (unreadable, truncated, empty, under 16 px), or None."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            im.load()
+            w, h = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"cannot be decoded ({e})"
+    if min(w, h) < MULTIPLE:
+        return f"is {w}×{h} px; each side must be at least {MULTIPLE} px"
+    return None
+
+
 def _find_image(folder: Path, stem: str) -> list[Path]:
-    return [folder / (stem + ext) for ext in IMAGE_EXTS if (folder / (stem + ext)).is_file()]
+    """Image files of ``folder`` whose stem is exactly ``stem`` (any supported extension, any case)."""
+    return [
+        p for p in sorted(folder.glob(glob.escape(stem) + ".*")) if p.suffix.lower() in IMAGE_EXTS and p.stem == stem
+    ]
 
 
-def scan_pairs(root: str | Path, max_pixels: int | None) -> list[PairSample]:
-    """List the dataset's samples, sorted by name, checking the layout.
+def scan_pairs(
+    root: str | Path,
+    max_pixels: int | None,
+    *,
+    skip_invalid: bool = False,
+    warn: Callable[[str], None] = print,
+) -> list[PairSample]:
+    """List and check the dataset's samples (sorted by name) before any model loads.
+
+    Every image is decoded once. The problems found are: a missing control or target image, a
+    missing, empty or non-UTF-8 instruction, an unreadable, truncated or 0-byte image, an image
+    under 16 px on a side, and one stem with several image extensions.
+
+    Args:
+        skip_invalid: drop the samples with problems (each reported through ``warn``) instead of
+            failing; an empty result still fails.
 
     Raises:
-        QfluxError: listing every problem found (missing folders, unpaired files, empty prompts).
+        QfluxError: naming every problem and its file, or an empty dataset.
     """
     root = Path(root)
     controls, targets = root / "control_images", root / "training_images"
@@ -90,38 +137,65 @@ def scan_pairs(root: str | Path, max_pixels: int | None) -> list[PairSample]:
             f"dataset '{root}' must contain control_images/ and training_images/ "
             "(NAME.png in both, plus training_images/NAME.txt with the instruction)"
         )
-    stems = sorted({p.stem for p in targets.iterdir() if p.suffix.lower() in IMAGE_EXTS})
+    image_stems = {p.stem for d in (controls, targets) for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    text_stems = {p.stem for p in targets.iterdir() if p.suffix == ".txt"}
     problems: list[str] = []
     samples: list[PairSample] = []
-    for stem in stems:
-        target = _find_image(targets, stem)
-        control = _find_image(controls, stem)
-        txt = targets / f"{stem}.txt"
-        if not control:
-            problems.append(f"{targets / stem}: no control image control_images/{stem}.<png|jpg|jpeg|webp>")
-            continue
-        if not txt.is_file():
-            problems.append(f"{txt}: missing instruction file")
-            continue
-        prompt = txt.read_text(encoding="utf-8").strip()
-        if not prompt:
-            problems.append(f"{txt}: the instruction is empty")
-            continue
-        samples.append(
-            PairSample(
-                name=stem,
-                control=control[0],
-                target=target[0],
-                prompt=prompt,
-                control_size=fit_size(*image_size(control[0]), max_pixels),
-                target_size=fit_size(*image_size(target[0]), max_pixels),
+    for stem in sorted(image_stems | text_stems):
+        found = _check_sample(root, stem)
+        if isinstance(found, PairSample):
+            samples.append(
+                attrs.evolve(
+                    found,
+                    control_size=fit_size(*image_size(found.control), max_pixels),
+                    target_size=fit_size(*image_size(found.target), max_pixels),
+                )
             )
+        else:
+            problems += found
+    if problems and not skip_invalid:
+        raise QfluxError(
+            f"dataset '{root}' has {len(problems)} problem(s) (set data.skip_invalid=true to train on the "
+            "valid samples only):\n  " + "\n  ".join(problems)
         )
-    if problems:
-        raise QfluxError(f"dataset '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    for p in problems:
+        warn(f"skipping invalid sample: {p}")
     if not samples:
-        raise QfluxError(f"dataset '{root}' holds no samples: training_images/ has no images")
+        raise QfluxError(f"dataset '{root}' holds no usable samples: training_images/ has no valid pairs")
     return samples
+
+
+def _check_sample(root: Path, stem: str) -> PairSample | list[str]:
+    """The sample named ``stem``, or the list of its problems."""
+    controls, targets = root / "control_images", root / "training_images"
+    control, target = _find_image(controls, stem), _find_image(targets, stem)
+    txt = targets / f"{stem}.txt"
+    problems = []
+    for folder, found in ((controls, control), (targets, target)):
+        if not found:
+            problems.append(f"{folder / stem}.<png|jpg|jpeg|webp>: missing image for sample '{stem}'")
+        elif len(found) > 1:
+            problems.append(f"{found[0]}: sample '{stem}' has several images ({', '.join(p.name for p in found)})")
+        else:
+            bad = _image_problem(found[0])
+            if bad:
+                problems.append(f"{found[0]}: {bad}")
+    prompt = ""
+    if not txt.is_file():
+        problems.append(f"{txt}: missing instruction file")
+    else:
+        try:
+            prompt = txt.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            problems.append(f"{txt}: not UTF-8 text; save it as UTF-8")
+        else:
+            if not prompt:
+                problems.append(f"{txt}: the instruction is empty")
+    if problems:
+        return problems
+    return PairSample(
+        name=stem, control=control[0], target=target[0], prompt=prompt, control_size=(0, 0), target_size=(0, 0)
+    )
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:

@@ -70,6 +70,12 @@ def _model_dir(cfg: FluxKontextConfig) -> Path:
     return resolve_model_dir(resolve_model_path(cfg.model.pretrained_model_name_or_path), COMPONENTS, pipeline=PIPELINE)
 
 
+def _samples(cfg: FluxKontextConfig) -> list[PairSample]:
+    """The checked dataset (before any model loads)."""
+    root = resolve_dataset_path(cfg.data.dataset_path)
+    return scan_pairs(root, cfg.data.max_pixels, skip_invalid=cfg.data.skip_invalid, warn=tqdm.write)
+
+
 def _devices(section: Any, prefix: str, names: dict[str, str]) -> dict[str, torch.device]:
     """{component: device} from config keys ``names[component]`` of ``section``."""
     return {comp: resolve_device(getattr(section, key), key=f"{prefix}.{key}") for comp, key in names.items()}
@@ -78,7 +84,7 @@ def _devices(section: Any, prefix: str, names: dict[str, str]) -> dict[str, torc
 def run(cfg: FluxKontextConfig) -> RunResult:
     """Train a LoRA as configured and write the outputs; returns the final state and losses."""
     out, tr, opt, sch = Path(cfg.logging.output_dir), cfg.train, cfg.optimizer, cfg.lr_scheduler
-    samples = scan_pairs(resolve_dataset_path(cfg.data.dataset_path), cfg.data.max_pixels)
+    samples = _samples(cfg)
     path, dtype, seq = _model_dir(cfg), torch_dtype(cfg.model.dtype), cfg.model.max_sequence_length
     device = resolve_device(tr.device, key="train.device")
     if cfg.cache.use_cache:
@@ -189,8 +195,7 @@ def train(config: str | None = None, **overrides: Any) -> None:
 
 def fill(cfg: FluxKontextConfig) -> kcache.CacheReport:
     """Compute the cache entries the configured dataset needs; returns the computed/reused counts."""
-    samples = scan_pairs(resolve_dataset_path(cfg.data.dataset_path), cfg.data.max_pixels)
-    return _fill(cfg, samples, _model_dir(cfg))
+    return _fill(cfg, _samples(cfg), _model_dir(cfg))
 
 
 def _fill(cfg: FluxKontextConfig, samples: list[PairSample], path: Path) -> kcache.CacheReport:

@@ -57,7 +57,7 @@ def test_scan_pairs_lists_every_problem(tmp_path: Path) -> None:
         scan_pairs(tmp_path, None)
     msg = str(info.value)
     assert "3 problem(s)" in msg
-    assert "sample_000: no control image" in msg
+    assert "control_images/sample_000.<png|jpg|jpeg|webp>: missing image for sample 'sample_000'" in msg
     assert "sample_001.txt: missing instruction file" in msg
     assert "sample_002.txt: the instruction is empty" in msg
 
@@ -67,7 +67,7 @@ def test_scan_pairs_layout_and_empty(tmp_path: Path) -> None:
         scan_pairs(tmp_path, None)
     (tmp_path / "control_images").mkdir()
     (tmp_path / "training_images").mkdir()
-    with pytest.raises(QfluxError, match="holds no samples"):
+    with pytest.raises(QfluxError, match="holds no usable samples"):
         scan_pairs(tmp_path, None)
 
 
