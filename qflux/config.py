@@ -164,6 +164,12 @@ class TrainConfig:
     """Shift sampled sigmas towards noise for large images: σ' = e^μ / (e^μ + 1/σ − 1), μ from seq len."""
     save_dtype: Dtype = attrs.field(default="float32", validator=v.in_(DTYPES))
     """dtype of the saved LoRA tensors."""
+    checkpointing_steps: int = attrs.field(default=50, validator=_non_negative)
+    """Write ``checkpoint-<step>/`` every this many optimizer steps (0: never)."""
+    checkpoints_total_limit: int | None = attrs.field(default=3, validator=_positive_or_none)
+    """Keep only the newest this many checkpoints (null: keep all)."""
+    max_nonfinite_steps: int = attrs.field(default=10, validator=_positive)
+    """Stop after this many steps in a row whose loss or gradient was not finite (each is skipped)."""
     device: str = _device_field()
     """Where the transformer and the training step run ('auto': cuda if available, else cpu)."""
     vae_encoder_device: str = _device_field()
@@ -224,6 +230,9 @@ class FluxKontextConfig:
 
     seed: int = 0
     """Seeds every random draw: LoRA init, data order, noise, timesteps and dropout."""
+    resume_from_checkpoint: str | None = None
+    """'latest' (the newest checkpoint in logging.output_dir, or a fresh start if none), a
+    checkpoint folder, or null for a fresh run."""
     model: ModelConfig = attrs.field(factory=ModelConfig)
     data: DataConfig = attrs.field(factory=DataConfig)
     optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)

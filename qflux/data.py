@@ -273,20 +273,26 @@ def batch_stream(
     shuffle: bool,
     num_workers: int,
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_pairs,
-) -> Iterator[dict[str, Any]]:
+    start: tuple[int, int] = (0, 0),
+) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
     """Endless stream of collated same-size batches of ``dataset``, epoch after epoch.
 
     Args:
         dataset: map-style, indexed like ``samples`` (images, or cached tensors).
         samples: give the sizes that batches are grouped by.
+        start: (epoch, batch index) of the first batch; a resumed run passes the saved position.
+
+    Yields:
+        ((epoch, batch index) of the *next* batch, batch) — the position to save after using it.
     """
     from torch.utils.data import DataLoader
 
-    epoch = 0
+    epoch, first = start
     while True:
-        batches = epoch_batches(samples, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+        batches = epoch_batches(samples, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)[first:]
         loader: DataLoader[Any] = DataLoader(
             dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_fn
         )
-        yield from loader
-        epoch += 1
+        for i, batch in enumerate(loader, start=first + 1):
+            yield (epoch, i), batch
+        epoch, first = epoch + 1, 0

@@ -96,6 +96,9 @@ def train_step(
         loss_fn: pure ``(lora, batch) -> 0-d loss``.
         lr: 0-d tensor learning rate for this step.
 
+    A non-finite loss or gradient norm leaves the LoRA and optimizer state as they were (the step
+    still counts, with ``finite`` = 0).
+
     Returns:
         (new state with ``step + 1``, metrics: ``loss`` (mean over micro-batches), ``grad_norm``
         (before clipping), ``lr`` and ``finite`` (1.0 when loss and gradient are finite)), all 0-d.
@@ -114,9 +117,17 @@ def train_step(
         grads, state.opt, state.lora, lr=lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
     )
     mean_loss = total_loss / k
-    finite = (torch.isfinite(mean_loss) & torch.isfinite(norm)).float()
+    ok = torch.isfinite(mean_loss) & torch.isfinite(norm)
+    # a non-finite loss or gradient skips the update (selected on device: no host sync)
+    lora = {n: torch.where(ok, t, state.lora[n]) for n, t in lora.items()}
+    opt = AdamWState(
+        count=torch.where(ok.to(opt.count.device), opt.count, state.opt.count),
+        exp_avg={n: torch.where(ok, t, state.opt.exp_avg[n]) for n, t in opt.exp_avg.items()},
+        exp_avg_sq={n: torch.where(ok, t, state.opt.exp_avg_sq[n]) for n, t in opt.exp_avg_sq.items()},
+    )
     new_state = attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt)
-    return new_state, {"loss": mean_loss, "grad_norm": norm, "lr": lr.detach().float(), "finite": finite}
+    metrics = {"loss": mean_loss, "grad_norm": norm, "lr": lr.detach().float(), "finite": ok.float()}
+    return new_state, metrics
 
 
 @torch.no_grad()

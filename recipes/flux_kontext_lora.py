@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from qflux.builtin import resolve_dataset_path, resolve_model_path
+from qflux.checkpoint import incompatibilities, latest_checkpoint, load_checkpoint, save_checkpoint
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config, to_dict
 from qflux.console import quiet_known_warnings
@@ -31,15 +33,16 @@ from qflux.devices import resolve_device
 from qflux.errors import QfluxError
 from qflux.flux_kontext import cache as kcache
 from qflux.flux_kontext.batch import assemble_batch, cached_conditioning, encode_conditioning
-from qflux.flux_kontext.conditioning import encode_prompt_with
+from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with
 from qflux.flux_kontext.loaders import COMPONENTS, PIPELINE, FluxKontextModels, load_flux_kontext, torch_dtype
 from qflux.flux_kontext.predict import predict as kontext_predict
 from qflux.flux_kontext.predict import to_pil
 from qflux.flux_kontext.step import make_loss_fn
-from qflux.lora import inject_lora, load_lora_file, save_lora
+from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, save_lora
 from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.schedules import learning_rate
+from qflux.signals import stop_signals
 from qflux.train_state import StepHParams, TrainState, init_train_state, train_step
 
 LOG_EVERY = 10  # optimizer steps between progress-bar updates of the mean loss (the only host syncs)
@@ -58,6 +61,8 @@ class RunResult:
     """Wall time of each optimizer step, batch preparation included."""
     models: FluxKontextModels
     lora_path: Path
+    interrupted: bool = False
+    """True when SIGINT/SIGTERM stopped the run (a checkpoint was saved; no final outputs)."""
 
 
 def _pipeline_cls() -> Any:
@@ -81,92 +86,190 @@ def _devices(section: Any, prefix: str, names: dict[str, str]) -> dict[str, torc
     return {comp: resolve_device(getattr(section, key), key=f"{prefix}.{key}") for comp, key in names.items()}
 
 
-def run(cfg: FluxKontextConfig) -> RunResult:
-    """Train a LoRA as configured and write the outputs; returns the final state and losses."""
-    out, tr, opt, sch = Path(cfg.logging.output_dir), cfg.train, cfg.optimizer, cfg.lr_scheduler
-    samples = _samples(cfg)
-    path, dtype, seq = _model_dir(cfg), torch_dtype(cfg.model.dtype), cfg.model.max_sequence_length
-    device = resolve_device(tr.device, key="train.device")
+@attrs.frozen(eq=False)
+class Inputs:
+    """The models and data source of a training run (encoders, or the cache)."""
+
+    models: FluxKontextModels
+    dataset: Any
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    to_conditioning: Callable[[dict[str, Any]], Any]
+    empty: PromptEmbeds
+
+
+def _inputs(cfg: FluxKontextConfig, samples: list[PairSample], path: Path, device: torch.device) -> Inputs:
+    """Load what training needs: only the transformer with the cache, else every encoder too."""
+    dtype, seq = torch_dtype(cfg.model.dtype), cfg.model.max_sequence_length
     if cfg.cache.use_cache:
         root = Path(cfg.cache.cache_dir)
         spec = kcache.cache_spec(path, cfg.model.dtype, seq)
         entries = kcache.sample_entries(spec, root, samples)
         problems = kcache.verify_cache(spec, root, entries)
-        if problems:
-            # computed now with the encoders, which are freed before the transformer loads
+        if problems:  # computed now with the encoders, which are freed before the transformer loads
             print(f"cache '{root}': {len(problems)} entries missing or corrupt (first: {problems[0]}); computing them")
             _fill(cfg, samples, path)
         models = load_flux_kontext(path, dtype, include=("transformer",), devices={"transformer": device})
-        empty = kcache.read_empty_prompt(spec, root)
-        dataset, collate, to_cond = kcache.CachedPairDataset(entries), kcache.collate_cached, cached_conditioning
-    else:
-        names = {
-            "vae": "vae_encoder_device",
-            "text_encoder": "text_encoder_device",
-            "text_encoder_2": "text_encoder_2_device",
-        }
-        models = load_flux_kontext(path, dtype, devices={"transformer": device, **_devices(tr, "train", names)})
-        empty = encode_prompt_with(models, [""], seq)
-        dataset, collate = PairDataset(samples), collate_pairs
-        to_cond = partial(encode_conditioning, models, max_sequence_length=seq)
-    transformer = models.transformer
+        return Inputs(
+            models,
+            kcache.CachedPairDataset(entries),
+            kcache.collate_cached,
+            cached_conditioning,
+            kcache.read_empty_prompt(spec, root),
+        )
+    names = {
+        "vae": "vae_encoder_device",
+        "text_encoder": "text_encoder_device",
+        "text_encoder_2": "text_encoder_2_device",
+    }
+    models = load_flux_kontext(path, dtype, devices={"transformer": device, **_devices(cfg.train, "train", names)})
+    to_cond = partial(encode_conditioning, models, max_sequence_length=seq)
+    return Inputs(models, PairDataset(samples), collate_pairs, to_cond, encode_prompt_with(models, [""], seq))
+
+
+# keys that must match to resume: they decide the LoRA's shape, its base model and the random draws
+RESUME_KEYS = [
+    "model.pretrained_model_name_or_path",
+    "model.lora.r",
+    "model.lora.lora_alpha",
+    "model.lora.target_modules",
+    "seed",
+]
+
+
+def _resume(cfg: FluxKontextConfig, fresh: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    """The state to start from: ``fresh``, or the checkpoint ``resume_from_checkpoint`` names."""
+    where = cfg.resume_from_checkpoint
+    if where is None:
+        return fresh, {}
+    path = latest_checkpoint(cfg.logging.output_dir) if where == "latest" else Path(where)
+    if path is None:
+        print(f"no checkpoint in '{cfg.logging.output_dir}' yet: starting fresh")
+        return fresh, {}
+    ckpt = load_checkpoint(path)
+    differ = incompatibilities(ckpt.config, to_dict(cfg), RESUME_KEYS)
+    shapes = {k: tuple(v.shape) for k, v in ckpt.state.lora.items()}
+    if not differ and shapes != {k: tuple(v.shape) for k, v in fresh.lora.items()}:
+        differ = ["the LoRA tensors (names or shapes)"]
+    if differ:
+        raise QfluxError(f"cannot resume from '{path}': it differs from this run in " + "; ".join(differ))
+    device = next(iter(fresh.lora.values())).device
+    state = attrs.evolve(
+        ckpt.state,
+        lora={k: v.to(device) for k, v in ckpt.state.lora.items()},
+        opt=attrs.evolve(
+            ckpt.state.opt,
+            exp_avg={k: v.to(device) for k, v in ckpt.state.opt.exp_avg.items()},
+            exp_avg_sq={k: v.to(device) for k, v in ckpt.state.opt.exp_avg_sq.items()},
+        ),
+    )
+    print(f"resuming from '{path}' at step {state.step}")
+    return state, ckpt.meta
+
+
+def _check_finite(worst: torch.Tensor, limit: int, step: int, out: Path) -> None:
+    """Stop the run when ``limit`` steps in a row had a non-finite loss or gradient."""
+    if worst.item() >= limit:
+        raise QfluxError(
+            f"stopped at step {step}: {limit} steps in a row had a non-finite loss or gradient (their updates "
+            f"were skipped); the last checkpoint is {latest_checkpoint(out) or 'none'}. Lower optimizer.lr or "
+            "check the data, then resume from that checkpoint"
+        )
+
+
+def run(cfg: FluxKontextConfig) -> RunResult:
+    """Train a LoRA as configured and write the outputs; returns the final state and losses.
+
+    Checkpoints every ``train.checkpointing_steps``; SIGINT/SIGTERM save one and return early.
+    """
+    out, tr, opt, sch = Path(cfg.logging.output_dir), cfg.train, cfg.optimizer, cfg.lr_scheduler
+    samples, path = _samples(cfg), _model_dir(cfg)
+    device = resolve_device(tr.device, key="train.device")
+    inputs = _inputs(cfg, samples, path, device)
+    transformer = inputs.models.transformer
     if tr.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     lora0 = inject_lora(transformer, cfg.model.lora, seed=cfg.seed)
-    state = init_train_state({k: v.to(device) for k, v in lora0.items()}, cfg.seed)
+    state, meta = _resume(cfg, init_train_state({k: v.to(device) for k, v in lora0.items()}, cfg.seed))
     loss_fn = make_loss_fn(transformer, guidance_scale=tr.guidance_scale, weighting_scheme=tr.weighting_scheme)
-    hp = StepHParams(
-        betas=opt.betas,
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-        max_grad_norm=tr.max_grad_norm,
-        engine="autograd" if tr.gradient_checkpointing else "func",
-    )
+    engine = "autograd" if tr.gradient_checkpointing else "func"
+    hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, tr.max_grad_norm, engine)
+    position = tuple(meta.get("data_position", (0, 0)))
     stream = batch_stream(
-        dataset,
+        inputs.dataset,
         samples,
         cfg.data.batch_size,
         seed=cfg.seed,
         shuffle=cfg.data.shuffle,
         num_workers=cfg.data.num_workers,
-        collate_fn=collate,
+        collate_fn=inputs.collate,
+        start=(int(position[0]), int(position[1])),
     )
-    sched_cfg = models.scheduler.config
+    history: list[float] = list(meta.get("losses", []))
     losses: list[torch.Tensor] = []
-    step_seconds: list[float] = []
-    with tqdm(total=tr.max_train_steps, desc="train", unit="step") as bar:
+    seconds: list[float] = []
+    # non-finite steps: current run length, longest run, total (device tensors: read at log cadence)
+    streak = worst = torch.zeros((), device=device)
+    skipped = torch.full((), float(meta.get("nonfinite_total", 0)), device=device)
+    sched_cfg = inputs.models.scheduler.config
+
+    def checkpoint() -> Path:
+        all_losses = history + (torch.stack(losses).tolist() if losses else [])
+        body = {"data_position": list(position), "losses": all_losses, "nonfinite_total": int(skipped.item())}
+        write = partial(
+            save_lora,
+            transformer=transformer,
+            lora=state.lora,
+            dtype=torch_dtype(tr.save_dtype),
+            pipeline_cls=_pipeline_cls(),
+        )
+        return save_checkpoint(out, state, body, to_dict(cfg), write_lora=write, total_limit=tr.checkpoints_total_limit)
+
+    with (
+        stop_signals() as stopped,
+        tqdm(initial=state.step, total=tr.max_train_steps, desc="train", unit="step") as bar,
+    ):
         while state.step < tr.max_train_steps:
             started = time.perf_counter()
-            micro = [
-                assemble_batch(cfg, sched_cfg, to_cond(next(stream)), empty, (cfg.seed, state.step, m), device)
-                for m in range(tr.gradient_accumulation_steps)
-            ]
-            lr = learning_rate(
-                state.step,
-                base_lr=opt.lr,
-                kind=sch.scheduler_type,
-                warmup_steps=sch.warmup_steps,
-                total_steps=tr.max_train_steps,
-                num_cycles=sch.num_cycles,
-            )
-            state, metrics = train_step(
-                state, micro, loss_fn=loss_fn, lr=torch.tensor(lr, dtype=torch.float64), hp=hp, module=transformer
-            )
+            micro = []
+            for m in range(tr.gradient_accumulation_steps):
+                position, raw = next(stream)
+                cond = inputs.to_conditioning(raw)
+                micro.append(assemble_batch(cfg, sched_cfg, cond, inputs.empty, (cfg.seed, state.step, m), device))
+            lr = learning_rate(state.step, base_lr=opt.lr, kind=sch.scheduler_type, warmup_steps=sch.warmup_steps,
+                               total_steps=tr.max_train_steps, num_cycles=sch.num_cycles)  # fmt: skip
+            lr_t = torch.tensor(lr, dtype=torch.float64)
+            state, metrics = train_step(state, micro, loss_fn=loss_fn, lr=lr_t, hp=hp, module=transformer)
             losses.append(metrics["loss"])
-            step_seconds.append(time.perf_counter() - started)
+            streak = (streak + 1) * (1 - metrics["finite"])
+            worst, skipped = torch.maximum(worst, streak), skipped + (1 - metrics["finite"])
+            seconds.append(time.perf_counter() - started)
             bar.update(1)
-            if state.step % LOG_EVERY == 0 or state.step == tr.max_train_steps:
-                recent = torch.stack(losses[-LOG_EVERY:]).mean().item()
-                bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}")
-    loss_values = torch.stack(losses).tolist()
-    out.mkdir(parents=True, exist_ok=True)
-    lora_path = save_lora(out, transformer, state.lora, dtype=torch_dtype(tr.save_dtype), pipeline_cls=_pipeline_cls())
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    save_loss_curve(loss_values, out / "loss.png")
-    if cfg.logging.write_sample:
-        _write_sample(cfg, _with_encoders(cfg, path, models), samples[0], state.lora, out / "sample.png")
-    print(f"saved LoRA to {lora_path}; loss {loss_values[0]:.4f} → {loss_values[-1]:.4f}")
-    return RunResult(cfg, state, lora0, loss_values, step_seconds, models, lora_path)
+            ckpt_due = tr.checkpointing_steps and state.step % tr.checkpointing_steps == 0
+            if state.step % LOG_EVERY == 0 or state.step == tr.max_train_steps or ckpt_due or stopped:
+                _check_finite(worst, tr.max_nonfinite_steps, state.step, out)
+                recent = torch.stack(losses[-LOG_EVERY:]).nanmean().item()
+                bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}", skipped=int(skipped.item()))
+            if ckpt_due or stopped:
+                saved = checkpoint()
+                if stopped:
+                    bar.write(
+                        f"interrupted by {stopped[0]} at step {state.step}; saved {saved}. Resume with the same "
+                        "command plus --resume_from_checkpoint=latest"
+                    )
+                    break
+    loss_values = history + (torch.stack(losses).tolist() if losses else [])
+    lora_path = out / LORA_WEIGHT_NAME
+    if not stopped:
+        lora_path = save_lora(
+            out, transformer, state.lora, dtype=torch_dtype(tr.save_dtype), pipeline_cls=_pipeline_cls()
+        )
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+        save_loss_curve(loss_values, out / "loss.png")
+        if cfg.logging.write_sample:
+            _write_sample(cfg, _with_encoders(cfg, path, inputs.models), samples[0], state.lora, out / "sample.png")
+        if loss_values:
+            print(f"saved LoRA to {lora_path}; loss {loss_values[0]:.4f} → {loss_values[-1]:.4f}")
+    return RunResult(cfg, state, lora0, loss_values, seconds, inputs.models, lora_path, interrupted=bool(stopped))
 
 
 def _with_encoders(cfg: FluxKontextConfig, path: Path, models: FluxKontextModels) -> FluxKontextModels:

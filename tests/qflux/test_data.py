@@ -107,7 +107,7 @@ def test_batches_group_sizes_and_depend_only_on_seed_epoch(tmp_path: Path) -> No
     for b in a:
         assert len({(samples[i].control_size, samples[i].target_size) for i in b}) == 1
     stream = batch_stream(PairDataset(samples), samples, 2, seed=3, shuffle=True, num_workers=0)
-    first = next(stream)
+    _, first = next(stream)
     assert first["index"] == epoch_batches(samples, 2, seed=3, epoch=0, shuffle=True)[0]
     assert first["target"].shape[0] == len(first["index"])
     item = PairDataset(samples)[0]

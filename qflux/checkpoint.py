@@ -1,0 +1,161 @@
+"""Training checkpoints: atomic folders of safetensors and JSON that resume a run exactly.
+
+``<output_dir>/checkpoint-<step>/`` holds
+
+| file | content |
+| --- | --- |
+| ``pytorch_lora_weights.safetensors`` | the LoRA in diffusers format, loadable on its own |
+| ``train_state.safetensors`` | the float32 LoRA tensors, AdamW moments and update count, exactly |
+| ``state.json`` | step, seed, data-loader position, non-finite counters, loss history |
+| ``config.yaml`` | the resolved config of the run |
+
+A checkpoint is written into a hidden temporary folder that is renamed into place, so a kill
+mid-save leaves the previous checkpoints intact and never a half one. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from qflux.errors import QfluxError
+from qflux.optim import AdamWState
+from qflux.train_state import TrainState
+
+PREFIX = "checkpoint-"
+STATE_FILE = "train_state.safetensors"
+META_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``out_dir`` as (step, path), oldest first."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / META_FILE).is_file() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``out_dir``, or None."""
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    out = {"count": state.opt.count.detach().cpu()}
+    for k in state.lora:
+        out[f"lora/{k}"] = state.lora[k]
+        out[f"exp_avg/{k}"] = state.opt.exp_avg[k]
+        out[f"exp_avg_sq/{k}"] = state.opt.exp_avg_sq[k]
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    state: TrainState,
+    meta: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    write_lora: Callable[[Path], object],
+    total_limit: int | None,
+) -> Path:
+    """Write ``checkpoint-<state.step>`` atomically, then keep only the newest ``total_limit``.
+
+    Args:
+        meta: JSON-serialisable run position (data position, counters, losses).
+        config: the resolved config as a plain dict.
+        write_lora: writes the diffusers-format LoRA into the folder it is given.
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{state.step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{state.step}.tmp-", dir=root))
+    try:
+        write_lora(tmp)
+        save_file(_state_tensors(state), tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+        body = {"step": state.step, "seed": state.seed, **meta}
+        (tmp / META_FILE).write_text(json.dumps(body, indent=1), encoding="utf-8")
+        if final.exists():  # the same step saved again (a resumed run): swap, never a gap
+            old = root / f".{PREFIX}{state.step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if total_limit is not None:
+        for _, path in list_checkpoints(root)[:-total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+@attrs.frozen(eq=False)
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    path: Path
+    state: TrainState
+    meta: dict[str, Any]
+    config: dict[str, Any]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint folder written by :func:`save_checkpoint`.
+
+    Raises:
+        QfluxError: the folder is not a complete, readable checkpoint.
+    """
+    p = Path(path)
+    try:
+        meta = json.loads((p / META_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(p / STATE_FILE)
+        config = yaml.safe_load((p / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise QfluxError(f"'{p}' is not a readable qflux checkpoint: {e}") from None
+    names = [k[len("lora/") :] for k in tensors if k.startswith("lora/")]
+    state = TrainState(
+        step=int(meta["step"]),
+        lora={k: tensors[f"lora/{k}"] for k in names},
+        opt=AdamWState(
+            count=tensors["count"],
+            exp_avg={k: tensors[f"exp_avg/{k}"] for k in names},
+            exp_avg_sq={k: tensors[f"exp_avg_sq/{k}"] for k in names},
+        ),
+        seed=int(meta["seed"]),
+    )
+    return Checkpoint(path=p, state=state, meta=meta, config=config)
+
+
+def incompatibilities(saved: Mapping[str, Any], current: Mapping[str, Any], keys: list[str]) -> list[str]:
+    """Dotted ``keys`` whose values differ between two config dicts, as 'key (checkpoint X, now Y)'."""
+
+    def get(d: Mapping[str, Any], dotted: str) -> Any:
+        node: Any = d
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return sorted(node) if isinstance(node, list) and dotted.endswith("target_modules") else node
+
+    return [
+        f"{k} (checkpoint {get(saved, k)!r}, now {get(current, k)!r})" for k in keys if get(saved, k) != get(current, k)
+    ]
