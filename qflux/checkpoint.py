@@ -53,6 +53,17 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_partial(out_dir: str | Path) -> list[Path]:
+    """Delete temporary folders left by checkpoint writes that were killed; returns what was removed."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        return []
+    partial = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(f".{PREFIX}")]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``out_dir``, or None."""
     found = list_checkpoints(out_dir)

@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from qflux.builtin import resolve_dataset_path, resolve_model_path
-from qflux.checkpoint import incompatibilities, latest_checkpoint, load_checkpoint, save_checkpoint
+from qflux.checkpoint import incompatibilities, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config, to_dict
 from qflux.console import quiet_known_warnings
@@ -184,6 +184,8 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     out, tr, opt, sch = Path(cfg.logging.output_dir), cfg.train, cfg.optimizer, cfg.lr_scheduler
     samples, path = _samples(cfg), _model_dir(cfg)
     device = resolve_device(tr.device, key="train.device")
+    for partial_dir in remove_partial(out):
+        print(f"removed '{partial_dir}', left by a checkpoint write that was interrupted")
     inputs = _inputs(cfg, samples, path, device)
     transformer = inputs.models.transformer
     if tr.gradient_checkpointing:

@@ -207,3 +207,17 @@ def test_autograd_engine_needs_the_module(lora_transformer) -> None:
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
     with pytest.raises(ValueError, match="needs the module"):
         value_and_grad(loss_fn, lora, _batch(0), engine="autograd")
+
+
+def test_non_finite_step_skips_the_update(lora_transformer) -> None:
+    tr, lora = lora_transformer
+    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    state = init_train_state(_perturbed(lora, 11), seed=0)
+    good, _ = train_step(state, [_batch(12)], loss_fn=loss_fn, lr=torch.tensor(1e-3), hp=_hp())
+    bad_batch = attrs.evolve(_batch(13), noise=torch.full_like(_batch(13).noise, float("nan")))
+    after, metrics = train_step(good, [bad_batch], loss_fn=loss_fn, lr=torch.tensor(1e-3), hp=_hp())
+    assert metrics["finite"].item() == 0.0 and after.step == good.step + 1
+    assert torch.equal(after.opt.count, good.opt.count)
+    for k in good.lora:
+        assert torch.equal(after.lora[k], good.lora[k])
+        assert torch.equal(after.opt.exp_avg[k], good.opt.exp_avg[k])
