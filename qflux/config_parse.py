@@ -194,5 +194,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Mapping[str, A
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config tree (tuples become lists), ready for YAML or JSON."""
-    result: dict[str, Any] = attrs.asdict(cfg)
+    result: dict[str, Any] = attrs.asdict(
+        cfg, value_serializer=lambda _i, _f, v: list(v) if isinstance(v, tuple) else v
+    )
     return result

@@ -99,6 +99,12 @@ def test_shipped_configs_load_and_round_trip(tmp_path: Path) -> None:
         assert load_config(FluxKontextConfig, out, {}) == cfg
 
 
+def test_to_dict_is_plain_lists_and_dicts() -> None:
+    d = to_dict(FluxKontextConfig())
+    assert d["model"]["lora"]["target_modules"] == ["to_k", "to_q", "to_v", "to_out.0"]
+    assert d["optimizer"]["betas"] == [0.9, 0.999]
+
+
 def test_plan_contract_keys_exist() -> None:
     keys = set(schema_keys(FluxKontextConfig))
     contract = {
