@@ -1,0 +1,187 @@
+"""No dead config keys: every key of the schema changes what a run does or produces.
+
+For each key the table gives another value (and, where the key only matters in some setting, the
+setting). The recipe runs in-process with the base value and with the other value, and a
+fingerprint of the run (losses, final LoRA, files written, saved dtypes, placements, errors)
+must differ. A new key without an entry here fails the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qflux.config import FluxKontextConfig
+from qflux.config_parse import load_config, schema_keys
+from qflux.data import PairDataset
+from qflux.errors import QfluxError
+from qflux.synthetic import make_synthetic_pairs
+from qflux.tiny import build_flux_kontext
+from recipes.flux_kontext_lora import predict, run
+
+CACHED = {"cache.use_cache": True}
+NAN = {"optimizer.lr": 1e30, "train.max_nonfinite_steps": 100}
+
+# key: (other value, settings applied to both runs). "{root}", "{other_model}", "{other_data}" and
+# "{bad_data}" are filled in per run.
+ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "seed": (1, {}),
+    "resume_from_checkpoint": ("latest", {"train.checkpointing_steps": 1, "_prerun": 1}),
+    "model.pretrained_model_name_or_path": ("{other_model}", {}),
+    "model.dtype": ("bfloat16", {}),
+    "model.max_sequence_length": (4, {}),
+    "model.lora.r": (4, {}),
+    "model.lora.lora_alpha": (4, {}),
+    "model.lora.init_lora_weights": (True, {}),
+    "model.lora.target_modules": (["to_q"], {}),
+    "data.dataset_path": ("{other_data}", {}),
+    "data.batch_size": (1, {}),
+    "data.caption_dropout_rate": (1.0, {}),
+    "data.prompt_image_dropout_rate": (1.0, {}),
+    "data.max_pixels": (1024, {}),
+    "data.shuffle": (False, {"data.batch_size": 1}),
+    "data.num_workers": (1, {}),
+    "data.skip_invalid": (True, {"data.dataset_path": "{bad_data}"}),
+    "optimizer.lr": (1e-2, {}),
+    "optimizer.betas": ([0.5, 0.9], {}),
+    "optimizer.weight_decay": (0.5, {}),
+    "optimizer.eps": (0.1, {}),
+    "lr_scheduler.scheduler_type": ("linear", {}),
+    "lr_scheduler.warmup_steps": (1, {}),
+    "lr_scheduler.num_cycles": (1.0, {"lr_scheduler.scheduler_type": "cosine"}),
+    "train.max_train_steps": (3, {}),
+    "train.gradient_accumulation_steps": (2, {}),
+    "train.max_grad_norm": (1e-6, {}),
+    "train.gradient_checkpointing": (True, {}),
+    "train.guidance_scale": (5.0, {}),
+    "train.weighting_scheme": ("sigma_sqrt", {}),
+    "train.logit_mean": (1.0, {"train.weighting_scheme": "logit_normal"}),
+    "train.logit_std": (0.3, {"train.weighting_scheme": "logit_normal"}),
+    "train.mode_scale": (0.5, {"train.weighting_scheme": "mode"}),
+    "train.resolution_shift": (True, {}),
+    "train.save_dtype": ("bfloat16", {}),
+    "train.checkpointing_steps": (1, {}),
+    "train.checkpoints_total_limit": (1, {"train.checkpointing_steps": 1}),
+    "train.max_nonfinite_steps": (1, NAN),
+    "train.device": ("cuda", {}),
+    "train.vae_encoder_device": ("cuda", {}),
+    "train.text_encoder_device": ("cuda", {}),
+    "train.text_encoder_2_device": ("cuda", {}),
+    "logging.output_dir": ("{root}/elsewhere", {}),
+    "logging.write_sample": (True, {}),
+    "cache.use_cache": (True, {}),
+    "cache.cache_dir": ("{root}/cache2", CACHED),
+    "cache.vae_encoder_device": ("cuda", CACHED),
+    "cache.text_encoder_device": ("cuda", CACHED),
+    "cache.text_encoder_2_device": ("cuda", CACHED),
+    "predict.devices.vae": ("cuda", {**CACHED, "logging.write_sample": True}),
+    "predict.devices.text_encoder": ("cuda", {**CACHED, "logging.write_sample": True}),
+    "predict.devices.text_encoder_2": ("cuda", {**CACHED, "logging.write_sample": True}),
+    "predict.devices.transformer": ("cuda", {"_command": "predict"}),
+}
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory: pytest.TempPathFactory, tiny_flux_dir: Path) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("keys")
+    bad = make_synthetic_pairs(root / "bad", 4, seed=1)
+    (bad / "training_images" / "sample_002.txt").write_text("")
+    return {
+        "model": str(tiny_flux_dir),
+        "other_model": str(build_flux_kontext(root / "other-model", seed=1)),
+        "data": str(make_synthetic_pairs(root / "data", 4, seed=0)),
+        "other_data": str(make_synthetic_pairs(root / "other-data", 4, seed=9)),
+        "bad_data": str(bad),
+    }
+
+
+def _fill(value: Any, fills: dict[str, str]) -> Any:
+    return value.format(**fills) if isinstance(value, str) and "{" in value else value
+
+
+def _fingerprint(root: Path, settings: dict[str, Any], places: dict[str, str], monkeypatch) -> dict[str, Any]:
+    fills = {**places, "root": str(root)}
+    settings = dict(settings)
+    command = settings.pop("_command", "train")
+    prerun = settings.pop("_prerun", 0)
+    overrides = {
+        "model.pretrained_model_name_or_path": places["model"],
+        "model.dtype": "float32",
+        "model.max_sequence_length": 8,
+        "data.dataset_path": places["data"],
+        "train.max_train_steps": 2,
+        "train.checkpointing_steps": 0,
+        "logging.output_dir": "{root}/out",
+        "logging.write_sample": False,
+        "cache.cache_dir": "{root}/cache",
+        **settings,
+    }
+    overrides = {k: _fill(v, fills) for k, v in overrides.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    pids = root / "pids.txt"
+    original = PairDataset.__getitem__
+
+    def spy(self: PairDataset, i: int) -> dict[str, Any]:
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return original(self, i)
+
+    monkeypatch.setattr(PairDataset, "__getitem__", spy)
+    out: dict[str, Any] = {}
+    try:
+        if prerun:
+            run(load_config(FluxKontextConfig, None, {**overrides, "train.max_train_steps": prerun}))
+        if command == "predict":
+            image = next((Path(places["data"]) / "control_images").iterdir())
+            predict(str(image), "x", out=str(root / "p.png"), num_inference_steps=1, **overrides)
+        else:
+            result = run(load_config(FluxKontextConfig, None, overrides))
+            out["losses"] = result.losses
+            out["steps_run"] = len(result.step_seconds)
+            out["lora"] = hashlib.sha256(
+                b"".join(t.cpu().numpy().tobytes() for t in result.state.lora.values())
+            ).hexdigest()
+            out["devices"] = {
+                n: str(getattr(result.models, n).device)
+                for n in ("transformer", "vae", "text_encoder", "text_encoder_2")
+                if getattr(result.models, n) is not None
+            }
+            out["checkpointing"] = result.models.transformer.gradient_checkpointing
+    except QfluxError as e:
+        out["error"] = str(e).replace(str(root), "{root}")
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "pids.txt")
+    out["files"] = files
+    lora_file = next((root / f for f in files if f.endswith("pytorch_lora_weights.safetensors")), None)
+    if lora_file is not None:
+        out["saved_dtypes"] = sorted({str(t.dtype) for t in load_file(lora_file).values()})
+    out["other_process_loaded"] = pids.is_file() and any(int(x) != os.getpid() for x in pids.read_text().split())
+    monkeypatch.setattr(PairDataset, "__getitem__", original)
+    return out
+
+
+def test_every_key_has_an_alternative() -> None:
+    keys = set(schema_keys(FluxKontextConfig))
+    assert keys == set(ALTERNATIVES), (sorted(keys - set(ALTERNATIVES)), sorted(set(ALTERNATIVES) - keys))
+
+
+@pytest.mark.parametrize("key", sorted(ALTERNATIVES))
+def test_key_changes_behaviour_or_output(key: str, tmp_path: Path, places: dict[str, str], monkeypatch) -> None:
+    other, settings = ALTERNATIVES[key]
+    base = _fingerprint(tmp_path / "base", settings, places, monkeypatch)
+    changed = _fingerprint(tmp_path / "changed", {**settings, key: other}, places, monkeypatch)
+    assert base != changed, f"{key}: setting it to {other!r} changed nothing observable"
+    assert "error" not in base or key in ("data.skip_invalid",), base.get("error")
+
+
+def test_fingerprint_is_deterministic(tmp_path: Path, places: dict[str, str], monkeypatch) -> None:
+    a = _fingerprint(tmp_path / "a", {}, places, monkeypatch)
+    b = _fingerprint(tmp_path / "b", {}, places, monkeypatch)
+    assert a == b and "error" not in a
+    assert np.isfinite(a["losses"]).all() and torch.tensor(a["losses"]).numel() == 2
