@@ -209,3 +209,46 @@ def test_bad_data_stops_before_touching_outputs(
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err
     assert _digest_tree(out) == before
+
+
+def test_no_pickle_loads_and_no_remote_code() -> None:
+    proc = subprocess.run(
+        ["grep", "-rnE", r"torch\.load\(|trust_remote_code|import pickle|pickle\.", "qflux", "recipes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout == ""
+
+
+def test_writes_stay_inside_output_and_cache_dirs(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    from PIL import Image
+
+    d = make_synthetic_pairs(tmp_path / "data", 2, seed=0)
+    # hostile-looking names: leading dots, glob characters, spaces
+    for name in ("..evil", "[x]* y"):
+        Image.open(d / "control_images" / "sample_000.png").save(d / "control_images" / f"{name}.png")
+        Image.open(d / "training_images" / "sample_000.png").save(d / "training_images" / f"{name}.png")
+        (d / "training_images" / f"{name}.txt").write_text("invert\n")
+    from qflux.data import scan_pairs
+
+    assert {s.name for s in scan_pairs(d, None)} == {"..evil", "[x]* y", "sample_000", "sample_001"}
+    before = {p for p in tmp_path.rglob("*")}
+    out, cache = tmp_path / "box" / "out", tmp_path / "box" / "cache"
+    result = run(
+        _cfg(
+            tiny_flux_dir,
+            d,
+            out,
+            2,
+            **{
+                "cache.use_cache": True,
+                "cache.cache_dir": cache,
+                "train.checkpointing_steps": 1,
+                "logging.write_sample": True,
+            },
+        )
+    )
+    assert result.state.step == 2
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    assert written and all(p.is_relative_to(out) or p.is_relative_to(cache) for p in written)
