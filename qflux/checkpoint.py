@@ -71,7 +71,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
-    out = {"count": state.opt.count.detach().cpu()}
+    out = {"count": state.opt.updates.detach().cpu()}
     for k in state.lora:
         out[f"lora/{k}"] = state.lora[k]
         out[f"exp_avg/{k}"] = state.opt.exp_avg[k]
@@ -149,7 +149,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         step=int(meta["step"]),
         lora={k: tensors[f"lora/{k}"] for k in names},
         opt=AdamWState(
-            count=tensors["count"],
+            updates=tensors["count"],
             exp_avg={k: tensors[f"exp_avg/{k}"] for k in names},
             exp_avg_sq={k: tensors[f"exp_avg_sq/{k}"] for k in names},
         ),

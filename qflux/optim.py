@@ -8,18 +8,21 @@ does not recompile; the bias corrections are computed in float64 like torch's Py
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
-import attrs
 import torch
 
 Params = dict[str, torch.Tensor]
 
 
-@attrs.frozen(eq=False)
-class AdamWState:
-    """AdamW moments for each LoRA tensor, and how many updates were applied."""
+class AdamWState(NamedTuple):
+    """AdamW moments for each LoRA tensor, and how many updates were applied.
 
-    count: torch.Tensor
+    A NamedTuple (as optax's states are) rather than an attrs record: ``torch.compile`` traces
+    its construction inside the compiled step, which it cannot do for frozen attrs classes.
+    """
+
+    updates: torch.Tensor
     """0-d float64: updates applied so far (t in the bias corrections)."""
     exp_avg: Params
     """m: first-moment estimate, one tensor per parameter name."""
@@ -30,7 +33,7 @@ class AdamWState:
 def adamw_init(params: Mapping[str, torch.Tensor]) -> AdamWState:
     """Zero moments shaped like ``params``."""
     return AdamWState(
-        count=torch.zeros((), dtype=torch.float64),
+        updates=torch.zeros((), dtype=torch.float64),
         exp_avg={k: torch.zeros_like(p) for k, p in params.items()},
         exp_avg_sq={k: torch.zeros_like(p) for k, p in params.items()},
     )
@@ -58,7 +61,7 @@ def adamw_update(
         lr: 0-d tensor (any float dtype).
     """
     b1, b2 = betas
-    count = state.count + 1
+    count = state.updates + 1
     lr64 = lr.to(torch.float64)
     bias1 = 1 - b1**count
     bias2_sqrt = (1 - b2**count).sqrt()
@@ -74,7 +77,7 @@ def adamw_update(
         denom = v.sqrt() / bias2_sqrt.to(p.dtype) + eps
         new_params[k] = p * decay.to(p.dtype) - step_size * (m / denom)
         new_m[k], new_v[k] = m, v
-    return new_params, AdamWState(count=count, exp_avg=new_m, exp_avg_sq=new_v)
+    return new_params, AdamWState(updates=count, exp_avg=new_m, exp_avg_sq=new_v)
 
 
 def global_norm(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:

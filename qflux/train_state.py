@@ -9,6 +9,7 @@ recipe reads (``.item()``) only when it logs.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import attrs
@@ -76,6 +77,87 @@ def value_and_grad(
     return loss.detach(), dict(zip(leaves, grads, strict=True))
 
 
+def _update(
+    lora: Params,
+    opt: AdamWState,
+    microbatches: list[Any],
+    lr: torch.Tensor,
+    *,
+    loss_fn: LossFn,
+    hp: StepHParams,
+    module: Any,
+) -> tuple[Params, torch.Tensor, Params, Params, dict[str, torch.Tensor]]:
+    """The pure core of a step (compilable: no Python state, no host syncs, tensors in and out).
+
+    Returns:
+        (lora, adam count, exp_avg, exp_avg_sq, metrics).
+    """
+    k = len(microbatches)
+    total_loss: torch.Tensor | None = None
+    grads: Params = {}
+    for batch in microbatches:
+        loss, g = value_and_grad(loss_fn, lora, batch, engine=hp.engine, module=module)
+        total_loss = loss.float() if total_loss is None else total_loss + loss.float()
+        grads = g if not grads else {n: grads[n] + g[n] for n in grads}
+    assert total_loss is not None, "train_step needs at least one micro-batch"
+    if k > 1:
+        grads = {n: t / k for n, t in grads.items()}
+    grads, norm = clip_by_global_norm(grads, hp.max_grad_norm)
+    new_lora, new_opt = adamw_update(grads, opt, lora, lr=lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+    mean_loss = total_loss / k
+    ok = torch.isfinite(mean_loss) & torch.isfinite(norm)
+    # a non-finite loss or gradient skips the update (selected on device: no host sync)
+    metrics = {"loss": mean_loss, "grad_norm": norm, "lr": lr.detach().float(), "finite": ok.float()}
+    return (
+        {n: torch.where(ok, t, lora[n]) for n, t in new_lora.items()},
+        torch.where(ok.to(new_opt.updates.device), new_opt.updates, opt.updates),
+        {n: torch.where(ok, t, opt.exp_avg[n]) for n, t in new_opt.exp_avg.items()},
+        {n: torch.where(ok, t, opt.exp_avg_sq[n]) for n, t in new_opt.exp_avg_sq.items()},
+        metrics,
+    )
+
+
+StepFn = Callable[[TrainState, Sequence[Any], torch.Tensor], tuple[TrainState, dict[str, torch.Tensor]]]
+
+
+def make_train_step(loss_fn: LossFn, hp: StepHParams, *, module: Any = None, compile: bool = False) -> StepFn:
+    """Build ``step(state, microbatches, lr) -> (state, metrics)``, optionally compiled.
+
+    One optimizer step over K accumulated micro-batches:
+
+        g = (1/K) Σ_k ∇ loss_fn(lora, batch_k)
+        g ← clip(g, max_grad_norm);   lora, opt ← AdamW(g, opt, lora, lr)
+
+    A non-finite loss or gradient norm leaves the LoRA and optimizer state as they were (the step
+    still counts, with ``finite`` = 0). The state is never mutated.
+
+    Args:
+        loss_fn: pure ``(lora, batch) -> 0-d loss``.
+        module: the module ``loss_fn`` calls (needed by the autograd engine).
+        compile: compile the whole update (gradients, clipping, AdamW) with
+            ``torch.compile(fullgraph=True)``; the lr is a tensor input, so changing it does not
+            recompile. Needs the 'func' engine.
+
+    Returns:
+        ``step``; its metrics are 0-d tensors: ``loss`` (mean over micro-batches), ``grad_norm``
+        (before clipping), ``lr`` and ``finite`` (1.0 when loss and gradient are finite).
+    """
+    update: Callable[..., Any] = partial(_update, loss_fn=loss_fn, hp=hp, module=module)
+    if compile:
+        if hp.engine != "func":
+            raise ValueError("compile needs engine='func'; the autograd engine (gradient checkpointing) runs eager")
+        update = torch.compile(update, fullgraph=True, dynamic=False)
+
+    def step(
+        state: TrainState, microbatches: Sequence[Any], lr: torch.Tensor
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        lora, count, m, v, metrics = update(state.lora, state.opt, list(microbatches), lr)
+        opt = AdamWState(updates=count, exp_avg=m, exp_avg_sq=v)
+        return attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt), metrics
+
+    return step
+
+
 def train_step(
     state: TrainState,
     microbatches: Sequence[Any],
@@ -85,49 +167,8 @@ def train_step(
     hp: StepHParams,
     module: Any = None,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """One optimizer step over ``len(microbatches)`` accumulated micro-batches.
-
-        g = (1/K) Σ_k ∇ loss_fn(lora, batch_k)
-        g ← clip(g, max_grad_norm);   lora, opt ← AdamW(g, opt, lora, lr)
-
-    Args:
-        state: the current state (not modified).
-        microbatches: K ≥ 1 batches, each accepted by ``loss_fn``.
-        loss_fn: pure ``(lora, batch) -> 0-d loss``.
-        lr: 0-d tensor learning rate for this step.
-
-    A non-finite loss or gradient norm leaves the LoRA and optimizer state as they were (the step
-    still counts, with ``finite`` = 0).
-
-    Returns:
-        (new state with ``step + 1``, metrics: ``loss`` (mean over micro-batches), ``grad_norm``
-        (before clipping), ``lr`` and ``finite`` (1.0 when loss and gradient are finite)), all 0-d.
-    """
-    k = len(microbatches)
-    total_loss = torch.zeros((), dtype=torch.float32)
-    grads: Params = {}
-    for batch in microbatches:
-        loss, g = value_and_grad(loss_fn, state.lora, batch, engine=hp.engine, module=module)
-        total_loss = total_loss + loss.float()
-        grads = g if not grads else {n: grads[n] + g[n] for n in grads}
-    if k > 1:
-        grads = {n: t / k for n, t in grads.items()}
-    grads, norm = clip_by_global_norm(grads, hp.max_grad_norm)
-    lora, opt = adamw_update(
-        grads, state.opt, state.lora, lr=lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
-    )
-    mean_loss = total_loss / k
-    ok = torch.isfinite(mean_loss) & torch.isfinite(norm)
-    # a non-finite loss or gradient skips the update (selected on device: no host sync)
-    lora = {n: torch.where(ok, t, state.lora[n]) for n, t in lora.items()}
-    opt = AdamWState(
-        count=torch.where(ok.to(opt.count.device), opt.count, state.opt.count),
-        exp_avg={n: torch.where(ok, t, state.opt.exp_avg[n]) for n, t in opt.exp_avg.items()},
-        exp_avg_sq={n: torch.where(ok, t, state.opt.exp_avg_sq[n]) for n, t in opt.exp_avg_sq.items()},
-    )
-    new_state = attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt)
-    metrics = {"loss": mean_loss, "grad_norm": norm, "lr": lr.detach().float(), "finite": ok.float()}
-    return new_state, metrics
+    """One eager optimizer step; see :func:`make_train_step` (this builds and calls it once)."""
+    return make_train_step(loss_fn, hp, module=module)(state, microbatches, lr)
 
 
 @torch.no_grad()

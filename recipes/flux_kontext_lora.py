@@ -43,7 +43,7 @@ from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.schedules import learning_rate
 from qflux.signals import stop_signals
-from qflux.train_state import StepHParams, TrainState, init_train_state, train_step
+from qflux.train_state import StepHParams, TrainState, init_train_state, make_train_step
 
 LOG_EVERY = 10  # optimizer steps between progress-bar updates of the mean loss (the only host syncs)
 ENCODERS = ("vae", "text_encoder", "text_encoder_2")
@@ -156,8 +156,7 @@ def _resume(cfg: FluxKontextConfig, fresh: TrainState) -> tuple[TrainState, dict
     state = attrs.evolve(
         ckpt.state,
         lora={k: v.to(device) for k, v in ckpt.state.lora.items()},
-        opt=attrs.evolve(
-            ckpt.state.opt,
+        opt=ckpt.state.opt._replace(
             exp_avg={k: v.to(device) for k, v in ckpt.state.opt.exp_avg.items()},
             exp_avg_sq={k: v.to(device) for k, v in ckpt.state.opt.exp_avg_sq.items()},
         ),
@@ -195,6 +194,7 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     loss_fn = make_loss_fn(transformer, guidance_scale=tr.guidance_scale, weighting_scheme=tr.weighting_scheme)
     engine = "autograd" if tr.gradient_checkpointing else "func"
     hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, tr.max_grad_norm, engine)
+    step_fn = make_train_step(loss_fn, hp, module=transformer, compile=tr.compile)
     position = tuple(meta.get("data_position", (0, 0)))
     stream = batch_stream(
         inputs.dataset,
@@ -240,7 +240,7 @@ def run(cfg: FluxKontextConfig) -> RunResult:
             lr = learning_rate(state.step, base_lr=opt.lr, kind=sch.scheduler_type, warmup_steps=sch.warmup_steps,
                                total_steps=tr.max_train_steps, num_cycles=sch.num_cycles)  # fmt: skip
             lr_t = torch.tensor(lr, dtype=torch.float64)
-            state, metrics = train_step(state, micro, loss_fn=loss_fn, lr=lr_t, hp=hp, module=transformer)
+            state, metrics = step_fn(state, micro, lr_t)
             losses.append(metrics["loss"])
             streak = (streak + 1) * (1 - metrics["finite"])
             worst, skipped = torch.maximum(worst, streak), skipped + (1 - metrics["finite"])

@@ -51,7 +51,7 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     ck = load_checkpoint(path)
     assert ck.state.step == 4 and ck.state.seed == 7 and ck.meta["data_position"] == [1, 2]
     assert ck.config == {"seed": 7}
-    assert torch.equal(ck.state.opt.count, state.opt.count) and ck.state.opt.count.dtype == torch.float64
+    assert torch.equal(ck.state.opt.updates, state.opt.updates) and ck.state.opt.updates.dtype == torch.float64
     for k in state.lora:
         assert torch.equal(ck.state.lora[k], state.lora[k])
         assert torch.equal(ck.state.opt.exp_avg[k], state.opt.exp_avg[k])

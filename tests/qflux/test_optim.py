@@ -42,7 +42,7 @@ def test_trajectory_equals_torch_adamw(weight_decay: float) -> None:
         )
         for k in params:
             torch.testing.assert_close(params[k], ref[k].detach(), rtol=2e-6, atol=1e-7)
-    assert state.count.item() == len(lrs)
+    assert state.updates.item() == len(lrs)
 
 
 @given(seed=st.integers(0, 1000), steps=st.integers(1, 4))

@@ -60,6 +60,8 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.gradient_accumulation_steps": (2, {}),
     "train.max_grad_norm": (1e-6, {}),
     "train.gradient_checkpointing": (True, {}),
+    # the compiled run itself is tested in tests/qflux/test_compile.py; here: the key is read
+    "train.compile": (True, {"train.gradient_checkpointing": True}),
     "train.guidance_scale": (5.0, {}),
     "train.weighting_scheme": ("sigma_sqrt", {}),
     "train.logit_mean": (1.0, {"train.weighting_scheme": "logit_normal"}),
@@ -177,7 +179,7 @@ def test_key_changes_behaviour_or_output(key: str, tmp_path: Path, places: dict[
     base = _fingerprint(tmp_path / "base", settings, places, monkeypatch)
     changed = _fingerprint(tmp_path / "changed", {**settings, key: other}, places, monkeypatch)
     assert base != changed, f"{key}: setting it to {other!r} changed nothing observable"
-    assert "error" not in base or key in ("data.skip_invalid",), base.get("error")
+    assert "error" not in base or key in ("data.skip_invalid", "train.compile"), base.get("error")
 
 
 def test_fingerprint_is_deterministic(tmp_path: Path, places: dict[str, str], monkeypatch) -> None:

@@ -155,7 +155,7 @@ def test_train_step_does_not_mutate_and_is_bitwise_reproducible(
     assert state.step == 0 and new1.step == 1
     assert all(torch.equal(state.lora[k], snapshot[k]) for k in snapshot)
     assert all(torch.equal(state.opt.exp_avg[k], torch.zeros_like(v)) for k, v in snapshot.items())
-    assert state.opt.count.item() == 0
+    assert state.opt.updates.item() == 0
     for b, (lat, eps, sig) in zip(batches, batch_snap, strict=True):
         assert torch.equal(b.latents, lat) and torch.equal(b.noise, eps) and torch.equal(b.sigmas, sig)
     assert all(torch.equal(new1.lora[k], new2.lora[k]) for k in snapshot)
@@ -217,7 +217,7 @@ def test_non_finite_step_skips_the_update(lora_transformer) -> None:
     bad_batch = attrs.evolve(_batch(13), noise=torch.full_like(_batch(13).noise, float("nan")))
     after, metrics = train_step(good, [bad_batch], loss_fn=loss_fn, lr=torch.tensor(1e-3), hp=_hp())
     assert metrics["finite"].item() == 0.0 and after.step == good.step + 1
-    assert torch.equal(after.opt.count, good.opt.count)
+    assert torch.equal(after.opt.updates, good.opt.updates)
     for k in good.lora:
         assert torch.equal(after.lora[k], good.lora[k])
         assert torch.equal(after.opt.exp_avg[k], good.opt.exp_avg[k])
