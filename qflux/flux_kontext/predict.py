@@ -61,7 +61,7 @@ def predict(
     width = (width or cw) // MULTIPLE * MULTIPLE
     height = (height or ch) // MULTIPLE * MULTIPLE
     transformer, params = models.transformer, dict(lora or {})
-    dtype, device = models.text_encoder_2.dtype, transformer.device
+    dtype, device, tdtype = models.text_encoder_2.dtype, transformer.device, transformer.dtype
     pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
     if negative_prompt is not None and true_cfg_scale > 1:
@@ -84,9 +84,13 @@ def predict(
         guidance = torch.full([1], guidance_scale, dtype=torch.float32)
     for t in scheduler.timesteps:
         sigma = t.expand(1).to(device=device, dtype=dtype) / 1000
-        v = predict_velocity(transformer, params, latents, control, sigma, pos.pooled, pos.tokens, guidance)
+        v = predict_velocity(
+            transformer, params, latents, control, sigma, pos.pooled, pos.tokens, guidance, dtype=tdtype
+        )
         if neg is not None:
-            v_neg = predict_velocity(transformer, params, latents, control, sigma, neg.pooled, neg.tokens, guidance)
+            v_neg = predict_velocity(
+                transformer, params, latents, control, sigma, neg.pooled, neg.tokens, guidance, dtype=tdtype
+            )
             v = v_neg + true_cfg_scale * (v - v_neg)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
     decoded = vae_decode(models.vae, latents)

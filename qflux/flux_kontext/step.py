@@ -58,6 +58,8 @@ def predict_velocity(
     pooled: torch.Tensor,
     prompt_embeds: torch.Tensor,
     guidance: torch.Tensor | None,
+    *,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """One transformer evaluation on packed tokens; returns the velocity of the target tokens.
 
@@ -69,11 +71,13 @@ def predict_velocity(
         sigmas: [B]; the transformer's timestep input is σ (diffusers passes t/1000 = σ).
         pooled: [B, P]; prompt_embeds: [B, S, D].
         guidance: [B] guidance values, or None for a model without guidance embedding.
+        dtype: the transformer's compute dtype (``transformer.dtype``, which walks every module:
+            read it once, not every step).
 
     Returns:
         v̂ [B, C, h, w] in the transformer's output dtype.
     """
-    dtype, device = transformer.dtype, noisy.device
+    device = noisy.device
     h, w = noisy.shape[-2:]
     tokens = pack_latents(noisy.to(dtype))
     n = tokens.shape[1]
@@ -82,22 +86,20 @@ def predict_velocity(
         tokens = torch.cat([tokens, pack_latents(control.to(device=device, dtype=dtype))], dim=1)
     else:
         ids = latent_image_ids(h, w, index=0)
-    out = functional_call(
-        transformer,
-        dict(params),
-        (),
-        {
-            "hidden_states": tokens,
-            "timestep": sigmas.to(device=device, dtype=dtype),
-            "guidance": None if guidance is None else guidance.to(device),
-            "pooled_projections": pooled.to(device=device, dtype=dtype),
-            "encoder_hidden_states": prompt_embeds.to(device=device, dtype=dtype),
-            "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-            "img_ids": ids.to(device=device, dtype=dtype),
-            "return_dict": False,
-        },
-        strict=False,
-    )[0]
+    inputs = {
+        "hidden_states": tokens,
+        "timestep": sigmas.to(device=device, dtype=dtype),
+        "guidance": None if guidance is None else guidance.to(device),
+        "pooled_projections": pooled.to(device=device, dtype=dtype),
+        "encoder_hidden_states": prompt_embeds.to(device=device, dtype=dtype),
+        "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+        "img_ids": ids.to(device=device, dtype=dtype),
+        "return_dict": False,
+    }
+    if params:
+        out = functional_call(transformer, dict(params), (), inputs, strict=False)[0]
+    else:  # no substitution: call the module itself and skip functional_call's bookkeeping
+        out = transformer(**inputs)[0]
     return unpack_latents(out[:, :n], h, w)
 
 
@@ -108,6 +110,7 @@ def make_loss_fn(
 
     The returned function is pure: same (lora, batch) gives the same 0-d float32 loss.
     """
+    dtype = transformer.dtype
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: FluxKontextBatch) -> torch.Tensor:
         x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
@@ -123,6 +126,7 @@ def make_loss_fn(
             batch.pooled,
             batch.prompt_embeds,
             guidance,
+            dtype=dtype,
         )
         return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas))
 

@@ -129,8 +129,8 @@ def test_zero_b_lora_equals_base(lora_transformer, seed: int) -> None:
     }
     b = _batch(seed, b=1)
     args = (b.latents, b.control_latents, b.sigmas, b.pooled, b.prompt_embeds, torch.tensor([2.5]))
-    with_lora = predict_velocity(tr, zero_b, *args)
-    base = predict_velocity(tr, {}, *args)
+    with_lora = predict_velocity(tr, zero_b, *args, dtype=torch.float32)
+    base = predict_velocity(tr, {}, *args, dtype=torch.float32)
     assert torch.equal(with_lora, base)
 
 
