@@ -1,25 +1,40 @@
-"""Step time of qflux's train step, eager and compiled, against the diffusers reference loop.
+"""Step time and memory of qflux's train step, eager and compiled, against the diffusers reference loop.
 
-    python benchmarks/train_step.py [--config=small] [--steps=4] [--warmup=1] [--dtype=bfloat16]
+    python benchmarks/train_step.py [--config=small|full] [--steps=3] [--warmup=1]
+                                    [--dtypes=bfloat16,float32] [--compile=regional|full] [--fp8]
 
-On the same weights and batches, interleaved after warm-up, it times:
-  (a) qflux eager: ``make_train_step`` (torch.func gradients, pure AdamW);
-  (b) qflux compiled: the same step under ``torch.compile(fullgraph=True)``;
+On the same weights (shared tensors) and batches, interleaved after warm-up, it times:
+  (a) qflux eager: ``make_train_step`` on a transformer prepared as the recipe does it
+      (``prepare_frozen_base``), torch.func gradients, pure AdamW;
+  (b) qflux compiled: ``--compile=regional`` (the recipe's ``train.compile: regional``: compiled
+      repeated blocks, autograd gradients) or ``--compile=full`` (``train.compile: true``: the whole
+      update as one graph);
   (c) the reference: the step of diffusers' ``train_dreambooth_lora_flux_kontext.py`` with a peft
       adapter: eager forward, loss, ``backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW.step()``
       and ``zero_grad()``.
-Frozen weights are in ``--dtype`` and LoRA parameters in float32, as in the diffusers script. The
-peak RSS of each variant is sampled while it runs (the process baseline is shared). Ends with:
+Frozen weights are in each ``--dtypes`` entry and LoRA parameters in float32, as in the diffusers
+script; the first dtype is the headline (``speedup_vs_reference``), the others are reported with
+their dtype as a prefix. Memory per variant: on CPU the peak RSS during its steps above the RSS
+before them (freed heap memory is handed back with ``malloc_trim`` before each step); on GPU
+``torch.cuda.max_memory_allocated``. Ends with one line:
 
-    RESULT name=train_step_<config>_<dtype> eager_s=… compiled_s=… reference_s=… speedup_vs_reference=… ...
+    RESULT name=train_step_<config> eager_s=… compiled_s=… reference_s=… speedup_vs_reference=… ...
 
-``--config small``: the "small" tiny preset (width 256, 2 double + 4 single blocks), 256×256 target and
-control images (32×32 latents), 128 text tokens, rank 16, batch 1.
+``--config small`` (CPU): the "small" tiny preset (width 256, 2 double + 4 single blocks), 256×256
+target and control images (32×32 latents), 128 text tokens, rank 16, batch 1.
+``--config full`` (GPU): the FLUX.1-Kontext transformer's shape (19 double + 38 single blocks,
+width 3072) with random weights, 1024×1024 target and control (128×128 latents), 512 text tokens,
+rank 16, batch 1, gradient checkpointing on; adds MFU (model FLOPs counted by torch's
+``FlopCounterMode`` on one forward, times 2 for the input-gradient backward; the frozen base takes
+no weight gradient and recomputation is not counted) against the card's dense bf16 peak. ``--fp8``
+adds (d): the compiled step with ``train.fp8_matmul``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import statistics
 import sys
 import threading
@@ -30,6 +45,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so the RSS before a step is
+    the live memory only and the rise during it is that step's own working memory."""
+    with contextlib.suppress(OSError):  # not glibc: no trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakRSS:
@@ -45,6 +67,8 @@ class PeakRSS:
             return int(f.read().split()[1]) * 4096 / 2**20
 
     def __enter__(self) -> PeakRSS:
+        self.start = self.now()
+        self.peak = self.start
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -58,6 +82,212 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    @property
+    def rise(self) -> float:
+        return self.peak - self.start
+
+
+# FLUX.1-Kontext-dev's transformer config (the real shape; weights are random here)
+FULL = dict(
+    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+# dense bf16 tensor-core peaks (FLOP/s) by device-name fragment
+PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def _shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer tensor (frozen weights)."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
+
+
+def _batch(i: int, shape: dict[str, int], device: torch.device):
+    from qflux.flow import sigmas_from_u
+    from qflux.flux_kontext.step import FluxKontextBatch
+
+    g = torch.Generator().manual_seed(i)
+    lat, txt, dim, pooled = shape["latent"], shape["text"], shape["text_dim"], shape["pooled"]
+    c = shape["channels"]
+
+    def r(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g).to(device)
+
+    return FluxKontextBatch(
+        latents=r(1, c, lat, lat),
+        control_latents=r(1, c, lat, lat),
+        pooled=r(1, pooled),
+        prompt_embeds=r(1, txt, dim),
+        noise=r(1, c, lat, lat),
+        sigmas=sigmas_from_u(torch.rand(1, generator=g)).to(device),
+    )
+
+
+def _transformer(config: str, dtype: torch.dtype, device: torch.device, tmp: Path):
+    from diffusers import FluxTransformer2DModel
+
+    from qflux.flux_kontext.loaders import load_flux_kontext_transformer
+    from qflux.tiny import build_flux_kontext
+
+    if config == "small":
+        path = build_flux_kontext(tmp / "model", seed=0, size="small")
+        tr = load_flux_kontext_transformer(path, dtype).to(device)
+        return tr, {"latent": 32, "text": 128, "text_dim": 512, "pooled": 256, "channels": 16}
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            tr = FluxTransformer2DModel(**FULL)
+    finally:
+        torch.set_default_dtype(previous)
+    tr.requires_grad_(False).eval()
+    return tr, {"latent": 128, "text": 512, "text_dim": 4096, "pooled": 768, "channels": 16}
+
+
+def _forward_flops(tr, batch, dtype: torch.dtype) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qflux.flux_kontext.step import make_loss_fn
+
+    loss_fn = make_loss_fn(tr, guidance_scale=1.0, weighting_scheme="none")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss_fn({}, batch)
+    return float(counter.get_total_flops())
+
+
+def bench_dtype(
+    config: str, dtype_name: str, steps: int, warmup: int, compile: str, fp8: bool, device: torch.device
+) -> dict[str, float]:
+    """Time and measure every variant for one frozen-weight dtype; returns the figures."""
+    import tempfile
+
+    from qflux.config import LoraConfig
+    from qflux.flux_kontext.loaders import torch_dtype
+    from qflux.flux_kontext.step import make_loss_fn
+    from qflux.frozen_linear import prepare_frozen_base
+    from qflux.lora import inject_lora
+    from qflux.train_state import StepHParams, init_train_state, make_train_step
+
+    dtype = torch_dtype(dtype_name)
+    checkpointing = config == "full"
+    with tempfile.TemporaryDirectory(prefix="qflux-bench-step-") as tmp:
+        base, shape = _transformer(config, dtype, device, Path(tmp))
+    lora_cfg = LoraConfig(r=16, lora_alpha=16)
+    hp_args = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, max_grad_norm=1.0)
+    lr = torch.tensor(1e-4, dtype=torch.float64, device=device)
+    variants: dict[str, object] = {}
+
+    # (c) the reference: peft adapter trainable in its own module tree, torch.optim.AdamW
+    ref_tr = _shared_copy(base)
+    if checkpointing:
+        ref_tr.enable_gradient_checkpointing()
+    lora = inject_lora(ref_tr, lora_cfg, seed=0)
+    ref_params = []
+    for name, p in ref_tr.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            ref_params.append(p)
+    ref_opt = torch.optim.AdamW(ref_params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+
+    def qflux_step(mode: str, fp8_matmul: bool = False):
+        tr = _shared_copy(base)
+        if checkpointing:
+            tr.enable_gradient_checkpointing()
+        inject_lora(tr, lora_cfg, seed=0)
+        prepare_frozen_base(tr, fp8_matmul=fp8_matmul, device=device)
+        engine = "autograd" if checkpointing or mode == "regional" else "func"
+        loss_fn = make_loss_fn(tr, guidance_scale=1.0, weighting_scheme="none")
+        step = make_train_step(loss_fn, StepHParams(**hp_args, engine=engine), module=tr, compile=mode)
+        holder = {"state": init_train_state({k: v.to(device) for k, v in lora.items()}, seed=0)}
+
+        def run(b) -> None:
+            holder["state"], _ = step(holder["state"], [b], lr)
+
+        return run
+
+    variants["eager"] = qflux_step("none")
+    variants["compiled"] = qflux_step(compile)
+    if fp8:
+        variants["compiled_fp8"] = qflux_step(compile, fp8_matmul=True)
+    variants["reference"] = lambda b: _reference_step(ref_tr, ref_params, ref_opt, b, 1.0, 1.0)
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        for fn in variants.values():
+            fn(_batch(i, shape, device))
+    warm_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    mem: dict[str, float] = {k: 0.0 for k in variants}
+    for i in range(warmup, warmup + steps):
+        b = _batch(i, shape, device)
+        for name, fn in variants.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                fn(b)
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t)
+                mem[name] = max(mem[name], torch.cuda.max_memory_allocated() / 2**30)
+            else:
+                _trim()
+                with PeakRSS() as rss:
+                    t = time.perf_counter()
+                    fn(b)
+                    times[name].append(time.perf_counter() - t)
+                mem[name] = max(mem[name], rss.rise)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    unit = "GB" if device.type == "cuda" else "MB (rise)"
+    for k in variants:
+        print(f"{dtype_name:9s} {k:13s} median {med[k]:.4f} s/step  peak {mem[k]:.2f} {unit}", flush=True)
+    print(f"{dtype_name}: warm-up (compile included) {warm_s:.1f} s", flush=True)
+    out = {f"{k}_s": med[k] for k in variants}
+    out.update({f"{'gb' if device.type == 'cuda' else 'mb'}_{k}": mem[k] for k in variants})
+    out["speedup_vs_reference"] = med["reference"] / med["compiled"]
+    out["compiled_vs_eager"] = med["eager"] / med["compiled"]
+    out["mem_vs_reference"] = mem["compiled"] / max(mem["reference"], 1e-9)
+    out["warmup_s"] = warm_s
+    if config == "full":
+        flops = 2 * _forward_flops(base, _batch(0, shape, device), dtype)
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        for k in variants:
+            out[f"tflops_{k}"] = flops / med[k] / 1e12
+            if peak:
+                out[f"mfu_{k}"] = flops / med[k] / peak
+    return out
+
+
+def main(
+    config: str = "small",
+    steps: int = 3,
+    warmup: int = 1,
+    dtypes: str | tuple[str, ...] = "bfloat16,float32",
+    compile: str = "regional",
+    fp8: bool = False,
+) -> None:
+    """Run every dtype, print the per-variant figures and one RESULT line."""
+    if config not in ("small", "full"):
+        raise SystemExit("--config is small (CPU) or full (GPU)")
+    if config == "full" and not torch.cuda.is_available():
+        raise SystemExit("--config=full needs a CUDA GPU (the real transformer shape); use --config=small on CPU")
+    device = torch.device("cuda" if config == "full" else "cpu")
+    names = dtypes.split(",") if isinstance(dtypes, str) else list(dtypes)
+    started = time.perf_counter()
+    parts = [f"name=train_step_{config}", f"compile={compile}"]
+    for i, name in enumerate(names):
+        figures = bench_dtype(config, name, steps, warmup, compile, fp8, device)
+        prefix = "" if i == 0 else f"{name}_"
+        parts += [f"{prefix}{k}={v:.4f}" if k.endswith("_s") or "vs" in k else f"{prefix}{k}={v:.3f}"
+                  for k, v in figures.items()]  # fmt: skip
+        if i == 0:
+            parts.insert(2, f"dtype={name}")
+    parts.append(f"total_s={time.perf_counter() - started:.0f}")
+    print("RESULT " + " ".join(parts))
 
 
 def _reference_step(transformer, params, opt, batch, guidance_scale: float, max_grad_norm: float) -> float:
@@ -95,89 +325,6 @@ def _reference_step(transformer, params, opt, batch, guidance_scale: float, max_
     opt.step()
     opt.zero_grad()
     return float(loss.detach())
-
-
-def main(config: str = "small", steps: int = 4, dtype: str = "bfloat16", warmup: int = 1) -> None:
-    """Build the model and batches, warm up (compile), then time the three variants interleaved."""
-    import tempfile
-
-    from qflux.config import LoraConfig
-    from qflux.flow import sigmas_from_u
-    from qflux.flux_kontext.loaders import load_flux_kontext_transformer, torch_dtype
-    from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn
-    from qflux.lora import inject_lora
-    from qflux.tiny import build_flux_kontext
-    from qflux.train_state import StepHParams, init_train_state, make_train_step
-
-    if config != "small":
-        raise SystemExit("only --config=small runs on CPU; --config=full needs the GPU (not implemented yet)")
-    wdtype = torch_dtype(dtype)
-    with tempfile.TemporaryDirectory(prefix="qflux-bench-step-") as tmp:
-        path = build_flux_kontext(Path(tmp) / "model", seed=0, size="small")
-        tr = load_flux_kontext_transformer(path, wdtype)
-    ref_tr = copy.deepcopy(tr)
-    lora_cfg = LoraConfig(r=16, lora_alpha=16)
-    lora = inject_lora(tr, lora_cfg, seed=0)
-    # the reference: the same adapter, trainable in the module, LoRA params in float32
-    inject_lora(ref_tr, lora_cfg, seed=0)
-    ref_tr.load_state_dict(lora, strict=False)
-    ref_params = []
-    for name, p in ref_tr.named_parameters():
-        if ".lora_" in name:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-            ref_params.append(p)
-    ref_opt = torch.optim.AdamW(ref_params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
-
-    def batch(i: int) -> FluxKontextBatch:
-        g = torch.Generator().manual_seed(i)
-        return FluxKontextBatch(
-            latents=torch.randn(1, 16, 32, 32, generator=g),
-            control_latents=torch.randn(1, 16, 32, 32, generator=g),
-            pooled=torch.randn(1, 256, generator=g),
-            prompt_embeds=torch.randn(1, 128, 512, generator=g),
-            noise=torch.randn(1, 16, 32, 32, generator=g),
-            sigmas=sigmas_from_u(torch.rand(1, generator=g)),
-        )
-
-    loss_fn = make_loss_fn(tr, guidance_scale=1.0, weighting_scheme="none")
-    hp = StepHParams(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, max_grad_norm=1.0)
-    eager = make_train_step(loss_fn, hp)
-    compiled = make_train_step(loss_fn, hp, compile=True)
-    lr = torch.tensor(1e-4, dtype=torch.float64)
-    s_eager = s_comp = init_train_state(lora, seed=0)
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        s_comp, _ = compiled(s_comp, [batch(i)], lr)
-        s_eager, _ = eager(s_eager, [batch(i)], lr)
-        _reference_step(ref_tr, ref_params, ref_opt, batch(i), 1.0, 1.0)
-    warm_s = time.perf_counter() - t0
-    times: dict[str, list[float]] = {"eager": [], "compiled": [], "reference": []}
-    peaks: dict[str, float] = {}
-    rss = {k: PeakRSS() for k in times}
-    for i in range(warmup, warmup + steps):
-        b = batch(i)
-        for name in times:
-            with rss[name]:
-                t = time.perf_counter()
-                if name == "eager":
-                    s_eager, _ = eager(s_eager, [b], lr)
-                elif name == "compiled":
-                    s_comp, _ = compiled(s_comp, [b], lr)
-                else:
-                    _reference_step(ref_tr, ref_params, ref_opt, b, 1.0, 1.0)
-                times[name].append(time.perf_counter() - t)
-    peaks = {k: r.peak for k, r in rss.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for k in times:
-        print(f"{k:10s} median {med[k]:.4f} s/step  peak RSS {peaks[k]:.0f} MB")
-    print(f"warm-up (compile included): {warm_s:.1f} s")
-    print(
-        f"RESULT name=train_step_{config}_{dtype} eager_s={med['eager']:.4f} compiled_s={med['compiled']:.4f} "
-        f"reference_s={med['reference']:.4f} speedup_vs_reference={med['reference'] / med['compiled']:.3f} "
-        f"compiled_vs_eager={med['eager'] / med['compiled']:.3f} rss_mb_compiled={peaks['compiled']:.0f} "
-        f"rss_mb_reference={peaks['reference']:.0f} warmup_s={warm_s:.1f}"
-    )
 
 
 if __name__ == "__main__":

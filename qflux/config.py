@@ -148,10 +148,18 @@ class TrainConfig:
     """Clip the global L2 norm of the LoRA gradient to this value; null disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in backward to save memory (uses the autograd engine)."""
-    compile: bool = False
-    """Compile the whole update (gradients, clipping, AdamW) with torch.compile(fullgraph=True).
-    The first step of each image size pays the compile (about 80 s for the tiny model on 2 CPU
-    cores); later steps are faster. Not with gradient_checkpointing."""
+    compile: bool | Literal["auto", "regional"] = attrs.field(
+        default="auto", validator=v.in_((True, False, "auto", "regional"))
+    )
+    """How the hot step is compiled with torch.compile. ``true``: the whole update (gradients,
+    clipping, AdamW) as one graph (torch.func; not with gradient_checkpointing). ``regional``: each
+    repeated transformer block (diffusers' ``compile_repeated_blocks``) under the autograd engine;
+    works with gradient_checkpointing and compiles in about half the time. ``false``: eager.
+    ``auto``: regional on CUDA, eager on CPU, where a 150-step run does not earn back the cold
+    compile (see benchmarks/README.md)."""
+    fp8_matmul: bool = False
+    """Run the frozen base's large matmuls in fp8 (static per-channel weight scales, dynamic
+    per-token activation scales; torchao). CUDA with compute capability 8.9+ only; the LoRA stays fp32."""
     guidance_scale: float = attrs.field(default=2.5, validator=_non_negative)
     """Guidance value fed to the guidance-distilled transformer in training (Kontext's predict default)."""
     weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = attrs.field(
@@ -184,10 +192,10 @@ class TrainConfig:
     """Where T5 encodes prompts during training without the cache."""
 
     def __attrs_post_init__(self) -> None:
-        if self.compile and self.gradient_checkpointing:
+        if self.compile is True and self.gradient_checkpointing:
             raise ValueError(
-                "compile and gradient_checkpointing cannot both be true: checkpointing runs the eager "
-                "autograd engine; set one of them to false"
+                "compile: true (one graph through torch.func) cannot recompute checkpointed blocks; "
+                "with gradient_checkpointing use compile: regional (or false)"
             )
 
 

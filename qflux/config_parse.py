@@ -59,7 +59,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[-1] if errors else f"{key}: invalid value {value!r}")
+        raise ValueError(" / ".join(errors) if errors else f"{key}: invalid value {value!r}")
     if origin is typing.Literal:
         if isinstance(value, str) and value in args:
             return value

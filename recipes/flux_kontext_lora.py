@@ -38,12 +38,14 @@ from qflux.flux_kontext.loaders import COMPONENTS, PIPELINE, FluxKontextModels, 
 from qflux.flux_kontext.predict import predict as kontext_predict
 from qflux.flux_kontext.predict import to_pil
 from qflux.flux_kontext.step import make_loss_fn
+from qflux.fp8 import check_fp8_device
+from qflux.frozen_linear import prepare_frozen_base
 from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, save_lora
 from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.schedules import learning_rate
 from qflux.signals import stop_signals
-from qflux.train_state import StepHParams, TrainState, init_train_state, make_train_step
+from qflux.train_state import StepHParams, TrainState, init_train_state, make_train_step, resolve_compile
 
 LOG_EVERY = 10  # optimizer steps between progress-bar updates of the mean loss (the only host syncs)
 ENCODERS = ("vae", "text_encoder", "text_encoder_2")
@@ -183,6 +185,8 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     out, tr, opt, sch = Path(cfg.logging.output_dir), cfg.train, cfg.optimizer, cfg.lr_scheduler
     samples, path = _samples(cfg), _model_dir(cfg)
     device = resolve_device(tr.device, key="train.device")
+    if tr.fp8_matmul:
+        check_fp8_device(device)  # before any model loads
     for partial_dir in remove_partial(out):
         print(f"removed '{partial_dir}', left by a checkpoint write that was interrupted")
     inputs = _inputs(cfg, samples, path, device)
@@ -190,11 +194,13 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     if tr.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     lora0 = inject_lora(transformer, cfg.model.lora, seed=cfg.seed)
+    prepare_frozen_base(transformer, fp8_matmul=tr.fp8_matmul, device=device)
     state, meta = _resume(cfg, init_train_state({k: v.to(device) for k, v in lora0.items()}, cfg.seed))
     loss_fn = make_loss_fn(transformer, guidance_scale=tr.guidance_scale, weighting_scheme=tr.weighting_scheme)
-    engine = "autograd" if tr.gradient_checkpointing else "func"
+    mode = resolve_compile(tr.compile, device)
+    engine = "autograd" if tr.gradient_checkpointing or mode == "regional" else "func"
     hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, tr.max_grad_norm, engine)
-    step_fn = make_train_step(loss_fn, hp, module=transformer, compile=tr.compile)
+    step_fn = make_train_step(loss_fn, hp, module=transformer, compile=mode)
     position = tuple(meta.get("data_position", (0, 0)))
     stream = batch_stream(
         inputs.dataset,

@@ -18,7 +18,7 @@ from qflux.data import MULTIPLE, image_to_tensor
 from qflux.flow import resolution_mu
 from qflux.flux_kontext.conditioning import encode_prompt_with, vae_decode, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
-from qflux.flux_kontext.step import predict_velocity
+from qflux.flux_kontext.step import token_layout, velocity
 
 
 def default_size(image: Image.Image) -> tuple[int, int]:
@@ -26,7 +26,7 @@ def default_size(image: Image.Image) -> tuple[int, int]:
     return max(MULTIPLE, image.width // MULTIPLE * MULTIPLE), max(MULTIPLE, image.height // MULTIPLE * MULTIPLE)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     models: FluxKontextModels,
     image: Image.Image,
@@ -79,19 +79,25 @@ def predict(
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
     scheduler.set_begin_index(0)
+    # true CFG evaluates both prompts as one batch of 2: [positive ; negative]
+    pooled, tokens = pos.pooled, pos.tokens
+    if neg is not None:
+        pooled = torch.cat([pos.pooled, neg.pooled.to(pos.pooled.device)])
+        tokens = torch.cat([pos.tokens, neg.tokens.to(pos.tokens.device)])
+    b = pooled.shape[0]
+    layout = token_layout(
+        (shape[2], shape[3]), control.expand(b, -1, -1, -1), tokens.shape[1], dtype=tdtype, device=device
+    )
     guidance = None
     if transformer.config.guidance_embeds:
-        guidance = torch.full([1], guidance_scale, dtype=torch.float32)
+        guidance = torch.full([b], guidance_scale, dtype=torch.float32)
     for t in scheduler.timesteps:
-        sigma = t.expand(1).to(device=device, dtype=dtype) / 1000
-        v = predict_velocity(
-            transformer, params, latents, control, sigma, pos.pooled, pos.tokens, guidance, dtype=tdtype
+        sigma = t.expand(b).to(device=device, dtype=dtype) / 1000
+        v = velocity(
+            transformer, params, latents.expand(b, -1, -1, -1), layout, sigma, pooled, tokens, guidance, dtype=tdtype
         )
         if neg is not None:
-            v_neg = predict_velocity(
-                transformer, params, latents, control, sigma, neg.pooled, neg.tokens, guidance, dtype=tdtype
-            )
-            v = v_neg + true_cfg_scale * (v - v_neg)
+            v = v[1:] + true_cfg_scale * (v[:1] - v[1:])  # v̂_neg + s·(v̂_pos − v̂_neg)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
     decoded = vae_decode(models.vae, latents)
     out: np.ndarray = VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(decoded, output_type="np")[0]

@@ -49,11 +49,46 @@ def kontext_ids(latent_hw: tuple[int, int], control_hw: tuple[int, int]) -> torc
     return torch.cat([latent_image_ids(*latent_hw, index=0), latent_image_ids(*control_hw, index=1)], dim=0)
 
 
-def predict_velocity(
+@attrs.frozen(eq=False)
+class TokenLayout:
+    """The parts of the transformer's input that do not change across denoising steps."""
+
+    control: torch.Tensor | None
+    """Packed control tokens [B, Nc, 4C] in the compute dtype, or None for no control image."""
+    img_ids: torch.Tensor
+    """Position ids of [target tokens ; control tokens]: [N + Nc, 3]."""
+    txt_ids: torch.Tensor
+    """Position ids of the text tokens (zeros): [S, 3]."""
+
+
+def token_layout(
+    latent_hw: tuple[int, int],
+    control: torch.Tensor | None,
+    text_len: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> TokenLayout:
+    """Pack the control latents [B, C, hc, wc] (or None) and build the position ids for a target
+    of ``latent_hw`` latents and ``text_len`` text tokens, in ``dtype`` on ``device``."""
+    h, w = latent_hw
+    if control is not None:
+        ids = kontext_ids((h, w), (control.shape[-2], control.shape[-1]))
+        packed: torch.Tensor | None = pack_latents(control.to(device=device, dtype=dtype))
+    else:
+        ids, packed = latent_image_ids(h, w, index=0), None
+    return TokenLayout(
+        control=packed,
+        img_ids=ids.to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
+    )
+
+
+def velocity(
     transformer: Any,
     params: Mapping[str, torch.Tensor],
     noisy: torch.Tensor,
-    control: torch.Tensor | None,
+    layout: TokenLayout,
     sigmas: torch.Tensor,
     pooled: torch.Tensor,
     prompt_embeds: torch.Tensor,
@@ -61,13 +96,13 @@ def predict_velocity(
     *,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """One transformer evaluation on packed tokens; returns the velocity of the target tokens.
+    """One transformer evaluation on [pack(noisy) ; layout.control]; the target tokens' velocity.
 
     Args:
         transformer: ``FluxTransformer2DModel`` (frozen).
         params: tensors substituted into the module (the LoRA); ``{}`` runs the module as it is.
         noisy: x_t [B, C, h, w], on the transformer's device; other inputs are moved there.
-        control: control latents [B, C, hc, wc], or None for no control image.
+        layout: from :func:`token_layout` for this size (its control batch must match B).
         sigmas: [B]; the transformer's timestep input is σ (diffusers passes t/1000 = σ).
         pooled: [B, P]; prompt_embeds: [B, S, D].
         guidance: [B] guidance values, or None for a model without guidance embedding.
@@ -81,19 +116,16 @@ def predict_velocity(
     h, w = noisy.shape[-2:]
     tokens = pack_latents(noisy.to(dtype))
     n = tokens.shape[1]
-    if control is not None:
-        ids = kontext_ids((h, w), (control.shape[-2], control.shape[-1]))
-        tokens = torch.cat([tokens, pack_latents(control.to(device=device, dtype=dtype))], dim=1)
-    else:
-        ids = latent_image_ids(h, w, index=0)
+    if layout.control is not None:
+        tokens = torch.cat([tokens, layout.control], dim=1)
     inputs = {
         "hidden_states": tokens,
         "timestep": sigmas.to(device=device, dtype=dtype),
         "guidance": None if guidance is None else guidance.to(device),
         "pooled_projections": pooled.to(device=device, dtype=dtype),
         "encoder_hidden_states": prompt_embeds.to(device=device, dtype=dtype),
-        "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-        "img_ids": ids.to(device=device, dtype=dtype),
+        "txt_ids": layout.txt_ids,
+        "img_ids": layout.img_ids,
         "return_dict": False,
     }
     if params:
@@ -101,6 +133,29 @@ def predict_velocity(
     else:  # no substitution: call the module itself and skip functional_call's bookkeeping
         out = transformer(**inputs)[0]
     return unpack_latents(out[:, :n], h, w)
+
+
+def predict_velocity(
+    transformer: Any,
+    params: Mapping[str, torch.Tensor],
+    noisy: torch.Tensor,
+    control: torch.Tensor | None,
+    sigmas: torch.Tensor,
+    pooled: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    guidance: torch.Tensor | None,
+    *,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`velocity` with the layout built for this call (``control``: [B, C, hc, wc] or None).
+
+    Returns:
+        v̂ [B, C, h, w] in the transformer's output dtype.
+    """
+    layout = token_layout(
+        (noisy.shape[-2], noisy.shape[-1]), control, prompt_embeds.shape[1], dtype=dtype, device=noisy.device
+    )
+    return velocity(transformer, params, noisy, layout, sigmas, pooled, prompt_embeds, guidance, dtype=dtype)
 
 
 def make_loss_fn(

@@ -12,8 +12,9 @@ from qflux.config import LoraConfig
 from qflux.flow import sigmas_from_u
 from qflux.flux_kontext.loaders import load_flux_kontext_transformer
 from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn
+from qflux.frozen_linear import FrozenLinear
 from qflux.lora import inject_lora
-from qflux.train_state import StepHParams, init_train_state, make_train_step
+from qflux.train_state import StepHParams, init_train_state, make_train_step, resolve_compile
 
 
 def _batch(seed: int) -> FluxKontextBatch:
@@ -36,6 +37,9 @@ def test_compiled_step_one_graph_no_recompiles_equals_eager(tiny_flux_dir: Path)
     counters.clear()
     tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     lora = inject_lora(tr, LoraConfig(r=4), seed=0)
+    for m in tr.modules():  # the fast frozen linear (a custom autograd.Function) must trace too
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad:
+            m.__class__ = FrozenLinear
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
     hp = StepHParams()
     eager = make_train_step(loss_fn, hp)
@@ -53,8 +57,50 @@ def test_compiled_step_one_graph_no_recompiles_equals_eager(tiny_flux_dir: Path)
     assert sc.step == 5 and torch.equal(sc.opt.updates, se.opt.updates)
 
 
-def test_compile_refuses_the_autograd_engine(tiny_flux_dir: Path) -> None:
+@pytest.mark.compile
+def test_regional_compile_with_checkpointing_equals_the_eager_func_step(tiny_flux_dir: Path) -> None:
+    """train.compile: regional + gradient_checkpointing (autograd engine, compiled blocks recomputed
+    in backward) takes the same steps as the eager torch.func engine, without recompiling."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
+    lora = inject_lora(eager_tr, LoraConfig(r=4), seed=0)
+    reg_tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
+    inject_lora(reg_tr, LoraConfig(r=4), seed=0)
+    reg_tr.enable_gradient_checkpointing()
+    eager = make_train_step(make_loss_fn(eager_tr, guidance_scale=2.5, weighting_scheme="none"), StepHParams())
+    regional = make_train_step(
+        make_loss_fn(reg_tr, guidance_scale=2.5, weighting_scheme="none"),
+        StepHParams(engine="autograd"),
+        module=reg_tr,
+        compile="regional",
+    )
+    se = sr = init_train_state(lora, seed=0)
+    for i in range(3):
+        lr = torch.tensor(1e-3 * (i + 1), dtype=torch.float64)
+        micro = [_batch(30 + i)]
+        se, me = eager(se, micro, lr)
+        sr, mr = regional(sr, micro, lr)
+        torch.testing.assert_close(mr["loss"], me["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mr["grad_norm"], me["grad_norm"], rtol=1e-4, atol=1e-6)
+        for k in se.lora:
+            torch.testing.assert_close(sr.lora[k], se.lora[k], rtol=1e-4, atol=1e-5)
+    # one graph per repeated block class (double, single); the same graphs serve every step
+    assert counters["stats"]["unique_graphs"] <= 4
+
+
+def test_compile_modes_need_their_engine(tiny_flux_dir: Path) -> None:
     tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
-    with pytest.raises(ValueError, match="compile needs engine='func'"):
+    with pytest.raises(ValueError, match="compile='full' needs engine='func'"):
         make_train_step(loss_fn, StepHParams(engine="autograd"), module=tr, compile=True)
+    with pytest.raises(ValueError, match="compile='regional' needs engine='autograd'"):
+        make_train_step(loss_fn, StepHParams(engine="func"), module=tr, compile="regional")
+
+
+def test_resolve_compile() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [resolve_compile(s, cpu) for s in ("auto", True, False, "regional")] == ["none", "full", "none", "regional"]
+    assert resolve_compile("auto", cuda) == "regional"

@@ -62,6 +62,8 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.gradient_checkpointing": (True, {}),
     # the compiled run itself is tested in tests/qflux/test_compile.py; here: the key is read
     "train.compile": (True, {"train.gradient_checkpointing": True}),
+    # refused on CPU (the fp8 maths itself: tests/qflux/test_fp8.py)
+    "train.fp8_matmul": (True, {}),
     "train.guidance_scale": (5.0, {}),
     "train.weighting_scheme": ("sigma_sqrt", {}),
     "train.logit_mean": (1.0, {"train.weighting_scheme": "logit_normal"}),
