@@ -198,7 +198,7 @@ def bench_dtype(
         if checkpointing:
             tr.enable_gradient_checkpointing()
         inject_lora(tr, lora_cfg, seed=0)
-        prepare_frozen_base(tr, fp8_matmul=fp8_matmul, device=device)
+        prepare_frozen_base(tr, fp8_matmul=fp8_matmul, device=device, compile_mode=mode)
         engine = "autograd" if checkpointing or mode == "regional" else "func"
         loss_fn = make_loss_fn(tr, guidance_scale=1.0, weighting_scheme="none")
         step = make_train_step(loss_fn, StepHParams(**hp_args, engine=engine), module=tr, compile=mode)

@@ -70,6 +70,9 @@ class LoraConfig:
     """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random)."""
     target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple)
     """Module names (suffixes) of the transformer that get an adapter."""
+    pretrained_weight: str | None = None
+    """A LoRA file to continue training from (diffusers, ComfyUI or kohya format); its rank and
+    modules must match r and target_modules. null: start from the init."""
 
 
 @attrs.frozen
@@ -157,6 +160,12 @@ class TrainConfig:
     works with gradient_checkpointing and compiles in about half the time. ``false``: eager.
     ``auto``: regional on CUDA, eager on CPU, where a 150-step run does not earn back the cold
     compile (see benchmarks/README.md)."""
+    lora_format: Literal["diffusers", "comfyui", "both"] = attrs.field(
+        default="both", validator=v.in_(("diffusers", "comfyui", "both"))
+    )
+    """Format of the final LoRA: pytorch_lora_weights.safetensors (diffusers) and/or
+    pytorch_lora_weights_comfyui.safetensors (ComfyUI's native diffusion_model.* keys with .alpha).
+    Checkpoints always hold the diffusers file."""
     fp8_matmul: bool = False
     """Run the frozen base's large matmuls in fp8 (static per-channel weight scales, dynamic
     per-token activation scales; torchao). CUDA with compute capability 8.9+ only; the LoRA stays fp32."""
@@ -196,6 +205,11 @@ class TrainConfig:
             raise ValueError(
                 "compile: true (one graph through torch.func) cannot recompute checkpointed blocks; "
                 "with gradient_checkpointing use compile: regional (or false)"
+            )
+        if self.compile is True and self.fp8_matmul:
+            raise ValueError(
+                "compile: true (one graph through torch.func) cannot differentiate the fp8 layers; "
+                "with fp8_matmul use compile: regional (or auto, or false)"
             )
 
 
@@ -241,6 +255,34 @@ class LoggingConfig:
     write_sample: bool = True
     """Write sample.png (base vs LoRA edit of the first sample) at the end. Training from the cache
     loads the encoders for it only then, on ``predict.devices``."""
+    report_to: Literal["tensorboard", "jsonl", "none"] = attrs.field(
+        default="tensorboard", validator=v.in_(("tensorboard", "jsonl", "none"))
+    )
+    """Where scalars (loss, lr, grad_norm, steps/s, samples/s, val_loss) and validation grids go:
+    TensorBoard event files, a metrics.jsonl file, or nowhere."""
+    logging_dir: str = "logs"
+    """Folder of the TensorBoard events / metrics.jsonl; relative paths are under output_dir."""
+
+
+@attrs.frozen
+class ValidationConfig:
+    """Held-out edits rendered and scored during training."""
+
+    enabled: bool = False
+    """Render validation grids and compute the validation loss before the first step, every
+    validation_steps, and at the end."""
+    validation_steps: int = attrs.field(default=50, validator=_positive)
+    """Optimizer steps between validations."""
+    num_validation_samples: int = attrs.field(default=4, validator=_positive)
+    """How many held-out samples to use (the first ones, by name)."""
+    dataset_path: str | None = None
+    """Held-out pairs in the training layout. null: the built-in held-out pairs when training on
+    builtin:synthetic; otherwise set this or samples."""
+    samples: tuple[tuple[str, ...], ...] = ()
+    """Instead of dataset_path: a list of [control image, prompt] or [control image, prompt, target
+    image]. Samples without a target have no target panel and no validation loss."""
+    num_inference_steps: int = attrs.field(default=28, validator=_positive)
+    """Denoising steps of each validation prediction (fixed seed: the run's seed)."""
 
 
 @attrs.frozen
@@ -260,3 +302,4 @@ class FluxKontextConfig:
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     predict: PredictConfig = attrs.field(factory=PredictConfig)
+    validation: ValidationConfig = attrs.field(factory=ValidationConfig)

@@ -6,7 +6,14 @@ import logging
 
 # transformers 5 warns once per image-processor class that torchvision is missing and that it
 # falls back to the PIL implementation; qflux never uses torchvision, so the fallback is intended.
-_HARMLESS = (("transformers.utils.import_utils", "requires torchvision (not installed)"),)
+# torchao (the fp8 extra) logs that its CUDA-only kernels do not load on a CPU build, diffusers
+# repeats it, and torch notes that torchao registers enums the old way: all harmless on import.
+_HARMLESS = (
+    ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+    ("torchao", "Failed to load"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+    ("torch.utils._pytree", "is an Enum subclass"),
+)
 
 
 class _DropContaining(logging.Filter):

@@ -65,27 +65,35 @@ def needs_fast_frozen_linear(weight: torch.Tensor) -> bool:
     return "AVX512_BF16" not in capability and "AMX" not in capability
 
 
-def use_fast_frozen_linear(module: nn.Module) -> int:
-    """Turn every frozen ``nn.Linear`` in ``module`` that :func:`needs_fast_frozen_linear` into a
-    :class:`FrozenLinear`, in place (the class only: parameters, names and state dict are kept).
+def use_fast_frozen_linear(module: nn.Module, *, force: bool = False) -> int:
+    """Turn every frozen ``nn.Linear`` in ``module`` that :func:`needs_fast_frozen_linear` (or every
+    frozen one, with ``force``) into a :class:`FrozenLinear`, in place (the class only: parameters,
+    names and state dict are kept).
+
+    Not for ``train.compile: true``: under ``torch.compile`` of a ``torch.func.grad`` transform,
+    torch 2.13 drops the gradient through a custom ``autograd.Function`` (every LoRA gradient
+    comes out zero), so :func:`qflux.train_state.make_train_step` refuses that combination.
 
     Returns:
         How many layers were converted.
     """
     n = 0
     for m in module.modules():
-        if type(m) is nn.Linear and not m.weight.requires_grad and needs_fast_frozen_linear(m.weight):
+        if type(m) is nn.Linear and not m.weight.requires_grad and (force or needs_fast_frozen_linear(m.weight)):
             m.__class__ = FrozenLinear
             n += 1
     return n
 
 
-def prepare_frozen_base(module: nn.Module, *, fp8_matmul: bool, device: torch.device) -> dict[str, int]:
+def prepare_frozen_base(
+    module: nn.Module, *, fp8_matmul: bool, device: torch.device, compile_mode: str = "none"
+) -> dict[str, int]:
     """Choose the kernels of the frozen base for training on ``device``, in place.
 
     ``fp8_matmul`` turns the large frozen linears into fp8 ones (:mod:`qflux.fp8`; CUDA 8.9+ only,
     refused elsewhere with the reason); the remaining frozen linears get the fast backward layout
-    where :func:`needs_fast_frozen_linear` says it matters.
+    where :func:`needs_fast_frozen_linear` says it matters, except under ``compile_mode='full'``
+    (see :func:`use_fast_frozen_linear`).
 
     Returns:
         {'fp8': layers converted to fp8, 'fast_backward': layers given the fast layout}.
@@ -96,4 +104,5 @@ def prepare_frozen_base(module: nn.Module, *, fp8_matmul: bool, device: torch.de
 
         check_fp8_device(device)
         n8 = use_fp8_matmul(module)
-    return {"fp8": n8, "fast_backward": use_fast_frozen_linear(module)}
+    fast = 0 if compile_mode == "full" else use_fast_frozen_linear(module)
+    return {"fp8": n8, "fast_backward": fast}

@@ -121,3 +121,94 @@ def load_lora_file(transformer: Any, path: str | Path, *, pipeline_cls: Any) -> 
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise QfluxError(f"could not load LoRA '{p}' into the transformer: {e}") from None
+
+
+COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
+
+
+def lora_scale(transformer: Any) -> float:
+    """α/r of the injected adapter: ΔW = (α/r)·B·A."""
+    cfg = transformer.peft_config[ADAPTER]
+    return float(cfg.lora_alpha) / float(cfg.r)
+
+
+def save_lora_comfyui(
+    out_dir: str | Path, transformer: Any, lora: Mapping[str, torch.Tensor], *, dtype: torch.dtype
+) -> Path:
+    """Write ``<out_dir>/pytorch_lora_weights_comfyui.safetensors`` in ComfyUI's native Flux naming
+    (:func:`qflux.lora_formats.flux_to_comfyui`)."""
+    from safetensors.torch import save_file
+
+    from qflux.lora_formats import flux_to_comfyui, module_out_features
+
+    sd = flux_to_comfyui(
+        lora_to_diffusers(transformer, lora, torch.float32),
+        scale=lora_scale(transformer),
+        out_features=module_out_features(transformer),
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / COMFYUI_WEIGHT_NAME
+    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+    return path
+
+
+def lora_from_file(
+    transformer: Any, path: str | Path, init: Mapping[str, torch.Tensor], *, pipeline_cls: Any
+) -> Params:
+    """The adapter tensors of a LoRA file (diffusers, ComfyUI or kohya format), as our parameters.
+
+    The pipeline's ``lora_state_dict`` converts any format it knows to diffusers keys; each module's
+    B is rescaled so that ΔW = (α/r)·B·A of our adapter equals the file's update. Modules of our
+    adapter that the file lacks keep their ``init`` tensors (ΔW = 0 at a fresh init).
+
+    Args:
+        init: the adapter's fresh tensors (names and shapes to fill).
+
+    Raises:
+        QfluxError: missing file, unreadable format, or modules / ranks that do not match the adapter.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise QfluxError(f"model.lora.pretrained_weight '{p}' does not exist; give a .safetensors LoRA file or null")
+    try:
+        sd, alphas, metadata = pipeline_cls.lora_state_dict(str(p), return_alphas=True, return_lora_metadata=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise QfluxError(f"model.lora.pretrained_weight '{p}' is not a LoRA this model reads: {e}") from None
+    file_scale = 1.0  # kohya / ComfyUI files come back with α/r folded into the weights
+    if metadata and "lora_alpha" in metadata and "r" in metadata:
+        file_scale = float(metadata["lora_alpha"]) / float(metadata["r"])
+    ours = lora_scale(transformer)
+    out = dict(init)
+    unknown = []
+    for key, a in sd.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("transformer.").rsplit(".lora_A.", 1)[0]
+        name_a, name_b = f"{module}.lora_A.{ADAPTER}.weight", f"{module}.lora_B.{ADAPTER}.weight"
+        b = sd[key.replace(".lora_A.", ".lora_B.")]
+        scale = file_scale
+        if alphas and f"{key.rsplit('.lora_A.', 1)[0]}.alpha" in alphas:
+            scale = float(alphas[f"{key.rsplit('.lora_A.', 1)[0]}.alpha"]) / a.shape[0]
+        used = (b != 0).any(0)  # a part of a fused layer: only its own columns of up are non-zero
+        if not used.any():
+            continue  # ΔW = 0 (e.g. proj_mlp of a fused linear1 that had no LoRA of its own)
+        if name_a not in init:
+            unknown.append(module)
+            continue
+        if a.shape[0] > init[name_a].shape[0] and int(used.sum()) == init[name_a].shape[0]:
+            a, b = a[used], b[:, used]
+        if a.shape != init[name_a].shape or b.shape != init[name_b].shape:
+            raise QfluxError(
+                f"model.lora.pretrained_weight '{p}': {module} has rank {a.shape[0]} (shapes {tuple(a.shape)}, "
+                f"{tuple(b.shape)}), the adapter {tuple(init[name_a].shape)}, {tuple(init[name_b].shape)}; "
+                "set model.lora.r to the file's rank"
+            )
+        out[name_a] = a.to(torch.float32).to(init[name_a].device)
+        out[name_b] = (b.to(torch.float32) * (scale / ours)).to(init[name_b].device)
+    if unknown:
+        raise QfluxError(
+            f"model.lora.pretrained_weight '{p}' adapts modules outside model.lora.target_modules "
+            f"(first: {unknown[0]}); add them to target_modules"
+        )
+    return out

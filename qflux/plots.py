@@ -50,3 +50,42 @@ def save_image_row(
         x += im.width + 4
     canvas.save(path)
     return Path(path)
+
+
+GRID_GAP = 4
+GRID_LABEL = 14
+
+
+def grid_cell(images: Sequence[Image.Image], min_size: int = 128) -> int:
+    """Side of the square cell every panel of a grid is fitted into (pixels)."""
+    return max(min_size, *(max(im.width, im.height) for im in images))
+
+
+def save_image_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    labels: Sequence[Sequence[str]],
+    path: str | Path,
+    *,
+    min_size: int = 128,
+) -> np.ndarray:
+    """Rows of labelled panels, each scaled (nearest-neighbour, aspect kept) into one square cell.
+
+    The canvas is ``cols·S + (cols − 1)·4`` wide and ``rows·(S + 14)`` high, S = :func:`grid_cell`,
+    cols = the longest row. Returns the image as [H, W, 3] uint8 (for trackers) and writes it.
+    """
+    side = grid_cell([im for row in rows for im in row], min_size)
+    cols = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (cols * side + (cols - 1) * GRID_GAP, len(rows) * (side + GRID_LABEL)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, names) in enumerate(zip(rows, labels, strict=True)):
+        y = r * (side + GRID_LABEL)
+        for c, (im, label) in enumerate(zip(row, names, strict=True)):
+            x = c * (side + GRID_GAP)
+            scale = side / max(im.width, im.height)
+            fitted = im.resize(
+                (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.NEAREST
+            )
+            canvas.paste(fitted, (x + (side - fitted.width) // 2, y + GRID_LABEL + (side - fitted.height) // 2))
+            draw.text((x + 1, y + 1), label, fill="black")
+    canvas.save(path)
+    return np.asarray(canvas)

@@ -177,6 +177,13 @@ def make_train_step(
                 "compile='full' needs engine='func'; the autograd engine (gradient checkpointing) "
                 "compiles with compile='regional'"
             )
+        if module is not None and any(
+            type(m).__name__ in ("FrozenLinear", "Float8FrozenLinear") for m in module.modules()
+        ):
+            raise ValueError(
+                "compile='full' cannot trace FrozenLinear / Float8FrozenLinear layers (torch.compile of "
+                "torch.func.grad drops gradients through custom autograd.Functions); build the module without them"
+            )
         update = torch.compile(update, fullgraph=True, dynamic=False)
     elif mode == "regional":
         if hp.engine != "autograd" or module is None:

@@ -32,20 +32,30 @@ from qflux.data import PairDataset, PairSample, batch_stream, collate_pairs, loa
 from qflux.devices import resolve_device
 from qflux.errors import QfluxError
 from qflux.flux_kontext import cache as kcache
-from qflux.flux_kontext.batch import assemble_batch, cached_conditioning, encode_conditioning
-from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with
+from qflux.flux_kontext.batch import assemble_batch, cached_conditioning, encode_conditioning, eval_batches
+from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
 from qflux.flux_kontext.loaders import COMPONENTS, PIPELINE, FluxKontextModels, load_flux_kontext, torch_dtype
+from qflux.flux_kontext.predict import denoise, to_image, to_pil
 from qflux.flux_kontext.predict import predict as kontext_predict
-from qflux.flux_kontext.predict import to_pil
 from qflux.flux_kontext.step import make_loss_fn
 from qflux.fp8 import check_fp8_device
 from qflux.frozen_linear import prepare_frozen_base
-from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, save_lora
+from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, lora_from_file, save_lora, save_lora_comfyui
 from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.schedules import learning_rate
 from qflux.signals import stop_signals
-from qflux.train_state import StepHParams, TrainState, init_train_state, make_train_step, resolve_compile
+from qflux.tracking import Tracker, open_tracker
+from qflux.train_state import (
+    GradEngine,
+    StepHParams,
+    TrainState,
+    evaluate_loss,
+    init_train_state,
+    make_train_step,
+    resolve_compile,
+)
+from qflux.validation import ValidationSet, validation_grid, validation_set
 
 LOG_EVERY = 10  # optimizer steps between progress-bar updates of the mean loss (the only host syncs)
 ENCODERS = ("vae", "text_encoder", "text_encoder_2")
@@ -97,26 +107,35 @@ class Inputs:
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
     to_conditioning: Callable[[dict[str, Any]], Any]
     empty: PromptEmbeds
+    make_dataset: Callable[[list[PairSample]], Any]
+    """The same data path over other samples (validation)."""
 
 
-def _inputs(cfg: FluxKontextConfig, samples: list[PairSample], path: Path, device: torch.device) -> Inputs:
-    """Load what training needs: only the transformer with the cache, else every encoder too."""
+def _inputs(
+    cfg: FluxKontextConfig, samples: list[PairSample], path: Path, device: torch.device, extra: list[PairSample]
+) -> Inputs:
+    """Load what training needs: only the transformer with the cache, else every encoder too.
+
+    Args:
+        extra: more samples read through the same path (validation); cached with the training ones.
+    """
     dtype, seq = torch_dtype(cfg.model.dtype), cfg.model.max_sequence_length
     if cfg.cache.use_cache:
         root = Path(cfg.cache.cache_dir)
         spec = kcache.cache_spec(path, cfg.model.dtype, seq)
-        entries = kcache.sample_entries(spec, root, samples)
+        entries = kcache.sample_entries(spec, root, samples + extra)
         problems = kcache.verify_cache(spec, root, entries)
         if problems:  # computed now with the encoders, which are freed before the transformer loads
             print(f"cache '{root}': {len(problems)} entries missing or corrupt (first: {problems[0]}); computing them")
-            _fill(cfg, samples, path)
+            _fill(cfg, samples + extra, path)
         models = load_flux_kontext(path, dtype, include=("transformer",), devices={"transformer": device})
         return Inputs(
             models,
-            kcache.CachedPairDataset(entries),
+            kcache.CachedPairDataset(entries[: len(samples)]),
             kcache.collate_cached,
             cached_conditioning,
             kcache.read_empty_prompt(spec, root),
+            lambda more: kcache.CachedPairDataset(kcache.sample_entries(spec, root, more)),
         )
     names = {
         "vae": "vae_encoder_device",
@@ -125,7 +144,8 @@ def _inputs(cfg: FluxKontextConfig, samples: list[PairSample], path: Path, devic
     }
     models = load_flux_kontext(path, dtype, devices={"transformer": device, **_devices(cfg.train, "train", names)})
     to_cond = partial(encode_conditioning, models, max_sequence_length=seq)
-    return Inputs(models, PairDataset(samples), collate_pairs, to_cond, encode_prompt_with(models, [""], seq))
+    empty = encode_prompt_with(models, [""], seq)
+    return Inputs(models, PairDataset(samples), collate_pairs, to_cond, empty, PairDataset)
 
 
 # keys that must match to resume: they decide the LoRA's shape, its base model and the random draws
@@ -187,18 +207,23 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     device = resolve_device(tr.device, key="train.device")
     if tr.fp8_matmul:
         check_fp8_device(device)  # before any model loads
+    vset = None
+    if cfg.validation.enabled:
+        vset = validation_set(cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels)
     for partial_dir in remove_partial(out):
         print(f"removed '{partial_dir}', left by a checkpoint write that was interrupted")
-    inputs = _inputs(cfg, samples, path, device)
+    inputs = _inputs(cfg, samples, path, device, vset.samples if vset else [])
     transformer = inputs.models.transformer
     if tr.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     lora0 = inject_lora(transformer, cfg.model.lora, seed=cfg.seed)
-    prepare_frozen_base(transformer, fp8_matmul=tr.fp8_matmul, device=device)
+    if cfg.model.lora.pretrained_weight is not None:
+        lora0 = lora_from_file(transformer, cfg.model.lora.pretrained_weight, lora0, pipeline_cls=_pipeline_cls())
+    mode = resolve_compile(tr.compile, device)
+    prepare_frozen_base(transformer, fp8_matmul=tr.fp8_matmul, device=device, compile_mode=mode)
     state, meta = _resume(cfg, init_train_state({k: v.to(device) for k, v in lora0.items()}, cfg.seed))
     loss_fn = make_loss_fn(transformer, guidance_scale=tr.guidance_scale, weighting_scheme=tr.weighting_scheme)
-    mode = resolve_compile(tr.compile, device)
-    engine = "autograd" if tr.gradient_checkpointing or mode == "regional" else "func"
+    engine: GradEngine = "autograd" if tr.gradient_checkpointing or mode == "regional" else "func"
     hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, tr.max_grad_norm, engine)
     step_fn = make_train_step(loss_fn, hp, module=transformer, compile=mode)
     position = tuple(meta.get("data_position", (0, 0)))
@@ -219,9 +244,31 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     streak = worst = torch.zeros((), device=device)
     skipped = torch.full((), float(meta.get("nonfinite_total", 0)), device=device)
     sched_cfg = inputs.models.scheduler.config
+    logdir = out / cfg.logging.logging_dir
+    tracker = open_tracker(cfg.logging.report_to, logdir)
+    validate = _validator(cfg, path, inputs, vset, loss_fn, device, tracker) if vset else None
+    pending: list[dict[str, torch.Tensor]] = []  # metrics of the steps since the last log (device tensors)
+
+    def log_window() -> None:
+        """Send the pending steps' metrics to the tracker (one host sync for the whole window)."""
+        if not pending:
+            return
+        rows = torch.stack([torch.stack([m["loss"], m["grad_norm"], m["lr"].float()]) for m in pending]).tolist()
+        first = state.step - len(pending) + 1
+        window_s = sum(seconds[-len(pending) :])
+        rate = len(pending) / window_s if window_s > 0 else float("nan")
+        per_step = cfg.data.batch_size * tr.gradient_accumulation_steps
+        for i, (loss_v, norm_v, lr_v) in enumerate(rows):
+            values = {"train/loss": loss_v, "train/grad_norm": norm_v, "train/lr": lr_v}
+            if i == len(rows) - 1:
+                values |= {"train/steps_per_s": rate, "train/samples_per_s": rate * per_step}
+            tracker.scalars(first + i, values)
+        pending.clear()
 
     def checkpoint() -> Path:
         all_losses = history + (torch.stack(losses).tolist() if losses else [])
+        if all_losses:
+            save_loss_curve(all_losses, out / "loss.png")
         body = {"data_position": list(position), "losses": all_losses, "nonfinite_total": int(skipped.item())}
         write = partial(
             save_lora,
@@ -236,6 +283,8 @@ def run(cfg: FluxKontextConfig) -> RunResult:
         stop_signals() as stopped,
         tqdm(initial=state.step, total=tr.max_train_steps, desc="train", unit="step") as bar,
     ):
+        if validate is not None and state.step < tr.max_train_steps:
+            validate(state)  # before the first step of this run
         while state.step < tr.max_train_steps:
             started = time.perf_counter()
             micro = []
@@ -248,6 +297,7 @@ def run(cfg: FluxKontextConfig) -> RunResult:
             lr_t = torch.tensor(lr, dtype=torch.float64)
             state, metrics = step_fn(state, micro, lr_t)
             losses.append(metrics["loss"])
+            pending.append(metrics)
             streak = (streak + 1) * (1 - metrics["finite"])
             worst, skipped = torch.maximum(worst, streak), skipped + (1 - metrics["finite"])
             seconds.append(time.perf_counter() - started)
@@ -257,6 +307,12 @@ def run(cfg: FluxKontextConfig) -> RunResult:
                 _check_finite(worst, tr.max_nonfinite_steps, state.step, out)
                 recent = torch.stack(losses[-LOG_EVERY:]).nanmean().item()
                 bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}", skipped=int(skipped.item()))
+                log_window()
+            if validate is not None and (
+                state.step % cfg.validation.validation_steps == 0 or state.step == tr.max_train_steps
+            ):
+                log_window()
+                validate(state)
             if ckpt_due or stopped:
                 saved = checkpoint()
                 if stopped:
@@ -265,12 +321,16 @@ def run(cfg: FluxKontextConfig) -> RunResult:
                         "command plus --resume_from_checkpoint=latest"
                     )
                     break
+    log_window()
+    tracker.close()
     loss_values = history + (torch.stack(losses).tolist() if losses else [])
     lora_path = out / LORA_WEIGHT_NAME
     if not stopped:
-        lora_path = save_lora(
-            out, transformer, state.lora, dtype=torch_dtype(tr.save_dtype), pipeline_cls=_pipeline_cls()
-        )
+        save_dtype = torch_dtype(tr.save_dtype)
+        if tr.lora_format in ("comfyui", "both"):
+            lora_path = save_lora_comfyui(out, transformer, state.lora, dtype=save_dtype)
+        if tr.lora_format in ("diffusers", "both"):
+            lora_path = save_lora(out, transformer, state.lora, dtype=save_dtype, pipeline_cls=_pipeline_cls())
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
         save_loss_curve(loss_values, out / "loss.png")
         if cfg.logging.write_sample:
@@ -297,6 +357,72 @@ def _write_sample(cfg: FluxKontextConfig, models: FluxKontextModels, sample: Pai
     before = to_pil(kontext_predict(models, control, sample.prompt, **kw))
     after = to_pil(kontext_predict(models, control, sample.prompt, lora=lora, **kw))
     save_image_row([control, load_rgb(sample.target), before, after], ["control", "target", "before", "after"], path)
+
+
+def _hw(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) → (height, width)."""
+    return size[1], size[0]
+
+
+def _validator(
+    cfg: FluxKontextConfig,
+    path: Path,
+    inputs: Inputs,
+    vset: ValidationSet,
+    loss_fn: Callable[..., torch.Tensor],
+    device: torch.device,
+    tracker: Tracker,
+) -> Callable[[TrainState], None]:
+    """Build ``validate(state)``: the validation loss (fixed σ and noise) and a grid of predictions.
+
+    The samples' conditioning comes through the training data path (the cache when it is on) and is
+    encoded once, here. Decoding needs the VAE: training from the cache loads it on
+    ``predict.devices.vae`` for each validation and frees it after, so validation holds no memory
+    between calls beyond the samples' small conditioning tensors.
+    """
+    dataset = inputs.make_dataset(vset.samples)
+    conds = [inputs.to_conditioning(inputs.collate([dataset[i]])) for i in range(len(vset.samples))]
+    sched_cfg = inputs.models.scheduler.config
+    with_target = [c for c, t in zip(conds, vset.has_target, strict=True) if t]
+    batches = eval_batches(cfg, sched_cfg, with_target, inputs.empty, seed=cfg.seed, device=device)
+    dtype = torch_dtype(cfg.model.dtype)
+    out = Path(cfg.logging.output_dir) / "validation"
+
+    def validate(state: TrainState) -> None:
+        values = {}
+        if batches:
+            values["val/loss"] = evaluate_loss(loss_fn, state.lora, batches).item()
+        latents = [
+            denoise(
+                inputs.models.transformer,
+                sched_cfg,
+                cond.control,
+                PromptEmbeds(pooled=cond.pooled, tokens=cond.tokens),
+                None,
+                size=(sample.target_size[1], sample.target_size[0])
+                if has_t
+                else (sample.control_size[1], sample.control_size[0]),
+                num_inference_steps=cfg.validation.num_inference_steps,
+                guidance_scale=cfg.train.guidance_scale,
+                seed=cfg.seed,
+                lora=state.lora,
+                noise_dtype=dtype,
+            )
+            for cond, sample, has_t in zip(conds, vset.samples, vset.has_target, strict=True)
+        ]
+        vae = inputs.models.vae
+        if vae is None:  # training from the cache: the VAE only for this decode
+            device_vae = resolve_device(cfg.predict.devices.vae, key="predict.devices.vae")
+            vae = load_flux_kontext(path, dtype, include=("vae",), devices={"vae": device_vae}).vae
+        images = [to_image(vae_decode(vae, z)) for z in latents]
+        del vae
+        grid = validation_grid(vset, images, out / f"step-{state.step:06d}.png")
+        tracker.image(state.step, "val/grid", grid)
+        if values:
+            tracker.scalars(state.step, values)
+            tqdm.write(f"step {state.step}: validation loss {values['val/loss']:.4f}")
+
+    return validate
 
 
 def train(config: str | None = None, **overrides: Any) -> None:

@@ -139,6 +139,26 @@ def build_batch(
     return assemble_batch(cfg, models.scheduler.config, cond, empty, keys, device)
 
 
+def eval_batches(
+    cfg: FluxKontextConfig,
+    scheduler_config: Any,
+    conds: Sequence[Conditioning],
+    empty: PromptEmbeds,
+    *,
+    sigmas: Sequence[float] = (0.25, 0.5, 0.75),
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[FluxKontextBatch]:
+    """Deterministic evaluation batches: each one-sample conditioning (no dropout) at each fixed σ,
+    with noise keyed by (seed, sample index): the same batches on every call."""
+    no_dropout = attrs.evolve(cfg, data=attrs.evolve(cfg.data, caption_dropout_rate=0.0, prompt_image_dropout_rate=0.0))
+    out = []
+    for i, cond in enumerate(conds):
+        batch = assemble_batch(no_dropout, scheduler_config, cond, empty, (seed, -1, i), device)
+        out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]
+    return out
+
+
 def fixed_eval_batches(
     cfg: FluxKontextConfig,
     models: FluxKontextModels,
@@ -147,14 +167,9 @@ def fixed_eval_batches(
     sigmas: Sequence[float] = (0.25, 0.5, 0.75),
     seed: int = 0,
 ) -> list[FluxKontextBatch]:
-    """Deterministic evaluation batches: every sample (one at a time, no dropout) at each fixed σ,
-    with noise keyed by (seed, sample index) — the same batches on every call.
-    """
-    no_dropout = attrs.evolve(cfg, data=attrs.evolve(cfg.data, caption_dropout_rate=0.0, prompt_image_dropout_rate=0.0))
+    """:func:`eval_batches` of ``samples`` encoded with ``models`` (one at a time)."""
     dataset = PairDataset(samples)
     empty = encode_prompt_with(models, [""], cfg.model.max_sequence_length)
-    out = []
-    for i in range(len(samples)):
-        batch = build_batch(no_dropout, models, collate_pairs([dataset[i]]), (seed, -1, i), empty=empty)
-        out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]
-    return out
+    seq = cfg.model.max_sequence_length
+    conds = [encode_conditioning(models, collate_pairs([dataset[i]]), seq) for i in range(len(samples))]
+    return eval_batches(cfg, models.scheduler.config, conds, empty, sigmas=sigmas, seed=seed)

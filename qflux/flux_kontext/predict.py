@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from PIL import Image
 
 from qflux.data import MULTIPLE, image_to_tensor
 from qflux.flow import resolution_mu
-from qflux.flux_kontext.conditioning import encode_prompt_with, vae_decode, vae_encode
+from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import token_layout, velocity
 
@@ -54,25 +55,79 @@ def predict(
     Returns:
         The edited image, [height, width, 3] float32 in [0, 1].
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.image_processor import VaeImageProcessor
-
     cw, ch = default_size(image)
     width = (width or cw) // MULTIPLE * MULTIPLE
     height = (height or ch) // MULTIPLE * MULTIPLE
-    transformer, params = models.transformer, dict(lora or {})
-    dtype, device, tdtype = models.text_encoder_2.dtype, transformer.device, transformer.dtype
+    dtype = models.text_encoder_2.dtype
     pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
     if negative_prompt is not None and true_cfg_scale > 1:
         neg = encode_prompt_with(models, [negative_prompt], max_sequence_length)
     control = vae_encode(models.vae, image_to_tensor(image, (cw, ch)).to(dtype))
-    c = models.vae.config.latent_channels
+    latents = denoise(
+        models.transformer,
+        models.scheduler.config,
+        control,
+        pos,
+        neg,
+        size=(height, width),
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        true_cfg_scale=true_cfg_scale,
+        seed=seed,
+        lora=lora,
+        noise_dtype=dtype,
+    )
+    return to_image(vae_decode(models.vae, latents))
+
+
+def to_image(decoded: torch.Tensor) -> np.ndarray:
+    """A VAE output [1, 3, H, W] in [-1, 1] as the pipeline's ``output_type='np'`` image [H, W, 3] in [0, 1]."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    out: np.ndarray = VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(decoded, output_type="np")[0]
+    return out
+
+
+@torch.inference_mode()
+def denoise(
+    transformer: Any,
+    scheduler_config: Any,
+    control: torch.Tensor | None,
+    prompt: PromptEmbeds,
+    negative: PromptEmbeds | None,
+    *,
+    size: tuple[int, int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    true_cfg_scale: float = 1.0,
+    seed: int = 0,
+    lora: Mapping[str, torch.Tensor] | None = None,
+    noise_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The pipeline's denoising loop from encoded inputs (shared by predict and validation).
+
+    Args:
+        control: control latents [1, C, hc, wc] (any device), or None.
+        prompt, negative: embeddings of the prompt and, for true CFG (``true_cfg_scale`` > 1), the
+            negative prompt; pooled [1, P], tokens [1, S, D].
+        size: (height, width) of the output image in pixels (multiples of 16).
+        noise_dtype: dtype of the initial noise (the pipeline draws it in the text encoder's dtype).
+
+    Returns:
+        Final latents [1, C, height/8, width/8] on the transformer's device.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    height, width = size
+    params = dict(lora or {})
+    device, tdtype = transformer.device, transformer.dtype
+    c = transformer.config.in_channels // 4
     shape = (1, c, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE))
     generator = torch.Generator("cpu").manual_seed(seed)
-    latents = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    latents = torch.randn(shape, generator=generator, dtype=noise_dtype).to(device)
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(models.scheduler.config)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     sc = scheduler.config
     seq_len = (shape[2] // 2) * (shape[3] // 2)
     mu = resolution_mu(seq_len, sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
@@ -80,28 +135,26 @@ def predict(
     scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
     scheduler.set_begin_index(0)
     # true CFG evaluates both prompts as one batch of 2: [positive ; negative]
-    pooled, tokens = pos.pooled, pos.tokens
+    neg = negative if true_cfg_scale > 1 else None
+    pooled, tokens = prompt.pooled.to(device), prompt.tokens.to(device)
     if neg is not None:
-        pooled = torch.cat([pos.pooled, neg.pooled.to(pos.pooled.device)])
-        tokens = torch.cat([pos.tokens, neg.tokens.to(pos.tokens.device)])
+        pooled = torch.cat([pooled, neg.pooled.to(device)])
+        tokens = torch.cat([tokens, neg.tokens.to(device)])
     b = pooled.shape[0]
-    layout = token_layout(
-        (shape[2], shape[3]), control.expand(b, -1, -1, -1), tokens.shape[1], dtype=tdtype, device=device
-    )
+    cond = None if control is None else control.expand(b, -1, -1, -1)
+    layout = token_layout((shape[2], shape[3]), cond, tokens.shape[1], dtype=tdtype, device=device)
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([b], guidance_scale, dtype=torch.float32)
     for t in scheduler.timesteps:
-        sigma = t.expand(b).to(device=device, dtype=dtype) / 1000
+        sigma = t.expand(b).to(device=device, dtype=noise_dtype) / 1000
         v = velocity(
             transformer, params, latents.expand(b, -1, -1, -1), layout, sigma, pooled, tokens, guidance, dtype=tdtype
         )
         if neg is not None:
             v = v[1:] + true_cfg_scale * (v[:1] - v[1:])  # v̂_neg + s·(v̂_pos − v̂_neg)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
-    decoded = vae_decode(models.vae, latents)
-    out: np.ndarray = VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(decoded, output_type="np")[0]
-    return out
+    return latents
 
 
 def to_pil(image: np.ndarray) -> Image.Image:

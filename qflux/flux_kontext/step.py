@@ -12,7 +12,7 @@ taken over the target tokens only:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -49,9 +49,12 @@ def kontext_ids(latent_hw: tuple[int, int], control_hw: tuple[int, int]) -> torc
     return torch.cat([latent_image_ids(*latent_hw, index=0), latent_image_ids(*control_hw, index=1)], dim=0)
 
 
-@attrs.frozen(eq=False)
-class TokenLayout:
-    """The parts of the transformer's input that do not change across denoising steps."""
+class TokenLayout(NamedTuple):
+    """The parts of the transformer's input that do not change across denoising steps.
+
+    A NamedTuple rather than an attrs record: it is built inside the compiled step, and
+    ``torch.compile`` cannot trace the construction of frozen attrs classes.
+    """
 
     control: torch.Tensor | None
     """Packed control tokens [B, Nc, 4C] in the compute dtype, or None for no control image."""

@@ -12,7 +12,7 @@ from qflux.config import LoraConfig
 from qflux.flow import sigmas_from_u
 from qflux.flux_kontext.loaders import load_flux_kontext_transformer
 from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn
-from qflux.frozen_linear import FrozenLinear
+from qflux.frozen_linear import FrozenLinear, use_fast_frozen_linear
 from qflux.lora import inject_lora
 from qflux.train_state import StepHParams, init_train_state, make_train_step, resolve_compile
 
@@ -37,9 +37,6 @@ def test_compiled_step_one_graph_no_recompiles_equals_eager(tiny_flux_dir: Path)
     counters.clear()
     tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     lora = inject_lora(tr, LoraConfig(r=4), seed=0)
-    for m in tr.modules():  # the fast frozen linear (a custom autograd.Function) must trace too
-        if type(m) is torch.nn.Linear and not m.weight.requires_grad:
-            m.__class__ = FrozenLinear
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
     hp = StepHParams()
     eager = make_train_step(loss_fn, hp)
@@ -70,6 +67,9 @@ def test_regional_compile_with_checkpointing_equals_the_eager_func_step(tiny_flu
     reg_tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     inject_lora(reg_tr, LoraConfig(r=4), seed=0)
     reg_tr.enable_gradient_checkpointing()
+    for m in reg_tr.modules():  # the fast frozen linear (a custom autograd.Function) compiles too
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad:
+            m.__class__ = FrozenLinear
     eager = make_train_step(make_loss_fn(eager_tr, guidance_scale=2.5, weighting_scheme="none"), StepHParams())
     regional = make_train_step(
         make_loss_fn(reg_tr, guidance_scale=2.5, weighting_scheme="none"),
@@ -98,6 +98,9 @@ def test_compile_modes_need_their_engine(tiny_flux_dir: Path) -> None:
         make_train_step(loss_fn, StepHParams(engine="autograd"), module=tr, compile=True)
     with pytest.raises(ValueError, match="compile='regional' needs engine='autograd'"):
         make_train_step(loss_fn, StepHParams(engine="func"), module=tr, compile="regional")
+    use_fast_frozen_linear(tr, force=True)
+    with pytest.raises(ValueError, match="FrozenLinear"):
+        make_train_step(loss_fn, StepHParams(), module=tr, compile="full")
 
 
 def test_resolve_compile() -> None:

@@ -1,0 +1,88 @@
+"""Held-out validation samples (``validation`` config section), shared by the recipes.
+
+A validation sample is a training-layout pair (from ``validation.dataset_path``) or a listed
+``[control, prompt]`` / ``[control, prompt, target]``. Every sample is carried as a
+:class:`~qflux.data.PairSample` so the training data path (encoding or the cache) serves it
+unchanged; a sample listed without a target carries its control image in the target slot and
+``has_target = False``, which keeps it out of the loss and the target panel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import numpy as np
+from PIL import Image
+
+from qflux.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
+from qflux.config import ValidationConfig
+from qflux.data import PairSample, fit_size, load_rgb, scan_pairs
+from qflux.errors import QfluxError
+from qflux.plots import save_image_grid
+
+
+@attrs.frozen
+class ValidationSet:
+    """The samples a run validates on, in a fixed order."""
+
+    samples: list[PairSample]
+    has_target: list[bool]
+
+
+def validation_set(cfg: ValidationConfig, train_dataset_path: str, max_pixels: int | None) -> ValidationSet:
+    """Resolve and check the validation samples (before any model loads).
+
+    Raises:
+        QfluxError: no source configured, or a listed sample that is malformed or unreadable.
+    """
+    if cfg.samples:
+        samples, has_target = [], []
+        for i, item in enumerate(cfg.samples[: cfg.num_validation_samples]):
+            if len(item) not in (2, 3):
+                raise QfluxError(
+                    f"validation.samples[{i}] must be [control image, prompt] or [control image, prompt, "
+                    f"target image]; got {list(item)}"
+                )
+            control = Path(item[0])
+            target = Path(item[2]) if len(item) == 3 else control
+            sizes = []
+            for p in (control, target):
+                if not p.is_file():
+                    raise QfluxError(f"validation.samples[{i}]: image '{p}' does not exist")
+                im = load_rgb(p)
+                sizes.append(fit_size(im.width, im.height, max_pixels))
+            samples.append(PairSample(f"sample{i}", control, target, item[1], sizes[0], sizes[1]))
+            has_target.append(len(item) == 3)
+        return ValidationSet(samples, has_target)
+    if cfg.dataset_path is not None:
+        root = Path(cfg.dataset_path)
+    elif train_dataset_path == BUILTIN_SYNTHETIC_DATASET:
+        root = resolve_dataset_path(BUILTIN_SYNTHETIC_DATASET, heldout=True)
+    else:
+        raise QfluxError(
+            "validation.enabled is true but there are no validation samples: set validation.dataset_path to a "
+            "folder in the training layout, or validation.samples to a list of [control, prompt(, target)]"
+        )
+    found = scan_pairs(root, max_pixels)[: cfg.num_validation_samples]
+    return ValidationSet(found, [True] * len(found))
+
+
+def validation_grid(vset: ValidationSet, predictions: Sequence[np.ndarray], path: str | Path) -> np.ndarray:
+    """Write one row per sample: control | target (when it has one) | prediction.
+
+    Args:
+        predictions: [H, W, 3] float images in [0, 1], one per sample.
+
+    Returns:
+        The grid, [H, W, 3] uint8.
+    """
+    rows, labels = [], []
+    for sample, has_target, pred in zip(vset.samples, vset.has_target, predictions, strict=True):
+        panels = [load_rgb(sample.control)] + ([load_rgb(sample.target)] if has_target else [])
+        names = ["control"] + (["target"] if has_target else [])
+        rows.append([*panels, Image.fromarray((np.clip(pred, 0, 1) * 255).round().astype("uint8"))])
+        labels.append([*names, "prediction"])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_image_grid(rows, labels, path)
