@@ -176,8 +176,9 @@ def lora_from_file(
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise QfluxError(f"model.lora.pretrained_weight '{p}' is not a LoRA this model reads: {e}") from None
     file_scale = 1.0  # kohya / ComfyUI files come back with α/r folded into the weights
-    if metadata and "lora_alpha" in metadata and "r" in metadata:
-        file_scale = float(metadata["lora_alpha"]) / float(metadata["r"])
+    meta = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
+    if "lora_alpha" in meta and "r" in meta:  # diffusers files carry the peft config
+        file_scale = float(meta["lora_alpha"]) / float(meta["r"])
     ours = lora_scale(transformer)
     out = dict(init)
     unknown = []

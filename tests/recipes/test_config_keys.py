@@ -27,6 +27,11 @@ from qflux.tiny import build_flux_kontext
 from recipes.flux_kontext_lora import predict, run
 
 CACHED = {"cache.use_cache": True}
+VALIDATING = {
+    "validation.enabled": True,
+    "validation.dataset_path": "{other_data}",
+    "validation.num_inference_steps": 1,
+}
 NAN = {"optimizer.lr": 1e30, "train.max_nonfinite_steps": 100}
 
 # key: (other value, settings applied to both runs). "{root}", "{other_model}", "{other_data}" and
@@ -64,6 +69,16 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.compile": (True, {"train.gradient_checkpointing": True}),
     # refused on CPU (the fp8 maths itself: tests/qflux/test_fp8.py)
     "train.fp8_matmul": (True, {}),
+    "train.lora_format": ("diffusers", {}),
+    "model.lora.pretrained_weight": ("{root}/out/pytorch_lora_weights.safetensors", {"_prerun": 1}),
+    "logging.report_to": ("tensorboard", {}),
+    "logging.logging_dir": ("elsewhere", {"logging.report_to": "jsonl"}),
+    "validation.enabled": (True, {k: v for k, v in VALIDATING.items() if k != "validation.enabled"}),
+    "validation.validation_steps": (1, VALIDATING),
+    "validation.num_validation_samples": (1, VALIDATING),
+    "validation.dataset_path": ("{data}", VALIDATING),
+    "validation.samples": ([["{other_data}/control_images/sample_000.png", "a prompt"]], VALIDATING),
+    "validation.num_inference_steps": (2, VALIDATING),
     "train.guidance_scale": (5.0, {}),
     "train.weighting_scheme": ("sigma_sqrt", {}),
     "train.logit_mean": (1.0, {"train.weighting_scheme": "logit_normal"}),
@@ -107,6 +122,8 @@ def places(tmp_path_factory: pytest.TempPathFactory, tiny_flux_dir: Path) -> dic
 
 
 def _fill(value: Any, fills: dict[str, str]) -> Any:
+    if isinstance(value, list):
+        return [_fill(v, fills) for v in value]
     return value.format(**fills) if isinstance(value, str) and "{" in value else value
 
 
@@ -124,6 +141,7 @@ def _fingerprint(root: Path, settings: dict[str, Any], places: dict[str, str], m
         "train.checkpointing_steps": 0,
         "logging.output_dir": "{root}/out",
         "logging.write_sample": False,
+        "logging.report_to": "none",
         "cache.cache_dir": "{root}/cache",
         **settings,
     }
@@ -161,7 +179,11 @@ def _fingerprint(root: Path, settings: dict[str, Any], places: dict[str, str], m
     except QfluxError as e:
         out["error"] = str(e).replace(str(root), "{root}")
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "pids.txt")
-    out["files"] = files
+    # TensorBoard names event files by time, host and pid: keep the folder and the kind only
+    out["files"] = [f.split(".tfevents.")[0] if ".tfevents." in f else f for f in files]
+    out["validation"] = {
+        f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:16] for f in files if "/validation/" in f
+    }
     lora_file = next((root / f for f in files if f.endswith("pytorch_lora_weights.safetensors")), None)
     if lora_file is not None:
         out["saved_dtypes"] = sorted({str(t.dtype) for t in load_file(lora_file).values()})
