@@ -116,9 +116,14 @@ class OptimizerConfig:
     """AdamW hyperparameters (decoupled weight decay, as ``torch.optim.AdamW``)."""
 
     lr: float = attrs.field(default=1e-3, validator=_positive)
+    """Peak learning rate (the schedule scales it per step). 1e-3 suits the tiny default; real
+    FLUX.1 Kontext LoRAs train at about 1e-4."""
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple)
+    """AdamW (β1, β2): decay of the gradient's running mean and of its running square."""
     weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
+    """Decoupled weight decay λ: p ← p·(1 − lr·λ) each step."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
+    """AdamW ε added to √v in the denominator."""
 
     @betas.validator
     def _check_betas(self, att: Any, value: tuple[float, ...]) -> None:
@@ -133,6 +138,7 @@ class LrSchedulerConfig:
     scheduler_type: Literal["constant", "linear", "cosine"] = attrs.field(
         default="constant", validator=v.in_(("constant", "linear", "cosine"))
     )
+    """Decay after warmup: none, linear to 0, or cosine to 0 (diffusers' get_scheduler)."""
     warmup_steps: int = attrs.field(default=0, validator=_non_negative)
     """Linear warmup from 0 over this many optimizer steps."""
     num_cycles: float = attrs.field(default=0.5, validator=_positive)
@@ -234,9 +240,14 @@ class PredictDevices:
     """Placement of each component for the predict command."""
 
     vae: str = _device_field()
+    """Where the VAE encodes the control image and decodes the result (also validation decodes
+    when training from the cache)."""
     text_encoder: str = _device_field()
+    """Where CLIP encodes the prompt."""
     text_encoder_2: str = _device_field()
+    """Where T5 encodes the prompt."""
     transformer: str = _device_field()
+    """Where the transformer denoises."""
 
 
 @attrs.frozen

@@ -167,11 +167,11 @@ def test_pretrained_weight_errors_name_the_file_and_the_fix(tiny_flux_dir: Path,
     out = saved[0]
     tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     init = inject_lora(tr, LoraConfig(r=2, lora_alpha=2, target_modules=ROUND_TRIP), seed=0)
-    with pytest.raises(QfluxError, match="has rank 4.*set model.lora.r"):
+    with pytest.raises(QfluxError, match=r"has rank 4.*set model\.lora\.r"):
         lora_from_file(tr, out / "pytorch_lora_weights.safetensors", init, pipeline_cls=FluxKontextPipeline)
     with pytest.raises(QfluxError, match="does not exist"):
         lora_from_file(tr, tmp_path / "nope.safetensors", init, pipeline_cls=FluxKontextPipeline)
     narrow = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     init = inject_lora(narrow, LoraConfig(r=4, lora_alpha=8, target_modules=("to_out.0",)), seed=0)
-    with pytest.raises(QfluxError, match="outside model.lora.target_modules"):
+    with pytest.raises(QfluxError, match=r"outside model\.lora\.target_modules"):
         lora_from_file(narrow, out / "pytorch_lora_weights.safetensors", init, pipeline_cls=FluxKontextPipeline)
