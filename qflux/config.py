@@ -172,6 +172,10 @@ class TrainConfig:
     """Format of the final LoRA: pytorch_lora_weights.safetensors (diffusers) and/or
     pytorch_lora_weights_comfyui.safetensors (ComfyUI's native diffusion_model.* keys with .alpha).
     Checkpoints always hold the diffusers file."""
+    distributed: Literal["ddp", "fsdp"] = attrs.field(default="ddp", validator=v.in_(("ddp", "fsdp")))
+    """Engine under torchrun with several ranks (ignored by one process). ``ddp``: every rank holds
+    the frozen base, LoRA gradients are all-reduced. ``fsdp``: FSDP2 also shards the frozen base
+    per transformer block, so a model too big for one device trains on several (docs/distributed.md)."""
     fp8_matmul: bool = False
     """Run the frozen base's large matmuls in fp8 (static per-channel weight scales, dynamic
     per-token activation scales; torchao). CUDA with compute capability 8.9+ only; the LoRA stays fp32."""

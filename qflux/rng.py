@@ -46,15 +46,18 @@ def draw_sample_randomness(
     logit_mean: float,
     logit_std: float,
     mode_scale: float,
+    first_index: int = 0,
 ) -> SampleDraws:
     """Draw noise, u and dropout decisions for each sample from its own keyed generator.
 
     Args:
-        keys: e.g. (seed, step, micro_batch); sample i uses keys + (i,).
+        keys: e.g. (seed, step, micro_batch); sample i uses keys + (first_index + i,).
         latent_shape: (C, h, w) of one sample's target latents.
+        first_index: index of this batch's first sample in the global batch (a data-parallel
+            rank's offset), so draws do not depend on how the batch is split across ranks.
     """
     noise, u, drop_c, drop_i = [], [], [], []
-    for i in range(batch_size):
+    for i in range(first_index, first_index + batch_size):
         g = keyed_generator(*keys, i)
         drop_c.append(bool(torch.rand((), generator=g) < caption_dropout_rate))
         drop_i.append(bool(torch.rand((), generator=g) < image_dropout_rate))

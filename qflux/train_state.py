@@ -100,15 +100,20 @@ def value_and_grad(
     return loss.detach(), dict(zip(leaves, grads, strict=True))
 
 
+Reduce = Callable[[Params, torch.Tensor], tuple[Params, torch.Tensor]]
+
+
 def _update(
     lora: Params,
     opt: AdamWState,
     microbatches: list[Any],
     lr: torch.Tensor,
+    weights: torch.Tensor | None,
     *,
     loss_fn: LossFn,
     hp: StepHParams,
     module: Any,
+    reduce: Reduce | None,
 ) -> tuple[Params, torch.Tensor, Params, Params, dict[str, torch.Tensor]]:
     """The pure core of a step (compilable: no Python state, no host syncs, tensors in and out).
 
@@ -118,16 +123,21 @@ def _update(
     k = len(microbatches)
     total_loss: torch.Tensor | None = None
     grads: Params = {}
-    for batch in microbatches:
+    for m, batch in enumerate(microbatches):
         loss, g = value_and_grad(loss_fn, lora, batch, engine=hp.engine, module=module)
+        w = weights[m] if weights is not None else None
+        if w is not None:  # this micro-batch's share of the (global) step
+            loss, g = loss.float() * w, {n: t * w.to(t.dtype) for n, t in g.items()}
         total_loss = loss.float() if total_loss is None else total_loss + loss.float()
         grads = g if not grads else {n: grads[n] + g[n] for n in grads}
     assert total_loss is not None, "train_step needs at least one micro-batch"
-    if k > 1:
-        grads = {n: t / k for n, t in grads.items()}
+    if weights is None and k > 1:
+        grads, total_loss = {n: t / k for n, t in grads.items()}, total_loss / k
+    if reduce is not None:  # Σ over ranks of the weighted shares (qflux.distributed.all_reduce_sum)
+        grads, total_loss = reduce(grads, total_loss)
     grads, norm = clip_by_global_norm(grads, hp.max_grad_norm)
     new_lora, new_opt = adamw_update(grads, opt, lora, lr=lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
-    mean_loss = total_loss / k
+    mean_loss = total_loss
     ok = torch.isfinite(mean_loss) & torch.isfinite(norm)
     # a non-finite loss or gradient skips the update (selected on device: no host sync)
     metrics = {"loss": mean_loss, "grad_norm": norm, "lr": lr.detach().float(), "finite": ok.float()}
@@ -140,18 +150,23 @@ def _update(
     )
 
 
-StepFn = Callable[[TrainState, Sequence[Any], torch.Tensor], tuple[TrainState, dict[str, torch.Tensor]]]
+StepFn = Callable[..., tuple[TrainState, dict[str, torch.Tensor]]]
 
 
 def make_train_step(
-    loss_fn: LossFn, hp: StepHParams, *, module: Any = None, compile: bool | CompileMode = False
+    loss_fn: LossFn,
+    hp: StepHParams,
+    *,
+    module: Any = None,
+    compile: bool | CompileMode = False,
+    reduce: Reduce | None = None,
 ) -> StepFn:
-    """Build ``step(state, microbatches, lr) -> (state, metrics)``, optionally compiled.
+    """Build ``step(state, microbatches, lr, weights=None) -> (state, metrics)``, optionally compiled.
 
     One optimizer step over K accumulated micro-batches:
 
-        g = (1/K) Σ_k ∇ loss_fn(lora, batch_k)
-        g ← clip(g, max_grad_norm);   lora, opt ← AdamW(g, opt, lora, lr)
+        g = Σ_k w_k ∇ loss_fn(lora, batch_k)          (w_k = 1/K unless ``weights`` are given)
+        g ← reduce(g);  g ← clip(g, max_grad_norm);   lora, opt ← AdamW(g, opt, lora, lr)
 
     A non-finite loss or gradient norm leaves the LoRA and optimizer state as they were (the step
     still counts, with ``finite`` = 0). The state is never mutated.
@@ -168,9 +183,11 @@ def make_train_step(
     Returns:
         ``step``; its metrics are 0-d tensors: ``loss`` (mean over micro-batches), ``grad_norm``
         (before clipping), ``lr`` and ``finite`` (1.0 when loss and gradient are finite).
+        ``weights`` [K] (a tensor) replaces 1/K: data-parallel ranks weight each micro-batch by
+        their share of the global batch, and ``reduce`` (an all-reduce SUM) adds the shares up.
     """
     mode: CompileMode = "full" if compile is True else "none" if compile is False else compile
-    update: Callable[..., Any] = partial(_update, loss_fn=loss_fn, hp=hp, module=module)
+    update: Callable[..., Any] = partial(_update, loss_fn=loss_fn, hp=hp, module=module, reduce=reduce)
     if mode == "full":
         if hp.engine != "func":
             raise ValueError(
@@ -191,9 +208,9 @@ def make_train_step(
         compile_regions(module)
 
     def step(
-        state: TrainState, microbatches: Sequence[Any], lr: torch.Tensor
+        state: TrainState, microbatches: Sequence[Any], lr: torch.Tensor, weights: torch.Tensor | None = None
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        lora, count, m, v, metrics = update(state.lora, state.opt, list(microbatches), lr)
+        lora, count, m, v, metrics = update(state.lora, state.opt, list(microbatches), lr, weights)
         opt = AdamWState(updates=count, exp_avg=m, exp_avg_sq=v)
         return attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt), metrics
 

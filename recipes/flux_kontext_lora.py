@@ -11,6 +11,8 @@ transformer. The recipe is parse → build → loop → save; the maths lives in
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from qflux.config_parse import load_config, to_dict
 from qflux.console import quiet_known_warnings
 from qflux.data import PairDataset, PairSample, batch_stream, collate_pairs, load_rgb, scan_pairs
 from qflux.devices import resolve_device
+from qflux.distributed import World, all_reduce_sum, any_rank, barrier, init_world, rank_device, shard_frozen_base
 from qflux.errors import QfluxError
 from qflux.flux_kontext import cache as kcache
 from qflux.flux_kontext.batch import assemble_batch, cached_conditioning, encode_conditioning, eval_batches
@@ -112,7 +115,12 @@ class Inputs:
 
 
 def _inputs(
-    cfg: FluxKontextConfig, samples: list[PairSample], path: Path, device: torch.device, extra: list[PairSample]
+    cfg: FluxKontextConfig,
+    samples: list[PairSample],
+    path: Path,
+    device: torch.device,
+    extra: list[PairSample],
+    world: World,
 ) -> Inputs:
     """Load what training needs: only the transformer with the cache, else every encoder too.
 
@@ -125,9 +133,11 @@ def _inputs(
         spec = kcache.cache_spec(path, cfg.model.dtype, seq)
         entries = kcache.sample_entries(spec, root, samples + extra)
         problems = kcache.verify_cache(spec, root, entries)
+        if world.size > 1 and any_rank(bool(problems), device) and not problems:
+            problems = ["another rank found entries missing"]  # fill together: _fill has a barrier
         if problems:  # computed now with the encoders, which are freed before the transformer loads
             print(f"cache '{root}': {len(problems)} entries missing or corrupt (first: {problems[0]}); computing them")
-            _fill(cfg, samples + extra, path)
+            _fill(cfg, samples + extra, path, world)
         models = load_flux_kontext(path, dtype, include=("transformer",), devices={"transformer": device})
         return Inputs(
             models,
@@ -197,35 +207,58 @@ def _check_finite(worst: torch.Tensor, limit: int, step: int, out: Path) -> None
         )
 
 
+def _quiet_unless(main: bool) -> contextlib.AbstractContextManager[Any]:
+    """Ranks other than 0 print nothing (their progress bars are off too)."""
+    return contextlib.nullcontext() if main else contextlib.redirect_stdout(io.StringIO())
+
+
 def run(cfg: FluxKontextConfig) -> RunResult:
     """Train a LoRA as configured and write the outputs; returns the final state and losses.
 
     Checkpoints every ``train.checkpointing_steps``; SIGINT/SIGTERM save one and return early.
+    Under torchrun with several ranks, trains data-parallel (``train.distributed``); rank 0 alone
+    prints and writes files.
     """
+    device = resolve_device(cfg.train.device, key="train.device")
+    world = init_world(device.type)
+    with _quiet_unless(world.is_main):
+        return _run(cfg, world, rank_device(world, device))
+
+
+def _run(cfg: FluxKontextConfig, world: World, device: torch.device) -> RunResult:
     out, tr, opt, sch = Path(cfg.logging.output_dir), cfg.train, cfg.optimizer, cfg.lr_scheduler
     samples, path = _samples(cfg), _model_dir(cfg)
-    device = resolve_device(tr.device, key="train.device")
+    mode = resolve_compile(tr.compile, device)
+    if world.size > 1 and mode == "full":
+        raise QfluxError("train.compile: true cannot run under torchrun (collectives in the graph); use regional")
     if tr.fp8_matmul:
         check_fp8_device(device)  # before any model loads
     vset = None
     if cfg.validation.enabled:
         vset = validation_set(cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels)
-    for partial_dir in remove_partial(out):
-        print(f"removed '{partial_dir}', left by a checkpoint write that was interrupted")
-    inputs = _inputs(cfg, samples, path, device, vset.samples if vset else [])
+    if world.is_main:
+        for partial_dir in remove_partial(out):
+            print(f"removed '{partial_dir}', left by a checkpoint write that was interrupted")
+    inputs = _inputs(cfg, samples, path, device, vset.samples if vset else [], world)
     transformer = inputs.models.transformer
     if tr.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     lora0 = inject_lora(transformer, cfg.model.lora, seed=cfg.seed)
     if cfg.model.lora.pretrained_weight is not None:
         lora0 = lora_from_file(transformer, cfg.model.lora.pretrained_weight, lora0, pipeline_cls=_pipeline_cls())
-    mode = resolve_compile(tr.compile, device)
     prepare_frozen_base(transformer, fp8_matmul=tr.fp8_matmul, device=device, compile_mode=mode)
+    sharded = world.size > 1 and tr.distributed == "fsdp"
+    if sharded:
+        blocks = shard_frozen_base(transformer, world)
+        print(f"FSDP2: frozen base sharded across {world.size} ranks ({blocks} blocks); LoRA replicated")
     state, meta = _resume(cfg, init_train_state({k: v.to(device) for k, v in lora0.items()}, cfg.seed))
     loss_fn = make_loss_fn(transformer, guidance_scale=tr.guidance_scale, weighting_scheme=tr.weighting_scheme)
-    engine: GradEngine = "autograd" if tr.gradient_checkpointing or mode == "regional" else "func"
+    # FSDP2's unsharding runs as module hooks that torch.func transforms do not see: autograd engine
+    autograd = tr.gradient_checkpointing or mode == "regional" or sharded
+    engine: GradEngine = "autograd" if autograd else "func"
     hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, tr.max_grad_norm, engine)
-    step_fn = make_train_step(loss_fn, hp, module=transformer, compile=mode)
+    reduce = all_reduce_sum if world.size > 1 else None
+    step_fn = make_train_step(loss_fn, hp, module=transformer, compile=mode, reduce=reduce)
     position = tuple(meta.get("data_position", (0, 0)))
     stream = batch_stream(
         inputs.dataset,
@@ -236,6 +269,7 @@ def run(cfg: FluxKontextConfig) -> RunResult:
         num_workers=cfg.data.num_workers,
         collate_fn=inputs.collate,
         start=(int(position[0]), int(position[1])),
+        shard=(world.rank, world.size),
     )
     history: list[float] = list(meta.get("losses", []))
     losses: list[torch.Tensor] = []
@@ -245,8 +279,8 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     skipped = torch.full((), float(meta.get("nonfinite_total", 0)), device=device)
     sched_cfg = inputs.models.scheduler.config
     logdir = out / cfg.logging.logging_dir
-    tracker = open_tracker(cfg.logging.report_to, logdir)
-    validate = _validator(cfg, path, inputs, vset, loss_fn, device, tracker) if vset else None
+    tracker = open_tracker(cfg.logging.report_to if world.is_main else "none", logdir)
+    validate = _validator(cfg, path, inputs, vset, loss_fn, device, tracker, world) if vset else None
     pending: list[dict[str, torch.Tensor]] = []  # metrics of the steps since the last log (device tensors)
 
     def log_window() -> None:
@@ -267,8 +301,6 @@ def run(cfg: FluxKontextConfig) -> RunResult:
 
     def checkpoint() -> Path:
         all_losses = history + (torch.stack(losses).tolist() if losses else [])
-        if all_losses:
-            save_loss_curve(all_losses, out / "loss.png")
         body = {"data_position": list(position), "losses": all_losses, "nonfinite_total": int(skipped.item())}
         write = partial(
             save_lora,
@@ -277,25 +309,37 @@ def run(cfg: FluxKontextConfig) -> RunResult:
             dtype=torch_dtype(tr.save_dtype),
             pipeline_cls=_pipeline_cls(),
         )
-        return save_checkpoint(out, state, body, to_dict(cfg), write_lora=write, total_limit=tr.checkpoints_total_limit)
+        saved = out / f"checkpoint-{state.step}"
+        if world.is_main:
+            saved = save_checkpoint(
+                out, state, body, to_dict(cfg), write_lora=write, total_limit=tr.checkpoints_total_limit
+            )
+            if all_losses:
+                save_loss_curve(all_losses, out / "loss.png")
+        barrier(world)
+        return saved
 
     with (
         stop_signals() as stopped,
-        tqdm(initial=state.step, total=tr.max_train_steps, desc="train", unit="step") as bar,
+        tqdm(initial=state.step, total=tr.max_train_steps, desc="train", unit="step", disable=not world.is_main) as bar,
     ):
         if validate is not None and state.step < tr.max_train_steps:
             validate(state)  # before the first step of this run
         while state.step < tr.max_train_steps:
             started = time.perf_counter()
-            micro = []
+            micro, shares = [], []
             for m in range(tr.gradient_accumulation_steps):
                 position, raw = next(stream)
                 cond = inputs.to_conditioning(raw)
-                micro.append(assemble_batch(cfg, sched_cfg, cond, inputs.empty, (cfg.seed, state.step, m), device))
+                keys = (cfg.seed, state.step, m)
+                micro.append(assemble_batch(cfg, sched_cfg, cond, inputs.empty, keys, device, raw["offset"]))
+                # this rank's share of the micro-batch's global mean, over K accumulated micro-batches
+                shares.append(cond.latents.shape[0] / raw["global_size"] / tr.gradient_accumulation_steps)
             lr = learning_rate(state.step, base_lr=opt.lr, kind=sch.scheduler_type, warmup_steps=sch.warmup_steps,
                                total_steps=tr.max_train_steps, num_cycles=sch.num_cycles)  # fmt: skip
             lr_t = torch.tensor(lr, dtype=torch.float64)
-            state, metrics = step_fn(state, micro, lr_t)
+            weights = torch.tensor(shares, device=device) if world.size > 1 else None
+            state, metrics = step_fn(state, micro, lr_t, weights)
             losses.append(metrics["loss"])
             pending.append(metrics)
             streak = (streak + 1) * (1 - metrics["finite"])
@@ -303,6 +347,8 @@ def run(cfg: FluxKontextConfig) -> RunResult:
             seconds.append(time.perf_counter() - started)
             bar.update(1)
             ckpt_due = tr.checkpointing_steps and state.step % tr.checkpointing_steps == 0
+            if world.size > 1 and any_rank(bool(stopped), device) and not stopped:
+                stopped.append("another rank's stop request")
             if state.step % LOG_EVERY == 0 or state.step == tr.max_train_steps or ckpt_due or stopped:
                 _check_finite(worst, tr.max_nonfinite_steps, state.step, out)
                 recent = torch.stack(losses[-LOG_EVERY:]).nanmean().item()
@@ -327,14 +373,17 @@ def run(cfg: FluxKontextConfig) -> RunResult:
     lora_path = out / LORA_WEIGHT_NAME
     if not stopped:
         save_dtype = torch_dtype(tr.save_dtype)
-        if tr.lora_format in ("comfyui", "both"):
+        if world.is_main and tr.lora_format in ("comfyui", "both"):
             lora_path = save_lora_comfyui(out, transformer, state.lora, dtype=save_dtype)
-        if tr.lora_format in ("diffusers", "both"):
+        if world.is_main and tr.lora_format in ("diffusers", "both"):
             lora_path = save_lora(out, transformer, state.lora, dtype=save_dtype, pipeline_cls=_pipeline_cls())
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-        save_loss_curve(loss_values, out / "loss.png")
-        if cfg.logging.write_sample:
-            _write_sample(cfg, _with_encoders(cfg, path, inputs.models), samples[0], state.lora, out / "sample.png")
+        if world.is_main:
+            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+            save_loss_curve(loss_values, out / "loss.png")
+        if cfg.logging.write_sample:  # every rank predicts (a sharded base needs them all); rank 0 writes
+            models = _with_encoders(cfg, path, inputs.models)
+            _write_sample(cfg, models, samples[0], state.lora, out / "sample.png", write=world.is_main)
+        barrier(world)
         if loss_values:
             print(f"saved LoRA to {lora_path}; loss {loss_values[0]:.4f} → {loss_values[-1]:.4f}")
     return RunResult(cfg, state, lora0, loss_values, seconds, inputs.models, lora_path, interrupted=bool(stopped))
@@ -350,13 +399,18 @@ def _with_encoders(cfg: FluxKontextConfig, path: Path, models: FluxKontextModels
     return attrs.evolve(models, **{n: getattr(extra, n) for n in missing})
 
 
-def _write_sample(cfg: FluxKontextConfig, models: FluxKontextModels, sample: PairSample, lora: Any, path: Path) -> None:
+def _write_sample(
+    cfg: FluxKontextConfig, models: FluxKontextModels, sample: PairSample, lora: Any, path: Path, *, write: bool = True
+) -> None:
     """control | target | base model | with LoRA, same seed for both predictions."""
     control = load_rgb(sample.control)
     kw = {"seed": cfg.seed, "max_sequence_length": cfg.model.max_sequence_length}
     before = to_pil(kontext_predict(models, control, sample.prompt, **kw))
     after = to_pil(kontext_predict(models, control, sample.prompt, lora=lora, **kw))
-    save_image_row([control, load_rgb(sample.target), before, after], ["control", "target", "before", "after"], path)
+    if write:
+        save_image_row(
+            [control, load_rgb(sample.target), before, after], ["control", "target", "before", "after"], path
+        )
 
 
 def _hw(size: tuple[int, int]) -> tuple[int, int]:
@@ -372,6 +426,7 @@ def _validator(
     loss_fn: Callable[..., torch.Tensor],
     device: torch.device,
     tracker: Tracker,
+    world: World,
 ) -> Callable[[TrainState], None]:
     """Build ``validate(state)``: the validation loss (fixed σ and noise) and a grid of predictions.
 
@@ -416,6 +471,8 @@ def _validator(
             vae = load_flux_kontext(path, dtype, include=("vae",), devices={"vae": device_vae}).vae
         images = [to_image(vae_decode(vae, z)) for z in latents]
         del vae
+        if not world.is_main:  # every rank computed (a sharded base needs them all); rank 0 writes
+            return
         grid = validation_grid(vset, images, out / f"step-{state.step:06d}.png")
         tracker.image(state.step, "val/grid", grid)
         if values:
@@ -431,11 +488,15 @@ def train(config: str | None = None, **overrides: Any) -> None:
 
 
 def fill(cfg: FluxKontextConfig) -> kcache.CacheReport:
-    """Compute the cache entries the configured dataset needs; returns the computed/reused counts."""
-    return _fill(cfg, _samples(cfg), _model_dir(cfg))
+    """Compute the cache entries the configured dataset needs; returns the computed/reused counts.
+
+    Under torchrun, each rank computes every world-th sample (rank 0 reports its own share)."""
+    world = init_world(resolve_device(cfg.cache.vae_encoder_device, key="cache.vae_encoder_device").type)
+    with _quiet_unless(world.is_main):
+        return _fill(cfg, _samples(cfg), _model_dir(cfg), world)
 
 
-def _fill(cfg: FluxKontextConfig, samples: list[PairSample], path: Path) -> kcache.CacheReport:
+def _fill(cfg: FluxKontextConfig, samples: list[PairSample], path: Path, world: World) -> kcache.CacheReport:
     root = Path(cfg.cache.cache_dir)
     spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length)
     names = {
@@ -445,12 +506,19 @@ def _fill(cfg: FluxKontextConfig, samples: list[PairSample], path: Path) -> kcac
     }
     devices = _devices(cfg.cache, "cache", names)
     models = load_flux_kontext(path, torch_dtype(cfg.model.dtype), include=ENCODERS, devices=devices)
+    mine = samples[world.rank :: world.size]
     report = kcache.fill_cache(
-        spec, models, samples, root, progress=lambda jobs: tqdm(jobs, desc="cache", unit="entry")
+        spec,
+        models,
+        mine,
+        root,
+        progress=lambda jobs: tqdm(jobs, desc="cache", unit="entry", disable=not world.is_main),
     )
+    barrier(world)  # every entry exists before any rank reads one
     for reason in report.replaced:
         print(f"recomputed corrupt entry: {reason}")
-    print(f"cache '{root}': {report.computed} entries computed, {report.reused} reused")
+    share = f" (rank 0's share of {world.size})" if world.size > 1 else ""
+    print(f"cache '{root}': {report.computed} entries computed, {report.reused} reused{share}")
     return report
 
 

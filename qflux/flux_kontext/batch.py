@@ -83,6 +83,7 @@ def assemble_batch(
     empty: PromptEmbeds,
     keys: tuple[int, ...],
     device: torch.device | str = "cpu",
+    first_index: int = 0,
 ) -> FluxKontextBatch:
     """Apply caption and control dropout, draw noise and σ, and move everything to ``device``.
 
@@ -90,7 +91,8 @@ def assemble_batch(
 
     Args:
         empty: embeddings of the empty prompt, pooled [1, P] and tokens [1, S, D].
-        keys: randomness keys (seed, step, micro-batch); sample i draws from keys + (i,).
+        keys: randomness keys (seed, step, micro-batch); sample i draws from keys + (first_index + i,).
+        first_index: this batch's offset in the global batch (data-parallel ranks).
     """
     b, c, h, w = cond.latents.shape
     tr = cfg.train
@@ -104,6 +106,7 @@ def assemble_batch(
         logit_mean=tr.logit_mean,
         logit_std=tr.logit_std,
         mode_scale=tr.mode_scale,
+        first_index=first_index,
     )
     drop_c = draws.drop_caption.to(cond.pooled.device)
     pooled = torch.where(drop_c[:, None], empty.pooled.to(cond.pooled), cond.pooled)
