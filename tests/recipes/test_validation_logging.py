@@ -109,3 +109,37 @@ def test_validation_loss_is_deterministic_and_samples_list_without_target(tmp_pa
 def test_validation_without_samples_is_refused_before_loading(tmp_path: Path, tiny_flux_dir: Path) -> None:
     with pytest.raises(QfluxError, match=r"validation\.dataset_path"):
         run(_cfg(tmp_path, tiny_flux_dir, **{"validation.enabled": True}))
+
+
+def test_validation_from_the_cache_equals_validation_from_the_encoders(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    """With cache.use_cache the validation samples are cached with the training ones (the VAE is
+    loaded only to decode), and the grids and losses are the uncached run's."""
+    held = make_synthetic_pairs(tmp_path / "held", 2, seed=5)
+    extra = {
+        "validation.enabled": True,
+        "validation.dataset_path": str(held),
+        "validation.num_inference_steps": 1,
+        "logging.report_to": "jsonl",
+        "train.max_train_steps": 2,
+        "train.checkpointing_steps": 0,
+    }
+    plain = run(_cfg(tmp_path / "plain", tiny_flux_dir, **extra))
+    cached = run(
+        _cfg(
+            tmp_path / "cached",
+            tiny_flux_dir,
+            **extra,
+            **{"cache.use_cache": True, "cache.cache_dir": str(tmp_path / "c")},
+        )
+    )
+    assert cached.models.vae is None  # training held only the transformer
+    assert plain.losses == cached.losses
+    for run_dir in ("plain", "cached"):
+        assert (tmp_path / run_dir / "out" / "validation" / "step-000002.png").is_file()
+    logs = [
+        [json.loads(x) for x in (tmp_path / r / "out" / "logs" / "metrics.jsonl").read_text().splitlines()]
+        for r in ("plain", "cached")
+    ]
+    assert [x["val/loss"] for x in logs[0] if "val/loss" in x] == [x["val/loss"] for x in logs[1] if "val/loss" in x]
+    grids = [(tmp_path / r / "out" / "validation" / "step-000002.png").read_bytes() for r in ("plain", "cached")]
+    assert grids[0] == grids[1]
