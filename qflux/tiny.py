@@ -11,12 +11,13 @@ projection, T5 sequence, 3-axis RoPE) at a width small enough for a 2-core CPU.
 from __future__ import annotations
 
 import string
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["build_flux_kontext", "clip_tokenizer", "t5_tokenizer"]
+__all__ = ["build_flux_kontext", "build_qwen_image_edit", "clip_tokenizer", "qwen_tokenizer", "t5_tokenizer"]
 
 # Characters the tiny tokenizers know; anything else maps to the unknown token.
 _ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,!?'-:;()"
@@ -184,15 +185,153 @@ def build_flux_kontext(out_dir: str | Path, seed: int = 0, size: str = "tiny") -
     return out
 
 
-_BUILDERS = {"flux_kontext": build_flux_kontext}
+# The special tokens of Qwen2.5-VL's chat and vision template, in its order.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+
+
+def qwen_tokenizer() -> Any:
+    """A byte-level Qwen2 BPE tokenizer over all 256 bytes, a few merges and the chat/vision
+    special tokens, built in code."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab[QWEN_SPECIAL_TOKENS[0]] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tok
+
+
+_QWEN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "z_dim": 4,
+        "transformer": {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 3,
+                        "axes_dims_rope": (8, 4, 4)},
+        "text": {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "num_key_value_heads": 2},
+        "vision": {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2},
+        "vae_base_dim": 24,
+    },
+}  # fmt: skip
+
+
+def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny", variant: str = "edit") -> Path:
+    """Write a tiny random Qwen-Image-Edit model folder (diffusers layout) to ``out_dir``.
+
+    A Qwen2.5-VL text encoder (vision tower included) with a tokenizer built in code, the Qwen2-VL
+    processor (PIL image processor, no torchvision), the QwenImage transformer, the QwenImage VAE
+    with non-trivial ``latents_mean`` / ``latents_std``, and Qwen-Image's scheduler settings.
+
+    Args:
+        variant: "edit" (``QwenImageEditPipeline``) or "edit_plus" (``QwenImageEditPlusPipeline``,
+            2509: the same components, several control images).
+
+    Returns:
+        The folder. ``QwenImageEditPipeline.from_pretrained(path, processor=load_qwen_processor(path
+        / "processor"))`` loads it.
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from qflux.qwen_image_edit.processor import qwen_processor
+
+    if size not in _QWEN_PRESETS:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(_QWEN_PRESETS)}")
+    if variant not in ("edit", "edit_plus"):
+        raise ValueError(f"unknown variant {variant!r}; choose 'edit' or 'edit_plus'")
+    p = _QWEN_PRESETS[size]
+    out = Path(out_dir)
+    tok = qwen_tokenizer()
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)), strict=True))
+    z = p["z_dim"]
+    vocab = -(-len(tok) // 16) * 16
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text = dict(p["text"], vocab_size=vocab, rope_theta=1000000.0,
+                    rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})  # fmt: skip
+        config = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=dict(p["vision"], out_hidden_size=p["text"]["hidden_size"]),
+            vocab_size=vocab,
+            bos_token_id=None,
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            vision_token_id=ids["<|vision_pad|>"],
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4 * z,  # 2×2 packed latents
+            out_channels=z,
+            joint_attention_dim=p["text"]["hidden_size"],
+            guidance_embeds=False,
+            **p["transformer"],
+        )
+        gen = torch.Generator().manual_seed(seed + 1)
+        vae = AutoencoderKLQwenImage(
+            base_dim=p["vae_base_dim"],
+            z_dim=z,
+            dim_mult=[1, 2, 4],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+            latents_mean=(torch.randn(z, generator=gen) * 0.2).round(decimals=4).tolist(),
+            latents_std=(1 + torch.rand(z, generator=gen)).round(decimals=4).tolist(),
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's settings
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    pipeline_cls = QwenImageEditPipeline if variant == "edit" else QwenImageEditPlusPipeline
+    pipe = pipeline_cls(
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        processor=qwen_processor(tok),
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+_BUILDERS = {
+    "flux_kontext": build_flux_kontext,
+    "qwen_image_edit": build_qwen_image_edit,
+    "qwen_image_edit_plus": partial(build_qwen_image_edit, variant="edit_plus"),
+}
 
 
 def main(model: str, out_dir: str, seed: int = 0, size: str = "tiny") -> None:
-    """CLI: ``python -m qflux.tiny flux_kontext DIR [--seed=0] [--size=tiny|small]``."""
+    """CLI: ``python -m qflux.tiny flux_kontext|qwen_image_edit|qwen_image_edit_plus DIR [--seed=0] [--size=...]``."""
     if model not in _BUILDERS:
         raise SystemExit(f"unknown tiny model {model!r}; choose one of {sorted(_BUILDERS)}")
-    if size not in _PRESETS:
-        raise SystemExit(f"unknown size {size!r}; choose one of {sorted(_PRESETS)}")
+    presets = _QWEN_PRESETS if model.startswith("qwen") else _PRESETS
+    if size not in presets:
+        raise SystemExit(f"unknown size {size!r}; choose one of {sorted(presets)}")
     path = _BUILDERS[model](out_dir, seed=seed, size=size)
     print(f"wrote tiny {model} model to {path}")
 
