@@ -48,6 +48,8 @@ def _first_config(subfolder: str) -> str:
         return "tokenizer_config.json"
     if subfolder == "scheduler":
         return "scheduler_config.json"
+    if subfolder == "processor":
+        return "processor_config.json"
     return "config.json"
 
 

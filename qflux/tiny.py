@@ -11,6 +11,7 @@ projection, T5 sequence, 3-axis RoPE) at a width small enough for a 2-core CPU.
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,7 @@ def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny"
     return out
 
 
-_BUILDERS = {
+_BUILDERS: dict[str, Callable[..., Path]] = {
     "flux_kontext": build_flux_kontext,
     "qwen_image_edit": build_qwen_image_edit,
     "qwen_image_edit_plus": partial(build_qwen_image_edit, variant="edit_plus"),

@@ -14,39 +14,18 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.errors import QfluxError
+from qflux.loading import load_component, load_scheduler, load_tokenizer
+from qflux.loading import torch_dtype as torch_dtype  # re-exported for recipes and benchmarks
 from qflux.model_dir import resolve_model_dir
 
 PIPELINE = "FLUX.1 Kontext"
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``'bfloat16'`` → ``torch.bfloat16`` (the config's dtype names)."""
-    return _DTYPES[name]
-
-
-def _folder(model_path: str | Path, subfolder: str) -> Path:
-    return resolve_model_dir(str(model_path), [subfolder], pipeline=PIPELINE)
-
-
-def _frozen(module: Any, device: str | torch.device) -> Any:
-    module.requires_grad_(False)
-    module.eval()
-    return module.to(device)
-
 
 def _load(
     cls: Any, model_path: str | Path, subfolder: str, weight_dtype: torch.dtype, device: str | torch.device
 ) -> Any:
-    path = _folder(model_path, subfolder)
-    try:
-        module = cls.from_pretrained(path, subfolder=subfolder, dtype=weight_dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise QfluxError(f"could not load {subfolder} from '{path / subfolder}': {e}") from None
-    return _frozen(module, device)
+    return load_component(cls, model_path, subfolder, weight_dtype, device, pipeline=PIPELINE)
 
 
 def load_flux_kontext_clip(
@@ -87,24 +66,14 @@ def load_flux_kontext_transformer(
 
 def load_flux_kontext_tokenizers(model_path: str | Path) -> tuple[Any, Any]:
     """The CLIP tokenizer (``tokenizer/``) and the T5 tokenizer (``tokenizer_2/``)."""
-    from transformers import AutoTokenizer
-
-    out = []
-    for sub in ("tokenizer", "tokenizer_2"):
-        path = _folder(model_path, sub)
-        try:
-            out.append(AutoTokenizer.from_pretrained(path / sub))
-        except (OSError, ValueError) as e:
-            raise QfluxError(f"could not load {sub} from '{path / sub}': {e}") from None
-    return out[0], out[1]
+    return load_tokenizer(model_path, "tokenizer", pipeline=PIPELINE), load_tokenizer(
+        model_path, "tokenizer_2", pipeline=PIPELINE
+    )
 
 
 def load_flux_kontext_scheduler(model_path: str | Path) -> Any:
     """The flow-matching Euler scheduler (``scheduler/``) whose config predict and training read."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    path = _folder(model_path, "scheduler")
-    return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    return load_scheduler(model_path, pipeline=PIPELINE)
 
 
 @attrs.frozen(eq=False)
