@@ -71,20 +71,26 @@ def load_qwen_image_edit_processor(model_path: str | Path) -> Any:
 
 
 def load_qwen_image_edit_scheduler(model_path: str | Path) -> Any:
-    """The flow-matching Euler scheduler (``scheduler/``)."""
+    """The flow-matching Euler scheduler (``scheduler/``): Qwen-Image's exponential time shift."""
     return load_scheduler(model_path, pipeline=PIPELINE)
 
 
 @attrs.frozen(eq=False)
 class QwenImageEditModels:
-    """The frozen components one job needs; ``None`` where a job does not need one."""
+    """What one Qwen-Image-Edit job needs; ``None`` for a component it does not load."""
 
     transformer: Any
+    """``QwenImageTransformer2DModel``; in training it carries an injected (zeroed) LoRA adapter."""
     vae: Any
+    """``AutoencoderKLQwenImage``, or None when latents come from the cache."""
     text_encoder: Any
+    """``Qwen2_5_VLForConditionalGeneration``, or None when embeddings come from the cache."""
     tokenizer: Any
+    """``Qwen2Tokenizer`` for the text-only template."""
     processor: Any
+    """``Qwen2VLProcessor``: the prompt template with its control image(s)."""
     scheduler: Any
+    """``FlowMatchEulerDiscreteScheduler`` whose config predict and training read."""
 
 
 def load_qwen_image_edit(
