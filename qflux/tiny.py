@@ -218,7 +218,7 @@ _QWEN_PRESETS: dict[str, dict[str, Any]] = {
         "text": {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "num_key_value_heads": 2},
         "vision": {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2},
-        "vae_base_dim": 24,
+        "vae_base_dim": 8,
     },
 }  # fmt: skip
 
@@ -261,15 +261,14 @@ def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny"
     vocab = -(-len(tok) // 16) * 16
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text = dict(p["text"], vocab_size=vocab, rope_theta=1000000.0,
+        special = {"bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+        text = dict(p["text"], vocab_size=vocab, rope_theta=1000000.0, **special,
                     rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})  # fmt: skip
         config = Qwen2_5_VLConfig(
             text_config=text,
             vision_config=dict(p["vision"], out_hidden_size=p["text"]["hidden_size"]),
             vocab_size=vocab,
-            bos_token_id=None,
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **special,
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
             vision_token_id=ids["<|vision_pad|>"],
@@ -289,9 +288,9 @@ def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny"
         vae = AutoencoderKLQwenImage(
             base_dim=p["vae_base_dim"],
             z_dim=z,
-            dim_mult=[1, 2, 4],
+            dim_mult=[1, 2, 4, 4],  # three downsamplings: ×8, as the real VAE
             num_res_blocks=1,
-            temperal_downsample=[False, True],
+            temperal_downsample=[False, True, True],
             latents_mean=(torch.randn(z, generator=gen) * 0.2).round(decimals=4).tolist(),
             latents_std=(1 + torch.rand(z, generator=gen)).round(decimals=4).tolist(),
         )

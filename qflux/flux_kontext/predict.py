@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from qflux.data import MULTIPLE, image_to_tensor
-from qflux.flow import resolution_mu
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import token_layout, velocity
+from qflux.sampling import euler_scheduler, initial_noise
 
 
 def default_size(image: Image.Image) -> tuple[int, int]:
@@ -119,23 +119,13 @@ def denoise(
     Returns:
         Final latents [1, C, height/8, width/8] on the transformer's device.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     height, width = size
     params = dict(lora or {})
     device, tdtype = transformer.device, transformer.dtype
     c = transformer.config.in_channels // 4
     shape = (1, c, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE))
-    generator = torch.Generator("cpu").manual_seed(seed)
-    latents = torch.randn(shape, generator=generator, dtype=noise_dtype).to(device)
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    sc = scheduler.config
-    seq_len = (shape[2] // 2) * (shape[3] // 2)
-    mu = resolution_mu(seq_len, sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-    scheduler.set_begin_index(0)
+    latents = initial_noise(shape, seed, noise_dtype, device)
+    scheduler = euler_scheduler(scheduler_config, num_inference_steps, (shape[2] // 2) * (shape[3] // 2), device)
     # true CFG evaluates both prompts as one batch of 2: [positive ; negative]
     neg = negative if true_cfg_scale > 1 else None
     pooled, tokens = prompt.pooled.to(device), prompt.tokens.to(device)

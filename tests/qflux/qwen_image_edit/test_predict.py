@@ -1,0 +1,83 @@
+"""Our Qwen-Image-Edit predict reproduces ``QwenImageEditPipeline`` within 1/255 mean absolute pixel
+difference, with true CFG off and on; one case runs the pipeline's default ~1024² resizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qflux.qwen_image_edit.loaders import load_qwen_image_edit
+from qflux.qwen_image_edit.predict import condition_size, predict
+from qflux.tiny import build_qwen_image_edit
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_qwen_image_edit(tmp_path_factory.mktemp("tiny-qwen"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_qwen: Path):
+    return load_qwen_image_edit(tiny_qwen, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_qwen: Path):
+    from diffusers import QwenImageEditPipeline
+
+    from qflux.qwen_image_edit.processor import load_qwen_processor
+
+    p = QwenImageEditPipeline.from_pretrained(tiny_qwen, processor=load_qwen_processor(tiny_qwen / "processor"))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture
+def small_area(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline (and so our predict) resizes to ~1024²: shrink that to ~96² on both sides."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+
+    original = edit.calculate_dimensions
+    monkeypatch.setattr(edit, "calculate_dimensions", lambda area, ratio: original(96 * 96, ratio))
+
+
+def _image(w: int = 90, h: int = 70) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+@pytest.mark.parametrize("cfg", [None, "blurry, low quality"])
+def test_predict_equals_pipeline(models, pipe, small_area, cfg: str | None) -> None:
+    image = _image()
+    kw = {"negative_prompt": cfg, "true_cfg_scale": 4.0}
+    ours = predict(models, image, "make the sky pink", num_inference_steps=3, seed=2, **kw)
+    ref = pipe(
+        image=image,
+        prompt="make the sky pink",
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(2),
+        output_type="np",
+        **kw,
+    ).images[0]
+    w, h = condition_size(image)
+    assert ours.shape == ref.shape == (h, w, 3)
+    assert _mad(ours, ref) <= 1 / 255
+
+
+def test_predict_equals_pipeline_with_its_default_resizing(models, pipe) -> None:
+    """No patching: the control image goes to about 1024² on both sides (2 steps: the fewest the
+    scheduler's terminal shift allows; a million pixels are slow on CPU)."""
+    image = _image(40, 30)
+    ours = predict(models, image, "invert", num_inference_steps=2)
+    gen = torch.Generator("cpu").manual_seed(0)
+    ref = pipe(image=image, prompt="invert", num_inference_steps=2, generator=gen, output_type="np").images[0]
+    assert ours.shape[:2] == (896, 1184)  # calculate_dimensions(1024², 4/3): multiples of 32
+    assert np.isfinite(ours).all()
+    assert _mad(ours, ref) <= 1 / 255
