@@ -15,8 +15,9 @@ On the same weights (shared tensors) and batches, interleaved after warm-up, it 
 Frozen weights are in each ``--dtypes`` entry and LoRA parameters in float32, as in the diffusers
 script; the first dtype is the headline (``speedup_vs_reference``), the others are reported with
 their dtype as a prefix. Memory per variant: on CPU the peak RSS during its steps above the RSS
-before them (freed heap memory is handed back with ``malloc_trim`` before each step); on GPU
-``torch.cuda.max_memory_allocated``. Ends with one line:
+before them (freed heap memory is handed back with ``malloc_trim`` before each step), plus the
+process's peak RSS (``peak_rss_mb``, shared by all variants); on GPU ``torch.cuda.max_memory_allocated``.
+Ends with one line:
 
     RESULT name=train_step_<config> eager_s=… compiled_s=… reference_s=… speedup_vs_reference=… ...
 
@@ -222,6 +223,7 @@ def bench_dtype(
     warm_s = time.perf_counter() - t0
     times: dict[str, list[float]] = {k: [] for k in variants}
     mem: dict[str, float] = {k: 0.0 for k in variants}
+    peak_rss = 0.0  # the process's own peak RSS over the timed steps (all variants share one process)
     for i in range(warmup, warmup + steps):
         b = _batch(i, shape, device)
         for name, fn in variants.items():
@@ -240,6 +242,7 @@ def bench_dtype(
                     fn(b)
                     times[name].append(time.perf_counter() - t)
                 mem[name] = max(mem[name], rss.rise)
+                peak_rss = max(peak_rss, rss.peak)
     med = {k: statistics.median(v) for k, v in times.items()}
     unit = "GB" if device.type == "cuda" else "MB (rise)"
     for k in variants:
@@ -247,6 +250,8 @@ def bench_dtype(
     print(f"{dtype_name}: warm-up (compile included) {warm_s:.1f} s", flush=True)
     out = {f"{k}_s": med[k] for k in variants}
     out.update({f"{'gb' if device.type == 'cuda' else 'mb'}_{k}": mem[k] for k in variants})
+    if device.type == "cpu":
+        out["peak_rss_mb"] = peak_rss
     out["speedup_vs_reference"] = med["reference"] / med["compiled"]
     out["compiled_vs_eager"] = med["eager"] / med["compiled"]
     out["mem_vs_reference"] = mem["compiled"] / max(mem["reference"], 1e-9)
