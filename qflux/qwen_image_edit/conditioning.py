@@ -16,13 +16,27 @@ from typing import Any
 import torch
 from PIL import Image
 
-PROMPT_TEMPLATE = (
+_SYSTEM = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
     "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
     "image that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
-    "<|im_start|>assistant\n"
+    "appropriate.<|im_end|>\n<|im_start|>user\n"
 )
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPT_TEMPLATE = _SYSTEM + VISION + "{}<|im_end|>\n<|im_start|>assistant\n"
+"""Qwen-Image-Edit: one control image, its vision tokens before the instruction."""
+PLUS_TEMPLATE = _SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n"
+"""Qwen-Image-Edit-Plus: ``Picture i: <vision tokens>`` for each control image, then the instruction."""
+
+
+def templated(prompt: str, n_images: int, variant: str) -> str:
+    """The text the encoder sees for ``prompt`` with ``n_images`` control images."""
+    if variant == "edit":
+        return PROMPT_TEMPLATE.format(prompt)
+    pictures = "".join(f"Picture {i + 1}: {VISION}" for i in range(n_images))
+    return PLUS_TEMPLATE.format(pictures + prompt)
+
+
 DROP_INDEX = 64
 """Tokens of the templated prompt dropped from the embedding (the system part), as the pipeline."""
 
@@ -34,12 +48,20 @@ def vae_scale_factor(vae: Any) -> int:
 
 @torch.no_grad()
 def encode_prompt(
-    text_encoder: Any, processor: Any, prompts: Sequence[str], images: Sequence[Image.Image]
+    text_encoder: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image | Sequence[Image.Image]],
+    *,
+    variant: str = "edit",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed each prompt with its own control image, then pad to a common length.
+    """Embed each prompt with its own control image(s), then pad to a common length.
 
     Args:
-        prompts, images: one control image (already resized as the pipeline does) per prompt.
+        prompts: one instruction per sample.
+        images: per sample, its control image (Edit) or list of 0-3 images (Edit-Plus), already
+            resized as the pipeline does.
+        variant: "edit" or "edit_plus" (the template, :func:`templated`).
 
     Returns:
         (embeds [B, S, D] in the encoder's dtype, mask [B, S] long: 1 for real tokens).
@@ -47,7 +69,9 @@ def encode_prompt(
     device = text_encoder.device
     rows = []
     for prompt, image in zip(prompts, images, strict=True):
-        inputs = processor(text=[PROMPT_TEMPLATE.format(prompt)], images=image, padding=True, return_tensors="pt")
+        pictures = [image] if isinstance(image, Image.Image) else list(image)
+        text = templated(prompt, len(pictures), variant)
+        inputs = processor(text=[text], images=pictures or None, padding=True, return_tensors="pt")
         inputs = inputs.to(device)
         out = text_encoder(
             input_ids=inputs["input_ids"],

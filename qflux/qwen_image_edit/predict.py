@@ -11,7 +11,8 @@ combined prediction to the norm of the conditional one:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,19 +26,55 @@ from qflux.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.sampling import euler_scheduler, initial_noise
 
 CONDITION_AREA = 1024 * 1024
-"""Pixel area the pipeline resizes the control image to (the VAE and vision-language input)."""
+"""Qwen-Image-Edit: the pixel area the control image is resized to (VAE and vision input alike)."""
+PLUS_VL_AREA = 384 * 384
+"""Qwen-Image-Edit-Plus: the area of each control image the vision-language encoder sees."""
+PLUS_VAE_AREA = 1024 * 1024
+"""Qwen-Image-Edit-Plus: the area of each control image the VAE encodes (and of the output)."""
 
 
-def condition_size(image: Image.Image, area: int = CONDITION_AREA) -> tuple[int, int]:
-    """(width, height) the pipeline resizes ``image`` to: about ``area`` pixels at its aspect ratio.
+def condition_size(image: Image.Image, area: int = CONDITION_AREA, variant: str = "edit") -> tuple[int, int]:
+    """(width, height) the pipeline resizes ``image`` to: about ``area`` pixels at its aspect ratio,
+    multiples of 32.
 
     Looked up in the pipeline module at call time, so whatever diffusers (or a test) defines there
     is what both implementations use.
     """
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+    if variant == "edit":
+        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
 
-    w, h, _ = edit.calculate_dimensions(area, image.width / image.height)
+        w, h, _ = edit.calculate_dimensions(area, image.width / image.height)
+    else:
+        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+
+        w, h = plus.calculate_dimensions(area, image.width / image.height)
     return int(w), int(h)
+
+
+def control_inputs(
+    images: Sequence[Image.Image], variant: str, processor: Any
+) -> tuple[list[Image.Image], list[torch.Tensor], list[tuple[int, int]], tuple[int, int]]:
+    """The pipeline's preparation of the control image(s).
+
+    Returns:
+        (vision-language images, VAE pixel tensors [1, 3, H_i, W_i] in [-1, 1], their (W_i, H_i),
+        the default output (width, height)).
+    """
+    if variant == "edit":
+        (image,) = images
+        cw, ch = condition_size(image)
+        resized = processor.resize(image, ch, cw)
+        return [resized], [processor.preprocess(resized, ch, cw)], [(cw, ch)], (cw, ch)
+    vl, pixels, sizes = [], [], []
+    for image in images:
+        cw, ch = condition_size(image, PLUS_VL_AREA, variant)
+        vw, vh = condition_size(image, PLUS_VAE_AREA, variant)
+        vl.append(processor.resize(image, ch, cw))
+        pixels.append(processor.preprocess(image, vh, vw))
+        sizes.append((vw, vh))
+    last = images[-1] if images else None
+    out = condition_size(last, PLUS_VAE_AREA, variant) if last is not None else (1024, 1024)
+    return vl, pixels, sizes, out
 
 
 def transformer_velocity(
@@ -77,9 +114,10 @@ def transformer_velocity(
 @torch.inference_mode()
 def predict(
     models: QwenImageEditModels,
-    image: Image.Image,
+    image: Image.Image | Sequence[Image.Image],
     prompt: str,
     *,
+    variant: str = "edit",
     height: int | None = None,
     width: int | None = None,
     num_inference_steps: int = 50,
@@ -88,39 +126,43 @@ def predict(
     true_cfg_scale: float = 4.0,
     lora: Mapping[str, torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """Edit ``image`` as ``prompt`` says; the pipeline's defaults (true CFG only with a negative prompt).
+    """Edit as ``prompt`` says; the pipeline's defaults (true CFG only with a negative prompt).
+
+    Args:
+        image: Edit: one control image. Edit-Plus (``variant='edit_plus'``): up to 3 (or none).
 
     Returns:
-        [height, width, 3] float32 in [0, 1]; the size defaults to the resized control image's.
+        [height, width, 3] float32 in [0, 1]; the size defaults to the (last) control image's
+        ~1024² size.
     """
     from diffusers.image_processor import VaeImageProcessor
 
+    images = [image] if isinstance(image, Image.Image) else list(image)
     transformer, params = models.transformer, dict(lora or {})
     factor = vae_scale_factor(models.vae)
-    processor = VaeImageProcessor(vae_scale_factor=factor * 2)
-    cw, ch = condition_size(image)
     multiple = factor * 2
-    height = (height or ch) // multiple * multiple
-    width = (width or cw) // multiple * multiple
-    resized = processor.resize(image, ch, cw)
-    embeds, mask = encode_prompt(models.text_encoder, models.processor, [prompt], [resized])
+    processor = VaeImageProcessor(vae_scale_factor=multiple)
+    vl_images, pixels, sizes, (ow, oh) = control_inputs(images, variant, processor)
+    height = (height or oh) // multiple * multiple
+    width = (width or ow) // multiple * multiple
+    encode = partial(encode_prompt, models.text_encoder, models.processor, images=[vl_images], variant=variant)
+    embeds, mask = encode([prompt])
     negative = negative_prompt if true_cfg_scale > 1 else None
-    use_cfg = negative is not None
     if negative is not None:
-        neg_embeds, neg_mask = encode_prompt(models.text_encoder, models.processor, [negative], [resized])
+        neg_embeds, neg_mask = encode([negative])
     device = transformer.device
-    control = pack_latents(vae_encode(models.vae, processor.preprocess(resized, ch, cw)).to(device, embeds.dtype))
+    control = [pack_latents(vae_encode(models.vae, x).to(device, embeds.dtype)) for x in pixels]
     c = transformer.config.in_channels // 4
     h, w = 2 * (height // multiple), 2 * (width // multiple)
     latents = pack_latents(initial_noise((1, c, h, w), seed, embeds.dtype, device))
     n = latents.shape[1]
-    img_shapes = [[(1, h // 2, w // 2), (1, ch // factor // 2, cw // factor // 2)]]
+    img_shapes = [[(1, h // 2, w // 2), *[(1, sh // factor // 2, sw // factor // 2) for sw, sh in sizes]]]
     scheduler = euler_scheduler(models.scheduler.config, num_inference_steps, n, device)
     for t in scheduler.timesteps:
-        tokens = torch.cat([latents, control], dim=1)
+        tokens = torch.cat([latents, *control], dim=1)
         sigma = t.expand(1).to(latents.dtype) / 1000
         v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, _mask(mask), img_shapes)
-        if use_cfg:
+        if negative is not None:
             v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg_embeds, _mask(neg_mask), img_shapes)
             combined = v_neg + true_cfg_scale * (v - v_neg)
             v = combined * (v.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
