@@ -148,7 +148,7 @@ def _transformer(config: str, dtype: torch.dtype, device: torch.device, tmp: Pat
     return tr, {"latent": 128, "text": 512, "text_dim": 4096, "pooled": 768, "channels": 16}
 
 
-def _forward_flops(tr, batch, dtype: torch.dtype) -> float:
+def _forward_flops(tr, batch) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from qflux.flux_kontext.step import make_loss_fn
@@ -257,7 +257,7 @@ def bench_dtype(
     out["mem_vs_reference"] = mem["compiled"] / max(mem["reference"], 1e-9)
     out["warmup_s"] = warm_s
     if config == "full":
-        flops = 2 * _forward_flops(base, _batch(0, shape, device), dtype)
+        flops = 2 * _forward_flops(base, _batch(0, shape, device))
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         for k in variants:

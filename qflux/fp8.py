@@ -47,10 +47,8 @@ def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (t₈ [R, C] float8_e4m3fn, s [R, 1] float32) with t ≈ s · t₈ (s is the dequantization scale,
         amax/448; torchao's scale is its reciprocal).
     """
-    from torchao.float8.float8_utils import ScalingGranularity
-
-    u = _torchao_float8()
-    inv = u.tensor_to_scale(t, FP8, scaling_granularity=ScalingGranularity.AXISWISE, axiswise_dim=-1)  # 448/amax
+    u = _torchao_float8()  # the install hint when torchao is missing
+    inv = u.tensor_to_scale(t, FP8, scaling_granularity=u.ScalingGranularity.AXISWISE, axiswise_dim=-1)  # 448/amax
     return u.to_fp8_saturated(t.float() * inv, FP8), inv.reciprocal()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.func import functional_call
 
 from qflux.config import LoraConfig
 from qflux.errors import QfluxError
@@ -64,6 +65,14 @@ def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
     if not lora:
         raise QfluxError(f"model.lora.target_modules {list(cfg.target_modules)} matched no layer of the model")
     return lora
+
+
+def call_with_lora(module: Any, lora: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]) -> Any:
+    """``module(**inputs)`` with the LoRA tensors substituted (``{}``: the module as it is, without
+    ``functional_call``'s bookkeeping). Pure: the module's own tensors are untouched."""
+    if lora:
+        return functional_call(module, dict(lora), (), dict(inputs), strict=False)
+    return module(**inputs)
 
 
 def lora_to_diffusers(transformer: Any, lora: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Params:

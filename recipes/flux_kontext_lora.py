@@ -29,7 +29,6 @@ from qflux.builtin import resolve_dataset_path, resolve_model_path
 from qflux.checkpoint import incompatibilities, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config, to_dict
-from qflux.console import quiet_known_warnings
 from qflux.data import PairDataset, PairSample, batch_stream, collate_pairs, load_rgb, scan_pairs
 from qflux.devices import resolve_device
 from qflux.distributed import World, all_reduce_sum, any_rank, barrier, init_world, rank_device, shard_frozen_base
@@ -573,7 +572,6 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
     import fire
 
-    quiet_known_warnings()
     args = sys.argv[1:] if argv is None else argv
     try:
         fire.Fire(

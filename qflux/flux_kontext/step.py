@@ -16,10 +16,10 @@ from typing import Any, NamedTuple
 
 import attrs
 import torch
-from torch.func import functional_call
 
 from qflux.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
 from qflux.latents import latent_image_ids, pack_latents, unpack_latents
+from qflux.lora import call_with_lora
 
 
 @attrs.frozen(eq=False)
@@ -131,10 +131,7 @@ def velocity(
         "img_ids": layout.img_ids,
         "return_dict": False,
     }
-    if params:
-        out = functional_call(transformer, dict(params), (), inputs, strict=False)[0]
-    else:  # no substitution: call the module itself and skip functional_call's bookkeeping
-        out = transformer(**inputs)[0]
+    out = call_with_lora(transformer, params, inputs)[0]
     return unpack_latents(out[:, :n], h, w)
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.func import functional_call
 
 from qflux.latents import pack_latents, unpack_latents
+from qflux.lora import call_with_lora
 from qflux.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode, vae_scale_factor
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.sampling import euler_scheduler, initial_noise
@@ -104,10 +104,7 @@ def transformer_velocity(
         "img_shapes": img_shapes,
         "return_dict": False,
     }
-    if params:
-        out = functional_call(transformer, dict(params), (), inputs, strict=False)[0]
-    else:
-        out = transformer(**inputs)[0]
+    out = call_with_lora(transformer, params, inputs)[0]
     return out[:, :n]
 
 
