@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from qflux.config import BUILTIN_SYNTHETIC_DATASET, BUILTIN_TINY_FLUX_KONTEXT
+from qflux.config import BUILTIN_SYNTHETIC_DATASET, BUILTIN_TINY_FLUX_KONTEXT, BUILTIN_TINY_QWEN_IMAGE_EDIT
 
 SYNTHETIC_TRAIN = 24
 SYNTHETIC_HELDOUT = 8
@@ -40,12 +40,19 @@ def _build_once(name: str, build: Callable[[Path], object]) -> Path:
     return final
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map ``builtin:tiny-flux-kontext`` to its built folder; other values pass through."""
+def resolve_model_path(name_or_path: str, variant: str | None = None) -> str:
+    """Map ``builtin:tiny-flux-kontext`` and ``builtin:tiny-qwen-image-edit`` (of ``variant``:
+    edit or edit_plus) to their built folders; other values pass through."""
     if name_or_path == BUILTIN_TINY_FLUX_KONTEXT:
         from qflux.tiny import build_flux_kontext
 
         return str(_build_once("tiny-flux-kontext-seed0", lambda p: build_flux_kontext(p, seed=0)))
+    if name_or_path == BUILTIN_TINY_QWEN_IMAGE_EDIT:
+        from qflux.tiny import build_qwen_image_edit
+
+        kind = variant or "edit"
+        name = f"tiny-qwen-image-{kind.replace('_', '-')}-seed0"
+        return str(_build_once(name, lambda p: build_qwen_image_edit(p, seed=0, variant=kind)))
     return name_or_path
 
 

@@ -16,15 +16,20 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qflux.errors import QfluxError
+
 Shapes = Mapping[str, tuple[int, ...]]
+"""Expected tensor shapes by name; a dimension of -1 matches any size (a prompt's token count)."""
+RESIZE_MODE = "lanczos-floor16"  # how images are sized before encoding (qflux.data)
 
 
 class CorruptEntry(Exception):
@@ -102,9 +107,13 @@ def check_entry(path: Path, shapes: Shapes) -> str | None:
     except (CorruptEntry, OSError) as e:
         return str(e)
     found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    if found != {k: tuple(s) for k, s in shapes.items()}:
+    if found.keys() != shapes.keys() or not all(_fits(found[k], shapes[k]) for k in shapes):
         return f"{path}: holds {found}, expected {dict(shapes)}"
     return None
+
+
+def _fits(found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return len(found) == len(expected) and all(e in (-1, f) for f, e in zip(found, expected, strict=True))
 
 
 def read_entry(path: Path, shapes: Shapes) -> dict[str, torch.Tensor]:
@@ -121,3 +130,97 @@ def read_entry(path: Path, shapes: Shapes) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in shapes}
     except Exception as e:  # safetensors raises its own error type for bad data
         raise CorruptEntry(f"{path}: {e}") from None
+
+
+def folder_identity(folder: Path, dtype: str | None) -> dict[str, Any]:
+    """A model component's identity: its resolved path, a hash of its config and tokenizer files,
+    and the dtype it runs in (None for tokenizers and processors)."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(p for p in folder.iterdir() if p.suffix in (".json", ".txt", ".model")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return {"path": str(folder.resolve()), "config": h.hexdigest(), "dtype": dtype}
+
+
+@attrs.frozen
+class Entry:
+    """One cache entry: its file, the tensors it must hold, and the key it is named by."""
+
+    kind: str
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    key: dict[str, Any]
+
+
+def make_entry(root: Path, key: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> Entry:
+    """The entry of ``key`` (whose ``kind`` names its folder) under ``root``."""
+    return Entry(key["kind"], entry_path(root, key["kind"], content_key(key)), shapes, key)
+
+
+def latent_entry(
+    root: Path, kind: str, digest: str, size: tuple[int, int], vae_id: dict[str, Any], shape: tuple[int, ...]
+) -> Entry:
+    """The ``pixel_latent`` / ``control_latent`` entry of an image file (by content digest)
+    resized to ``size`` = (w, h) and encoded by the VAE ``vae_id`` into ``shape``."""
+    key = {"kind": kind, "file": digest, "size": list(size), "resize": RESIZE_MODE, "vae": vae_id}
+    return make_entry(root, key, {"latent": shape})
+
+
+@attrs.frozen
+class CacheReport:
+    """What :func:`fill_entries` did."""
+
+    computed: int
+    reused: int
+    replaced: list[str]
+    """Reasons of the corrupt entries that were recomputed."""
+
+
+Job = tuple[Entry, Callable[[], dict[str, torch.Tensor]]]
+
+
+def fill_entries(jobs: Sequence[Job], *, progress: Callable[[list[Job]], Iterable[Job]] = iter) -> CacheReport:
+    """Compute every missing or corrupt entry of ``jobs`` (entry, compute); reuse the rest.
+
+    An entry listed by several jobs (a prompt or file shared by samples) is handled once.
+
+    Args:
+        progress: wraps the list of jobs (e.g. ``tqdm``).
+    """
+    computed = reused = 0
+    replaced: list[str] = []
+    seen: set[Path] = set()
+    for entry, compute in progress(list(jobs)):
+        if entry.path in seen:
+            continue
+        seen.add(entry.path)
+        problem = check_entry(entry.path, entry.shapes)
+        if problem is None:
+            reused += 1
+            continue
+        if problem != "missing":
+            replaced.append(problem)
+        write_entry(entry.path, compute(), entry.key)
+        computed += 1
+    return CacheReport(computed=computed, reused=reused, replaced=replaced)
+
+
+def entry_problems(entries: Iterable[Entry]) -> list[str]:
+    """Problems ('<path>: missing' or why it is corrupt) of the entries training would read."""
+    problems: dict[Path, str] = {}
+    for e in entries:
+        if e.path not in problems:
+            p = check_entry(e.path, e.shapes)
+            if p is not None:
+                problems[e.path] = f"{e.path}: missing" if p == "missing" else p
+    return list(problems.values())
+
+
+def read_for_training(entry: Entry) -> dict[str, torch.Tensor]:
+    """An entry's tensors; a missing or corrupt one stops training with the fix (rerun ``cache``)."""
+    try:
+        return read_entry(entry.path, entry.shapes)
+    except CorruptEntry as e:
+        raise QfluxError(
+            f"cache entry unusable during training: {e}; rerun the cache command (it recomputes it), then train again"
+        ) from None

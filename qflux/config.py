@@ -1,8 +1,12 @@
-"""The configuration schema for the FLUX.1 Kontext LoRA recipe: one frozen attrs tree.
+"""The configuration schemas of the LoRA recipes: one frozen attrs tree per model.
 
-Defaults live here and nowhere else. They describe the built-in demo run (the tiny model and the
-synthetic dataset), so ``python -m recipes.flux_kontext_lora`` works with no arguments; the YAML
-files in ``recipes/configs/`` set the values for the real models. Every key is read by the code.
+The sections both models read (data, optimizer, schedule, the training loop, logging, cache,
+validation) are shared classes; a model's own keys live in its subclass (FLUX's guidance and
+second text encoder, Qwen's variant). Defaults live here and nowhere else. They describe the
+built-in demo run (a tiny model and the synthetic dataset), so ``python -m
+recipes.flux_kontext_lora`` and ``python -m recipes.qwen_image_edit_lora`` work with no arguments;
+the YAML files in ``recipes/configs/`` set the values for the real models. Every key is read by
+the code.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from attrs import validators as v
 
 # Names that stand for things qflux builds itself, offline.
 BUILTIN_TINY_FLUX_KONTEXT = "builtin:tiny-flux-kontext"
+BUILTIN_TINY_QWEN_IMAGE_EDIT = "builtin:tiny-qwen-image-edit"
 BUILTIN_SYNTHETIC_DATASET = "builtin:synthetic"
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -85,6 +90,22 @@ class ModelConfig:
     """dtype of the frozen weights for train, cache and predict. LoRA weights train in float32."""
     max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
     """T5 token length of the prompt embedding (FLUX.1 uses 512)."""
+    lora: LoraConfig = attrs.field(factory=LoraConfig)
+
+
+@attrs.frozen
+class QwenModelConfig:
+    """Which Qwen-Image-Edit model to load and how."""
+
+    pretrained_model_name_or_path: str = BUILTIN_TINY_QWEN_IMAGE_EDIT
+    """Local diffusers folder or hub id; 'builtin:tiny-qwen-image-edit' builds a tiny random model
+    (of the configured variant)."""
+    variant: Literal["edit", "edit_plus"] = attrs.field(default="edit", validator=v.in_(("edit", "edit_plus")))
+    """'edit': Qwen-Image-Edit, one control image per sample. 'edit_plus': Qwen-Image-Edit-2509,
+    0 to 3 control images per sample (control_images/NAME, NAME_control_1, NAME_control_2), each
+    seen by the vision-language encoder at ~384² and by the VAE."""
+    dtype: Dtype = attrs.field(default="bfloat16", validator=v.in_(DTYPES))
+    """dtype of the frozen weights for train, cache and predict. LoRA weights train in float32."""
     lora: LoraConfig = attrs.field(factory=LoraConfig)
 
 
@@ -179,8 +200,6 @@ class TrainConfig:
     fp8_matmul: bool = False
     """Run the frozen base's large matmuls in fp8 (static per-channel weight scales, dynamic
     per-token activation scales; torchao). CUDA with compute capability 8.9+ only; the LoRA stays fp32."""
-    guidance_scale: float = attrs.field(default=2.5, validator=_non_negative)
-    """Guidance value fed to the guidance-distilled transformer in training (Kontext's predict default)."""
     weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = attrs.field(
         default="none", validator=v.in_(("none", "logit_normal", "mode", "cosmap", "sigma_sqrt"))
     )
@@ -206,9 +225,7 @@ class TrainConfig:
     vae_encoder_device: str = _device_field()
     """Where the VAE encodes images during training without the cache."""
     text_encoder_device: str = _device_field()
-    """Where CLIP encodes prompts during training without the cache."""
-    text_encoder_2_device: str = _device_field()
-    """Where T5 encodes prompts during training without the cache."""
+    """Where the text encoder (CLIP; Qwen2.5-VL) encodes prompts during training without the cache."""
 
     def __attrs_post_init__(self) -> None:
         if self.compile is True and self.gradient_checkpointing:
@@ -224,6 +241,16 @@ class TrainConfig:
 
 
 @attrs.frozen
+class FluxTrainConfig(TrainConfig):
+    """The training loop plus FLUX.1 Kontext's own inputs."""
+
+    guidance_scale: float = attrs.field(default=2.5, validator=_non_negative)
+    """Guidance value fed to the guidance-distilled transformer in training (Kontext's predict default)."""
+    text_encoder_2_device: str = _device_field()
+    """Where T5 encodes prompts during training without the cache."""
+
+
+@attrs.frozen
 class CacheConfig:
     """The embedding cache (``cache`` command, and training with ``use_cache``)."""
 
@@ -234,7 +261,13 @@ class CacheConfig:
     vae_encoder_device: str = _device_field()
     """Where the VAE runs while caching."""
     text_encoder_device: str = _device_field()
-    """Where CLIP runs while caching."""
+    """Where the text encoder (CLIP; Qwen2.5-VL) runs while caching."""
+
+
+@attrs.frozen
+class FluxCacheConfig(CacheConfig):
+    """The embedding cache, with FLUX.1 Kontext's second text encoder."""
+
     text_encoder_2_device: str = _device_field()
     """Where T5 runs while caching."""
 
@@ -247,11 +280,17 @@ class PredictDevices:
     """Where the VAE encodes the control image and decodes the result (also validation decodes
     when training from the cache)."""
     text_encoder: str = _device_field()
-    """Where CLIP encodes the prompt."""
-    text_encoder_2: str = _device_field()
-    """Where T5 encodes the prompt."""
+    """Where the text encoder (CLIP; Qwen2.5-VL with the control images) encodes the prompt."""
     transformer: str = _device_field()
     """Where the transformer denoises."""
+
+
+@attrs.frozen
+class FluxPredictDevices(PredictDevices):
+    """Placement of each FLUX.1 Kontext component for the predict command."""
+
+    text_encoder_2: str = _device_field()
+    """Where T5 encodes the prompt."""
 
 
 @attrs.frozen
@@ -259,6 +298,13 @@ class PredictConfig:
     """Settings of the predict command that live in the config file."""
 
     devices: PredictDevices = attrs.field(factory=PredictDevices)
+
+
+@attrs.frozen
+class FluxPredictConfig:
+    """Settings of the FLUX.1 Kontext predict command that live in the config file."""
+
+    devices: FluxPredictDevices = attrs.field(factory=FluxPredictDevices)
 
 
 @attrs.frozen
@@ -277,6 +323,14 @@ class LoggingConfig:
     TensorBoard event files, a metrics.jsonl file, or nowhere."""
     logging_dir: str = "logs"
     """Folder of the TensorBoard events / metrics.jsonl; relative paths are under output_dir."""
+
+
+@attrs.frozen
+class QwenLoggingConfig(LoggingConfig):
+    """Where the Qwen-Image-Edit recipe's results go."""
+
+    output_dir: str = "outputs/qwen_image_edit_lora"
+    """Folder for the LoRA, the resolved config, the loss curve and the sample image."""
 
 
 @attrs.frozen
@@ -313,8 +367,31 @@ class FluxKontextConfig:
     data: DataConfig = attrs.field(factory=DataConfig)
     optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
     lr_scheduler: LrSchedulerConfig = attrs.field(factory=LrSchedulerConfig)
-    train: TrainConfig = attrs.field(factory=TrainConfig)
+    train: FluxTrainConfig = attrs.field(factory=FluxTrainConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    cache: FluxCacheConfig = attrs.field(factory=FluxCacheConfig)
+    predict: FluxPredictConfig = attrs.field(factory=FluxPredictConfig)
+    validation: ValidationConfig = attrs.field(factory=ValidationConfig)
+
+
+@attrs.frozen
+class QwenImageEditConfig:
+    """The whole Qwen-Image-Edit(-Plus) LoRA recipe configuration."""
+
+    seed: int = 0
+    """Seeds every random draw: LoRA init, data order, noise, timesteps and dropout."""
+    resume_from_checkpoint: str | None = None
+    """'latest' (the newest checkpoint in logging.output_dir, or a fresh start if none), a
+    checkpoint folder, or null for a fresh run."""
+    model: QwenModelConfig = attrs.field(factory=QwenModelConfig)
+    data: DataConfig = attrs.field(factory=DataConfig)
+    optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
+    lr_scheduler: LrSchedulerConfig = attrs.field(factory=LrSchedulerConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    logging: QwenLoggingConfig = attrs.field(factory=QwenLoggingConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     predict: PredictConfig = attrs.field(factory=PredictConfig)
     validation: ValidationConfig = attrs.field(factory=ValidationConfig)
+
+
+RecipeConfig = FluxKontextConfig | QwenImageEditConfig

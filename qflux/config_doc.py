@@ -24,7 +24,15 @@ END = "<!-- config-reference:end -->"
 
 
 def field_docs(cls: type) -> dict[str, tuple[str, str]]:
-    """{field name: (annotation as written, docstring)} of an attrs class, read from its source."""
+    """{field name: (annotation as written, docstring)} of an attrs class and the attrs classes it
+    derives from (a subclass's own docstring wins), read from their source."""
+    docs: dict[str, tuple[str, str]] = {}
+    for klass in reversed([k for k in cls.__mro__ if attrs.has(k)]):
+        docs |= _own_field_docs(klass)
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, tuple[str, str]]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, tuple[str, str]] = {}

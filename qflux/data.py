@@ -3,6 +3,8 @@
 Layout (paired by file stem)::
 
     DATASET/control_images/NAME.<png|jpg|jpeg|webp>   the image to edit
+    DATASET/control_images/NAME_control_1.<ext>       more control images, for models that take
+    DATASET/control_images/NAME_control_2.<ext>       several (Qwen-Image-Edit-Plus: up to 3)
     DATASET/training_images/NAME.<ext>                the edited result (the target)
     DATASET/training_images/NAME.txt                  the instruction
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import glob
 import math
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,16 +35,28 @@ _EXIF_ORIENTATION = 0x0112
 
 @attrs.frozen
 class PairSample:
-    """One (control, target, instruction) triple and the sizes it trains at."""
+    """One (control image(s), target, instruction) sample and the sizes it trains at."""
 
     name: str
-    control: Path
+    controls: tuple[Path, ...]
+    """The control images in order (NAME, NAME_control_1, NAME_control_2); empty for a sample
+    without one (models that allow it)."""
     target: Path
     prompt: str
-    control_size: tuple[int, int]
-    """(width, height) the control image is resized to."""
+    control_sizes: tuple[tuple[int, int], ...]
+    """(width, height) each control image is resized to."""
     target_size: tuple[int, int]
     """(width, height) the target image is resized to."""
+
+    @property
+    def control(self) -> Path:
+        """The (first) control image."""
+        return self.controls[0]
+
+    @property
+    def control_size(self) -> tuple[int, int]:
+        """(width, height) of the (first) control image."""
+        return self.control_sizes[0]
 
 
 def fit_size(width: int, height: int, max_pixels: int | None, multiple: int = MULTIPLE) -> tuple[int, int]:
@@ -110,44 +125,54 @@ def _find_image(folder: Path, stem: str) -> list[Path]:
     ]
 
 
+_EXTRA_CONTROL = re.compile(r"^(?P<stem>.+)_control_(?P<index>[1-9])$")
+
+
 def scan_pairs(
     root: str | Path,
     max_pixels: int | None,
     *,
     skip_invalid: bool = False,
     warn: Callable[[str], None] = print,
+    controls: tuple[int, int] = (1, 1),
 ) -> list[PairSample]:
     """List and check the dataset's samples (sorted by name) before any model loads.
 
     Every image is decoded once. The problems found are: a missing control or target image, a
     missing, empty or non-UTF-8 instruction, an unreadable, truncated or 0-byte image, an image
-    under 16 px on a side, and one stem with several image extensions.
+    under 16 px on a side, one stem with several image extensions, and (several control images)
+    numbered control images with a gap or beyond the model's maximum.
 
     Args:
         skip_invalid: drop the samples with problems (each reported through ``warn``) instead of
             failing; an empty result still fails.
+        controls: (fewest, most) control images per sample. With most > 1, ``NAME_control_1``,
+            ``NAME_control_2``, ... belong to sample NAME; with fewest = 0 a sample may have none.
 
     Raises:
         QfluxError: naming every problem and its file, or an empty dataset.
     """
     root = Path(root)
-    controls, targets = root / "control_images", root / "training_images"
-    if not controls.is_dir() or not targets.is_dir():
+    controls_dir, targets = root / "control_images", root / "training_images"
+    if not controls_dir.is_dir() or not targets.is_dir():
         raise QfluxError(
             f"dataset '{root}' must contain control_images/ and training_images/ "
             "(NAME.png in both, plus training_images/NAME.txt with the instruction)"
         )
-    image_stems = {p.stem for d in (controls, targets) for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    fewest, most = controls
+    image_stems = {p.stem for d in (controls_dir, targets) for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    if most > 1:  # NAME_control_i belongs to NAME (when NAME is a sample)
+        image_stems = {_base_stem(s, image_stems, targets) for s in image_stems}
     text_stems = {p.stem for p in targets.iterdir() if p.suffix == ".txt"}
     problems: list[str] = []
     samples: list[PairSample] = []
     for stem in sorted(image_stems | text_stems):
-        found = _check_sample(root, stem)
+        found = _check_sample(root, stem, fewest, most)
         if isinstance(found, PairSample):
             samples.append(
                 attrs.evolve(
                     found,
-                    control_size=fit_size(*image_size(found.control), max_pixels),
+                    control_sizes=tuple(fit_size(*image_size(c), max_pixels) for c in found.controls),
                     target_size=fit_size(*image_size(found.target), max_pixels),
                 )
             )
@@ -165,13 +190,36 @@ def scan_pairs(
     return samples
 
 
-def _check_sample(root: Path, stem: str) -> PairSample | list[str]:
-    """The sample named ``stem``, or the list of its problems."""
+def _base_stem(stem: str, stems: set[str], targets: Path) -> str:
+    """``NAME`` for an extra control image ``NAME_control_i`` of sample NAME, else ``stem``."""
+    m = _EXTRA_CONTROL.match(stem)
+    if m and (m["stem"] in stems or (targets / f"{m['stem']}.txt").is_file()):
+        return m["stem"]
+    return stem
+
+
+def _check_sample(root: Path, stem: str, fewest: int = 1, most: int = 1) -> PairSample | list[str]:
+    """The sample named ``stem`` with its ``fewest``..``most`` control images, or its problems."""
     controls, targets = root / "control_images", root / "training_images"
-    control, target = _find_image(controls, stem), _find_image(targets, stem)
+    names = [stem] + [f"{stem}_control_{i}" for i in range(1, most)]
+    found_controls = [_find_image(controls, n) for n in names]
+    target = _find_image(targets, stem)
     txt = targets / f"{stem}.txt"
     problems = []
-    for folder, found in ((controls, control), (targets, target)):
+    count = sum(1 for f in found_controls if f)
+    if most > 1:
+        first_gap = next((i for i, f in enumerate(found_controls) if not f), len(found_controls))
+        if count > first_gap:
+            problems.append(
+                f"{controls / names[first_gap]}.<png|jpg|jpeg|webp>: missing; the control images of sample "
+                f"'{stem}' must be numbered without gaps ({', '.join(names)})"
+            )
+        beyond = _find_image(controls, f"{stem}_control_{most}")
+        if beyond:
+            problems.append(f"{beyond[0]}: sample '{stem}' has more than {most} control images (the model's maximum)")
+    checks = [(controls, found_controls[0])] if count or fewest else []  # fewest = 0: none is fine
+    checks += [(targets, target), *((controls, f) for f in found_controls[1:] if f)]
+    for folder, found in checks:
         if not found:
             problems.append(f"{folder / stem}.<png|jpg|jpeg|webp>: missing image for sample '{stem}'")
         elif len(found) > 1:
@@ -194,7 +242,12 @@ def _check_sample(root: Path, stem: str) -> PairSample | list[str]:
     if problems:
         return problems
     return PairSample(
-        name=stem, control=control[0], target=target[0], prompt=prompt, control_size=(0, 0), target_size=(0, 0)
+        name=stem,
+        controls=tuple(f[0] for f in found_controls if f),
+        target=target[0],
+        prompt=prompt,
+        control_sizes=(),
+        target_size=(0, 0),
     )
 
 
@@ -228,17 +281,20 @@ class PairDataset:
         return {
             "index": i,
             "prompt": s.prompt,
-            "control": image_to_tensor(load_rgb(s.control), s.control_size)[0],
+            "controls": [
+                image_to_tensor(load_rgb(c), size)[0] for c, size in zip(s.controls, s.control_sizes, strict=True)
+            ],
             "target": image_to_tensor(load_rgb(s.target), s.target_size)[0],
         }
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack same-size items: control [B, 3, hc, wc], target [B, 3, h, w], prompts, indices."""
+    """Stack same-size items: controls (one [B, 3, hc_k, wc_k] per control image k), target
+    [B, 3, h, w], prompts, indices."""
     return {
         "index": [it["index"] for it in items],
         "prompt": [it["prompt"] for it in items],
-        "control": torch.stack([it["control"] for it in items]),
+        "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
         "target": torch.stack([it["target"] for it in items]),
     }
 
@@ -246,13 +302,13 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
 def epoch_batches(
     samples: Sequence[PairSample], batch_size: int, *, seed: int, epoch: int, shuffle: bool
 ) -> list[list[int]]:
-    """Group sample indices into batches of equal (control, target) size; the order depends only on
+    """Group sample indices into batches of equal (control sizes, target size); the order depends only on
     (seed, epoch). The last batch of a size group may be smaller.
     """
     rng = random.Random(f"{seed}/{epoch}")
-    groups: dict[tuple[tuple[int, int], tuple[int, int]], list[int]] = {}
+    groups: dict[tuple[tuple[tuple[int, int], ...], tuple[int, int]], list[int]] = {}
     for i, s in enumerate(samples):
-        groups.setdefault((s.control_size, s.target_size), []).append(i)
+        groups.setdefault((s.control_sizes, s.target_size), []).append(i)
     batches = []
     for key in sorted(groups):
         idx = groups[key]

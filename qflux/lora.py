@@ -142,18 +142,28 @@ def lora_scale(transformer: Any) -> float:
 
 
 def save_lora_comfyui(
-    out_dir: str | Path, transformer: Any, lora: Mapping[str, torch.Tensor], *, dtype: torch.dtype
+    out_dir: str | Path,
+    transformer: Any,
+    lora: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype,
+    naming: str = "flux",
 ) -> Path:
-    """Write ``<out_dir>/pytorch_lora_weights_comfyui.safetensors`` in ComfyUI's native Flux naming
-    (:func:`qflux.lora_formats.flux_to_comfyui`)."""
+    """Write ``<out_dir>/pytorch_lora_weights_comfyui.safetensors`` in ComfyUI's native naming
+    (:func:`qflux.lora_formats.flux_to_comfyui`).
+
+    Args:
+        naming: "flux" (BFL module names, fused qkv / linear1) or "qwen" (diffusers' names).
+    """
     from safetensors.torch import save_file
 
-    from qflux.lora_formats import flux_to_comfyui, module_out_features
+    from qflux.lora_formats import bfl_target, flux_to_comfyui, module_out_features, same_module
 
     sd = flux_to_comfyui(
         lora_to_diffusers(transformer, lora, torch.float32),
         scale=lora_scale(transformer),
         out_features=module_out_features(transformer),
+        target_of=bfl_target if naming == "flux" else same_module,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

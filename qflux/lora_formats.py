@@ -16,6 +16,9 @@ block's ``linear1`` = [to_q; to_k; to_v; proj_mlp]. A fused LoRA stacks the part
 matrices (rank r' = Σ r) and places each ``up`` on the block diagonal (zero rows for a part without
 a LoRA); α' = r'·(α/r) keeps the scale, so ΔW of every part is unchanged. Kohya files are the same
 tensors keyed ``lora_unet_<path with dots as underscores>``.
+
+ComfyUI's Qwen-Image model uses diffusers' own module names, so a Qwen-Image-Edit LoRA keeps its
+names under ``diffusion_model.`` (:func:`same_module`), nothing fused.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ _TOP = {
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
-def _bfl_target(module: str) -> tuple[str, int, int]:
+def bfl_target(module: str) -> tuple[str, int, int]:
     """(BFL module, part, parts) of a diffusers Flux module path, or raise naming the module."""
     m = _BLOCK.match(module)
     if m:
@@ -91,21 +94,34 @@ def _split_modules(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
     return out
 
 
-def flux_to_comfyui(sd: Mapping[str, torch.Tensor], *, scale: float, out_features: Callable[[str], int]) -> Params:
-    """Convert our diffusers-format Flux LoRA to ComfyUI's native naming (see the module docstring).
+def same_module(module: str) -> tuple[str, int, int]:
+    """(module, 0, 1): ComfyUI names the module as diffusers does (Qwen-Image)."""
+    return module, 0, 1
+
+
+def flux_to_comfyui(
+    sd: Mapping[str, torch.Tensor],
+    *,
+    scale: float,
+    out_features: Callable[[str], int],
+    target_of: Callable[[str], tuple[str, int, int]] = bfl_target,
+) -> Params:
+    """Convert our diffusers-format LoRA to ComfyUI's native naming (see the module docstring).
 
     Args:
         sd: ``transformer.<module>.lora_{A,B}.weight`` tensors.
         scale: α/r of the adapter (ΔW = scale·B·A).
         out_features: output width of a diffusers module path (to size zero blocks of fused layers).
+        target_of: diffusers module → (ComfyUI module, part, parts); Flux's BFL names by default,
+            :func:`same_module` for Qwen-Image.
 
     Returns:
-        ``diffusion_model.<bfl>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` tensors.
+        ``diffusion_model.<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` tensors.
     """
     groups: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     parts_of: dict[str, list[str]] = {}
     for module, ab in _split_modules(sd).items():
-        target, part, parts = _bfl_target(module)
+        target, part, parts = target_of(module)
         groups.setdefault(target, {})[part] = ab
         parts_of.setdefault(target, [""] * parts)[part] = module
     out: Params = {}

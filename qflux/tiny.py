@@ -219,6 +219,8 @@ _QWEN_PRESETS: dict[str, dict[str, Any]] = {
                  "num_key_value_heads": 2},
         "vision": {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2},
         "vae_base_dim": 8,
+        # the vision encoder sees at most 64 merged patches (28×28 px each) of any control image
+        "processor": {"size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}},
     },
 }  # fmt: skip
 
@@ -312,7 +314,7 @@ def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny"
         scheduler=scheduler,
         text_encoder=text_encoder,
         tokenizer=tok,
-        processor=qwen_processor(tok),
+        processor=qwen_processor(tok, **p["processor"]),
     )
     pipe.save_pretrained(out)
     return out

@@ -53,7 +53,7 @@ def validation_set(cfg: ValidationConfig, train_dataset_path: str, max_pixels: i
                     raise QfluxError(f"validation.samples[{i}]: image '{p}' does not exist")
                 im = load_rgb(p)
                 sizes.append(fit_size(im.width, im.height, max_pixels))
-            samples.append(PairSample(f"sample{i}", control, target, item[1], sizes[0], sizes[1]))
+            samples.append(PairSample(f"sample{i}", (control,), target, item[1], (sizes[0],), sizes[1]))
             has_target.append(len(item) == 3)
         return ValidationSet(samples, has_target)
     if cfg.dataset_path is not None:

@@ -14,27 +14,19 @@ from typing import Any
 import attrs
 import torch
 
+from qflux.batching import Conditioning, Prepared, no_dropout, prepare
+from qflux.batching import eval_batches as shared_eval_batches
 from qflux.config import FluxKontextConfig
 from qflux.data import PairDataset, PairSample, collate_pairs
-from qflux.flow import resolution_mu, sigmas_from_u, time_shift
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import FluxKontextBatch
-from qflux.rng import draw_sample_randomness
 
 
-@attrs.frozen(eq=False)
-class Conditioning:
-    """A micro-batch's encoded inputs before dropout."""
-
-    latents: torch.Tensor
-    """Target latents [B, C, h, w]."""
-    control: torch.Tensor
-    """Control latents [B, C, hc, wc]."""
-    pooled: torch.Tensor
-    """CLIP pooled embeddings [B, P]."""
-    tokens: torch.Tensor
-    """T5 embeddings [B, S, D]."""
+def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
+    """FLUX's prompt tensors as :class:`~qflux.batching.Conditioning` holds them: pooled [B, P],
+    tokens [B, S, D]."""
+    return {"pooled": embeds.pooled, "tokens": embeds.tokens}
 
 
 @torch.no_grad()
@@ -48,31 +40,16 @@ def encode_conditioning(models: FluxKontextModels, raw: dict[str, Any], max_sequ
     embeds = [encode_prompt_with(models, [raw["prompt"][i]], max_sequence_length) for i in range(n)]
     return Conditioning(
         latents=torch.cat([vae_encode(models.vae, raw["target"][i : i + 1]) for i in range(n)]),
-        control=torch.cat([vae_encode(models.vae, raw["control"][i : i + 1]) for i in range(n)]),
-        pooled=torch.cat([e.pooled for e in embeds]),
-        tokens=torch.cat([e.tokens for e in embeds]),
+        controls=tuple(torch.cat([vae_encode(models.vae, x[i : i + 1]) for i in range(n)]) for x in raw["controls"]),
+        text={"pooled": torch.cat([e.pooled for e in embeds]), "tokens": torch.cat([e.tokens for e in embeds])},
     )
 
 
 def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
     """Conditioning from a collated cached batch (:func:`qflux.flux_kontext.cache.collate_cached`)."""
-    return Conditioning(latents=raw["latent"], control=raw["control"], pooled=raw["pooled"], tokens=raw["tokens"])
-
-
-def sigmas_for(cfg: FluxKontextConfig, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """σ from density draws u; with ``train.resolution_shift`` shifted by the latent's token count.
-
-    Args:
-        hw: latent (h, w); the image has (h/2)·(w/2) tokens.
-    """
-    sc = scheduler_config
-    sigmas = sigmas_from_u(u, sc.num_train_timesteps)
-    if cfg.train.resolution_shift:
-        mu = resolution_mu(
-            (hw[0] // 2) * (hw[1] // 2), sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift
-        )
-        sigmas = time_shift(sigmas, mu)
-    return sigmas
+    return Conditioning(
+        latents=raw["latent"], controls=(raw["control"],), text={"pooled": raw["pooled"], "tokens": raw["tokens"]}
+    )
 
 
 @torch.no_grad()
@@ -85,7 +62,8 @@ def assemble_batch(
     device: torch.device | str = "cpu",
     first_index: int = 0,
 ) -> FluxKontextBatch:
-    """Apply caption and control dropout, draw noise and σ, and move everything to ``device``.
+    """Apply caption and control dropout, draw noise and σ (:func:`qflux.batching.prepare`), and
+    move everything to ``device``.
 
     Dropped captions use the empty prompt's embeddings; dropped control images become zero latents.
 
@@ -94,31 +72,20 @@ def assemble_batch(
         keys: randomness keys (seed, step, micro-batch); sample i draws from keys + (first_index + i,).
         first_index: this batch's offset in the global batch (data-parallel ranks).
     """
-    b, c, h, w = cond.latents.shape
-    tr = cfg.train
-    draws = draw_sample_randomness(
-        keys,
-        b,
-        (c, h, w),
-        caption_dropout_rate=cfg.data.caption_dropout_rate,
-        image_dropout_rate=cfg.data.prompt_image_dropout_rate,
-        weighting_scheme=tr.weighting_scheme,
-        logit_mean=tr.logit_mean,
-        logit_std=tr.logit_std,
-        mode_scale=tr.mode_scale,
-        first_index=first_index,
+    return to_batch(
+        prepare(cfg.data, cfg.train, scheduler_config, cond, text_tensors(empty), keys, device, first_index)
     )
-    drop_c = draws.drop_caption.to(cond.pooled.device)
-    pooled = torch.where(drop_c[:, None], empty.pooled.to(cond.pooled), cond.pooled)
-    tokens = torch.where(drop_c[:, None, None], empty.tokens.to(cond.tokens), cond.tokens)
-    keep = (~draws.drop_image).float().view(b, 1, 1, 1)
+
+
+def to_batch(p: Prepared) -> FluxKontextBatch:
+    """The FLUX.1 Kontext batch record of prepared tensors (:func:`qflux.batching.prepare`)."""
     return FluxKontextBatch(
-        latents=cond.latents.float().to(device),
-        control_latents=(cond.control.float().cpu() * keep).to(device),
-        pooled=pooled.to(device),
-        prompt_embeds=tokens.to(device),
-        noise=draws.noise.to(device),
-        sigmas=sigmas_for(cfg, scheduler_config, draws.u, (h, w)).to(device),
+        latents=p.latents,
+        control_latents=p.controls[0],
+        pooled=p.text["pooled"],
+        prompt_embeds=p.text["tokens"],
+        noise=p.noise,
+        sigmas=p.sigmas,
     )
 
 
@@ -152,14 +119,14 @@ def eval_batches(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[FluxKontextBatch]:
-    """Deterministic evaluation batches: each one-sample conditioning (no dropout) at each fixed σ,
-    with noise keyed by (seed, sample index): the same batches on every call."""
-    no_dropout = attrs.evolve(cfg, data=attrs.evolve(cfg.data, caption_dropout_rate=0.0, prompt_image_dropout_rate=0.0))
-    out = []
-    for i, cond in enumerate(conds):
-        batch = assemble_batch(no_dropout, scheduler_config, cond, empty, (seed, -1, i), device)
-        out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]
-    return out
+    """:func:`qflux.batching.eval_batches` of FLUX.1 Kontext conditioning (no dropout)."""
+    quiet = attrs.evolve(cfg, data=no_dropout(cfg.data))
+    return shared_eval_batches(
+        lambda cond, keys: assemble_batch(quiet, scheduler_config, cond, empty, keys, device),
+        conds,
+        sigmas=sigmas,
+        seed=seed,
+    )
 
 
 def fixed_eval_batches(

@@ -17,7 +17,6 @@ a model whose encoder sees the image must put the image digest into the prompt k
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
@@ -27,22 +26,23 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.cache import CorruptEntry, check_entry, content_key, entry_path, file_digest, read_entry, write_entry
+from qflux.cache import (
+    CacheReport,
+    Entry,
+    Job,
+    entry_problems,
+    file_digest,
+    fill_entries,
+    folder_identity,
+    latent_entry,
+    make_entry,
+    read_for_training,
+)
 from qflux.data import PairSample, image_to_tensor, load_rgb
-from qflux.errors import QfluxError
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 
-RESIZE_MODE = "lanczos-floor16"  # how images are sized before encoding (qflux.data)
 PROMPT_KINDS = ("clip_prompt_embed", "t5_prompt_embed")
-
-
-def _folder_identity(folder: Path, dtype: str | None) -> dict[str, Any]:
-    h = hashlib.blake2b(digest_size=16)
-    for f in sorted(p for p in folder.iterdir() if p.suffix in (".json", ".txt", ".model")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return {"path": str(folder.resolve()), "config": h.hexdigest(), "dtype": dtype}
 
 
 @attrs.frozen
@@ -73,7 +73,7 @@ def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int) -> CacheSp
     t5_cfg = json.loads((model_dir / "text_encoder_2" / "config.json").read_text())
 
     def ident(*subs: str) -> dict[str, Any]:
-        return {s: _folder_identity(model_dir / s, None if s.startswith("tokenizer") else dtype) for s in subs}
+        return {s: folder_identity(model_dir / s, None if s.startswith("tokenizer") else dtype) for s in subs}
 
     return CacheSpec(
         vae_id=ident("vae"),
@@ -87,20 +87,8 @@ def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int) -> CacheSp
     )
 
 
-@attrs.frozen
-class Entry:
-    """One cache entry: its file and the tensors it must hold."""
-
-    kind: str
-    path: Path
-    shapes: dict[str, tuple[int, ...]]
-    key: dict[str, Any]
-
-
-def latent_entry(spec: CacheSpec, root: Path, kind: str, digest: str, size: tuple[int, int]) -> Entry:
-    """The ``pixel_latent`` / ``control_latent`` entry of an image file (by content digest) at ``size``."""
-    key = {"kind": kind, "file": digest, "size": list(size), "resize": RESIZE_MODE, "vae": spec.vae_id}
-    return Entry(kind, entry_path(root, kind, content_key(key)), {"latent": spec.latent_shape(size)}, key)
+def _latent(spec: CacheSpec, root: Path, kind: str, image: Path, size: tuple[int, int]) -> Entry:
+    return latent_entry(root, kind, file_digest(image), size, spec.vae_id, spec.latent_shape(size))
 
 
 def prompt_entries(spec: CacheSpec, root: Path, text: str) -> tuple[Entry, Entry]:
@@ -113,18 +101,8 @@ def prompt_entries(spec: CacheSpec, root: Path, text: str) -> tuple[Entry, Entry
         "max_sequence_length": spec.max_sequence_length,
     }
     return (
-        Entry(
-            "clip_prompt_embed",
-            entry_path(root, "clip_prompt_embed", content_key(clip_key)),
-            {"embed": (spec.pooled_dim,)},
-            clip_key,
-        ),
-        Entry(
-            "t5_prompt_embed",
-            entry_path(root, "t5_prompt_embed", content_key(t5_key)),
-            {"embed": (spec.max_sequence_length, spec.t5_dim)},
-            t5_key,
-        ),
+        make_entry(root, clip_key, {"embed": (spec.pooled_dim,)}),
+        make_entry(root, t5_key, {"embed": (spec.max_sequence_length, spec.t5_dim)}),
     )
 
 
@@ -145,26 +123,13 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
         clip, t5 = prompt_entries(spec, root, s.prompt)
         out.append(
             SampleEntries(
-                target=latent_entry(spec, root, "pixel_latent", file_digest(s.target), s.target_size),
-                control=latent_entry(spec, root, "control_latent", file_digest(s.control), s.control_size),
+                target=_latent(spec, root, "pixel_latent", s.target, s.target_size),
+                control=_latent(spec, root, "control_latent", s.control, s.control_size),
                 clip=clip,
                 t5=t5,
             )
         )
     return out
-
-
-@attrs.frozen
-class CacheReport:
-    """What :func:`fill_cache` did."""
-
-    computed: int
-    reused: int
-    replaced: list[str]
-    """Reasons of the corrupt entries that were recomputed."""
-
-
-Job = tuple[Entry, Callable[[], dict[str, torch.Tensor]]]
 
 
 def _jobs(models: FluxKontextModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
@@ -213,52 +178,22 @@ def fill_cache(
         models: VAE, CLIP and T5 with tokenizers (no transformer needed).
         progress: wraps the list of entries (e.g. ``tqdm``).
     """
-    computed = reused = 0
-    replaced: list[str] = []
-    seen: set[Path] = set()
-    for entry, compute in progress(_jobs(models, spec, root, samples)):
-        if entry.path in seen:  # shared by several samples (same prompt or same file)
-            continue
-        seen.add(entry.path)
-        problem = check_entry(entry.path, entry.shapes)
-        if problem is None:
-            reused += 1
-            continue
-        if problem != "missing":
-            replaced.append(problem)
-        write_entry(entry.path, compute(), entry.key)
-        computed += 1
-    return CacheReport(computed=computed, reused=reused, replaced=replaced)
+    return fill_entries(_jobs(models, spec, root, samples), progress=progress)
 
 
 def verify_cache(spec: CacheSpec, root: Path, entries: Sequence[SampleEntries]) -> list[str]:
     """Problems ('<path>: missing' or why it is corrupt) of the entries training would read."""
-    problems: dict[Path, str] = {}
     empty = prompt_entries(spec, root, "")
-    for e in [*(x for se in entries for x in (se.target, se.control, se.clip, se.t5)), *empty]:
-        if e.path not in problems:
-            p = check_entry(e.path, e.shapes)
-            if p is not None:
-                problems[e.path] = f"{e.path}: missing" if p == "missing" else p
-    return list(problems.values())
+    return entry_problems([*(x for se in entries for x in (se.target, se.control, se.clip, se.t5)), *empty])
 
 
 def read_empty_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds:
     """The cached empty-prompt embeddings, as a batch of one: pooled [1, P], tokens [1, S, D]."""
     clip, t5 = prompt_entries(spec, root, "")
     return PromptEmbeds(
-        pooled=_read(clip)["embed"][None],
-        tokens=_read(t5)["embed"][None],
+        pooled=read_for_training(clip)["embed"][None],
+        tokens=read_for_training(t5)["embed"][None],
     )
-
-
-def _read(entry: Entry) -> dict[str, torch.Tensor]:
-    try:
-        return read_entry(entry.path, entry.shapes)
-    except CorruptEntry as e:
-        raise QfluxError(
-            f"cache entry unusable during training: {e}; rerun the cache command (it recomputes it), then train again"
-        ) from None
 
 
 @attrs.frozen
@@ -274,10 +209,10 @@ class CachedPairDataset:
         e = self.entries[i]
         return {
             "index": i,
-            "latent": _read(e.target)["latent"],
-            "control": _read(e.control)["latent"],
-            "pooled": _read(e.clip)["embed"],
-            "tokens": _read(e.t5)["embed"],
+            "latent": read_for_training(e.target)["latent"],
+            "control": read_for_training(e.control)["latent"],
+            "pooled": read_for_training(e.clip)["embed"],
+            "tokens": read_for_training(e.t5)["embed"],
         }
 
 

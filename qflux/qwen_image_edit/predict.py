@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from qflux.latents import pack_latents, unpack_latents
-from qflux.lora import call_with_lora
 from qflux.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode, vae_scale_factor
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
+from qflux.qwen_image_edit.step import img_shapes, transformer_velocity
 from qflux.sampling import euler_scheduler, initial_noise
 
 CONDITION_AREA = 1024 * 1024
@@ -51,6 +51,19 @@ def condition_size(image: Image.Image, area: int = CONDITION_AREA, variant: str 
     return int(w), int(h)
 
 
+def vl_image(image: Image.Image, variant: str, processor: Any) -> Image.Image:
+    """The control image as the pipeline hands it to the vision-language encoder: resized to
+    ~1024² (Edit) or ~384² (Edit-Plus) at its aspect ratio (:func:`condition_size`).
+
+    Args:
+        processor: a diffusers ``VaeImageProcessor`` (its PIL resize; Lanczos by default).
+    """
+    area = CONDITION_AREA if variant == "edit" else PLUS_VL_AREA
+    cw, ch = condition_size(image, area, variant)
+    resized: Image.Image = processor.resize(image, ch, cw)
+    return resized
+
+
 def control_inputs(
     images: Sequence[Image.Image], variant: str, processor: Any
 ) -> tuple[list[Image.Image], list[torch.Tensor], list[tuple[int, int]], tuple[int, int]]:
@@ -62,50 +75,18 @@ def control_inputs(
     """
     if variant == "edit":
         (image,) = images
-        cw, ch = condition_size(image)
-        resized = processor.resize(image, ch, cw)
+        resized = vl_image(image, variant, processor)
+        cw, ch = resized.size
         return [resized], [processor.preprocess(resized, ch, cw)], [(cw, ch)], (cw, ch)
     vl, pixels, sizes = [], [], []
     for image in images:
-        cw, ch = condition_size(image, PLUS_VL_AREA, variant)
         vw, vh = condition_size(image, PLUS_VAE_AREA, variant)
-        vl.append(processor.resize(image, ch, cw))
+        vl.append(vl_image(image, variant, processor))
         pixels.append(processor.preprocess(image, vh, vw))
         sizes.append((vw, vh))
     last = images[-1] if images else None
     out = condition_size(last, PLUS_VAE_AREA, variant) if last is not None else (1024, 1024)
     return vl, pixels, sizes, out
-
-
-def transformer_velocity(
-    transformer: Any,
-    params: Mapping[str, torch.Tensor],
-    tokens: torch.Tensor,
-    n: int,
-    sigmas: torch.Tensor,
-    embeds: torch.Tensor,
-    mask: torch.Tensor | None,
-    img_shapes: list[list[tuple[int, int, int]]],
-) -> torch.Tensor:
-    """One QwenImage transformer call on [target ; control] tokens; the first ``n`` tokens' output.
-
-    Args:
-        params: LoRA tensors substituted into the module, ``{}`` for the module as it is.
-        tokens: packed [B, N + Nc, 4C]; sigmas: [B]; embeds: [B, S, D]; mask: [B, S] or None.
-        img_shapes: per sample, (frames, h/2, w/2) of the target then of each control image.
-    """
-    dtype = transformer.dtype
-    inputs = {
-        "hidden_states": tokens.to(dtype),
-        "timestep": sigmas.to(dtype),
-        "guidance": None,
-        "encoder_hidden_states_mask": mask,
-        "encoder_hidden_states": embeds.to(dtype),
-        "img_shapes": img_shapes,
-        "return_dict": False,
-    }
-    out = call_with_lora(transformer, params, inputs)[0]
-    return out[:, :n]
 
 
 @torch.inference_mode()
@@ -135,38 +116,79 @@ def predict(
     from diffusers.image_processor import VaeImageProcessor
 
     images = [image] if isinstance(image, Image.Image) else list(image)
-    transformer, params = models.transformer, dict(lora or {})
-    factor = vae_scale_factor(models.vae)
-    multiple = factor * 2
+    multiple = vae_scale_factor(models.vae) * 2
     processor = VaeImageProcessor(vae_scale_factor=multiple)
-    vl_images, pixels, sizes, (ow, oh) = control_inputs(images, variant, processor)
+    vl_images, pixels, _, (ow, oh) = control_inputs(images, variant, processor)
     height = (height or oh) // multiple * multiple
     width = (width or ow) // multiple * multiple
     encode = partial(encode_prompt, models.text_encoder, models.processor, images=[vl_images], variant=variant)
-    embeds, mask = encode([prompt])
-    negative = negative_prompt if true_cfg_scale > 1 else None
-    if negative is not None:
-        neg_embeds, neg_mask = encode([negative])
-    device = transformer.device
-    control = [pack_latents(vae_encode(models.vae, x).to(device, embeds.dtype)) for x in pixels]
-    c = transformer.config.in_channels // 4
-    h, w = 2 * (height // multiple), 2 * (width // multiple)
-    latents = pack_latents(initial_noise((1, c, h, w), seed, embeds.dtype, device))
+    prompt_embeds = encode([prompt])
+    negative = encode([negative_prompt]) if negative_prompt is not None and true_cfg_scale > 1 else None
+    dtype = prompt_embeds[0].dtype
+    control = [vae_encode(models.vae, x) for x in pixels]
+    latents = denoise(
+        models.transformer,
+        models.scheduler.config,
+        control,
+        prompt_embeds,
+        negative,
+        latent_hw=(2 * (height // multiple), 2 * (width // multiple)),
+        num_inference_steps=num_inference_steps,
+        true_cfg_scale=true_cfg_scale,
+        seed=seed,
+        lora=lora,
+        noise_dtype=dtype,
+    )
+    out: np.ndarray = processor.postprocess(vae_decode(models.vae, latents), output_type="np")[0]
+    return out
+
+
+@torch.inference_mode()
+def denoise(
+    transformer: Any,
+    scheduler_config: Any,
+    controls: Sequence[torch.Tensor],
+    prompt: tuple[torch.Tensor, torch.Tensor],
+    negative: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    latent_hw: tuple[int, int],
+    num_inference_steps: int,
+    true_cfg_scale: float = 4.0,
+    seed: int = 0,
+    lora: Mapping[str, torch.Tensor] | None = None,
+    noise_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The pipeline's denoising loop from encoded inputs (shared by predict and validation).
+
+    Args:
+        controls: latents of each control image [1, C, hc_k, wc_k] (any device); may be empty.
+        prompt, negative: (embeddings [1, S, D], mask [1, S]) of the prompt and, for true CFG
+            (``true_cfg_scale`` > 1), the negative prompt.
+        latent_hw: (h, w) of the output latents (even).
+        noise_dtype: dtype of the initial noise (the pipeline draws it in the text encoder's dtype).
+
+    Returns:
+        Final latents [1, C, h, w] on the transformer's device.
+    """
+    params, device = dict(lora or {}), transformer.device
+    embeds, mask = prompt
+    neg = negative if true_cfg_scale > 1 else None
+    packed = [pack_latents(c.to(device, noise_dtype)) for c in controls]
+    h, w = latent_hw
+    latents = pack_latents(initial_noise((1, transformer.config.in_channels // 4, h, w), seed, noise_dtype, device))
     n = latents.shape[1]
-    img_shapes = [[(1, h // 2, w // 2), *[(1, sh // factor // 2, sw // factor // 2) for sw, sh in sizes]]]
-    scheduler = euler_scheduler(models.scheduler.config, num_inference_steps, n, device)
+    shapes = img_shapes(1, (h, w), [(c.shape[-2], c.shape[-1]) for c in controls])
+    scheduler = euler_scheduler(scheduler_config, num_inference_steps, n, device)
     for t in scheduler.timesteps:
-        tokens = torch.cat([latents, *control], dim=1)
+        tokens = torch.cat([latents, *packed], dim=1)
         sigma = t.expand(1).to(latents.dtype) / 1000
-        v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, _mask(mask), img_shapes)
-        if negative is not None:
-            v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg_embeds, _mask(neg_mask), img_shapes)
+        v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, _mask(mask), shapes)
+        if neg is not None:
+            v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg[0], _mask(neg[1]), shapes)
             combined = v_neg + true_cfg_scale * (v - v_neg)
             v = combined * (v.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
-    decoded = vae_decode(models.vae, unpack_latents(latents, h, w))
-    out: np.ndarray = processor.postprocess(decoded, output_type="np")[0]
-    return out
+    return unpack_latents(latents, h, w)
 
 
 def _mask(mask: torch.Tensor) -> torch.Tensor | None:

@@ -9,7 +9,8 @@ import torch
 
 from qflux.config import FluxKontextConfig
 from qflux.data import PairDataset, collate_pairs, scan_pairs
-from qflux.flux_kontext.batch import build_batch, sigmas_for
+from qflux.batching import sigmas_for
+from qflux.flux_kontext.batch import build_batch
 from qflux.flux_kontext.conditioning import encode_prompt_with, vae_encode
 from qflux.synthetic import make_synthetic_pairs
 
@@ -45,7 +46,7 @@ def test_no_dropout_keeps_prompt_and_control(flux_models, tmp_path: Path) -> Non
     for i in range(2):
         one = _encode(flux_models, [raw["prompt"][i]])
         assert torch.equal(batch.pooled[i], one.pooled[0]) and torch.equal(batch.prompt_embeds[i], one.tokens[0])
-        assert torch.equal(batch.control_latents[i], vae_encode(flux_models.vae, raw["control"][i : i + 1])[0])
+        assert torch.equal(batch.control_latents[i], vae_encode(flux_models.vae, raw["controls"][0][i : i + 1])[0])
         assert torch.equal(batch.latents[i], vae_encode(flux_models.vae, raw["target"][i : i + 1])[0])
     assert batch.noise.shape == batch.latents.shape == (2, 4, 8, 8)
 
@@ -70,6 +71,6 @@ def test_draws_depend_on_keys_only(flux_models, tmp_path: Path) -> None:
 
 def test_resolution_shift_moves_sigmas_towards_noise(flux_models) -> None:
     u = torch.tensor([0.2, 0.5, 0.8])
-    plain = sigmas_for(_cfg(0, 0), flux_models.scheduler.config, u, (8, 8))
-    shifted = sigmas_for(_cfg(0, 0, resolution_shift=True), flux_models.scheduler.config, u, (8, 8))
+    plain = sigmas_for(_cfg(0, 0).train, flux_models.scheduler.config, u, (8, 8))
+    shifted = sigmas_for(_cfg(0, 0, resolution_shift=True).train, flux_models.scheduler.config, u, (8, 8))
     assert torch.all(shifted > plain)

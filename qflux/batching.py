@@ -1,0 +1,172 @@
+"""From encoded conditioning to a training micro-batch: keyed draws, dropout and σ, shared by the
+FLUX.1 Kontext and Qwen-Image-Edit paths.
+
+A model's conditioning is its target latents, its control latents (one tensor per control image)
+and its prompt tensors (a dict: FLUX's CLIP pooled + T5 tokens, Qwen's embeddings + mask). Per
+sample i of a micro-batch, from a generator keyed by (seed, step, micro-batch, global index i):
+
+    drop caption → the prompt tensors of the empty instruction
+    drop image   → every control latent × 0
+    ε ~ N(0, I),  u ~ density(weighting_scheme),  σ = sigmas_from_u(u)  (optionally time-shifted)
+
+This all runs outside the gradient, before ``train_step``, and is the same whether the
+conditioning came from the encoders or from the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import attrs
+import torch
+
+from qflux.config import DataConfig, TrainConfig
+from qflux.flow import resolution_mu, sigmas_from_u, time_shift
+from qflux.rng import draw_sample_randomness
+
+B = TypeVar("B")
+
+
+@attrs.frozen(eq=False)
+class Conditioning:
+    """A micro-batch's encoded inputs before dropout."""
+
+    latents: torch.Tensor
+    """Target latents [B, C, h, w]."""
+    controls: tuple[torch.Tensor, ...]
+    """Control latents, one [B, C, hc_k, wc_k] per control image k (empty: no control image)."""
+    text: Mapping[str, torch.Tensor]
+    """The model's prompt tensors, batch first (e.g. pooled [B, P] and tokens [B, S, D])."""
+    empty: Mapping[str, torch.Tensor] | None = None
+    """Each sample's empty-instruction prompt tensors [B, ...], for a model whose prompt embedding
+    sees the sample's images (Qwen); None: the model's one empty prompt is used."""
+
+
+@attrs.frozen(eq=False)
+class Prepared:
+    """A micro-batch after dropout and the random draws, on the training device."""
+
+    latents: torch.Tensor
+    """x0 [B, C, h, w] float32."""
+    controls: tuple[torch.Tensor, ...]
+    """Control latents [B, C, hc_k, wc_k] float32; zeros for samples whose image was dropped."""
+    text: dict[str, torch.Tensor]
+    """Prompt tensors with dropped captions replaced by the empty instruction's."""
+    noise: torch.Tensor
+    """ε [B, C, h, w] float32."""
+    sigmas: torch.Tensor
+    """σ [B] float32 in (0, 1]."""
+
+
+def sigmas_for(train: TrainConfig, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """σ from density draws u; with ``train.resolution_shift`` shifted by the latent's token count.
+
+    Args:
+        hw: latent (h, w); the image has (h/2)·(w/2) tokens (2×2 packing).
+    """
+    sc = scheduler_config
+    sigmas = sigmas_from_u(u, sc.num_train_timesteps)
+    if train.resolution_shift:
+        mu = resolution_mu(
+            (hw[0] // 2) * (hw[1] // 2), sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift
+        )
+        sigmas = time_shift(sigmas, mu)
+    return sigmas
+
+
+def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 1 of ``x`` [B, S, ...] to ``length`` (no copy when it already has it)."""
+    if x.shape[1] == length:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])], dim=1)
+
+
+def where_dropped(
+    drop: torch.Tensor, text: Mapping[str, torch.Tensor], empty: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per sample, ``empty``'s prompt tensors where ``drop`` [B] is set, else ``text``'s.
+
+    ``empty`` holds one row (shared by all samples) or one per sample. Token tensors of different
+    lengths (a per-sample embedding and its mask) are zero-padded to the longer one first.
+    """
+    out = {}
+    for key, t in text.items():
+        e = empty[key].to(t)
+        if t.ndim >= 2 and e.shape[1] != t.shape[1]:
+            length = max(t.shape[1], e.shape[1])
+            t, e = pad_tokens(t, length), pad_tokens(e, length)
+        out[key] = torch.where(drop.to(t.device).view(-1, *([1] * (t.ndim - 1))), e, t)
+    return out
+
+
+@torch.no_grad()
+def prepare(
+    data: DataConfig,
+    train: TrainConfig,
+    scheduler_config: Any,
+    cond: Conditioning,
+    empty: Mapping[str, torch.Tensor] | None,
+    keys: tuple[int, ...],
+    device: torch.device | str = "cpu",
+    first_index: int = 0,
+) -> Prepared:
+    """Apply caption and control dropout, draw noise and σ, and move everything to ``device``.
+
+    Args:
+        empty: the empty instruction's prompt tensors [1, ...], used unless ``cond.empty`` holds
+            per-sample ones.
+        keys: randomness keys (seed, step, micro-batch); sample i draws from keys + (first_index + i,).
+        first_index: this batch's offset in the global batch (data-parallel ranks).
+    """
+    b, c, h, w = cond.latents.shape
+    draws = draw_sample_randomness(
+        keys,
+        b,
+        (c, h, w),
+        caption_dropout_rate=data.caption_dropout_rate,
+        image_dropout_rate=data.prompt_image_dropout_rate,
+        weighting_scheme=train.weighting_scheme,
+        logit_mean=train.logit_mean,
+        logit_std=train.logit_std,
+        mode_scale=train.mode_scale,
+        first_index=first_index,
+    )
+    blank = cond.empty if cond.empty is not None else empty
+    if blank is None:
+        raise ValueError("no empty-prompt tensors: pass empty, or conditioning that carries its own")
+    text = where_dropped(draws.drop_caption, cond.text, blank)
+    keep = (~draws.drop_image).float().view(b, 1, 1, 1)
+    return Prepared(
+        latents=cond.latents.float().to(device),
+        controls=tuple((x.float().cpu() * keep).to(device) for x in cond.controls),
+        text={k: t.to(device) for k, t in text.items()},
+        noise=draws.noise.to(device),
+        sigmas=sigmas_for(train, scheduler_config, draws.u, (h, w)).to(device),
+    )
+
+
+def no_dropout(data: DataConfig) -> DataConfig:
+    """``data`` with caption and control dropout off (evaluation)."""
+    return attrs.evolve(data, caption_dropout_rate=0.0, prompt_image_dropout_rate=0.0)
+
+
+def eval_batches(
+    assemble: Callable[[Conditioning, tuple[int, ...]], B],
+    conds: Sequence[Conditioning],
+    *,
+    sigmas: Sequence[float] = (0.25, 0.5, 0.75),
+    seed: int = 0,
+) -> list[B]:
+    """Deterministic evaluation batches: each one-sample conditioning at each fixed σ, with noise
+    keyed by (seed, sample index): the same batches on every call.
+
+    Args:
+        assemble: ``(cond, keys) → batch`` of the model, without dropout (:func:`no_dropout`); the
+            batch record has a ``sigmas`` field.
+    """
+    out = []
+    for i, cond in enumerate(conds):
+        batch = assemble(cond, (seed, -1, i))
+        out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]  # type: ignore[attr-defined,misc]
+    return out

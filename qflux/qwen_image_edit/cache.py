@@ -1,0 +1,208 @@
+"""The Qwen-Image-Edit embedding cache: what is cached per sample, under which key, and how it is read.
+
+Entries, each keyed by a content hash of everything that determines it:
+
+| kind | tensor | key parts |
+| --- | --- | --- |
+| ``pixel_latent`` | ``latent`` [C, h, w] | target file bytes, resized (w, h), resize mode, VAE identity |
+| ``control_latent`` | ``latent`` [C, hc, wc] | each control file's bytes, resized size, resize mode, VAE identity |
+| ``qwen_prompt_embed`` | ``embed`` [S, D] | prompt text, **every control image's bytes**, the variant (template |
+| | | and vision-language resize), Qwen2.5-VL + processor + tokenizer identity |
+
+Qwen-Image-Edit's prompt embedding sees the control image(s), so a prompt shared by two samples
+with different images gives two entries; the processor's settings (pixel bounds, patch and merge
+size) are part of its identity. Each sample also has the entry of the empty instruction with its
+images (caption dropout). S varies with the prompt and the images; the embeddings are padded per
+batch with a mask (:func:`qflux.qwen_image_edit.batch.stack_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from qflux.cache import (
+    CacheReport,
+    Entry,
+    Job,
+    entry_problems,
+    file_digest,
+    fill_entries,
+    folder_identity,
+    latent_entry,
+    make_entry,
+    read_for_training,
+)
+from qflux.data import PairSample, image_to_tensor, load_rgb
+from qflux.qwen_image_edit.batch import encode_sample_prompt, stack_tokens, vl_images
+from qflux.qwen_image_edit.conditioning import vae_encode
+from qflux.qwen_image_edit.loaders import QwenImageEditModels
+from qflux.qwen_image_edit.predict import CONDITION_AREA, PLUS_VL_AREA
+
+PROMPT_KIND = "qwen_prompt_embed"
+
+
+@attrs.frozen
+class CacheSpec:
+    """What the cache holds for one model and settings: identities and expected shapes.
+
+    Built from the model folder's configs alone, so training from the cache loads no encoder.
+    """
+
+    vae_id: dict[str, Any]
+    encoder_id: dict[str, Any]
+    variant: str
+    latent_channels: int
+    vae_factor: int
+    embed_dim: int
+
+    def latent_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image resized to ``size`` = (w, h)."""
+        return self.latent_channels, size[1] // self.vae_factor, size[0] // self.vae_factor
+
+
+def cache_spec(model_dir: Path, dtype: str, variant: str) -> CacheSpec:
+    """Read identities and shapes from a (resolved) Qwen-Image-Edit folder."""
+    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    enc_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
+    return CacheSpec(
+        vae_id={"vae": folder_identity(model_dir / "vae", dtype)},
+        encoder_id={
+            "text_encoder": folder_identity(model_dir / "text_encoder", dtype),
+            "processor": folder_identity(model_dir / "processor", None),
+            "tokenizer": folder_identity(model_dir / "tokenizer", None),
+        },
+        variant=variant,
+        latent_channels=int(vae_cfg["z_dim"]),
+        vae_factor=2 ** len(vae_cfg["temperal_downsample"]),
+        embed_dim=int(enc_cfg.get("hidden_size") or enc_cfg["text_config"]["hidden_size"]),
+    )
+
+
+def prompt_entry(spec: CacheSpec, root: Path, text: str, image_digests: Sequence[str]) -> Entry:
+    """The embedding of ``text`` with the control images of these content digests, in order."""
+    area = CONDITION_AREA if spec.variant == "edit" else PLUS_VL_AREA
+    key = {
+        "kind": PROMPT_KIND,
+        "text": text,
+        "images": list(image_digests),
+        "variant": spec.variant,
+        "vision_input": f"area {area}, multiple of 32, lanczos",
+        "encoder": spec.encoder_id,
+    }
+    return make_entry(root, key, {"embed": (-1, spec.embed_dim)})
+
+
+@attrs.frozen
+class SampleEntries:
+    """The entries one training sample reads."""
+
+    target: Entry
+    controls: tuple[Entry, ...]
+    prompt: Entry
+    empty: Entry
+    """The empty instruction with the same images (caption dropout)."""
+
+    def all(self) -> list[Entry]:
+        return [self.target, *self.controls, self.prompt, self.empty]
+
+
+def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[SampleEntries]:
+    """Entries of each sample; reads every image file once to hash its bytes."""
+    out = []
+    for s in samples:
+        digests = [file_digest(c) for c in s.controls]
+        out.append(
+            SampleEntries(
+                target=latent_entry(
+                    root, "pixel_latent", file_digest(s.target), s.target_size, spec.vae_id,
+                    spec.latent_shape(s.target_size),
+                ),
+                controls=tuple(
+                    latent_entry(root, "control_latent", d, size, spec.vae_id, spec.latent_shape(size))
+                    for d, size in zip(digests, s.control_sizes, strict=True)
+                ),
+                prompt=prompt_entry(spec, root, s.prompt, digests),
+                empty=prompt_entry(spec, root, "", digests),
+            )
+        )  # fmt: skip
+    return out
+
+
+def _jobs(models: QwenImageEditModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
+    """Every entry the samples need, each with the function that computes its tensors."""
+
+    def embed(text: str, controls: tuple[Path, ...]) -> dict[str, torch.Tensor]:
+        return {"embed": encode_sample_prompt(models, text, vl_images(controls, spec.variant), spec.variant)}
+
+    def latent(path: Path, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return {"latent": vae_encode(models.vae, image_to_tensor(load_rgb(path), size))[0]}
+
+    jobs: list[Job] = []
+    for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
+        jobs.append((se.target, partial(latent, s.target, s.target_size)))
+        for entry, path, size in zip(se.controls, s.controls, s.control_sizes, strict=True):
+            jobs.append((entry, partial(latent, path, size)))
+        jobs.append((se.prompt, partial(embed, s.prompt, s.controls)))
+        jobs.append((se.empty, partial(embed, "", s.controls)))
+    return jobs
+
+
+def fill_cache(
+    spec: CacheSpec,
+    models: QwenImageEditModels,
+    samples: Sequence[PairSample],
+    root: Path,
+    *,
+    progress: Callable[[list[Job]], Iterable[Job]] = iter,
+) -> CacheReport:
+    """Compute every missing or corrupt entry for ``samples``; reuse the rest.
+
+    Args:
+        models: the VAE and the Qwen2.5-VL encoder with its processor (no transformer needed).
+        progress: wraps the list of entries (e.g. ``tqdm``).
+    """
+    return fill_entries(_jobs(models, spec, root, samples), progress=progress)
+
+
+def verify_cache(spec: CacheSpec, root: Path, entries: Sequence[SampleEntries]) -> list[str]:
+    """Problems ('<path>: missing' or why it is corrupt) of the entries training would read."""
+    return entry_problems([e for se in entries for e in se.all()])
+
+
+@attrs.frozen
+class CachedPairDataset:
+    """Map-style dataset over cached samples: ``ds[i]`` reads sample i's entries by identity."""
+
+    entries: Sequence[SampleEntries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        e = self.entries[i]
+        return {
+            "index": i,
+            "latent": read_for_training(e.target)["latent"],
+            "controls": [read_for_training(c)["latent"] for c in e.controls],
+            "embed": read_for_training(e.prompt)["embed"],
+            "empty": read_for_training(e.empty)["embed"],
+        }
+
+
+def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack same-size cached items: latent [B, C, h, w], controls (one [B, C, hc_k, wc_k] per
+    control image), embeddings padded with masks."""
+    return {
+        "index": [it["index"] for it in items],
+        "latent": torch.stack([it["latent"] for it in items]),
+        "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
+        "embed": stack_tokens([it["embed"] for it in items]),
+        "empty": stack_tokens([it["empty"] for it in items]),
+    }
