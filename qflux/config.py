@@ -280,9 +280,10 @@ class PredictDevices:
     """Where the VAE encodes the control image and decodes the result (also validation decodes
     when training from the cache)."""
     text_encoder: str = _device_field()
-    """Where the text encoder (CLIP; Qwen2.5-VL with the control images) encodes the prompt."""
+    """Where the text encoder (CLIP; Qwen2.5-VL with the control images) encodes the prompt in the
+    predict command."""
     transformer: str = _device_field()
-    """Where the transformer denoises."""
+    """Where the transformer denoises in the predict command."""
 
 
 @attrs.frozen
@@ -290,7 +291,7 @@ class FluxPredictDevices(PredictDevices):
     """Placement of each FLUX.1 Kontext component for the predict command."""
 
     text_encoder_2: str = _device_field()
-    """Where T5 encodes the prompt."""
+    """Where T5 encodes the prompt in the predict command."""
 
 
 @attrs.frozen
@@ -314,8 +315,9 @@ class LoggingConfig:
     output_dir: str = "outputs/flux_kontext_lora"
     """Folder for the LoRA, the resolved config, the loss curve and the sample image."""
     write_sample: bool = True
-    """Write sample.png (base vs LoRA edit of the first sample) at the end. Training from the cache
-    loads the encoders for it only then, on ``predict.devices``."""
+    """Write sample.png at the end: the first sample's control image(s) | target | the edit before
+    and after training (same seed, its conditioning from the training data path, at the target's
+    size). Training from the cache loads only the VAE for it, on ``predict.devices.vae``."""
     report_to: Literal["tensorboard", "jsonl", "none"] = attrs.field(
         default="tensorboard", validator=v.in_(("tensorboard", "jsonl", "none"))
     )
@@ -351,7 +353,7 @@ class ValidationConfig:
     """Instead of dataset_path: a list of [control image, prompt] or [control image, prompt, target
     image]. Samples without a target have no target panel and no validation loss."""
     num_inference_steps: int = attrs.field(default=28, validator=_positive)
-    """Denoising steps of each validation prediction (fixed seed: the run's seed)."""
+    """Denoising steps of each validation prediction and of sample.png (fixed seed: the run's seed)."""
 
 
 @attrs.frozen

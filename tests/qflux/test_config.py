@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qflux.config import FluxKontextConfig
+from qflux.config import FluxKontextConfig, QwenImageEditConfig
 from qflux.config_parse import load_config, schema_keys, to_dict
 from qflux.errors import QfluxError
 
@@ -87,16 +87,28 @@ def test_missing_and_bad_files(tmp_path: Path) -> None:
         load_config(FluxKontextConfig, listy, {})
 
 
-def test_shipped_configs_load_and_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("pattern", "cls"), [("flux_kontext_*.yaml", FluxKontextConfig),
+                                              ("qwen_image_edit_*.yaml", QwenImageEditConfig)])  # fmt: skip
+def test_shipped_configs_load_and_round_trip(tmp_path: Path, pattern: str, cls: type) -> None:
     import yaml
 
-    configs = sorted((ROOT / "recipes" / "configs").glob("flux_kontext_*.yaml"))
+    configs = sorted((ROOT / "recipes" / "configs").glob(pattern))
     assert configs
     for path in configs:
-        cfg = load_config(FluxKontextConfig, path, {})
+        cfg = load_config(cls, path, {})
         out = tmp_path / path.name
         out.write_text(yaml.safe_dump(to_dict(cfg)))
-        assert load_config(FluxKontextConfig, out, {}) == cfg
+        assert load_config(cls, out, {}) == cfg
+
+
+def test_qwen_defaults_are_the_builtin_demo() -> None:
+    cfg = load_config(QwenImageEditConfig, None, {})
+    assert cfg.model.pretrained_model_name_or_path == "builtin:tiny-qwen-image-edit"
+    assert cfg.model.variant == "edit" and cfg.logging.output_dir == "outputs/qwen_image_edit_lora"
+    with pytest.raises(QfluxError, match="variant"):
+        load_config(QwenImageEditConfig, None, {"model.variant": "plus"})
+    with pytest.raises(QfluxError, match="guidance_scale"):  # a FLUX-only key
+        load_config(QwenImageEditConfig, None, {"train.guidance_scale": 3.0})
 
 
 def test_to_dict_is_plain_lists_and_dicts() -> None:

@@ -7,21 +7,23 @@ from pathlib import Path
 import attrs
 import pytest
 
-from qflux.config import FluxKontextConfig
-from qflux.config_doc import current_section, reference_rows, render_reference, update_file
+from qflux.config import FluxKontextConfig, QwenImageEditConfig
+from qflux.config_doc import REFERENCES, current_section, reference_rows, render_reference, update_file
 from qflux.config_parse import schema_keys
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_readme_reference_is_current() -> None:
-    assert current_section(README) == render_reference(), (
+@pytest.mark.parametrize("markers", list(REFERENCES), ids=["flux", "qwen"])
+def test_readme_reference_is_current(markers: tuple[str, str]) -> None:
+    assert current_section(README, *markers) == render_reference(REFERENCES[markers]), (
         "README.md's configuration reference is stale: run `python -m qflux.config_doc README.md`"
     )
 
 
-def test_every_schema_key_is_in_the_reference() -> None:
-    assert [row[0] for row in reference_rows(FluxKontextConfig)] == schema_keys(FluxKontextConfig)
+@pytest.mark.parametrize("cls", [FluxKontextConfig, QwenImageEditConfig])
+def test_every_schema_key_is_in_the_reference(cls: type) -> None:
+    assert [row[0] for row in reference_rows(cls)] == schema_keys(cls)
 
 
 @attrs.frozen

@@ -104,8 +104,8 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "cache.text_encoder_device": ("cuda", CACHED),
     "cache.text_encoder_2_device": ("cuda", CACHED),
     "predict.devices.vae": ("cuda", {**CACHED, "logging.write_sample": True}),
-    "predict.devices.text_encoder": ("cuda", {**CACHED, "logging.write_sample": True}),
-    "predict.devices.text_encoder_2": ("cuda", {**CACHED, "logging.write_sample": True}),
+    "predict.devices.text_encoder": ("cuda", {"_command": "predict"}),
+    "predict.devices.text_encoder_2": ("cuda", {"_command": "predict"}),
     "predict.devices.transformer": ("cuda", {"_command": "predict"}),
 }
 
