@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qflux.config import FluxKontextConfig
+from qflux.config import FluxKontextConfig, QwenImageEditConfig
 from qflux.config_parse import load_config, schema_keys
 from qflux.data import PairDataset
 from qflux.errors import QfluxError
 from qflux.synthetic import make_synthetic_pairs
-from qflux.tiny import build_flux_kontext
-from recipes.flux_kontext_lora import predict, run
+from qflux.tiny import build_flux_kontext, build_qwen_image_edit
+from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 CACHED = {"cache.use_cache": True}
 VALIDATING = {
@@ -109,6 +109,25 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "predict.devices.transformer": ("cuda", {"_command": "predict"}),
 }
 
+# The Qwen-Image-Edit recipe: its schema is FLUX's without the FLUX-only keys, plus model.variant.
+QWEN_ALTERNATIVES = {k: v for k, v in ALTERNATIVES.items() if k in schema_keys(QwenImageEditConfig)}
+QWEN_ALTERNATIVES["model.variant"] = ("edit_plus", {})
+# Both recipes run recipes/lora_loop.py, so the keys that loop reads are walked once, with FLUX
+# (above). With Qwen we walk the keys whose reading is Qwen's own code: the model, its
+# conditioning and dropout, placements, the sample and the predict command.
+QWEN_WALK = sorted(
+    k
+    for k in QWEN_ALTERNATIVES
+    if k.startswith(("model.", "predict.", "cache."))
+    or k.endswith("_device")
+    or k in ("data.caption_dropout_rate", "data.prompt_image_dropout_rate", "data.max_pixels",
+             "train.weighting_scheme", "logging.write_sample", "validation.num_inference_steps")
+)  # fmt: skip
+RECIPES: dict[str, Any] = {
+    "flux": (FluxKontextConfig, flux_kontext_lora, {"model.max_sequence_length": 8}),
+    "qwen": (QwenImageEditConfig, qwen_image_edit_lora, {}),
+}
+
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory: pytest.TempPathFactory, tiny_flux_dir: Path) -> dict[str, str]:
@@ -118,6 +137,8 @@ def places(tmp_path_factory: pytest.TempPathFactory, tiny_flux_dir: Path) -> dic
     return {
         "model": str(tiny_flux_dir),
         "other_model": str(build_flux_kontext(root / "other-model", seed=1)),
+        "qwen_model": str(build_qwen_image_edit(root / "qwen", seed=0)),
+        "qwen_other_model": str(build_qwen_image_edit(root / "qwen-other", seed=1)),
         "data": str(make_synthetic_pairs(root / "data", 4, seed=0)),
         "other_data": str(make_synthetic_pairs(root / "other-data", 4, seed=9)),
         "bad_data": str(bad),
@@ -130,7 +151,13 @@ def _fill(value: Any, fills: dict[str, str]) -> Any:
     return value.format(**fills) if isinstance(value, str) and "{" in value else value
 
 
-def _fingerprint(root: Path, settings: dict[str, Any], places: dict[str, str], monkeypatch) -> dict[str, Any]:
+def _fingerprint(
+    root: Path, settings: dict[str, Any], places: dict[str, str], monkeypatch, recipe: str = "flux"
+) -> dict[str, Any]:
+    cls, module, extra = RECIPES[recipe]
+    run, predict = module.run, module.predict
+    if recipe == "qwen":
+        places = {**places, "model": places["qwen_model"], "other_model": places["qwen_other_model"]}
     fills = {**places, "root": str(root)}
     settings = dict(settings)
     command = settings.pop("_command", "train")
@@ -138,7 +165,7 @@ def _fingerprint(root: Path, settings: dict[str, Any], places: dict[str, str], m
     overrides = {
         "model.pretrained_model_name_or_path": places["model"],
         "model.dtype": "float32",
-        "model.max_sequence_length": 8,
+        **extra,
         "data.dataset_path": places["data"],
         "train.max_train_steps": 2,
         "train.checkpointing_steps": 0,
@@ -162,12 +189,12 @@ def _fingerprint(root: Path, settings: dict[str, Any], places: dict[str, str], m
     out: dict[str, Any] = {}
     try:
         if prerun:
-            run(load_config(FluxKontextConfig, None, {**overrides, "train.max_train_steps": prerun}))
+            run(load_config(cls, None, {**overrides, "train.max_train_steps": prerun}))
         if command == "predict":
             image = next((Path(places["data"]) / "control_images").iterdir())
-            predict(str(image), "x", out=str(root / "p.png"), num_inference_steps=1, **overrides)
+            predict(image=str(image), prompt="x", out=str(root / "p.png"), num_inference_steps=1, **overrides)
         else:
-            result = run(load_config(FluxKontextConfig, None, overrides))
+            result = run(load_config(cls, None, overrides))
             out["losses"] = result.losses
             out["steps_run"] = len(result.step_seconds)
             out["lora"] = hashlib.sha256(
@@ -176,7 +203,7 @@ def _fingerprint(root: Path, settings: dict[str, Any], places: dict[str, str], m
             out["devices"] = {
                 n: str(getattr(result.models, n).device)
                 for n in ("transformer", "vae", "text_encoder", "text_encoder_2")
-                if getattr(result.models, n) is not None
+                if getattr(result.models, n, None) is not None
             }
             out["checkpointing"] = result.models.transformer.gradient_checkpointing
     except QfluxError as e:
@@ -195,9 +222,12 @@ def _fingerprint(root: Path, settings: dict[str, Any], places: dict[str, str], m
     return out
 
 
-def test_every_key_has_an_alternative() -> None:
-    keys = set(schema_keys(FluxKontextConfig))
-    assert keys == set(ALTERNATIVES), (sorted(keys - set(ALTERNATIVES)), sorted(set(ALTERNATIVES) - keys))
+@pytest.mark.parametrize(
+    ("cls", "table"), [(FluxKontextConfig, ALTERNATIVES), (QwenImageEditConfig, QWEN_ALTERNATIVES)]
+)
+def test_every_key_has_an_alternative(cls: type, table: dict[str, Any]) -> None:
+    keys = set(schema_keys(cls))
+    assert keys == set(table), (sorted(keys - set(table)), sorted(set(table) - keys))
 
 
 @pytest.mark.parametrize("key", sorted(ALTERNATIVES))
@@ -216,3 +246,12 @@ def test_fingerprint_is_deterministic(tmp_path: Path, places: dict[str, str], mo
     b = _fingerprint(tmp_path / "b", {}, places, monkeypatch)
     assert a == b and "error" not in a
     assert np.isfinite(a["losses"]).all() and torch.tensor(a["losses"]).numel() == 2
+
+
+@pytest.mark.parametrize("key", QWEN_WALK)
+def test_qwen_key_changes_behaviour_or_output(key: str, tmp_path: Path, places: dict[str, str], monkeypatch) -> None:
+    other, settings = QWEN_ALTERNATIVES[key]
+    base = _fingerprint(tmp_path / "base", settings, places, monkeypatch, "qwen")
+    changed = _fingerprint(tmp_path / "changed", {**settings, key: other}, places, monkeypatch, "qwen")
+    assert base != changed, f"{key}: setting it to {other!r} changed nothing observable"
+    assert "error" not in base, base.get("error")

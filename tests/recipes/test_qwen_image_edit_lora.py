@@ -22,7 +22,14 @@ from recipes.qwen_image_edit_lora import main, run
 
 # First losses of the seeded fp32 runs below, pinned from reference runs of this recipe.
 PINNED_EDIT = [1.3436286449432373, 1.2440567016601562, 1.409367561340332, 1.4250426292419434]
-PINNED_EDIT_PLUS = [1.239221215248108, 1.325324296951294, 1.435549020767212, 1.5019800662994385, 1.5639796257019043, 1.463620901107788]
+PINNED_EDIT_PLUS = [
+    1.239221215248108,
+    1.325324296951294,
+    1.435549020767212,
+    1.5019800662994385,
+    1.5639796257019043,
+    1.463620901107788,
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,8 @@ def test_edit_first_losses_are_pinned_and_the_lora_loads(edit_dir: Path, tmp_pat
 
     from qflux.qwen_image_edit.processor import load_qwen_processor
 
-    result = run(_cfg(edit_dir, tmp_path / "out", **{"logging.write_sample": True, "validation.num_inference_steps": 2}))
+    more = {"logging.write_sample": True, "validation.num_inference_steps": 2}
+    result = run(_cfg(edit_dir, tmp_path / "out", **more))
     assert len(result.losses) == 4 == result.state.step
     assert result.losses == pytest.approx(PINNED_EDIT, rel=1e-4)
     out = tmp_path / "out"
@@ -146,5 +154,5 @@ def test_dataset_errors_name_the_control_files(tmp_path: Path) -> None:
     (controls / "sample_000_control_2.png").unlink()
     (controls / "sample_001_control_3.png").unlink()
     (controls / "sample_001.png").unlink()
-    with pytest.raises(QfluxError, match="sample_001.<png|jpg|jpeg|webp>: missing image"):
+    with pytest.raises(QfluxError, match=r"sample_001\.<png\|jpg\|jpeg\|webp>: missing image"):
         scan_pairs(data, None)

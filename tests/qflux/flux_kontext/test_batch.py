@@ -7,9 +7,9 @@ from pathlib import Path
 import attrs
 import torch
 
+from qflux.batching import sigmas_for
 from qflux.config import FluxKontextConfig
 from qflux.data import PairDataset, collate_pairs, scan_pairs
-from qflux.batching import sigmas_for
 from qflux.flux_kontext.batch import build_batch
 from qflux.flux_kontext.conditioning import encode_prompt_with, vae_encode
 from qflux.synthetic import make_synthetic_pairs
