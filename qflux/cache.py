@@ -157,13 +157,24 @@ def make_entry(root: Path, key: dict[str, Any], shapes: dict[str, tuple[int, ...
     return Entry(key["kind"], entry_path(root, key["kind"], content_key(key)), shapes, key)
 
 
-def latent_entry(
-    root: Path, kind: str, digest: str, size: tuple[int, int], vae_id: dict[str, Any], shape: tuple[int, ...]
-) -> Entry:
-    """The ``pixel_latent`` / ``control_latent`` entry of an image file (by content digest)
-    resized to ``size`` = (w, h) and encoded by the VAE ``vae_id`` into ``shape``."""
-    key = {"kind": kind, "file": digest, "size": list(size), "resize": RESIZE_MODE, "vae": vae_id}
-    return make_entry(root, key, {"latent": shape})
+@attrs.frozen
+class LatentSpec:
+    """How a model's VAE turns an image into a cached latent: the VAE's identity and geometry."""
+
+    vae_id: dict[str, Any]
+    channels: int
+    factor: int
+    """Pixels per latent along a side."""
+
+    def shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image resized to ``size`` = (w, h)."""
+        return self.channels, size[1] // self.factor, size[0] // self.factor
+
+    def entry(self, root: Path, kind: str, digest: str, size: tuple[int, int]) -> Entry:
+        """The ``pixel_latent`` / ``control_latent`` entry of an image file (by content digest)
+        resized to ``size`` = (w, h)."""
+        key = {"kind": kind, "file": digest, "size": list(size), "resize": RESIZE_MODE, "vae": self.vae_id}
+        return make_entry(root, key, {"latent": self.shape(size)})
 
 
 @attrs.frozen
@@ -224,3 +235,18 @@ def read_for_training(entry: Entry) -> dict[str, torch.Tensor]:
         raise QfluxError(
             f"cache entry unusable during training: {e}; rerun the cache command (it recomputes it), then train again"
         ) from None
+
+
+@attrs.frozen
+class EntryDataset:
+    """Map-style dataset over samples' cache entries: ``ds[i]`` is ``{"index": i, **read(entries[i])}``,
+    read by identity (never by position)."""
+
+    entries: Sequence[Any]
+    read: Callable[[Any], dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"index": i, **self.read(self.entries[i])}

@@ -58,7 +58,7 @@ def _cached(cfg: FluxKontextConfig, path: Path) -> CachePath:
         entries=partial(kcache.sample_entries, spec, root),
         verify=partial(kcache.verify_cache, spec, root),
         fill=lambda models, samples, progress: kcache.fill_cache(spec, models, samples, root, progress=progress),
-        dataset=kcache.CachedPairDataset,
+        dataset=kcache.cached_dataset,
         collate=kcache.collate_cached,
         conditioning=cached_conditioning,
         empty=lambda: text_tensors(kcache.read_empty_prompt(spec, root)),
@@ -119,16 +119,6 @@ def fill(cfg: FluxKontextConfig) -> kcache.CacheReport:
     return lora_loop.fill(FAMILY, cfg)
 
 
-def train(config: str | None = None, **overrides: Any) -> None:
-    """Train a LoRA: ``train [--config=recipes/configs/flux_kontext_bf16.yaml] [--section.key=value ...]``."""
-    run(load_config(FluxKontextConfig, config, overrides))
-
-
-def cache(config: str | None = None, **overrides: Any) -> None:
-    """Fill the embedding cache: ``cache [--config=...] [--cache.cache_dir=DIR] [--section.key=value ...]``."""
-    fill(load_config(FluxKontextConfig, config, overrides))
-
-
 def predict(
     image: str,
     prompt: str,
@@ -173,7 +163,7 @@ def predict(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    lora_loop.main(FAMILY.name, {"train": train, "cache": cache, "predict": predict}, argv)
+    lora_loop.main(FAMILY.name, lora_loop.commands(FAMILY, FluxKontextConfig, predict), argv)
 
 
 if __name__ == "__main__":

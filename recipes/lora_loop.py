@@ -568,6 +568,22 @@ def _fill(family: Family, cfg: Any, samples: list[PairSample], path: Path, world
     return report
 
 
+def commands(family: Family, config_cls: type, predict: Callable[..., None]) -> dict[str, Callable[..., None]]:
+    """The recipe's CLI verbs: ``train`` and ``cache`` (config file plus ``--section.key=value``
+    overrides) and the model's own ``predict``."""
+    from qflux.config_parse import load_config
+
+    def train(config: str | None = None, **overrides: Any) -> None:
+        """Train a LoRA: ``train [--config=recipes/configs/<model>_bf16.yaml] [--section.key=value ...]``."""
+        run(family, load_config(config_cls, config, overrides))
+
+    def cache(config: str | None = None, **overrides: Any) -> None:
+        """Fill the embedding cache: ``cache [--config=...] [--cache.cache_dir=DIR] [--section.key=value ...]``."""
+        fill(family, load_config(config_cls, config, overrides))
+
+    return {"train": train, "cache": cache, "predict": predict}
+
+
 def main(name: str, commands: Mapping[str, Callable[..., Any]], argv: list[str] | None = None) -> None:
     """A recipe's entry point: no arguments trains the built-in default; errors print one message
     and exit 2."""

@@ -73,7 +73,7 @@ def _cached(cfg: QwenImageEditConfig, path: Path) -> CachePath:
         entries=partial(qcache.sample_entries, spec, root),
         verify=partial(qcache.verify_cache, spec, root),
         fill=lambda models, samples, progress: qcache.fill_cache(spec, models, samples, root, progress=progress),
-        dataset=qcache.CachedPairDataset,
+        dataset=qcache.cached_dataset,
         collate=qcache.collate_cached,
         conditioning=cached_conditioning,
         empty=lambda: None,
@@ -128,16 +128,6 @@ def run(cfg: QwenImageEditConfig) -> RunResult:
 def fill(cfg: QwenImageEditConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs; returns the computed/reused counts."""
     return lora_loop.fill(FAMILY, cfg)
-
-
-def train(config: str | None = None, **overrides: Any) -> None:
-    """Train a LoRA: ``train [--config=recipes/configs/qwen_image_edit_bf16.yaml] [--section.key=value ...]``."""
-    run(load_config(QwenImageEditConfig, config, overrides))
-
-
-def cache(config: str | None = None, **overrides: Any) -> None:
-    """Fill the embedding cache: ``cache [--config=...] [--cache.cache_dir=DIR] [--section.key=value ...]``."""
-    fill(load_config(QwenImageEditConfig, config, overrides))
 
 
 def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> list[Image.Image]:
@@ -202,7 +192,7 @@ def predict(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    lora_loop.main(FAMILY.name, {"train": train, "cache": cache, "predict": predict}, argv)
+    lora_loop.main(FAMILY.name, lora_loop.commands(FAMILY, QwenImageEditConfig, predict), argv)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ import torch
 from qflux.cache import (
     CacheReport,
     Entry,
+    EntryDataset,
     Job,
+    LatentSpec,
     entry_problems,
     file_digest,
     fill_entries,
     folder_identity,
-    latent_entry,
     make_entry,
     read_for_training,
 )
@@ -52,18 +53,12 @@ class CacheSpec:
     Built from the model folder's configs alone, so training from the cache loads no encoder.
     """
 
-    vae_id: dict[str, Any]
+    latents: LatentSpec
     clip_id: dict[str, Any]
     t5_id: dict[str, Any]
     max_sequence_length: int
-    latent_channels: int
-    vae_factor: int
     pooled_dim: int
     t5_dim: int
-
-    def latent_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
-        """(C, h, w) of the latents of an image resized to ``size`` = (w, h)."""
-        return self.latent_channels, size[1] // self.vae_factor, size[0] // self.vae_factor
 
 
 def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int) -> CacheSpec:
@@ -76,19 +71,19 @@ def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int) -> CacheSp
         return {s: folder_identity(model_dir / s, None if s.startswith("tokenizer") else dtype) for s in subs}
 
     return CacheSpec(
-        vae_id=ident("vae"),
+        latents=LatentSpec(
+            ident("vae"), int(vae_cfg["latent_channels"]), 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        ),
         clip_id=ident("text_encoder", "tokenizer"),
         t5_id=ident("text_encoder_2", "tokenizer_2"),
         max_sequence_length=max_sequence_length,
-        latent_channels=int(vae_cfg["latent_channels"]),
-        vae_factor=2 ** (len(vae_cfg["block_out_channels"]) - 1),
         pooled_dim=int(clip_cfg["hidden_size"]),
         t5_dim=int(t5_cfg["d_model"]),
     )
 
 
 def _latent(spec: CacheSpec, root: Path, kind: str, image: Path, size: tuple[int, int]) -> Entry:
-    return latent_entry(root, kind, file_digest(image), size, spec.vae_id, spec.latent_shape(size))
+    return spec.latents.entry(root, kind, file_digest(image), size)
 
 
 def prompt_entries(spec: CacheSpec, root: Path, text: str) -> tuple[Entry, Entry]:
@@ -196,24 +191,19 @@ def read_empty_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds:
     )
 
 
-@attrs.frozen
-class CachedPairDataset:
-    """Map-style dataset over cached samples: ``ds[i]`` reads sample i's entries by identity."""
+def read_sample(e: SampleEntries) -> dict[str, torch.Tensor]:
+    """One cached sample's tensors: latent, control, pooled, tokens."""
+    return {
+        "latent": read_for_training(e.target)["latent"],
+        "control": read_for_training(e.control)["latent"],
+        "pooled": read_for_training(e.clip)["embed"],
+        "tokens": read_for_training(e.t5)["embed"],
+    }
 
-    entries: Sequence[SampleEntries]
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        e = self.entries[i]
-        return {
-            "index": i,
-            "latent": read_for_training(e.target)["latent"],
-            "control": read_for_training(e.control)["latent"],
-            "pooled": read_for_training(e.clip)["embed"],
-            "tokens": read_for_training(e.t5)["embed"],
-        }
+def cached_dataset(entries: Sequence[SampleEntries]) -> EntryDataset:
+    """Map-style dataset over cached samples (:func:`read_sample` of each)."""
+    return EntryDataset(entries, read_sample)
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -30,12 +30,13 @@ import torch
 from qflux.cache import (
     CacheReport,
     Entry,
+    EntryDataset,
     Job,
+    LatentSpec,
     entry_problems,
     file_digest,
     fill_entries,
     folder_identity,
-    latent_entry,
     make_entry,
     read_for_training,
 )
@@ -55,16 +56,10 @@ class CacheSpec:
     Built from the model folder's configs alone, so training from the cache loads no encoder.
     """
 
-    vae_id: dict[str, Any]
+    latents: LatentSpec
     encoder_id: dict[str, Any]
     variant: str
-    latent_channels: int
-    vae_factor: int
     embed_dim: int
-
-    def latent_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
-        """(C, h, w) of the latents of an image resized to ``size`` = (w, h)."""
-        return self.latent_channels, size[1] // self.vae_factor, size[0] // self.vae_factor
 
 
 def cache_spec(model_dir: Path, dtype: str, variant: str) -> CacheSpec:
@@ -72,15 +67,17 @@ def cache_spec(model_dir: Path, dtype: str, variant: str) -> CacheSpec:
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     enc_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
     return CacheSpec(
-        vae_id={"vae": folder_identity(model_dir / "vae", dtype)},
+        latents=LatentSpec(
+            {"vae": folder_identity(model_dir / "vae", dtype)},
+            int(vae_cfg["z_dim"]),
+            2 ** len(vae_cfg["temperal_downsample"]),
+        ),
         encoder_id={
             "text_encoder": folder_identity(model_dir / "text_encoder", dtype),
             "processor": folder_identity(model_dir / "processor", None),
             "tokenizer": folder_identity(model_dir / "tokenizer", None),
         },
         variant=variant,
-        latent_channels=int(vae_cfg["z_dim"]),
-        vae_factor=2 ** len(vae_cfg["temperal_downsample"]),
         embed_dim=int(enc_cfg.get("hidden_size") or enc_cfg["text_config"]["hidden_size"]),
     )
 
@@ -120,18 +117,15 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
         digests = [file_digest(c) for c in s.controls]
         out.append(
             SampleEntries(
-                target=latent_entry(
-                    root, "pixel_latent", file_digest(s.target), s.target_size, spec.vae_id,
-                    spec.latent_shape(s.target_size),
-                ),
+                target=spec.latents.entry(root, "pixel_latent", file_digest(s.target), s.target_size),
                 controls=tuple(
-                    latent_entry(root, "control_latent", d, size, spec.vae_id, spec.latent_shape(size))
+                    spec.latents.entry(root, "control_latent", d, size)
                     for d, size in zip(digests, s.control_sizes, strict=True)
                 ),
                 prompt=prompt_entry(spec, root, s.prompt, digests),
                 empty=prompt_entry(spec, root, "", digests),
             )
-        )  # fmt: skip
+        )
     return out
 
 
@@ -176,24 +170,19 @@ def verify_cache(spec: CacheSpec, root: Path, entries: Sequence[SampleEntries]) 
     return entry_problems([e for se in entries for e in se.all()])
 
 
-@attrs.frozen
-class CachedPairDataset:
-    """Map-style dataset over cached samples: ``ds[i]`` reads sample i's entries by identity."""
+def read_sample(e: SampleEntries) -> dict[str, Any]:
+    """One cached sample's tensors: latent, controls, embed and the empty instruction's embed."""
+    return {
+        "latent": read_for_training(e.target)["latent"],
+        "controls": [read_for_training(c)["latent"] for c in e.controls],
+        "embed": read_for_training(e.prompt)["embed"],
+        "empty": read_for_training(e.empty)["embed"],
+    }
 
-    entries: Sequence[SampleEntries]
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        e = self.entries[i]
-        return {
-            "index": i,
-            "latent": read_for_training(e.target)["latent"],
-            "controls": [read_for_training(c)["latent"] for c in e.controls],
-            "embed": read_for_training(e.prompt)["embed"],
-            "empty": read_for_training(e.empty)["embed"],
-        }
+def cached_dataset(entries: Sequence[SampleEntries]) -> EntryDataset:
+    """Map-style dataset over cached samples (:func:`read_sample` of each)."""
+    return EntryDataset(entries, read_sample)
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def test_entry_damaged_during_training_stops_with_its_name(dataset: Path, tmp_pa
     entries = kcache.sample_entries(spec, tmp_path / "cache", scan_pairs(dataset, None))
     entries[0].control.path.write_bytes(b"garbage")
     with pytest.raises(QfluxError, match=r"cache entry unusable during training: .*control_latent.*rerun the cache"):
-        kcache.CachedPairDataset(entries)[0]
+        kcache.cached_dataset(entries)[0]
 
 
 def test_training_from_cache_equals_training_without(tmp_path: Path, tiny_flux_dir: Path) -> None:

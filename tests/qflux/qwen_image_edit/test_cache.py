@@ -44,7 +44,7 @@ def test_same_prompt_different_images_differ_cached_and_uncached(model: Path, mo
     entries = qcache.sample_entries(spec, tmp_path / "cache", samples)
     assert entries[0].prompt.path != entries[1].prompt.path  # keyed by the images, not the text alone
 
-    cached_ds = qcache.CachedPairDataset(entries)
+    cached_ds = qcache.cached_dataset(entries)
     cached = cached_conditioning(qcache.collate_cached([cached_ds[0], cached_ds[1]]))
     fresh_ds = QwenPairDataset(PairDataset(samples), "edit")
     fresh = encode_conditioning(models, collate_qwen_pairs([fresh_ds[0], fresh_ds[1]]), "edit")
