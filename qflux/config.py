@@ -81,20 +81,37 @@ class LoraConfig:
 
 
 @attrs.frozen
-class ModelConfig:
+class FrozenWeights:
+    """How the frozen model weights are held (both models)."""
+
+    dtype: Dtype = attrs.field(default="bfloat16", validator=v.in_(DTYPES))
+    """dtype of the frozen weights for train, cache and predict. LoRA weights train in float32."""
+    quantize: Literal["none", "fp8", "nf4", "fp4"] = attrs.field(
+        default="none", validator=v.in_(("none", "fp8", "nf4", "fp4"))
+    )
+    """Store the frozen transformer's linear weights in fewer bits, quantized on load from any
+    checkpoint (or read as they are from a pre-quantized one): 'fp8' (float8_e4m3fn with a scale per
+    output channel, computed in bf16; pip install 'qflux[fp8]'), 'nf4' / 'fp4' (bitsandbytes 4-bit,
+    blocks of 64; pip install 'qflux[4bit]'). The LoRA stays fp32 and saves in the same format
+    (docs/flux_kontext_configuration_guide.md)."""
+    quantize_text_encoders: bool = False
+    """Also store the text encoders' linear weights as model.quantize says (caching, training
+    without the cache, validation and predict)."""
+
+
+@attrs.frozen
+class ModelConfig(FrozenWeights):
     """Which model to load and how."""
 
     pretrained_model_name_or_path: str = BUILTIN_TINY_FLUX_KONTEXT
     """Local diffusers folder or hub id; 'builtin:tiny-flux-kontext' builds a tiny random model."""
-    dtype: Dtype = attrs.field(default="bfloat16", validator=v.in_(DTYPES))
-    """dtype of the frozen weights for train, cache and predict. LoRA weights train in float32."""
     max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
     """T5 token length of the prompt embedding (FLUX.1 uses 512)."""
     lora: LoraConfig = attrs.field(factory=LoraConfig)
 
 
 @attrs.frozen
-class QwenModelConfig:
+class QwenModelConfig(FrozenWeights):
     """Which Qwen-Image-Edit model to load and how."""
 
     pretrained_model_name_or_path: str = BUILTIN_TINY_QWEN_IMAGE_EDIT
@@ -104,8 +121,6 @@ class QwenModelConfig:
     """'edit': Qwen-Image-Edit, one control image per sample. 'edit_plus': Qwen-Image-Edit-2509,
     0 to 3 control images per sample (control_images/NAME, NAME_control_1, NAME_control_2), each
     seen by the vision-language encoder at ~384² and by the VAE."""
-    dtype: Dtype = attrs.field(default="bfloat16", validator=v.in_(DTYPES))
-    """dtype of the frozen weights for train, cache and predict. LoRA weights train in float32."""
     lora: LoraConfig = attrs.field(factory=LoraConfig)
 
 

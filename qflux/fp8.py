@@ -31,8 +31,8 @@ def _torchao_float8() -> Any:
         from torchao.float8 import float8_utils
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise QfluxError(
-            "train.fp8_matmul needs torchao: pip install 'qflux[fp8]' (or pip install torchao), "
-            "or set train.fp8_matmul: false"
+            "fp8 (train.fp8_matmul, model.quantize: fp8) needs torchao: pip install 'qflux[fp8]' (or pip "
+            "install torchao), or set train.fp8_matmul: false and model.quantize to another value"
         ) from e
     return float8_utils
 

@@ -28,10 +28,15 @@ def component_folder(model_path: str | Path, subfolder: str, *, pipeline: str) -
 
 
 def frozen(module: Any, device: str | torch.device) -> Any:
-    """``module`` without gradients, in eval mode, on ``device``."""
+    """``module`` without gradients, in eval mode, on ``device`` (4-bit layers sharing their
+    constant code tables: :func:`qflux.quantize.share_code_tables`)."""
+    from qflux.quantize import share_code_tables
+
     module.requires_grad_(False)
     module.eval()
-    return module.to(device)
+    module = module.to(device)
+    share_code_tables(module)
+    return module
 
 
 def load_component(
@@ -42,13 +47,29 @@ def load_component(
     device: str | torch.device,
     *,
     pipeline: str,
+    quantize: str = "none",
 ) -> Any:
-    """``cls.from_pretrained(folder, subfolder=..., dtype=...)``, frozen on ``device``."""
+    """``cls.from_pretrained(folder, subfolder=..., dtype=...)``, frozen on ``device``.
+
+    Args:
+        quantize: store the frozen linears as none / fp8 / nf4 / fp4 (:mod:`qflux.quantize`); done
+            on the CPU before the move, so the device never holds the full-precision weights. A
+            pre-quantized checkpoint (bitsandbytes 4-bit, or fp8 with scales) loads as it is stored.
+    """
+    from qflux.quantize import load_prequantized, prequantized_kind, quantize_frozen
+
     path = component_folder(model_path, subfolder, pipeline=pipeline)
+    folder = path / subfolder
     try:
-        module = cls.from_pretrained(path, subfolder=subfolder, dtype=weight_dtype)
+        kind = prequantized_kind(folder)
+        if kind is not None:
+            module = load_prequantized(cls, folder, weight_dtype, kind)
+        else:
+            module = cls.from_pretrained(path, subfolder=subfolder, dtype=weight_dtype)
+            module.requires_grad_(False)
+            quantize_frozen(module, quantize, compute_dtype=weight_dtype)
     except (OSError, ValueError, KeyError) as e:
-        raise QfluxError(f"could not load {subfolder} from '{path / subfolder}': {e}") from None
+        raise QfluxError(f"could not load {subfolder} from '{folder}': {e}") from None
     return frozen(module, device)
 
 

@@ -140,7 +140,12 @@ def predict(
     if not src.is_file():
         raise QfluxError(f"input image '{src}' does not exist; pass --image=PATH")
     places = lora_loop.devices(cfg.predict.devices, "predict.devices", {n: n for n in ("transformer", *ENCODERS)})
-    models = load_flux_kontext(lora_loop.model_dir(FAMILY, cfg), torch_dtype(cfg.model.dtype), devices=places)
+    models = load_flux_kontext(
+        lora_loop.model_dir(FAMILY, cfg),
+        torch_dtype(cfg.model.dtype),
+        devices=places,
+        quantize=lora_loop.quantize_plan(cfg),
+    )
     if lora is not None:
         load_lora_file(models.transformer, lora, pipeline_cls=_pipeline_cls())
     result = kontext_predict(

@@ -40,6 +40,7 @@ from qflux.loading import torch_dtype
 from qflux.lora import LORA_WEIGHT_NAME, inject_lora, lora_from_file, save_lora
 from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
+from qflux.quantize import needs_autograd_engine
 from qflux.schedules import learning_rate
 from qflux.signals import stop_signals
 from qflux.tracking import Tracker, open_tracker
@@ -178,6 +179,13 @@ def _encoder_keys(family: Family) -> dict[str, str]:
     return {n: DEVICE_KEYS[n] for n in family.encoders}
 
 
+def quantize_plan(cfg: Any) -> dict[str, str]:
+    """{component: how its frozen linears are stored}: ``model.quantize`` for the transformer and,
+    with ``model.quantize_text_encoders``, for the text encoders."""
+    text = cfg.model.quantize if cfg.model.quantize_text_encoders else "none"
+    return {"transformer": cfg.model.quantize, "text_encoder": text, "text_encoder_2": text}
+
+
 @attrs.frozen(eq=False)
 class Inputs:
     """The models and data source of a training run (encoders, or the cache)."""
@@ -212,7 +220,9 @@ def _inputs(
             print(f"cache '{cfg.cache.cache_dir}': {len(problems)} entries missing or corrupt (first: {problems[0]}); "
                   "computing them")  # fmt: skip
             _fill(family, cfg, samples + extra, path, world)
-        models = family.load(path, dtype, include=("transformer",), devices={"transformer": device})
+        models = family.load(
+            path, dtype, include=("transformer",), devices={"transformer": device}, quantize=quantize_plan(cfg)
+        )
         known = dict(zip(samples + extra, entries, strict=True))  # each image file is hashed once
 
         def make_dataset(chosen: list[PairSample]) -> Any:
@@ -221,7 +231,8 @@ def _inputs(
         data = DataPath(make_dataset, cache.collate, cache.conditioning, cache.empty())
         return Inputs(models, make_dataset(samples), data)
     places = {"transformer": device, **devices(cfg.train, "train", _encoder_keys(family))}
-    models = family.load(path, dtype, include=("transformer", *family.encoders), devices=places)
+    include = ("transformer", *family.encoders)
+    models = family.load(path, dtype, include=include, devices=places, quantize=quantize_plan(cfg))
     data = family.encoded(cfg, models)
     return Inputs(models, data.make_dataset(samples), data)
 
@@ -291,6 +302,11 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
         raise QfluxError("train.compile: true cannot run under torchrun (collectives in the graph); use regional")
     if tr.fp8_matmul:
         check_fp8_device(device)  # before any model loads
+    if mode == "full" and cfg.model.quantize != "none":
+        raise QfluxError(
+            f"train.compile: true (one graph through torch.func) cannot differentiate the {cfg.model.quantize} "
+            "layers of model.quantize; use train.compile: regional (or auto, or false)"
+        )
     vset = None
     if cfg.validation.enabled:
         vset = validation_set(cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels)
@@ -312,7 +328,7 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
     state, meta = _resume(cfg, init_train_state({k: v.to(device) for k, v in lora0.items()}, cfg.seed))
     loss_fn = family.loss_fn(cfg, transformer)
     # FSDP2's unsharding runs as module hooks that torch.func transforms do not see: autograd engine
-    autograd = tr.gradient_checkpointing or mode == "regional" or sharded
+    autograd = tr.gradient_checkpointing or mode == "regional" or sharded or needs_autograd_engine(cfg.model.quantize)
     engine: GradEngine = "autograd" if autograd else "func"
     hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, tr.max_grad_norm, engine)
     reduce = all_reduce_sum if world.size > 1 else None
@@ -553,7 +569,9 @@ def fill(family: Family, cfg: Any) -> CacheReport:
 def _fill(family: Family, cfg: Any, samples: list[PairSample], path: Path, world: World) -> CacheReport:
     cache = family.cached(cfg, path)
     places = devices(cfg.cache, "cache", _encoder_keys(family))
-    models = family.load(path, torch_dtype(cfg.model.dtype), include=family.encoders, devices=places)
+    models = family.load(
+        path, torch_dtype(cfg.model.dtype), include=family.encoders, devices=places, quantize=quantize_plan(cfg)
+    )
     mine = samples[world.rank :: world.size]
 
     def progress(jobs: list[Job]) -> Any:
@@ -589,9 +607,11 @@ def main(name: str, commands: Mapping[str, Callable[..., Any]], argv: list[str] 
     and exit 2."""
     import fire
 
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0].startswith("--") and args[0] != "--help"):
+        args = ["train", *args]  # options alone train: `python -m recipes.<recipe> --train.max_train_steps=10`
     try:
-        fire.Fire(dict(commands), command=args or ["train"], name=name)
+        fire.Fire(dict(commands), command=args, name=name)
     except QfluxError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

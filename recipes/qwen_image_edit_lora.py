@@ -170,7 +170,12 @@ def predict(
     cfg = load_config(QwenImageEditConfig, config, overrides)
     images = _images(image, cfg.model.variant)
     places = lora_loop.devices(cfg.predict.devices, "predict.devices", {n: n for n in ("transformer", *ENCODERS)})
-    models = load_qwen_image_edit(lora_loop.model_dir(FAMILY, cfg), torch_dtype(cfg.model.dtype), devices=places)
+    models = load_qwen_image_edit(
+        lora_loop.model_dir(FAMILY, cfg),
+        torch_dtype(cfg.model.dtype),
+        devices=places,
+        quantize=lora_loop.quantize_plan(cfg),
+    )
     if lora is not None:
         load_lora_file(models.transformer, lora, pipeline_cls=_pipeline_cls())
     result = qwen_predict(

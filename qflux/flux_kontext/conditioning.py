@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
+from qflux.quantize import compute_dtype
+
 if TYPE_CHECKING:
     from qflux.flux_kontext.loaders import FluxKontextModels
 
@@ -56,7 +58,7 @@ def encode_prompt(
         prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
     ).input_ids
     tokens = text_encoder_2(t5_ids.to(text_encoder_2.device), output_hidden_states=False)[0]
-    return PromptEmbeds(pooled=pooled.to(text_encoder.dtype), tokens=tokens.to(text_encoder_2.dtype))
+    return PromptEmbeds(pooled=pooled.to(compute_dtype(text_encoder)), tokens=tokens.to(compute_dtype(text_encoder_2)))
 
 
 def encode_prompt_with(models: FluxKontextModels, prompts: Sequence[str], max_sequence_length: int) -> PromptEmbeds:

@@ -23,27 +23,38 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer
 
 
 def _load(
-    cls: Any, model_path: str | Path, subfolder: str, weight_dtype: torch.dtype, device: str | torch.device
+    cls: Any,
+    model_path: str | Path,
+    subfolder: str,
+    weight_dtype: torch.dtype,
+    device: str | torch.device,
+    quantize: str = "none",
 ) -> Any:
-    return load_component(cls, model_path, subfolder, weight_dtype, device, pipeline=PIPELINE)
+    return load_component(cls, model_path, subfolder, weight_dtype, device, pipeline=PIPELINE, quantize=quantize)
 
 
 def load_flux_kontext_clip(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_path: str | Path,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> Any:
     """The CLIP text encoder (``text_encoder/``): pooled prompt embedding [B, 768]."""
     from transformers import CLIPTextModel
 
-    return _load(CLIPTextModel, model_path, "text_encoder", weight_dtype, device)
+    return _load(CLIPTextModel, model_path, "text_encoder", weight_dtype, device, quantize)
 
 
 def load_flux_kontext_t5(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_path: str | Path,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> Any:
     """The T5 encoder (``text_encoder_2/``): prompt token embeddings [B, S, 4096]."""
     from transformers import T5EncoderModel
 
-    return _load(T5EncoderModel, model_path, "text_encoder_2", weight_dtype, device)
+    return _load(T5EncoderModel, model_path, "text_encoder_2", weight_dtype, device, quantize)
 
 
 def load_flux_kontext_vae(
@@ -56,12 +67,15 @@ def load_flux_kontext_vae(
 
 
 def load_flux_kontext_transformer(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_path: str | Path,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> Any:
     """The Flux transformer (``transformer/``) with its guidance embedding."""
     from diffusers import FluxTransformer2DModel
 
-    return _load(FluxTransformer2DModel, model_path, "transformer", weight_dtype, device)
+    return _load(FluxTransformer2DModel, model_path, "transformer", weight_dtype, device, quantize)
 
 
 def load_flux_kontext_tokenizers(model_path: str | Path) -> tuple[Any, Any]:
@@ -98,6 +112,7 @@ def load_flux_kontext(
     *,
     devices: Mapping[str, str | torch.device] | None = None,
     include: Sequence[str] = ("transformer", "vae", "text_encoder", "text_encoder_2"),
+    quantize: Mapping[str, str] | None = None,
 ) -> FluxKontextModels:
     """Load the components a job needs from a FLUX.1 Kontext folder; the rest stay ``None``.
 
@@ -107,17 +122,23 @@ def load_flux_kontext(
         device: default placement of every loaded component.
         devices: per-component placement overriding ``device`` (keys as in ``include``).
         include: which of transformer, vae, text_encoder, text_encoder_2 to load.
+        quantize: {component: none / fp8 / nf4 / fp4} for the transformer and text encoders.
     """
     needed = [*include, "tokenizer", "tokenizer_2", "scheduler"]
     path = resolve_model_dir(str(model_path), needed, pipeline=PIPELINE)
     place = {name: (devices or {}).get(name, device) for name in include}
     loaders = {
         "transformer": load_flux_kontext_transformer,
-        "vae": load_flux_kontext_vae,
         "text_encoder": load_flux_kontext_clip,
         "text_encoder_2": load_flux_kontext_t5,
     }
-    loaded = {name: loaders[name](path, weight_dtype, place[name]) for name in include}
+    plan = quantize or {}
+    loaded = {
+        name: load_flux_kontext_vae(path, weight_dtype, place[name])
+        if name == "vae"
+        else loaders[name](path, weight_dtype, place[name], plan.get(name, "none"))
+        for name in include
+    }
     tok, tok2 = load_flux_kontext_tokenizers(path)
     return FluxKontextModels(
         transformer=loaded.get("transformer"),

@@ -19,6 +19,7 @@ from qflux.data import MULTIPLE, image_to_tensor
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import token_layout, velocity
+from qflux.quantize import compute_dtype
 from qflux.sampling import euler_scheduler, initial_noise
 
 
@@ -58,7 +59,7 @@ def predict(
     cw, ch = default_size(image)
     width = (width or cw) // MULTIPLE * MULTIPLE
     height = (height or ch) // MULTIPLE * MULTIPLE
-    dtype = models.text_encoder_2.dtype
+    dtype = compute_dtype(models.text_encoder_2)
     pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
     if negative_prompt is not None and true_cfg_scale > 1:
@@ -121,7 +122,7 @@ def denoise(
     """
     height, width = size
     params = dict(lora or {})
-    device, tdtype = transformer.device, transformer.dtype
+    device, tdtype = transformer.device, compute_dtype(transformer)
     c = transformer.config.in_channels // 4
     shape = (1, c, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE))
     latents = initial_noise(shape, seed, noise_dtype, device)

@@ -20,6 +20,7 @@ import torch
 from qflux.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
 from qflux.latents import latent_image_ids, pack_latents, unpack_latents
 from qflux.lora import call_with_lora
+from qflux.quantize import compute_dtype
 
 
 @attrs.frozen(eq=False)
@@ -165,7 +166,7 @@ def make_loss_fn(
 
     The returned function is pure: same (lora, batch) gives the same 0-d float32 loss.
     """
-    dtype = transformer.dtype
+    dtype = compute_dtype(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: FluxKontextBatch) -> torch.Tensor:
         x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from qflux.quantize import compute_dtype
+
 _SYSTEM = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
     "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
@@ -90,7 +92,7 @@ def encode_prompt(
             for r in rows
         ]
     ).to(device)
-    return embeds.to(text_encoder.dtype), mask
+    return embeds.to(compute_dtype(text_encoder)), mask
 
 
 def _stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

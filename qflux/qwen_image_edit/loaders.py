@@ -24,14 +24,23 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "s
 
 
 def load_qwen_image_edit_text_encoder(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_path: str | Path,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> Any:
     """The Qwen2.5-VL encoder (``text_encoder/``, vision tower included): hidden states of the
     prompt with its control image(s) [B, S, 3584]."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     return load_component(
-        Qwen2_5_VLForConditionalGeneration, model_path, "text_encoder", weight_dtype, device, pipeline=PIPELINE
+        Qwen2_5_VLForConditionalGeneration,
+        model_path,
+        "text_encoder",
+        weight_dtype,
+        device,
+        pipeline=PIPELINE,
+        quantize=quantize,
     )
 
 
@@ -46,13 +55,22 @@ def load_qwen_image_edit_vae(
 
 
 def load_qwen_image_edit_transformer(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_path: str | Path,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> Any:
     """The QwenImage transformer (``transformer/``)."""
     from diffusers import QwenImageTransformer2DModel
 
     return load_component(
-        QwenImageTransformer2DModel, model_path, "transformer", weight_dtype, device, pipeline=PIPELINE
+        QwenImageTransformer2DModel,
+        model_path,
+        "transformer",
+        weight_dtype,
+        device,
+        pipeline=PIPELINE,
+        quantize=quantize,
     )
 
 
@@ -100,19 +118,25 @@ def load_qwen_image_edit(
     *,
     devices: Mapping[str, str | torch.device] | None = None,
     include: Sequence[str] = ("transformer", "vae", "text_encoder"),
+    quantize: Mapping[str, str] | None = None,
 ) -> QwenImageEditModels:
     """Load the components a job needs from a Qwen-Image-Edit(-Plus) folder; the rest stay ``None``.
 
     The tokenizer, processor and scheduler are always loaded (they are small).
+
+    Args:
+        quantize: {component: none / fp8 / nf4 / fp4} for the transformer and the text encoder.
     """
     path = resolve_model_dir(str(model_path), [*include, "tokenizer", "processor", "scheduler"], pipeline=PIPELINE)
     place = {name: (devices or {}).get(name, device) for name in include}
-    loaders = {
-        "transformer": load_qwen_image_edit_transformer,
-        "vae": load_qwen_image_edit_vae,
-        "text_encoder": load_qwen_image_edit_text_encoder,
+    loaders = {"transformer": load_qwen_image_edit_transformer, "text_encoder": load_qwen_image_edit_text_encoder}
+    plan = quantize or {}
+    loaded = {
+        name: load_qwen_image_edit_vae(path, weight_dtype, place[name])
+        if name == "vae"
+        else loaders[name](path, weight_dtype, place[name], plan.get(name, "none"))
+        for name in include
     }
-    loaded = {name: loaders[name](path, weight_dtype, place[name]) for name in include}
     return QwenImageEditModels(
         transformer=loaded.get("transformer"),
         vae=loaded.get("vae"),

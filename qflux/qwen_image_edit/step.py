@@ -22,6 +22,7 @@ import torch
 from qflux.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
 from qflux.latents import pack_latents, unpack_latents
 from qflux.lora import call_with_lora
+from qflux.quantize import compute_dtype
 
 
 @attrs.frozen(eq=False)
@@ -71,7 +72,7 @@ def transformer_velocity(
     Returns:
         [B, n, 4C] in the transformer's dtype.
     """
-    dtype = transformer.dtype
+    dtype = compute_dtype(transformer)
     inputs = {
         "hidden_states": tokens.to(dtype),
         "timestep": sigmas.to(dtype),

@@ -42,6 +42,8 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "model.pretrained_model_name_or_path": ("{other_model}", {}),
     "model.dtype": ("bfloat16", {}),
     "model.max_sequence_length": (4, {}),
+    "model.quantize": ("fp8", {}),
+    "model.quantize_text_encoders": (True, {"model.quantize": "nf4"}),
     "model.lora.r": (4, {}),
     "model.lora.lora_alpha": (4, {}),
     "model.lora.init_lora_weights": (True, {}),

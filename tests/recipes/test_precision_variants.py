@@ -1,0 +1,79 @@
+"""Each model.quantize variant trains on CPU (the held-out loss of the synthetic task falls) and its
+LoRA, saved in the usual diffusers format, loads into the bf16 pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qflux.builtin import resolve_dataset_path
+from qflux.config import FluxKontextConfig, QwenImageEditConfig
+from qflux.config_parse import load_config
+from qflux.data import scan_pairs
+from qflux.flux_kontext.batch import fixed_eval_batches
+from qflux.flux_kontext.loaders import load_flux_kontext
+from qflux.flux_kontext.step import make_loss_fn
+from qflux.train_state import evaluate_loss
+
+
+@pytest.mark.parametrize("mode", ["fp8", "nf4", "fp4"])
+def test_variant_trains_and_its_lora_loads_in_the_bf16_pipeline(
+    mode: str, tiny_flux_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from diffusers import FluxKontextPipeline
+
+    from recipes.flux_kontext_lora import run
+
+    out = tmp_path_factory.mktemp(f"run-{mode}")
+    cfg = load_config(
+        FluxKontextConfig,
+        None,
+        {
+            "model.pretrained_model_name_or_path": str(tiny_flux_dir),
+            "model.quantize": mode,
+            "model.quantize_text_encoders": True,
+            "model.max_sequence_length": 32,
+            "train.max_train_steps": 40,
+            "cache.use_cache": True,
+            "cache.cache_dir": str(out / "cache"),
+            "logging.output_dir": str(out),
+            "logging.write_sample": False,
+            "logging.report_to": "none",
+        },
+    )
+    result = run(cfg)
+    held = scan_pairs(resolve_dataset_path("builtin:synthetic", heldout=True), None)
+    batches = fixed_eval_batches(cfg, load_flux_kontext(tiny_flux_dir, torch.bfloat16), held)
+    loss_fn = make_loss_fn(result.models.transformer, guidance_scale=2.5, weighting_scheme="none")
+    before = evaluate_loss(loss_fn, result.initial_lora, batches).item()
+    after = evaluate_loss(loss_fn, result.state.lora, batches).item()
+    print(f"{mode}: held-out loss {before:.4f} -> {after:.4f}")
+    assert after < 0.95 * before
+    pipe = FluxKontextPipeline.from_pretrained(tiny_flux_dir, dtype=torch.bfloat16)
+    pipe.load_lora_weights(out)  # the same diffusers file as a bf16 run writes
+
+
+def test_qwen_variant_with_quantized_text_encoder(tmp_path: Path) -> None:
+    from diffusers import QwenImageEditPipeline
+
+    from qflux.qwen_image_edit.processor import load_qwen_processor
+    from qflux.tiny import build_qwen_image_edit
+    from recipes.qwen_image_edit_lora import run
+
+    model = build_qwen_image_edit(tmp_path / "model", seed=0)
+    overrides = {
+        "model.pretrained_model_name_or_path": str(model),
+        "model.quantize": "nf4",
+        "model.quantize_text_encoders": True,
+        "train.max_train_steps": 3,
+        "logging.output_dir": str(tmp_path / "out"),
+        "logging.write_sample": False,
+        "logging.report_to": "none",
+    }
+    result = run(load_config(QwenImageEditConfig, None, overrides))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert type(result.models.text_encoder.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    pipe = QwenImageEditPipeline.from_pretrained(model, processor=load_qwen_processor(model / "processor"))
+    pipe.load_lora_weights(tmp_path / "out")
