@@ -21,20 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from qflux.errors import QfluxError
+from qflux.errors import QfluxError, optional
 
 FP8 = torch.float8_e4m3fn
 
 
 def _torchao_float8() -> Any:
-    try:
-        from torchao.float8 import float8_utils
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise QfluxError(
-            "fp8 (train.fp8_matmul, model.quantize: fp8) needs torchao: pip install 'qflux[fp8]' (or pip "
-            "install torchao), or set train.fp8_matmul: false and model.quantize to another value"
-        ) from e
-    return float8_utils
+    return optional(
+        "torchao.float8.float8_utils",
+        extra="fp8",
+        needed_by="fp8 (train.fp8_matmul, model.quantize: fp8)",
+        otherwise="set train.fp8_matmul: false and model.quantize to another value",
+    )
 
 
 def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from qflux.errors import QfluxError
+from qflux.errors import QfluxError, optional
 from qflux.fp8 import FP8, dequantize, quantize_rowwise
 
 Quantize = Literal["none", "fp8", "nf4", "fp4"]
@@ -98,14 +98,9 @@ class Float8StorageLinear(nn.Linear):
 
 def bitsandbytes() -> Any:
     """The bitsandbytes module, or a clear error naming the extra to install."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise QfluxError(
-            "model.quantize: nf4/fp4 needs bitsandbytes: pip install 'qflux[4bit]' (or pip install "
-            "bitsandbytes), or set model.quantize: none"
-        ) from e
-    return bnb
+    return optional(
+        "bitsandbytes", extra="4bit", needed_by="model.quantize: nf4/fp4", otherwise="set model.quantize: none"
+    )
 
 
 def linear_4bit(linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype) -> nn.Module:

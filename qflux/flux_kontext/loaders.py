@@ -58,12 +58,15 @@ def load_flux_kontext_t5(
 
 
 def load_flux_kontext_vae(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_path: str | Path,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> Any:
     """The autoencoder (``vae/``): images [B, 3, H, W] ↔ latents [B, 16, H/8, W/8]."""
     from diffusers import AutoencoderKL
 
-    return _load(AutoencoderKL, model_path, "vae", weight_dtype, device)
+    return _load(AutoencoderKL, model_path, "vae", weight_dtype, device, quantize)
 
 
 def load_flux_kontext_transformer(
@@ -129,16 +132,12 @@ def load_flux_kontext(
     place = {name: (devices or {}).get(name, device) for name in include}
     loaders = {
         "transformer": load_flux_kontext_transformer,
+        "vae": load_flux_kontext_vae,
         "text_encoder": load_flux_kontext_clip,
         "text_encoder_2": load_flux_kontext_t5,
     }
     plan = quantize or {}
-    loaded = {
-        name: load_flux_kontext_vae(path, weight_dtype, place[name])
-        if name == "vae"
-        else loaders[name](path, weight_dtype, place[name], plan.get(name, "none"))
-        for name in include
-    }
+    loaded = {name: loaders[name](path, weight_dtype, place[name], plan.get(name, "none")) for name in include}
     tok, tok2 = load_flux_kontext_tokenizers(path)
     return FluxKontextModels(
         transformer=loaded.get("transformer"),

@@ -45,13 +45,18 @@ def load_qwen_image_edit_text_encoder(
 
 
 def load_qwen_image_edit_vae(
-    model_path: str | Path, weight_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_path: str | Path,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> Any:
     """The QwenImage autoencoder (``vae/``): images [B, 3, 1, H, W] ↔ latents [B, 16, 1, H/8, W/8],
     normalised with ``latents_mean`` / ``latents_std``."""
     from diffusers import AutoencoderKLQwenImage
 
-    return load_component(AutoencoderKLQwenImage, model_path, "vae", weight_dtype, device, pipeline=PIPELINE)
+    return load_component(
+        AutoencoderKLQwenImage, model_path, "vae", weight_dtype, device, pipeline=PIPELINE, quantize=quantize
+    )
 
 
 def load_qwen_image_edit_transformer(
@@ -129,14 +134,13 @@ def load_qwen_image_edit(
     """
     path = resolve_model_dir(str(model_path), [*include, "tokenizer", "processor", "scheduler"], pipeline=PIPELINE)
     place = {name: (devices or {}).get(name, device) for name in include}
-    loaders = {"transformer": load_qwen_image_edit_transformer, "text_encoder": load_qwen_image_edit_text_encoder}
-    plan = quantize or {}
-    loaded = {
-        name: load_qwen_image_edit_vae(path, weight_dtype, place[name])
-        if name == "vae"
-        else loaders[name](path, weight_dtype, place[name], plan.get(name, "none"))
-        for name in include
+    loaders = {
+        "transformer": load_qwen_image_edit_transformer,
+        "vae": load_qwen_image_edit_vae,
+        "text_encoder": load_qwen_image_edit_text_encoder,
     }
+    plan = quantize or {}
+    loaded = {name: loaders[name](path, weight_dtype, place[name], plan.get(name, "none")) for name in include}
     return QwenImageEditModels(
         transformer=loaded.get("transformer"),
         vae=loaded.get("vae"),

@@ -99,5 +99,6 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
         quantize_frozen(nn.Sequential(nn.Linear(4, 4).requires_grad_(False)), "nf4")
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    monkeypatch.setitem(sys.modules, "torchao.float8.float8_utils", None)
     with pytest.raises(QfluxError, match=r"pip install 'qflux\[fp8\]'"):
         quantize_frozen(nn.Sequential(nn.Linear(4, 4).requires_grad_(False)), "fp8")
