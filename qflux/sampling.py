@@ -23,10 +23,15 @@ def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device:
 
 def euler_scheduler(scheduler_config: Any, num_inference_steps: int, image_seq_len: int, device: torch.device) -> Any:
     """A fresh ``FlowMatchEulerDiscreteScheduler`` set to the pipelines' sigmas for an image of
-    ``image_seq_len`` tokens; iterate ``.timesteps`` and call ``.step``."""
+    ``image_seq_len`` tokens; iterate ``.timesteps`` and call ``.step``.
+
+    One step with a ``shift_terminal`` (Qwen-Image) would stretch [1] to 0/0: diffusers' pipelines
+    return NaN there. A single step goes from σ = 1 to 0 without the stretch instead.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    overrides = {"shift_terminal": None} if num_inference_steps == 1 else {}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
     sc = scheduler.config
     mu = resolution_mu(
         image_seq_len,
