@@ -95,8 +95,8 @@ class FrozenWeights:
     blocks of 64; pip install 'qflux[4bit]'). The LoRA stays fp32 and saves in the same format
     (docs/flux_kontext_configuration_guide.md)."""
     quantize_text_encoders: bool = False
-    """Also store the text encoders' linear weights as model.quantize says (caching, training
-    without the cache, validation and predict)."""
+    """Also store the text encoders' linear weights as model.quantize says, wherever they load:
+    the cache command, training without the cache, and predict."""
 
 
 @attrs.frozen
