@@ -50,14 +50,14 @@ def _opts(model: Path, data: Path, out: Path, batch: int, steps: int = STEPS, **
     }
 
 
-def _torchrun(opts: dict[str, object]) -> subprocess.Popen[str]:
+def _torchrun(opts: dict[str, object], recipe: str = "recipes.flux_kontext_lora") -> subprocess.Popen[str]:
     args = [f"--{k}={v}" for k, v in opts.items()]
     with socket.socket() as sock:  # a free port for the rendezvous (torchrun cannot take port 0)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     return subprocess.Popen(
-        [*launcher, "-m", "recipes.flux_kontext_lora", "train", *args],
+        [*launcher, "-m", recipe, "train", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -124,6 +124,22 @@ def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(
         LORA,
         "pytorch_lora_weights_comfyui.safetensors",
     }
+
+
+def test_qwen_two_ranks_of_batch_1_equal_one_process_of_batch_2(data: Path, tmp_path: Path) -> None:
+    """The Qwen-Image-Edit recipe runs the same loop under torchrun (DDP)."""
+    from qflux.config import QwenImageEditConfig
+    from qflux.tiny import build_qwen_image_edit
+    from recipes.qwen_image_edit_lora import run as qwen_run
+
+    model = build_qwen_image_edit(tmp_path / "model", seed=0)
+    opts = {k: v for k, v in _opts(model, data, tmp_path, batch=1).items() if k != "model.max_sequence_length"}
+    single = tmp_path / "single"
+    qwen_run(load_config(QwenImageEditConfig, None, {**opts, "data.batch_size": 2, "logging.output_dir": str(single)}))
+    out = tmp_path / "out"
+    log = _finish(_torchrun({**opts, "logging.output_dir": str(out)}, recipe="recipes.qwen_image_edit_lora"))
+    assert log.count("saved LoRA to") == 1
+    _close(load_file(out / LORA), load_file(single / LORA))
 
 
 def test_a_killed_two_rank_run_resumes_to_the_same_lora(tiny_flux_dir: Path, data: Path, tmp_path: Path) -> None:
