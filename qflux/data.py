@@ -267,6 +267,21 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return tensor.contiguous()
 
 
+def to_image(decoded: torch.Tensor) -> Any:
+    """A VAE output [1, 3, H, W] in [-1, 1] as the pipelines' ``output_type='np'`` image [H, W, 3]
+    float32 in [0, 1] (the inverse of :func:`image_to_tensor`)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(decoded, output_type="np")[0]
+
+
+def to_pil(image: Any) -> Image.Image:
+    """[H, W, 3] float in [0, 1] → 8-bit PIL image (rounded as diffusers' ``numpy_to_pil``)."""
+    import numpy as np
+
+    return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8"))
+
+
 @attrs.frozen
 class PairDataset:
     """Map-style dataset over samples: ``ds[i]`` decodes and sizes one pair."""
@@ -277,13 +292,15 @@ class PairDataset:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(i, [load_rgb(c) for c in self.samples[i].controls])
+
+    def item(self, i: int, controls: Sequence[Image.Image]) -> dict[str, Any]:
+        """Sample i with its control images already decoded (a caller that needs them too decodes once)."""
         s = self.samples[i]
         return {
             "index": i,
             "prompt": s.prompt,
-            "controls": [
-                image_to_tensor(load_rgb(c), size)[0] for c, size in zip(s.controls, s.control_sizes, strict=True)
-            ],
+            "controls": [image_to_tensor(im, size)[0] for im, size in zip(controls, s.control_sizes, strict=True)],
             "target": image_to_tensor(load_rgb(s.target), s.target_size)[0],
         }
 

@@ -6,6 +6,7 @@ mode with ``requires_grad`` off; failures are one sentence naming the folder.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,11 @@ def load_component(
     folder = path / subfolder
     try:
         kind = prequantized_kind(folder)
+        if kind is not None and not hasattr(cls, "load_config"):
+            raise QfluxError(
+                f"'{folder}' holds a pre-quantized ({kind}) {subfolder}; qflux reads those for diffusers models "
+                "only. Point the model folder at a bf16 checkpoint and set model.quantize_text_encoders: true"
+            )
         if kind is not None:
             module = load_prequantized(cls, folder, weight_dtype, kind)
         else:
@@ -90,3 +96,20 @@ def load_scheduler(model_path: str | Path, *, pipeline: str) -> Any:
 
     path = component_folder(model_path, "scheduler", pipeline=pipeline)
     return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+
+
+def load_included(
+    loaders: Mapping[str, Callable[..., Any]],
+    path: Path,
+    weight_dtype: torch.dtype,
+    include: Sequence[str],
+    device: str | torch.device,
+    devices: Mapping[str, str | torch.device] | None,
+    quantize: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    """{component: loaded} for each of ``include``, by its loader ``(path, dtype, device, quantize)``,
+    placed on ``devices[name]`` (else ``device``) and quantized as ``quantize[name]`` (else none)."""
+    place, plan = devices or {}, quantize or {}
+    return {
+        name: loaders[name](path, weight_dtype, place.get(name, device), plan.get(name, "none")) for name in include
+    }

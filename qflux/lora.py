@@ -55,9 +55,6 @@ def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
             raise QfluxError(
                 f"model.lora.target_modules {list(cfg.target_modules)} do not fit the model: {e}"
             ) from None
-    from qflux.quantize import lora_params_to_float32
-
-    lora_params_to_float32(transformer)
     lora: Params = {}
     for name, p in transformer.named_parameters():
         if ".lora_" in name:

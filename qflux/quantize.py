@@ -14,7 +14,7 @@ input gradient ∂x = ∂y · (s ⊙ W₈); only W₈ and s are kept between for
 diffusers' layerwise casting (``enable_layerwise_casting``): it casts the module's weight to bf16
 before each forward and back after, so autograd keeps every layer's bf16 copy alive until backward
 (training memory is not saved), and it casts without a scale, so weights below e4m3's normal range
-(2⁻⁶, common in a 12B model) lose most of their bits. ``benchmarks/precision.py`` measures both.
+(2⁻⁶) lose most of their bits. ``benchmarks/precision.py`` measures both.
 
 **nf4 / fp4**: bitsandbytes' ``Linear4bit`` (blocks of 64 weights share an absmax; nf4's levels
 follow a normal distribution). Its forward and backward run on CPU as well as CUDA, so this path is
@@ -301,14 +301,6 @@ def _prequantized_4bit(
     if bias is not None:
         new.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     return new
-
-
-def lora_params_to_float32(module: nn.Module) -> None:
-    """Keep an injected or loaded LoRA's own parameters in float32 (peft gives them the base
-    layer's dtype, which for fp8 storage would round the LoRA to 8 bits)."""
-    for name, p in module.named_parameters():
-        if ".lora_" in name and p.dtype != torch.float32:
-            p.data = p.data.float()
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import attrs
 import numpy as np
-from PIL import Image
 
 from qflux.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
 from qflux.config import ValidationConfig
-from qflux.data import PairSample, fit_size, load_rgb, scan_pairs
+from qflux.data import PairSample, fit_size, load_rgb, scan_pairs, to_pil
 from qflux.errors import QfluxError
 from qflux.plots import save_image_grid
 
@@ -82,7 +81,7 @@ def validation_grid(vset: ValidationSet, predictions: Sequence[np.ndarray], path
     for sample, has_target, pred in zip(vset.samples, vset.has_target, predictions, strict=True):
         panels = [load_rgb(sample.control)] + ([load_rgb(sample.target)] if has_target else [])
         names = ["control"] + (["target"] if has_target else [])
-        rows.append([*panels, Image.fromarray((np.clip(pred, 0, 1) * 255).round().astype("uint8"))])
+        rows.append([*panels, to_pil(pred)])
         labels.append([*names, "prediction"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_image_grid(rows, labels, path)

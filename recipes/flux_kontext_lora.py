@@ -27,10 +27,10 @@ from qflux.flux_kontext import cache as kcache
 from qflux.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
 from qflux.flux_kontext.loaders import COMPONENTS, PIPELINE, FluxKontextModels, load_flux_kontext, torch_dtype
-from qflux.flux_kontext.predict import denoise, to_pil
+from qflux.flux_kontext.predict import denoise
 from qflux.flux_kontext.predict import predict as kontext_predict
 from qflux.flux_kontext.step import make_loss_fn
-from qflux.lora import load_lora_file, save_lora_comfyui
+from qflux.lora import save_lora_comfyui
 from qflux.train_state import LossFn
 from recipes import lora_loop
 from recipes.lora_loop import CachePath, DataPath, Family, RunResult
@@ -139,15 +139,7 @@ def predict(
     src = Path(image)
     if not src.is_file():
         raise QfluxError(f"input image '{src}' does not exist; pass --image=PATH")
-    places = lora_loop.devices(cfg.predict.devices, "predict.devices", {n: n for n in ("transformer", *ENCODERS)})
-    models = load_flux_kontext(
-        lora_loop.model_dir(FAMILY, cfg),
-        torch_dtype(cfg.model.dtype),
-        devices=places,
-        quantize=lora_loop.quantize_plan(cfg),
-    )
-    if lora is not None:
-        load_lora_file(models.transformer, lora, pipeline_cls=_pipeline_cls())
+    models = lora_loop.predict_models(FAMILY, cfg, lora)
     result = kontext_predict(
         models,
         load_rgb(src),
@@ -161,9 +153,7 @@ def predict(
         true_cfg_scale=true_cfg_scale,
         max_sequence_length=cfg.model.max_sequence_length,
     )
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    to_pil(result).save(out)
-    print(f"wrote {out}")
+    lora_loop.save_edit(result, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ import attrs
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 from tqdm import tqdm
 
 from qflux.batching import Conditioning, Prepared, no_dropout, prepare
@@ -30,14 +29,14 @@ from qflux.builtin import resolve_dataset_path, resolve_model_path
 from qflux.cache import CacheReport, Job
 from qflux.checkpoint import incompatibilities, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from qflux.config_parse import to_dict
-from qflux.data import PairSample, batch_stream, load_rgb, scan_pairs
+from qflux.data import PairSample, batch_stream, load_rgb, scan_pairs, to_image, to_pil
 from qflux.devices import resolve_device
 from qflux.distributed import World, all_reduce_sum, any_rank, barrier, init_world, rank_device, shard_frozen_base
 from qflux.errors import QfluxError
 from qflux.fp8 import check_fp8_device
 from qflux.frozen_linear import prepare_frozen_base
 from qflux.loading import torch_dtype
-from qflux.lora import LORA_WEIGHT_NAME, inject_lora, lora_from_file, save_lora
+from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, lora_from_file, save_lora
 from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.quantize import needs_autograd_engine
@@ -173,6 +172,24 @@ def samples_of(family: Family, cfg: Any) -> list[PairSample]:
 def devices(section: Any, prefix: str, names: Mapping[str, str]) -> dict[str, torch.device]:
     """{component: device} from config keys ``names[component]`` of ``section``."""
     return {comp: resolve_device(getattr(section, key), key=f"{prefix}.{key}") for comp, key in names.items()}
+
+
+def predict_models(family: Family, cfg: Any, lora: str | None) -> Any:
+    """Every component on ``predict.devices``, quantized as configured, with the LoRA file (if
+    any) loaded into the transformer: what a recipe's ``predict`` command edits with."""
+    places = devices(cfg.predict.devices, "predict.devices", {n: n for n in ("transformer", *family.encoders)})
+    dtype = torch_dtype(cfg.model.dtype)
+    models = family.load(model_dir(family, cfg), dtype, devices=places, quantize=quantize_plan(cfg))
+    if lora is not None:
+        load_lora_file(models.transformer, lora, pipeline_cls=family.pipeline_cls())
+    return models
+
+
+def save_edit(image: np.ndarray, out: str) -> None:
+    """Write a predicted image [H, W, 3] in [0, 1] to ``out`` (folders made as needed)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image).save(out)
+    print(f"wrote {out}")
 
 
 def _encoder_keys(family: Family) -> dict[str, str]:
@@ -471,13 +488,8 @@ def _save_sample(sample: PairSample, before: np.ndarray, after: np.ndarray, path
     """control image(s) | target | base model | with LoRA (same seed for both predictions)."""
     controls = [load_rgb(c) for c in sample.controls]
     labels = ["control"] if len(controls) == 1 else [f"control {i + 1}" for i in range(len(controls))]
-    images = [*controls, load_rgb(sample.target), _to_pil(before), _to_pil(after)]
+    images = [*controls, load_rgb(sample.target), to_pil(before), to_pil(after)]
     save_image_row(images, [*labels, "target", "before", "after"], path)
-
-
-def _to_pil(image: np.ndarray) -> Image.Image:
-    """[H, W, 3] float in [0, 1] → 8-bit PIL image (rounded as diffusers' ``numpy_to_pil``)."""
-    return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8"))
 
 
 def _renderer(
@@ -497,19 +509,11 @@ def _renderer(
         if vae is None:  # training from the cache: the VAE only for this decode
             device_vae = resolve_device(cfg.predict.devices.vae, key="predict.devices.vae")
             vae = family.load(path, torch_dtype(cfg.model.dtype), include=("vae",), devices={"vae": device_vae}).vae
-        images = [_to_image(family.decode(vae, z)) for z in latents]
+        images = [to_image(family.decode(vae, z)) for z in latents]
         del vae
         return images
 
     return render
-
-
-def _to_image(decoded: torch.Tensor) -> np.ndarray:
-    """A VAE output [1, 3, H, W] in [-1, 1] → [H, W, 3] float32 in [0, 1] (the pipelines' 'np' output)."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    out: np.ndarray = VaeImageProcessor(vae_scale_factor=16).postprocess(decoded, output_type="np")[0]
-    return out
 
 
 def _validator(

@@ -27,7 +27,7 @@ from qflux.config_parse import load_config
 from qflux.data import PairDataset, load_rgb
 from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
-from qflux.lora import load_lora_file, save_lora_comfyui
+from qflux.lora import save_lora_comfyui
 from qflux.qwen_image_edit import cache as qcache
 from qflux.qwen_image_edit.batch import (
     QwenPairDataset,
@@ -169,15 +169,7 @@ def predict(
     """
     cfg = load_config(QwenImageEditConfig, config, overrides)
     images = _images(image, cfg.model.variant)
-    places = lora_loop.devices(cfg.predict.devices, "predict.devices", {n: n for n in ("transformer", *ENCODERS)})
-    models = load_qwen_image_edit(
-        lora_loop.model_dir(FAMILY, cfg),
-        torch_dtype(cfg.model.dtype),
-        devices=places,
-        quantize=lora_loop.quantize_plan(cfg),
-    )
-    if lora is not None:
-        load_lora_file(models.transformer, lora, pipeline_cls=_pipeline_cls())
+    models = lora_loop.predict_models(FAMILY, cfg, lora)
     result = qwen_predict(
         models,
         images,
@@ -190,9 +182,7 @@ def predict(
         negative_prompt=negative_prompt,
         true_cfg_scale=true_cfg_scale,
     )
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((result * 255).round().astype("uint8")).save(out)
-    print(f"wrote {out}")
+    lora_loop.save_edit(result, out)
 
 
 def main(argv: list[str] | None = None) -> None:

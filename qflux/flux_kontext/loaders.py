@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.loading import load_component, load_scheduler, load_tokenizer
+from qflux.loading import load_component, load_included, load_scheduler, load_tokenizer
 from qflux.loading import torch_dtype as torch_dtype  # re-exported for recipes and benchmarks
 from qflux.model_dir import resolve_model_dir
 
@@ -129,15 +129,13 @@ def load_flux_kontext(
     """
     needed = [*include, "tokenizer", "tokenizer_2", "scheduler"]
     path = resolve_model_dir(str(model_path), needed, pipeline=PIPELINE)
-    place = {name: (devices or {}).get(name, device) for name in include}
     loaders = {
         "transformer": load_flux_kontext_transformer,
         "vae": load_flux_kontext_vae,
         "text_encoder": load_flux_kontext_clip,
         "text_encoder_2": load_flux_kontext_t5,
     }
-    plan = quantize or {}
-    loaded = {name: loaders[name](path, weight_dtype, place[name], plan.get(name, "none")) for name in include}
+    loaded = load_included(loaders, path, weight_dtype, include, device, devices, quantize)
     tok, tok2 = load_flux_kontext_tokenizers(path)
     return FluxKontextModels(
         transformer=loaded.get("transformer"),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qflux.data import MULTIPLE, image_to_tensor
+from qflux.data import MULTIPLE, image_to_tensor, to_image
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import token_layout, velocity
@@ -84,14 +84,6 @@ def predict(
     return to_image(vae_decode(models.vae, latents.contiguous(memory_format=torch.channels_last)))
 
 
-def to_image(decoded: torch.Tensor) -> np.ndarray:
-    """A VAE output [1, 3, H, W] in [-1, 1] as the pipeline's ``output_type='np'`` image [H, W, 3] in [0, 1]."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    out: np.ndarray = VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(decoded, output_type="np")[0]
-    return out
-
-
 @torch.inference_mode()
 def denoise(
     transformer: Any,
@@ -148,8 +140,3 @@ def denoise(
             v = v[1:] + true_cfg_scale * (v[:1] - v[1:])  # v̂_neg + s·(v̂_pos − v̂_neg)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
     return latents
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    """[H, W, 3] float in [0, 1] → 8-bit PIL image (rounded as diffusers' ``numpy_to_pil``)."""
-    return Image.fromarray((image * 255).round().astype("uint8"))

@@ -22,14 +22,13 @@ from qflux.batching import Conditioning, Prepared, pad_tokens
 from qflux.data import PairDataset, collate_pairs, load_rgb
 from qflux.qwen_image_edit.conditioning import encode_prompt, vae_encode
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
+from qflux.qwen_image_edit.predict import vl_image
 from qflux.qwen_image_edit.step import QwenImageEditBatch
 
 
 def vl_images(controls: Sequence[Path | Image.Image], variant: str) -> list[Image.Image]:
     """The vision-language inputs of a sample's control images (decoded when given as paths)."""
     from diffusers.image_processor import VaeImageProcessor
-
-    from qflux.qwen_image_edit.predict import vl_image
 
     proc = VaeImageProcessor(vae_scale_factor=16)
     return [vl_image(c if isinstance(c, Image.Image) else load_rgb(c), variant, proc) for c in controls]
@@ -46,7 +45,8 @@ class QwenPairDataset:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.pairs[i], "vl": vl_images(self.pairs.samples[i].controls, self.variant)}
+        controls = [load_rgb(c) for c in self.pairs.samples[i].controls]  # decoded once for both uses
+        return {**self.pairs.item(i, controls), "vl": vl_images(controls, self.variant)}
 
 
 def collate_qwen_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -132,8 +132,16 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
 def _jobs(models: QwenImageEditModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
     """Every entry the samples need, each with the function that computes its tensors."""
 
+    last: dict[tuple[Path, ...], list[Any]] = {}
+
+    def vision(controls: tuple[Path, ...]) -> list[Any]:  # a sample's two embedding jobs are adjacent
+        if controls not in last:
+            last.clear()
+            last[controls] = vl_images(controls, spec.variant)
+        return last[controls]
+
     def embed(text: str, controls: tuple[Path, ...]) -> dict[str, torch.Tensor]:
-        return {"embed": encode_sample_prompt(models, text, vl_images(controls, spec.variant), spec.variant)}
+        return {"embed": encode_sample_prompt(models, text, vision(controls), spec.variant)}
 
     def latent(path: Path, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         return {"latent": vae_encode(models.vae, image_to_tensor(load_rgb(path), size))[0]}

@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from qflux.errors import QfluxError
-from qflux.loading import component_folder, load_component, load_scheduler, load_tokenizer
+from qflux.loading import component_folder, load_component, load_included, load_scheduler, load_tokenizer
 from qflux.model_dir import resolve_model_dir
 from qflux.qwen_image_edit.processor import load_qwen_processor
 
@@ -133,14 +133,12 @@ def load_qwen_image_edit(
         quantize: {component: none / fp8 / nf4 / fp4} for the transformer and the text encoder.
     """
     path = resolve_model_dir(str(model_path), [*include, "tokenizer", "processor", "scheduler"], pipeline=PIPELINE)
-    place = {name: (devices or {}).get(name, device) for name in include}
     loaders = {
         "transformer": load_qwen_image_edit_transformer,
         "vae": load_qwen_image_edit_vae,
         "text_encoder": load_qwen_image_edit_text_encoder,
     }
-    plan = quantize or {}
-    loaded = {name: loaders[name](path, weight_dtype, place[name], plan.get(name, "none")) for name in include}
+    loaded = load_included(loaders, path, weight_dtype, include, device, devices, quantize)
     return QwenImageEditModels(
         transformer=loaded.get("transformer"),
         vae=loaded.get("vae"),

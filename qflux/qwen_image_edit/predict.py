@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qflux.data import to_image
 from qflux.latents import pack_latents, unpack_latents
 from qflux.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode, vae_scale_factor
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
@@ -139,7 +140,7 @@ def predict(
         lora=lora,
         noise_dtype=dtype,
     )
-    out: np.ndarray = processor.postprocess(vae_decode(models.vae, latents), output_type="np")[0]
+    out: np.ndarray = to_image(vae_decode(models.vae, latents))
     return out
 
 
@@ -179,12 +180,13 @@ def denoise(
     n = latents.shape[1]
     shapes = img_shapes(1, (h, w), [(c.shape[-2], c.shape[-1]) for c in controls])
     scheduler = euler_scheduler(scheduler_config, num_inference_steps, n, device)
+    mask_pos, mask_neg = _mask(mask), None if neg is None else _mask(neg[1])  # one host sync each, not per step
     for t in scheduler.timesteps:
         tokens = torch.cat([latents, *packed], dim=1)
         sigma = t.expand(1).to(latents.dtype) / 1000
-        v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, _mask(mask), shapes)
+        v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, mask_pos, shapes)
         if neg is not None:
-            v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg[0], _mask(neg[1]), shapes)
+            v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg[0], mask_neg, shapes)
             combined = v_neg + true_cfg_scale * (v - v_neg)
             v = combined * (v.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
         latents = scheduler.step(v, t, latents, return_dict=False)[0]

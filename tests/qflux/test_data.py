@@ -25,8 +25,10 @@ def test_fit_size_properties(w: int, h: int, cap: int | None) -> None:
         assert fw <= w and fh <= h
     if cap is not None and min(fw, fh) > 16:
         assert fw * fh <= cap
-    if cap is not None and w * h > cap and min(w, h) >= 64 and max(w, h) / min(w, h) < 4:
-        assert abs(fw / fh - w / h) / (w / h) < 0.35  # aspect kept up to the rounding
+    # the aspect is kept up to the flooring to 16, so only where the scaled-down sides stay >= 64 px
+    scaled_min = min(w, h) * (cap / (w * h)) ** 0.5 if cap is not None else min(w, h)
+    if cap is not None and w * h > cap and scaled_min >= 64 and max(w, h) / min(w, h) < 4:
+        assert abs(fw / fh - w / h) / (w / h) < 0.35
 
 
 def test_fit_size_examples() -> None:
