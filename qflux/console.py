@@ -13,6 +13,9 @@ _HARMLESS = (
     ("torchao", "Failed to load"),
     ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
     ("torch.utils._pytree", "is an Enum subclass"),
+    # bitsandbytes on AVX-512 BF16 CPUs tries the optional `kernels` package for its 4-bit CPU GEMM
+    # and falls back to its own kernel: a line on every command that is not a problem
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
 )
 
 

@@ -93,11 +93,15 @@ def prepare_frozen_base(
     ``fp8_matmul`` turns the large frozen linears into fp8 ones (:mod:`qflux.fp8`; CUDA 8.9+ only,
     refused elsewhere with the reason); the remaining frozen linears get the fast backward layout
     where :func:`needs_fast_frozen_linear` says it matters, except under ``compile_mode='full'``
-    (see :func:`use_fast_frozen_linear`).
+    (see :func:`use_fast_frozen_linear`). bitsandbytes 4-bit layers stay in the layout that has a
+    backward (:func:`qflux.quantize.keep_trainable_layout`).
 
     Returns:
-        {'fp8': layers converted to fp8, 'fast_backward': layers given the fast layout}.
+        {'fp8': layers converted to fp8, 'fast_backward': layers given the fast layout,
+        '4bit_trainable': 4-bit layers kept in their trainable layout}.
     """
+    from qflux.quantize import keep_trainable_layout
+
     n8 = 0
     if fp8_matmul:
         from qflux.fp8 import check_fp8_device, use_fp8_matmul
@@ -105,4 +109,4 @@ def prepare_frozen_base(
         check_fp8_device(device)
         n8 = use_fp8_matmul(module)
     fast = 0 if compile_mode == "full" else use_fast_frozen_linear(module)
-    return {"fp8": n8, "fast_backward": fast}
+    return {"fp8": n8, "fast_backward": fast, "4bit_trainable": keep_trainable_layout(module)}

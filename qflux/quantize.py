@@ -19,6 +19,13 @@ before each forward and back after, so autograd keeps every layer's bf16 copy al
 **nf4 / fp4**: bitsandbytes' ``Linear4bit`` (blocks of 64 weights share an absmax; nf4's levels
 follow a normal distribution). Its forward and backward run on CPU as well as CUDA, so this path is
 tested here. Its autograd function has no torch.func support, so the step uses the autograd engine.
+On CPUs with AVX-512 BF16, bitsandbytes repacks a layer's weight for its inference kernel the first
+time the layer runs in eval mode on an input without gradient (blocks of 32 output rows, whole
+absmax blocks per row). So a layer is stored in 4 bits only where that layout exists on every
+device (:func:`fits_4bit`: out % 32 = 0 and in % 64 = 0; every linear of the real models); the
+others stay in the compute dtype and are counted (:func:`count_layers`). The repacked layout has no
+backward, so training keeps the 4-bit layers in training mode (:func:`keep_trainable_layout`),
+where bitsandbytes never repacks; predict and the encoders take the fast kernel.
 
 Layers kept in full precision: the final projection (``proj_out``), T5's ``wo`` and the LoRA's own
 layers (:data:`KEEP`).
@@ -33,6 +40,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import attrs
 import torch
 from torch import nn
 
@@ -45,6 +53,18 @@ KEEP = re.compile(r"^(proj_out|lm_head)$|(^|\.)(wo|lora_A|lora_B)(\.|$)")
 """Module paths kept in full precision: the final projection to latents (or logits), T5's ``wo``
 (T5 casts its activations to that weight's dtype, and keeps it in fp32 by design) and the LoRA's own
 layers (as bitsandbytes-quantized diffusers checkpoints keep ``proj_out``)."""
+
+
+BLOCK_4BIT = 64
+"""Weights per absmax block of bitsandbytes' 4-bit quantization (its default blocksize)."""
+ROWS_4BIT = 32
+"""Output rows per block of bitsandbytes' packed CPU layout (``_convert_weight_packed_for_cpu``)."""
+
+
+def fits_4bit(out_features: int, in_features: int) -> bool:
+    """Whether bitsandbytes' 4-bit kernels take a [out, in] weight on every device: the packed CPU
+    layout needs whole blocks of 32 output rows and whole absmax blocks of 64 along each row."""
+    return out_features % ROWS_4BIT == 0 and in_features % BLOCK_4BIT == 0
 
 
 class _StoredFp8Fn(torch.autograd.Function):
@@ -122,11 +142,21 @@ def linear_4bit(linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype) 
     return new.to(device)  # bitsandbytes quantizes when the weight moves to its device
 
 
+def _frozen_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The plain frozen ``nn.Linear`` layers of ``module`` outside :data:`KEEP`, by path."""
+    return [
+        (name, m)
+        for name, m in module.named_modules()
+        if type(m) is nn.Linear and not m.weight.requires_grad and not KEEP.search(name)
+    ]
+
+
 def quantize_frozen(module: nn.Module, mode: str, *, compute_dtype: torch.dtype = torch.bfloat16) -> int:
     """Store the frozen ``nn.Linear`` weights of ``module`` in ``mode`` (fp8, nf4, fp4), in place.
 
     Layers whose path matches :data:`KEEP` stay as they are; with a LoRA injected, its own
-    ``lora_A`` / ``lora_B`` layers are kept and the adapted ``base_layer`` is quantized.
+    ``lora_A`` / ``lora_B`` layers are kept and the adapted ``base_layer`` is quantized. In 4 bits,
+    layers whose shape bitsandbytes cannot take everywhere (:func:`fits_4bit`) are kept too.
 
     Returns:
         How many layers were converted (0 for ``none``).
@@ -135,10 +165,10 @@ def quantize_frozen(module: nn.Module, mode: str, *, compute_dtype: torch.dtype 
         return 0
     if mode not in QUANTIZE:
         raise QfluxError(f"model.quantize must be one of {', '.join(QUANTIZE)}; got {mode!r}")
+    if mode != "fp8":
+        bitsandbytes()  # the extra is needed even when no layer of this model fits 4 bits
     targets = [
-        (name, m)
-        for name, m in module.named_modules()
-        if type(m) is nn.Linear and not m.weight.requires_grad and not KEEP.search(name)
+        (name, m) for name, m in _frozen_linears(module) if mode == "fp8" or fits_4bit(m.out_features, m.in_features)
     ]
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
@@ -146,6 +176,50 @@ def quantize_frozen(module: nn.Module, mode: str, *, compute_dtype: torch.dtype 
         new = Float8StorageLinear.from_linear(m) if mode == "fp8" else linear_4bit(m, mode, compute_dtype)
         setattr(parent, child, new)
     return len(targets)
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether ``layer`` holds its weight quantized (fp8 storage, or a bitsandbytes 4-bit weight)."""
+    return isinstance(layer, Float8StorageLinear) or hasattr(getattr(layer, "weight", None), "quant_state")
+
+
+@attrs.frozen
+class LayerCount:
+    """How a model's frozen linear layers are stored (the start summary prints it)."""
+
+    quantized: int
+    """Layers stored quantized (fp8 or 4-bit)."""
+    kept: int
+    """Frozen linears left in the compute dtype although quantization is on: a shape the 4-bit
+    kernels cannot take (:func:`fits_4bit`). Layers kept by design (:data:`KEEP`) are not counted."""
+
+
+def count_layers(module: nn.Module, mode: str) -> LayerCount:
+    """Count ``module``'s quantized linears and the frozen ones that quantization in ``mode`` left
+    as they were (none when ``mode`` is 'none')."""
+    if mode == "none":
+        return LayerCount(quantized=0, kept=0)
+    quantized = sum(1 for m in module.modules() if is_quantized(m))
+    kept = sum(
+        1
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and not is_quantized(m) and not m.weight.requires_grad and not KEEP.search(name)
+    )
+    return LayerCount(quantized=quantized, kept=kept)
+
+
+def keep_trainable_layout(module: nn.Module) -> int:
+    """Put ``module``'s bitsandbytes 4-bit layers in training mode, in place, so bitsandbytes keeps
+    their weight in the layout that has a backward (it repacks eval-mode layers for its AVX-512 BF16
+    inference kernel, which has none). Nothing else changes: the layers have no dropout.
+
+    Returns:
+        How many layers were switched.
+    """
+    layers = [m for m in module.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    for m in layers:
+        m.train()
+    return len(layers)
 
 
 def share_code_tables(module: nn.Module) -> int:
@@ -238,7 +312,7 @@ def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str) -> 
     sd: dict[str, torch.Tensor] = {}
     for f in _checkpoint_files(folder):
         sd.update(load_file(str(f)))
-    replaced = 0
+    replaced: set[str] = set()
     for name, m in list(model.named_modules()):
         w = sd.get(f"{name}.weight")
         if type(m) is not nn.Linear or w is None or w.dtype not in (FP8, torch.uint8):
@@ -255,11 +329,10 @@ def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str) -> 
             new = _prequantized_4bit(m, w, stats, bias, kind, dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced += 1
+        replaced.add(name)
     rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items() if k != "scaled_fp8"}
     missing, _ = model.load_state_dict(rest, strict=False)
-    quantized = {n for n, m in model.named_modules() if isinstance(m, Float8StorageLinear) or hasattr(m, "quant_state")}
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantized and not k.endswith("weight_scale")]
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in replaced and not k.endswith("weight_scale")]
     if missing or not replaced:
         raise QfluxError(
             f"'{folder}' holds a {kind} checkpoint this model cannot read: "
@@ -290,7 +363,9 @@ def _prequantized_4bit(
     kind: str,
     dtype: torch.dtype,
 ) -> nn.Module:
-    """bitsandbytes ``Linear4bit`` from a saved packed weight and its quantization statistics."""
+    """bitsandbytes ``Linear4bit`` from a saved packed weight and its quantization statistics; a
+    layer whose shape does not fit every device's kernel (:func:`fits_4bit`) is dequantized to a
+    plain linear in ``dtype``."""
     bnb = bitsandbytes()
     new = bnb.nn.Linear4bit(
         linear.in_features, linear.out_features, bias=bias is not None, compute_dtype=dtype, quant_type=kind
@@ -298,6 +373,13 @@ def _prequantized_4bit(
     new.weight = bnb.nn.Params4bit.from_prequantized(
         data=packed, quantized_stats=stats, requires_grad=False, device=packed.device
     )
+    if not fits_4bit(linear.out_features, linear.in_features):
+        weight = bnb.functional.dequantize_4bit(new.weight.data, new.weight.quant_state).to(dtype)
+        plain = nn.Linear(linear.in_features, linear.out_features, bias=bias is not None, device="meta")
+        plain.weight = nn.Parameter(weight.reshape(linear.out_features, linear.in_features), requires_grad=False)
+        if bias is not None:
+            plain.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return plain
     if bias is not None:
         new.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     return new

@@ -11,7 +11,7 @@ projection, T5 sequence, 3-axis RoPE) at a width small enough for a 2-core CPU.
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,25 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def build_flux_kontext(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+Overrides = Mapping[str, Any]
+
+
+def _preset(presets: Mapping[str, dict[str, Any]], size: str, overrides: Overrides | None) -> dict[str, Any]:
+    """The preset ``size`` with ``overrides`` merged in: a section's keys are updated
+    (``{"vae": {"block_out_channels": (8, 16, 16)}}``), a plain key is replaced."""
+    if size not in presets:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(presets)}")
+    p = dict(presets[size])
+    for key, value in (overrides or {}).items():
+        if key not in p:
+            raise ValueError(f"unknown tiny-model setting {key!r}; choose from {sorted(p)}")
+        p[key] = {**p[key], **value} if isinstance(p[key], dict) else value
+    return p
+
+
+def build_flux_kontext(
+    out_dir: str | Path, seed: int = 0, size: str = "tiny", overrides: Overrides | None = None
+) -> Path:
     """Write a tiny random FLUX.1-Kontext model folder (diffusers layout) to ``out_dir``.
 
     Args:
@@ -98,6 +116,9 @@ def build_flux_kontext(out_dir: str | Path, seed: int = 0, size: str = "tiny") -
         seed: weights are a deterministic function of this seed.
         size: "tiny" (tests, default run) or "small" (CPU benchmarks: width 256, 2 double and 4
             single blocks, 16 latent channels, a 12-layer T5 of width 512).
+        overrides: changes to the preset, per section (``transformer``, ``clip``, ``t5``, ``vae``)
+            or plain key (``latent_channels``): other widths, head dims and VAE depths (a VAE of
+            n ``block_out_channels`` downsamples by 2^(n−1)).
 
     Returns:
         The folder path. ``FluxKontextPipeline.from_pretrained(path)`` loads it.
@@ -110,9 +131,7 @@ def build_flux_kontext(out_dir: str | Path, seed: int = 0, size: str = "tiny") -
     )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    if size not in _PRESETS:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(_PRESETS)}")
-    p = _PRESETS[size]
+    p = _preset(_PRESETS, size, overrides)
     out = Path(out_dir)
     tok = clip_tokenizer()
     tok2 = t5_tokenizer()
@@ -150,14 +169,15 @@ def build_flux_kontext(out_dir: str | Path, seed: int = 0, size: str = "tiny") -
                 decoder_start_token_id=tok2.pad_token_id,
             )
         )
+        levels = len(p["vae"]["block_out_channels"])
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
             layers_per_block=1,
             latent_channels=latent_channels,
-            **p["vae"],  # 4 levels: downsampling ×8, as in FLUX
+            **p["vae"],  # 4 levels in the presets: downsampling ×8, as in FLUX
             sample_size=64,
             shift_factor=0.1159,  # FLUX.1 values
             scaling_factor=0.3611,
@@ -218,14 +238,17 @@ _QWEN_PRESETS: dict[str, dict[str, Any]] = {
         "text": {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "num_key_value_heads": 2},
         "vision": {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2},
-        "vae_base_dim": 8,
+        # three downsamplings: ×8, as the real VAE
+        "vae": {"base_dim": 8, "dim_mult": (1, 2, 4, 4), "temperal_downsample": (False, True, True)},
         # the vision encoder sees at most 64 merged patches (28×28 px each) of any control image
         "processor": {"size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}},
     },
 }  # fmt: skip
 
 
-def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny", variant: str = "edit") -> Path:
+def build_qwen_image_edit(
+    out_dir: str | Path, seed: int = 0, size: str = "tiny", variant: str = "edit", overrides: Overrides | None = None
+) -> Path:
     """Write a tiny random Qwen-Image-Edit model folder (diffusers layout) to ``out_dir``.
 
     A Qwen2.5-VL text encoder (vision tower included) with a tokenizer built in code, the Qwen2-VL
@@ -235,6 +258,9 @@ def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny"
     Args:
         variant: "edit" (``QwenImageEditPipeline``) or "edit_plus" (``QwenImageEditPlusPipeline``,
             2509: the same components, several control images).
+        overrides: changes to the preset, per section (``transformer``, ``text``, ``vision``,
+            ``vae``, ``processor``) or plain key (``z_dim``); a VAE with n ``temperal_downsample``
+            entries downsamples by 2^n.
 
     Returns:
         The folder. ``QwenImageEditPipeline.from_pretrained(path, processor=load_qwen_processor(path
@@ -251,11 +277,9 @@ def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny"
 
     from qflux.qwen_image_edit.processor import qwen_processor
 
-    if size not in _QWEN_PRESETS:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(_QWEN_PRESETS)}")
     if variant not in ("edit", "edit_plus"):
         raise ValueError(f"unknown variant {variant!r}; choose 'edit' or 'edit_plus'")
-    p = _QWEN_PRESETS[size]
+    p = _preset(_QWEN_PRESETS, size, overrides)
     out = Path(out_dir)
     tok = qwen_tokenizer()
     ids = dict(zip(QWEN_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)), strict=True))
@@ -288,11 +312,11 @@ def build_qwen_image_edit(out_dir: str | Path, seed: int = 0, size: str = "tiny"
         )
         gen = torch.Generator().manual_seed(seed + 1)
         vae = AutoencoderKLQwenImage(
-            base_dim=p["vae_base_dim"],
+            base_dim=p["vae"]["base_dim"],
             z_dim=z,
-            dim_mult=[1, 2, 4, 4],  # three downsamplings: ×8, as the real VAE
+            dim_mult=list(p["vae"]["dim_mult"]),
             num_res_blocks=1,
-            temperal_downsample=[False, True, True],
+            temperal_downsample=list(p["vae"]["temperal_downsample"]),
             latents_mean=(torch.randn(z, generator=gen) * 0.2).round(decimals=4).tolist(),
             latents_std=(1 + torch.rand(z, generator=gen)).round(decimals=4).tolist(),
         )

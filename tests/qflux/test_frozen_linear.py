@@ -62,4 +62,5 @@ def test_conversion_only_where_it_matters_and_keeps_the_state_dict() -> None:
     assert prepare_frozen_base(nn.Linear(4, 4).requires_grad_(False), fp8_matmul=False, device=torch.device("cpu")) == {
         "fp8": 0,
         "fast_backward": 0,
+        "4bit_trainable": 0,
     }

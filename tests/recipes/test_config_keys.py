@@ -43,7 +43,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "model.dtype": ("bfloat16", {}),
     "model.max_sequence_length": (4, {}),
     "model.quantize": ("fp8", {}),
-    "model.quantize_text_encoders": (True, {"model.quantize": "nf4"}),
+    "model.quantize_text_encoders": (True, {"model.quantize": "fp8"}),  # fp8: every width (4 bits: test_quantize)
     "model.lora.r": (4, {}),
     "model.lora.lora_alpha": (4, {}),
     "model.lora.init_lora_weights": (True, {}),

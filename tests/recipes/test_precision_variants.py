@@ -58,11 +58,14 @@ def test_variant_trains_and_its_lora_loads_in_the_bf16_pipeline(
 def test_qwen_variant_with_quantized_text_encoder(tmp_path: Path) -> None:
     from diffusers import QwenImageEditPipeline
 
+    from qflux.quantize import count_layers, is_quantized
     from qflux.qwen_image_edit.processor import load_qwen_processor
     from qflux.tiny import build_qwen_image_edit
     from recipes.qwen_image_edit_lora import run
 
-    model = build_qwen_image_edit(tmp_path / "model", seed=0)
+    # a text encoder 64 wide, so that its MLPs fit bitsandbytes' 4-bit kernels on every CPU
+    wide = {"text": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2}}
+    model = build_qwen_image_edit(tmp_path / "model", seed=0, overrides=wide)
     overrides = {
         "model.pretrained_model_name_or_path": str(model),
         "model.quantize": "nf4",
@@ -74,6 +77,7 @@ def test_qwen_variant_with_quantized_text_encoder(tmp_path: Path) -> None:
     }
     result = run(load_config(QwenImageEditConfig, None, overrides))
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    assert type(result.models.text_encoder.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert is_quantized(result.models.text_encoder.model.language_model.layers[0].mlp.up_proj)
+    assert count_layers(result.models.text_encoder, "nf4").kept > 0  # the 16-wide vision tower stays bf16
     pipe = QwenImageEditPipeline.from_pretrained(model, processor=load_qwen_processor(model / "processor"))
     pipe.load_lora_weights(tmp_path / "out")
