@@ -9,7 +9,8 @@ Layout (paired by file stem)::
     DATASET/training_images/NAME.txt                  the instruction
 
 Images keep their aspect ratio: an image above ``max_pixels`` is scaled down, then each side is
-floored to a multiple of 16 (the VAE's ×8 times the 2×2 packing), as FluxKontextPipeline does.
+floored to a multiple of the model's ``multiple`` (its VAE factor times the 2×2 packing, 16 for
+FLUX.1: :func:`qflux.latents.size_multiple`), as FluxKontextPipeline does.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from PIL import Image, ImageOps
 from qflux.errors import QfluxError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-MULTIPLE = 16
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -59,7 +59,7 @@ class PairSample:
         return self.control_sizes[0]
 
 
-def fit_size(width: int, height: int, max_pixels: int | None, multiple: int = MULTIPLE) -> tuple[int, int]:
+def fit_size(width: int, height: int, max_pixels: int | None, multiple: int) -> tuple[int, int]:
     """Scale (width, height) down to at most ``max_pixels`` keeping the aspect, then floor to ``multiple``.
 
     Returns:
@@ -103,8 +103,9 @@ def load_rgb(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def _image_problem(path: Path) -> str | None:
-    """Why an image cannot be trained on (unreadable, truncated, empty, under 16 px), or None."""
+def _image_problem(path: Path, multiple: int) -> str | None:
+    """Why an image cannot be trained on (unreadable, truncated, empty, a side under ``multiple``
+    px), or None."""
     if path.stat().st_size == 0:
         return "the file is empty (0 bytes)"
     try:
@@ -113,8 +114,8 @@ def _image_problem(path: Path) -> str | None:
             w, h = im.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"cannot be decoded ({e})"
-    if min(w, h) < MULTIPLE:
-        return f"is {w}×{h} px; each side must be at least {MULTIPLE} px"
+    if min(w, h) < multiple:
+        return f"is {w}×{h} px; each side must be at least {multiple} px"
     return None
 
 
@@ -132,6 +133,7 @@ def scan_pairs(
     root: str | Path,
     max_pixels: int | None,
     *,
+    multiple: int,
     skip_invalid: bool = False,
     warn: Callable[[str], None] = print,
     controls: tuple[int, int] = (1, 1),
@@ -140,10 +142,11 @@ def scan_pairs(
 
     Every image is decoded once. The problems found are: a missing control or target image, a
     missing, empty or non-UTF-8 instruction, an unreadable, truncated or 0-byte image, an image
-    under 16 px on a side, one stem with several image extensions, and (several control images)
+    under ``multiple`` px on a side, one stem with several image extensions, and (several control images)
     numbered control images with a gap or beyond the model's maximum.
 
     Args:
+        multiple: image sides become multiples of this (the model's :func:`qflux.latents.size_multiple`).
         skip_invalid: drop the samples with problems (each reported through ``warn``) instead of
             failing; an empty result still fails.
         controls: (fewest, most) control images per sample. With most > 1, ``NAME_control_1``,
@@ -154,6 +157,11 @@ def scan_pairs(
     """
     root = Path(root)
     controls_dir, targets = root / "control_images", root / "training_images"
+    if not root.is_dir():
+        raise QfluxError(
+            f"dataset '{root}' does not exist; set data.dataset_path to a folder with control_images/ and "
+            "training_images/"
+        )
     if not controls_dir.is_dir() or not targets.is_dir():
         raise QfluxError(
             f"dataset '{root}' must contain control_images/ and training_images/ "
@@ -167,13 +175,13 @@ def scan_pairs(
     problems: list[str] = []
     samples: list[PairSample] = []
     for stem in sorted(image_stems | text_stems):
-        found = _check_sample(root, stem, fewest, most)
+        found = _check_sample(root, stem, multiple, fewest, most)
         if isinstance(found, PairSample):
             samples.append(
                 attrs.evolve(
                     found,
-                    control_sizes=tuple(fit_size(*image_size(c), max_pixels) for c in found.controls),
-                    target_size=fit_size(*image_size(found.target), max_pixels),
+                    control_sizes=tuple(fit_size(*image_size(c), max_pixels, multiple) for c in found.controls),
+                    target_size=fit_size(*image_size(found.target), max_pixels, multiple),
                 )
             )
         else:
@@ -198,7 +206,7 @@ def _base_stem(stem: str, stems: set[str], targets: Path) -> str:
     return stem
 
 
-def _check_sample(root: Path, stem: str, fewest: int = 1, most: int = 1) -> PairSample | list[str]:
+def _check_sample(root: Path, stem: str, multiple: int, fewest: int = 1, most: int = 1) -> PairSample | list[str]:
     """The sample named ``stem`` with its ``fewest``..``most`` control images, or its problems."""
     controls, targets = root / "control_images", root / "training_images"
     names = [stem] + [f"{stem}_control_{i}" for i in range(1, most)]
@@ -225,7 +233,7 @@ def _check_sample(root: Path, stem: str, fewest: int = 1, most: int = 1) -> Pair
         elif len(found) > 1:
             problems.append(f"{found[0]}: sample '{stem}' has several images ({', '.join(p.name for p in found)})")
         else:
-            bad = _image_problem(found[0])
+            bad = _image_problem(found[0], multiple)
             if bad:
                 problems.append(f"{found[0]}: {bad}")
     prompt = ""
@@ -254,13 +262,16 @@ def _check_sample(root: Path, stem: str, fewest: int = 1, most: int = 1) -> Pair
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """Resize (Lanczos) to ``size`` = (w, h) and map to [−1, 1] exactly as FluxKontextPipeline does.
 
+    ``size`` is already a multiple of the model's factor (:func:`fit_size`); the processor rounds
+    nothing more (its ``vae_scale_factor`` only floors sizes).
+
     Returns:
         [1, 3, h, w] float32.
     """
     from diffusers.image_processor import VaeImageProcessor
 
     w, h = size
-    proc = VaeImageProcessor(vae_scale_factor=MULTIPLE)
+    proc = VaeImageProcessor(vae_scale_factor=1)
     tensor: torch.Tensor = proc.preprocess(proc.resize(image, h, w), h, w)
     # contiguous: the processor returns a channels-last view, and convolutions pick other kernels
     # (with other rounding) for it, which would make cached and freshly encoded latents differ
@@ -272,7 +283,7 @@ def to_image(decoded: torch.Tensor) -> Any:
     float32 in [0, 1] (the inverse of :func:`image_to_tensor`)."""
     from diffusers.image_processor import VaeImageProcessor
 
-    return VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(decoded, output_type="np")[0]
+    return VaeImageProcessor(vae_scale_factor=1).postprocess(decoded, output_type="np")[0]
 
 
 def to_pil(image: Any) -> Image.Image:

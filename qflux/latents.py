@@ -6,7 +6,27 @@ A latent image [B, C, h, w] becomes a token sequence [B, (h/2)·(w/2), 4C]: each
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+
+PATCH = 2
+"""Latent pixels per token along each side (the 2×2 packing)."""
+
+
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """Image pixels per latent pixel along each side, from the VAE's config as the diffusers
+    pipelines compute it: 2^len(temperal_downsample) for the QwenImage VAE, 2^(len(block_out_channels) − 1)
+    for ``AutoencoderKL`` (8 for FLUX.1 and Qwen-Image)."""
+    if "temperal_downsample" in vae_config:
+        return int(2 ** len(vae_config["temperal_downsample"]))
+    return int(2 ** (len(vae_config["block_out_channels"]) - 1))
+
+
+def size_multiple(vae_config: Mapping[str, Any]) -> int:
+    """What image sides must be a multiple of: the VAE factor × the 2×2 packing (16 for FLUX.1)."""
+    return PATCH * vae_scale_factor(vae_config)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

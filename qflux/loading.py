@@ -28,6 +28,18 @@ def component_folder(model_path: str | Path, subfolder: str, *, pipeline: str) -
     return resolve_model_dir(str(model_path), [subfolder], pipeline=pipeline)
 
 
+def component_config(model_dir: str | Path, subfolder: str) -> dict[str, Any]:
+    """A component's ``config.json`` (read without loading the component: sizes, factors)."""
+    import json
+
+    path = Path(model_dir) / subfolder / "config.json"
+    try:
+        config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QfluxError(f"could not read '{path}': {e}") from None
+    return config
+
+
 def frozen(module: Any, device: str | torch.device) -> Any:
     """``module`` without gradients, in eval mode, on ``device`` (4-bit layers sharing their
     constant code tables: :func:`qflux.quantize.share_code_tables`)."""

@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from qflux.config import LoraConfig
 from qflux.errors import QfluxError
+from qflux.lora_formats import Delta, Naming
 
 Params = dict[str, torch.Tensor]
 
@@ -110,26 +111,70 @@ def save_lora(
     return out / LORA_WEIGHT_NAME
 
 
-def load_lora_file(transformer: Any, path: str | Path, *, pipeline_cls: Any) -> None:
-    """Load a LoRA file into ``transformer`` as its active adapter (for predict).
+def read_lora(transformer: Any, path: str | Path, *, naming: Naming, pipeline_cls: Any, what: str) -> dict[str, Delta]:
+    """Each adapted module's update ΔW = B·A from a LoRA file in any format qflux writes or reads.
 
-    Any format the diffusers pipeline's ``lora_state_dict`` understands is accepted.
+    diffusers / peft, ComfyUI and kohya files are read by qflux's own converter
+    (:func:`qflux.lora_formats.split_lora`, the inverse of the ComfyUI export), at any model width; a
+    file in none of these spellings goes through the diffusers pipeline's ``lora_state_dict``.
+
+    Args:
+        naming: how the model's ComfyUI files name modules ("flux", "qwen").
+        pipeline_cls: the diffusers pipeline class (the fallback reader).
+        what: how the user gave the path, for messages (``--lora``, ``model.lora.pretrained_weight``).
+
+    Raises:
+        QfluxError: missing or unreadable file, a format nobody reads, or modules the model lacks.
+    """
+    from safetensors import safe_open
+
+    from qflux.lora_formats import layer_names, module_out_features, split_lora
+
+    p = Path(path)
+    if not p.is_file():
+        raise QfluxError(f"{what} '{p}' does not exist; give a .safetensors LoRA file")
+    try:
+        with safe_open(str(p), "pt") as f:
+            metadata = f.metadata()
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for a damaged or foreign file
+        raise QfluxError(f"{what} '{p}' is not a readable .safetensors file: {e}") from None
+    names = layer_names(transformer, naming)
+    try:
+        deltas, unknown = split_lora(sd, metadata, names, module_out_features(transformer))
+        if not deltas and not unknown:  # another spelling: diffusers knows more of them
+            found = pipeline_cls.lora_state_dict(str(p))
+            deltas, unknown = split_lora(
+                found[0] if isinstance(found, tuple) else found, None, names, module_out_features(transformer)
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise QfluxError(f"{what} '{p}' is not a LoRA this model reads: {e}") from None
+    if unknown:
+        raise QfluxError(
+            f"{what} '{p}' adapts {len(unknown)} module(s) this model does not have (first: {unknown[0]}): "
+            "it was trained for another model"
+        )
+    if not deltas:
+        raise QfluxError(f"{what} '{p}' holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up)")
+    return deltas
+
+
+def load_lora_file(transformer: Any, path: str | Path, *, naming: Naming, pipeline_cls: Any) -> None:
+    """Load a LoRA file into ``transformer`` as its active adapter (for predict): any format
+    :func:`read_lora` reads, each module at its own rank with its scale folded into B.
 
     Raises:
         QfluxError: the file is missing or holds no LoRA for this transformer.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise QfluxError(f"LoRA file '{p}' does not exist; pass --lora=PATH to a .safetensors file")
-    try:
-        state_dict, alphas, metadata = pipeline_cls.lora_state_dict(
-            str(p), return_alphas=True, return_lora_metadata=True
-        )
-        pipeline_cls.load_lora_into_transformer(
-            state_dict, network_alphas=alphas, transformer=transformer, metadata=metadata
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise QfluxError(f"could not load LoRA '{p}' into the transformer: {e}") from None
+    deltas = read_lora(transformer, path, naming=naming, pipeline_cls=pipeline_cls, what="--lora")
+    sd = {}
+    for module, (a, b) in deltas.items():
+        sd[f"transformer.{module}.lora_A.weight"] = a
+        sd[f"transformer.{module}.lora_B.weight"] = b
+    try:  # no alphas: diffusers gives every module α = its rank (scale 1), B carries the scale
+        transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=ADAPTER)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise QfluxError(f"could not load LoRA '{path}' into the transformer: {e}") from None
 
 
 COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
@@ -147,7 +192,7 @@ def save_lora_comfyui(
     lora: Mapping[str, torch.Tensor],
     *,
     dtype: torch.dtype,
-    naming: str = "flux",
+    naming: Naming = "flux",
 ) -> Path:
     """Write ``<out_dir>/pytorch_lora_weights_comfyui.safetensors`` in ComfyUI's native naming
     (:func:`qflux.lora_formats.flux_to_comfyui`).
@@ -157,13 +202,13 @@ def save_lora_comfyui(
     """
     from safetensors.torch import save_file
 
-    from qflux.lora_formats import bfl_target, flux_to_comfyui, module_out_features, same_module
+    from qflux.lora_formats import NAMINGS, flux_to_comfyui, module_out_features
 
     sd = flux_to_comfyui(
         lora_to_diffusers(transformer, lora, torch.float32),
         scale=lora_scale(transformer),
         out_features=module_out_features(transformer),
-        target_of=bfl_target if naming == "flux" else same_module,
+        target_of=NAMINGS[naming],
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,13 +218,12 @@ def save_lora_comfyui(
 
 
 def lora_from_file(
-    transformer: Any, path: str | Path, init: Mapping[str, torch.Tensor], *, pipeline_cls: Any
+    transformer: Any, path: str | Path, init: Mapping[str, torch.Tensor], *, naming: Naming, pipeline_cls: Any
 ) -> Params:
-    """The adapter tensors of a LoRA file (diffusers, ComfyUI or kohya format), as our parameters.
+    """The adapter tensors of a LoRA file (any format :func:`read_lora` reads), as our parameters.
 
-    The pipeline's ``lora_state_dict`` converts any format it knows to diffusers keys; each module's
-    B is rescaled so that ΔW = (α/r)·B·A of our adapter equals the file's update. Modules of our
-    adapter that the file lacks keep their ``init`` tensors (ΔW = 0 at a fresh init).
+    Each module's B is rescaled so that ΔW = (α/r)·B·A of our adapter equals the file's update.
+    Modules of our adapter that the file lacks keep their ``init`` tensors (ΔW = 0 at a fresh init).
 
     Args:
         init: the adapter's fresh tensors (names and shapes to fill).
@@ -187,48 +231,27 @@ def lora_from_file(
     Raises:
         QfluxError: missing file, unreadable format, or modules / ranks that do not match the adapter.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise QfluxError(f"model.lora.pretrained_weight '{p}' does not exist; give a .safetensors LoRA file or null")
-    try:
-        sd, alphas, metadata = pipeline_cls.lora_state_dict(str(p), return_alphas=True, return_lora_metadata=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise QfluxError(f"model.lora.pretrained_weight '{p}' is not a LoRA this model reads: {e}") from None
-    file_scale = 1.0  # kohya / ComfyUI files come back with α/r folded into the weights
-    meta = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
-    if "lora_alpha" in meta and "r" in meta:  # diffusers files carry the peft config
-        file_scale = float(meta["lora_alpha"]) / float(meta["r"])
+    what = "model.lora.pretrained_weight"
+    deltas = read_lora(transformer, path, naming=naming, pipeline_cls=pipeline_cls, what=what)
     ours = lora_scale(transformer)
     out = dict(init)
-    unknown = []
-    for key, a in sd.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.removeprefix("transformer.").rsplit(".lora_A.", 1)[0]
+    outside = []
+    for module, (a, b) in deltas.items():
         name_a, name_b = f"{module}.lora_A.{ADAPTER}.weight", f"{module}.lora_B.{ADAPTER}.weight"
-        b = sd[key.replace(".lora_A.", ".lora_B.")]
-        scale = file_scale
-        if alphas and f"{key.rsplit('.lora_A.', 1)[0]}.alpha" in alphas:
-            scale = float(alphas[f"{key.rsplit('.lora_A.', 1)[0]}.alpha"]) / a.shape[0]
-        used = (b != 0).any(0)  # a part of a fused layer: only its own columns of up are non-zero
-        if not used.any():
-            continue  # ΔW = 0 (e.g. proj_mlp of a fused linear1 that had no LoRA of its own)
         if name_a not in init:
-            unknown.append(module)
+            outside.append(module)
             continue
-        if a.shape[0] > init[name_a].shape[0] and int(used.sum()) == init[name_a].shape[0]:
-            a, b = a[used], b[:, used]
         if a.shape != init[name_a].shape or b.shape != init[name_b].shape:
             raise QfluxError(
-                f"model.lora.pretrained_weight '{p}': {module} has rank {a.shape[0]} (shapes {tuple(a.shape)}, "
-                f"{tuple(b.shape)}), the adapter {tuple(init[name_a].shape)}, {tuple(init[name_b].shape)}; "
-                "set model.lora.r to the file's rank"
+                f"{what} '{path}': {module} has rank {a.shape[0]} (shapes {tuple(a.shape)}, {tuple(b.shape)}), "
+                f"the adapter {tuple(init[name_a].shape)}, {tuple(init[name_b].shape)}; set model.lora.r to the "
+                "file's rank"
             )
-        out[name_a] = a.to(torch.float32).to(init[name_a].device)
-        out[name_b] = (b.to(torch.float32) * (scale / ours)).to(init[name_b].device)
-    if unknown:
+        out[name_a] = a.to(init[name_a].device)
+        out[name_b] = (b / ours).to(init[name_b].device)  # (α/r)·B_ours·A = B_file·A
+    if outside:
         raise QfluxError(
-            f"model.lora.pretrained_weight '{p}' adapts modules outside model.lora.target_modules "
-            f"(first: {unknown[0]}); add them to target_modules"
+            f"{what} '{path}' adapts modules outside model.lora.target_modules (first: {outside[0]}); add them "
+            "to target_modules"
         )
     return out

@@ -1,4 +1,4 @@
-"""LoRA files in other trainers' formats: ComfyUI's native Flux naming, kohya's, and back.
+"""LoRA files in other trainers' formats: ComfyUI's native naming, kohya's, and back.
 
 Our LoRA is diffusers' format: ``transformer.<module>.lora_A.weight`` [r, in] and ``lora_B.weight``
 [out, r] with the peft config (``lora_alpha``) in the metadata, applied as ΔW = (α/r)·B·A.
@@ -14,22 +14,32 @@ the same files through ``_convert_kohya_flux_lora_to_diffusers``):
 The original model fuses some diffusers layers: ``img_attn.qkv`` = [to_q; to_k; to_v] and a single
 block's ``linear1`` = [to_q; to_k; to_v; proj_mlp]. A fused LoRA stacks the parts' ``down``
 matrices (rank r' = Σ r) and places each ``up`` on the block diagonal (zero rows for a part without
-a LoRA); α' = r'·(α/r) keeps the scale, so ΔW of every part is unchanged. Kohya files are the same
-tensors keyed ``lora_unet_<path with dots as underscores>``.
+a LoRA); α' = r'·(α/r) keeps the scale, so ΔW of every part is unchanged. The final modulation
+``norm_out.linear`` is BFL's ``final_layer.adaLN_modulation.1`` with its two output halves in the
+other order ([shift; scale] against diffusers' [scale; shift]), so ``up``'s halves are swapped.
+Kohya files are the same tensors keyed ``lora_unet_<path with dots as underscores>``.
 
 ComfyUI's Qwen-Image model uses diffusers' own module names, so a Qwen-Image-Edit LoRA keeps its
 names under ``diffusion_model.`` (:func:`same_module`), nothing fused.
+
+Reading (:func:`split_lora`) is the inverse for any of these spellings, at any model width: each
+file module becomes its diffusers modules' (A, B) with the file's scale folded into B.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 Params = dict[str, torch.Tensor]
+Delta = tuple[torch.Tensor, torch.Tensor]
+"""(A [r, in], B [out, r]) of one module with the file's scale folded into B: ΔW = B·A."""
+Target = tuple[str, int, int]
+"""(ComfyUI module, part, parts) of a diffusers module."""
 
 # diffusers module (inside a double block) → (BFL module, part index, number of parts)
 _DOUBLE = {
@@ -66,7 +76,10 @@ _TOP = {
     "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
     "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
     "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
 }
+SWAPPED = frozenset({"final_layer.adaLN_modulation.1"})
+"""BFL modules whose output halves are in the other order than diffusers' (shift, scale)."""
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
@@ -97,6 +110,28 @@ def _split_modules(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
 def same_module(module: str) -> tuple[str, int, int]:
     """(module, 0, 1): ComfyUI names the module as diffusers does (Qwen-Image)."""
     return module, 0, 1
+
+
+Naming = Literal["flux", "qwen"]
+NAMINGS: dict[str, Callable[[str], Target]] = {"flux": bfl_target, "qwen": same_module}
+"""How each model's ComfyUI file names a diffusers module."""
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """[a; b] → [b; a] along dim 0 (diffusers' scale/shift ↔ BFL's shift/scale; its own inverse)."""
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def unconvertible(modules: list[str], naming: Naming) -> list[str]:
+    """The diffusers module paths among ``modules`` that have no ComfyUI name under ``naming``."""
+    out = []
+    for m in modules:
+        try:
+            NAMINGS[naming](m)
+        except ValueError:
+            out.append(m)
+    return out
 
 
 def flux_to_comfyui(
@@ -146,6 +181,8 @@ def flux_to_comfyui(
                     up[row : row + b.shape[0], col : col + b.shape[1]] = b
                     col += b.shape[1]
                 row += widths[p]
+        if target in SWAPPED:
+            up = _swap_halves(up)
         rank = down.shape[0]
         key = f"diffusion_model.{target}"
         out[f"{key}.lora_down.weight"] = down.contiguous()
@@ -186,3 +223,116 @@ def module_out_features(transformer: Any) -> Callable[[str], int]:
         return int(getattr(m, "out_features", None) or m.base_layer.out_features)
 
     return width
+
+
+_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight"))
+_PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
+_KOHYA = "lora_unet_"
+
+
+def layer_names(transformer: Any, naming: Naming) -> dict[str, list[Target]]:
+    """Every name a LoRA file may give a linear layer of ``transformer`` → the diffusers modules it
+    covers, as (module, part, parts): diffusers' own paths, and the ComfyUI names of ``naming``
+    (a fused BFL layer lists all its parts). Built from the model, so it holds at any width and depth."""
+    names: dict[str, list[Target]] = {}
+    for path, m in transformer.named_modules():
+        if not isinstance(m, torch.nn.Linear) or ".lora_" in path:
+            continue
+        module = path.removesuffix(".base_layer")
+        names[module] = [(module, 0, 1)]
+        try:
+            target, part, parts = NAMINGS[naming](module)
+        except ValueError:
+            continue
+        if target != module:
+            names.setdefault(target, []).append((module, part, parts))
+    return names
+
+
+def _peft_scale(metadata: Mapping[str, str] | None) -> Callable[[str, int], float]:
+    """``scale(module, rank)`` from the peft config diffusers writes in a file's metadata
+    (α/r, α/√r with rsLoRA, per-module α from ``alpha_pattern``); 1 without one (peft's α = r)."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()} if raw else {}
+
+    def scale(module: str, rank: int) -> float:
+        if cfg.get("lora_alpha") is None:
+            return 1.0
+        alpha = float(cfg["lora_alpha"])
+        for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+                alpha = float(value)
+        return alpha / rank**0.5 if cfg.get("use_rslora") else alpha / rank
+
+    return scale
+
+
+def split_lora(
+    sd: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None,
+    names: Mapping[str, list[Target]],
+    out_features: Callable[[str], int],
+) -> tuple[dict[str, Delta], list[str]]:
+    """Read a LoRA state dict of any spelling (diffusers / peft ``lora_A``·``lora_B``, ComfyUI or kohya
+    ``lora_down``·``lora_up``·``alpha``) into each diffusers module's update, the inverse of
+    :func:`flux_to_comfyui`.
+
+    A fused file module is split into its parts' row blocks; a part keeps only the columns of ``up``
+    that are non-zero in its rows (our block-diagonal export: its own rank), and a part whose rows are
+    all zero has no update. The scale is the file's: ``.alpha``/rank, else the peft config in the
+    metadata (:func:`_peft_scale`), else 1.
+
+    Args:
+        names: :func:`layer_names` of the model.
+        out_features: width of a diffusers module (:func:`module_out_features`).
+
+    Returns:
+        ({diffusers module: (A [r, in], B [out, r]) float32 with ΔW = B·A}, file modules the model lacks).
+
+    Raises:
+        ValueError: a fused module whose ``up`` does not have the parts' total width.
+    """
+    kohya = {n.replace(".", "_"): n for n in names}
+    peft_scale = _peft_scale(metadata)
+    deltas: dict[str, Delta] = {}
+    unknown: list[str] = []
+    for key, down in sd.items():
+        pair = next(((d, u) for d, u in _PAIRS if key.endswith(d)), None)
+        if pair is None:
+            continue
+        stem = key[: -len(pair[0])]
+        up = sd[stem + pair[1]]
+        alpha = sd.get(stem + ".alpha")
+        name = stem
+        if name.startswith(_KOHYA):
+            name = kohya.get(name.removeprefix(_KOHYA), name.removeprefix(_KOHYA))
+        name = next((name.removeprefix(p) for p in _PREFIXES if name.startswith(p)), name)
+        targets = names.get(name)
+        if not targets:
+            unknown.append(name)
+            continue
+        rank = down.shape[0]
+        scale = float(alpha) / rank if alpha is not None else peft_scale(name, rank)
+        if name in SWAPPED:
+            up = _swap_halves(up)
+        if len(targets) == 1 and targets[0][2] == 1:
+            deltas[targets[0][0]] = (down.float(), up.float() * scale)
+            continue
+        by_part = {part: module for module, part, _ in targets}
+        widths = [out_features(by_part[p]) for p in range(targets[0][2])]
+        if up.shape[0] != sum(widths):
+            raise ValueError(
+                f"{name}: lora_up has {up.shape[0]} rows; the model's parts have {'+'.join(map(str, widths))}"
+            )
+        row = 0
+        for part, width in enumerate(widths):
+            b = up[row : row + width]
+            row += width
+            used = (b != 0).any(0)
+            if not used.any():
+                continue  # ΔW = 0 for this part (e.g. proj_mlp of a fused linear1 without a LoRA of its own)
+            a = down
+            if not used.all():
+                a, b = down[used], b[:, used]
+            deltas[by_part[part]] = (a.float(), b.float() * scale)
+    return deltas, unknown

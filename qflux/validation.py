@@ -30,8 +30,11 @@ class ValidationSet:
     has_target: list[bool]
 
 
-def validation_set(cfg: ValidationConfig, train_dataset_path: str, max_pixels: int | None) -> ValidationSet:
-    """Resolve and check the validation samples (before any model loads).
+def validation_set(
+    cfg: ValidationConfig, train_dataset_path: str, max_pixels: int | None, *, multiple: int
+) -> ValidationSet:
+    """Resolve and check the validation samples (before any model loads), sized like training's
+    (sides multiples of ``multiple``: :func:`qflux.latents.size_multiple`).
 
     Raises:
         QfluxError: no source configured, or a listed sample that is malformed or unreadable.
@@ -51,7 +54,7 @@ def validation_set(cfg: ValidationConfig, train_dataset_path: str, max_pixels: i
                 if not p.is_file():
                     raise QfluxError(f"validation.samples[{i}]: image '{p}' does not exist")
                 im = load_rgb(p)
-                sizes.append(fit_size(im.width, im.height, max_pixels))
+                sizes.append(fit_size(im.width, im.height, max_pixels, multiple))
             samples.append(PairSample(f"sample{i}", (control,), target, item[1], (sizes[0],), sizes[1]))
             has_target.append(len(item) == 3)
         return ValidationSet(samples, has_target)
@@ -64,7 +67,7 @@ def validation_set(cfg: ValidationConfig, train_dataset_path: str, max_pixels: i
             "validation.enabled is true but there are no validation samples: set validation.dataset_path to a "
             "folder in the training layout, or validation.samples to a list of [control, prompt(, target)]"
         )
-    found = scan_pairs(root, max_pixels)[: cfg.num_validation_samples]
+    found = scan_pairs(root, max_pixels, multiple=multiple)[: cfg.num_validation_samples]
     return ValidationSet(found, [True] * len(found))
 
 

@@ -30,7 +30,6 @@ from qflux.flux_kontext.loaders import COMPONENTS, PIPELINE, FluxKontextModels, 
 from qflux.flux_kontext.predict import denoise
 from qflux.flux_kontext.predict import predict as kontext_predict
 from qflux.flux_kontext.step import make_loss_fn
-from qflux.lora import save_lora_comfyui
 from qflux.train_state import LossFn
 from recipes import lora_loop
 from recipes.lora_loop import CachePath, DataPath, Family, RunResult
@@ -75,14 +74,13 @@ def _preview(
     cfg: FluxKontextConfig, models: FluxKontextModels, cond: Conditioning, lora: Any, steps: int
 ) -> torch.Tensor:
     """Denoise one sample's conditioning at its target size (guidance as in training, no true CFG)."""
-    h, w = cond.latents.shape[-2:]
     return denoise(
         models.transformer,
         models.scheduler.config,
         cond.controls[0] if cond.controls else None,
         PromptEmbeds(pooled=cond.text["pooled"], tokens=cond.text["tokens"]),
         None,
-        size=(8 * h, 8 * w),
+        latent_hw=(cond.latents.shape[-2], cond.latents.shape[-1]),
         num_inference_steps=steps,
         guidance_scale=cfg.train.guidance_scale,
         seed=cfg.seed,
@@ -105,7 +103,7 @@ FAMILY = Family(
     to_batch=to_batch,
     preview=_preview,
     decode=vae_decode,
-    save_comfyui=save_lora_comfyui,
+    naming="flux",
 )
 
 

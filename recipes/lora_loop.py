@@ -35,8 +35,10 @@ from qflux.distributed import World, all_reduce_sum, any_rank, barrier, init_wor
 from qflux.errors import QfluxError
 from qflux.fp8 import check_fp8_device
 from qflux.frozen_linear import prepare_frozen_base
-from qflux.loading import torch_dtype
-from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, lora_from_file, save_lora
+from qflux.latents import size_multiple
+from qflux.loading import component_config, torch_dtype
+from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, lora_from_file, save_lora, save_lora_comfyui
+from qflux.lora_formats import Naming
 from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.quantize import needs_autograd_engine
@@ -135,8 +137,9 @@ class Family:
     conditioning at its target size, with a fixed seed (validation, sample.png)."""
     decode: Callable[[Any, torch.Tensor], torch.Tensor]
     """``decode(vae, latents) → images`` [1, 3, H, W] in [-1, 1]."""
-    save_comfyui: Callable[..., Path]
-    """``save_comfyui(out_dir, transformer, lora, dtype=...)`` writes the ComfyUI LoRA file."""
+    naming: Naming
+    """How the model's ComfyUI LoRA files name modules (written at the end, read by ``--lora`` and
+    ``model.lora.pretrained_weight``)."""
 
 
 @attrs.frozen(eq=False)
@@ -161,11 +164,22 @@ def model_dir(family: Family, cfg: Any) -> Path:
     return resolve_model_dir(name, family.components, pipeline=family.pipeline)
 
 
-def samples_of(family: Family, cfg: Any) -> list[PairSample]:
-    """The checked dataset (before any model loads)."""
+def image_multiple(path: Path) -> int:
+    """What image sides are multiples of for the model in ``path``: its VAE factor × 2, from the
+    VAE's config (:func:`qflux.latents.size_multiple`)."""
+    return size_multiple(component_config(path, "vae"))
+
+
+def samples_of(family: Family, cfg: Any, path: Path) -> list[PairSample]:
+    """The checked dataset, sized for the model in ``path`` (before any model loads)."""
     root = resolve_dataset_path(cfg.data.dataset_path)
     return scan_pairs(
-        root, cfg.data.max_pixels, skip_invalid=cfg.data.skip_invalid, warn=tqdm.write, controls=family.controls(cfg)
+        root,
+        cfg.data.max_pixels,
+        multiple=image_multiple(path),
+        skip_invalid=cfg.data.skip_invalid,
+        warn=tqdm.write,
+        controls=family.controls(cfg),
     )
 
 
@@ -181,7 +195,7 @@ def predict_models(family: Family, cfg: Any, lora: str | None) -> Any:
     dtype = torch_dtype(cfg.model.dtype)
     models = family.load(model_dir(family, cfg), dtype, devices=places, quantize=quantize_plan(cfg))
     if lora is not None:
-        load_lora_file(models.transformer, lora, pipeline_cls=family.pipeline_cls())
+        load_lora_file(models.transformer, lora, naming=family.naming, pipeline_cls=family.pipeline_cls())
     return models
 
 
@@ -313,7 +327,8 @@ def run(family: Family, cfg: Any) -> RunResult:
 
 def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunResult:
     out, tr, opt, sch = Path(cfg.logging.output_dir), cfg.train, cfg.optimizer, cfg.lr_scheduler
-    samples, path = samples_of(family, cfg), model_dir(family, cfg)
+    path = model_dir(family, cfg)
+    samples = samples_of(family, cfg, path)
     mode = resolve_compile(tr.compile, device)
     if world.size > 1 and mode == "full":
         raise QfluxError("train.compile: true cannot run under torchrun (collectives in the graph); use regional")
@@ -326,7 +341,7 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
         )
     vset = None
     if cfg.validation.enabled:
-        vset = validation_set(cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels)
+        vset = validation_set(cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels, multiple=image_multiple(path))
     if world.is_main:
         for partial_dir in remove_partial(out):
             print(f"removed '{partial_dir}', left by a checkpoint write that was interrupted")
@@ -336,7 +351,13 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
         transformer.enable_gradient_checkpointing()
     lora0 = inject_lora(transformer, cfg.model.lora, seed=cfg.seed)
     if cfg.model.lora.pretrained_weight is not None:
-        lora0 = lora_from_file(transformer, cfg.model.lora.pretrained_weight, lora0, pipeline_cls=family.pipeline_cls())
+        lora0 = lora_from_file(
+            transformer,
+            cfg.model.lora.pretrained_weight,
+            lora0,
+            naming=family.naming,
+            pipeline_cls=family.pipeline_cls(),
+        )
     prepare_frozen_base(transformer, fp8_matmul=tr.fp8_matmul, device=device, compile_mode=mode)
     sharded = world.size > 1 and tr.distributed == "fsdp"
     if sharded:
@@ -467,7 +488,7 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
     if not stopped:
         save_dtype = torch_dtype(tr.save_dtype)
         if world.is_main and tr.lora_format in ("comfyui", "both"):
-            lora_path = family.save_comfyui(out, transformer, state.lora, dtype=save_dtype)
+            lora_path = save_lora_comfyui(out, transformer, state.lora, dtype=save_dtype, naming=family.naming)
         if world.is_main and tr.lora_format in ("diffusers", "both"):
             lora_path = save_lora(out, transformer, state.lora, dtype=save_dtype, pipeline_cls=pipeline_cls)
         if world.is_main:
@@ -567,7 +588,8 @@ def fill(family: Family, cfg: Any) -> CacheReport:
     Under torchrun, each rank computes every world-th sample (rank 0 reports its own share)."""
     world = init_world(resolve_device(cfg.cache.vae_encoder_device, key="cache.vae_encoder_device").type)
     with quiet_unless(world.is_main):
-        return _fill(family, cfg, samples_of(family, cfg), model_dir(family, cfg), world)
+        path = model_dir(family, cfg)
+        return _fill(family, cfg, samples_of(family, cfg, path), path, world)
 
 
 def _fill(family: Family, cfg: Any, samples: list[PairSample], path: Path, world: World) -> CacheReport:

@@ -27,7 +27,6 @@ from qflux.config_parse import load_config
 from qflux.data import PairDataset, load_rgb
 from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
-from qflux.lora import save_lora_comfyui
 from qflux.qwen_image_edit import cache as qcache
 from qflux.qwen_image_edit.batch import (
     QwenPairDataset,
@@ -116,7 +115,7 @@ FAMILY = Family(
     to_batch=to_batch,
     preview=_preview,
     decode=vae_decode,
-    save_comfyui=partial(save_lora_comfyui, naming="qwen"),
+    naming="qwen",
 )
 
 

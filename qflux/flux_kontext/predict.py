@@ -15,17 +15,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qflux.data import MULTIPLE, image_to_tensor, to_image
+from qflux.data import image_to_tensor, to_image
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.flux_kontext.step import token_layout, velocity
+from qflux.latents import PATCH, size_multiple
 from qflux.quantize import compute_dtype
 from qflux.sampling import euler_scheduler, initial_noise
 
 
-def default_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of ``image`` floored to multiples of 16: the default output size."""
-    return max(MULTIPLE, image.width // MULTIPLE * MULTIPLE), max(MULTIPLE, image.height // MULTIPLE * MULTIPLE)
+def default_size(image: Image.Image, multiple: int) -> tuple[int, int]:
+    """(width, height) of ``image`` floored to multiples of ``multiple``: the default output size."""
+    return max(multiple, image.width // multiple * multiple), max(multiple, image.height // multiple * multiple)
 
 
 @torch.inference_mode()
@@ -48,17 +49,19 @@ def predict(
 
     Args:
         models: transformer, vae, encoders, tokenizers and scheduler.
-        image: the control image (RGB); resized to its own size floored to multiples of 16.
-        height, width: output size (multiples of 16 after flooring); default the control's size.
+        image: the control image (RGB); resized to its own size floored to multiples of the VAE
+            factor × 2 (16 for FLUX.1; :func:`qflux.latents.size_multiple`).
+        height, width: output size (floored to those multiples); default the control's size.
         lora: LoRA tensors to substitute into the transformer; None uses the module as it is.
             Components may sit on different devices; tensors move to where each one runs.
 
     Returns:
         The edited image, [height, width, 3] float32 in [0, 1].
     """
-    cw, ch = default_size(image)
-    width = (width or cw) // MULTIPLE * MULTIPLE
-    height = (height or ch) // MULTIPLE * MULTIPLE
+    multiple = size_multiple(models.vae.config)
+    cw, ch = default_size(image, multiple)
+    width = max(multiple, (width or cw) // multiple * multiple)
+    height = max(multiple, (height or ch) // multiple * multiple)
     dtype = compute_dtype(models.text_encoder_2)
     pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
@@ -71,7 +74,7 @@ def predict(
         control,
         pos,
         neg,
-        size=(height, width),
+        latent_hw=(PATCH * (height // multiple), PATCH * (width // multiple)),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale,
@@ -92,7 +95,7 @@ def denoise(
     prompt: PromptEmbeds,
     negative: PromptEmbeds | None,
     *,
-    size: tuple[int, int],
+    latent_hw: tuple[int, int],
     num_inference_steps: int,
     guidance_scale: float,
     true_cfg_scale: float = 1.0,
@@ -106,17 +109,16 @@ def denoise(
         control: control latents [1, C, hc, wc] (any device), or None.
         prompt, negative: embeddings of the prompt and, for true CFG (``true_cfg_scale`` > 1), the
             negative prompt; pooled [1, P], tokens [1, S, D].
-        size: (height, width) of the output image in pixels (multiples of 16).
+        latent_hw: (h, w) of the output latents (even; the image is the VAE factor times larger).
         noise_dtype: dtype of the initial noise (the pipeline draws it in the text encoder's dtype).
 
     Returns:
-        Final latents [1, C, height/8, width/8] on the transformer's device.
+        Final latents [1, C, h, w] on the transformer's device.
     """
-    height, width = size
     params = dict(lora or {})
     device, tdtype = transformer.device, compute_dtype(transformer)
     c = transformer.config.in_channels // 4
-    shape = (1, c, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE))
+    shape = (1, c, *latent_hw)
     latents = initial_noise(shape, seed, noise_dtype, device)
     scheduler = euler_scheduler(scheduler_config, num_inference_steps, (shape[2] // 2) * (shape[3] // 2), device)
     # true CFG evaluates both prompts as one batch of 2: [positive ; negative]

@@ -30,7 +30,7 @@ def vl_images(controls: Sequence[Path | Image.Image], variant: str) -> list[Imag
     """The vision-language inputs of a sample's control images (decoded when given as paths)."""
     from diffusers.image_processor import VaeImageProcessor
 
-    proc = VaeImageProcessor(vae_scale_factor=16)
+    proc = VaeImageProcessor(vae_scale_factor=1)  # only its PIL resize: sizes come from calculate_dimensions
     return [vl_image(c if isinstance(c, Image.Image) else load_rgb(c), variant, proc) for c in controls]
 
 

@@ -43,11 +43,6 @@ DROP_INDEX = 64
 """Tokens of the templated prompt dropped from the embedding (the system part), as the pipeline."""
 
 
-def vae_scale_factor(vae: Any) -> int:
-    """Pixels per latent along a side: 2^(number of downsampling stages) (8 for Qwen-Image)."""
-    return int(2 ** len(vae.temperal_downsample))
-
-
 @torch.no_grad()
 def encode_prompt(
     text_encoder: Any,

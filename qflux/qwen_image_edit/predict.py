@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from qflux.data import to_image
-from qflux.latents import pack_latents, unpack_latents
-from qflux.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode, vae_scale_factor
+from qflux.latents import PATCH, pack_latents, size_multiple, unpack_latents
+from qflux.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.qwen_image_edit.step import img_shapes, transformer_velocity
 from qflux.sampling import euler_scheduler, initial_noise
@@ -117,7 +117,7 @@ def predict(
     from diffusers.image_processor import VaeImageProcessor
 
     images = [image] if isinstance(image, Image.Image) else list(image)
-    multiple = vae_scale_factor(models.vae) * 2
+    multiple = size_multiple(models.vae.config)
     processor = VaeImageProcessor(vae_scale_factor=multiple)
     vl_images, pixels, _, (ow, oh) = control_inputs(images, variant, processor)
     height = (height or oh) // multiple * multiple
@@ -133,7 +133,7 @@ def predict(
         control,
         prompt_embeds,
         negative,
-        latent_hw=(2 * (height // multiple), 2 * (width // multiple)),
+        latent_hw=(PATCH * (height // multiple), PATCH * (width // multiple)),
         num_inference_steps=num_inference_steps,
         true_cfg_scale=true_cfg_scale,
         seed=seed,

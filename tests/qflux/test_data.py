@@ -19,7 +19,7 @@ from qflux.synthetic import make_synthetic_pairs
 
 @given(w=st.integers(1, 5000), h=st.integers(1, 5000), cap=st.one_of(st.none(), st.integers(256, 4_000_000)))
 def test_fit_size_properties(w: int, h: int, cap: int | None) -> None:
-    fw, fh = fit_size(w, h, cap)
+    fw, fh = fit_size(w, h, cap, 16)
     assert fw % 16 == 0 and fh % 16 == 0 and fw >= 16 and fh >= 16
     if w >= 16 and h >= 16:
         assert fw <= w and fh <= h
@@ -32,8 +32,8 @@ def test_fit_size_properties(w: int, h: int, cap: int | None) -> None:
 
 
 def test_fit_size_examples() -> None:
-    assert fit_size(70, 52, None) == (64, 48)
-    assert fit_size(2048, 1024, 1024 * 1024) == (1440, 720)
+    assert fit_size(70, 52, None, 16) == (64, 48)
+    assert fit_size(2048, 1024, 1024 * 1024, 16) == (1440, 720)
 
 
 def _write(path: Path, img: Image.Image) -> Path:
@@ -44,7 +44,7 @@ def _write(path: Path, img: Image.Image) -> Path:
 
 def test_scan_pairs_sorted_with_sizes(tmp_path: Path) -> None:
     make_synthetic_pairs(tmp_path, 5, seed=0)
-    samples = scan_pairs(tmp_path, None)
+    samples = scan_pairs(tmp_path, None, multiple=16)
     assert [s.name for s in samples] == [f"sample_{i:03d}" for i in range(5)]
     assert samples[0].target_size == (64, 64) and samples[1].target_size == (80, 48)
     assert samples[0].prompt == "invert the colors of the image"
@@ -56,7 +56,7 @@ def test_scan_pairs_lists_every_problem(tmp_path: Path) -> None:
     (tmp_path / "training_images" / "sample_001.txt").unlink()
     (tmp_path / "training_images" / "sample_002.txt").write_text("  \n")
     with pytest.raises(QfluxError) as info:
-        scan_pairs(tmp_path, None)
+        scan_pairs(tmp_path, None, multiple=16)
     msg = str(info.value)
     assert "3 problem(s)" in msg
     assert "control_images/sample_000.<png|jpg|jpeg|webp>: missing image for sample 'sample_000'" in msg
@@ -66,11 +66,11 @@ def test_scan_pairs_lists_every_problem(tmp_path: Path) -> None:
 
 def test_scan_pairs_layout_and_empty(tmp_path: Path) -> None:
     with pytest.raises(QfluxError, match="must contain control_images/ and training_images/"):
-        scan_pairs(tmp_path, None)
+        scan_pairs(tmp_path, None, multiple=16)
     (tmp_path / "control_images").mkdir()
     (tmp_path / "training_images").mkdir()
     with pytest.raises(QfluxError, match="holds no usable samples"):
-        scan_pairs(tmp_path, None)
+        scan_pairs(tmp_path, None, multiple=16)
 
 
 def test_load_rgb_composites_alpha_on_white_and_applies_exif(tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_image_tensor_matches_pipeline_preprocessing(flux_pipe) -> None:
 
 def test_batches_group_sizes_and_depend_only_on_seed_epoch(tmp_path: Path) -> None:
     make_synthetic_pairs(tmp_path, 11, seed=0)
-    samples = scan_pairs(tmp_path, None)
+    samples = scan_pairs(tmp_path, None, multiple=16)
     a = epoch_batches(samples, 2, seed=3, epoch=1, shuffle=True)
     assert a == epoch_batches(samples, 2, seed=3, epoch=1, shuffle=True)
     assert a != epoch_batches(samples, 2, seed=3, epoch=2, shuffle=True)

@@ -91,11 +91,11 @@ def test_each_problem_names_its_file(tmp_path: Path, kind: str) -> None:
     d = _data(tmp_path)
     named = BAD[kind](d)
     with pytest.raises(QfluxError) as info:
-        scan_pairs(d, None)
+        scan_pairs(d, None, multiple=16)
     msg = str(info.value)
     assert "1 problem(s)" in msg and str(named) in msg
     warnings: list[str] = []
-    kept = scan_pairs(d, None, skip_invalid=True, warn=warnings.append)
+    kept = scan_pairs(d, None, multiple=16, skip_invalid=True, warn=warnings.append)
     assert [s.name for s in kept] == ["sample_000", "sample_002"]
     assert len(warnings) == 1 and str(named) in warnings[0]
 
@@ -104,12 +104,12 @@ def test_empty_dataset(tmp_path: Path) -> None:
     (tmp_path / "control_images").mkdir()
     (tmp_path / "training_images").mkdir()
     with pytest.raises(QfluxError, match="holds no usable samples"):
-        scan_pairs(tmp_path, None)
+        scan_pairs(tmp_path, None, multiple=16)
     d = _data(tmp_path / "x")
     for p in (d / "control_images").iterdir():
         p.unlink()
     with pytest.raises(QfluxError, match="holds no usable samples"):
-        scan_pairs(d, None, skip_invalid=True, warn=lambda _: None)
+        scan_pairs(d, None, multiple=16, skip_invalid=True, warn=lambda _: None)
 
 
 def _rgb_array(h: int = 20, w: int = 24) -> np.ndarray:
@@ -163,5 +163,5 @@ def test_odd_modes_pass_validation(tmp_path: Path) -> None:
     img.convert("CMYK").save(d / "control_images" / "sample_000.jpg")
     (d / "control_images" / "sample_000.png").unlink()
     Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(d / "training_images" / "sample_000.png")
-    samples = scan_pairs(d, None)
+    samples = scan_pairs(d, None, multiple=16)
     assert [s.name for s in samples] == ["sample_000", "sample_001", "sample_002"]

@@ -69,7 +69,7 @@ def resolve_model(trained) -> str:
 
 
 def test_heldout_loss_drops(trained) -> None:
-    held = scan_pairs(resolve_dataset_path("builtin:synthetic", heldout=True), None)
+    held = scan_pairs(resolve_dataset_path("builtin:synthetic", heldout=True), None, multiple=16)
     batches = fixed_eval_batches(trained.config, trained.models, held)
     loss_fn = make_loss_fn(trained.models.transformer, guidance_scale=2.5, weighting_scheme="none")
     before = evaluate_loss(loss_fn, trained.initial_lora, batches).item()
@@ -103,7 +103,7 @@ def test_cli_rejects_unknown_key_without_traceback(tmp_path: Path) -> None:
 
 def test_predict_cli_with_lora(trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = Path(trained.config.logging.output_dir)
-    held = scan_pairs(resolve_dataset_path("builtin:synthetic", heldout=True), None)
+    held = scan_pairs(resolve_dataset_path("builtin:synthetic", heldout=True), None, multiple=16)
     edited = tmp_path / "edited.png"
     main(
         [

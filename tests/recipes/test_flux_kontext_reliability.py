@@ -232,7 +232,7 @@ def test_writes_stay_inside_output_and_cache_dirs(tmp_path: Path, tiny_flux_dir:
         (d / "training_images" / f"{name}.txt").write_text("invert\n")
     from qflux.data import scan_pairs
 
-    assert {s.name for s in scan_pairs(d, None)} == {"..evil", "[x]* y", "sample_000", "sample_001"}
+    assert {s.name for s in scan_pairs(d, None, multiple=16)} == {"..evil", "[x]* y", "sample_000", "sample_001"}
     before = {p for p in tmp_path.rglob("*")}
     out, cache = tmp_path / "box" / "out", tmp_path / "box" / "cache"
     result = run(

@@ -87,7 +87,7 @@ def test_edit_first_losses_are_pinned_and_the_lora_loads(edit_dir: Path, tmp_pat
 
 def test_edit_plus_with_two_controls_and_none(plus_dir: Path, tmp_path: Path) -> None:
     data = plus_pairs(tmp_path / "data")
-    samples = scan_pairs(data, None, controls=(0, 3))
+    samples = scan_pairs(data, None, multiple=16, controls=(0, 3))
     assert [len(s.controls) for s in samples] == [2, 2, 0, 0, 1, 1]
     more = {"model.variant": "edit_plus", "data.dataset_path": str(data), "data.batch_size": 1,
             "data.shuffle": False, "train.max_train_steps": 6}  # fmt: skip
@@ -146,7 +146,7 @@ def test_dataset_errors_name_the_control_files(tmp_path: Path) -> None:
     shutil.copy(controls / "sample_000.png", controls / "sample_000_control_2.png")  # no _control_1
     shutil.copy(controls / "sample_001.png", controls / "sample_001_control_3.png")  # a 4th image
     with pytest.raises(QfluxError) as info:
-        scan_pairs(data, None, controls=(0, 3))
+        scan_pairs(data, None, multiple=16, controls=(0, 3))
     message = str(info.value)
     assert "sample_000_control_1.<png|jpg|jpeg|webp>: missing" in message
     assert "sample_001_control_3.png: sample 'sample_001' has more than 3 control images" in message
@@ -155,4 +155,4 @@ def test_dataset_errors_name_the_control_files(tmp_path: Path) -> None:
     (controls / "sample_001_control_3.png").unlink()
     (controls / "sample_001.png").unlink()
     with pytest.raises(QfluxError, match=r"sample_001\.<png\|jpg\|jpeg\|webp>: missing image"):
-        scan_pairs(data, None)
+        scan_pairs(data, None, multiple=16)

@@ -27,7 +27,7 @@ def _cfg(caption: float, image: float, **train: object) -> FluxKontextConfig:
 
 def _raw(tmp_path: Path) -> dict:
     make_synthetic_pairs(tmp_path, 4, seed=0)
-    samples = scan_pairs(tmp_path, None)
+    samples = scan_pairs(tmp_path, None, multiple=16)
     ds = PairDataset(samples)
     return collate_pairs([ds[0], ds[2]])  # two 64×64 samples
 

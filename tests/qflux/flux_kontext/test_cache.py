@@ -96,7 +96,7 @@ def test_same_prompt_different_controls_share_only_image_independent_entries(
 ) -> None:
     from qflux.data import scan_pairs
 
-    samples = scan_pairs(dataset, None)
+    samples = scan_pairs(dataset, None, multiple=16)
     a, b = (s for s in samples if s.name in ("sample_000", "sample_002"))
     assert a.prompt == b.prompt
     spec = kcache.cache_spec(tiny_flux_dir, "float32", 16)
@@ -129,7 +129,7 @@ def test_entry_damaged_during_training_stops_with_its_name(dataset: Path, tmp_pa
     cfg = _cfg(dataset, tmp_path / "cache", tiny_flux_dir)
     fill(cfg)
     spec = kcache.cache_spec(tiny_flux_dir, "float32", 16)
-    entries = kcache.sample_entries(spec, tmp_path / "cache", scan_pairs(dataset, None))
+    entries = kcache.sample_entries(spec, tmp_path / "cache", scan_pairs(dataset, None, multiple=16))
     entries[0].control.path.write_bytes(b"garbage")
     with pytest.raises(QfluxError, match=r"cache entry unusable during training: .*control_latent.*rerun the cache"):
         kcache.cached_dataset(entries)[0]

@@ -153,7 +153,7 @@ def test_pretrained_weight_reads_every_format_to_the_same_adapter(tiny_flux_dir:
     path = {"diffusers": out / "pytorch_lora_weights.safetensors", "comfyui": comfy, "kohya": kohya}[kind]
     tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     init = inject_lora(tr, LoraConfig(r=4, lora_alpha=8, target_modules=ROUND_TRIP), seed=5)
-    got = lora_from_file(tr, path, init, pipeline_cls=FluxKontextPipeline)
+    got = lora_from_file(tr, path, init, naming="flux", pipeline_cls=FluxKontextPipeline)
     scale = lora_scale(tr)
     for name in lora:
         if ".lora_A." in name:
@@ -168,10 +168,58 @@ def test_pretrained_weight_errors_name_the_file_and_the_fix(tiny_flux_dir: Path,
     tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     init = inject_lora(tr, LoraConfig(r=2, lora_alpha=2, target_modules=ROUND_TRIP), seed=0)
     with pytest.raises(QfluxError, match=r"has rank 4.*set model\.lora\.r"):
-        lora_from_file(tr, out / "pytorch_lora_weights.safetensors", init, pipeline_cls=FluxKontextPipeline)
+        lora_from_file(
+            tr, out / "pytorch_lora_weights.safetensors", init, naming="flux", pipeline_cls=FluxKontextPipeline
+        )
     with pytest.raises(QfluxError, match="does not exist"):
-        lora_from_file(tr, tmp_path / "nope.safetensors", init, pipeline_cls=FluxKontextPipeline)
+        lora_from_file(tr, tmp_path / "nope.safetensors", init, naming="flux", pipeline_cls=FluxKontextPipeline)
     narrow = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
     init = inject_lora(narrow, LoraConfig(r=4, lora_alpha=8, target_modules=("to_out.0",)), seed=0)
     with pytest.raises(QfluxError, match=r"outside model\.lora\.target_modules"):
-        lora_from_file(narrow, out / "pytorch_lora_weights.safetensors", init, pipeline_cls=FluxKontextPipeline)
+        lora_from_file(
+            narrow, out / "pytorch_lora_weights.safetensors", init, naming="flux", pipeline_cls=FluxKontextPipeline
+        )
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "comfyui", "kohya"])
+def test_every_module_reads_back_at_a_width_the_real_model_does_not_have(tmp_path: Path, kind: str) -> None:
+    """Every Flux module kind (the final modulation too, whose halves BFL orders shift-first) through
+    each format and qflux's own reader, on a transformer of width 48 and head dim 24."""
+    from qflux.lora import read_lora
+    from qflux.tiny import build_flux_kontext
+
+    odd = {"transformer": {"attention_head_dim": 24, "axes_dims_rope": (4, 10, 10)}}
+    folder = build_flux_kontext(tmp_path / "odd", overrides=odd)
+    tr = load_flux_kontext_transformer(folder, torch.float32)
+    lora = _trained(tr, (*ALL, "norm_out.linear"))
+    save_lora(tmp_path, tr, lora, dtype=torch.float32, pipeline_cls=FluxKontextPipeline)
+    comfy = save_lora_comfyui(tmp_path, tr, lora, dtype=torch.float32)
+    assert "diffusion_model.final_layer.adaLN_modulation.1.lora_up.weight" in load_file(comfy)
+    save_file(comfyui_to_kohya(load_file(comfy)), str(tmp_path / "kohya.safetensors"))
+    path = {"diffusers": tmp_path / "pytorch_lora_weights.safetensors", "comfyui": comfy,
+            "kohya": tmp_path / "kohya.safetensors"}[kind]  # fmt: skip
+    deltas = read_lora(tr, path, naming="flux", pipeline_cls=FluxKontextPipeline, what="--lora")
+    scale = lora_scale(tr)
+    modules = {k.split(".lora_A.")[0] for k in lora if ".lora_A." in k}
+    assert set(deltas) == modules
+    for m in modules:
+        a, b = lora[f"{m}.lora_A.default.weight"], lora[f"{m}.lora_B.default.weight"]
+        torch.testing.assert_close(deltas[m][1].double() @ deltas[m][0].double(), _delta(a, b, scale))
+
+
+def test_bfl_modulation_halves_are_shift_then_scale(tiny_flux_dir: Path) -> None:
+    """diffusers' norm_out.linear gives [scale; shift], BFL's final_layer.adaLN_modulation.1
+    [shift; scale] (diffusers' own swap_scale_shift): the exported ΔW is the swapped one."""
+    from diffusers.loaders.lora_conversion_utils import swap_scale_shift
+
+    tr = load_flux_kontext_transformer(tiny_flux_dir, torch.float32)
+    lora = _trained(tr, ("norm_out.linear",))
+    sd = lora_to_diffusers(tr, lora, torch.float32)
+    comfy = flux_to_comfyui(sd, scale=lora_scale(tr), out_features=module_out_features(tr))
+    key = "diffusion_model.final_layer.adaLN_modulation.1"
+    rank = comfy[f"{key}.lora_down.weight"].shape[0]
+    fused = _delta(
+        comfy[f"{key}.lora_down.weight"], comfy[f"{key}.lora_up.weight"], float(comfy[f"{key}.alpha"]) / rank
+    )
+    ours = _delta(sd["norm_out.linear.lora_A.weight"], sd["norm_out.linear.lora_B.weight"], lora_scale(tr))
+    torch.testing.assert_close(swap_scale_shift(fused), ours)

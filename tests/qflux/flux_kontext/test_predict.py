@@ -85,7 +85,7 @@ def test_lora_predict_equals_diffusers_loaded_lora(tiny_flux_dir: Path, tmp_path
 
     # and the predict CLI path: the file loaded into a fresh transformer
     fresh = load_flux_kontext(tiny_flux_dir, torch.float32)
-    load_lora_file(fresh.transformer, path, pipeline_cls=FluxKontextPipeline)
+    load_lora_file(fresh.transformer, path, naming="flux", pipeline_cls=FluxKontextPipeline)
     from_file = predict(fresh, image, "invert the colors", num_inference_steps=STEPS, max_sequence_length=64)
     assert _mad(from_file, ref) <= 1 / 255
 
@@ -103,3 +103,20 @@ def test_saved_lora_has_diffusers_keys_and_metadata(tiny_flux_dir: Path, tmp_pat
         assert {f.get_tensor(k).dtype for k in keys} == {torch.bfloat16}
     assert len(keys) == len(lora)
     assert '"transformer.r": 2' in meta["lora_adapter_metadata"]
+
+
+@pytest.mark.parametrize(("h", "w"), [(None, None), (24, 40)])
+def test_a_4x_vae_sizes_images_from_its_own_config(tmp_path: Path, h: int | None, w: int | None) -> None:
+    """A Kontext model whose VAE has three levels (×4): sizes are multiples of 8, not 16, and predict
+    still equals the pipeline (which derives the factor from the VAE config)."""
+    from qflux.tiny import build_flux_kontext
+
+    folder = build_flux_kontext(tmp_path / "vae4", seed=0, overrides={"vae": {"block_out_channels": (8, 16, 16)}})
+    pipe = FluxKontextPipeline.from_pretrained(folder, dtype=torch.float32)
+    assert pipe.vae_scale_factor == 4
+    image = _image(w=61, h=46)
+    ours = predict(load_flux_kontext(folder, torch.float32), image, "invert the colors", height=h, width=w,
+                   num_inference_steps=STEPS, max_sequence_length=64)  # fmt: skip
+    eh, ew = (h or 40), (w or 56)  # 46×61 floors to 40×56 in multiples of 8 (32×48 in multiples of 16)
+    assert ours.shape == (eh, ew, 3)
+    assert _mad(ours, _pipe_out(pipe, image, "invert the colors", eh, ew)) <= 1 / 255

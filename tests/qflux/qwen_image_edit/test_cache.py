@@ -32,12 +32,12 @@ def models(model: Path):
 
 def _fill(model: Path, models, data: Path, root: Path, variant: str = "edit") -> CacheReport:
     spec = qcache.cache_spec(model, "float32", variant)
-    return qcache.fill_cache(spec, models, scan_pairs(data, None, controls=(0, 3)), root)
+    return qcache.fill_cache(spec, models, scan_pairs(data, None, multiple=16, controls=(0, 3)), root)
 
 
 def test_same_prompt_different_images_differ_cached_and_uncached(model: Path, models, tmp_path: Path) -> None:
     data = make_synthetic_pairs(tmp_path / "data", 2, seed=0, sizes=((64, 64),))  # one size: one batch
-    samples = scan_pairs(data, None)
+    samples = scan_pairs(data, None, multiple=16)
     assert samples[0].prompt == samples[1].prompt == PROMPT
     spec = qcache.cache_spec(model, "float32", "edit")
     qcache.fill_cache(spec, models, samples, tmp_path / "cache")
@@ -79,7 +79,9 @@ def test_recompute_counts(model: Path, models, tmp_path: Path) -> None:
     edit_data = tmp_path / "edit"
     shutil.copytree(data, edit_data)
     (edit_data / "control_images" / "sample_000_control_1.png").unlink()
-    report = qcache.fill_cache(qcache.cache_spec(model, "float32", "edit"), models, scan_pairs(edit_data, None), root)
+    report = qcache.fill_cache(
+        qcache.cache_spec(model, "float32", "edit"), models, scan_pairs(edit_data, None, multiple=16), root
+    )
     assert (report.computed, report.reused) == (6, 6)
 
     # other processor settings (the vision encoder's pixel bounds): every embedding, no latent
@@ -97,7 +99,7 @@ def test_recompute_counts(model: Path, models, tmp_path: Path) -> None:
 
     # a truncated entry is recomputed and reported
     entries = qcache.sample_entries(qcache.cache_spec(model, "float32", "edit_plus"), root,
-                                    scan_pairs(data, None, controls=(0, 3)))  # fmt: skip
+                                    scan_pairs(data, None, multiple=16, controls=(0, 3)))  # fmt: skip
     path = entries[2].prompt.path
     path.write_bytes(path.read_bytes()[:-7])
     report = _fill(model, models, data, root, "edit_plus")
