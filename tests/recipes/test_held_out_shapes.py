@@ -66,7 +66,8 @@ def test_training_validation_and_predict_follow_the_model_config(name: str, tmp_
         monkeypatch.setattr(edit, "calculate_dimensions", lambda area, ratio: original(56 * 40, ratio))
     image = data / "control_images" / "sample_000.png"
     extra = ["--model.max_sequence_length=16"] if name == "flux_kontext" else []
-    recipe.main(["predict", f"--image={image}", "--prompt=invert", f"--out={tmp_path / 'p.png'}", "--num_inference_steps=1",
-                 f"--model.pretrained_model_name_or_path={model}", f"--lora={out / 'pytorch_lora_weights.safetensors'}", *extra])  # fmt: skip
+    lora = out / "pytorch_lora_weights.safetensors"
+    args = [f"--image={image}", "--prompt=invert", f"--out={tmp_path / 'p.png'}", "--num_inference_steps=1"]
+    recipe.main(["predict", *args, f"--model.pretrained_model_name_or_path={model}", f"--lora={lora}", *extra])
     w, h = Image.open(tmp_path / "p.png").size
     assert w % 8 == 0 and h % 8 == 0 and (w, h) != (48, 32)
