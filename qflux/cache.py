@@ -193,18 +193,18 @@ Job = tuple[Entry, Callable[[], dict[str, torch.Tensor]]]
 def fill_entries(jobs: Sequence[Job], *, progress: Callable[[list[Job]], Iterable[Job]] = iter) -> CacheReport:
     """Compute every missing or corrupt entry of ``jobs`` (entry, compute); reuse the rest.
 
-    An entry listed by several jobs (a prompt or file shared by samples) is handled once.
+    An entry listed by several jobs (a prompt or file shared by samples) is handled once, and
+    counted once by the progress bar too (it sees the distinct entries).
 
     Args:
         progress: wraps the list of jobs (e.g. ``tqdm``).
     """
     computed = reused = 0
     replaced: list[str] = []
-    seen: set[Path] = set()
-    for entry, compute in progress(list(jobs)):
-        if entry.path in seen:
-            continue
-        seen.add(entry.path)
+    distinct: dict[Path, Job] = {}
+    for job in jobs:
+        distinct.setdefault(job[0].path, job)
+    for entry, compute in progress(list(distinct.values())):
         problem = check_entry(entry.path, entry.shapes)
         if problem is None:
             reused += 1

@@ -42,6 +42,7 @@ from qflux.cache import (
 from qflux.data import PairSample, image_to_tensor, load_rgb
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
+from qflux.latents import vae_scale_factor
 
 PROMPT_KINDS = ("clip_prompt_embed", "t5_prompt_embed")
 
@@ -71,9 +72,7 @@ def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int) -> CacheSp
         return {s: folder_identity(model_dir / s, None if s.startswith("tokenizer") else dtype) for s in subs}
 
     return CacheSpec(
-        latents=LatentSpec(
-            ident("vae"), int(vae_cfg["latent_channels"]), 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-        ),
+        latents=LatentSpec(ident("vae"), int(vae_cfg["latent_channels"]), vae_scale_factor(vae_cfg)),
         clip_id=ident("text_encoder", "tokenizer"),
         t5_id=ident("text_encoder_2", "tokenizer_2"),
         max_sequence_length=max_sequence_length,

@@ -41,6 +41,7 @@ from qflux.cache import (
     read_for_training,
 )
 from qflux.data import PairSample, image_to_tensor, load_rgb
+from qflux.latents import vae_scale_factor
 from qflux.qwen_image_edit.batch import encode_sample_prompt, stack_tokens, vl_images
 from qflux.qwen_image_edit.conditioning import vae_encode
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
@@ -70,7 +71,7 @@ def cache_spec(model_dir: Path, dtype: str, variant: str) -> CacheSpec:
         latents=LatentSpec(
             {"vae": folder_identity(model_dir / "vae", dtype)},
             int(vae_cfg["z_dim"]),
-            2 ** len(vae_cfg["temperal_downsample"]),
+            vae_scale_factor(vae_cfg),
         ),
         encoder_id={
             "text_encoder": folder_identity(model_dir / "text_encoder", dtype),

@@ -61,3 +61,22 @@ def test_file_digest_follows_content(tmp_path: Path) -> None:
     assert file_digest(f) != d1
     f.write_bytes(b"abc")
     assert file_digest(f) == d1
+
+
+def test_progress_counts_what_the_summary_counts(tmp_path: Path) -> None:
+    """Jobs that share an entry (one prompt for many samples) are one step of the progress bar,
+    so the bar's count and the computed + reused count agree."""
+    from qflux.cache import fill_entries, make_entry
+
+    shared = make_entry(tmp_path, {"kind": "prompt", "text": "same"}, {"a": (2,)})
+    own = [make_entry(tmp_path, {"kind": "latent", "i": i}, {"a": (2,)}) for i in range(3)]
+    jobs = [(e, lambda: {"a": torch.zeros(2)}) for mine in own for e in (mine, shared)]  # 6 jobs, 4 entries
+    seen: list[int] = []
+
+    def progress(items: list) -> list:
+        seen.append(len(items))
+        return items
+
+    first = fill_entries(jobs, progress=progress)
+    again = fill_entries(jobs, progress=progress)
+    assert seen == [4, 4] and (first.computed, first.reused) == (4, 0) and (again.computed, again.reused) == (0, 4)
