@@ -230,7 +230,8 @@ class TrainConfig:
     save_dtype: Dtype = attrs.field(default="float32", validator=v.in_(DTYPES))
     """dtype of the saved LoRA tensors."""
     checkpointing_steps: int = attrs.field(default=50, validator=_non_negative)
-    """Write ``checkpoint-<step>/`` every this many optimizer steps (0: never)."""
+    """Write ``checkpoint-<step>/`` every this many optimizer steps (0: only at the end). A run that
+    ends always writes ``checkpoint-<last step>``, so a larger max_train_steps resumes from it."""
     checkpoints_total_limit: int | None = attrs.field(default=3, validator=_positive_or_none)
     """Keep only the newest this many checkpoints (null: keep all)."""
     max_nonfinite_steps: int = attrs.field(default=10, validator=_positive)
@@ -340,6 +341,10 @@ class LoggingConfig:
     TensorBoard event files, a metrics.jsonl file, or nowhere."""
     logging_dir: str = "logs"
     """Folder of the TensorBoard events / metrics.jsonl; relative paths are under output_dir."""
+    overwrite: bool = False
+    """A fresh run into an output_dir that holds another run's LoRA or checkpoints stops with exit
+    code 2 and changes nothing. true: remove what qflux wrote there (LoRA files, checkpoints, config,
+    pictures, logs) first, and list it."""
 
 
 @attrs.frozen

@@ -12,6 +12,7 @@ import ast
 import inspect
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,64 @@ def current_section(path: str | Path, start: str = START, end: str = END) -> str
 if __name__ == "__main__":  # pragma: no cover - exercised through update_file in tests
     for arg in sys.argv[1:] or ["README.md"]:
         print(f"{arg}: {'updated' if update_file(arg) else 'already current'}")
+
+
+def options_help(rows: list[tuple[str, str, str]], width: int = 100) -> list[str]:
+    """``--name=default`` lines, each followed by its description wrapped and indented."""
+    lines = []
+    for name, default, doc in rows:
+        lines.append(f"  --{name}" + (f"={default}" if default else ""))
+        lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+    return lines
+
+
+def config_help(cls: type, sections: tuple[str, ...] | None = None, width: int = 100) -> str:
+    """Every config key of ``cls`` (or of ``sections`` only) as ``--section.key=default`` with its
+    description, grouped by section: the config part of a command's ``--help``."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for key, _, default, doc in reference_rows(cls):
+        section = key.split(".")[0] if "." in key else "top level"
+        if sections is None or section in sections:
+            groups.setdefault(section, []).append((key, default, doc))
+    lines = []
+    for section, rows in groups.items():
+        lines += ["", f"[{section}]", *options_help(rows, width)]
+    return "\n".join(lines)
+
+
+def command_help(
+    usage: str,
+    summary: str,
+    examples: list[str],
+    cls: type,
+    *,
+    options: Sequence[tuple[str, str, str]] = (),
+    sections: tuple[str, ...] | None = None,
+) -> str:
+    """A command's ``--help``: usage, what it does, examples, its own options, and the config keys
+    (generated from the schema, so they never fall behind it)."""
+    parts = [f"usage: {usage}", "", summary, "", "examples:", *(f"  {e}" for e in examples)]
+    if options:
+        parts += ["", "options:", *options_help(list(options))]
+    parts += ["", "config keys (in a --config YAML file, or as --section.key=value; default after =):"]
+    return "\n".join(parts) + config_help(cls, sections)
+
+
+def function_options(fn: Any, skip: tuple[str, ...] = ("config", "overrides")) -> list[tuple[str, str, str]]:
+    """(name, default, description) of a command function's own options, from its signature and the
+    ``name: text`` lines of its docstring's Args section."""
+    docs: dict[str, str] = {}
+    current = None
+    for line in (inspect.getdoc(fn) or "").split("Args:", 1)[-1].splitlines():
+        head, sep, text = line.strip().partition(": ")
+        if sep and line.startswith("    ") and not line.startswith("        ") and head.isidentifier():
+            current, docs[head] = head, text
+        elif current and line.startswith("        "):
+            docs[current] += " " + line.strip()
+    rows = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in skip or p.kind is p.VAR_KEYWORD:
+            continue
+        default = "" if p.default is p.empty else "null" if p.default is None else str(p.default)
+        rows.append((p.name, default, docs.get(p.name, "(required)" if p.default is p.empty else "")))
+    return rows

@@ -39,7 +39,12 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _closest(key: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.0)
+    """'; did you mean ...?' with the valid key most like ``key``: one with the same last part
+    first (``train.lr`` → ``optimizer.lr``), else the closest spelling of the whole key."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [o for o in options if o.rsplit(".", 1)[-1] == leaf]
+    match = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) if same_leaf else []
+    match = match or difflib.get_close_matches(key, options, n=1, cutoff=0.0)
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
@@ -65,6 +70,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ValueError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
     if origin is tuple:
+        if isinstance(value, str) and value.strip().startswith("["):  # [to_q, to_out.0]: a list fire left as text
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"{key} must be a list like [a, b]; got {value!r}") from None
         items = [value] if isinstance(value, str | int | float) else value
         if not isinstance(items, list | tuple):
             raise ValueError(f"{key} must be a list; got {value!r}")

@@ -134,6 +134,23 @@ def unconvertible(modules: list[str], naming: Naming) -> list[str]:
     return out
 
 
+def check_convertible(modules: list[str], naming: Naming) -> None:
+    """Refuse, before training, adapted modules that the ComfyUI file could not hold.
+
+    Raises:
+        QfluxError: naming the first such module and the module names that convert.
+    """
+    from qflux.errors import QfluxError
+
+    bad = unconvertible(modules, naming)
+    if bad:
+        kinds = sorted({*_DOUBLE, *_SINGLE, *_TOP}) if naming == "flux" else ["every linear layer"]
+        raise QfluxError(
+            f"model.lora.target_modules adapts {len(bad)} module(s) with no ComfyUI name (first: {bad[0]}); the "
+            f"ComfyUI file holds {', '.join(kinds)}. Remove those targets, or set train.lora_format: diffusers"
+        )
+
+
 def flux_to_comfyui(
     sd: Mapping[str, torch.Tensor],
     *,

@@ -9,8 +9,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
+def smoothing_window(n: int) -> int:
+    """Steps in the loss curve's moving average for ``n`` losses: the progress bar's 10, or 1/20
+    of a long run; 0 (no average) for fewer than 2 losses."""
+    return 0 if n < 2 else min(n, max(10, n // 20))
+
+
 def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "training loss") -> Path:
-    """Plot per-step losses and a moving average to a PNG."""
+    """Plot per-step losses and their moving average (:func:`smoothing_window`) to a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,8 +26,8 @@ def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "
     x = np.arange(1, len(y) + 1)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(x, y, lw=0.8, alpha=0.5, label="loss")
-    k = max(1, len(y) // 20)
-    if len(y) >= k > 1:
+    k = smoothing_window(len(y))
+    if k:
         ax.plot(x[k - 1 :], np.convolve(y, np.ones(k) / k, mode="valid"), lw=1.6, label=f"mean of {k}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("flow-matching loss")

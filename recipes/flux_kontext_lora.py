@@ -132,7 +132,21 @@ def predict(
     config: str | None = None,
     **overrides: Any,
 ) -> None:
-    """Edit one image: ``predict --image=IN.png --prompt="..." --out=OUT.png [--lora=FILE] [--model.*=...]``."""
+    """Edit one image: ``predict --image=IN.png --prompt="..." --out=OUT.png [--lora=FILE] [--model.*=...]``.
+
+    Args:
+        image: the image to edit (PNG, JPEG or WebP).
+        prompt: the edit instruction.
+        out: where the edited image is written (folders are made).
+        lora: a LoRA file: diffusers, ComfyUI or kohya format (the files qflux writes, at any width).
+        seed: seed of the initial noise.
+        num_inference_steps: denoising steps.
+        guidance_scale: the guidance value fed to the guidance-distilled transformer.
+        height: output height in pixels (default: the image's, floored to the model's multiple).
+        width: output width in pixels (default: the image's, floored to the model's multiple).
+        negative_prompt: with true_cfg_scale > 1, true classifier-free guidance against this prompt.
+        true_cfg_scale: the true CFG scale (used with negative_prompt).
+    """
     cfg = load_config(FluxKontextConfig, config, overrides)
     src = Path(image)
     if not src.is_file():
@@ -156,7 +170,7 @@ def predict(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    lora_loop.main(FAMILY.name, lora_loop.commands(FAMILY, FluxKontextConfig, predict), argv)
+    lora_loop.main(FAMILY, FluxKontextConfig, lora_loop.commands(FAMILY, FluxKontextConfig, predict), argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from qflux.batching import eval_batches as shared_eval_batches
 from qflux.builtin import resolve_dataset_path, resolve_model_path
 from qflux.cache import CacheReport, Job
 from qflux.checkpoint import incompatibilities, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from qflux.config_doc import command_help as build_help
+from qflux.config_doc import function_options
 from qflux.config_parse import to_dict
 from qflux.data import PairSample, batch_stream, load_rgb, scan_pairs, to_image, to_pil
 from qflux.devices import resolve_device
@@ -38,12 +40,14 @@ from qflux.frozen_linear import prepare_frozen_base
 from qflux.latents import size_multiple
 from qflux.loading import component_config, torch_dtype
 from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, lora_from_file, save_lora, save_lora_comfyui
-from qflux.lora_formats import Naming
+from qflux.lora_formats import Naming, check_convertible
 from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
-from qflux.quantize import needs_autograd_engine
+from qflux.quantize import count_layers, needs_autograd_engine
+from qflux.run_dir import claim_output_dir
 from qflux.schedules import learning_rate
 from qflux.signals import stop_signals
+from qflux.summary import LOSS_WINDOW, RunPlan, end_block, start_block
 from qflux.tracking import Tracker, open_tracker
 from qflux.train_state import (
     GradEngine,
@@ -57,7 +61,7 @@ from qflux.train_state import (
 )
 from qflux.validation import ValidationSet, validation_grid, validation_set
 
-LOG_EVERY = 10  # optimizer steps between progress-bar updates of the mean loss (the only host syncs)
+LOG_EVERY = LOSS_WINDOW  # optimizer steps between progress-bar updates of the mean loss (the only host syncs)
 # config keys (of train and cache) that place each encoder
 DEVICE_KEYS = {
     "vae": "vae_encoder_device",
@@ -268,14 +272,35 @@ def _inputs(
     return Inputs(models, data.make_dataset(samples), data)
 
 
-def _resume(cfg: Any, fresh: TrainState) -> tuple[TrainState, dict[str, Any]]:
-    """The state to start from: ``fresh``, or the checkpoint ``resume_from_checkpoint`` names."""
+def _checkpoint_to_resume(cfg: Any) -> Path | None:
+    """The checkpoint ``resume_from_checkpoint`` names (``latest``: the newest one), or None for a
+    fresh run."""
     where = cfg.resume_from_checkpoint
     if where is None:
-        return fresh, {}
+        return None
     path = latest_checkpoint(cfg.logging.output_dir) if where == "latest" else Path(where)
     if path is None:
         print(f"no checkpoint in '{cfg.logging.output_dir}' yet: starting fresh")
+    return path
+
+
+def _finished(cfg: Any, path: Path) -> RunResult | None:
+    """A run whose checkpoint already reached ``train.max_train_steps``: said, and nothing changes."""
+    ckpt = load_checkpoint(path)
+    if ckpt.state.step < cfg.train.max_train_steps:
+        return None
+    print(
+        f"the run in '{cfg.logging.output_dir}' has finished: {path.name} is at step {ckpt.state.step} and "
+        f"train.max_train_steps is {cfg.train.max_train_steps}; nothing to do (raise train.max_train_steps to "
+        "train on)"
+    )
+    lora_path = Path(cfg.logging.output_dir) / LORA_WEIGHT_NAME
+    return RunResult(cfg, ckpt.state, dict(ckpt.state.lora), list(ckpt.meta.get("losses", [])), [], None, lora_path)
+
+
+def _resume(cfg: Any, fresh: TrainState, path: Path | None) -> tuple[TrainState, dict[str, Any]]:
+    """The state to start from: ``fresh``, or the checkpoint at ``path`` (checked against this run)."""
+    if path is None:
         return fresh, {}
     ckpt = load_checkpoint(path)
     differ = incompatibilities(ckpt.config, to_dict(cfg), RESUME_KEYS)
@@ -297,6 +322,20 @@ def _resume(cfg: Any, fresh: TrainState) -> tuple[TrainState, dict[str, Any]]:
     return state, ckpt.meta
 
 
+def _claim(cfg: Any, out: Path) -> None:
+    """A fresh run: refuse an output folder holding another run, or empty it with logging.overwrite."""
+    removed = claim_output_dir(
+        out,
+        logging_dir=cfg.logging.logging_dir,
+        overwrite=cfg.logging.overwrite,
+        wanted_resume=cfg.resume_from_checkpoint is not None,
+        keep={"model.lora.pretrained_weight": Path(w)} if (w := cfg.model.lora.pretrained_weight) else None,
+    )
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        print(f"logging.overwrite: removed the previous run's {len(removed)} item(s) in '{out}': {names}")
+
+
 def _check_finite(worst: torch.Tensor, limit: int, step: int, out: Path) -> None:
     """Stop the run when ``limit`` steps in a row had a non-finite loss or gradient."""
     if worst.item() >= limit:
@@ -305,6 +344,15 @@ def _check_finite(worst: torch.Tensor, limit: int, step: int, out: Path) -> None
             f"were skipped); the last checkpoint is {latest_checkpoint(out) or 'none'}. Lower optimizer.lr or "
             "check the data, then resume from that checkpoint"
         )
+
+
+def _recent_mean(history: list[float], losses: list[torch.Tensor]) -> float:
+    """The progress bar's loss: the mean of the last LOG_EVERY steps, earlier runs' included (the end
+    summary's :func:`qflux.summary.mean_loss` of the same values); one host sync."""
+    recent = torch.stack(losses[-LOG_EVERY:]).float()
+    if len(recent) < LOG_EVERY and history:
+        recent = torch.cat([torch.tensor(history[-(LOG_EVERY - len(recent)) :]).to(recent), recent])
+    return float(recent.nanmean().item())
 
 
 def quiet_unless(main: bool) -> contextlib.AbstractContextManager[Any]:
@@ -342,7 +390,12 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
     vset = None
     if cfg.validation.enabled:
         vset = validation_set(cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels, multiple=image_multiple(path))
+    resume_from = _checkpoint_to_resume(cfg)
+    if resume_from is not None and (done := _finished(cfg, resume_from)) is not None:
+        return done
     if world.is_main:
+        if resume_from is None:
+            _claim(cfg, out)
         for partial_dir in remove_partial(out):
             print(f"removed '{partial_dir}', left by a checkpoint write that was interrupted")
     inputs = _inputs(family, cfg, samples, path, device, vset.samples if vset else [], world)
@@ -358,12 +411,36 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
             naming=family.naming,
             pipeline_cls=family.pipeline_cls(),
         )
+    if tr.lora_format != "diffusers":
+        check_convertible([k.split(".lora_A.")[0] for k in lora0 if ".lora_A." in k], family.naming)
     prepare_frozen_base(transformer, fp8_matmul=tr.fp8_matmul, device=device, compile_mode=mode)
     sharded = world.size > 1 and tr.distributed == "fsdp"
     if sharded:
         blocks = shard_frozen_base(transformer, world)
         print(f"FSDP2: frozen base sharded across {world.size} ranks ({blocks} blocks); LoRA replicated")
-    state, meta = _resume(cfg, init_train_state({k: v.to(device) for k, v in lora0.items()}, cfg.seed))
+    state, meta = _resume(cfg, init_train_state({k: v.to(device) for k, v in lora0.items()}, cfg.seed), resume_from)
+    plan = RunPlan(
+        pipeline=family.pipeline,
+        model=str(path),
+        dtype=cfg.model.dtype,
+        quantize=cfg.model.quantize,
+        layers=count_layers(transformer, cfg.model.quantize),
+        devices={
+            n: str(next(m.parameters()).device)
+            for n in ("transformer", *family.encoders)
+            if (m := getattr(inputs.models, n, None)) is not None
+        },
+        samples=samples,
+        dataset=str(resolve_dataset_path(cfg.data.dataset_path)),
+        micro_batch=cfg.data.batch_size,
+        accumulation=tr.gradient_accumulation_steps,
+        ranks=world.size,
+        steps=tr.max_train_steps,
+        start_step=state.step,
+        compile_mode=mode,
+        output=out,
+    )
+    print(start_block(plan))
     loss_fn = family.loss_fn(cfg, transformer)
     # FSDP2's unsharding runs as module hooks that torch.func transforms do not see: autograd engine
     autograd = tr.gradient_checkpointing or mode == "regional" or sharded or needs_autograd_engine(cfg.model.quantize)
@@ -432,6 +509,7 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
         barrier(world)
         return saved
 
+    saved_at = -1
     with (
         stop_signals() as stopped,
         tqdm(initial=state.step, total=tr.max_train_steps, desc="train", unit="step", disable=not world.is_main) as bar,
@@ -465,7 +543,7 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
                 stopped.append("another rank's stop request")
             if state.step % LOG_EVERY == 0 or state.step == tr.max_train_steps or ckpt_due or stopped:
                 _check_finite(worst, tr.max_nonfinite_steps, state.step, out)
-                recent = torch.stack(losses[-LOG_EVERY:]).nanmean().item()
+                recent = _recent_mean(history, losses)
                 bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}", skipped=int(skipped.item()))
                 log_window()
             if validate is not None and (
@@ -475,6 +553,7 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
                 validate(state)
             if ckpt_due or stopped:
                 saved = checkpoint()
+                saved_at = state.step
                 if stopped:
                     bar.write(
                         f"interrupted by {stopped[0]} at step {state.step}; saved {saved}. Resume with the same "
@@ -483,34 +562,45 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
                     break
     log_window()
     tracker.close()
+    if not stopped and saved_at != state.step:
+        checkpoint()  # a larger train.max_train_steps resumes from the end
     loss_values = history + (torch.stack(losses).tolist() if losses else [])
     lora_path = out / LORA_WEIGHT_NAME
     if not stopped:
-        save_dtype = torch_dtype(tr.save_dtype)
-        if world.is_main and tr.lora_format in ("comfyui", "both"):
-            lora_path = save_lora_comfyui(out, transformer, state.lora, dtype=save_dtype, naming=family.naming)
-        if world.is_main and tr.lora_format in ("diffusers", "both"):
-            lora_path = save_lora(out, transformer, state.lora, dtype=save_dtype, pipeline_cls=pipeline_cls)
-        if world.is_main:
-            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-            save_loss_curve(loss_values, out / "loss.png")
+        written = _write_outputs(family, cfg, transformer, state.lora, loss_values) if world.is_main else []
+        lora_path = written[0] if written else lora_path
         if cfg.logging.write_sample:  # every rank renders (a sharded base needs them all); rank 0 writes
             cond = inputs.data.to_conditioning(inputs.data.collate([inputs.dataset[0]]))
             before, after = render([cond, cond], [lora0, state.lora])
             if world.is_main:
-                _save_sample(samples[0], before, after, out / "sample.png")
+                written.append(_save_sample(samples[0], before, after, out / "sample.png"))
         barrier(world)
-        if loss_values:
-            print(f"saved LoRA to {lora_path}; loss {loss_values[0]:.4f} → {loss_values[-1]:.4f}")
+        logs = out / cfg.logging.logging_dir if cfg.logging.report_to == "tensorboard" else None
+        print(end_block(written, losses=loss_values, checkpoint=latest_checkpoint(out), logs=logs))
     return RunResult(cfg, state, lora0, loss_values, seconds, inputs.models, lora_path, interrupted=bool(stopped))
 
 
-def _save_sample(sample: PairSample, before: np.ndarray, after: np.ndarray, path: Path) -> None:
+def _write_outputs(
+    family: Family, cfg: Any, transformer: Any, lora: Mapping[str, torch.Tensor], losses: list[float]
+) -> list[Path]:
+    """The final LoRA (the diffusers file first: it is the one every tool reads), then its ComfyUI
+    twin, the resolved config and the loss curve; returns the paths written, in that order."""
+    out, dtype = Path(cfg.logging.output_dir), torch_dtype(cfg.train.save_dtype)
+    written = []
+    if cfg.train.lora_format in ("diffusers", "both"):
+        written.append(save_lora(out, transformer, lora, dtype=dtype, pipeline_cls=family.pipeline_cls()))
+    if cfg.train.lora_format in ("comfyui", "both"):
+        written.append(save_lora_comfyui(out, transformer, lora, dtype=dtype, naming=family.naming))
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return [*written, out / "config.yaml", save_loss_curve(losses, out / "loss.png")]
+
+
+def _save_sample(sample: PairSample, before: np.ndarray, after: np.ndarray, path: Path) -> Path:
     """control image(s) | target | base model | with LoRA (same seed for both predictions)."""
     controls = [load_rgb(c) for c in sample.controls]
     labels = ["control"] if len(controls) == 1 else [f"control {i + 1}" for i in range(len(controls))]
     images = [*controls, load_rgb(sample.target), to_pil(before), to_pil(after)]
-    save_image_row(images, [*labels, "target", "before", "after"], path)
+    return save_image_row(images, [*labels, "target", "before", "after"], path)
 
 
 def _renderer(
@@ -628,16 +718,58 @@ def commands(family: Family, config_cls: type, predict: Callable[..., None]) -> 
     return {"train": train, "cache": cache, "predict": predict}
 
 
-def main(name: str, commands: Mapping[str, Callable[..., Any]], argv: list[str] | None = None) -> None:
-    """A recipe's entry point: no arguments trains the built-in default; errors print one message
-    and exit 2."""
+HELP_FLAGS = ("--help", "-h")
+
+
+def command_help(family: Family, config_cls: type, verb: str, predict: Callable[..., None]) -> str:
+    """``<recipe> <verb> --help``: usage, examples and the config keys, generated from the schema."""
+    prog, stem = f"python -m recipes.{family.name}", family.name.removesuffix("_lora")
+    config = f"--config=recipes/configs/{stem}_bf16.yaml"
+    text = {
+        "train": (
+            f"{prog} [train] [--config=FILE.yaml] [--section.key=value ...]",
+            f"Train a {family.pipeline} LoRA on the (control, target, instruction) pairs of data.dataset_path. "
+            "With no arguments: the built-in tiny model and synthetic dataset.",
+            [prog, f"{prog} train {config} --data.dataset_path=my_pairs --logging.output_dir=outputs/my_lora",
+             f"{prog} train {config} --resume_from_checkpoint=latest --train.max_train_steps=3000"],
+        ),
+        "cache": (
+            f"{prog} cache [--config=FILE.yaml] [--section.key=value ...]",
+            "Compute the encoders' outputs for the dataset once (content-keyed); train with --cache.use_cache=true "
+            "then loads only the transformer.",
+            [f"{prog} cache {config} --data.dataset_path=my_pairs",
+             f"{prog} train {config} --data.dataset_path=my_pairs --cache.use_cache=true"],
+        ),
+        "predict": (
+            f"{prog} predict --image=IN.png --prompt=TEXT [--out=OUT.png] [--lora=FILE] [--section.key=value ...]",
+            "Edit an image with the model (and a LoRA file in any format qflux writes or reads).",
+            [f'{prog} predict --image=cat.png --prompt="make the cat wear a red hat" '
+             "--lora=outputs/my_lora/pytorch_lora_weights.safetensors --out=edited.png"],
+        ),
+    }[verb]  # fmt: skip
+    options = function_options(predict) if verb == "predict" else []
+    sections = ("model", "predict") if verb == "predict" else None
+    return build_help(text[0], text[1], text[2], config_cls, options=options, sections=sections)
+
+
+def main(
+    family: Family, config_cls: type, commands: Mapping[str, Callable[..., Any]], argv: list[str] | None = None
+) -> None:
+    """A recipe's entry point: no arguments trains the built-in default; ``<verb> --help`` prints the
+    verb's help; errors print one message and exit 2."""
     import fire
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or (args[0].startswith("--") and args[0] != "--help"):
+    if not args or (args[0].startswith("-") and args[0] not in HELP_FLAGS):
         args = ["train", *args]  # options alone train: `python -m recipes.<recipe> --train.max_train_steps=10`
+    if args[0] in HELP_FLAGS or (args[0] in commands and any(a in HELP_FLAGS for a in args[1:])):
+        verb = args[0] if args[0] in commands else "train"
+        print(command_help(family, config_cls, verb, commands["predict"]))
+        if args[0] in HELP_FLAGS:
+            print(f"\ncommands: {', '.join(commands)} (`<command> --help` for each)")
+        return
     try:
-        fire.Fire(dict(commands), command=args, name=name)
+        fire.Fire(dict(commands), command=args, name=family.name)
     except QfluxError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

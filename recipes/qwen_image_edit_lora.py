@@ -165,6 +165,18 @@ def predict(
 
     The pipeline's defaults: 50 steps, true CFG (scale 4) only with ``--negative_prompt``, the
     output at the (last) control image's ~1024² size. Edit-Plus takes ``--image=A.png,B.png``.
+
+    Args:
+        prompt: the edit instruction.
+        image: the image to edit; Edit-Plus (model.variant: edit_plus) takes 0 to 3, comma-separated.
+        out: where the edited image is written (folders are made).
+        lora: a LoRA file: diffusers, ComfyUI or kohya format (the files qflux writes, at any width).
+        seed: seed of the initial noise.
+        num_inference_steps: denoising steps.
+        height: output height in pixels (default: the last control image's ~1024² size).
+        width: output width in pixels (default: the last control image's ~1024² size).
+        negative_prompt: with true_cfg_scale > 1, true classifier-free guidance against this prompt.
+        true_cfg_scale: the true CFG scale (used with negative_prompt).
     """
     cfg = load_config(QwenImageEditConfig, config, overrides)
     images = _images(image, cfg.model.variant)
@@ -186,7 +198,7 @@ def predict(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    lora_loop.main(FAMILY.name, lora_loop.commands(FAMILY, QwenImageEditConfig, predict), argv)
+    lora_loop.main(FAMILY, QwenImageEditConfig, lora_loop.commands(FAMILY, QwenImageEditConfig, predict), argv)
 
 
 if __name__ == "__main__":

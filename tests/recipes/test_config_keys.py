@@ -38,7 +38,8 @@ NAN = {"optimizer.lr": 1e30, "train.max_nonfinite_steps": 100}
 # "{bad_data}" are filled in per run.
 ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "seed": (1, {}),
-    "resume_from_checkpoint": ("latest", {"train.checkpointing_steps": 1, "_prerun": 1}),
+    # the fresh base run replaces the prerun (logging.overwrite); "latest" resumes it
+    "resume_from_checkpoint": ("latest", {"train.checkpointing_steps": 1, "_prerun": 1, "logging.overwrite": True}),
     "model.pretrained_model_name_or_path": ("{other_model}", {}),
     "model.dtype": ("bfloat16", {}),
     "model.max_sequence_length": (4, {}),
@@ -75,7 +76,12 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     # only read under torchrun with several ranks: tests/recipes/test_distributed.py runs both engines
     # (and checks that fsdp shards the base); one process ignores it by design
     "train.distributed": ("fsdp", {"_torchrun_only": True}),
-    "model.lora.pretrained_weight": ("{root}/out/pytorch_lora_weights.safetensors", {"_prerun": 1}),
+    "model.lora.pretrained_weight": (
+        "{root}/prior/pytorch_lora_weights.safetensors",
+        {"_prerun": 1, "_prerun_out": "{root}/prior"},
+    ),
+    # a fresh run into the prerun's folder: refused by default (the base's error), replaced with true
+    "logging.overwrite": (True, {"_prerun": 1}),
     "logging.report_to": ("tensorboard", {}),
     "logging.logging_dir": ("elsewhere", {"logging.report_to": "jsonl"}),
     "validation.enabled": (True, {k: v for k, v in VALIDATING.items() if k != "validation.enabled"}),
@@ -164,6 +170,7 @@ def _fingerprint(
     settings = dict(settings)
     command = settings.pop("_command", "train")
     prerun = settings.pop("_prerun", 0)
+    prerun_out = settings.pop("_prerun_out", "{root}/out")
     overrides = {
         "model.pretrained_model_name_or_path": places["model"],
         "model.dtype": "float32",
@@ -191,7 +198,8 @@ def _fingerprint(
     out: dict[str, Any] = {}
     try:
         if prerun:
-            run(load_config(cls, None, {**overrides, "train.max_train_steps": prerun}))
+            prior = {"train.max_train_steps": prerun, "logging.output_dir": _fill(prerun_out, fills)}
+            run(load_config(cls, None, {**overrides, **prior}))
         if command == "predict":
             image = next((Path(places["data"]) / "control_images").iterdir())
             predict(image=str(image), prompt="x", out=str(root / "p.png"), num_inference_steps=1, **overrides)
@@ -240,7 +248,7 @@ def test_key_changes_behaviour_or_output(key: str, tmp_path: Path, places: dict[
     base = _fingerprint(tmp_path / "base", settings, places, monkeypatch)
     changed = _fingerprint(tmp_path / "changed", {**settings, key: other}, places, monkeypatch)
     assert base != changed, f"{key}: setting it to {other!r} changed nothing observable"
-    assert "error" not in base or key in ("data.skip_invalid", "train.compile"), base.get("error")
+    assert "error" not in base or key in ("data.skip_invalid", "train.compile", "logging.overwrite"), base.get("error")
 
 
 def test_fingerprint_is_deterministic(tmp_path: Path, places: dict[str, str], monkeypatch) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_training_fills_missing_and_corrupt_entries_first(
     assert "16 entries missing or corrupt" in out and "16 entries computed, 0 reused" in out
     victim = sorted((cache / "t5_prompt_embed").rglob("*.safetensors"))[0]
     victim.write_bytes(b"")
-    result = run(cfg)
+    result = run(attrs.evolve(cfg, logging=attrs.evolve(cfg.logging, overwrite=True)))
     out = capsys.readouterr().out
     assert "1 entries missing or corrupt" in out and "recomputed corrupt entry" in out
     assert result.models.vae is None and victim.stat().st_size > 0

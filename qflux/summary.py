@@ -1,0 +1,121 @@
+"""What a run says at its start and its end: plain text built from plain values (the recipe prints it).
+
+The start block names the model (and how its layers are stored), the devices, the dataset and its
+size groups, the batch arithmetic, the steps, the compile mode and the output folder; the end block
+lists every file written and the app each is for, the last checkpoint, the TensorBoard command and
+the loss as the same mean the progress bar shows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import attrs
+
+from qflux.data import PairSample
+from qflux.quantize import LayerCount
+
+LOSS_WINDOW = 10
+"""Optimizer steps in the progress bar's mean loss (and the end summary's)."""
+FOR_APP = {
+    "pytorch_lora_weights.safetensors": "diffusers: pipe.load_lora_weights(folder); qflux: predict --lora",
+    "pytorch_lora_weights_comfyui.safetensors": "ComfyUI: models/loras/, a LoraLoaderModelOnly node",
+    "config.yaml": "the resolved config (--config= reruns it)",
+    "loss.png": "loss per step with its moving average",
+    "sample.png": "control | target | before | after",
+}
+
+
+@attrs.frozen
+class RunPlan:
+    """What a training run is about to do, for the start block."""
+
+    pipeline: str
+    model: str
+    dtype: str
+    quantize: str
+    layers: LayerCount
+    devices: Mapping[str, str]
+    """{component: device} of what is loaded (the encoders absent when training from the cache)."""
+    samples: Sequence[PairSample]
+    dataset: str
+    micro_batch: int
+    accumulation: int
+    ranks: int
+    steps: int
+    start_step: int
+    compile_mode: str
+    output: Path
+
+
+def size_groups(samples: Sequence[PairSample]) -> list[tuple[str, int]]:
+    """(target w×h, pairs) of each size a batch can hold, most pairs first."""
+    counts = Counter(f"{s.target_size[0]}×{s.target_size[1]}" for s in samples)
+    return counts.most_common()
+
+
+def start_block(plan: RunPlan) -> str:
+    """The lines printed before the first step."""
+    stored = plan.dtype
+    if plan.quantize != "none":
+        stored += f", {plan.quantize}: {plan.layers.quantized} linear layers quantized"
+        if plan.layers.kept:
+            stored += f", {plan.layers.kept} kept in {plan.dtype} (a shape the kernels cannot take)"
+    groups = size_groups(plan.samples)
+    shown = ", ".join(f"{size}: {n}" for size, n in groups[:5]) + (", ..." if len(groups) > 5 else "")
+    effective = plan.micro_batch * plan.accumulation * plan.ranks
+    compiling = {"none": "eager (no compile)", "full": "the whole step", "regional": "each repeated block"}
+    compile_line = compiling.get(plan.compile_mode, plan.compile_mode)
+    if plan.compile_mode != "none":
+        compile_line += "; compiling: the first step takes longer"
+    steps = f"{plan.steps}" + (f" (resuming at {plan.start_step})" if plan.start_step else "")
+    rows = [
+        ("model", f"{plan.model} ({stored})"),
+        ("devices", ", ".join(f"{k} {v}" for k, v in plan.devices.items())),
+        ("dataset", f"{plan.dataset}: {len(plan.samples)} pairs in {len(groups)} size group(s) ({shown})"),
+        (
+            "batch",
+            f"{plan.micro_batch} per micro-batch × {plan.accumulation} accumulated × {plan.ranks} rank(s) "
+            f"= {effective} samples per step",
+        ),
+        ("steps", steps),
+        ("compile", compile_line),
+        ("output", str(plan.output)),
+    ]
+    return "\n".join([f"{plan.pipeline} LoRA training", *(f"  {k:<8} {v}" for k, v in rows)])
+
+
+def mean_loss(losses: Sequence[float], window: int = LOSS_WINDOW, *, first: bool = False) -> float:
+    """The mean of the last (or, ``first``, the first) ``window`` finite losses: the progress bar's."""
+    part = [x for x in (losses[:window] if first else losses[-window:]) if x == x]
+    return sum(part) / len(part) if part else float("nan")
+
+
+def end_block(
+    written: Sequence[Path],
+    *,
+    losses: Sequence[float],
+    checkpoint: Path | None,
+    logs: Path | None,
+) -> str:
+    """The lines printed when a run finishes."""
+    lines = []
+    if losses:
+        n = min(LOSS_WINDOW, len(losses))
+        lines.append(
+            f"done: {len(losses)} steps; loss (mean of {n} steps, as the progress bar) "
+            f"{mean_loss(losses, n, first=True):.4f} at the start → {mean_loss(losses, n):.4f} at the end"
+        )
+    lines.append("wrote:")
+    width = max((len(str(p)) for p in written), default=0)
+    lines += [f"  {p!s:<{width}}  {FOR_APP.get(p.name, '')}".rstrip() for p in written]
+    if checkpoint is not None:
+        lines.append(
+            f"last checkpoint: {checkpoint} (--resume_from_checkpoint=latest with a larger train.max_train_steps "
+            "trains on from it)"
+        )
+    if logs is not None:
+        lines.append(f"watch: tensorboard --logdir {logs}")
+    return "\n".join(lines)
