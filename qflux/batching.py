@@ -139,7 +139,7 @@ def prepare(
     keep = (~draws.drop_image).float().view(b, 1, 1, 1)
     return Prepared(
         latents=cond.latents.float().to(device),
-        controls=tuple((x.float().cpu() * keep).to(device) for x in cond.controls),
+        controls=tuple(x.to(device, torch.float32) * keep.to(device) for x in cond.controls),
         text={k: t.to(device) for k, t in text.items()},
         noise=draws.noise.to(device),
         sigmas=sigmas_for(train, scheduler_config, draws.u, (h, w)).to(device),

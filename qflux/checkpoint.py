@@ -76,7 +76,8 @@ def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
         out[f"lora/{k}"] = state.lora[k]
         out[f"exp_avg/{k}"] = state.opt.exp_avg[k]
         out[f"exp_avg_sq/{k}"] = state.opt.exp_avg_sq[k]
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    # fresh CPU copies: the step's tensors are views of one flat vector, which safetensors cannot store
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
 
 
 def save_checkpoint(

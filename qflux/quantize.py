@@ -266,11 +266,6 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(seen.values())
 
 
-def needs_autograd_engine(mode: str) -> bool:
-    """bitsandbytes' 4-bit matmul has no torch.func support: those modes use the autograd engine."""
-    return mode in ("nf4", "fp4")
-
-
 def _checkpoint_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 

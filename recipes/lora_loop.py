@@ -43,18 +43,18 @@ from qflux.lora import LORA_WEIGHT_NAME, inject_lora, load_lora_file, lora_from_
 from qflux.lora_formats import Naming, check_convertible
 from qflux.model_dir import resolve_model_dir
 from qflux.plots import save_image_row, save_loss_curve
-from qflux.quantize import count_layers, needs_autograd_engine
+from qflux.quantize import count_layers
 from qflux.run_dir import claim_output_dir
 from qflux.schedules import learning_rate
 from qflux.signals import stop_signals
 from qflux.summary import LOSS_WINDOW, RunPlan, end_block, start_block
 from qflux.tracking import Tracker, open_tracker
 from qflux.train_state import (
-    GradEngine,
     LossFn,
     StepHParams,
     TrainState,
     evaluate_loss,
+    grad_engine,
     init_train_state,
     make_train_step,
     resolve_compile,
@@ -442,10 +442,7 @@ def _run(family: Family, cfg: Any, world: World, device: torch.device) -> RunRes
     )
     print(start_block(plan))
     loss_fn = family.loss_fn(cfg, transformer)
-    # FSDP2's unsharding runs as module hooks that torch.func transforms do not see: autograd engine
-    autograd = tr.gradient_checkpointing or mode == "regional" or sharded or needs_autograd_engine(cfg.model.quantize)
-    engine: GradEngine = "autograd" if autograd else "func"
-    hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, tr.max_grad_norm, engine)
+    hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, tr.max_grad_norm, grad_engine(mode))
     reduce = all_reduce_sum if world.size > 1 else None
     step_fn = make_train_step(loss_fn, hp, module=transformer, compile=mode, reduce=reduce)
     position = tuple(meta.get("data_position", (0, 0)))

@@ -21,6 +21,7 @@ from PIL import Image
 
 from qflux.data import to_image
 from qflux.latents import PATCH, pack_latents, size_multiple, unpack_latents
+from qflux.quantize import compute_dtype
 from qflux.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.qwen_image_edit.step import img_shapes, transformer_velocity
@@ -171,7 +172,7 @@ def denoise(
     Returns:
         Final latents [1, C, h, w] on the transformer's device.
     """
-    params, device = dict(lora or {}), transformer.device
+    params, device, tdtype = dict(lora or {}), transformer.device, compute_dtype(transformer)
     embeds, mask = prompt
     neg = negative if true_cfg_scale > 1 else None
     packed = [pack_latents(c.to(device, noise_dtype)) for c in controls]
@@ -184,9 +185,9 @@ def denoise(
     for t in scheduler.timesteps:
         tokens = torch.cat([latents, *packed], dim=1)
         sigma = t.expand(1).to(latents.dtype) / 1000
-        v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, mask_pos, shapes)
+        v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, mask_pos, shapes, dtype=tdtype)
         if neg is not None:
-            v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg[0], mask_neg, shapes)
+            v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg[0], mask_neg, shapes, dtype=tdtype)
             combined = v_neg + true_cfg_scale * (v - v_neg)
             v = combined * (v.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
         latents = scheduler.step(v, t, latents, return_dict=False)[0]

@@ -61,6 +61,8 @@ def transformer_velocity(
     embeds: torch.Tensor,
     mask: torch.Tensor | None,
     shapes: list[list[tuple[int, int, int]]],
+    *,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """One QwenImage transformer call on [target ; control] tokens; the first ``n`` tokens' output.
 
@@ -68,11 +70,12 @@ def transformer_velocity(
         params: LoRA tensors substituted into the module, ``{}`` for the module as it is.
         tokens: packed [B, N + Nc, 4C]; sigmas: [B]; embeds: [B, S, D]; mask: [B, S] or None.
         shapes: :func:`img_shapes`.
+        dtype: the transformer's compute dtype (:func:`qflux.quantize.compute_dtype` walks the
+            modules: read it once per loss function or denoising loop, not per call).
 
     Returns:
         [B, n, 4C] in the transformer's dtype.
     """
-    dtype = compute_dtype(transformer)
     inputs = {
         "hidden_states": tokens.to(dtype),
         "timestep": sigmas.to(dtype),
@@ -93,6 +96,7 @@ def make_loss_fn(
 
     The returned function is pure: same (lora, batch) gives the same 0-d float32 loss.
     """
+    dtype = compute_dtype(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: QwenImageEditBatch) -> torch.Tensor:
         x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
@@ -100,7 +104,8 @@ def make_loss_fn(
         noisy = pack_latents(add_noise(x0, eps, sigmas))
         tokens = torch.cat([noisy, *(pack_latents(c.to(noisy.dtype)) for c in batch.controls)], dim=1)
         shapes = img_shapes(b, (h, w), [(c.shape[-2], c.shape[-1]) for c in batch.controls])
-        out = transformer_velocity(transformer, lora, tokens, noisy.shape[1], sigmas, batch.embeds, batch.mask, shapes)
+        n = noisy.shape[1]
+        out = transformer_velocity(transformer, lora, tokens, n, sigmas, batch.embeds, batch.mask, shapes, dtype=dtype)
         pred = unpack_latents(out, h, w)
         return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas))
 
