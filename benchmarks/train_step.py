@@ -1,12 +1,12 @@
 """Step time and memory of qflux's train step, eager and compiled, against the diffusers reference loop.
 
-    python benchmarks/train_step.py [--config=small|full] [--steps=3] [--warmup=1]
-                                    [--dtypes=bfloat16,float32] [--compile=regional|full] [--fp8]
+    python benchmarks/train_step.py [--config=small|full] [--steps=10] [--warmup=2]
+                                    [--dtypes=bfloat16,float32] [--compile=regional|full|none] [--fp8]
 
 On the same weights (shared tensors) and batches, interleaved after warm-up, it times:
   (a) qflux eager: ``make_train_step`` on a transformer prepared as the recipe does it
       (``prepare_frozen_base``), torch.func gradients, pure AdamW;
-  (b) qflux compiled: ``--compile=regional`` (the recipe's ``train.compile: regional``: compiled
+  (b) qflux compiled (skipped with ``--compile=none``): ``--compile=regional`` (the recipe's ``train.compile: regional``: compiled
       repeated blocks, autograd gradients) or ``--compile=full`` (``train.compile: true``: the whole
       update as one graph);
   (c) the reference: the step of diffusers' ``train_dreambooth_lora_flux_kontext.py`` with a peft
@@ -273,8 +273,8 @@ def bench_dtype(
 
 def main(
     config: str = "small",
-    steps: int = 3,
-    warmup: int = 1,
+    steps: int = 10,
+    warmup: int = 2,
     dtypes: str | tuple[str, ...] = "bfloat16,float32",
     compile: str = "regional",
     fp8: bool = False,

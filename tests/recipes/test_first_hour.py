@@ -160,3 +160,18 @@ def test_every_module_training_accepts_converts_or_is_refused_first() -> None:
 def test_short_runs_draw_their_moving_average() -> None:
     assert smoothing_window(1) == 0 and smoothing_window(5) == 5 and smoothing_window(20) == 10
     assert smoothing_window(5000) == 250
+
+
+def test_the_diffusers_file_is_written_before_anything_that_can_fail(
+    tiny_flux_dir: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recipes import lora_loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(lora_loop, "save_lora_comfyui", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        flux_kontext_lora.main(["train", *_args(tiny_flux_dir, data, out, 2)])
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "checkpoint-2").is_dir()
