@@ -4,11 +4,11 @@
                                     [--dtypes=bfloat16,float32] [--compile=regional|full|none] [--fp8]
 
 On the same weights (shared tensors) and batches, interleaved after warm-up, it times:
-  (a) qflux eager: ``make_train_step`` on a transformer prepared as the recipe does it
-      (``prepare_frozen_base``), torch.func gradients, pure AdamW;
-  (b) qflux compiled (skipped with ``--compile=none``): ``--compile=regional`` (the recipe's ``train.compile: regional``: compiled
-      repeated blocks, autograd gradients) or ``--compile=full`` (``train.compile: true``: the whole
-      update as one graph);
+  (a) qflux eager (the default on CPU): ``make_train_step`` on a transformer prepared as the recipe
+      does it (``prepare_frozen_base``), autograd-engine gradients, the flat pure AdamW;
+  (b) qflux compiled (skipped with ``--compile=none``): ``--compile=regional`` (the recipe's
+      ``train.compile: regional``: compiled repeated blocks, autograd gradients) or ``--compile=full``
+      (``train.compile: true``: the whole update as one graph, torch.func gradients);
   (c) the reference: the step of diffusers' ``train_dreambooth_lora_flux_kontext.py`` with a peft
       adapter: eager forward, loss, ``backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW.step()``
       and ``zero_grad()``.
