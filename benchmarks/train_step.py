@@ -227,7 +227,8 @@ def bench_dtype(
     peak_rss = 0.0  # the process's own peak RSS over the timed steps (all variants share one process)
     for i in range(warmup, warmup + steps):
         b = _batch(i, shape, device)
-        for name, fn in variants.items():
+        order = list(variants.items())
+        for name, fn in order if i % 2 == 0 else order[::-1]:  # alternate who goes first: no order bias
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
