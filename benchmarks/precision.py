@@ -41,15 +41,15 @@ VARIANTS = ("none", "fp8", "nf4", "fp4")
 
 
 def _bytes(path: Path) -> dict[str, float]:
-    from qflux.flux_kontext.loaders import load_flux_kontext_transformer
+    from qflux.flux_kontext.loaders import load_flux_kontext_part
     from qflux.quantize import weight_bytes
 
-    sizes = {v: weight_bytes(load_flux_kontext_transformer(path, torch.bfloat16, quantize=v)) for v in VARIANTS}
+    sizes = {v: weight_bytes(load_flux_kontext_part(path, "transformer", torch.bfloat16, quantize=v)) for v in VARIANTS}
     return {v: sizes[v] / sizes["none"] for v in VARIANTS} | {"bf16_bytes": float(sizes["none"])}
 
 
 def _forward_errors(path: Path) -> dict[str, float]:
-    from qflux.flux_kontext.loaders import load_flux_kontext_transformer
+    from qflux.flux_kontext.loaders import load_flux_kontext_part
     from qflux.flux_kontext.step import predict_velocity
 
     g = torch.Generator().manual_seed(0)
@@ -62,11 +62,11 @@ def _forward_errors(path: Path) -> dict[str, float]:
                 tr, {}, x, c, torch.tensor([0.6]), pooled, tokens, torch.tensor([2.5]), dtype=torch.bfloat16
             ).float()
 
-    ref = velocity(load_flux_kontext_transformer(path, torch.bfloat16))
+    ref = velocity(load_flux_kontext_part(path, "transformer", torch.bfloat16))
     out = {}
     for v in VARIANTS[1:]:
-        out[v] = float((velocity(load_flux_kontext_transformer(path, torch.bfloat16, quantize=v)) - ref).abs().max())
-    layerwise = load_flux_kontext_transformer(path, torch.bfloat16)
+        out[v] = float((velocity(load_flux_kontext_part(path, "transformer", torch.bfloat16, quantize=v)) - ref).abs().max())
+    layerwise = load_flux_kontext_part(path, "transformer", torch.bfloat16)
     layerwise.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     out["fp8_layerwise"] = float((velocity(layerwise) - ref).abs().max())
     return {k: val / float(ref.abs().max()) for k, val in out.items()}
@@ -77,7 +77,7 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
     tensors (unique storages: activations, and any weight copy made for the step), per variant and
     for diffusers' layerwise fp8 casting, as a fraction of the bf16 transformer's weight bytes."""
     from qflux.config import LoraConfig
-    from qflux.flux_kontext.loaders import load_flux_kontext_transformer
+    from qflux.flux_kontext.loaders import load_flux_kontext_part
     from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn
     from qflux.lora import inject_lora
     from qflux.quantize import weight_bytes
@@ -101,9 +101,9 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
         own = {t.untyped_storage().data_ptr() for t in (*tr.parameters(), *tr.buffers())}
         return sum(n for ptr, n in seen.items() if ptr not in own)
 
-    base = weight_bytes(load_flux_kontext_transformer(path, torch.bfloat16))
-    out = {v: saved(load_flux_kontext_transformer(path, torch.bfloat16, quantize=v)) / base for v in VARIANTS}
-    layerwise = load_flux_kontext_transformer(path, torch.bfloat16)
+    base = weight_bytes(load_flux_kontext_part(path, "transformer", torch.bfloat16))
+    out = {v: saved(load_flux_kontext_part(path, "transformer", torch.bfloat16, quantize=v)) / base for v in VARIANTS}
+    layerwise = load_flux_kontext_part(path, "transformer", torch.bfloat16)
     layerwise.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     layerwise.compute_dtype = torch.bfloat16  # its first parameter reports fp8 (qflux.quantize.compute_dtype)
     out["fp8_layerwise"] = saved(layerwise) / base

@@ -7,6 +7,8 @@
 | ``pytorch_lora_weights.safetensors`` | the LoRA in diffusers format, loadable on its own |
 | ``train_state.safetensors`` | the float32 LoRA tensors, AdamW moments and update count, exactly |
 | ``state.json`` | step, seed, data-loader position, non-finite counters, loss history |
+
+:func:`save_loop_state` / :func:`load_loop_state` write and read the whole :class:`qflux.loop.LoopState`.
 | ``config.yaml`` | the resolved config of the run |
 
 A checkpoint is written into a hidden temporary folder that is renamed into place, so a kill
@@ -30,6 +32,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from qflux.errors import QfluxError
+from qflux.loop import LoopState, start_state
 from qflux.optim import AdamWState
 from qflux.train_state import TrainState
 
@@ -171,3 +174,48 @@ def incompatibilities(saved: Mapping[str, Any], current: Mapping[str, Any], keys
     return [
         f"{k} (checkpoint {get(saved, k)!r}, now {get(current, k)!r})" for k in keys if get(saved, k) != get(current, k)
     ]
+
+
+def save_loop_state(
+    out_dir: str | Path,
+    state: LoopState,
+    config: Mapping[str, Any],
+    *,
+    write_lora: Callable[[Path], object],
+    total_limit: int | None,
+) -> Path:
+    """Checkpoint the whole loop state (its pending metrics flushed first: :func:`qflux.loop.flush`)."""
+    if state.pending:
+        raise ValueError("flush the loop state's pending metrics before checkpointing it")
+    counters = torch.stack([state.skipped, state.streak, state.worst]).tolist()  # one host sync
+    meta = {
+        "data_position": list(state.position),
+        "losses": list(state.losses),
+        "nonfinite_total": int(counters[0]),
+        "nonfinite_streak": int(counters[1]),
+        "nonfinite_worst": int(counters[2]),
+    }
+    return save_checkpoint(out_dir, state.train, meta, config, write_lora=write_lora, total_limit=total_limit)
+
+
+def load_loop_state(ckpt: Checkpoint, device: torch.device) -> LoopState:
+    """The loop state a checkpoint holds, its tensors on ``device``. A checkpoint written before the
+    streak was saved resumes with a streak of 0."""
+    train = ckpt.state
+    moved = attrs.evolve(
+        train,
+        lora={k: v.to(device) for k, v in train.lora.items()},
+        opt=train.opt._replace(
+            exp_avg={k: v.to(device) for k, v in train.opt.exp_avg.items()},
+            exp_avg_sq={k: v.to(device) for k, v in train.opt.exp_avg_sq.items()},
+        ),
+    )
+    meta = ckpt.meta
+    return start_state(
+        moved,
+        position=tuple(meta.get("data_position", (0, 0))),
+        losses=meta.get("losses", []),
+        skipped=int(meta.get("nonfinite_total", 0)),
+        streak=int(meta.get("nonfinite_streak", 0)),
+        worst=int(meta.get("nonfinite_worst", 0)),
+    )

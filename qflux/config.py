@@ -1,18 +1,18 @@
-"""The configuration schemas of the LoRA recipes: one frozen attrs tree per model.
+"""The configuration schema of the LoRA recipes: one root shared by every model, plus its model section.
 
-The sections both models read (data, optimizer, schedule, the training loop, logging, cache,
-validation) are shared classes; a model's own keys live in its subclass (FLUX's guidance and
-second text encoder, Qwen's variant). Defaults live here and nowhere else. They describe the
-built-in demo run (a tiny model and the synthetic dataset), so ``python -m
-recipes.flux_kontext_lora`` and ``python -m recipes.qwen_image_edit_lora`` work with no arguments;
-the YAML files in ``recipes/configs/`` set the values for the real models. Every key is read by
-the code.
+:class:`RecipeConfig` holds the sections every model reads (data, optimizer, schedule, the
+training loop, logging, cache, devices, validation); a model's own keys live in its ``model``
+section (FLUX's sequence length and guidance, Qwen's variant) and its ``devices`` section names its
+components. Defaults live here and nowhere else. They describe the built-in demo run (a tiny model
+and the synthetic dataset), so ``python -m recipes.flux_kontext_lora`` and ``python -m
+recipes.qwen_image_edit_lora`` work with no arguments; the YAML files in ``recipes/configs/`` set
+the values for the real models. Every key is read by the code.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
@@ -24,6 +24,18 @@ BUILTIN_SYNTHETIC_DATASET = "builtin:synthetic"
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = ("bfloat16", "float16", "float32")
+
+
+def field_order(cls: type) -> list[Any]:
+    """The attrs fields of ``cls`` in the order the root-most class declares them (a field a
+    subclass redeclares, to give it its own type or default, keeps its place), then its own."""
+    seen: dict[str, Any] = {}
+    for klass in reversed([k for k in cls.__mro__ if attrs.has(k)]):
+        for f in attrs.fields(klass):
+            if not f.inherited and f.name not in seen:
+                seen[f.name] = None
+    by_name = {f.name: f for f in attrs.fields(cls)}
+    return [by_name[name] for name in seen]
 
 
 def _positive(inst: Any, att: Any, value: Any) -> None:
@@ -81,8 +93,13 @@ class LoraConfig:
 
 
 @attrs.frozen
-class FrozenWeights:
-    """How the frozen model weights are held (both models)."""
+class ModelSection:
+    """Which model to load and how (the keys every model has)."""
+
+    recipe: ClassVar[str] = "lora"
+    """The recipe's name: ``logging.output_dir`` defaults to ``outputs/<recipe>``."""
+    pretrained_model_name_or_path: str
+    """Local diffusers folder or hub id (each model section sets its built-in default)."""
 
     dtype: Dtype = attrs.field(default="bfloat16", validator=v.in_(DTYPES))
     """dtype of the frozen weights for train, cache and predict. LoRA weights train in float32."""
@@ -97,23 +114,28 @@ class FrozenWeights:
     quantize_text_encoders: bool = False
     """Also store the text encoders' linear weights as model.quantize says, wherever they load:
     the cache command, training without the cache, and predict."""
-
-
-@attrs.frozen
-class ModelConfig(FrozenWeights):
-    """Which model to load and how."""
-
-    pretrained_model_name_or_path: str = BUILTIN_TINY_FLUX_KONTEXT
-    """Local diffusers folder or hub id; 'builtin:tiny-flux-kontext' builds a tiny random model."""
-    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
-    """T5 token length of the prompt embedding (FLUX.1 uses 512)."""
     lora: LoraConfig = attrs.field(factory=LoraConfig)
 
 
 @attrs.frozen
-class QwenModelConfig(FrozenWeights):
-    """Which Qwen-Image-Edit model to load and how."""
+class FluxKontextModel(ModelSection):
+    """The FLUX.1 Kontext model section."""
 
+    recipe: ClassVar[str] = "flux_kontext_lora"
+    pretrained_model_name_or_path: str = BUILTIN_TINY_FLUX_KONTEXT
+    """Local diffusers folder or hub id; 'builtin:tiny-flux-kontext' builds a tiny random model."""
+    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
+    """T5 token length of the prompt embedding (FLUX.1 uses 512)."""
+    guidance_scale: float = attrs.field(default=2.5, validator=_non_negative)
+    """Guidance value fed to the guidance-distilled transformer: in training, in validation and the
+    sample, and predict's default (Kontext's own)."""
+
+
+@attrs.frozen
+class QwenImageEditModel(ModelSection):
+    """The Qwen-Image-Edit(-Plus) model section."""
+
+    recipe: ClassVar[str] = "qwen_image_edit_lora"
     pretrained_model_name_or_path: str = BUILTIN_TINY_QWEN_IMAGE_EDIT
     """Local diffusers folder or hub id; 'builtin:tiny-qwen-image-edit' builds a tiny random model
     (of the configured variant)."""
@@ -121,7 +143,6 @@ class QwenModelConfig(FrozenWeights):
     """'edit': Qwen-Image-Edit, one control image per sample. 'edit_plus': Qwen-Image-Edit-2509,
     0 to 3 control images per sample (control_images/NAME, NAME_control_1, NAME_control_2), each
     seen by the vision-language encoder at ~384² and by the VAE."""
-    lora: LoraConfig = attrs.field(factory=LoraConfig)
 
 
 @attrs.frozen
@@ -137,7 +158,8 @@ class DataConfig:
     prompt_image_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
     """Probability that a sample's control latents are replaced by zeros."""
     max_pixels: int | None = attrs.field(default=1024 * 1024, validator=_positive_or_none)
-    """Images larger than this area are scaled down (aspect kept) before rounding to 16."""
+    """Images larger than this area are scaled down (aspect kept) before their sides are floored to
+    the model's multiple (16 for FLUX.1)."""
     shuffle: bool = True
     """Shuffle batches each epoch (the order depends only on seed and epoch)."""
     num_workers: int = attrs.field(default=0, validator=_non_negative)
@@ -236,13 +258,6 @@ class TrainConfig:
     """Keep only the newest this many checkpoints (null: keep all)."""
     max_nonfinite_steps: int = attrs.field(default=10, validator=_positive)
     """Stop after this many steps in a row whose loss or gradient was not finite (each is skipped)."""
-    device: str = _device_field()
-    """Where the transformer and the training step run ('auto': cuda if available, else cpu)."""
-    vae_encoder_device: str = _device_field()
-    """Where the VAE encodes images during training without the cache."""
-    text_encoder_device: str = _device_field()
-    """Where the text encoder (CLIP; Qwen2.5-VL) encodes prompts during training without the cache."""
-
     def __attrs_post_init__(self) -> None:
         if self.compile is True and self.gradient_checkpointing:
             raise ValueError(
@@ -257,16 +272,6 @@ class TrainConfig:
 
 
 @attrs.frozen
-class FluxTrainConfig(TrainConfig):
-    """The training loop plus FLUX.1 Kontext's own inputs."""
-
-    guidance_scale: float = attrs.field(default=2.5, validator=_non_negative)
-    """Guidance value fed to the guidance-distilled transformer in training (Kontext's predict default)."""
-    text_encoder_2_device: str = _device_field()
-    """Where T5 encodes prompts during training without the cache."""
-
-
-@attrs.frozen
 class CacheConfig:
     """The embedding cache (``cache`` command, and training with ``use_cache``)."""
 
@@ -274,62 +279,37 @@ class CacheConfig:
     """Train from cached latents and embeddings; only the transformer is loaded."""
     cache_dir: str = "outputs/cache"
     """Root of the content-addressed cache; safe to share between runs, datasets and models."""
-    vae_encoder_device: str = _device_field()
-    """Where the VAE runs while caching."""
-    text_encoder_device: str = _device_field()
-    """Where the text encoder (CLIP; Qwen2.5-VL) runs while caching."""
 
 
 @attrs.frozen
-class FluxCacheConfig(CacheConfig):
-    """The embedding cache, with FLUX.1 Kontext's second text encoder."""
+class Devices:
+    """Where each component runs, for every command: training, caching, validation and predict
+    ('auto': cuda if available, else cpu; 'cpu', 'cuda', 'cuda:N', 'mps')."""
 
-    text_encoder_2_device: str = _device_field()
-    """Where T5 runs while caching."""
-
-
-@attrs.frozen
-class PredictDevices:
-    """Placement of each component for the predict command."""
-
-    vae: str = _device_field()
-    """Where the VAE encodes the control image and decodes the result (also validation decodes
-    when training from the cache)."""
-    text_encoder: str = _device_field()
-    """Where the text encoder (CLIP; Qwen2.5-VL with the control images) encodes the prompt in the
-    predict command."""
     transformer: str = _device_field()
-    """Where the transformer denoises in the predict command."""
+    """The transformer: the training step, previews, predict's denoising."""
+    vae: str = _device_field()
+    """The VAE: encoding images (training without the cache, caching, predict) and decoding
+    (predict, validation and the sample; from the cache it loads only for those and is freed)."""
+    text_encoder: str = _device_field()
+    """The text encoder (CLIP; Qwen2.5-VL with the control images)."""
 
 
 @attrs.frozen
-class FluxPredictDevices(PredictDevices):
-    """Placement of each FLUX.1 Kontext component for the predict command."""
+class FluxDevices(Devices):
+    """Where each FLUX.1 Kontext component runs."""
 
     text_encoder_2: str = _device_field()
-    """Where T5 encodes the prompt in the predict command."""
-
-
-@attrs.frozen
-class PredictConfig:
-    """Settings of the predict command that live in the config file."""
-
-    devices: PredictDevices = attrs.field(factory=PredictDevices)
-
-
-@attrs.frozen
-class FluxPredictConfig:
-    """Settings of the FLUX.1 Kontext predict command that live in the config file."""
-
-    devices: FluxPredictDevices = attrs.field(factory=FluxPredictDevices)
+    """T5."""
 
 
 @attrs.frozen
 class LoggingConfig:
     """Where results go."""
 
-    output_dir: str = "outputs/flux_kontext_lora"
-    """Folder for the LoRA, the resolved config, the loss curve and the sample image."""
+    output_dir: str | None = None
+    """Folder for the LoRA, the checkpoints, the resolved config, the loss curve and the sample
+    image. null: outputs/<recipe> (outputs/flux_kontext_lora, outputs/qwen_image_edit_lora)."""
     write_sample: bool = True
     """Write sample.png at the end: the first sample's control image(s) | target | the edit before
     and after training (same seed, its conditioning from the training data path, at the target's
@@ -340,19 +320,11 @@ class LoggingConfig:
     """Where scalars (loss, lr, grad_norm, steps/s, samples/s, val_loss) and validation grids go:
     TensorBoard event files, a metrics.jsonl file, or nowhere."""
     logging_dir: str = "logs"
-    """Folder of the TensorBoard events / metrics.jsonl; relative paths are under output_dir."""
+    """Folder of the TensorBoard events / metrics.jsonl, under output_dir."""
     overwrite: bool = False
     """A fresh run into an output_dir that holds another run's LoRA or checkpoints stops with exit
     code 2 and changes nothing. true: remove what qflux wrote there (LoRA files, checkpoints, config,
     pictures, logs) first, and list it."""
-
-
-@attrs.frozen
-class QwenLoggingConfig(LoggingConfig):
-    """Where the Qwen-Image-Edit recipe's results go."""
-
-    output_dir: str = "outputs/qwen_image_edit_lora"
-    """Folder for the LoRA, the resolved config, the loss curve and the sample image."""
 
 
 @attrs.frozen
@@ -377,43 +349,46 @@ class ValidationConfig:
 
 
 @attrs.frozen
-class FluxKontextConfig:
-    """The whole FLUX.1 Kontext LoRA recipe configuration."""
+class RecipeConfig:
+    """A LoRA recipe's whole configuration: the sections every model shares, its model section and
+    its devices (the subclasses name the model's own)."""
 
     seed: int = 0
     """Seeds every random draw: LoRA init, data order, noise, timesteps and dropout."""
     resume_from_checkpoint: str | None = None
     """'latest' (the newest checkpoint in logging.output_dir, or a fresh start if none), a
     checkpoint folder, or null for a fresh run."""
-    model: ModelConfig = attrs.field(factory=ModelConfig)
-    data: DataConfig = attrs.field(factory=DataConfig)
-    optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
-    lr_scheduler: LrSchedulerConfig = attrs.field(factory=LrSchedulerConfig)
-    train: FluxTrainConfig = attrs.field(factory=FluxTrainConfig)
-    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
-    cache: FluxCacheConfig = attrs.field(factory=FluxCacheConfig)
-    predict: FluxPredictConfig = attrs.field(factory=FluxPredictConfig)
-    validation: ValidationConfig = attrs.field(factory=ValidationConfig)
-
-
-@attrs.frozen
-class QwenImageEditConfig:
-    """The whole Qwen-Image-Edit(-Plus) LoRA recipe configuration."""
-
-    seed: int = 0
-    """Seeds every random draw: LoRA init, data order, noise, timesteps and dropout."""
-    resume_from_checkpoint: str | None = None
-    """'latest' (the newest checkpoint in logging.output_dir, or a fresh start if none), a
-    checkpoint folder, or null for a fresh run."""
-    model: QwenModelConfig = attrs.field(factory=QwenModelConfig)
+    model: ModelSection = attrs.field(kw_only=True)
+    """The model and how its frozen weights are held (each recipe's subclass names its section)."""
     data: DataConfig = attrs.field(factory=DataConfig)
     optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
     lr_scheduler: LrSchedulerConfig = attrs.field(factory=LrSchedulerConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
-    logging: QwenLoggingConfig = attrs.field(factory=QwenLoggingConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
-    predict: PredictConfig = attrs.field(factory=PredictConfig)
+    devices: Devices = attrs.field(factory=Devices)
+    """Where each component runs."""
     validation: ValidationConfig = attrs.field(factory=ValidationConfig)
 
+    @property
+    def output_dir(self) -> str:
+        """``logging.output_dir``, or ``outputs/<recipe>`` when it is null."""
+        return self.logging.output_dir or f"outputs/{type(self.model).recipe}"
 
-RecipeConfig = FluxKontextConfig | QwenImageEditConfig
+
+@attrs.frozen
+class FluxKontextConfig(RecipeConfig):
+    """The FLUX.1 Kontext LoRA recipe's configuration."""
+
+    model: FluxKontextModel = attrs.field(factory=FluxKontextModel)
+    """FLUX.1 Kontext, and how its frozen weights are held."""
+    devices: FluxDevices = attrs.field(factory=FluxDevices)
+    """Where each FLUX.1 Kontext component runs."""
+
+
+@attrs.frozen
+class QwenImageEditConfig(RecipeConfig):
+    """The Qwen-Image-Edit(-Plus) LoRA recipe's configuration."""
+
+    model: QwenImageEditModel = attrs.field(factory=QwenImageEditModel)
+    """Qwen-Image-Edit, and how its frozen weights are held."""

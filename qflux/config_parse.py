@@ -1,8 +1,10 @@
 """Turning YAML files and ``--a.b=c`` overrides into a frozen config tree, at the edge only.
 
-Unknown keys are rejected with the closest valid key; values are coerced to the schema's types
-(``"true"`` → ``True``, ``"1e-4"`` → ``1e-4``) and range-checked by the schema's validators, all
-before any model loads.
+cattrs structures the nested mapping into the attrs schema (``forbid_extra_keys``: an unknown key is
+an error that names the closest valid key). The hooks below add what the command line needs on top
+of the values fire and YAML already parsed: ``"true"``, ``"8"``, ``"1e-4"`` and ``"null"`` given as
+text, a list typed without inner quotes (``[to_q, to_out.0]``), and messages that say which key and
+what it accepts. Ranges are the schema's own validators; all of it runs before any model loads.
 """
 
 from __future__ import annotations
@@ -10,31 +12,32 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+import cattrs
 import yaml
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from qflux.config import field_order
 from qflux.errors import QfluxError
 
 T = TypeVar("T")
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+_NULL = {"null", "none"}
 
 
 def schema_keys(cls: type, prefix: str = "") -> list[str]:
     """All dotted leaf keys of an attrs schema, e.g. ``['seed', 'model.lora.r', ...]``."""
     attrs.resolve_types(cls)
     keys: list[str] = []
-    for f in attrs.fields(cls):
+    for f in field_order(cls):
         name = prefix + f.name
-        if isinstance(f.type, type) and attrs.has(f.type):
-            keys += schema_keys(f.type, name + ".")
-        else:
-            keys.append(name)
+        keys += schema_keys(f.type, name + ".") if isinstance(f.type, type) and attrs.has(f.type) else [name]
     return keys
 
 
@@ -48,111 +51,136 @@ def _closest(key: str, options: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` to the annotated type ``tp`` or raise ``ValueError`` naming ``key``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        is_null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
-        if is_null and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(" / ".join(errors) if errors else f"{key}: invalid value {value!r}")
-    if origin is typing.Literal:
-        if isinstance(value, str) and value in args:
+def _scalar(tp: type) -> Callable[[Any, Any], Any]:
+    """Structure hook of bool / int / float / str that also takes their spelling as text."""
+
+    def hook(value: Any, _: Any) -> Any:
+        if isinstance(value, str) and tp is not str:
+            text = value.strip().lower()
+            if tp is bool and text in _TRUE | _FALSE:
+                return text in _TRUE
+            if tp is not bool:
+                try:
+                    return tp(value)
+                except ValueError:
+                    pass
+        elif tp is bool and isinstance(value, bool):
             return value
-        raise ValueError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
-    if origin is tuple:
-        if isinstance(value, str) and value.strip().startswith("["):  # [to_q, to_out.0]: a list fire left as text
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise ValueError(f"{key} must be a list like [a, b]; got {value!r}") from None
-        items = [value] if isinstance(value, str | int | float) else value
-        if not isinstance(items, list | tuple):
-            raise ValueError(f"{key} must be a list; got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(x, args[0], key) for x in items)
-        if len(items) != len(args):
-            raise ValueError(f"{key} must be a list of {len(args)} values; got {value!r}")
-        return tuple(_coerce(x, a, key) for x, a in zip(items, args, strict=True))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise ValueError(f"{key} must be true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
+        elif not isinstance(value, bool) and tp is not bool:
+            if tp is int and (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
                 return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{key} must be an integer; got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{key} must be a number; got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError(f"{key} must be a string; got {value!r}")
-    raise ValueError(f"{key}: unsupported schema type {tp!r}")  # pragma: no cover - schema bug
+            if tp in (float, str) and isinstance(value, int | float | str):
+                return tp(value)
+        raise ValueError(f"must be {_NAMES[tp]}; got {value!r}")
+
+    return hook
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", prefix: str = "") -> T:
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _literal(value: Any, tp: Any) -> Any:
+    if isinstance(value, str) and value in typing.get_args(tp):
+        return value
+    raise ValueError(f"must be one of {', '.join(map(repr, typing.get_args(tp)))}; got {value!r}")
+
+
+def _union(value: Any, tp: Any) -> Any:
+    """The first member of the union that takes ``value`` (``"null"``/``"none"`` for None)."""
+    args = typing.get_args(tp)
+    if type(None) in args and (value is None or isinstance(value, str) and value.lower() in _NULL):
+        return None
+    errors = []
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return CONVERTER.structure(value, arg)
+        except (ValueError, TypeError, ClassValidationError, IterableValidationError) as e:
+            errors.append(_message(e))
+    raise ValueError(" / ".join(errors))
+
+
+def _tuple(value: Any, tp: Any) -> tuple[Any, ...]:
+    """A list (or a text like ``[to_q, to_out.0]``, or one item) as the tuple type ``tp``."""
+    if isinstance(value, str) and value.strip().startswith("["):  # a list fire left as text
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"must be a list like [a, b]; got {value!r}") from None
+    items = [value] if isinstance(value, str | int | float) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"must be a list; got {value!r}")
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(CONVERTER.structure(x, args[0]) for x in items)
+    if len(items) != len(args):
+        raise ValueError(f"must be a list of {len(args)} values; got {value!r}")
+    return tuple(CONVERTER.structure(x, a) for x, a in zip(items, args, strict=True))
+
+
+CONVERTER = cattrs.Converter(forbid_extra_keys=True)
+for _tp in (bool, int, float, str):
+    CONVERTER.register_structure_hook(_tp, _scalar(_tp))
+CONVERTER.register_structure_hook_func(lambda t: typing.get_origin(t) is typing.Literal, _literal)
+CONVERTER.register_structure_hook_func(lambda t: typing.get_origin(t) in (typing.Union, types.UnionType), _union)
+CONVERTER.register_structure_hook_func(lambda t: typing.get_origin(t) is tuple, _tuple)
+
+
+def _message(e: BaseException) -> str:
+    """The first leaf error of a cattrs error tree, as '<dotted key> <what it accepts>'."""
+    for text in cattrs.transform_error(e, format_exception=lambda exc, _: str(exc)):
+        what, _, where = text.rpartition(" @ $")
+        key = where.lstrip(".").replace("[", ".").replace("]", "")
+        if what.startswith("must "):  # a hook above: the key is the value's own
+            return f"{key} {what}"
+        first, _, rest = what.partition(" ")
+        name = first.strip("'")
+        if name.isidentifier() and rest:  # a schema validator: it names its field, in the section at key
+            return f"{key}.{name} {rest}" if key else what
+        return f"{key}: {what}" if key else what
+    return str(e)
+
+
+def _unknown_key(e: BaseException) -> tuple[str, str] | None:
+    """(dotted unknown key, its section prefix) of the first ForbiddenExtraKeysError in ``e``."""
+    for exc, note in _leaves(e, ""):
+        if isinstance(exc, ForbiddenExtraKeysError):
+            return note + sorted(exc.extra_fields)[0], note
+    return None
+
+
+def _leaves(e: BaseException, prefix: str) -> typing.Iterator[tuple[BaseException, str]]:
+    """Each leaf error of a cattrs error tree with the dotted prefix of the section it is in."""
+    if isinstance(e, ClassValidationError):
+        with_notes, without = e.group_exceptions()
+        for sub, note in with_notes:
+            yield from _leaves(sub, f"{prefix}{note.name}.")
+        for sub in without:
+            yield from _leaves(sub, prefix)
+    else:
+        yield e, prefix
+
+
+def structure(cls: type[T], data: Mapping[str, Any], *, source: str = "config") -> T:
     """Build the attrs schema ``cls`` from a nested mapping.
 
     Args:
-        cls: an ``attrs`` class whose fields may themselves be attrs classes.
-        data: nested mapping, e.g. parsed YAML.
         source: where ``data`` came from (a file name), used in error messages.
-        prefix: dotted path of ``cls`` inside the root (for messages).
 
     Raises:
-        QfluxError: an unknown key (with the closest valid key) or an invalid value.
+        QfluxError: an unknown key (with the closest valid key) or an invalid value, naming the key.
     """
-    attrs.resolve_types(cls)  # type: ignore[type-var]
     if not isinstance(data, Mapping):
-        raise QfluxError(f"{source}: '{prefix.rstrip('.') or 'root'}' must be a mapping, got {data!r}")
-    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = prefix + str(key)
-        if key not in fields:
-            options = [prefix + k for k in fields]
-            raise QfluxError(f"{source}: unknown config key '{dotted}'{_closest(dotted, options)}")
-        ftype = fields[key].type
-        if isinstance(ftype, type) and attrs.has(ftype):
-            kwargs[key] = from_dict(ftype, value or {}, source=source, prefix=dotted + ".")
-        else:
-            try:
-                kwargs[key] = _coerce(value, ftype, dotted)
-            except ValueError as e:
-                raise QfluxError(f"{source}: {e}") from None
+        raise QfluxError(f"{source}: the config must be a mapping of sections, got {data!r}")
     try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        where = prefix.rstrip(".") or "config"
-        raise QfluxError(f"{source}: invalid value in '{where}': {e}") from None
+        return CONVERTER.structure(dict(data), cls)
+    except (ClassValidationError, ForbiddenExtraKeysError) as e:
+        unknown = _unknown_key(e)
+        if unknown is not None:
+            key, _ = unknown
+            raise QfluxError(f"{source}: unknown config key '{key}'{_closest(key, schema_keys(cls))}") from None
+        raise QfluxError(f"{source}: {_message(e)}") from None
+    except (ValueError, TypeError) as e:  # a validator of the schema (ranges, combinations)
+        raise QfluxError(f"{source}: invalid value: {e}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], cls: type) -> dict[str, Any]:
@@ -197,14 +225,15 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Mapping[str, A
         if loaded is not None and not isinstance(loaded, dict):
             raise QfluxError(f"config file '{p}' must hold a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
-        from_dict(cls, data, source=source)  # report file errors against the file
+        structure(cls, data, source=source)  # report file errors against the file
     merged = apply_overrides(data, overrides, cls)
-    return from_dict(cls, merged, source=source if not overrides else f"{source} + overrides")
+    return structure(cls, merged, source=source if not overrides else f"{source} + overrides")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config tree (tuples become lists), ready for YAML or JSON."""
-    result: dict[str, Any] = attrs.asdict(
-        cfg, value_serializer=lambda _i, _f, v: list(v) if isinstance(v, tuple) else v
-    )
-    return result
+    """Plain nested dict of a config tree in schema order (tuples become lists), ready for YAML or JSON."""
+    if isinstance(cfg, tuple):
+        return [to_dict(x) for x in cfg]  # type: ignore[return-value]
+    if not attrs.has(type(cfg)):
+        return cfg  # type: ignore[no-any-return]
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in field_order(type(cfg))}

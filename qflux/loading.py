@@ -6,7 +6,7 @@ mode with ``requires_grad`` off; failures are one sentence naming the folder.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,37 +91,62 @@ def load_component(
     return frozen(module, device)
 
 
-def load_tokenizer(model_path: str | Path, subfolder: str, *, pipeline: str) -> Any:
-    """The tokenizer saved in ``subfolder`` (``AutoTokenizer``)."""
-    from transformers import AutoTokenizer
+Table = Mapping[str, Any]
+"""A model's loaders: {component (its subfolder): a class with ``from_pretrained``, or a function
+``folder → component``}. Classes that are ``torch.nn.Module`` load as frozen weights."""
 
-    path = component_folder(model_path, subfolder, pipeline=pipeline)
+
+def _is_weights(how: Any) -> bool:
+    """Whether a table entry is a module with weights (the others are tokenizers, processors, schedulers)."""
+    return isinstance(how, type) and issubclass(how, torch.nn.Module)
+
+
+def load_part(
+    table: Table,
+    model_path: str | Path,
+    name: str,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    *,
+    pipeline: str,
+    quantize: str = "none",
+) -> Any:
+    """Component ``name`` of a model folder by its entry in ``table``: weights frozen in
+    ``weight_dtype`` on ``device`` (:func:`load_component`), or a tokenizer, processor or scheduler.
+
+    Raises:
+        QfluxError: the folder lacks the component or it does not load (one sentence naming it).
+    """
+    how: Any = table[name]
+    if _is_weights(how):
+        return load_component(how, model_path, name, weight_dtype, device, pipeline=pipeline, quantize=quantize)
+    folder = component_folder(model_path, name, pipeline=pipeline) / name
     try:
-        return AutoTokenizer.from_pretrained(path / subfolder)
-    except (OSError, ValueError) as e:
-        raise QfluxError(f"could not load {subfolder} from '{path / subfolder}': {e}") from None
+        load = getattr(how, "from_pretrained", how)  # a class's constructor from a folder, or a function
+        return load(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise QfluxError(f"could not load {name} from '{folder}': {e}") from None
 
 
-def load_scheduler(model_path: str | Path, *, pipeline: str) -> Any:
-    """The flow-matching Euler scheduler (``scheduler/``) whose config predict and training read."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    path = component_folder(model_path, "scheduler", pipeline=pipeline)
-    return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-
-
-def load_included(
-    loaders: Mapping[str, Callable[..., Any]],
-    path: Path,
+def load_parts(
+    table: Table,
+    model_path: str | Path,
     weight_dtype: torch.dtype,
+    *,
+    pipeline: str,
     include: Sequence[str],
-    device: str | torch.device,
-    devices: Mapping[str, str | torch.device] | None,
-    quantize: Mapping[str, str] | None,
+    devices: Mapping[str, str | torch.device] | None = None,
+    quantize: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """{component: loaded} for each of ``include``, by its loader ``(path, dtype, device, quantize)``,
-    placed on ``devices[name]`` (else ``device``) and quantized as ``quantize[name]`` (else none)."""
+    """{component: loaded} for every entry of ``table``: the weights named in ``include`` (the others
+    None) placed on ``devices[name]`` (default cpu) and quantized as ``quantize[name]`` (default
+    none), and every tokenizer, processor and scheduler (they are small)."""
+    light = [name for name, how in table.items() if not _is_weights(how)]
+    path = resolve_model_dir(str(model_path), [*include, *light], pipeline=pipeline)
     place, plan = devices or {}, quantize or {}
-    return {
-        name: loaders[name](path, weight_dtype, place.get(name, device), plan.get(name, "none")) for name in include
-    }
+    out = {name: None for name in table}
+    for name in [*include, *light]:
+        out[name] = load_part(
+            table, path, name, weight_dtype, place.get(name, "cpu"), pipeline=pipeline, quantize=plan.get(name, "none")
+        )
+    return out

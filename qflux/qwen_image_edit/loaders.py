@@ -1,12 +1,13 @@
-"""Loading Qwen-Image-Edit components one at a time from a diffusers-layout folder.
+"""Loading Qwen-Image-Edit(-Plus) from a diffusers-layout folder: one table of its components.
 
-The same contract as the FLUX.1 Kontext loaders (:mod:`qflux.loading`): frozen, eval mode, on the
-requested device, one-sentence errors naming the folder. The processor is rebuilt without
-torchvision (:mod:`qflux.qwen_image_edit.processor`).
+The same contract as FLUX.1 Kontext's (:mod:`qflux.loading`): frozen, eval mode, on the requested
+device, one-sentence errors naming the folder. The processor is rebuilt without torchvision
+(:mod:`qflux.qwen_image_edit.processor`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,88 +15,44 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.errors import QfluxError
-from qflux.loading import component_folder, load_component, load_included, load_scheduler, load_tokenizer
-from qflux.model_dir import resolve_model_dir
+from qflux.loading import Table, load_part, load_parts
 from qflux.qwen_image_edit.processor import load_qwen_processor
 
 PIPELINE = "Qwen-Image-Edit"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
+ENCODERS = ("vae", "text_encoder")
+"""Components used only to encode images and prompts (not loaded when training from the cache)."""
 
 
-def load_qwen_image_edit_text_encoder(
+@functools.cache
+def table() -> Table:
+    """{component: how it loads}: the QwenImage transformer, its autoencoder (images [B, 3, 1, H, W]
+    ↔ latents [B, 16, 1, H/8, W/8], normalised with ``latents_mean`` / ``latents_std``), the
+    Qwen2.5-VL encoder (vision tower included: hidden states of the prompt with its control
+    image(s) [B, S, 3584]), the Qwen2 tokenizer, the Qwen2-VL processor and the scheduler."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    return {
+        "transformer": QwenImageTransformer2DModel,
+        "vae": AutoencoderKLQwenImage,
+        "text_encoder": Qwen2_5_VLForConditionalGeneration,
+        "tokenizer": AutoTokenizer,
+        "processor": load_qwen_processor,
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+    }
+
+
+def load_qwen_image_edit_part(
     model_path: str | Path,
+    name: str,
     weight_dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    *,
     quantize: str = "none",
 ) -> Any:
-    """The Qwen2.5-VL encoder (``text_encoder/``, vision tower included): hidden states of the
-    prompt with its control image(s) [B, S, 3584]."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return load_component(
-        Qwen2_5_VLForConditionalGeneration,
-        model_path,
-        "text_encoder",
-        weight_dtype,
-        device,
-        pipeline=PIPELINE,
-        quantize=quantize,
-    )
-
-
-def load_qwen_image_edit_vae(
-    model_path: str | Path,
-    weight_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    quantize: str = "none",
-) -> Any:
-    """The QwenImage autoencoder (``vae/``): images [B, 3, 1, H, W] ↔ latents [B, 16, 1, H/8, W/8],
-    normalised with ``latents_mean`` / ``latents_std``."""
-    from diffusers import AutoencoderKLQwenImage
-
-    return load_component(
-        AutoencoderKLQwenImage, model_path, "vae", weight_dtype, device, pipeline=PIPELINE, quantize=quantize
-    )
-
-
-def load_qwen_image_edit_transformer(
-    model_path: str | Path,
-    weight_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    quantize: str = "none",
-) -> Any:
-    """The QwenImage transformer (``transformer/``)."""
-    from diffusers import QwenImageTransformer2DModel
-
-    return load_component(
-        QwenImageTransformer2DModel,
-        model_path,
-        "transformer",
-        weight_dtype,
-        device,
-        pipeline=PIPELINE,
-        quantize=quantize,
-    )
-
-
-def load_qwen_image_edit_tokenizer(model_path: str | Path) -> Any:
-    """The Qwen2 tokenizer (``tokenizer/``)."""
-    return load_tokenizer(model_path, "tokenizer", pipeline=PIPELINE)
-
-
-def load_qwen_image_edit_processor(model_path: str | Path) -> Any:
-    """The Qwen2-VL processor (``processor/``): tokenizer plus the vision patching settings."""
-    path = component_folder(model_path, "processor", pipeline=PIPELINE)
-    try:
-        return load_qwen_processor(path / "processor")
-    except (OSError, ValueError, KeyError) as e:
-        raise QfluxError(f"could not load processor from '{path / 'processor'}': {e}") from None
-
-
-def load_qwen_image_edit_scheduler(model_path: str | Path) -> Any:
-    """The flow-matching Euler scheduler (``scheduler/``): Qwen-Image's exponential time shift."""
-    return load_scheduler(model_path, pipeline=PIPELINE)
+    """One component of a Qwen-Image-Edit folder (:func:`table` names them)."""
+    return load_part(table(), model_path, name, weight_dtype, device, pipeline=PIPELINE, quantize=quantize)
 
 
 @attrs.frozen(eq=False)
@@ -119,31 +76,19 @@ class QwenImageEditModels:
 def load_qwen_image_edit(
     model_path: str | Path,
     weight_dtype: torch.dtype,
-    device: str | torch.device = "cpu",
     *,
+    include: Sequence[str] = ("transformer", *ENCODERS),
     devices: Mapping[str, str | torch.device] | None = None,
-    include: Sequence[str] = ("transformer", "vae", "text_encoder"),
     quantize: Mapping[str, str] | None = None,
 ) -> QwenImageEditModels:
-    """Load the components a job needs from a Qwen-Image-Edit(-Plus) folder; the rest stay ``None``.
-
-    The tokenizer, processor and scheduler are always loaded (they are small).
+    """The components a job needs from a Qwen-Image-Edit(-Plus) folder (the weights in ``include``;
+    the rest stay ``None``), plus the tokenizer, the processor and the scheduler.
 
     Args:
+        devices: {component: device} (default cpu).
         quantize: {component: none / fp8 / nf4 / fp4} for the transformer and the text encoder.
     """
-    path = resolve_model_dir(str(model_path), [*include, "tokenizer", "processor", "scheduler"], pipeline=PIPELINE)
-    loaders = {
-        "transformer": load_qwen_image_edit_transformer,
-        "vae": load_qwen_image_edit_vae,
-        "text_encoder": load_qwen_image_edit_text_encoder,
-    }
-    loaded = load_included(loaders, path, weight_dtype, include, device, devices, quantize)
-    return QwenImageEditModels(
-        transformer=loaded.get("transformer"),
-        vae=loaded.get("vae"),
-        text_encoder=loaded.get("text_encoder"),
-        tokenizer=load_qwen_image_edit_tokenizer(path),
-        processor=load_qwen_image_edit_processor(path),
-        scheduler=load_qwen_image_edit_scheduler(path),
+    parts = load_parts(
+        table(), model_path, weight_dtype, pipeline=PIPELINE, include=include, devices=devices, quantize=quantize
     )
+    return QwenImageEditModels(**parts)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qflux.errors import QfluxError
-from qflux.flux_kontext.loaders import load_flux_kontext_transformer
+from qflux.flux_kontext.loaders import load_flux_kontext_part
 from qflux.flux_kontext.step import predict_velocity
 from qflux.quantize import (
     KEEP,
@@ -67,8 +67,8 @@ def _velocity(tr: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["fp8", "nf4", "fp4"])
 def test_quantized_forward_is_close_to_bf16_and_smaller(wide_flux_dir: Path, mode: str) -> None:
-    ref = load_flux_kontext_transformer(wide_flux_dir, torch.bfloat16)
-    quant = load_flux_kontext_transformer(wide_flux_dir, torch.bfloat16, quantize=mode)
+    ref = load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16)
+    quant = load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16, quantize=mode)
     v_ref, v = _velocity(ref), _velocity(quant)
     rel = float((v - v_ref).abs().max() / v_ref.abs().max())
     assert 0 < rel < TOLERANCE[mode], rel
@@ -95,14 +95,14 @@ def test_4bit_layers_fit_every_cpu_and_the_rest_are_counted(
     """Layers bitsandbytes could not repack on an AVX-512 BF16 CPU stay bf16 and are counted, at any
     width; the forward runs (on those CPUs through the packed kernel)."""
     qwen = build_qwen_image_edit(tmp_path / "qwen", seed=0)
-    from qflux.qwen_image_edit.loaders import load_qwen_image_edit_text_encoder
+    from qflux.qwen_image_edit.loaders import load_qwen_image_edit_part
 
     checked = {}
     for name, module in {
-        "tiny": load_flux_kontext_transformer(tiny_flux_dir, torch.bfloat16, quantize=mode),
-        "wide": load_flux_kontext_transformer(wide_flux_dir, torch.bfloat16, quantize=mode),
-        "odd": load_flux_kontext_transformer(odd_flux_dir, torch.bfloat16, quantize=mode),
-        "qwen_text": load_qwen_image_edit_text_encoder(qwen, torch.bfloat16, quantize=mode),
+        "tiny": load_flux_kontext_part(tiny_flux_dir, "transformer", torch.bfloat16, quantize=mode),
+        "wide": load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16, quantize=mode),
+        "odd": load_flux_kontext_part(odd_flux_dir, "transformer", torch.bfloat16, quantize=mode),
+        "qwen_text": load_qwen_image_edit_part(qwen, "text_encoder", torch.bfloat16, quantize=mode),
     }.items():
         count = count_layers(module, mode)
         assert _assert_packs_for_cpu(module) == count.quantized
@@ -123,7 +123,7 @@ def test_training_after_a_no_grad_pass_keeps_4bit_gradients(wide_flux_dir: Path)
     from qflux.frozen_linear import prepare_frozen_base
     from qflux.lora import inject_lora
 
-    tr = load_flux_kontext_transformer(wide_flux_dir, torch.bfloat16, quantize="nf4")
+    tr = load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16, quantize="nf4")
     lora = inject_lora(tr, LoraConfig(r=4, init_lora_weights=False), seed=0)
     assert prepare_frozen_base(tr, fp8_matmul=False, device=torch.device("cpu"))["4bit_trainable"] > 0
     _velocity(tr)  # no grad, the module in eval mode
@@ -170,7 +170,7 @@ def test_fp8_storage_maths() -> None:
 def test_prequantized_checkpoint_loads_as_stored(wide_flux_dir: Path, tmp_path: Path, mode: str) -> None:
     """A folder whose transformer is saved quantized (bitsandbytes' 4-bit state dict with
     quantization_config, or fp8 weights with scales) loads to the same layers and output."""
-    quant = load_flux_kontext_transformer(wide_flux_dir, torch.bfloat16, quantize=mode)
+    quant = load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16, quantize=mode)
     folder = tmp_path / "model"
     shutil.copytree(wide_flux_dir, folder)
     config_file = folder / "transformer" / "config.json"
@@ -185,7 +185,7 @@ def test_prequantized_checkpoint_loads_as_stored(wide_flux_dir: Path, tmp_path: 
               str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))  # fmt: skip
     assert prequantized_kind(folder / "transformer") == mode
     assert prequantized_kind(wide_flux_dir / "transformer") is None
-    loaded = load_flux_kontext_transformer(folder, torch.bfloat16)
+    loaded = load_flux_kontext_part(folder, "transformer", torch.bfloat16)
     assert weight_bytes(loaded) == weight_bytes(quant)
     torch.testing.assert_close(_velocity(loaded), _velocity(quant), rtol=0, atol=0)
 
@@ -193,7 +193,7 @@ def test_prequantized_checkpoint_loads_as_stored(wide_flux_dir: Path, tmp_path: 
 def test_prequantized_4bit_layers_of_any_shape_load(tiny_flux_dir: Path, tmp_path: Path) -> None:
     """A checkpoint quantized by another tool, every linear in 4 bits whatever its shape: the layers
     bitsandbytes cannot repack on every CPU come back dequantized, the others stay 4-bit."""
-    everything = load_flux_kontext_transformer(tiny_flux_dir, torch.bfloat16)
+    everything = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.bfloat16)
     for name, m in [(n, m) for n, m in everything.named_modules() if type(m) is nn.Linear and not KEEP.search(n)]:
         parent, _, child = name.rpartition(".")
         holder = everything.get_submodule(parent) if parent else everything
@@ -208,7 +208,7 @@ def test_prequantized_4bit_layers_of_any_shape_load(tiny_flux_dir: Path, tmp_pat
         f.unlink()
     save_file({k: v.clone() for k, v in everything.state_dict().items()},
               str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))  # fmt: skip
-    loaded = load_flux_kontext_transformer(folder, torch.bfloat16)
+    loaded = load_flux_kontext_part(folder, "transformer", torch.bfloat16)
     count = count_layers(loaded, "nf4")
     assert count.quantized == _assert_packs_for_cpu(loaded) > 0 and count.kept > 0
     everything.train()  # never repacked: the reference runs the generic 4-bit path on any CPU

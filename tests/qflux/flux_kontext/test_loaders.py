@@ -21,29 +21,21 @@ def _same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize(
-    ("loader", "attr"),
-    [
-        (loaders.load_flux_kontext_clip, "text_encoder"),
-        (loaders.load_flux_kontext_t5, "text_encoder_2"),
-        (loaders.load_flux_kontext_vae, "vae"),
-        (loaders.load_flux_kontext_transformer, "transformer"),
-    ],
-)
-def test_component_equals_pipeline_component(tiny_flux_dir: Path, flux_pipe, loader, attr: str) -> None:
-    ours = loader(tiny_flux_dir, torch.float32, "cpu")
+@pytest.mark.parametrize("attr", ["text_encoder", "text_encoder_2", "vae", "transformer"])
+def test_component_equals_pipeline_component(tiny_flux_dir: Path, flux_pipe, attr: str) -> None:
+    ours = loaders.load_flux_kontext_part(tiny_flux_dir, attr, torch.float32, "cpu")
     _same_params(ours, getattr(flux_pipe, attr))
     assert not any(p.requires_grad for p in ours.parameters())
     assert not ours.training
 
 
 def test_dtype_is_applied(tiny_flux_dir: Path) -> None:
-    vae = loaders.load_flux_kontext_vae(tiny_flux_dir, torch.bfloat16)
+    vae = loaders.load_flux_kontext_part(tiny_flux_dir, "vae", torch.bfloat16)
     assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
 
 
 def test_tokenizers_and_scheduler_equal_pipeline(tiny_flux_dir: Path, flux_pipe) -> None:
-    tok, tok2 = loaders.load_flux_kontext_tokenizers(tiny_flux_dir)
+    tok, tok2 = (loaders.load_flux_kontext_part(tiny_flux_dir, n) for n in ("tokenizer", "tokenizer_2"))
     text = ["make the image red", "", "Invert the colors, please!"]
     assert (
         tok(text, padding="max_length", max_length=77).input_ids
@@ -53,13 +45,13 @@ def test_tokenizers_and_scheduler_equal_pipeline(tiny_flux_dir: Path, flux_pipe)
         tok2(text, padding="max_length", max_length=32).input_ids
         == flux_pipe.tokenizer_2(text, padding="max_length", max_length=32).input_ids
     )
-    sched = loaders.load_flux_kontext_scheduler(tiny_flux_dir)
+    sched = loaders.load_flux_kontext_part(tiny_flux_dir, "scheduler")
     assert dict(sched.config) == dict(flux_pipe.scheduler.config)
 
 
 def test_missing_folder_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(QfluxError, match=r"does not exist; expected a FLUX.1 Kontext model in the diffusers layout"):
-        loaders.load_flux_kontext_vae(tmp_path / "nope", torch.float32)
+        loaders.load_flux_kontext_part(tmp_path / "nope", "vae", torch.float32)
 
 
 def test_wrong_layout_names_missing_parts(tmp_path: Path, tiny_flux_dir: Path) -> None:
@@ -67,15 +59,15 @@ def test_wrong_layout_names_missing_parts(tmp_path: Path, tiny_flux_dir: Path) -
     shutil.copytree(tiny_flux_dir, broken)
     shutil.rmtree(broken / "vae")
     with pytest.raises(QfluxError, match=r"missing vae/config.json"):
-        loaders.load_flux_kontext_vae(broken, torch.float32)
+        loaders.load_flux_kontext_part(broken, "vae", torch.float32)
     (broken / "model_index.json").unlink()
     with pytest.raises(QfluxError, match=r"missing model_index.json"):
-        loaders.load_flux_kontext_transformer(broken, torch.float32)
+        loaders.load_flux_kontext_part(broken, "transformer", torch.float32)
 
 
 def test_unfetchable_hub_id_is_one_sentence() -> None:
     with pytest.raises(QfluxError) as info:
-        loaders.load_flux_kontext_transformer("black-forest-labs/FLUX.1-Kontext-dev", torch.float32)
+        loaders.load_flux_kontext_part("black-forest-labs/FLUX.1-Kontext-dev", "transformer", torch.float32)
     msg = str(info.value)
     assert "could not fetch 'black-forest-labs/FLUX.1-Kontext-dev'" in msg
     assert "local folder" in msg and "\n" not in msg
@@ -86,4 +78,4 @@ def test_corrupt_weights_are_reported(tmp_path: Path, tiny_flux_dir: Path) -> No
     shutil.copytree(tiny_flux_dir, broken)
     (broken / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(QfluxError, match=r"could not load vae from .*corrupt"):
-        loaders.load_flux_kontext_vae(broken, torch.float32)
+        loaders.load_flux_kontext_part(broken, "vae", torch.float32)
