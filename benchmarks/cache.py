@@ -47,7 +47,7 @@ def _config(work: Path, mode: str, steps: int):
 
 def child(work: str, mode: str, steps: int, warmup: int) -> None:
     """One training run; prints a JSON line with the median steady-state step time and peak RSS."""
-    from recipes.flux_kontext_lora import run
+    from recipes.flux_kontext_lora import train as run
 
     result = run(_config(Path(work), mode, steps))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -58,7 +58,7 @@ def main(steps: int = 12, warmup: int = 3) -> None:
     """Prepare the model, data and cache, then time both modes in subprocesses."""
     from qflux.synthetic import make_synthetic_pairs
     from qflux.tiny import build_flux_kontext
-    from recipes.flux_kontext_lora import fill
+    from recipes.flux_kontext_lora import cache as fill
 
     with tempfile.TemporaryDirectory(prefix="qflux-bench-cache-") as tmp:
         work = Path(tmp)

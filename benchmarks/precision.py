@@ -65,7 +65,9 @@ def _forward_errors(path: Path) -> dict[str, float]:
     ref = velocity(load_flux_kontext_part(path, "transformer", torch.bfloat16))
     out = {}
     for v in VARIANTS[1:]:
-        out[v] = float((velocity(load_flux_kontext_part(path, "transformer", torch.bfloat16, quantize=v)) - ref).abs().max())
+        out[v] = float(
+            (velocity(load_flux_kontext_part(path, "transformer", torch.bfloat16, quantize=v)) - ref).abs().max()
+        )
     layerwise = load_flux_kontext_part(path, "transformer", torch.bfloat16)
     layerwise.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     out["fp8_layerwise"] = float((velocity(layerwise) - ref).abs().max())
@@ -113,7 +115,7 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
 def _losses(path: Path, steps: int, tmp: Path) -> dict[str, list[float]]:
     from qflux.config import FluxKontextConfig
     from qflux.config_parse import load_config
-    from recipes.flux_kontext_lora import run
+    from recipes.flux_kontext_lora import train as run
 
     out = {}
     for v in VARIANTS:

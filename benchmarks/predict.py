@@ -29,8 +29,8 @@ def main(size: str = "tiny", steps: int = 8, repeats: int = 3, dtype: str = "flo
     from PIL import Image
 
     from qflux.flux_kontext.loaders import load_flux_kontext
-    from qflux.loading import torch_dtype
     from qflux.flux_kontext.predict import predict
+    from qflux.loading import torch_dtype
     from qflux.tiny import build_flux_kontext
 
     side = 64 if size == "tiny" else 256

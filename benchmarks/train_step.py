@@ -166,9 +166,9 @@ def bench_dtype(
     import tempfile
 
     from qflux.config import LoraConfig
-    from qflux.loading import torch_dtype
     from qflux.flux_kontext.step import make_loss_fn
     from qflux.frozen_linear import prepare_frozen_base
+    from qflux.loading import torch_dtype
     from qflux.lora import inject_lora
     from qflux.train_state import StepHParams, grad_engine, init_train_state, make_train_step
 

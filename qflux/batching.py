@@ -22,7 +22,8 @@ import attrs
 import torch
 
 from qflux.config import DataConfig, TrainConfig
-from qflux.flow import resolution_mu, sigmas_from_u, time_shift
+from qflux.data import PairSample
+from qflux.flow import WeightingScheme, resolution_mu, sigmas_from_u, time_shift
 from qflux.rng import draw_sample_randomness
 
 B = TypeVar("B")
@@ -43,6 +44,49 @@ class Conditioning:
     sees the sample's images (Qwen); None: the model's one empty prompt is used."""
 
 
+@attrs.frozen
+class Draws:
+    """How a micro-batch's randomness is drawn: dropout rates, the timestep density and its shift."""
+
+    caption_dropout_rate: float = 0.0
+    image_dropout_rate: float = 0.0
+    weighting_scheme: WeightingScheme = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    resolution_shift: bool = False
+
+    @classmethod
+    def from_config(cls, data: DataConfig, train: TrainConfig) -> Draws:
+        """The draws the ``data`` and ``train`` sections configure."""
+        return cls(
+            data.caption_dropout_rate,
+            data.prompt_image_dropout_rate,
+            train.weighting_scheme,
+            train.logit_mean,
+            train.logit_std,
+            train.mode_scale,
+            train.resolution_shift,
+        )
+
+    def without_dropout(self) -> Draws:
+        """The same draws with caption and control dropout off (evaluation)."""
+        return attrs.evolve(self, caption_dropout_rate=0.0, image_dropout_rate=0.0)
+
+
+@attrs.frozen(eq=False)
+class DataPath:
+    """Where a run's conditioning comes from: the encoders, or the cache."""
+
+    make_dataset: Callable[[list[PairSample]], Any]
+    """A map-style dataset over samples (training, or validation through the same path)."""
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    to_conditioning: Callable[[dict[str, Any]], Conditioning]
+    """A collated batch's :class:`Conditioning` (encoded here, or read from the cache)."""
+    empty: Mapping[str, torch.Tensor] | None
+    """The empty prompt's tensors [1, ...], or None when each sample's conditioning carries its own."""
+
+
 @attrs.frozen(eq=False)
 class Prepared:
     """A micro-batch after dropout and the random draws, on the training device."""
@@ -59,15 +103,15 @@ class Prepared:
     """σ [B] float32 in (0, 1]."""
 
 
-def sigmas_for(train: TrainConfig, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """σ from density draws u; with ``train.resolution_shift`` shifted by the latent's token count.
+def sigmas_for(resolution_shift: bool, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """σ from density draws u; with ``resolution_shift`` shifted by the latent's token count.
 
     Args:
         hw: latent (h, w); the image has (h/2)·(w/2) tokens (2×2 packing).
     """
     sc = scheduler_config
     sigmas = sigmas_from_u(u, sc.num_train_timesteps)
-    if train.resolution_shift:
+    if resolution_shift:
         mu = resolution_mu(
             (hw[0] // 2) * (hw[1] // 2), sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift
         )
@@ -102,8 +146,7 @@ def where_dropped(
 
 @torch.no_grad()
 def prepare(
-    data: DataConfig,
-    train: TrainConfig,
+    draws: Draws,
     scheduler_config: Any,
     cond: Conditioning,
     empty: Mapping[str, torch.Tensor] | None,
@@ -120,35 +163,30 @@ def prepare(
         first_index: this batch's offset in the global batch (data-parallel ranks).
     """
     b, c, h, w = cond.latents.shape
-    draws = draw_sample_randomness(
+    drawn = draw_sample_randomness(
         keys,
         b,
         (c, h, w),
-        caption_dropout_rate=data.caption_dropout_rate,
-        image_dropout_rate=data.prompt_image_dropout_rate,
-        weighting_scheme=train.weighting_scheme,
-        logit_mean=train.logit_mean,
-        logit_std=train.logit_std,
-        mode_scale=train.mode_scale,
+        caption_dropout_rate=draws.caption_dropout_rate,
+        image_dropout_rate=draws.image_dropout_rate,
+        weighting_scheme=draws.weighting_scheme,
+        logit_mean=draws.logit_mean,
+        logit_std=draws.logit_std,
+        mode_scale=draws.mode_scale,
         first_index=first_index,
     )
     blank = cond.empty if cond.empty is not None else empty
     if blank is None:
         raise ValueError("no empty-prompt tensors: pass empty, or conditioning that carries its own")
-    text = where_dropped(draws.drop_caption, cond.text, blank)
-    keep = (~draws.drop_image).float().view(b, 1, 1, 1)
+    text = where_dropped(drawn.drop_caption, cond.text, blank)
+    keep = (~drawn.drop_image).float().view(b, 1, 1, 1)
     return Prepared(
         latents=cond.latents.float().to(device),
         controls=tuple(x.to(device, torch.float32) * keep.to(device) for x in cond.controls),
         text={k: t.to(device) for k, t in text.items()},
-        noise=draws.noise.to(device),
-        sigmas=sigmas_for(train, scheduler_config, draws.u, (h, w)).to(device),
+        noise=drawn.noise.to(device),
+        sigmas=sigmas_for(draws.resolution_shift, scheduler_config, drawn.u, (h, w)).to(device),
     )
-
-
-def no_dropout(data: DataConfig) -> DataConfig:
-    """``data`` with caption and control dropout off (evaluation)."""
-    return attrs.evolve(data, caption_dropout_rate=0.0, prompt_image_dropout_rate=0.0)
 
 
 def eval_batches(
@@ -162,7 +200,7 @@ def eval_batches(
     keyed by (seed, sample index): the same batches on every call.
 
     Args:
-        assemble: ``(cond, keys) → batch`` of the model, without dropout (:func:`no_dropout`); the
+        assemble: ``(cond, keys) → batch`` of the model, without dropout (:meth:`Draws.without_dropout`); the
             batch record has a ``sigmas`` field.
     """
     out = []

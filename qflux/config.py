@@ -26,6 +26,16 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+MOVED = {
+    "train.device": "devices.transformer",
+    "train.guidance_scale": "model.guidance_scale",
+    **{f"{section}.{old}_device": f"devices.{new}" for section in ("train", "cache")
+       for old, new in (("vae_encoder", "vae"), ("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder_2"))},
+    **{f"predict.devices.{c}": f"devices.{c}" for c in ("transformer", "vae", "text_encoder", "text_encoder_2")},
+}  # fmt: skip
+"""Keys of earlier qflux configs → where they live now (an old key's error names its new place)."""
+
+
 def field_order(cls: type) -> list[Any]:
     """The attrs fields of ``cls`` in the order the root-most class declares them (a field a
     subclass redeclares, to give it its own type or default, keeps its place), then its own."""
@@ -258,6 +268,7 @@ class TrainConfig:
     """Keep only the newest this many checkpoints (null: keep all)."""
     max_nonfinite_steps: int = attrs.field(default=10, validator=_positive)
     """Stop after this many steps in a row whose loss or gradient was not finite (each is skipped)."""
+
     def __attrs_post_init__(self) -> None:
         if self.compile is True and self.gradient_checkpointing:
             raise ValueError(
@@ -374,6 +385,10 @@ class RecipeConfig:
     def output_dir(self) -> str:
         """``logging.output_dir``, or ``outputs/<recipe>`` when it is null."""
         return self.logging.output_dir or f"outputs/{type(self.model).recipe}"
+
+    def resolved(self) -> RecipeConfig:
+        """The config with its derived defaults written in (``logging.output_dir``), as it is saved."""
+        return attrs.evolve(self, logging=attrs.evolve(self.logging, output_dir=self.output_dir))
 
 
 @attrs.frozen

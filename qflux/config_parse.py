@@ -21,7 +21,7 @@ import cattrs
 import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
-from qflux.config import field_order
+from qflux.config import MOVED, RecipeConfig, field_order
 from qflux.errors import QfluxError
 
 T = TypeVar("T")
@@ -44,6 +44,8 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
 def _closest(key: str, options: list[str]) -> str:
     """'; did you mean ...?' with the valid key most like ``key``: one with the same last part
     first (``train.lr`` → ``optimizer.lr``), else the closest spelling of the whole key."""
+    if key in MOVED:
+        return f"; it moved to '{MOVED[key]}'"
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [o for o in options if o.rsplit(".", 1)[-1] == leaf]
     match = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) if same_leaf else []
@@ -67,7 +69,7 @@ def _scalar(tp: type) -> Callable[[Any, Any], Any]:
         elif tp is bool and isinstance(value, bool):
             return value
         elif not isinstance(value, bool) and tp is not bool:
-            if tp is int and (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            if tp is int and (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
                 return int(value)
             if tp in (float, str) and isinstance(value, int | float | str):
                 return tp(value)
@@ -88,7 +90,7 @@ def _literal(value: Any, tp: Any) -> Any:
 def _union(value: Any, tp: Any) -> Any:
     """The first member of the union that takes ``value`` (``"null"``/``"none"`` for None)."""
     args = typing.get_args(tp)
-    if type(None) in args and (value is None or isinstance(value, str) and value.lower() in _NULL):
+    if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NULL)):
         return None
     errors = []
     for arg in (a for a in args if a is not type(None)):
@@ -227,13 +229,18 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Mapping[str, A
         data = loaded or {}
         structure(cls, data, source=source)  # report file errors against the file
     merged = apply_overrides(data, overrides, cls)
-    return structure(cls, merged, source=source if not overrides else f"{source} + overrides")
+    cfg = structure(cls, merged, source=source if not overrides else f"{source} + overrides")
+    if isinstance(cfg, RecipeConfig):  # a recipe's config, with its derived defaults written in
+        return typing.cast(T, cfg.resolved())
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config tree in schema order (tuples become lists), ready for YAML or JSON."""
-    if isinstance(cfg, tuple):
-        return [to_dict(x) for x in cfg]  # type: ignore[return-value]
-    if not attrs.has(type(cfg)):
-        return cfg  # type: ignore[no-any-return]
-    return {f.name: to_dict(getattr(cfg, f.name)) for f in field_order(type(cfg))}
+    return {f.name: _plain(getattr(cfg, f.name)) for f in field_order(type(cfg))}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(x) for x in value]
+    return to_dict(value) if attrs.has(type(value)) else value

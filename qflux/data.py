@@ -293,6 +293,15 @@ def to_pil(image: Any) -> Image.Image:
     return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8"))
 
 
+def save_image(image: Any, out: str | Path) -> Path:
+    """Write an image [H, W, 3] in [0, 1] to ``out`` (folders made as needed) and say so."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image).save(path)
+    print(f"wrote {path}")
+    return path
+
+
 @attrs.frozen
 class PairDataset:
     """Map-style dataset over samples: ``ds[i]`` decodes and sizes one pair."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import attrs
 import torch
 
 from qflux.errors import QfluxError
@@ -27,3 +30,8 @@ def resolve_device(name: str, *, key: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise QfluxError(f"{key} is '{name}' but MPS is not available here; use 'cpu' or 'auto'")
     return dev
+
+
+def component_devices(devices: Any) -> dict[str, torch.device]:
+    """{component: device} of a config's ``devices`` section, each checked against the machine."""
+    return {name: resolve_device(value, key=f"devices.{name}") for name, value in attrs.asdict(devices).items()}

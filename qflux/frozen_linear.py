@@ -52,6 +52,15 @@ class FrozenLinear(nn.Linear):
     Used only while the weight takes no gradient; otherwise it is a plain ``nn.Linear``.
     """
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FrozenLinear:
+        """A ``FrozenLinear`` holding ``linear``'s own parameters (shared, not copied)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
             return super().forward(x)
@@ -97,9 +106,9 @@ def column_major_is_faster(dtype: torch.dtype, shape: tuple[int, int, int] = (20
 
 
 def use_fast_frozen_linear(module: nn.Module, *, force: bool = False) -> int:
-    """Turn every frozen ``nn.Linear`` in ``module`` that :func:`needs_fast_frozen_linear` (or every
-    frozen one, with ``force``) into a :class:`FrozenLinear`, in place (the class only: parameters,
-    names and state dict are kept).
+    """Replace every frozen plain ``nn.Linear`` in ``module`` that :func:`needs_fast_frozen_linear`
+    (or every frozen one, with ``force``) by a :class:`FrozenLinear` sharing its parameters, in
+    place (names and state dict are kept).
 
     Not for ``train.compile: true``: under ``torch.compile`` of a ``torch.func.grad`` transform,
     torch 2.13 drops the gradient through a custom ``autograd.Function`` (every LoRA gradient
@@ -108,12 +117,15 @@ def use_fast_frozen_linear(module: nn.Module, *, force: bool = False) -> int:
     Returns:
         How many layers were converted.
     """
-    n = 0
-    for m in module.modules():
-        if type(m) is nn.Linear and not m.weight.requires_grad and (force or needs_fast_frozen_linear(m.weight)):
-            m.__class__ = FrozenLinear
-            n += 1
-    return n
+    targets = [
+        (name, m)
+        for name, m in module.named_modules()
+        if type(m) is nn.Linear and not m.weight.requires_grad and (force or needs_fast_frozen_linear(m.weight))
+    ]
+    for name, m in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, FrozenLinear.from_linear(m))
+    return len(targets)
 
 
 def prepare_frozen_base(

@@ -178,6 +178,13 @@ def quantize_frozen(module: nn.Module, mode: str, *, compute_dtype: torch.dtype 
     return len(targets)
 
 
+def quantize_plan(model: Any) -> dict[str, str]:
+    """{component: how its frozen linears are stored} of a config's model section: ``quantize`` for
+    the transformer and, with ``quantize_text_encoders``, for the text encoders."""
+    text = model.quantize if model.quantize_text_encoders else "none"
+    return {"transformer": model.quantize, "text_encoder": text, "text_encoder_2": text}
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """Whether ``layer`` holds its weight quantized (fp8 storage, or a bitsandbytes 4-bit weight)."""
     return isinstance(layer, Float8StorageLinear) or hasattr(getattr(layer, "weight", None), "quant_state")

@@ -14,8 +14,11 @@ from typing import Any, Literal
 
 import attrs
 import torch
-from torch.nn.utils.stateless import _reparametrize_module
+from torch import nn
+from torch.func import functional_call
 
+from qflux.fp8 import Float8FrozenLinear
+from qflux.frozen_linear import FrozenLinear
 from qflux.optim import AdamWState, adamw_init, clipped_adamw_if_finite
 
 Params = dict[str, torch.Tensor]
@@ -103,10 +106,28 @@ def value_and_grad(
     if module is None:
         raise ValueError("engine='autograd' needs the module that loss_fn calls (module=...)")
     leaves = {k: v.detach().requires_grad_(True) for k, v in lora.items()}
-    with torch.enable_grad(), _reparametrize_module(module, leaves, strict=False):
+
+    def forward_and_backward() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         loss = loss_fn({}, batch)  # the module holds the leaves already: no second substitution
-        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return loss, torch.autograd.grad(loss, list(leaves.values()))
+
+    # the leaves stay substituted until backward has run (recomputed blocks see them too)
+    params = {f"module.{k}": v for k, v in leaves.items()}
+    with torch.enable_grad():
+        loss, grads = functional_call(_Holding(module), params, (forward_and_backward,), strict=False)
     return loss.detach(), dict(zip(leaves, grads, strict=True))
+
+
+class _Holding(nn.Module):
+    """Holds ``module`` as a submodule and runs a function as its forward, so that
+    ``torch.func.functional_call`` keeps tensors substituted into ``module`` for the whole function."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Callable[[], Any]) -> Any:
+        return fn()
 
 
 Reduce = Callable[[Params, torch.Tensor], tuple[Params, torch.Tensor]]
@@ -204,9 +225,7 @@ def make_train_step(
                 "compile='full' needs engine='func'; the autograd engine (gradient checkpointing) "
                 "compiles with compile='regional'"
             )
-        if module is not None and any(
-            type(m).__name__ in ("FrozenLinear", "Float8FrozenLinear") for m in module.modules()
-        ):
+        if module is not None and any(isinstance(m, (FrozenLinear, Float8FrozenLinear)) for m in module.modules()):
             raise ValueError(
                 "compile='full' cannot trace FrozenLinear / Float8FrozenLinear layers (torch.compile of "
                 "torch.func.grad drops gradients through custom autograd.Functions); build the module without them"

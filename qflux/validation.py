@@ -9,17 +9,24 @@ unchanged; a sample listed without a target carries its control image in the tar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from qflux.batching import Conditioning, DataPath, Draws, Prepared, eval_batches, prepare
 from qflux.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
-from qflux.config import ValidationConfig
+from qflux.config import RecipeConfig, ValidationConfig
 from qflux.data import PairSample, fit_size, load_rgb, scan_pairs, to_pil
 from qflux.errors import QfluxError
+from qflux.loop import LoopState
 from qflux.plots import save_image_grid
+from qflux.tracking import Tracker
+from qflux.train_state import LossFn, evaluate_loss
 
 
 @attrs.frozen
@@ -88,3 +95,48 @@ def validation_grid(vset: ValidationSet, predictions: Sequence[np.ndarray], path
         labels.append([*names, "prediction"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_image_grid(rows, labels, path)
+
+
+def make_validator(
+    cfg: RecipeConfig,
+    vset: ValidationSet,
+    data: DataPath,
+    loss_fn: LossFn,
+    to_batch: Callable[[Prepared], Any],
+    render: Callable[[Sequence[Conditioning], Sequence[Mapping[str, torch.Tensor]]], list[np.ndarray]],
+    tracker: Tracker,
+    device: torch.device,
+    scheduler_config: Any,
+    is_main: bool,
+) -> Callable[[LoopState], LoopState]:
+    """Build ``validate(state) → state``: the validation loss (fixed σ and noise, no dropout) and a
+    grid of predictions (every rank computes; rank 0 writes ``validation/step-NNNNNN.png``).
+
+    The samples' conditioning comes through the training data path (the cache when it is on) and is
+    encoded once, here.
+    """
+    dataset = data.make_dataset(vset.samples)
+    conds = [data.to_conditioning(data.collate([dataset[i]])) for i in range(len(vset.samples))]
+    with_target = [c for c, t in zip(conds, vset.has_target, strict=True) if t]
+    quiet = Draws.from_config(cfg.data, cfg.train).without_dropout()
+
+    def assemble(cond: Conditioning, keys: tuple[int, ...]) -> Any:
+        return to_batch(prepare(quiet, scheduler_config, cond, data.empty, keys, device))
+
+    batches = eval_batches(assemble, with_target, seed=cfg.seed)
+    out = Path(cfg.output_dir) / "validation"
+
+    def validate(state: LoopState) -> LoopState:
+        values = {}
+        if batches:
+            values["val/loss"] = evaluate_loss(loss_fn, state.train.lora, batches).item()
+        images = render(conds, [state.train.lora] * len(conds))
+        if is_main:
+            grid = validation_grid(vset, images, out / f"step-{state.step:06d}.png")
+            tracker.image(state.step, "val/grid", grid)
+            if values:
+                tracker.scalars(state.step, values)
+                tqdm.write(f"step {state.step}: validation loss {values['val/loss']:.4f}")
+        return state
+
+    return validate

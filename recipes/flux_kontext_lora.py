@@ -3,54 +3,113 @@
 With no arguments it trains on the built-in default (a tiny random model and a synthetic
 colour-inversion dataset) and writes, under ``logging.output_dir``: the LoRA
 (``pytorch_lora_weights.safetensors``, diffusers format, and ``..._comfyui.safetensors``),
-``config.yaml``, ``loss.png`` and ``sample.png`` (control | target | before | after).
+checkpoints, ``config.yaml``, ``loss.png`` and ``sample.png`` (control | target | before | after).
 
 ``cache`` fills the embedding cache; ``train`` with ``cache.use_cache=true`` then loads only the
-transformer. This module says what is FLUX-specific (:data:`FAMILY`); the loop is
-:mod:`recipes.lora_loop`, shared with Qwen-Image-Edit, and the maths lives in ``qflux``.
+transformer. A run reads top to bottom in :func:`train`: the model's own steps are here, what every
+model shares is :mod:`qflux.training` and :mod:`qflux.train_loop`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qflux.batching import Conditioning
+from qflux.batching import Conditioning, DataPath
+from qflux.cache import CacheReport
+from qflux.cache_path import CachePath, cached_data
+from qflux.cache_path import fill as fill_cache_path
+from qflux.cli import config_command
+from qflux.cli import main as cli_main
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config
-from qflux.data import PairDataset, collate_pairs, load_rgb
+from qflux.data import PairDataset, collate_pairs, load_rgb, save_image
+from qflux.devices import component_devices
+from qflux.distributed import init_world
 from qflux.errors import QfluxError
 from qflux.flux_kontext import cache as kcache
 from qflux.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
-from qflux.flux_kontext.loaders import COMPONENTS, PIPELINE, FluxKontextModels, load_flux_kontext, torch_dtype
+from qflux.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE, FluxKontextModels, load_flux_kontext
 from qflux.flux_kontext.predict import denoise
 from qflux.flux_kontext.predict import predict as kontext_predict
 from qflux.flux_kontext.step import make_loss_fn
-from qflux.train_state import LossFn
-from recipes import lora_loop
-from recipes.lora_loop import CachePath, DataPath, Family, RunResult
+from qflux.loading import torch_dtype
+from qflux.lora import load_lora_file
+from qflux.quantize import quantize_plan
+from qflux.train_loop import finish, train_loop
+from qflux.training import (
+    ModelOps,
+    Run,
+    RunResult,
+    announce,
+    attach_lora,
+    first_state,
+    model_folder,
+    quiet_unless,
+    training_run,
+)
 
-ENCODERS = ("vae", "text_encoder", "text_encoder_2")
+NAMING = "flux"
 
 
-def _pipeline_cls() -> Any:
+def pipeline_cls() -> Any:
+    """``FluxKontextPipeline``: LoRA files are written and read through it."""
     from diffusers import FluxKontextPipeline
 
     return FluxKontextPipeline
 
 
-def _encoded(cfg: FluxKontextConfig, models: FluxKontextModels) -> DataPath:
+def train(cfg: FluxKontextConfig) -> RunResult:
+    """Train a LoRA as configured: the data and model folder are checked, the models load (the
+    transformer and the encoders, or the cache), the LoRA is attached, then the loop runs and the
+    outputs are written. SIGINT/SIGTERM save a checkpoint and return early."""
+    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, controls=(1, 1), variant=None) as run:
+        if run.finished is not None:
+            return run.finished
+        models, data = _inputs(cfg, run)
+        lora0 = attach_lora(models.transformer, cfg, run, naming=NAMING, pipeline_cls=pipeline_cls())
+        loss_fn = make_loss_fn(
+            models.transformer, guidance_scale=cfg.model.guidance_scale, weighting_scheme=cfg.train.weighting_scheme
+        )
+        state = first_state(cfg, run, lora0)
+        announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), partial(_decode, cfg, run.model_dir, models),
+                       NAMING, pipeline_cls())  # fmt: skip
+        state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
+        return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
+
+
+def _load(cfg: FluxKontextConfig, path: Path, include: Sequence[str], run: Run | None = None) -> FluxKontextModels:
+    """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
+    places = component_devices(cfg.devices) | ({"transformer": run.device} if run is not None else {})
+    return load_flux_kontext(path, torch_dtype(cfg.model.dtype), include=include, devices=places,
+                             quantize=quantize_plan(cfg.model))  # fmt: skip
+
+
+def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPath]:
+    """Training's models and data path: the transformer and the cache, or every encoder as well."""
+    if cfg.cache.use_cache:  # missing entries are computed with the encoders, freed before the transformer loads
+        every, cached = run.samples + (run.held_out.samples if run.held_out else []), _cache(cfg, run.model_dir)
+
+        def refill() -> CacheReport:
+            return fill_cache_path(cached, _load(cfg, run.model_dir, ENCODERS), every, run.world, cfg.cache.cache_dir)
+
+        data = cached_data(cached, every, run.world, run.device, cache_dir=cfg.cache.cache_dir, refill=refill)
+        return _load(cfg, run.model_dir, ("transformer",), run), data
+    models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
     seq = cfg.model.max_sequence_length
     empty = text_tensors(encode_prompt_with(models, [""], seq))
-    to_cond = partial(encode_conditioning, models, max_sequence_length=seq)
-    return DataPath(PairDataset, collate_pairs, to_cond, empty)
+    return models, DataPath(PairDataset, collate_pairs, partial(encode_conditioning, models, max_sequence_length=seq),
+                            empty)  # fmt: skip
 
 
-def _cached(cfg: FluxKontextConfig, path: Path) -> CachePath:
+def _cache(cfg: FluxKontextConfig, path: Path) -> CachePath:
+    """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
     spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length)
     root = Path(cfg.cache.cache_dir)
     return CachePath(
@@ -64,16 +123,10 @@ def _cached(cfg: FluxKontextConfig, path: Path) -> CachePath:
     )
 
 
-def _loss_fn(cfg: FluxKontextConfig, transformer: Any) -> LossFn:
-    return make_loss_fn(
-        transformer, guidance_scale=cfg.train.guidance_scale, weighting_scheme=cfg.train.weighting_scheme
-    )
-
-
 def _preview(
     cfg: FluxKontextConfig, models: FluxKontextModels, cond: Conditioning, lora: Any, steps: int
 ) -> torch.Tensor:
-    """Denoise one sample's conditioning at its target size (guidance as in training, no true CFG)."""
+    """One sample's conditioning denoised at its target size (the training guidance, no true CFG)."""
     return denoise(
         models.transformer,
         models.scheduler.config,
@@ -82,39 +135,33 @@ def _preview(
         None,
         latent_hw=(cond.latents.shape[-2], cond.latents.shape[-1]),
         num_inference_steps=steps,
-        guidance_scale=cfg.train.guidance_scale,
+        guidance_scale=cfg.model.guidance_scale,
         seed=cfg.seed,
         lora=lora,
         noise_dtype=torch_dtype(cfg.model.dtype),
     )
 
 
-FAMILY = Family(
-    name="flux_kontext_lora",
-    pipeline=PIPELINE,
-    components=COMPONENTS,
-    pipeline_cls=_pipeline_cls,
-    encoders=ENCODERS,
-    load=load_flux_kontext,
-    controls=lambda cfg: (1, 1),
-    encoded=_encoded,
-    cached=_cached,
-    loss_fn=_loss_fn,
-    to_batch=to_batch,
-    preview=_preview,
-    decode=vae_decode,
-    naming="flux",
-)
+def _decode(
+    cfg: FluxKontextConfig, path: Path, models: FluxKontextModels, latents: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Latents to images; training from the cache loads the VAE on ``devices.vae`` for the call only."""
+    vae = models.vae if models.vae is not None else _load(cfg, path, ("vae",)).vae
+    return [vae_decode(vae, z) for z in latents]
 
 
-def run(cfg: FluxKontextConfig) -> RunResult:
-    """Train a LoRA as configured and write the outputs (:func:`recipes.lora_loop.run`)."""
-    return lora_loop.run(FAMILY, cfg)
+def cache(cfg: FluxKontextConfig) -> CacheReport:
+    """Compute the cache entries the configured dataset needs (under torchrun, each rank every
+    world-th sample); returns the computed/reused counts."""
+    from qflux.training import dataset_samples
 
-
-def fill(cfg: FluxKontextConfig) -> kcache.CacheReport:
-    """Compute the cache entries the configured dataset needs; returns the computed/reused counts."""
-    return lora_loop.fill(FAMILY, cfg)
+    world = init_world(component_devices(cfg.devices)["vae"].type)
+    with quiet_unless(world.is_main):
+        path = model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
+        models = _load(cfg, path, ENCODERS)
+        return fill_cache_path(
+            _cache(cfg, path), models, dataset_samples(cfg, path, (1, 1)), world, cfg.cache.cache_dir
+        )
 
 
 def predict(
@@ -124,7 +171,7 @@ def predict(
     lora: str | None = None,
     seed: int = 0,
     num_inference_steps: int = 28,
-    guidance_scale: float = 2.5,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
@@ -141,36 +188,45 @@ def predict(
         lora: a LoRA file: diffusers, ComfyUI or kohya format (the files qflux writes, at any width).
         seed: seed of the initial noise.
         num_inference_steps: denoising steps.
-        guidance_scale: the guidance value fed to the guidance-distilled transformer.
+        guidance_scale: the guidance value fed to the guidance-distilled transformer (null: model.guidance_scale).
         height: output height in pixels (default: the image's, floored to the model's multiple).
         width: output width in pixels (default: the image's, floored to the model's multiple).
         negative_prompt: with true_cfg_scale > 1, true classifier-free guidance against this prompt.
         true_cfg_scale: the true CFG scale (used with negative_prompt).
     """
     cfg = load_config(FluxKontextConfig, config, overrides)
-    src = Path(image)
-    if not src.is_file():
-        raise QfluxError(f"input image '{src}' does not exist; pass --image=PATH")
-    models = lora_loop.predict_models(FAMILY, cfg, lora)
+    if not Path(image).is_file():
+        raise QfluxError(f"input image '{image}' does not exist; pass --image=PATH")
+    path = model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
+    models = _load(cfg, path, ("transformer", *ENCODERS))
+    if lora is not None:
+        load_lora_file(models.transformer, lora, naming=NAMING, pipeline_cls=pipeline_cls())
     result = kontext_predict(
         models,
-        load_rgb(src),
+        load_rgb(Path(image)),
         prompt,
         height=height,
         width=width,
         num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
+        guidance_scale=cfg.model.guidance_scale if guidance_scale is None else guidance_scale,
         seed=seed,
         negative_prompt=negative_prompt,
         true_cfg_scale=true_cfg_scale,
         max_sequence_length=cfg.model.max_sequence_length,
     )
-    lora_loop.save_edit(result, out)
+    save_image(result, out)
+
+
+COMMANDS: Mapping[str, Any] = {
+    "train": config_command(train, FluxKontextConfig),
+    "cache": config_command(cache, FluxKontextConfig),
+    "predict": predict,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    lora_loop.main(FAMILY, FluxKontextConfig, lora_loop.commands(FAMILY, FluxKontextConfig, predict), argv)
+    cli_main("flux_kontext_lora", PIPELINE, FluxKontextConfig, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,17 @@
 With no arguments it trains on the built-in default (a tiny random Qwen-Image-Edit model and the
 synthetic colour-inversion dataset) and writes, under ``logging.output_dir``: the LoRA
 (``pytorch_lora_weights.safetensors`` for diffusers' ``QwenImageEditPipeline`` and
-``..._comfyui.safetensors``), ``config.yaml``, ``loss.png`` and ``sample.png``.
+``..._comfyui.safetensors``), checkpoints, ``config.yaml``, ``loss.png`` and ``sample.png``.
 
 ``model.variant: edit_plus`` trains Qwen-Image-Edit-2509, whose samples have 0 to 3 control images
 (``control_images/NAME.png``, ``NAME_control_1.png``, ``NAME_control_2.png``). Each sample's prompt
-is embedded with its own control image(s), resized as the pipeline resizes them. The loop is
-:mod:`recipes.lora_loop`, shared with FLUX.1 Kontext; the maths lives in ``qflux``.
+is embedded with its own control image(s), resized as the pipeline resizes them. A run reads top to
+bottom in :func:`train`; what every model shares is :mod:`qflux.training` and :mod:`qflux.train_loop`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,21 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qflux.batching import Conditioning
+from qflux.batching import Conditioning, DataPath
 from qflux.cache import CacheReport
+from qflux.cache_path import CachePath, cached_data
+from qflux.cache_path import fill as fill_cache_path
+from qflux.cli import config_command
+from qflux.cli import main as cli_main
 from qflux.config import QwenImageEditConfig
 from qflux.config_parse import load_config
-from qflux.data import PairDataset, load_rgb
+from qflux.data import PairDataset, load_rgb, save_image
+from qflux.devices import component_devices
+from qflux.distributed import init_world
 from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
+from qflux.lora import load_lora_file
+from qflux.quantize import quantize_plan
 from qflux.qwen_image_edit import cache as qcache
 from qflux.qwen_image_edit.batch import (
     QwenPairDataset,
@@ -36,36 +45,86 @@ from qflux.qwen_image_edit.batch import (
     to_batch,
 )
 from qflux.qwen_image_edit.conditioning import vae_decode
-from qflux.qwen_image_edit.loaders import COMPONENTS, PIPELINE, QwenImageEditModels, load_qwen_image_edit
+from qflux.qwen_image_edit.loaders import COMPONENTS, ENCODERS, PIPELINE, QwenImageEditModels, load_qwen_image_edit
 from qflux.qwen_image_edit.predict import denoise
 from qflux.qwen_image_edit.predict import predict as qwen_predict
 from qflux.qwen_image_edit.step import make_loss_fn
-from qflux.train_state import LossFn
-from recipes import lora_loop
-from recipes.lora_loop import CachePath, DataPath, Family, RunResult
+from qflux.train_loop import finish, train_loop
+from qflux.training import (
+    ModelOps,
+    Run,
+    RunResult,
+    announce,
+    attach_lora,
+    dataset_samples,
+    first_state,
+    model_folder,
+    quiet_unless,
+    training_run,
+)
 
-ENCODERS = ("vae", "text_encoder")
-MAX_CONTROLS = {"edit": (1, 1), "edit_plus": (0, 3)}
+NAMING = "qwen"
+CONTROLS = {"edit": (1, 1), "edit_plus": (0, 3)}
 """(fewest, most) control images per sample of each variant."""
 
 
-def _pipeline_cls() -> Any:
+def pipeline_cls() -> Any:
+    """``QwenImageEditPipeline``: LoRA files are written and read through it."""
     from diffusers import QwenImageEditPipeline
 
     return QwenImageEditPipeline
 
 
-def _encoded(cfg: QwenImageEditConfig, models: QwenImageEditModels) -> DataPath:
+def train(cfg: QwenImageEditConfig) -> RunResult:
+    """Train a LoRA as configured: the data and model folder are checked, the models load (the
+    transformer and the encoders, or the cache), the LoRA is attached, then the loop runs and the
+    outputs are written. SIGINT/SIGTERM save a checkpoint and return early."""
     variant = cfg.model.variant
-    return DataPath(
-        lambda samples: QwenPairDataset(PairDataset(samples), variant),
-        collate_qwen_pairs,
-        partial(encode_conditioning, models, variant=variant),
-        None,  # each sample carries its own empty-instruction embedding (it sees the images)
-    )
+    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, controls=CONTROLS[variant],
+                      variant=variant) as run:  # fmt: skip
+        if run.finished is not None:
+            return run.finished
+        models, data = _inputs(cfg, run)
+        lora0 = attach_lora(models.transformer, cfg, run, naming=NAMING, pipeline_cls=pipeline_cls())
+        loss_fn = make_loss_fn(models.transformer, weighting_scheme=cfg.train.weighting_scheme)
+        state = first_state(cfg, run, lora0)
+        announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), partial(_decode, cfg, run.model_dir, models),
+                       NAMING, pipeline_cls())  # fmt: skip
+        state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
+        return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
 
 
-def _cached(cfg: QwenImageEditConfig, path: Path) -> CachePath:
+def _folder(cfg: QwenImageEditConfig) -> Path:
+    return model_folder(cfg.model.pretrained_model_name_or_path, cfg.model.variant, COMPONENTS, PIPELINE)
+
+
+def _load(cfg: QwenImageEditConfig, path: Path, include: Sequence[str], run: Run | None = None) -> QwenImageEditModels:
+    """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
+    places = component_devices(cfg.devices) | ({"transformer": run.device} if run is not None else {})
+    return load_qwen_image_edit(path, torch_dtype(cfg.model.dtype), include=include, devices=places,
+                                quantize=quantize_plan(cfg.model))  # fmt: skip
+
+
+def _inputs(cfg: QwenImageEditConfig, run: Run) -> tuple[QwenImageEditModels, DataPath]:
+    """Training's models and data path: the transformer and the cache, or every encoder as well.
+    Each sample carries its own empty-instruction embedding (it sees the sample's images)."""
+    if cfg.cache.use_cache:  # missing entries are computed with the encoders, freed before the transformer loads
+        every, cached = run.samples + (run.held_out.samples if run.held_out else []), _cache(cfg, run.model_dir)
+
+        def refill() -> CacheReport:
+            return fill_cache_path(cached, _load(cfg, run.model_dir, ENCODERS), every, run.world, cfg.cache.cache_dir)
+
+        data = cached_data(cached, every, run.world, run.device, cache_dir=cfg.cache.cache_dir, refill=refill)
+        return _load(cfg, run.model_dir, ("transformer",), run), data
+    models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
+    variant = cfg.model.variant
+    return models, DataPath(lambda samples: QwenPairDataset(PairDataset(samples), variant), collate_qwen_pairs,
+                            partial(encode_conditioning, models, variant=variant), None)  # fmt: skip
+
+
+def _cache(cfg: QwenImageEditConfig, path: Path) -> CachePath:
+    """This model's cache of ``cache.cache_dir``, for the folder's encoders, the dtype and the variant."""
     spec = qcache.cache_spec(path, cfg.model.dtype, cfg.model.variant)
     root = Path(cfg.cache.cache_dir)
     return CachePath(
@@ -79,14 +138,9 @@ def _cached(cfg: QwenImageEditConfig, path: Path) -> CachePath:
     )
 
 
-def _loss_fn(cfg: QwenImageEditConfig, transformer: Any) -> LossFn:
-    return make_loss_fn(transformer, weighting_scheme=cfg.train.weighting_scheme)
-
-
-def _preview(
-    cfg: QwenImageEditConfig, models: QwenImageEditModels, cond: Conditioning, lora: Any, steps: int
-) -> torch.Tensor:
-    """Denoise one sample's conditioning at its target size (no true CFG)."""
+def _preview(cfg: QwenImageEditConfig, models: QwenImageEditModels, cond: Conditioning, lora: Any,
+             steps: int) -> torch.Tensor:  # fmt: skip
+    """One sample's conditioning denoised at its target size (no true CFG)."""
     return denoise(
         models.transformer,
         models.scheduler.config,
@@ -101,32 +155,21 @@ def _preview(
     )
 
 
-FAMILY = Family(
-    name="qwen_image_edit_lora",
-    pipeline=PIPELINE,
-    components=COMPONENTS,
-    pipeline_cls=_pipeline_cls,
-    encoders=ENCODERS,
-    load=load_qwen_image_edit,
-    controls=lambda cfg: MAX_CONTROLS[cfg.model.variant],
-    encoded=_encoded,
-    cached=_cached,
-    loss_fn=_loss_fn,
-    to_batch=to_batch,
-    preview=_preview,
-    decode=vae_decode,
-    naming="qwen",
-)
+def _decode(cfg: QwenImageEditConfig, path: Path, models: QwenImageEditModels,
+            latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # fmt: skip
+    """Latents to images; training from the cache loads the VAE on ``devices.vae`` for the call only."""
+    vae = models.vae if models.vae is not None else _load(cfg, path, ("vae",)).vae
+    return [vae_decode(vae, z) for z in latents]
 
 
-def run(cfg: QwenImageEditConfig) -> RunResult:
-    """Train a LoRA as configured and write the outputs (:func:`recipes.lora_loop.run`)."""
-    return lora_loop.run(FAMILY, cfg)
-
-
-def fill(cfg: QwenImageEditConfig) -> CacheReport:
-    """Compute the cache entries the configured dataset needs; returns the computed/reused counts."""
-    return lora_loop.fill(FAMILY, cfg)
+def cache(cfg: QwenImageEditConfig) -> CacheReport:
+    """Compute the cache entries the configured dataset needs (under torchrun, each rank every
+    world-th sample); returns the computed/reused counts."""
+    world = init_world(component_devices(cfg.devices)["vae"].type)
+    with quiet_unless(world.is_main):
+        path = _folder(cfg)
+        samples = dataset_samples(cfg, path, CONTROLS[cfg.model.variant])
+        return fill_cache_path(_cache(cfg, path), _load(cfg, path, ENCODERS), samples, world, cfg.cache.cache_dir)
 
 
 def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> list[Image.Image]:
@@ -137,7 +180,7 @@ def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> li
         paths = [p.strip() for p in image.split(",") if p.strip()]
     else:
         paths = [str(p) for p in image]
-    lo, hi = MAX_CONTROLS[variant]
+    lo, hi = CONTROLS[variant]
     if not lo <= len(paths) <= hi:
         want = "exactly one image" if variant == "edit" else "0 to 3 images, comma-separated"
         raise QfluxError(f"model.variant '{variant}' takes {want} in --image; got {len(paths)}")
@@ -180,25 +223,25 @@ def predict(
     """
     cfg = load_config(QwenImageEditConfig, config, overrides)
     images = _images(image, cfg.model.variant)
-    models = lora_loop.predict_models(FAMILY, cfg, lora)
-    result = qwen_predict(
-        models,
-        images,
-        prompt,
-        variant=cfg.model.variant,
-        height=height,
-        width=width,
-        num_inference_steps=num_inference_steps,
-        seed=seed,
-        negative_prompt=negative_prompt,
-        true_cfg_scale=true_cfg_scale,
-    )
-    lora_loop.save_edit(result, out)
+    models = _load(cfg, _folder(cfg), ("transformer", *ENCODERS))
+    if lora is not None:
+        load_lora_file(models.transformer, lora, naming=NAMING, pipeline_cls=pipeline_cls())
+    result = qwen_predict(models, images, prompt, variant=cfg.model.variant, height=height, width=width,
+                          num_inference_steps=num_inference_steps, seed=seed, negative_prompt=negative_prompt,
+                          true_cfg_scale=true_cfg_scale)  # fmt: skip
+    save_image(result, out)
+
+
+COMMANDS: Mapping[str, Any] = {
+    "train": config_command(train, QwenImageEditConfig),
+    "cache": config_command(cache, QwenImageEditConfig),
+    "predict": predict,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    lora_loop.main(FAMILY, QwenImageEditConfig, lora_loop.commands(FAMILY, QwenImageEditConfig, predict), argv)
+    cli_main("qwen_image_edit_lora", PIPELINE, QwenImageEditConfig, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
 import torch
 
-from qflux.batching import Conditioning, Prepared, no_dropout, prepare
+from qflux.batching import Conditioning, Draws, Prepared, prepare
 from qflux.batching import eval_batches as shared_eval_batches
 from qflux.config import FluxKontextConfig
 from qflux.data import PairDataset, PairSample, collate_pairs
@@ -54,7 +53,7 @@ def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
 
 @torch.no_grad()
 def assemble_batch(
-    cfg: FluxKontextConfig,
+    draws: Draws,
     scheduler_config: Any,
     cond: Conditioning,
     empty: PromptEmbeds,
@@ -72,9 +71,7 @@ def assemble_batch(
         keys: randomness keys (seed, step, micro-batch); sample i draws from keys + (first_index + i,).
         first_index: this batch's offset in the global batch (data-parallel ranks).
     """
-    return to_batch(
-        prepare(cfg.data, cfg.train, scheduler_config, cond, text_tensors(empty), keys, device, first_index)
-    )
+    return to_batch(prepare(draws, scheduler_config, cond, text_tensors(empty), keys, device, first_index))
 
 
 def to_batch(p: Prepared) -> FluxKontextBatch:
@@ -90,27 +87,22 @@ def to_batch(p: Prepared) -> FluxKontextBatch:
 
 
 def build_batch(
-    cfg: FluxKontextConfig,
+    draws: Draws,
     models: FluxKontextModels,
     raw: dict[str, Any],
     keys: tuple[int, ...],
     *,
-    empty: PromptEmbeds | None = None,
+    max_sequence_length: int,
     device: torch.device | str = "cpu",
 ) -> FluxKontextBatch:
-    """Encode a collated image batch and assemble it (the training path without the cache).
-
-    Args:
-        empty: the empty prompt's embeddings; encoded here when not given.
-    """
-    if empty is None:
-        empty = encode_prompt_with(models, [""], cfg.model.max_sequence_length)
-    cond = encode_conditioning(models, raw, cfg.model.max_sequence_length)
-    return assemble_batch(cfg, models.scheduler.config, cond, empty, keys, device)
+    """Encode a collated image batch and assemble it (the training path without the cache)."""
+    empty = encode_prompt_with(models, [""], max_sequence_length)
+    cond = encode_conditioning(models, raw, max_sequence_length)
+    return assemble_batch(draws, models.scheduler.config, cond, empty, keys, device)
 
 
 def eval_batches(
-    cfg: FluxKontextConfig,
+    draws: Draws,
     scheduler_config: Any,
     conds: Sequence[Conditioning],
     empty: PromptEmbeds,
@@ -120,7 +112,7 @@ def eval_batches(
     device: torch.device | str = "cpu",
 ) -> list[FluxKontextBatch]:
     """:func:`qflux.batching.eval_batches` of FLUX.1 Kontext conditioning (no dropout)."""
-    quiet = attrs.evolve(cfg, data=no_dropout(cfg.data))
+    quiet = draws.without_dropout()
     return shared_eval_batches(
         lambda cond, keys: assemble_batch(quiet, scheduler_config, cond, empty, keys, device),
         conds,
@@ -137,9 +129,11 @@ def fixed_eval_batches(
     sigmas: Sequence[float] = (0.25, 0.5, 0.75),
     seed: int = 0,
 ) -> list[FluxKontextBatch]:
-    """:func:`eval_batches` of ``samples`` encoded with ``models`` (one at a time)."""
+    """:func:`eval_batches` of ``samples`` encoded with ``models`` (one at a time), with the
+    configuration's draws and sequence length."""
     dataset = PairDataset(samples)
-    empty = encode_prompt_with(models, [""], cfg.model.max_sequence_length)
     seq = cfg.model.max_sequence_length
+    empty = encode_prompt_with(models, [""], seq)
     conds = [encode_conditioning(models, collate_pairs([dataset[i]]), seq) for i in range(len(samples))]
-    return eval_batches(cfg, models.scheduler.config, conds, empty, sigmas=sigmas, seed=seed)
+    draws = Draws.from_config(cfg.data, cfg.train)
+    return eval_batches(draws, models.scheduler.config, conds, empty, sigmas=sigmas, seed=seed)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qflux.batching import Conditioning, pad_tokens, prepare, where_dropped
+from qflux.batching import Conditioning, Draws, pad_tokens, prepare, where_dropped
 from qflux.config import DataConfig, TrainConfig
 from qflux.qwen_image_edit.batch import stack_tokens
 
@@ -49,12 +49,11 @@ def test_draws_follow_the_sample_not_the_split() -> None:
         text={"tokens": torch.randn(4, 5, 3, generator=g)},
     )
     empty = {"tokens": torch.zeros(1, 5, 3)}
-    data, train = DataConfig(caption_dropout_rate=0.5, prompt_image_dropout_rate=0.5), TrainConfig()
-    whole = prepare(data, train, _Sched(), cond, empty, (0, 3, 0))
+    draws = Draws.from_config(DataConfig(caption_dropout_rate=0.5, prompt_image_dropout_rate=0.5), TrainConfig())
+    whole = prepare(draws, _Sched(), cond, empty, (0, 3, 0))
     halves = [
         prepare(
-            data,
-            train,
+            draws,
             _Sched(),
             Conditioning(
                 cond.latents[i : i + 2], (cond.controls[0][i : i + 2],), {"tokens": cond.text["tokens"][i : i + 2]}

@@ -108,7 +108,7 @@ def test_qwen_defaults_are_the_builtin_demo() -> None:
     with pytest.raises(QfluxError, match="variant"):
         load_config(QwenImageEditConfig, None, {"model.variant": "plus"})
     with pytest.raises(QfluxError, match="guidance_scale"):  # a FLUX-only key
-        load_config(QwenImageEditConfig, None, {"train.guidance_scale": 3.0})
+        load_config(QwenImageEditConfig, None, {"model.guidance_scale": 3.0})
 
 
 def test_to_dict_is_plain_lists_and_dicts() -> None:
@@ -136,7 +136,7 @@ def test_devices_are_validated_and_resolved() -> None:
     from qflux.devices import resolve_device
 
     with pytest.raises(QfluxError, match=r"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"):
-        load_config(FluxKontextConfig, None, {"train.device": "gpu0"})
+        load_config(FluxKontextConfig, None, {"devices.transformer": "gpu0"})
     assert resolve_device("cpu", key="train.device") == torch.device("cpu")
     assert resolve_device("auto", key="x").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():

@@ -83,7 +83,7 @@ def test_qwen_loss_reads_the_compute_dtype_once(tmp_path: Path, monkeypatch: pyt
 def test_control_latents_stay_on_the_training_device() -> None:
     """Dropout of the control image is applied where the latents are (a meta tensor cannot be copied
     to the host, so any round trip through it fails here)."""
-    from qflux.batching import Conditioning, prepare
+    from qflux.batching import Conditioning, Draws, prepare
     from qflux.config import DataConfig, TrainConfig
 
     class Sched:
@@ -94,6 +94,6 @@ def test_control_latents_stay_on_the_training_device() -> None:
         controls=(torch.zeros(2, 4, 4, 4, device="meta"),),
         text={"pooled": torch.zeros(2, 8, device="meta")},
     )
-    out = prepare(DataConfig(prompt_image_dropout_rate=0.5), TrainConfig(), Sched(), cond,
+    out = prepare(Draws.from_config(DataConfig(prompt_image_dropout_rate=0.5), TrainConfig()), Sched(), cond,
                   {"pooled": torch.zeros(1, 8, device="meta")}, (0, 0, 0), "meta")  # fmt: skip
     assert out.controls[0].device.type == "meta" and out.controls[0].dtype == torch.float32

@@ -90,7 +90,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "validation.dataset_path": ("{data}", VALIDATING),
     "validation.samples": ([["{other_data}/control_images/sample_000.png", "a prompt"]], VALIDATING),
     "validation.num_inference_steps": (2, VALIDATING),
-    "train.guidance_scale": (5.0, {}),
+    "model.guidance_scale": (5.0, {}),
     "train.weighting_scheme": ("sigma_sqrt", {}),
     "train.logit_mean": (1.0, {"train.weighting_scheme": "logit_normal"}),
     "train.logit_std": (0.3, {"train.weighting_scheme": "logit_normal"}),
@@ -100,34 +100,26 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.checkpointing_steps": (1, {}),
     "train.checkpoints_total_limit": (1, {"train.checkpointing_steps": 1}),
     "train.max_nonfinite_steps": (1, NAN),
-    "train.device": ("cuda", {}),
-    "train.vae_encoder_device": ("cuda", {}),
-    "train.text_encoder_device": ("cuda", {}),
-    "train.text_encoder_2_device": ("cuda", {}),
+    "devices.transformer": ("cuda", {}),
+    "devices.vae": ("cuda", {}),
+    "devices.text_encoder": ("cuda", {}),
+    "devices.text_encoder_2": ("cuda", {}),
     "logging.output_dir": ("{root}/elsewhere", {}),
     "logging.write_sample": (True, {}),
     "cache.use_cache": (True, {}),
     "cache.cache_dir": ("{root}/cache2", CACHED),
-    "cache.vae_encoder_device": ("cuda", CACHED),
-    "cache.text_encoder_device": ("cuda", CACHED),
-    "cache.text_encoder_2_device": ("cuda", CACHED),
-    "predict.devices.vae": ("cuda", {**CACHED, "logging.write_sample": True}),
-    "predict.devices.text_encoder": ("cuda", {"_command": "predict"}),
-    "predict.devices.text_encoder_2": ("cuda", {"_command": "predict"}),
-    "predict.devices.transformer": ("cuda", {"_command": "predict"}),
 }
 
 # The Qwen-Image-Edit recipe: its schema is FLUX's without the FLUX-only keys, plus model.variant.
 QWEN_ALTERNATIVES = {k: v for k, v in ALTERNATIVES.items() if k in schema_keys(QwenImageEditConfig)}
 QWEN_ALTERNATIVES["model.variant"] = ("edit_plus", {})
-# Both recipes run recipes/lora_loop.py, so the keys that loop reads are walked once, with FLUX
-# (above). With Qwen we walk the keys whose reading is Qwen's own code: the model, its
+# Both recipes run qflux.training and qflux.train_loop, so the keys those read are walked once, with
+# FLUX (above). With Qwen we walk the keys whose reading is Qwen's own code: the model, its
 # conditioning and dropout, placements, the sample and the predict command.
 QWEN_WALK = sorted(
     k
     for k in QWEN_ALTERNATIVES
-    if k.startswith(("model.", "predict.", "cache."))
-    or k.endswith("_device")
+    if k.startswith(("model.", "devices.", "cache."))
     or k in ("data.caption_dropout_rate", "data.prompt_image_dropout_rate", "data.max_pixels",
              "train.weighting_scheme", "logging.write_sample", "validation.num_inference_steps")
 )  # fmt: skip
@@ -163,7 +155,7 @@ def _fingerprint(
     root: Path, settings: dict[str, Any], places: dict[str, str], monkeypatch, recipe: str = "flux"
 ) -> dict[str, Any]:
     cls, module, extra = RECIPES[recipe]
-    run, predict = module.run, module.predict
+    run, predict = module.train, module.predict
     if recipe == "qwen":
         places = {**places, "model": places["qwen_model"], "other_model": places["qwen_other_model"]}
     fills = {**places, "root": str(root)}

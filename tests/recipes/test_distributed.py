@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config
 from qflux.synthetic import make_synthetic_pairs
-from recipes.flux_kontext_lora import run
+from recipes.flux_kontext_lora import train as run
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = "pytorch_lora_weights.safetensors"
@@ -131,7 +131,7 @@ def test_qwen_two_ranks_of_batch_1_equal_one_process_of_batch_2(data: Path, tmp_
     """The Qwen-Image-Edit recipe runs the same loop under torchrun (DDP)."""
     from qflux.config import QwenImageEditConfig
     from qflux.tiny import build_qwen_image_edit
-    from recipes.qwen_image_edit_lora import run as qwen_run
+    from recipes.qwen_image_edit_lora import train as qwen_run
 
     model = build_qwen_image_edit(tmp_path / "model", seed=0)
     opts = {k: v for k, v in _opts(model, data, tmp_path, batch=1).items() if k != "model.max_sequence_length"}

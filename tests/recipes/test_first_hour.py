@@ -120,7 +120,7 @@ def test_runs_do_not_mix(tiny_flux_dir: Path, data: Path, tmp_path: Path, capsys
 
 def test_start_and_end_say_what_happens(tiny_flux_dir: Path, data: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    result = flux_kontext_lora.run(
+    result = flux_kontext_lora.train(
         flux_kontext_lora.load_config(
             flux_kontext_lora.FluxKontextConfig,
             None,
@@ -165,12 +165,12 @@ def test_short_runs_draw_their_moving_average() -> None:
 def test_the_diffusers_file_is_written_before_anything_that_can_fail(
     tiny_flux_dir: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from recipes import lora_loop
+    from qflux import train_loop
 
     def broken(*args, **kwargs):
         raise RuntimeError("conversion failed")
 
-    monkeypatch.setattr(lora_loop, "save_lora_comfyui", broken)
+    monkeypatch.setattr(train_loop, "save_lora_comfyui", broken)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="conversion failed"):
         flux_kontext_lora.main(["train", *_args(tiny_flux_dir, data, out, 2)])

@@ -20,7 +20,8 @@ from qflux.data import scan_pairs
 from qflux.flux_kontext.batch import fixed_eval_batches
 from qflux.flux_kontext.step import make_loss_fn
 from qflux.train_state import evaluate_loss
-from recipes.flux_kontext_lora import main, run
+from recipes.flux_kontext_lora import main
+from recipes.flux_kontext_lora import train as run
 
 ROOT = Path(__file__).resolve().parents[2]
 

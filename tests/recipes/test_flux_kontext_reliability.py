@@ -20,7 +20,8 @@ from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config
 from qflux.errors import QfluxError
 from qflux.synthetic import make_synthetic_pairs
-from recipes.flux_kontext_lora import main, run
+from recipes.flux_kontext_lora import main
+from recipes.flux_kontext_lora import train as run
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = "pytorch_lora_weights.safetensors"

@@ -15,7 +15,8 @@ from qflux.config import FluxKontextConfig, QwenImageEditConfig
 from qflux.config_parse import load_config
 from qflux.synthetic import make_synthetic_pairs
 from qflux.tiny import build_flux_kontext, build_qwen_image_edit
-from recipes import flux_kontext_lora, lora_loop, qwen_image_edit_lora
+from qflux.training import dataset_samples
+from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 SIZES = ((61, 46), (88, 40))  # (w, h); in multiples of 8: 56×40 and 88×40
 FLUX_ODD = {
@@ -53,9 +54,9 @@ def test_training_validation_and_predict_follow_the_model_config(name: str, tmp_
         )
     overrides["model.pretrained_model_name_or_path"] = str(model)
     cfg = load_config(cls, None, overrides)
-    samples = lora_loop.samples_of(recipe.FAMILY, cfg, model)
+    samples = dataset_samples(cfg, model, (1, 1))
     assert {s.target_size for s in samples} == {(56, 40), (88, 40)}
-    result = recipe.run(cfg)
+    result = recipe.train(cfg)
     assert len(result.losses) == 2 and np.isfinite(result.losses).all()
     out = tmp_path / "out"
     assert (out / "sample.png").is_file() and list((out / "validation").glob("*.png"))

@@ -51,7 +51,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             **extra,
         }
         out = root / f"out-{name}"
-        result = recipe.run(load_config(cls, None, {**overrides, "logging.output_dir": str(out)}))
+        result = recipe.train(load_config(cls, None, {**overrides, "logging.output_dir": str(out)}))
         runs[name] = {"recipe": recipe, "cls": cls, "overrides": overrides, "out": out, "result": result}
     runs["image"] = data / "control_images" / "sample_000.png"
     return runs
@@ -110,7 +110,7 @@ def test_pretrained_weight_reads_the_lora_qflux_wrote(
     run = trained[name]
     overrides = {**run["overrides"], "logging.output_dir": str(tmp_path / "again"), "train.max_train_steps": 1,
                  "model.lora.pretrained_weight": str(run["out"] / FILES[fmt])}  # fmt: skip
-    again = run["recipe"].run(load_config(run["cls"], None, overrides))
+    again = run["recipe"].train(load_config(run["cls"], None, overrides))
     trained_lora, start = run["result"].state.lora, again.initial_lora
     assert trained_lora.keys() == start.keys()
     for key in trained_lora:

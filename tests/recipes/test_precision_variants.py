@@ -24,7 +24,7 @@ def test_variant_trains_and_its_lora_loads_in_the_bf16_pipeline(
 ) -> None:
     from diffusers import FluxKontextPipeline
 
-    from recipes.flux_kontext_lora import run
+    from recipes.flux_kontext_lora import train as run
 
     out = tmp_path_factory.mktemp(f"run-{mode}")
     cfg = load_config(
@@ -61,7 +61,7 @@ def test_qwen_variant_with_quantized_text_encoder(tmp_path: Path) -> None:
     from qflux.quantize import count_layers, is_quantized
     from qflux.qwen_image_edit.processor import load_qwen_processor
     from qflux.tiny import build_qwen_image_edit
-    from recipes.qwen_image_edit_lora import run
+    from recipes.qwen_image_edit_lora import train as run
 
     # a text encoder 64 wide, so that its MLPs fit bitsandbytes' 4-bit kernels on every CPU
     wide = {"text": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2}}

@@ -18,7 +18,8 @@ from qflux.config_parse import load_config
 from qflux.data import scan_pairs
 from qflux.synthetic import make_synthetic_pairs
 from qflux.tiny import build_qwen_image_edit
-from recipes.qwen_image_edit_lora import main, run
+from recipes.qwen_image_edit_lora import main
+from recipes.qwen_image_edit_lora import train as run
 
 # First losses of the seeded fp32 runs below, pinned from reference runs of this recipe.
 PINNED_EDIT = [1.3436286449432373, 1.2440567016601562, 1.409367561340332, 1.4250426292419434]

@@ -15,7 +15,7 @@ from qflux.config_parse import load_config
 from qflux.errors import QfluxError
 from qflux.plots import GRID_GAP, GRID_LABEL, grid_cell
 from qflux.synthetic import make_synthetic_pairs
-from recipes.flux_kontext_lora import run
+from recipes.flux_kontext_lora import train as run
 
 
 def _cfg(tmp_path: Path, tiny_flux_dir: Path, **extra) -> FluxKontextConfig:

@@ -7,22 +7,22 @@ from pathlib import Path
 import attrs
 import torch
 
-from qflux.batching import sigmas_for
+from qflux.batching import Draws, sigmas_for
 from qflux.config import FluxKontextConfig
 from qflux.data import PairDataset, collate_pairs, scan_pairs
-from qflux.flux_kontext.batch import build_batch
+from qflux.flux_kontext import batch
 from qflux.flux_kontext.conditioning import encode_prompt_with, vae_encode
 from qflux.synthetic import make_synthetic_pairs
 
 
-def _cfg(caption: float, image: float, **train: object) -> FluxKontextConfig:
+def _cfg(caption: float, image: float, **train: object) -> Draws:
     cfg = FluxKontextConfig()
-    return attrs.evolve(
-        cfg,
-        model=attrs.evolve(cfg.model, max_sequence_length=16),
-        data=attrs.evolve(cfg.data, caption_dropout_rate=caption, prompt_image_dropout_rate=image),
-        train=attrs.evolve(cfg.train, **train),
-    )
+    data = attrs.evolve(cfg.data, caption_dropout_rate=caption, prompt_image_dropout_rate=image)
+    return Draws.from_config(data, attrs.evolve(cfg.train, **train))
+
+
+def build_batch(draws: Draws, models, raw: dict, keys: tuple[int, ...]):
+    return batch.build_batch(draws, models, raw, keys, max_sequence_length=16)
 
 
 def _raw(tmp_path: Path) -> dict:
@@ -71,6 +71,6 @@ def test_draws_depend_on_keys_only(flux_models, tmp_path: Path) -> None:
 
 def test_resolution_shift_moves_sigmas_towards_noise(flux_models) -> None:
     u = torch.tensor([0.2, 0.5, 0.8])
-    plain = sigmas_for(_cfg(0, 0).train, flux_models.scheduler.config, u, (8, 8))
-    shifted = sigmas_for(_cfg(0, 0, resolution_shift=True).train, flux_models.scheduler.config, u, (8, 8))
+    plain = sigmas_for(_cfg(0, 0).resolution_shift, flux_models.scheduler.config, u, (8, 8))
+    shifted = sigmas_for(_cfg(0, 0, resolution_shift=True).resolution_shift, flux_models.scheduler.config, u, (8, 8))
     assert torch.all(shifted > plain)

@@ -17,7 +17,8 @@ from qflux.config_parse import load_config
 from qflux.errors import QfluxError
 from qflux.flux_kontext import cache as kcache
 from qflux.synthetic import make_synthetic_pairs
-from recipes.flux_kontext_lora import fill, run
+from recipes.flux_kontext_lora import cache as fill
+from recipes.flux_kontext_lora import train as run
 
 
 def _cfg(data: Path, cache: Path, model: Path, **extra: object) -> FluxKontextConfig:
@@ -27,10 +28,10 @@ def _cfg(data: Path, cache: Path, model: Path, **extra: object) -> FluxKontextCo
         "model.max_sequence_length": 16,
         "data.dataset_path": str(data),
         "cache.cache_dir": str(cache),
-        "cache.vae_encoder_device": "cpu",
-        "cache.text_encoder_device": "cpu",
-        "cache.text_encoder_2_device": "cpu",
-        "train.device": "cpu",
+        "devices.vae": "cpu",
+        "devices.text_encoder": "cpu",
+        "devices.text_encoder_2": "cpu",
+        "devices.transformer": "cpu",
         **extra,
     }
     return load_config(FluxKontextConfig, None, overrides)

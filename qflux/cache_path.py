@@ -1,0 +1,85 @@
+"""A model's cache as a data path: the ``cache`` command fills it, and training reads from it.
+
+A model describes its cache with a :class:`CachePath` (its entries, how to check, fill, read and
+collate them); the functions here are the same for every model: fill a rank's share with a
+progress bar, and give training a :class:`~qflux.batching.DataPath` over the entries, computing the
+missing or corrupt ones first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from tqdm import tqdm
+
+from qflux.batching import Conditioning, DataPath
+from qflux.cache import CacheReport, Job
+from qflux.data import PairSample
+from qflux.distributed import World, any_rank, barrier
+
+
+@attrs.frozen(eq=False)
+class CachePath:
+    """A model's cache, bound to one model folder, its settings and the cache root."""
+
+    entries: Callable[[Sequence[PairSample]], list[Any]]
+    """Each sample's entries (by content)."""
+    verify: Callable[[list[Any]], list[str]]
+    """Problems of the entries training would read."""
+    fill: Callable[[Any, list[PairSample], Callable[[list[Job]], Any]], CacheReport]
+    """``fill(models, samples, progress)`` computes what is missing."""
+    dataset: Callable[[list[Any]], Any]
+    """A map-style dataset over samples' entries."""
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    conditioning: Callable[[dict[str, Any]], Conditioning]
+    empty: Callable[[], Mapping[str, torch.Tensor] | None]
+    """Reads the empty prompt's tensors (None: each sample's conditioning carries its own)."""
+
+
+def fill(cache: CachePath, models: Any, samples: list[PairSample], world: World, cache_dir: str) -> CacheReport:
+    """Compute this rank's share (every world-th sample) of the entries ``samples`` need, with a
+    progress bar over the distinct entries; every rank waits for the others; rank 0 says what it did."""
+
+    def progress(jobs: list[Job]) -> Any:
+        return tqdm(jobs, desc="cache", unit="entry", disable=not world.is_main)
+
+    report = cache.fill(models, samples[world.rank :: world.size], progress)
+    barrier(world)  # every entry exists before any rank reads one
+    for reason in report.replaced:
+        print(f"recomputed corrupt entry: {reason}")
+    share = f" (rank 0's share of {world.size})" if world.size > 1 else ""
+    print(f"cache '{cache_dir}': {report.computed} entries computed, {report.reused} reused{share}")
+    return report
+
+
+def cached_data(
+    cache: CachePath,
+    samples: list[PairSample],
+    world: World,
+    device: torch.device,
+    *,
+    cache_dir: str,
+    refill: Callable[[], CacheReport],
+) -> DataPath:
+    """Training's data path through the cache; entries missing or corrupt are computed first
+    (``refill``: load the encoders, :func:`fill`, free them), by all ranks together.
+
+    Args:
+        samples: every sample training reads through this path (training and validation).
+    """
+    entries = cache.entries(samples)
+    problems = cache.verify(entries)
+    if world.size > 1 and any_rank(bool(problems), device) and not problems:
+        problems = ["another rank found entries missing"]  # fill together: fill() has a barrier
+    if problems:
+        print(f"cache '{cache_dir}': {len(problems)} entries missing or corrupt (first: {problems[0]}); computing them")
+        refill()
+    known = dict(zip(samples, entries, strict=True))  # each image file is hashed once
+
+    def make_dataset(chosen: list[PairSample]) -> Any:
+        return cache.dataset([known[s] if s in known else cache.entries([s])[0] for s in chosen])
+
+    return DataPath(make_dataset, cache.collate, cache.conditioning, cache.empty())

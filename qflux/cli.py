@@ -1,0 +1,82 @@
+"""A recipe's command line: ``python -m recipes.<recipe> [train|cache|predict] [--config=F] [--a.b=c ...]``.
+
+fire parses the values; options alone (``--train.max_train_steps=10``) train; ``<command> --help``
+(or ``-h``) prints the command's usage, examples and every config key with its default, generated
+from the schema; a :class:`~qflux.errors.QfluxError` prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from qflux.config_doc import command_help, function_options
+from qflux.config_parse import load_config
+from qflux.errors import QfluxError
+
+HELP_FLAGS = ("--help", "-h")
+
+
+def config_command(run: Callable[[Any], Any], config_cls: type) -> Callable[..., None]:
+    """A command that reads ``--config`` and ``--section.key=value`` overrides into ``config_cls``
+    and calls ``run`` with the config."""
+
+    def command(config: str | None = None, **overrides: Any) -> None:
+        run(load_config(config_cls, config, overrides))
+
+    command.__doc__ = run.__doc__
+    return command
+
+
+def _help(name: str, pipeline: str, config_cls: type, verb: str, predict: Callable[..., Any]) -> str:
+    prog, stem = f"python -m recipes.{name}", name.removesuffix("_lora")
+    config = f"--config=recipes/configs/{stem}_bf16.yaml"
+    usage, summary, examples = {
+        "train": (
+            f"{prog} [train] [--config=FILE.yaml] [--section.key=value ...]",
+            f"Train a {pipeline} LoRA on the (control, target, instruction) pairs of data.dataset_path. "
+            "With no arguments: the built-in tiny model and synthetic dataset.",
+            [prog, f"{prog} train {config} --data.dataset_path=my_pairs --logging.output_dir=outputs/my_lora",
+             f"{prog} train {config} --resume_from_checkpoint=latest --train.max_train_steps=3000"],
+        ),
+        "cache": (
+            f"{prog} cache [--config=FILE.yaml] [--section.key=value ...]",
+            "Compute the encoders' outputs for the dataset once (content-keyed); train with --cache.use_cache=true "
+            "then loads only the transformer.",
+            [f"{prog} cache {config} --data.dataset_path=my_pairs",
+             f"{prog} train {config} --data.dataset_path=my_pairs --cache.use_cache=true"],
+        ),
+        "predict": (
+            f"{prog} predict --image=IN.png --prompt=TEXT [--out=OUT.png] [--lora=FILE] [--section.key=value ...]",
+            "Edit an image with the model (and a LoRA file in any format qflux writes or reads).",
+            [f'{prog} predict --image=cat.png --prompt="make the cat wear a red hat" '
+             "--lora=outputs/my_lora/pytorch_lora_weights.safetensors --out=edited.png"],
+        ),
+    }[verb]  # fmt: skip
+    if verb == "predict":
+        options = function_options(predict)
+        return command_help(usage, summary, examples, config_cls, options=options, sections=("model", "devices"))
+    return command_help(usage, summary, examples, config_cls)
+
+
+def main(
+    name: str, pipeline: str, config_cls: type, commands: Mapping[str, Callable[..., Any]], argv: list[str] | None
+) -> None:
+    """Run a recipe's command line (``commands``: train, cache, predict)."""
+    import fire
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0].startswith("-") and args[0] not in HELP_FLAGS):
+        args = ["train", *args]  # options alone train: `python -m recipes.<recipe> --train.max_train_steps=10`
+    if args[0] in HELP_FLAGS or (args[0] in commands and any(a in HELP_FLAGS for a in args[1:])):
+        verb = args[0] if args[0] in commands else "train"
+        print(_help(name, pipeline, config_cls, verb, commands["predict"]))
+        if args[0] in HELP_FLAGS:
+            print(f"\ncommands: {', '.join(commands)} (`<command> --help` for each)")
+        return
+    try:
+        fire.Fire(dict(commands), command=args, name=name)
+    except QfluxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
