@@ -41,36 +41,40 @@ VARIANTS = ("none", "fp8", "nf4", "fp4")
 
 
 def _bytes(path: Path) -> dict[str, float]:
-    from qflux.flux_kontext.loaders import load_flux_kontext_part
+    from qflux.flux_kontext.loaders import FLUX_KONTEXT
+    from qflux.loading import load_part
     from qflux.quantize import weight_bytes
 
-    sizes = {v: weight_bytes(load_flux_kontext_part(path, "transformer", torch.bfloat16, quantize=v)) for v in VARIANTS}
+    sizes = {
+        v: weight_bytes(load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16, quantize=v)) for v in VARIANTS
+    }
     return {v: sizes[v] / sizes["none"] for v in VARIANTS} | {"bf16_bytes": float(sizes["none"])}
 
 
 def _forward_errors(path: Path) -> dict[str, float]:
-    from qflux.flux_kontext.loaders import load_flux_kontext_part
-    from qflux.flux_kontext.step import predict_velocity
+    from qflux.flux_kontext.loaders import FLUX_KONTEXT
+    from qflux.flux_kontext.step import velocity
+    from qflux.loading import load_part
 
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
     pooled, tokens = torch.randn(1, 32, generator=g), torch.randn(1, 8, 32, generator=g)
 
-    def velocity(tr: torch.nn.Module) -> torch.Tensor:
+    def forward(tr: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
-            return predict_velocity(
+            return velocity(
                 tr, {}, x, c, torch.tensor([0.6]), pooled, tokens, torch.tensor([2.5]), dtype=torch.bfloat16
             ).float()
 
-    ref = velocity(load_flux_kontext_part(path, "transformer", torch.bfloat16))
+    ref = forward(load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16))
     out = {}
     for v in VARIANTS[1:]:
         out[v] = float(
-            (velocity(load_flux_kontext_part(path, "transformer", torch.bfloat16, quantize=v)) - ref).abs().max()
+            (forward(load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16, quantize=v)) - ref).abs().max()
         )
-    layerwise = load_flux_kontext_part(path, "transformer", torch.bfloat16)
+    layerwise = load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16)
     layerwise.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    out["fp8_layerwise"] = float((velocity(layerwise) - ref).abs().max())
+    out["fp8_layerwise"] = float((forward(layerwise) - ref).abs().max())
     return {k: val / float(ref.abs().max()) for k, val in out.items()}
 
 
@@ -79,8 +83,9 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
     tensors (unique storages: activations, and any weight copy made for the step), per variant and
     for diffusers' layerwise fp8 casting, as a fraction of the bf16 transformer's weight bytes."""
     from qflux.config import LoraConfig
-    from qflux.flux_kontext.loaders import load_flux_kontext_part
+    from qflux.flux_kontext.loaders import FLUX_KONTEXT
     from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn
+    from qflux.loading import load_part
     from qflux.lora import inject_lora
     from qflux.quantize import weight_bytes
 
@@ -103,9 +108,9 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
         own = {t.untyped_storage().data_ptr() for t in (*tr.parameters(), *tr.buffers())}
         return sum(n for ptr, n in seen.items() if ptr not in own)
 
-    base = weight_bytes(load_flux_kontext_part(path, "transformer", torch.bfloat16))
-    out = {v: saved(load_flux_kontext_part(path, "transformer", torch.bfloat16, quantize=v)) / base for v in VARIANTS}
-    layerwise = load_flux_kontext_part(path, "transformer", torch.bfloat16)
+    base = weight_bytes(load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16))
+    out = {v: saved(load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16, quantize=v)) / base for v in VARIANTS}
+    layerwise = load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16)
     layerwise.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     layerwise.compute_dtype = torch.bfloat16  # its first parameter reports fp8 (qflux.quantize.compute_dtype)
     out["fp8_layerwise"] = saved(layerwise) / base

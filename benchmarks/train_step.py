@@ -129,12 +129,13 @@ def _batch(i: int, shape: dict[str, int], device: torch.device):
 def _transformer(config: str, dtype: torch.dtype, device: torch.device, tmp: Path):
     from diffusers import FluxTransformer2DModel
 
-    from qflux.flux_kontext.loaders import load_flux_kontext_part
+    from qflux.flux_kontext.loaders import FLUX_KONTEXT
+    from qflux.loading import load_part
     from qflux.tiny import build_flux_kontext
 
     if config == "small":
         path = build_flux_kontext(tmp / "model", seed=0, size="small")
-        tr = load_flux_kontext_part(path, "transformer", dtype).to(device)
+        tr = load_part(FLUX_KONTEXT, path, "transformer", dtype).to(device)
         return tr, {"latent": 32, "text": 128, "text_dim": 512, "pooled": 256, "channels": 16}
     torch.manual_seed(0)
     previous = torch.get_default_dtype()

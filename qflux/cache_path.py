@@ -9,6 +9,7 @@ missing or corrupt ones first.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -17,8 +18,11 @@ from tqdm import tqdm
 
 from qflux.batching import Conditioning, DataPath
 from qflux.cache import CacheReport, Job
+from qflux.config import RecipeConfig
 from qflux.data import PairSample
-from qflux.distributed import World, any_rank, barrier
+from qflux.devices import component_devices
+from qflux.distributed import World, any_rank, barrier, init_world
+from qflux.training import Run, dataset_samples, quiet_unless
 
 
 @attrs.frozen(eq=False)
@@ -55,31 +59,32 @@ def fill(cache: CachePath, models: Any, samples: list[PairSample], world: World,
     return report
 
 
-def cached_data(
-    cache: CachePath,
-    samples: list[PairSample],
-    world: World,
-    device: torch.device,
-    *,
-    cache_dir: str,
-    refill: Callable[[], CacheReport],
-) -> DataPath:
-    """Training's data path through the cache; entries missing or corrupt are computed first
-    (``refill``: load the encoders, :func:`fill`, free them), by all ranks together.
-
-    Args:
-        samples: every sample training reads through this path (training and validation).
-    """
+def cached_data(cache: CachePath, run: Run, cache_dir: str, load_encoders: Callable[[], Any]) -> DataPath:
+    """Training's data path through the cache, for the run's training and validation samples;
+    entries missing or corrupt are computed first, by all ranks together, with the encoders that
+    ``load_encoders`` loads (and that are freed before the transformer loads)."""
+    world, device = run.world, run.device
+    samples = run.samples + (run.held_out.samples if run.held_out else [])
     entries = cache.entries(samples)
     problems = cache.verify(entries)
     if world.size > 1 and any_rank(bool(problems), device) and not problems:
         problems = ["another rank found entries missing"]  # fill together: fill() has a barrier
     if problems:
         print(f"cache '{cache_dir}': {len(problems)} entries missing or corrupt (first: {problems[0]}); computing them")
-        refill()
+        fill(cache, load_encoders(), samples, world, cache_dir)
     known = dict(zip(samples, entries, strict=True))  # each image file is hashed once
 
     def make_dataset(chosen: list[PairSample]) -> Any:
         return cache.dataset([known[s] if s in known else cache.entries([s])[0] for s in chosen])
 
     return DataPath(make_dataset, cache.collate, cache.conditioning, cache.empty())
+
+
+def cache_command(
+    cfg: RecipeConfig, folder: Path, controls: tuple[int, int], cache: CachePath, load_encoders: Callable[[], Any]
+) -> CacheReport:
+    """The ``cache`` command: the dataset of ``folder``'s model checked, then under torchrun each rank
+    fills every world-th sample (ranks other than 0 print nothing); returns rank 0's counts."""
+    world = init_world(component_devices(cfg.devices)["vae"].type)
+    with quiet_unless(world.is_main):
+        return fill(cache, load_encoders(), dataset_samples(cfg, folder, controls), world, cfg.cache.cache_dir)

@@ -8,7 +8,7 @@ from the schema; a :class:`~qflux.errors.QfluxError` prints one line and exits 2
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from qflux.config_doc import command_help, function_options
@@ -61,11 +61,21 @@ def _help(name: str, pipeline: str, config_cls: type, verb: str, predict: Callab
 
 
 def main(
-    name: str, pipeline: str, config_cls: type, commands: Mapping[str, Callable[..., Any]], argv: list[str] | None
+    name: str,
+    pipeline: str,
+    config_cls: type,
+    *,
+    train: Callable[[Any], Any],
+    cache: Callable[[Any], Any],
+    predict: Callable[..., Any],
+    argv: list[str] | None,
 ) -> None:
-    """Run a recipe's command line (``commands``: train, cache, predict)."""
+    """Run a recipe's command line: ``train`` and ``cache`` take the config read from ``--config``
+    and the overrides; ``predict`` takes its own options."""
     import fire
 
+    commands = {"train": config_command(train, config_cls), "cache": config_command(cache, config_cls),
+                "predict": predict}  # fmt: skip
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0].startswith("-") and args[0] not in HELP_FLAGS):
         args = ["train", *args]  # options alone train: `python -m recipes.<recipe> --train.max_train_steps=10`

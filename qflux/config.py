@@ -26,28 +26,6 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-MOVED = {
-    "train.device": "devices.transformer",
-    "train.guidance_scale": "model.guidance_scale",
-    **{f"{section}.{old}_device": f"devices.{new}" for section in ("train", "cache")
-       for old, new in (("vae_encoder", "vae"), ("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder_2"))},
-    **{f"predict.devices.{c}": f"devices.{c}" for c in ("transformer", "vae", "text_encoder", "text_encoder_2")},
-}  # fmt: skip
-"""Keys of earlier qflux configs → where they live now (an old key's error names its new place)."""
-
-
-def field_order(cls: type) -> list[Any]:
-    """The attrs fields of ``cls`` in the order the root-most class declares them (a field a
-    subclass redeclares, to give it its own type or default, keeps its place), then its own."""
-    seen: dict[str, Any] = {}
-    for klass in reversed([k for k in cls.__mro__ if attrs.has(k)]):
-        for f in attrs.fields(klass):
-            if not f.inherited and f.name not in seen:
-                seen[f.name] = None
-    by_name = {f.name: f for f in attrs.fields(cls)}
-    return [by_name[name] for name in seen]
-
-
 def _positive(inst: Any, att: Any, value: Any) -> None:
     if value <= 0:
         raise ValueError(f"{att.name} must be > 0, got {value!r}")

@@ -21,10 +21,36 @@ import cattrs
 import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
-from qflux.config import MOVED, RecipeConfig, field_order
+from qflux.config import RecipeConfig
 from qflux.errors import QfluxError
 
 T = TypeVar("T")
+
+_ENCODER_KEYS = {"vae_encoder": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+MOVED = {
+    "train.device": "devices.transformer",
+    "train.guidance_scale": "model.guidance_scale",
+    **{
+        f"{section}.{old}_device": f"devices.{new}"
+        for section in ("train", "cache")
+        for old, new in _ENCODER_KEYS.items()
+    },
+    **{f"predict.devices.{c}": f"devices.{c}" for c in ("transformer", "vae", "text_encoder", "text_encoder_2")},
+}
+"""Keys of earlier qflux configs → where they live now (an old key's error names its new place)."""
+
+
+def field_order(cls: type) -> list[Any]:
+    """The attrs fields of ``cls`` in the order the root-most class declares them (a field a
+    subclass redeclares, to give it its own type or default, keeps its place), then its own."""
+    seen: dict[str, Any] = {}
+    for klass in reversed([k for k in cls.__mro__ if attrs.has(k)]):
+        for f in attrs.fields(klass):
+            if not f.inherited and f.name not in seen:
+                seen[f.name] = None
+    by_name = {f.name: f for f in attrs.fields(cls)}
+    return [by_name[name] for name in seen]
+
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import glob
 import math
-import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,17 +155,7 @@ def scan_pairs(
         QfluxError: naming every problem and its file, or an empty dataset.
     """
     root = Path(root)
-    controls_dir, targets = root / "control_images", root / "training_images"
-    if not root.is_dir():
-        raise QfluxError(
-            f"dataset '{root}' does not exist; set data.dataset_path to a folder with control_images/ and "
-            "training_images/"
-        )
-    if not controls_dir.is_dir() or not targets.is_dir():
-        raise QfluxError(
-            f"dataset '{root}' must contain control_images/ and training_images/ "
-            "(NAME.png in both, plus training_images/NAME.txt with the instruction)"
-        )
+    controls_dir, targets = _folders(root)
     fewest, most = controls
     image_stems = {p.stem for d in (controls_dir, targets) for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS}
     if most > 1:  # NAME_control_i belongs to NAME (when NAME is a sample)
@@ -177,13 +166,8 @@ def scan_pairs(
     for stem in sorted(image_stems | text_stems):
         found = _check_sample(root, stem, multiple, fewest, most)
         if isinstance(found, PairSample):
-            samples.append(
-                attrs.evolve(
-                    found,
-                    control_sizes=tuple(fit_size(*image_size(c), max_pixels, multiple) for c in found.controls),
-                    target_size=fit_size(*image_size(found.target), max_pixels, multiple),
-                )
-            )
+            sizes = [fit_size(*image_size(p), max_pixels, multiple) for p in (*found.controls, found.target)]
+            samples.append(attrs.evolve(found, control_sizes=tuple(sizes[:-1]), target_size=sizes[-1]))
         else:
             problems += found
     if problems and not skip_invalid:
@@ -196,6 +180,22 @@ def scan_pairs(
     if not samples:
         raise QfluxError(f"dataset '{root}' holds no usable samples: training_images/ has no valid pairs")
     return samples
+
+
+def _folders(root: Path) -> tuple[Path, Path]:
+    """(control_images/, training_images/) of a dataset folder, or the error that says what is missing."""
+    if not root.is_dir():
+        raise QfluxError(
+            f"dataset '{root}' does not exist; set data.dataset_path to a folder with control_images/ and "
+            "training_images/"
+        )
+    controls, targets = root / "control_images", root / "training_images"
+    if not controls.is_dir() or not targets.is_dir():
+        raise QfluxError(
+            f"dataset '{root}' must contain control_images/ and training_images/ "
+            "(NAME.png in both, plus training_images/NAME.txt with the instruction)"
+        )
+    return controls, targets
 
 
 def _base_stem(stem: str, stems: set[str], targets: Path) -> str:
@@ -334,78 +334,3 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
         "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
         "target": torch.stack([it["target"] for it in items]),
     }
-
-
-def epoch_batches(
-    samples: Sequence[PairSample], batch_size: int, *, seed: int, epoch: int, shuffle: bool
-) -> list[list[int]]:
-    """Group sample indices into batches of equal (control sizes, target size); the order depends only on
-    (seed, epoch). The last batch of a size group may be smaller.
-    """
-    rng = random.Random(f"{seed}/{epoch}")
-    groups: dict[tuple[tuple[tuple[int, int], ...], tuple[int, int]], list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault((s.control_sizes, s.target_size), []).append(i)
-    batches = []
-    for key in sorted(groups):
-        idx = groups[key]
-        if shuffle:
-            rng.shuffle(idx)
-        batches += [idx[j : j + batch_size] for j in range(0, len(idx), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-    return batches
-
-
-def batch_stream(
-    dataset: Any,
-    samples: Sequence[PairSample],
-    batch_size: int,
-    *,
-    seed: int,
-    shuffle: bool,
-    num_workers: int,
-    collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_pairs,
-    start: tuple[int, int] = (0, 0),
-    shard: tuple[int, int] = (0, 1),
-) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
-    """Endless stream of collated same-size batches of ``dataset``, epoch after epoch.
-
-    Args:
-        dataset: map-style, indexed like ``samples`` (images, or cached tensors).
-        samples: give the sizes that batches are grouped by.
-        start: (epoch, batch index) of the first batch; a resumed run passes the saved position.
-        shard: (rank, world size). With several ranks the stream walks global batches of
-            ``batch_size × world`` (the order one process with that batch size would see) and
-            yields this rank's contiguous slice; a global batch too small to give every rank a
-            sample (the tail of a size group) is skipped by all ranks. Each batch carries
-            ``offset`` (its first sample's index in the global batch) and ``global_size``.
-
-    Yields:
-        ((epoch, batch index) of the *next* batch, batch) — the position to save after using it.
-    """
-    from torch.utils.data import DataLoader
-
-    rank, world = shard
-    epoch, first = start
-    while True:
-        batches = epoch_batches(samples, batch_size * world, seed=seed, epoch=epoch, shuffle=shuffle)
-        if world > 1:
-            batches = [b for b in batches if len(b) >= world]
-        batches = batches[first:]
-        sizes = [len(b) for b in batches]
-        slices = [_slice(len(b), rank, world) for b in batches]
-        mine = [b[o : o + n] for b, (o, n) in zip(batches, slices, strict=True)]
-        loader: DataLoader[Any] = DataLoader(
-            dataset, batch_sampler=mine, num_workers=num_workers, collate_fn=collate_fn
-        )
-        for i, batch in enumerate(loader, start=first + 1):
-            batch["offset"], batch["global_size"] = slices[i - first - 1][0], sizes[i - first - 1]
-            yield (epoch, i), batch
-        epoch, first = epoch + 1, 0
-
-
-def _slice(n: int, rank: int, world: int) -> tuple[int, int]:
-    """(offset, count) of rank's contiguous share of n samples (the first n mod world take one more)."""
-    base, extra = divmod(n, world)
-    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)

@@ -6,10 +6,11 @@ mode with ``requires_grad`` off; failures are one sentence naming the folder.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from qflux.errors import QfluxError
@@ -96,31 +97,40 @@ Table = Mapping[str, Any]
 ``folder → component``}. Classes that are ``torch.nn.Module`` load as frozen weights."""
 
 
+@attrs.frozen(eq=False)
+class ModelFiles:
+    """A model's diffusers folder: its name in messages and how each component loads."""
+
+    pipeline: str
+    """The model's name in messages (``"FLUX.1 Kontext"``)."""
+    table: Callable[[], Table]
+    """{component: how it loads} (a function, so the classes import only when used)."""
+
+
 def _is_weights(how: Any) -> bool:
     """Whether a table entry is a module with weights (the others are tokenizers, processors, schedulers)."""
     return isinstance(how, type) and issubclass(how, torch.nn.Module)
 
 
 def load_part(
-    table: Table,
+    files: ModelFiles,
     model_path: str | Path,
     name: str,
     weight_dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     *,
-    pipeline: str,
     quantize: str = "none",
 ) -> Any:
-    """Component ``name`` of a model folder by its entry in ``table``: weights frozen in
-    ``weight_dtype`` on ``device`` (:func:`load_component`), or a tokenizer, processor or scheduler.
+    """Component ``name`` of a model folder: weights frozen in ``weight_dtype`` on ``device``
+    (:func:`load_component`), or a tokenizer, processor or scheduler.
 
     Raises:
         QfluxError: the folder lacks the component or it does not load (one sentence naming it).
     """
-    how: Any = table[name]
+    how: Any = files.table()[name]
     if _is_weights(how):
-        return load_component(how, model_path, name, weight_dtype, device, pipeline=pipeline, quantize=quantize)
-    folder = component_folder(model_path, name, pipeline=pipeline) / name
+        return load_component(how, model_path, name, weight_dtype, device, pipeline=files.pipeline, quantize=quantize)
+    folder = component_folder(model_path, name, pipeline=files.pipeline) / name
     try:
         load = getattr(how, "from_pretrained", how)  # a class's constructor from a folder, or a function
         return load(folder)
@@ -129,24 +139,23 @@ def load_part(
 
 
 def load_parts(
-    table: Table,
+    files: ModelFiles,
     model_path: str | Path,
     weight_dtype: torch.dtype,
     *,
-    pipeline: str,
-    include: Sequence[str],
+    include: Sequence[str] | None = None,
     devices: Mapping[str, str | torch.device] | None = None,
     quantize: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """{component: loaded} for every entry of ``table``: the weights named in ``include`` (the others
-    None) placed on ``devices[name]`` (default cpu) and quantized as ``quantize[name]`` (default
-    none), and every tokenizer, processor and scheduler (they are small)."""
+    """{component: loaded} for every component of the model: the weights named in ``include``
+    (default all; the others None) placed on ``devices[name]`` (default cpu) and quantized as
+    ``quantize[name]`` (default none), and every tokenizer, processor and scheduler (they are small)."""
+    table = files.table()
+    weights = [n for n, how in table.items() if _is_weights(how)] if include is None else list(include)
     light = [name for name, how in table.items() if not _is_weights(how)]
-    path = resolve_model_dir(str(model_path), [*include, *light], pipeline=pipeline)
+    path = resolve_model_dir(str(model_path), [*weights, *light], pipeline=files.pipeline)
     place, plan = devices or {}, quantize or {}
     out = {name: None for name in table}
-    for name in [*include, *light]:
-        out[name] = load_part(
-            table, path, name, weight_dtype, place.get(name, "cpu"), pipeline=pipeline, quantize=plan.get(name, "none")
-        )
+    for name in [*weights, *light]:
+        out[name] = load_part(files, path, name, weight_dtype, place.get(name, "cpu"), quantize=plan.get(name, "none"))
     return out

@@ -284,6 +284,33 @@ def _peft_scale(metadata: Mapping[str, str] | None) -> Callable[[str, int], floa
     return scale
 
 
+def _parts(
+    name: str, down: torch.Tensor, up: torch.Tensor, targets: list[Target], out_features: Callable[[str], int]
+) -> dict[str, Delta]:
+    """The diffusers modules' updates of one file module (``up`` scaled): itself, or the row blocks
+    of a fused one (a part keeps the non-zero columns of its rows; all-zero rows: no update).
+
+    Raises:
+        ValueError: a fused module whose ``up`` does not have the parts' total width.
+    """
+    if len(targets) == 1 and targets[0][2] == 1:
+        return {targets[0][0]: (down.float(), up.float())}
+    by_part = {part: module for module, part, _ in targets}
+    widths = [out_features(by_part[p]) for p in range(targets[0][2])]
+    if up.shape[0] != sum(widths):
+        parts = "+".join(map(str, widths))
+        raise ValueError(f"{name}: lora_up has {up.shape[0]} rows; the model's parts have {parts}")
+    out, row = {}, 0
+    for part, width in enumerate(widths):
+        b, row = up[row : row + width], row + width
+        used = (b != 0).any(0)
+        if not used.any():
+            continue  # ΔW = 0 for this part (e.g. proj_mlp of a fused linear1 without a LoRA of its own)
+        a = down if used.all() else down[used]
+        out[by_part[part]] = (a.float(), (b if used.all() else b[:, used]).float())
+    return out
+
+
 def split_lora(
     sd: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None,
@@ -332,24 +359,5 @@ def split_lora(
         scale = float(alpha) / rank if alpha is not None else peft_scale(name, rank)
         if name in SWAPPED:
             up = _swap_halves(up)
-        if len(targets) == 1 and targets[0][2] == 1:
-            deltas[targets[0][0]] = (down.float(), up.float() * scale)
-            continue
-        by_part = {part: module for module, part, _ in targets}
-        widths = [out_features(by_part[p]) for p in range(targets[0][2])]
-        if up.shape[0] != sum(widths):
-            raise ValueError(
-                f"{name}: lora_up has {up.shape[0]} rows; the model's parts have {'+'.join(map(str, widths))}"
-            )
-        row = 0
-        for part, width in enumerate(widths):
-            b = up[row : row + width]
-            row += width
-            used = (b != 0).any(0)
-            if not used.any():
-                continue  # ΔW = 0 for this part (e.g. proj_mlp of a fused linear1 without a LoRA of its own)
-            a = down
-            if not used.all():
-                a, b = down[used], b[:, used]
-            deltas[by_part[part]] = (a.float(), b.float() * scale)
+        deltas |= _parts(name, down, up.float() * scale, targets, out_features)
     return deltas, unknown

@@ -19,7 +19,7 @@ from qflux.batching import Conditioning, DataPath
 from qflux.checkpoint import latest_checkpoint, save_loop_state
 from qflux.config import RecipeConfig
 from qflux.config_parse import to_dict
-from qflux.data import PairSample, batch_stream, load_rgb, to_image, to_pil
+from qflux.data import PairSample, load_rgb, to_image, to_pil
 from qflux.distributed import any_rank, barrier
 from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
@@ -27,6 +27,7 @@ from qflux.loop import Hook, LoopState, flush, mean_recent, run_loop
 from qflux.lora import save_lora, save_lora_comfyui
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.signals import stop_signals
+from qflux.stream import batch_stream
 from qflux.summary import LOSS_WINDOW, end_block
 from qflux.tracking import Tracker, open_tracker
 from qflux.train_state import LossFn
@@ -34,6 +35,19 @@ from qflux.training import ModelOps, Run, RunResult, build_step, step_taker
 from qflux.validation import make_validator
 
 Render = Callable[[Sequence[Conditioning], Sequence[Mapping[str, torch.Tensor]]], list[np.ndarray]]
+
+
+def decoder(
+    decode: Callable[[Any, torch.Tensor], torch.Tensor], vae: Any, load_vae: Callable[[], Any]
+) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+    """``decode_all(latents) → images`` with ``vae``, or (training from the cache: ``vae`` is None)
+    with a VAE loaded by ``load_vae`` for the call alone, so rendering holds no memory between calls."""
+
+    def decode_all(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        model = vae if vae is not None else load_vae()
+        return [decode(model, z) for z in latents]
+
+    return decode_all
 
 
 def renderer(cfg: RecipeConfig, ops: ModelOps) -> Render:

@@ -34,7 +34,7 @@ from qflux.checkpoint import (
 from qflux.config import RecipeConfig
 from qflux.config_parse import to_dict
 from qflux.data import PairSample, scan_pairs
-from qflux.devices import resolve_device
+from qflux.devices import component_devices, resolve_device
 from qflux.distributed import World, all_reduce_sum, init_world, rank_device, shard_frozen_base
 from qflux.errors import QfluxError
 from qflux.fp8 import check_fp8_device
@@ -145,6 +145,11 @@ def dataset_samples(cfg: RecipeConfig, path: Path, controls: tuple[int, int]) ->
         warn=tqdm.write,
         controls=controls,
     )
+
+
+def placements(cfg: RecipeConfig, run: Run | None = None) -> dict[str, torch.device]:
+    """{component: device} of ``devices``, the transformer on the run's own device when training."""
+    return component_devices(cfg.devices) | ({"transformer": run.device} if run is not None else {})
 
 
 def quiet_unless(main: bool) -> contextlib.AbstractContextManager[Any]:

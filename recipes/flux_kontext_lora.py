@@ -12,7 +12,7 @@ model shares is :mod:`qflux.training` and :mod:`qflux.train_loop`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,11 @@ import torch
 
 from qflux.batching import Conditioning, DataPath
 from qflux.cache import CacheReport
-from qflux.cache_path import CachePath, cached_data
-from qflux.cache_path import fill as fill_cache_path
-from qflux.cli import config_command
+from qflux.cache_path import CachePath, cache_command, cached_data
 from qflux.cli import main as cli_main
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config
 from qflux.data import PairDataset, collate_pairs, load_rgb, save_image
-from qflux.devices import component_devices
-from qflux.distributed import init_world
 from qflux.errors import QfluxError
 from qflux.flux_kontext import cache as kcache
 from qflux.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
@@ -40,8 +36,9 @@ from qflux.flux_kontext.predict import predict as kontext_predict
 from qflux.flux_kontext.step import make_loss_fn
 from qflux.loading import torch_dtype
 from qflux.lora import load_lora_file
+from qflux.lora_formats import Naming
 from qflux.quantize import quantize_plan
-from qflux.train_loop import finish, train_loop
+from qflux.train_loop import decoder, finish, train_loop
 from qflux.training import (
     ModelOps,
     Run,
@@ -50,11 +47,11 @@ from qflux.training import (
     attach_lora,
     first_state,
     model_folder,
-    quiet_unless,
+    placements,
     training_run,
 )
 
-NAMING = "flux"
+NAMING: Naming = "flux"
 
 
 def pipeline_cls() -> Any:
@@ -78,28 +75,24 @@ def train(cfg: FluxKontextConfig) -> RunResult:
         )
         state = first_state(cfg, run, lora0)
         announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), partial(_decode, cfg, run.model_dir, models),
-                       NAMING, pipeline_cls())  # fmt: skip
+        load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
+        decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, NAMING, pipeline_cls())
         state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
         return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
 
 
 def _load(cfg: FluxKontextConfig, path: Path, include: Sequence[str], run: Run | None = None) -> FluxKontextModels:
     """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
-    places = component_devices(cfg.devices) | ({"transformer": run.device} if run is not None else {})
-    return load_flux_kontext(path, torch_dtype(cfg.model.dtype), include=include, devices=places,
-                             quantize=quantize_plan(cfg.model))  # fmt: skip
+    dtype, quantize = torch_dtype(cfg.model.dtype), quantize_plan(cfg.model)
+    return load_flux_kontext(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
 
 
 def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPath]:
     """Training's models and data path: the transformer and the cache, or every encoder as well."""
-    if cfg.cache.use_cache:  # missing entries are computed with the encoders, freed before the transformer loads
-        every, cached = run.samples + (run.held_out.samples if run.held_out else []), _cache(cfg, run.model_dir)
-
-        def refill() -> CacheReport:
-            return fill_cache_path(cached, _load(cfg, run.model_dir, ENCODERS), every, run.world, cfg.cache.cache_dir)
-
-        data = cached_data(cached, every, run.world, run.device, cache_dir=cfg.cache.cache_dir, refill=refill)
+    if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
+        load_encoders = partial(_load, cfg, run.model_dir, ENCODERS)
+        data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
         return _load(cfg, run.model_dir, ("transformer",), run), data
     models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
     seq = cfg.model.max_sequence_length
@@ -142,26 +135,11 @@ def _preview(
     )
 
 
-def _decode(
-    cfg: FluxKontextConfig, path: Path, models: FluxKontextModels, latents: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Latents to images; training from the cache loads the VAE on ``devices.vae`` for the call only."""
-    vae = models.vae if models.vae is not None else _load(cfg, path, ("vae",)).vae
-    return [vae_decode(vae, z) for z in latents]
-
-
 def cache(cfg: FluxKontextConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
-    from qflux.training import dataset_samples
-
-    world = init_world(component_devices(cfg.devices)["vae"].type)
-    with quiet_unless(world.is_main):
-        path = model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
-        models = _load(cfg, path, ENCODERS)
-        return fill_cache_path(
-            _cache(cfg, path), models, dataset_samples(cfg, path, (1, 1)), world, cfg.cache.cache_dir
-        )
+    path = model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
+    return cache_command(cfg, path, (1, 1), _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
 
 
 def predict(
@@ -217,16 +195,9 @@ def predict(
     save_image(result, out)
 
 
-COMMANDS: Mapping[str, Any] = {
-    "train": config_command(train, FluxKontextConfig),
-    "cache": config_command(cache, FluxKontextConfig),
-    "predict": predict,
-}
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("flux_kontext_lora", PIPELINE, FluxKontextConfig, COMMANDS, argv)
+    cli_main("flux_kontext_lora", PIPELINE, FluxKontextConfig, train=train, cache=cache, predict=predict, argv=argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ bottom in :func:`train`; what every model shares is :mod:`qflux.training` and :m
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,18 +23,15 @@ from PIL import Image
 
 from qflux.batching import Conditioning, DataPath
 from qflux.cache import CacheReport
-from qflux.cache_path import CachePath, cached_data
-from qflux.cache_path import fill as fill_cache_path
-from qflux.cli import config_command
+from qflux.cache_path import CachePath, cache_command, cached_data
 from qflux.cli import main as cli_main
 from qflux.config import QwenImageEditConfig
 from qflux.config_parse import load_config
 from qflux.data import PairDataset, load_rgb, save_image
-from qflux.devices import component_devices
-from qflux.distributed import init_world
 from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
 from qflux.lora import load_lora_file
+from qflux.lora_formats import Naming
 from qflux.quantize import quantize_plan
 from qflux.qwen_image_edit import cache as qcache
 from qflux.qwen_image_edit.batch import (
@@ -49,21 +46,20 @@ from qflux.qwen_image_edit.loaders import COMPONENTS, ENCODERS, PIPELINE, QwenIm
 from qflux.qwen_image_edit.predict import denoise
 from qflux.qwen_image_edit.predict import predict as qwen_predict
 from qflux.qwen_image_edit.step import make_loss_fn
-from qflux.train_loop import finish, train_loop
+from qflux.train_loop import decoder, finish, train_loop
 from qflux.training import (
     ModelOps,
     Run,
     RunResult,
     announce,
     attach_lora,
-    dataset_samples,
     first_state,
     model_folder,
-    quiet_unless,
+    placements,
     training_run,
 )
 
-NAMING = "qwen"
+NAMING: Naming = "qwen"
 CONTROLS = {"edit": (1, 1), "edit_plus": (0, 3)}
 """(fewest, most) control images per sample of each variant."""
 
@@ -89,8 +85,9 @@ def train(cfg: QwenImageEditConfig) -> RunResult:
         loss_fn = make_loss_fn(models.transformer, weighting_scheme=cfg.train.weighting_scheme)
         state = first_state(cfg, run, lora0)
         announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), partial(_decode, cfg, run.model_dir, models),
-                       NAMING, pipeline_cls())  # fmt: skip
+        load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
+        decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, NAMING, pipeline_cls())
         state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
         return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
 
@@ -101,21 +98,16 @@ def _folder(cfg: QwenImageEditConfig) -> Path:
 
 def _load(cfg: QwenImageEditConfig, path: Path, include: Sequence[str], run: Run | None = None) -> QwenImageEditModels:
     """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
-    places = component_devices(cfg.devices) | ({"transformer": run.device} if run is not None else {})
-    return load_qwen_image_edit(path, torch_dtype(cfg.model.dtype), include=include, devices=places,
-                                quantize=quantize_plan(cfg.model))  # fmt: skip
+    dtype, quantize = torch_dtype(cfg.model.dtype), quantize_plan(cfg.model)
+    return load_qwen_image_edit(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
 
 
 def _inputs(cfg: QwenImageEditConfig, run: Run) -> tuple[QwenImageEditModels, DataPath]:
     """Training's models and data path: the transformer and the cache, or every encoder as well.
     Each sample carries its own empty-instruction embedding (it sees the sample's images)."""
-    if cfg.cache.use_cache:  # missing entries are computed with the encoders, freed before the transformer loads
-        every, cached = run.samples + (run.held_out.samples if run.held_out else []), _cache(cfg, run.model_dir)
-
-        def refill() -> CacheReport:
-            return fill_cache_path(cached, _load(cfg, run.model_dir, ENCODERS), every, run.world, cfg.cache.cache_dir)
-
-        data = cached_data(cached, every, run.world, run.device, cache_dir=cfg.cache.cache_dir, refill=refill)
+    if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
+        load_encoders = partial(_load, cfg, run.model_dir, ENCODERS)
+        data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
         return _load(cfg, run.model_dir, ("transformer",), run), data
     models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
     variant = cfg.model.variant
@@ -155,21 +147,11 @@ def _preview(cfg: QwenImageEditConfig, models: QwenImageEditModels, cond: Condit
     )
 
 
-def _decode(cfg: QwenImageEditConfig, path: Path, models: QwenImageEditModels,
-            latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # fmt: skip
-    """Latents to images; training from the cache loads the VAE on ``devices.vae`` for the call only."""
-    vae = models.vae if models.vae is not None else _load(cfg, path, ("vae",)).vae
-    return [vae_decode(vae, z) for z in latents]
-
-
 def cache(cfg: QwenImageEditConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
-    world = init_world(component_devices(cfg.devices)["vae"].type)
-    with quiet_unless(world.is_main):
-        path = _folder(cfg)
-        samples = dataset_samples(cfg, path, CONTROLS[cfg.model.variant])
-        return fill_cache_path(_cache(cfg, path), _load(cfg, path, ENCODERS), samples, world, cfg.cache.cache_dir)
+    path = _folder(cfg)
+    return cache_command(cfg, path, CONTROLS[cfg.model.variant], _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
 
 
 def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> list[Image.Image]:
@@ -232,16 +214,11 @@ def predict(
     save_image(result, out)
 
 
-COMMANDS: Mapping[str, Any] = {
-    "train": config_command(train, QwenImageEditConfig),
-    "cache": config_command(cache, QwenImageEditConfig),
-    "predict": predict,
-}
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("qwen_image_edit_lora", PIPELINE, QwenImageEditConfig, COMMANDS, argv)
+    cli_main(
+        "qwen_image_edit_lora", PIPELINE, QwenImageEditConfig, train=train, cache=cache, predict=predict, argv=argv
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.loading import Table, load_part, load_parts
+from qflux.loading import ModelFiles, Table, load_parts
 
 PIPELINE = "FLUX.1 Kontext"
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -41,18 +41,6 @@ def table() -> Table:
     }
 
 
-def load_flux_kontext_part(
-    model_path: str | Path,
-    name: str,
-    weight_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    *,
-    quantize: str = "none",
-) -> Any:
-    """One component of a FLUX.1 Kontext folder (:func:`table` names them)."""
-    return load_part(table(), model_path, name, weight_dtype, device, pipeline=PIPELINE, quantize=quantize)
-
-
 @attrs.frozen(eq=False)
 class FluxKontextModels:
     """The frozen components one job needs; ``None`` where a job does not need one."""
@@ -72,18 +60,17 @@ def load_flux_kontext(
     model_path: str | Path,
     weight_dtype: torch.dtype,
     *,
-    include: Sequence[str] = ("transformer", *ENCODERS),
+    include: Sequence[str] | None = None,
     devices: Mapping[str, str | torch.device] | None = None,
     quantize: Mapping[str, str] | None = None,
 ) -> FluxKontextModels:
-    """The components a job needs from a FLUX.1 Kontext folder (the weights in ``include``; the
-    rest stay ``None``), plus the tokenizers and the scheduler.
-
-    Args:
-        devices: {component: device} (default cpu).
-        quantize: {component: none / fp8 / nf4 / fp4} for the transformer and text encoders.
-    """
-    parts = load_parts(
-        table(), model_path, weight_dtype, pipeline=PIPELINE, include=include, devices=devices, quantize=quantize
+    """The components a job needs (:func:`qflux.loading.load_parts`: the weights in ``include``,
+    default all, the rest ``None``; the small components always), on ``devices``, quantized as
+    ``quantize`` says."""
+    return FluxKontextModels(
+        **load_parts(FLUX_KONTEXT, model_path, weight_dtype, include=include, devices=devices, quantize=quantize)
     )
-    return FluxKontextModels(**parts)
+
+
+FLUX_KONTEXT = ModelFiles(PIPELINE, table)
+"""The FLUX.1 Kontext folder layout (:func:`qflux.loading.load_part` loads one component of it)."""

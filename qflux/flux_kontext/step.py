@@ -92,7 +92,7 @@ def velocity(
     transformer: Any,
     params: Mapping[str, torch.Tensor],
     noisy: torch.Tensor,
-    layout: TokenLayout,
+    layout: TokenLayout | torch.Tensor | None,
     sigmas: torch.Tensor,
     pooled: torch.Tensor,
     prompt_embeds: torch.Tensor,
@@ -100,13 +100,14 @@ def velocity(
     *,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """One transformer evaluation on [pack(noisy) ; layout.control]; the target tokens' velocity.
+    """One transformer evaluation on [pack(noisy) ; packed control]; the target tokens' velocity.
 
     Args:
         transformer: ``FluxTransformer2DModel`` (frozen).
         params: tensors substituted into the module (the LoRA); ``{}`` runs the module as it is.
         noisy: x_t [B, C, h, w], on the transformer's device; other inputs are moved there.
-        layout: from :func:`token_layout` for this size (its control batch must match B).
+        layout: from :func:`token_layout` for this size (its control batch must match B), or the
+            control latents [B, C, hc, wc] (or None) to build it from for this call.
         sigmas: [B]; the transformer's timestep input is σ (diffusers passes t/1000 = σ).
         pooled: [B, P]; prompt_embeds: [B, S, D].
         guidance: [B] guidance values, or None for a model without guidance embedding.
@@ -118,6 +119,8 @@ def velocity(
     """
     device = noisy.device
     h, w = noisy.shape[-2:]
+    if not isinstance(layout, TokenLayout):
+        layout = token_layout((h, w), layout, prompt_embeds.shape[1], dtype=dtype, device=device)
     tokens = pack_latents(noisy.to(dtype))
     n = tokens.shape[1]
     if layout.control is not None:
@@ -136,29 +139,6 @@ def velocity(
     return unpack_latents(out[:, :n], h, w)
 
 
-def predict_velocity(
-    transformer: Any,
-    params: Mapping[str, torch.Tensor],
-    noisy: torch.Tensor,
-    control: torch.Tensor | None,
-    sigmas: torch.Tensor,
-    pooled: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    guidance: torch.Tensor | None,
-    *,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """:func:`velocity` with the layout built for this call (``control``: [B, C, hc, wc] or None).
-
-    Returns:
-        v̂ [B, C, h, w] in the transformer's output dtype.
-    """
-    layout = token_layout(
-        (noisy.shape[-2], noisy.shape[-1]), control, prompt_embeds.shape[1], dtype=dtype, device=noisy.device
-    )
-    return velocity(transformer, params, noisy, layout, sigmas, pooled, prompt_embeds, guidance, dtype=dtype)
-
-
 def make_loss_fn(
     transformer: Any, *, guidance_scale: float, weighting_scheme: WeightingScheme
 ) -> Callable[[Mapping[str, torch.Tensor], FluxKontextBatch], torch.Tensor]:
@@ -173,7 +153,7 @@ def make_loss_fn(
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full((x0.shape[0],), guidance_scale, dtype=torch.float32, device=x0.device)
-        pred = predict_velocity(
+        pred = velocity(
             transformer,
             lora,
             add_noise(x0, eps, sigmas),

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.loading import Table, load_part, load_parts
+from qflux.loading import ModelFiles, Table, load_parts
 from qflux.qwen_image_edit.processor import load_qwen_processor
 
 PIPELINE = "Qwen-Image-Edit"
@@ -43,18 +43,6 @@ def table() -> Table:
     }
 
 
-def load_qwen_image_edit_part(
-    model_path: str | Path,
-    name: str,
-    weight_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    *,
-    quantize: str = "none",
-) -> Any:
-    """One component of a Qwen-Image-Edit folder (:func:`table` names them)."""
-    return load_part(table(), model_path, name, weight_dtype, device, pipeline=PIPELINE, quantize=quantize)
-
-
 @attrs.frozen(eq=False)
 class QwenImageEditModels:
     """What one Qwen-Image-Edit job needs; ``None`` for a component it does not load."""
@@ -77,18 +65,17 @@ def load_qwen_image_edit(
     model_path: str | Path,
     weight_dtype: torch.dtype,
     *,
-    include: Sequence[str] = ("transformer", *ENCODERS),
+    include: Sequence[str] | None = None,
     devices: Mapping[str, str | torch.device] | None = None,
     quantize: Mapping[str, str] | None = None,
 ) -> QwenImageEditModels:
-    """The components a job needs from a Qwen-Image-Edit(-Plus) folder (the weights in ``include``;
-    the rest stay ``None``), plus the tokenizer, the processor and the scheduler.
-
-    Args:
-        devices: {component: device} (default cpu).
-        quantize: {component: none / fp8 / nf4 / fp4} for the transformer and the text encoder.
-    """
-    parts = load_parts(
-        table(), model_path, weight_dtype, pipeline=PIPELINE, include=include, devices=devices, quantize=quantize
+    """The components a job needs (:func:`qflux.loading.load_parts`: the weights in ``include``,
+    default all, the rest ``None``; the small components always), on ``devices``, quantized as
+    ``quantize`` says."""
+    return QwenImageEditModels(
+        **load_parts(QWEN_IMAGE_EDIT, model_path, weight_dtype, include=include, devices=devices, quantize=quantize)
     )
-    return QwenImageEditModels(**parts)
+
+
+QWEN_IMAGE_EDIT = ModelFiles(PIPELINE, table)
+"""The Qwen-Image-Edit folder layout (:func:`qflux.loading.load_part` loads one component of it)."""

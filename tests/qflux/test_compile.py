@@ -10,9 +10,10 @@ import torch
 
 from qflux.config import LoraConfig
 from qflux.flow import sigmas_from_u
-from qflux.flux_kontext.loaders import load_flux_kontext_part
+from qflux.flux_kontext.loaders import FLUX_KONTEXT
 from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn
 from qflux.frozen_linear import FrozenLinear, use_fast_frozen_linear
+from qflux.loading import load_part
 from qflux.lora import inject_lora
 from qflux.train_state import StepHParams, init_train_state, make_train_step, resolve_compile
 
@@ -35,7 +36,7 @@ def test_compiled_step_one_graph_no_recompiles_equals_eager(tiny_flux_dir: Path)
 
     torch._dynamo.reset()
     counters.clear()
-    tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = inject_lora(tr, LoraConfig(r=4), seed=0)
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
     hp = StepHParams()
@@ -62,9 +63,9 @@ def test_regional_compile_with_checkpointing_equals_the_eager_func_step(tiny_flu
 
     torch._dynamo.reset()
     counters.clear()
-    eager_tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    eager_tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = inject_lora(eager_tr, LoraConfig(r=4), seed=0)
-    reg_tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    reg_tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     inject_lora(reg_tr, LoraConfig(r=4), seed=0)
     reg_tr.enable_gradient_checkpointing()
     for m in reg_tr.modules():  # the fast frozen linear (a custom autograd.Function) compiles too
@@ -92,7 +93,7 @@ def test_regional_compile_with_checkpointing_equals_the_eager_func_step(tiny_flu
 
 
 def test_compile_modes_need_their_engine(tiny_flux_dir: Path) -> None:
-    tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
     with pytest.raises(ValueError, match="compile='full' needs engine='func'"):
         make_train_step(loss_fn, StepHParams(engine="autograd"), module=tr, compile=True)

@@ -11,9 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from qflux.data import PairDataset, batch_stream, epoch_batches, fit_size, image_to_tensor, load_rgb, scan_pairs
+from qflux.data import PairDataset, fit_size, image_to_tensor, load_rgb, scan_pairs
 from qflux.errors import QfluxError
 from qflux.rng import draw_sample_randomness, keyed_generator
+from qflux.stream import batch_stream, epoch_batches
 from qflux.synthetic import make_synthetic_pairs
 
 

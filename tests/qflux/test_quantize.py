@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qflux.errors import QfluxError
-from qflux.flux_kontext.loaders import load_flux_kontext_part
-from qflux.flux_kontext.step import predict_velocity
+from qflux.flux_kontext.loaders import FLUX_KONTEXT
+from qflux.flux_kontext.step import velocity
+from qflux.loading import load_part
 from qflux.quantize import (
     KEEP,
     Float8StorageLinear,
@@ -60,15 +61,15 @@ def _velocity(tr: nn.Module) -> torch.Tensor:
     pooled = torch.randn(1, tr.config.pooled_projection_dim, generator=g)
     tokens = torch.randn(1, 8, tr.config.joint_attention_dim, generator=g)
     with torch.no_grad():
-        return predict_velocity(
+        return velocity(
             tr, {}, x, ctl, torch.tensor([0.6]), pooled, tokens, torch.tensor([2.5]), dtype=torch.bfloat16
         ).float()
 
 
 @pytest.mark.parametrize("mode", ["fp8", "nf4", "fp4"])
 def test_quantized_forward_is_close_to_bf16_and_smaller(wide_flux_dir: Path, mode: str) -> None:
-    ref = load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16)
-    quant = load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16, quantize=mode)
+    ref = load_part(FLUX_KONTEXT, wide_flux_dir, "transformer", torch.bfloat16)
+    quant = load_part(FLUX_KONTEXT, wide_flux_dir, "transformer", torch.bfloat16, quantize=mode)
     v_ref, v = _velocity(ref), _velocity(quant)
     rel = float((v - v_ref).abs().max() / v_ref.abs().max())
     assert 0 < rel < TOLERANCE[mode], rel
@@ -95,14 +96,15 @@ def test_4bit_layers_fit_every_cpu_and_the_rest_are_counted(
     """Layers bitsandbytes could not repack on an AVX-512 BF16 CPU stay bf16 and are counted, at any
     width; the forward runs (on those CPUs through the packed kernel)."""
     qwen = build_qwen_image_edit(tmp_path / "qwen", seed=0)
-    from qflux.qwen_image_edit.loaders import load_qwen_image_edit_part
+    from qflux.loading import load_part
+    from qflux.qwen_image_edit.loaders import QWEN_IMAGE_EDIT
 
     checked = {}
     for name, module in {
-        "tiny": load_flux_kontext_part(tiny_flux_dir, "transformer", torch.bfloat16, quantize=mode),
-        "wide": load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16, quantize=mode),
-        "odd": load_flux_kontext_part(odd_flux_dir, "transformer", torch.bfloat16, quantize=mode),
-        "qwen_text": load_qwen_image_edit_part(qwen, "text_encoder", torch.bfloat16, quantize=mode),
+        "tiny": load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.bfloat16, quantize=mode),
+        "wide": load_part(FLUX_KONTEXT, wide_flux_dir, "transformer", torch.bfloat16, quantize=mode),
+        "odd": load_part(FLUX_KONTEXT, odd_flux_dir, "transformer", torch.bfloat16, quantize=mode),
+        "qwen_text": load_part(QWEN_IMAGE_EDIT, qwen, "text_encoder", torch.bfloat16, quantize=mode),
     }.items():
         count = count_layers(module, mode)
         assert _assert_packs_for_cpu(module) == count.quantized
@@ -123,7 +125,7 @@ def test_training_after_a_no_grad_pass_keeps_4bit_gradients(wide_flux_dir: Path)
     from qflux.frozen_linear import prepare_frozen_base
     from qflux.lora import inject_lora
 
-    tr = load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16, quantize="nf4")
+    tr = load_part(FLUX_KONTEXT, wide_flux_dir, "transformer", torch.bfloat16, quantize="nf4")
     lora = inject_lora(tr, LoraConfig(r=4, init_lora_weights=False), seed=0)
     assert prepare_frozen_base(tr, fp8_matmul=False, device=torch.device("cpu"))["4bit_trainable"] > 0
     _velocity(tr)  # no grad, the module in eval mode
@@ -138,7 +140,7 @@ def test_training_after_a_no_grad_pass_keeps_4bit_gradients(wide_flux_dir: Path)
     from torch.nn.utils.stateless import _reparametrize_module
 
     with _reparametrize_module(tr, leaves, strict=False):
-        v = predict_velocity(tr, leaves, x, x, torch.tensor([0.6]), pooled, tokens, torch.tensor([2.5]),
+        v = velocity(tr, leaves, x, x, torch.tensor([0.6]), pooled, tokens, torch.tensor([2.5]),
                              dtype=torch.bfloat16)  # fmt: skip
         grads = torch.autograd.grad(v.float().square().mean(), list(leaves.values()))
     assert all(torch.isfinite(gr).all() for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
@@ -170,7 +172,7 @@ def test_fp8_storage_maths() -> None:
 def test_prequantized_checkpoint_loads_as_stored(wide_flux_dir: Path, tmp_path: Path, mode: str) -> None:
     """A folder whose transformer is saved quantized (bitsandbytes' 4-bit state dict with
     quantization_config, or fp8 weights with scales) loads to the same layers and output."""
-    quant = load_flux_kontext_part(wide_flux_dir, "transformer", torch.bfloat16, quantize=mode)
+    quant = load_part(FLUX_KONTEXT, wide_flux_dir, "transformer", torch.bfloat16, quantize=mode)
     folder = tmp_path / "model"
     shutil.copytree(wide_flux_dir, folder)
     config_file = folder / "transformer" / "config.json"
@@ -185,7 +187,7 @@ def test_prequantized_checkpoint_loads_as_stored(wide_flux_dir: Path, tmp_path: 
               str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))  # fmt: skip
     assert prequantized_kind(folder / "transformer") == mode
     assert prequantized_kind(wide_flux_dir / "transformer") is None
-    loaded = load_flux_kontext_part(folder, "transformer", torch.bfloat16)
+    loaded = load_part(FLUX_KONTEXT, folder, "transformer", torch.bfloat16)
     assert weight_bytes(loaded) == weight_bytes(quant)
     torch.testing.assert_close(_velocity(loaded), _velocity(quant), rtol=0, atol=0)
 
@@ -193,7 +195,7 @@ def test_prequantized_checkpoint_loads_as_stored(wide_flux_dir: Path, tmp_path: 
 def test_prequantized_4bit_layers_of_any_shape_load(tiny_flux_dir: Path, tmp_path: Path) -> None:
     """A checkpoint quantized by another tool, every linear in 4 bits whatever its shape: the layers
     bitsandbytes cannot repack on every CPU come back dequantized, the others stay 4-bit."""
-    everything = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.bfloat16)
+    everything = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.bfloat16)
     for name, m in [(n, m) for n, m in everything.named_modules() if type(m) is nn.Linear and not KEEP.search(n)]:
         parent, _, child = name.rpartition(".")
         holder = everything.get_submodule(parent) if parent else everything
@@ -208,7 +210,7 @@ def test_prequantized_4bit_layers_of_any_shape_load(tiny_flux_dir: Path, tmp_pat
         f.unlink()
     save_file({k: v.clone() for k, v in everything.state_dict().items()},
               str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))  # fmt: skip
-    loaded = load_flux_kontext_part(folder, "transformer", torch.bfloat16)
+    loaded = load_part(FLUX_KONTEXT, folder, "transformer", torch.bfloat16)
     count = count_layers(loaded, "nf4")
     assert count.quantized == _assert_packs_for_cpu(loaded) > 0 and count.kept > 0
     everything.train()  # never repacked: the reference runs the generic 4-bit path on any CPU

@@ -59,11 +59,12 @@ def test_frozen_layout_follows_the_measurement(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_qwen_loss_reads_the_compute_dtype_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qflux.loading import load_part
     from qflux.qwen_image_edit import step
-    from qflux.qwen_image_edit.loaders import load_qwen_image_edit_part
+    from qflux.qwen_image_edit.loaders import QWEN_IMAGE_EDIT
     from qflux.tiny import build_qwen_image_edit
 
-    tr = load_qwen_image_edit_part(build_qwen_image_edit(tmp_path / "m"), "transformer", torch.float32)
+    tr = load_part(QWEN_IMAGE_EDIT, build_qwen_image_edit(tmp_path / "m"), "transformer", torch.float32)
     calls = []
     original = step.compute_dtype
     monkeypatch.setattr(step, "compute_dtype", lambda m: calls.append(1) or original(m))

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from qflux.config import LoraConfig
 from qflux.errors import QfluxError
-from qflux.flux_kontext.loaders import load_flux_kontext, load_flux_kontext_part
+from qflux.flux_kontext.loaders import FLUX_KONTEXT, load_flux_kontext
 from qflux.flux_kontext.predict import predict
+from qflux.loading import load_part
 from qflux.lora import (
     COMFYUI_WEIGHT_NAME,
     inject_lora,
@@ -55,7 +56,7 @@ def _delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def test_comfyui_conversion_keeps_every_delta(tiny_flux_dir: Path) -> None:
-    tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = _trained(tr, ALL)
     sd = lora_to_diffusers(tr, lora, torch.float32)
     scale = lora_scale(tr)
@@ -151,7 +152,7 @@ def test_comfyui_file_loads_in_diffusers_and_gives_our_images(tiny_flux_dir: Pat
 def test_pretrained_weight_reads_every_format_to_the_same_adapter(tiny_flux_dir: Path, saved, kind: str) -> None:
     out, comfy, kohya, lora, _, _ = saved
     path = {"diffusers": out / "pytorch_lora_weights.safetensors", "comfyui": comfy, "kohya": kohya}[kind]
-    tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     init = inject_lora(tr, LoraConfig(r=4, lora_alpha=8, target_modules=ROUND_TRIP), seed=5)
     got = lora_from_file(tr, path, init, naming="flux", pipeline_cls=FluxKontextPipeline)
     scale = lora_scale(tr)
@@ -165,7 +166,7 @@ def test_pretrained_weight_reads_every_format_to_the_same_adapter(tiny_flux_dir:
 
 def test_pretrained_weight_errors_name_the_file_and_the_fix(tiny_flux_dir: Path, saved, tmp_path: Path) -> None:
     out = saved[0]
-    tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     init = inject_lora(tr, LoraConfig(r=2, lora_alpha=2, target_modules=ROUND_TRIP), seed=0)
     with pytest.raises(QfluxError, match=r"has rank 4.*set model\.lora\.r"):
         lora_from_file(
@@ -173,7 +174,7 @@ def test_pretrained_weight_errors_name_the_file_and_the_fix(tiny_flux_dir: Path,
         )
     with pytest.raises(QfluxError, match="does not exist"):
         lora_from_file(tr, tmp_path / "nope.safetensors", init, naming="flux", pipeline_cls=FluxKontextPipeline)
-    narrow = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    narrow = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     init = inject_lora(narrow, LoraConfig(r=4, lora_alpha=8, target_modules=("to_out.0",)), seed=0)
     with pytest.raises(QfluxError, match=r"outside model\.lora\.target_modules"):
         lora_from_file(
@@ -190,7 +191,7 @@ def test_every_module_reads_back_at_a_width_the_real_model_does_not_have(tmp_pat
 
     odd = {"transformer": {"attention_head_dim": 24, "axes_dims_rope": (4, 10, 10)}}
     folder = build_flux_kontext(tmp_path / "odd", overrides=odd)
-    tr = load_flux_kontext_part(folder, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, folder, "transformer", torch.float32)
     lora = _trained(tr, (*ALL, "norm_out.linear"))
     save_lora(tmp_path, tr, lora, dtype=torch.float32, pipeline_cls=FluxKontextPipeline)
     comfy = save_lora_comfyui(tmp_path, tr, lora, dtype=torch.float32)
@@ -212,7 +213,7 @@ def test_bfl_modulation_halves_are_shift_then_scale(tiny_flux_dir: Path) -> None
     [shift; scale] (diffusers' own swap_scale_shift): the exported ΔW is the swapped one."""
     from diffusers.loaders.lora_conversion_utils import swap_scale_shift
 
-    tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = _trained(tr, ("norm_out.linear",))
     sd = lora_to_diffusers(tr, lora, torch.float32)
     comfy = flux_to_comfyui(sd, scale=lora_scale(tr), out_features=module_out_features(tr))

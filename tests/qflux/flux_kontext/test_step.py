@@ -19,15 +19,16 @@ from hypothesis import strategies as st
 
 from qflux.config import LoraConfig
 from qflux.flow import sigmas_from_u
-from qflux.flux_kontext.loaders import load_flux_kontext_part
-from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn, predict_velocity
+from qflux.flux_kontext.loaders import FLUX_KONTEXT
+from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn, velocity
+from qflux.loading import load_part
 from qflux.lora import inject_lora
 from qflux.train_state import StepHParams, init_train_state, train_step
 
 
 @pytest.fixture(scope="module")
 def lora_transformer(tiny_flux_dir: Path):
-    tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = inject_lora(tr, LoraConfig(r=4, lora_alpha=8, target_modules=("to_q", "to_k", "to_v", "to_out.0")), seed=0)
     return tr, lora
 
@@ -129,8 +130,8 @@ def test_zero_b_lora_equals_base(lora_transformer, seed: int) -> None:
     }
     b = _batch(seed, b=1)
     args = (b.latents, b.control_latents, b.sigmas, b.pooled, b.prompt_embeds, torch.tensor([2.5]))
-    with_lora = predict_velocity(tr, zero_b, *args, dtype=torch.float32)
-    base = predict_velocity(tr, {}, *args, dtype=torch.float32)
+    with_lora = velocity(tr, zero_b, *args, dtype=torch.float32)
+    base = velocity(tr, {}, *args, dtype=torch.float32)
     assert torch.equal(with_lora, base)
 
 
@@ -182,7 +183,7 @@ def test_accumulation_equals_mean_of_gradients(lora_transformer) -> None:
 
 
 def test_engines_agree_with_and_without_checkpointing(tiny_flux_dir: Path) -> None:
-    tr = load_flux_kontext_part(tiny_flux_dir, "transformer", torch.float32)
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = inject_lora(tr, LoraConfig(r=4), seed=0)
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
     state = init_train_state(_perturbed(lora, 7), seed=0)

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from qflux.errors import QfluxError
-from qflux.qwen_image_edit.loaders import load_qwen_image_edit, load_qwen_image_edit_part
+from qflux.loading import load_part
+from qflux.qwen_image_edit.loaders import QWEN_IMAGE_EDIT, load_qwen_image_edit
 from qflux.tiny import build_qwen_image_edit
 
 
@@ -42,20 +43,20 @@ def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("name", ["text_encoder", "vae", "transformer"])
 def test_module_loaders_equal_the_pipeline(name: str, tiny_qwen: Path, pipe) -> None:
-    _same_module(load_qwen_image_edit_part(tiny_qwen, name, torch.float32), getattr(pipe, name))
+    _same_module(load_part(QWEN_IMAGE_EDIT, tiny_qwen, name, torch.float32), getattr(pipe, name))
 
 
 def test_tokenizer_processor_and_scheduler_equal_the_pipeline(tiny_qwen: Path, pipe) -> None:
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>make the cat blue<|im_end|>"
-    tok = load_qwen_image_edit_part(tiny_qwen, "tokenizer")
+    tok = load_part(QWEN_IMAGE_EDIT, tiny_qwen, "tokenizer")
     assert tok(text).input_ids == pipe.tokenizer(text).input_ids
-    proc = load_qwen_image_edit_part(tiny_qwen, "processor")
+    proc = load_part(QWEN_IMAGE_EDIT, tiny_qwen, "processor")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8))
     ours, theirs = (p(text=[text], images=[image], return_tensors="pt") for p in (proc, pipe.processor))
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
-    assert dict(load_qwen_image_edit_part(tiny_qwen, "scheduler").config) == dict(pipe.scheduler.config)
+    assert dict(load_part(QWEN_IMAGE_EDIT, tiny_qwen, "scheduler").config) == dict(pipe.scheduler.config)
 
 
 def test_load_all_and_errors(tiny_qwen: Path, tmp_path: Path) -> None:
