@@ -44,7 +44,9 @@ def main(size: str = "tiny", steps: int = 8, repeats: int = 3, dtype: str = "flo
     seq = 128
 
     def ours() -> np.ndarray:
-        return predict(models, image, "invert the colors", num_inference_steps=steps, max_sequence_length=seq)
+        return predict(
+            models, image, "invert the colors", guidance_scale=2.5, num_inference_steps=steps, max_sequence_length=seq
+        )
 
     def theirs() -> np.ndarray:
         return pipe(

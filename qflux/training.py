@@ -87,7 +87,7 @@ class ModelOps:
     """Latents → images [1, 3, H, W] in [-1, 1] (loading the VAE for the call if it is not loaded)."""
     naming: Naming
     """How the model's ComfyUI files name modules."""
-    pipeline_cls: Any
+    pipeline_cls: type
     """The diffusers pipeline class (LoRA files are written and read through it)."""
 
 

@@ -38,7 +38,7 @@ def predict(
     height: int | None = None,
     width: int | None = None,
     num_inference_steps: int = 28,
-    guidance_scale: float = 2.5,
+    guidance_scale: float,
     seed: int = 0,
     negative_prompt: str | None = None,
     true_cfg_scale: float = 1.0,
@@ -52,6 +52,7 @@ def predict(
         image: the control image (RGB); resized to its own size floored to multiples of the VAE
             factor × 2 (16 for FLUX.1; :func:`qflux.latents.size_multiple`).
         height, width: output size (floored to those multiples); default the control's size.
+        guidance_scale: fed to the guidance-distilled transformer (the config's ``model.guidance_scale``).
         lora: LoRA tensors to substitute into the transformer; None uses the module as it is.
             Components may sit on different devices; tensors move to where each one runs.
 

@@ -74,7 +74,7 @@ def _reference(run: dict[str, Any], image: Path) -> np.ndarray:
     if run["recipe"] is flux_kontext_lora:
         from qflux.flux_kontext.predict import predict
 
-        return predict(result.models, load_rgb(image), "invert", max_sequence_length=16, **kw)
+        return predict(result.models, load_rgb(image), "invert", guidance_scale=2.5, max_sequence_length=16, **kw)
     from qflux.qwen_image_edit.predict import predict as qwen_predict
 
     return qwen_predict(result.models, [load_rgb(image)], "invert", variant=result.config.model.variant, **kw)

@@ -133,8 +133,8 @@ def saved(tiny_flux_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     kohya = out / "kohya.safetensors"
     save_file(comfyui_to_kohya(load_file(comfy)), str(kohya))
     kw = {"num_inference_steps": STEPS, "max_sequence_length": 64}
-    ours = predict(models, _image(), "invert the colors", lora=lora, **kw)
-    base = predict(models, _image(), "invert the colors", **kw)
+    ours = predict(models, _image(), "invert the colors", guidance_scale=2.5, lora=lora, **kw)
+    base = predict(models, _image(), "invert the colors", guidance_scale=2.5, **kw)
     return out, comfy, kohya, lora, ours, base
 
 

@@ -49,7 +49,14 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 def test_predict_equals_pipeline_without_lora(flux_pipe, flux_models, h: int | None, w: int | None) -> None:
     image = _image()
     ours = predict(
-        flux_models, image, "invert the colors", height=h, width=w, num_inference_steps=STEPS, max_sequence_length=64
+        flux_models,
+        image,
+        "invert the colors",
+        guidance_scale=2.5,
+        height=h,
+        width=w,
+        num_inference_steps=STEPS,
+        max_sequence_length=64,
     )
     eh, ew = (h or 48), (w or 64)  # 52×70 floors to 48×64
     assert ours.shape == (eh, ew, 3)
@@ -60,7 +67,16 @@ def test_predict_equals_pipeline_without_lora(flux_pipe, flux_models, h: int | N
 def test_true_cfg_equals_pipeline(flux_pipe, flux_models) -> None:
     image = _image()
     kw = {"negative_prompt": "blurry", "true_cfg_scale": 3.0}
-    ours = predict(flux_models, image, "make it red", num_inference_steps=STEPS, max_sequence_length=64, seed=3, **kw)
+    ours = predict(
+        flux_models,
+        image,
+        "make it red",
+        guidance_scale=2.5,
+        num_inference_steps=STEPS,
+        max_sequence_length=64,
+        seed=3,
+        **kw,
+    )
     ref = _pipe_out(flux_pipe, image, "make it red", 48, 64, seed=3, **kw)
     assert _mad(ours, ref) <= 1 / 255
 
@@ -74,8 +90,18 @@ def test_lora_predict_equals_diffusers_loaded_lora(tiny_flux_dir: Path, tmp_path
     assert path.name == "pytorch_lora_weights.safetensors"
 
     image = _image()
-    ours = predict(models, image, "invert the colors", num_inference_steps=STEPS, lora=trained, max_sequence_length=64)
-    base = predict(models, image, "invert the colors", num_inference_steps=STEPS, max_sequence_length=64)
+    ours = predict(
+        models,
+        image,
+        "invert the colors",
+        guidance_scale=2.5,
+        num_inference_steps=STEPS,
+        lora=trained,
+        max_sequence_length=64,
+    )
+    base = predict(
+        models, image, "invert the colors", guidance_scale=2.5, num_inference_steps=STEPS, max_sequence_length=64
+    )
     assert _mad(ours, base) > 5 / 255  # the LoRA really changes the image
 
     pipe = FluxKontextPipeline.from_pretrained(tiny_flux_dir, dtype=torch.float32)
@@ -86,7 +112,9 @@ def test_lora_predict_equals_diffusers_loaded_lora(tiny_flux_dir: Path, tmp_path
     # and the predict CLI path: the file loaded into a fresh transformer
     fresh = load_flux_kontext(tiny_flux_dir, torch.float32)
     load_lora_file(fresh.transformer, path, naming="flux", pipeline_cls=FluxKontextPipeline)
-    from_file = predict(fresh, image, "invert the colors", num_inference_steps=STEPS, max_sequence_length=64)
+    from_file = predict(
+        fresh, image, "invert the colors", guidance_scale=2.5, num_inference_steps=STEPS, max_sequence_length=64
+    )
     assert _mad(from_file, ref) <= 1 / 255
 
 
@@ -115,7 +143,8 @@ def test_a_4x_vae_sizes_images_from_its_own_config(tmp_path: Path, h: int | None
     pipe = FluxKontextPipeline.from_pretrained(folder, dtype=torch.float32)
     assert pipe.vae_scale_factor == 4
     image = _image(w=61, h=46)
-    ours = predict(load_flux_kontext(folder, torch.float32), image, "invert the colors", height=h, width=w,
+    models = load_flux_kontext(folder, torch.float32)
+    ours = predict(models, image, "invert the colors", guidance_scale=2.5, height=h, width=w,
                    num_inference_steps=STEPS, max_sequence_length=64)  # fmt: skip
     eh, ew = (h or 40), (w or 56)  # 46×61 floors to 40×56 in multiples of 8 (32×48 in multiples of 16)
     assert ours.shape == (eh, ew, 3)
