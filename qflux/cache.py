@@ -170,10 +170,15 @@ class LatentSpec:
         """(C, h, w) of the latents of an image resized to ``size`` = (w, h)."""
         return self.channels, size[1] // self.factor, size[0] // self.factor
 
-    def entry(self, root: Path, kind: str, digest: str, size: tuple[int, int]) -> Entry:
+    def entry(
+        self, root: Path, kind: str, digest: str, size: tuple[int, int], box: tuple[float, ...] | None = None
+    ) -> Entry:
         """The ``pixel_latent`` / ``control_latent`` entry of an image file (by content digest)
-        resized to ``size`` = (w, h)."""
+        resized to ``size`` = (w, h), the region ``box`` = (left, top, right, bottom) of it when given
+        (a bucket's crop; the key of an uncropped image has no box, as before buckets)."""
         key = {"kind": kind, "file": digest, "size": list(size), "resize": RESIZE_MODE, "vae": self.vae_id}
+        if box is not None:
+            key["box"] = [round(x, 4) for x in box]
         return make_entry(root, key, {"latent": self.shape(size)})
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from qflux.batching import Conditioning, DataPath
 from qflux.cache import CacheReport, Job
 from qflux.config import RecipeConfig
-from qflux.data import PairSample
+from qflux.data import PairRule, PairSample
 from qflux.devices import component_devices
 from qflux.distributed import World, any_rank, barrier, init_world
 from qflux.training import Run, dataset_samples, quiet_unless
@@ -81,10 +81,10 @@ def cached_data(cache: CachePath, run: Run, cache_dir: str, load_encoders: Calla
 
 
 def cache_command(
-    cfg: RecipeConfig, folder: Path, controls: tuple[int, int], cache: CachePath, load_encoders: Callable[[], Any]
+    cfg: RecipeConfig, folder: Path, rule: PairRule, cache: CachePath, load_encoders: Callable[[], Any]
 ) -> CacheReport:
     """The ``cache`` command: the dataset of ``folder``'s model checked, then under torchrun each rank
     fills every world-th sample (ranks other than 0 print nothing); returns rank 0's counts."""
     world = init_world(component_devices(cfg.devices)["vae"].type)
     with quiet_unless(world.is_main):
-        return fill(cache, load_encoders(), dataset_samples(cfg, folder, controls), world, cfg.cache.cache_dir)
+        return fill(cache, load_encoders(), dataset_samples(cfg, folder, rule), world, cfg.cache.cache_dir)

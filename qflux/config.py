@@ -140,14 +140,22 @@ class DataConfig:
     dataset_path: str = BUILTIN_SYNTHETIC_DATASET
     """Folder with control_images/ and training_images/; 'builtin:synthetic' makes a demo set."""
     batch_size: int = attrs.field(default=2, validator=[v.instance_of(int), _positive])
-    """Samples per micro-batch; each batch holds images of one size."""
+    """Samples per micro-batch; each batch holds pairs of one bucket (one set of sizes)."""
     caption_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
     """Probability that a sample's instruction is replaced by the empty prompt."""
     prompt_image_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
     """Probability that a sample's control latents are replaced by zeros."""
     max_pixels: int | None = attrs.field(default=1024 * 1024, validator=_positive_or_none)
-    """Images larger than this area are scaled down (aspect kept) before their sides are floored to
-    the model's multiple (16 for FLUX.1)."""
+    """The largest training area: the buckets' area (or, with ``buckets: exact``, images larger than
+    this are scaled down, aspect kept). Sides are then floored to the model's multiple (16 for FLUX.1)."""
+    buckets: Literal["auto", "exact"] = attrs.field(default="auto", validator=v.in_(("auto", "exact")))
+    """auto: each pair is scaled and centre-cropped (at most 10% of its area) into the bucket nearest
+    its target's aspect (1:4 … 4:1 in steps of ×2^¼, area ``max_pixels`` or the largest target's if
+    smaller), so pairs of different sizes fill batches; exact: every image at its own aspect, uncropped,
+    batched only with pairs of identical sizes."""
+    drop_last: bool = False
+    """Drop each bucket's last batch of an epoch when it holds fewer than ``batch_size`` samples (every
+    step then trains on a full batch)."""
     shuffle: bool = True
     """Shuffle batches each epoch (the order depends only on seed and epoch)."""
     num_workers: int = attrs.field(default=0, validator=_non_negative)

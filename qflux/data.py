@@ -20,15 +20,18 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
 from PIL import Image, ImageOps
 
+from qflux.buckets import MAX_CROP, Box, Size, bucket_area, bucket_sizes, cover_box, nearest_bucket
 from qflux.errors import QfluxError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+UPSCALE_WARNING = 2.0
+"""Pairs whose target is scaled up more than this (per side) into its bucket are named in a warning."""
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -46,6 +49,11 @@ class PairSample:
     """(width, height) each control image is resized to."""
     target_size: tuple[int, int]
     """(width, height) the target image is resized to."""
+    control_boxes: tuple[Box | None, ...] = ()
+    """Per control image, the region of it (source pixels) resized to its size; None (or an empty
+    tuple): the whole image."""
+    target_box: Box | None = None
+    """The region of the target (source pixels) resized to its size; None: the whole image."""
 
     @property
     def control(self) -> Path:
@@ -56,6 +64,18 @@ class PairSample:
     def control_size(self) -> tuple[int, int]:
         """(width, height) of the (first) control image."""
         return self.control_sizes[0]
+
+    @property
+    def control_crops(self) -> tuple[Box | None, ...]:
+        """Per control image, its crop box (None: the whole image)."""
+        return self.control_boxes or (None,) * len(self.controls)
+
+    def images(self) -> list[tuple[Path, tuple[int, int], Box | None]]:
+        """(file, size, crop box) of the target, then of each control image."""
+        return [
+            (self.target, self.target_size, self.target_box),
+            *zip(self.controls, self.control_sizes, self.control_crops, strict=True),
+        ]
 
 
 def fit_size(width: int, height: int, max_pixels: int | None, multiple: int) -> tuple[int, int]:
@@ -128,6 +148,19 @@ def _find_image(folder: Path, stem: str) -> list[Path]:
 _EXTRA_CONTROL = re.compile(r"^(?P<stem>.+)_control_(?P<index>[1-9])$")
 
 
+@attrs.frozen
+class PairRule:
+    """A model's rule for its samples: how many control images each has, and how a control image of
+    another size than its target is sized in buckets."""
+
+    controls: tuple[int, int] = (1, 1)
+    """(fewest, most) control images per sample."""
+    control_sizing: Literal["target", "own"] = "target"
+    """"target": like the target's bucket (FLUX.1 Kontext, whose pipeline gives the output the
+    control's size); "own": the bucket of its own aspect (Qwen-Image-Edit, whose pipelines resize
+    each image to an area at its own aspect)."""
+
+
 def scan_pairs(
     root: str | Path,
     max_pixels: int | None,
@@ -136,6 +169,8 @@ def scan_pairs(
     skip_invalid: bool = False,
     warn: Callable[[str], None] = print,
     controls: tuple[int, int] = (1, 1),
+    buckets: Literal["auto", "exact"] = "exact",
+    control_sizing: Literal["target", "own"] = "target",
 ) -> list[PairSample]:
     """List and check the dataset's samples (sorted by name) before any model loads.
 
@@ -150,6 +185,12 @@ def scan_pairs(
             failing; an empty result still fails.
         controls: (fewest, most) control images per sample. With most > 1, ``NAME_control_1``,
             ``NAME_control_2``, ... belong to sample NAME; with fewest = 0 a sample may have none.
+        buckets: "exact" sizes each image to its own aspect (:func:`fit_size`); "auto" crops and
+            resizes pairs into aspect-ratio buckets (:func:`bucketed`), so that pairs of different
+            sizes batch together.
+        control_sizing: with buckets, how a control image of another size than its target is sized:
+            "target" (FLUX.1 Kontext: like the target's bucket) or "own" (Qwen-Image-Edit: the bucket
+            of its own aspect). A control of the target's size always gets the target's geometry.
 
     Raises:
         QfluxError: naming every problem and its file, or an empty dataset.
@@ -166,8 +207,7 @@ def scan_pairs(
     for stem in sorted(image_stems | text_stems):
         found = _check_sample(root, stem, multiple, fewest, most)
         if isinstance(found, PairSample):
-            sizes = [fit_size(*image_size(p), max_pixels, multiple) for p in (*found.controls, found.target)]
-            samples.append(attrs.evolve(found, control_sizes=tuple(sizes[:-1]), target_size=sizes[-1]))
+            samples.append(found)
         else:
             problems += found
     if problems and not skip_invalid:
@@ -179,7 +219,67 @@ def scan_pairs(
         warn(f"skipping invalid sample: {p}")
     if not samples:
         raise QfluxError(f"dataset '{root}' holds no usable samples: training_images/ has no valid pairs")
-    return samples
+    if buckets == "auto":
+        return bucketed(samples, max_pixels, multiple, control_sizing=control_sizing, warn=warn)
+    return [exactly_sized(s, max_pixels, multiple) for s in samples]
+
+
+def exactly_sized(sample: PairSample, max_pixels: int | None, multiple: int) -> PairSample:
+    """``sample`` with each image at its own aspect, scaled down to ``max_pixels`` and floored to
+    ``multiple`` (:func:`fit_size`): the whole image, no crop."""
+    sizes = [fit_size(*image_size(p), max_pixels, multiple) for p in (*sample.controls, sample.target)]
+    return attrs.evolve(sample, control_sizes=tuple(sizes[:-1]), target_size=sizes[-1])
+
+
+def bucketed(
+    samples: Sequence[PairSample],
+    max_pixels: int | None,
+    multiple: int,
+    *,
+    control_sizing: Literal["target", "own"],
+    warn: Callable[[str], None] = print,
+) -> list[PairSample]:
+    """``samples`` with each target cropped and resized into its aspect bucket (:mod:`qflux.buckets`).
+
+    A control image of its target's size gets the target's crop and size (pixel alignment kept);
+    another one is sized like the target's bucket ("target") or into its own aspect's bucket ("own"),
+    scaled to cover it and centre-cropped.
+    """
+    sources = [[image_size(p) for p in (*s.controls, s.target)] for s in samples]
+    area = bucket_area(max_pixels, [src[-1] for src in sources])
+    table = bucket_sizes(area, multiple)
+    out, upscaled = [], []
+    for s, src in zip(samples, sources, strict=True):
+        target, own = nearest_bucket(src[-1], table, area, multiple)
+        if (scale := max(target[0] / src[-1][0], target[1] / src[-1][1])) > UPSCALE_WARNING:
+            upscaled.append((scale, s.target))
+        if own:
+            (w, h), (tw, th) = src[-1], target
+            warn(f"{s.target}: {w}×{h} would lose more than {MAX_CROP:.0%} of its area to the crop of the nearest "
+                 f"bucket (1:4 … 4:1); it trains at {tw}×{th}, a bucket of its own")  # fmt: skip
+        sizes, boxes = [], []
+        for size in src[:-1]:
+            c = (
+                target
+                if size == src[-1] or control_sizing == "target"
+                else nearest_bucket(size, table, area, multiple)[0]
+            )
+            sizes.append(c)
+            boxes.append(_box(size, c))
+        out.append(attrs.evolve(s, control_sizes=tuple(sizes), target_size=target, control_boxes=tuple(boxes),
+                                target_box=_box(src[-1], target)))  # fmt: skip
+    if upscaled:
+        scale, name = max(upscaled)
+        warn(f"{len(upscaled)} pair(s) are upscaled more than {UPSCALE_WARNING:g}× to their bucket (the most: {name}, "
+             f"×{scale:.1f}): the buckets' area is that of the largest target ({area} px) or data.max_pixels; "
+             "set data.max_pixels lower, or data.buckets: exact")  # fmt: skip
+    return out
+
+
+def _box(source: Size, size: Size) -> Box | None:
+    """The crop of ``source`` that covers ``size``; None when it is the whole image."""
+    box = cover_box(source, size)
+    return None if box == (0.0, 0.0, float(source[0]), float(source[1])) else box
 
 
 def _folders(root: Path) -> tuple[Path, Path]:
@@ -259,8 +359,19 @@ def _check_sample(root: Path, stem: str, multiple: int, fewest: int = 1, most: i
     )
 
 
-def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """Resize (Lanczos) to ``size`` = (w, h) and map to [−1, 1] exactly as FluxKontextPipeline does.
+def crop(image: Image.Image, box: Box | None) -> Image.Image:
+    """``image`` cropped to ``box`` (rounded to whole pixels); ``image`` itself when None."""
+    return image if box is None else image.crop(tuple(round(x) for x in box))  # type: ignore[arg-type]
+
+
+def load_sized(path: Path, size: tuple[int, int], box: Box | None = None) -> torch.Tensor:
+    """An image file decoded and sized for the VAE (:func:`image_to_tensor`): [1, 3, h, w] in [−1, 1]."""
+    return image_to_tensor(load_rgb(path), size, box)
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int], box: Box | None = None) -> torch.Tensor:
+    """Resize (Lanczos) to ``size`` = (w, h), the region ``box`` of it when given (a bucket's crop),
+    and map to [−1, 1] exactly as FluxKontextPipeline does.
 
     ``size`` is already a multiple of the model's factor (:func:`fit_size`); the processor rounds
     nothing more (its ``vae_scale_factor`` only floors sizes).
@@ -272,6 +383,8 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
     w, h = size
     proc = VaeImageProcessor(vae_scale_factor=1)
+    if box is not None:
+        image = image.resize((w, h), resample=Image.Resampling.LANCZOS, box=box)
     tensor: torch.Tensor = proc.preprocess(proc.resize(image, h, w), h, w)
     # contiguous: the processor returns a channels-last view, and convolutions pick other kernels
     # (with other rounding) for it, which would make cached and freshly encoded latents differ
@@ -320,8 +433,11 @@ class PairDataset:
         return {
             "index": i,
             "prompt": s.prompt,
-            "controls": [image_to_tensor(im, size)[0] for im, size in zip(controls, s.control_sizes, strict=True)],
-            "target": image_to_tensor(load_rgb(s.target), s.target_size)[0],
+            "controls": [
+                image_to_tensor(im, size, box)[0]
+                for im, size, box in zip(controls, s.control_sizes, s.control_crops, strict=True)
+            ],
+            "target": load_sized(s.target, s.target_size, s.target_box)[0],
         }
 
 

@@ -41,6 +41,8 @@ class RunPlan:
     """{component: device} of what is loaded (the encoders absent when training from the cache)."""
     samples: Sequence[PairSample]
     dataset: str
+    buckets: str
+    """``data.buckets``: how the samples were sized ("auto": aspect-ratio buckets; "exact")."""
     micro_batch: int
     accumulation: int
     ranks: int
@@ -51,9 +53,20 @@ class RunPlan:
 
 
 def size_groups(samples: Sequence[PairSample]) -> list[tuple[str, int]]:
-    """(target w×h, pairs) of each size a batch can hold, most pairs first."""
-    counts = Counter(f"{s.target_size[0]}×{s.target_size[1]}" for s in samples)
-    return counts.most_common()
+    """(resolution, pairs) of each size group a batch can hold (a bucket), most pairs first. The
+    resolution is the target's w×h, followed by the control images' sizes where they differ."""
+
+    def label(s: PairSample) -> str:
+        target = f"{s.target_size[0]}×{s.target_size[1]}"
+        if all(c == s.target_size for c in s.control_sizes):
+            return target
+        return f"{target} (control {', '.join(f'{w}×{h}' for w, h in s.control_sizes)})"
+
+    return Counter(label(s) for s in samples).most_common()
+
+
+TABLE_ROWS = 12
+"""Bucket-table rows the start block prints (the rest are counted)."""
 
 
 def start_block(plan: RunPlan) -> str:
@@ -64,7 +77,10 @@ def start_block(plan: RunPlan) -> str:
         if plan.layers.kept:
             stored += f", {plan.layers.kept} kept in {plan.dtype} (a shape the kernels cannot take)"
     groups = size_groups(plan.samples)
-    shown = ", ".join(f"{size}: {n}" for size, n in groups[:5]) + (", ..." if len(groups) > 5 else "")
+    kind = "bucket(s)" if plan.buckets == "auto" else "size group(s)"
+    table = [f"{size}: {n} pair{'s' * (n != 1)}" for size, n in groups[:TABLE_ROWS]]
+    if len(groups) > TABLE_ROWS:
+        table.append(f"... {len(groups) - TABLE_ROWS} more ({sum(n for _, n in groups[TABLE_ROWS:])} pairs)")
     effective = plan.micro_batch * plan.accumulation * plan.ranks
     compiling = {"none": "eager (no compile)", "full": "the whole step", "regional": "each repeated block"}
     compile_line = compiling.get(plan.compile_mode, plan.compile_mode)
@@ -74,7 +90,8 @@ def start_block(plan: RunPlan) -> str:
     rows = [
         ("model", f"{plan.model} ({stored})"),
         ("devices", ", ".join(f"{k} {v}" for k, v in plan.devices.items())),
-        ("dataset", f"{plan.dataset}: {len(plan.samples)} pairs in {len(groups)} size group(s) ({shown})"),
+        ("dataset", f"{plan.dataset}: {len(plan.samples)} pairs in {len(groups)} {kind}"),
+        *(("", row) for row in table),
         (
             "batch",
             f"{plan.micro_batch} per micro-batch × {plan.accumulation} accumulated × {plan.ranks} rank(s) "

@@ -82,11 +82,12 @@ def _log(
     first = state.step - len(rows) + 1
     window_s = sum(seconds[-len(rows) :])
     rate = len(rows) / window_s if window_s > 0 else float("nan")
-    per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps
+    samples_rate = sum(r["samples"] for r in rows) / window_s if window_s > 0 else float("nan")
     for i, row in enumerate(rows):
-        values = {"train/loss": row["loss"], "train/grad_norm": row["grad_norm"], "train/lr": row["lr"]}
+        values = {k: row[n] for k, n in (("train/loss", "loss"), ("train/grad_norm", "grad_norm"), ("train/lr", "lr"),
+                                         ("train/samples", "samples"))}  # fmt: skip
         if i == len(rows) - 1:
-            values |= {"train/steps_per_s": rate, "train/samples_per_s": rate * per_step}
+            values |= {"train/steps_per_s": rate, "train/samples_per_s": samples_rate}
         tracker.scalars(first + i, values)
     return state
 
@@ -119,7 +120,7 @@ def train_loop(
     stream = batch_stream(
         data.make_dataset(run.samples), run.samples, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
         num_workers=cfg.data.num_workers, collate_fn=data.collate, start=state.position,
-        shard=(run.world.rank, run.world.size),
+        shard=(run.world.rank, run.world.size), drop_last=cfg.data.drop_last,
     )  # fmt: skip
     take = step_taker(cfg, run, build_step(cfg, run, loss_fn, transformer), stream, data, ops, models.scheduler.config)
     tracker = open_tracker(cfg.logging.report_to if run.world.is_main else "none", run.output / cfg.logging.logging_dir)

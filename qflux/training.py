@@ -33,7 +33,7 @@ from qflux.checkpoint import (
 )
 from qflux.config import RecipeConfig
 from qflux.config_parse import to_dict
-from qflux.data import PairSample, scan_pairs
+from qflux.data import PairRule, PairSample, scan_pairs
 from qflux.devices import component_devices, resolve_device
 from qflux.distributed import World, all_reduce_sum, init_world, rank_device, shard_frozen_base
 from qflux.errors import QfluxError
@@ -48,6 +48,7 @@ from qflux.model_dir import resolve_model_dir
 from qflux.quantize import count_layers
 from qflux.run_dir import claim_output_dir
 from qflux.schedules import learning_rate
+from qflux.stream import check_batches
 from qflux.summary import RunPlan, start_block
 from qflux.train_state import (
     CompileMode,
@@ -135,15 +136,18 @@ def image_multiple(path: Path) -> int:
     return size_multiple(component_config(path, "vae"))
 
 
-def dataset_samples(cfg: RecipeConfig, path: Path, controls: tuple[int, int]) -> list[PairSample]:
-    """The checked dataset, sized for the model in ``path`` (before any model loads)."""
+def dataset_samples(cfg: RecipeConfig, path: Path, rule: PairRule) -> list[PairSample]:
+    """The checked dataset, sized for the model in ``path`` (before any model loads): in aspect-ratio
+    buckets (``data.buckets: auto``) or each image at its own size (``exact``)."""
     return scan_pairs(
         resolve_dataset_path(cfg.data.dataset_path),
         cfg.data.max_pixels,
         multiple=image_multiple(path),
         skip_invalid=cfg.data.skip_invalid,
         warn=tqdm.write,
-        controls=controls,
+        controls=rule.controls,
+        buckets=cfg.data.buckets,
+        control_sizing=rule.control_sizing,
     )
 
 
@@ -174,7 +178,7 @@ def _compile_mode(cfg: RecipeConfig, device: torch.device, world: World) -> Comp
 
 @contextlib.contextmanager
 def training_run(
-    cfg: RecipeConfig, *, pipeline: str, components: Sequence[str], controls: tuple[int, int], variant: str | None
+    cfg: RecipeConfig, *, pipeline: str, components: Sequence[str], rule: PairRule, variant: str | None
 ) -> Iterator[Run]:
     """Set a run up: device and ranks (only rank 0 prints), the model folder, the checked dataset and
     validation set, the compile mode, and the output folder (resumed, refused while it holds another
@@ -184,7 +188,8 @@ def training_run(
     device = rank_device(world, device)
     with quiet_unless(world.is_main):
         path = model_folder(cfg.model.pretrained_model_name_or_path, variant, components, pipeline)
-        samples = dataset_samples(cfg, path, controls)
+        samples = dataset_samples(cfg, path, rule)
+        check_batches(samples, cfg.data.batch_size, world.size, drop_last=cfg.data.drop_last)
         mode = _compile_mode(cfg, device, world)
         held = None
         if cfg.validation.enabled:
@@ -290,6 +295,7 @@ def announce(cfg: RecipeConfig, run: Run, models: Any, loaded: Sequence[str], st
         devices=devices,
         samples=run.samples,
         dataset=str(resolve_dataset_path(cfg.data.dataset_path)),
+        buckets=cfg.data.buckets,
         micro_batch=cfg.data.batch_size,
         accumulation=cfg.train.gradient_accumulation_steps,
         ranks=run.world.size,
@@ -322,7 +328,7 @@ def step_taker(
     )
 
     def take(state: LoopState) -> LoopState:
-        micro, shares, position = [], [], state.position
+        micro, shares, samples, position = [], [], 0, state.position
         for m in range(k):
             position, raw = next(stream)
             cond = data.to_conditioning(raw)
@@ -330,10 +336,12 @@ def step_taker(
             micro.append(ops.to_batch(prepare(draws, sched, cond, data.empty, keys, run.device, raw["offset"])))
             # this rank's share of the micro-batch's global mean, over K accumulated micro-batches
             shares.append(cond.latents.shape[0] / raw["global_size"] / k)
+            samples += raw["global_size"]  # over ranks: every rank walks the same global batches
         lr = learning_rate(state.step, base_lr=cfg.optimizer.lr, kind=sch.scheduler_type, warmup_steps=sch.warmup_steps,
                            total_steps=tr.max_train_steps, num_cycles=sch.num_cycles)  # fmt: skip
         weights = torch.tensor(shares, device=run.device) if run.world.size > 1 else None
         train, metrics = step_fn(state.train, micro, torch.tensor(lr, dtype=torch.float64), weights)
+        metrics = {**metrics, "samples": torch.tensor(float(samples), device=run.device)}
         return advance(state, train, metrics, position)
 
     return take

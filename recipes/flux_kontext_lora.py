@@ -25,7 +25,7 @@ from qflux.cache_path import CachePath, cache_command, cached_data
 from qflux.cli import main as cli_main
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config
-from qflux.data import PairDataset, collate_pairs, load_rgb, save_image
+from qflux.data import PairDataset, PairRule, collate_pairs, load_rgb, save_image
 from qflux.errors import QfluxError
 from qflux.flux_kontext import cache as kcache
 from qflux.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
@@ -52,6 +52,9 @@ from qflux.training import (
 )
 
 NAMING: Naming = "flux"
+PAIRS = PairRule((1, 1), "target")
+"""One control image per sample, sized like its target's bucket (the pipeline gives the output the
+control's size)."""
 
 
 def pipeline_cls() -> Any:
@@ -65,7 +68,7 @@ def train(cfg: FluxKontextConfig) -> RunResult:
     """Train a LoRA as configured: the data and model folder are checked, the models load (the
     transformer and the encoders, or the cache), the LoRA is attached, then the loop runs and the
     outputs are written. SIGINT/SIGTERM save a checkpoint and return early."""
-    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, controls=(1, 1), variant=None) as run:
+    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, rule=PAIRS, variant=None) as run:
         if run.finished is not None:
             return run.finished
         models, data = _inputs(cfg, run)
@@ -139,7 +142,7 @@ def cache(cfg: FluxKontextConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
     path = model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
-    return cache_command(cfg, path, (1, 1), _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
+    return cache_command(cfg, path, PAIRS, _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
 
 
 def predict(

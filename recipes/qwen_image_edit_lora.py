@@ -27,7 +27,7 @@ from qflux.cache_path import CachePath, cache_command, cached_data
 from qflux.cli import main as cli_main
 from qflux.config import QwenImageEditConfig
 from qflux.config_parse import load_config
-from qflux.data import PairDataset, load_rgb, save_image
+from qflux.data import PairDataset, PairRule, load_rgb, save_image
 from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
 from qflux.lora import load_lora_file
@@ -60,8 +60,8 @@ from qflux.training import (
 )
 
 NAMING: Naming = "qwen"
-CONTROLS = {"edit": (1, 1), "edit_plus": (0, 3)}
-"""(fewest, most) control images per sample of each variant."""
+PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own")}
+"""Control images per sample of each variant; each is sized at its own aspect, as the pipelines do."""
 
 
 def pipeline_cls() -> Any:
@@ -76,7 +76,7 @@ def train(cfg: QwenImageEditConfig) -> RunResult:
     transformer and the encoders, or the cache), the LoRA is attached, then the loop runs and the
     outputs are written. SIGINT/SIGTERM save a checkpoint and return early."""
     variant = cfg.model.variant
-    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, controls=CONTROLS[variant],
+    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, rule=PAIRS[variant],
                       variant=variant) as run:  # fmt: skip
         if run.finished is not None:
             return run.finished
@@ -151,7 +151,7 @@ def cache(cfg: QwenImageEditConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
     path = _folder(cfg)
-    return cache_command(cfg, path, CONTROLS[cfg.model.variant], _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
+    return cache_command(cfg, path, PAIRS[cfg.model.variant], _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
 
 
 def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> list[Image.Image]:
@@ -162,7 +162,7 @@ def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> li
         paths = [p.strip() for p in image.split(",") if p.strip()]
     else:
         paths = [str(p) for p in image]
-    lo, hi = CONTROLS[variant]
+    lo, hi = PAIRS[variant].controls
     if not lo <= len(paths) <= hi:
         want = "exactly one image" if variant == "edit" else "0 to 3 images, comma-separated"
         raise QfluxError(f"model.variant '{variant}' takes {want} in --image; got {len(paths)}")

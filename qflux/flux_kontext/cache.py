@@ -4,8 +4,8 @@ Entries (plan names), each keyed by a content hash of everything that determines
 
 | kind | tensor | key parts |
 | --- | --- | --- |
-| ``pixel_latent`` | ``latent`` [C, h, w] | target file bytes, resized (w, h), resize mode, VAE identity |
-| ``control_latent`` | ``latent`` [C, hc, wc] | control file bytes, resized size, resize mode, VAE identity |
+| ``pixel_latent`` | ``latent`` [C, h, w] | target bytes, size (w, h), crop box (buckets), resize mode, VAE identity |
+| ``control_latent`` | ``latent`` [C, hc, wc] | control file bytes, resized size, crop box, resize mode, VAE identity |
 | ``clip_prompt_embed`` | ``embed`` [P] | prompt text, CLIP + tokenizer identity |
 | ``t5_prompt_embed`` | ``embed`` [S, D] | prompt text, T5 + tokenizer identity, ``max_sequence_length`` |
 
@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 import torch
 
+from qflux.buckets import Box
 from qflux.cache import (
     CacheReport,
     Entry,
@@ -39,7 +40,7 @@ from qflux.cache import (
     make_entry,
     read_for_training,
 )
-from qflux.data import PairSample, image_to_tensor, load_rgb
+from qflux.data import PairSample, load_sized
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.latents import vae_scale_factor
@@ -81,8 +82,9 @@ def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int) -> CacheSp
     )
 
 
-def _latent(spec: CacheSpec, root: Path, kind: str, image: Path, size: tuple[int, int]) -> Entry:
-    return spec.latents.entry(root, kind, file_digest(image), size)
+def _latent(spec: CacheSpec, root: Path, kind: str, image: tuple[Path, tuple[int, int], Box | None]) -> Entry:
+    path, size, box = image
+    return spec.latents.entry(root, kind, file_digest(path), size, box)
 
 
 def prompt_entries(spec: CacheSpec, root: Path, text: str) -> tuple[Entry, Entry]:
@@ -115,10 +117,11 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
     out = []
     for s in samples:
         clip, t5 = prompt_entries(spec, root, s.prompt)
+        target, control = s.images()
         out.append(
             SampleEntries(
-                target=_latent(spec, root, "pixel_latent", s.target, s.target_size),
-                control=_latent(spec, root, "control_latent", s.control, s.control_size),
+                target=_latent(spec, root, "pixel_latent", target),
+                control=_latent(spec, root, "control_latent", control),
                 clip=clip,
                 t5=t5,
             )
@@ -142,14 +145,15 @@ def _jobs(models: FluxKontextModels, spec: CacheSpec, root: Path, samples: Seque
     def tokens(text: str) -> dict[str, torch.Tensor]:
         return {"embed": embed(text).tokens[0]}
 
-    def latent(path: Path, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        return {"latent": vae_encode(models.vae, image_to_tensor(load_rgb(path), size))[0]}
+    def latent(path: Path, size: tuple[int, int], box: Box | None) -> dict[str, torch.Tensor]:
+        return {"latent": vae_encode(models.vae, load_sized(path, size, box))[0]}
 
     jobs: list[Job] = []
     texts = []
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
-        jobs.append((se.target, partial(latent, s.target, s.target_size)))
-        jobs.append((se.control, partial(latent, s.control, s.control_size)))
+        target, control = s.images()
+        jobs.append((se.target, partial(latent, *target)))
+        jobs.append((se.control, partial(latent, *control)))
         texts.append((s.prompt, (se.clip, se.t5)))
     texts.append(("", prompt_entries(spec, root, "")))
     for text, (clip, t5) in texts:

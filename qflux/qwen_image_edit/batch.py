@@ -19,19 +19,25 @@ import torch
 from PIL import Image
 
 from qflux.batching import Conditioning, Prepared, pad_tokens
-from qflux.data import PairDataset, collate_pairs, load_rgb
+from qflux.buckets import Box
+from qflux.data import PairDataset, collate_pairs, crop, load_rgb
 from qflux.qwen_image_edit.conditioning import encode_prompt, vae_encode
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.qwen_image_edit.predict import vl_image
 from qflux.qwen_image_edit.step import QwenImageEditBatch
 
 
-def vl_images(controls: Sequence[Path | Image.Image], variant: str) -> list[Image.Image]:
-    """The vision-language inputs of a sample's control images (decoded when given as paths)."""
+def vl_images(
+    controls: Sequence[Path | Image.Image], variant: str, boxes: Sequence[Box | None] = ()
+) -> list[Image.Image]:
+    """The vision-language inputs of a sample's control images (decoded when given as paths), each
+    cropped to its box first when given: the region the VAE latent of that control sees (buckets)."""
     from diffusers.image_processor import VaeImageProcessor
 
     proc = VaeImageProcessor(vae_scale_factor=1)  # only its PIL resize: sizes come from calculate_dimensions
-    return [vl_image(c if isinstance(c, Image.Image) else load_rgb(c), variant, proc) for c in controls]
+    images = [c if isinstance(c, Image.Image) else load_rgb(c) for c in controls]
+    crops = boxes or (None,) * len(images)
+    return [vl_image(crop(im, box), variant, proc) for im, box in zip(images, crops, strict=True)]
 
 
 @attrs.frozen
@@ -45,8 +51,9 @@ class QwenPairDataset:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        controls = [load_rgb(c) for c in self.pairs.samples[i].controls]  # decoded once for both uses
-        return {**self.pairs.item(i, controls), "vl": vl_images(controls, self.variant)}
+        s = self.pairs.samples[i]
+        controls = [load_rgb(c) for c in s.controls]  # decoded once for both uses
+        return {**self.pairs.item(i, controls), "vl": vl_images(controls, self.variant, s.control_crops)}
 
 
 def collate_qwen_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:

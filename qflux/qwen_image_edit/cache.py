@@ -4,10 +4,10 @@ Entries, each keyed by a content hash of everything that determines it:
 
 | kind | tensor | key parts |
 | --- | --- | --- |
-| ``pixel_latent`` | ``latent`` [C, h, w] | target file bytes, resized (w, h), resize mode, VAE identity |
-| ``control_latent`` | ``latent`` [C, hc, wc] | each control file's bytes, resized size, resize mode, VAE identity |
-| ``qwen_prompt_embed`` | ``embed`` [S, D] | prompt text, **every control image's bytes**, the variant (template |
-| | | and vision-language resize), Qwen2.5-VL + processor + tokenizer identity |
+| ``pixel_latent`` | ``latent`` [C, h, w] | target bytes, size (w, h), crop box (buckets), resize mode, VAE identity |
+| ``control_latent`` | ``latent`` [C, hc, wc] | each control's bytes, size, crop box, resize mode, VAE identity |
+| ``qwen_prompt_embed`` | ``embed`` [S, D] | prompt text, **every control image's bytes** and crop box, the |
+| | | variant (template and vision-language resize), Qwen2.5-VL + processor + tokenizer identity |
 
 Qwen-Image-Edit's prompt embedding sees the control image(s), so a prompt shared by two samples
 with different images gives two entries; the processor's settings (pixel bounds, patch and merge
@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 import torch
 
+from qflux.buckets import Box
 from qflux.cache import (
     CacheReport,
     Entry,
@@ -40,7 +41,7 @@ from qflux.cache import (
     make_entry,
     read_for_training,
 )
-from qflux.data import PairSample, image_to_tensor, load_rgb
+from qflux.data import PairSample, load_sized
 from qflux.latents import vae_scale_factor
 from qflux.qwen_image_edit.batch import encode_sample_prompt, stack_tokens, vl_images
 from qflux.qwen_image_edit.conditioning import vae_encode
@@ -83,10 +84,17 @@ def cache_spec(model_dir: Path, dtype: str, variant: str) -> CacheSpec:
     )
 
 
-def prompt_entry(spec: CacheSpec, root: Path, text: str, image_digests: Sequence[str]) -> Entry:
-    """The embedding of ``text`` with the control images of these content digests, in order."""
+def prompt_entry(
+    spec: CacheSpec,
+    root: Path,
+    text: str,
+    image_digests: Sequence[str],
+    boxes: Sequence[Box | None] = (),
+) -> Entry:
+    """The embedding of ``text`` with the control images of these content digests, in order, each
+    cropped to its box first (buckets; the key of uncropped images has no boxes, as before buckets)."""
     area = CONDITION_AREA if spec.variant == "edit" else PLUS_VL_AREA
-    key = {
+    key: dict[str, Any] = {
         "kind": PROMPT_KIND,
         "text": text,
         "images": list(image_digests),
@@ -94,6 +102,8 @@ def prompt_entry(spec: CacheSpec, root: Path, text: str, image_digests: Sequence
         "vision_input": f"area {area}, multiple of 32, lanczos",
         "encoder": spec.encoder_id,
     }
+    if any(b is not None for b in boxes):
+        key["boxes"] = [None if b is None else [round(x, 4) for x in b] for b in boxes]
     return make_entry(root, key, {"embed": (-1, spec.embed_dim)})
 
 
@@ -118,13 +128,13 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
         digests = [file_digest(c) for c in s.controls]
         out.append(
             SampleEntries(
-                target=spec.latents.entry(root, "pixel_latent", file_digest(s.target), s.target_size),
+                target=spec.latents.entry(root, "pixel_latent", file_digest(s.target), s.target_size, s.target_box),
                 controls=tuple(
-                    spec.latents.entry(root, "control_latent", d, size)
-                    for d, size in zip(digests, s.control_sizes, strict=True)
+                    spec.latents.entry(root, "control_latent", d, size, box)
+                    for d, size, box in zip(digests, s.control_sizes, s.control_crops, strict=True)
                 ),
-                prompt=prompt_entry(spec, root, s.prompt, digests),
-                empty=prompt_entry(spec, root, "", digests),
+                prompt=prompt_entry(spec, root, s.prompt, digests, s.control_crops),
+                empty=prompt_entry(spec, root, "", digests, s.control_crops),
             )
         )
     return out
@@ -133,27 +143,26 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
 def _jobs(models: QwenImageEditModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
     """Every entry the samples need, each with the function that computes its tensors."""
 
-    last: dict[tuple[Path, ...], list[Any]] = {}
+    last: dict[PairSample, list[Any]] = {}
 
-    def vision(controls: tuple[Path, ...]) -> list[Any]:  # a sample's two embedding jobs are adjacent
-        if controls not in last:
+    def vision(s: PairSample) -> list[Any]:  # a sample's two embedding jobs are adjacent
+        if s not in last:
             last.clear()
-            last[controls] = vl_images(controls, spec.variant)
-        return last[controls]
+            last[s] = vl_images(s.controls, spec.variant, s.control_crops)
+        return last[s]
 
-    def embed(text: str, controls: tuple[Path, ...]) -> dict[str, torch.Tensor]:
-        return {"embed": encode_sample_prompt(models, text, vision(controls), spec.variant)}
+    def embed(text: str, s: PairSample) -> dict[str, torch.Tensor]:
+        return {"embed": encode_sample_prompt(models, text, vision(s), spec.variant)}
 
-    def latent(path: Path, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        return {"latent": vae_encode(models.vae, image_to_tensor(load_rgb(path), size))[0]}
+    def latent(path: Path, size: tuple[int, int], box: Box | None) -> dict[str, torch.Tensor]:
+        return {"latent": vae_encode(models.vae, load_sized(path, size, box))[0]}
 
     jobs: list[Job] = []
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
-        jobs.append((se.target, partial(latent, s.target, s.target_size)))
-        for entry, path, size in zip(se.controls, s.controls, s.control_sizes, strict=True):
-            jobs.append((entry, partial(latent, path, size)))
-        jobs.append((se.prompt, partial(embed, s.prompt, s.controls)))
-        jobs.append((se.empty, partial(embed, "", s.controls)))
+        for entry, image in zip((se.target, *se.controls), s.images(), strict=True):
+            jobs.append((entry, partial(latent, *image)))
+        jobs.append((se.prompt, partial(embed, s.prompt, s)))
+        jobs.append((se.empty, partial(embed, "", s)))
     return jobs
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -115,6 +115,31 @@ def test_batches_group_sizes_and_depend_only_on_seed_epoch(tmp_path: Path) -> No
     assert first["target"].shape[0] == len(first["index"])
     item = PairDataset(samples)[0]
     assert item["target"].min() >= -1 and item["target"].max() <= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    groups=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    batch=st.integers(1, 4),
+    seed=st.integers(0, 99),
+    drop_last=st.booleans(),
+)
+def test_batches_are_full_except_each_buckets_last(groups: list[int], batch: int, seed: int, drop_last: bool) -> None:
+    from qflux.data import PairSample
+
+    samples = [
+        PairSample(f"s{g}_{i}", (Path("c"),), Path("t"), "p", ((16 * (g + 1), 16),), (16 * (g + 1), 16))
+        for g, n in enumerate(groups)
+        for i in range(n)
+    ]
+    batches = epoch_batches(samples, batch, seed=seed, epoch=0, shuffle=True, drop_last=drop_last)
+    short = [b for b in batches if len(b) < batch]
+    assert not (drop_last and short)
+    assert len(short) == (0 if drop_last else sum(n % batch != 0 for n in groups))  # one per bucket at most
+    covered = sorted(i for b in batches for i in b)
+    expected = sum((n - n % batch if drop_last else n) for n in groups)
+    assert len(covered) == len(set(covered)) == expected
+    assert all(len({samples[i].target_size for i in b}) == 1 for b in batches)
 
 
 def test_keyed_generators_are_independent_and_reproducible() -> None:

@@ -54,6 +54,8 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "data.caption_dropout_rate": (1.0, {}),
     "data.prompt_image_dropout_rate": (1.0, {}),
     "data.max_pixels": (1024, {}),
+    "data.buckets": ("exact", {"data.dataset_path": "{mixed_data}"}),  # its 70×66 and 84×52 pairs are cropped
+    "data.drop_last": (True, {"data.dataset_path": "{mixed_data}", "data.batch_size": 2, "train.max_train_steps": 4}),
     "data.shuffle": (False, {"data.batch_size": 1}),
     "data.num_workers": (1, {}),
     "data.skip_invalid": (True, {"data.dataset_path": "{bad_data}"}),
@@ -123,6 +125,8 @@ QWEN_WALK = sorted(
     or k in ("data.caption_dropout_rate", "data.prompt_image_dropout_rate", "data.max_pixels",
              "train.weighting_scheme", "logging.write_sample", "validation.num_inference_steps")
 )  # fmt: skip
+MIXED_SIZES = ((64, 64), (80, 48), (70, 66), (84, 52))
+"""Two aspect families: buckets crop the 70×66 and 84×52 pairs into the 64×64 and 80×48 buckets."""
 RECIPES: dict[str, Any] = {
     "flux": (FluxKontextConfig, flux_kontext_lora, {"model.max_sequence_length": 8}),
     "qwen": (QwenImageEditConfig, qwen_image_edit_lora, {}),
@@ -141,6 +145,7 @@ def places(tmp_path_factory: pytest.TempPathFactory, tiny_flux_dir: Path) -> dic
         "qwen_other_model": str(build_qwen_image_edit(root / "qwen-other", seed=1)),
         "data": str(make_synthetic_pairs(root / "data", 4, seed=0)),
         "other_data": str(make_synthetic_pairs(root / "other-data", 4, seed=9)),
+        "mixed_data": str(make_synthetic_pairs(root / "mixed", 6, seed=0, sizes=MIXED_SIZES)),
         "bad_data": str(bad),
     }
 

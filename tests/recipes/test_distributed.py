@@ -28,8 +28,8 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # one size: every global batch of 2 splits into two ranks of 1
-    return make_synthetic_pairs(tmp_path_factory.mktemp("data"), 6, seed=3, sizes=((64, 48),))
+    # three sizes cropped into one bucket (64×48): every global batch of 2 splits into two ranks of 1
+    return make_synthetic_pairs(tmp_path_factory.mktemp("data"), 6, seed=3, sizes=((64, 48), (66, 50), (62, 47)))
 
 
 def _opts(model: Path, data: Path, out: Path, batch: int, steps: int = STEPS, **extra: object) -> dict[str, object]:

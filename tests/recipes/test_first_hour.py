@@ -134,7 +134,7 @@ def test_start_and_end_say_what_happens(tiny_flux_dir: Path, data: Path, tmp_pat
         f"model    {tiny_flux_dir} (bfloat16, nf4: ",
         "kept in bfloat16 (a shape the kernels cannot take)",
         "devices  transformer cpu, vae cpu, text_encoder cpu, text_encoder_2 cpu",
-        f"dataset  {data}: 4 pairs in 2 size group(s)",
+        f"dataset  {data}: 4 pairs in 2 bucket(s)\n           64×64: 2 pairs\n           80×48: 2 pairs\n",
         "batch    2 per micro-batch × 2 accumulated × 1 rank(s) = 4 samples per step",
         "steps    12",
         "compile  eager (no compile)",

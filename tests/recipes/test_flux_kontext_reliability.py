@@ -29,7 +29,10 @@ LORA = "pytorch_lora_weights.safetensors"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_pairs(tmp_path_factory.mktemp("data"), 6, seed=2)
+    # four sizes in two buckets (64×64, 80×48), two of them cropped: resume keeps the bucketed order
+    return make_synthetic_pairs(
+        tmp_path_factory.mktemp("data"), 6, seed=2, sizes=((64, 64), (80, 48), (66, 62), (84, 52))
+    )
 
 
 def _args(model: Path, data: Path, out: Path, steps: int, **extra: object) -> list[str]:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from qflux.config import FluxKontextConfig, QwenImageEditConfig
 from qflux.config_parse import load_config
+from qflux.data import PairRule
 from qflux.synthetic import make_synthetic_pairs
 from qflux.tiny import build_flux_kontext, build_qwen_image_edit
 from qflux.training import dataset_samples
@@ -54,7 +55,7 @@ def test_training_validation_and_predict_follow_the_model_config(name: str, tmp_
         )
     overrides["model.pretrained_model_name_or_path"] = str(model)
     cfg = load_config(cls, None, overrides)
-    samples = dataset_samples(cfg, model, (1, 1))
+    samples = dataset_samples(cfg, model, PairRule())
     assert {s.target_size for s in samples} == {(56, 40), (88, 40)}
     result = recipe.train(cfg)
     assert len(result.losses) == 2 and np.isfinite(result.losses).all()

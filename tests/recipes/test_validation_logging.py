@@ -69,6 +69,7 @@ def test_validation_grids_and_tensorboard_scalars(tmp_path: Path, tiny_flux_dir:
         "train/loss",
         "train/lr",
         "train/grad_norm",
+        "train/samples",
         "train/steps_per_s",
         "train/samples_per_s",
         "val/loss",

@@ -51,7 +51,7 @@ def dataset(tmp_path: Path) -> Path:
 
 def test_counts_and_exact_recompute(dataset: Path, tmp_path: Path, tiny_flux_dir: Path) -> None:
     cache = tmp_path / "cache"
-    cfg = _cfg(dataset, cache, tiny_flux_dir)
+    cfg = _cfg(dataset, cache, tiny_flux_dir, **{"data.buckets": "exact"})
     # 5 targets + 5 controls + 2 prompts × (CLIP, T5) + the empty prompt × (CLIP, T5)
     first = fill(cfg)
     assert (first.computed, first.reused) == (16, 0)
@@ -69,16 +69,37 @@ def test_counts_and_exact_recompute(dataset: Path, tmp_path: Path, tiny_flux_dir
     assert fill(cfg).computed == 2
 
     # max_pixels that shrinks only the large pair: its target and control latents
-    assert fill(_cfg(dataset, cache, tiny_flux_dir, **{"data.max_pixels": 96 * 96})).computed == 2
+    assert (
+        fill(_cfg(dataset, cache, tiny_flux_dir, **{"data.max_pixels": 96 * 96, "data.buckets": "exact"})).computed == 2
+    )
 
     # another T5 length: every T5 entry (3 prompts + empty), nothing else
-    assert fill(_cfg(dataset, cache, tiny_flux_dir, **{"model.max_sequence_length": 8})).computed == 4
+    assert (
+        fill(_cfg(dataset, cache, tiny_flux_dir, **{"model.max_sequence_length": 8, "data.buckets": "exact"})).computed
+        == 4
+    )
 
     # another model folder: everything
     other = tmp_path / "other-model"
     shutil.copytree(tiny_flux_dir, other)
-    report = fill(_cfg(dataset, cache, other))
+    report = fill(_cfg(dataset, cache, other, **{"data.buckets": "exact"}))
     assert (report.computed, report.reused) == (18, 0)
+
+
+def test_a_change_of_buckets_recomputes_just_the_latents_whose_geometry_changed(
+    dataset: Path, tmp_path: Path, tiny_flux_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    assert fill(_cfg(dataset, cache, tiny_flux_dir, **{"data.buckets": "exact"})).computed == 16
+    # auto buckets at the largest target's area (160²): the four small pairs are scaled up into
+    # buckets (8 latents); the big pair's bucket is its own size, uncropped (the exact key: reused)
+    report = fill(_cfg(dataset, cache, tiny_flux_dir, **{"data.max_pixels": None}))
+    assert (report.computed, report.reused) == (8, 8)
+    assert "4 pair(s) are upscaled more than 2× to their bucket" in capsys.readouterr().out
+    # buckets of 64² area: the small pairs are their own sizes again (their exact entries), the big
+    # pair is scaled down into the 64×64 bucket (2 latents)
+    report = fill(_cfg(dataset, cache, tiny_flux_dir, **{"data.max_pixels": 64 * 64}))
+    assert (report.computed, report.reused) == (2, 14)
 
 
 def test_corrupt_entry_is_recomputed(dataset: Path, tmp_path: Path, tiny_flux_dir: Path) -> None:
