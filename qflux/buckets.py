@@ -69,9 +69,9 @@ def cover_box(source: Size, target: Size) -> Box:
     scaled to cover ``target`` and centre-cropped (scaling the region to ``target`` does both)."""
     (sw, sh), (tw, th) = source, target
     scale = max(tw / sw, th / sh)
-    cw, ch = tw / scale, th / scale
+    cw, ch = min(sw, tw / scale), min(sh, th / scale)  # min: the side that fits is the whole side
     left, top = (sw - cw) / 2, (sh - ch) / 2
-    return left, top, left + cw, top + ch
+    return left, top, min(sw, left + cw), min(sh, top + ch)
 
 
 def nearest_bucket(source: Size, buckets: Sequence[Size], area: int, multiple: int) -> tuple[Size, bool]:
