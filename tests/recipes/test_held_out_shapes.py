@@ -19,7 +19,7 @@ from qflux.tiny import build_flux_kontext, build_qwen_image_edit
 from qflux.training import dataset_samples
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
-SIZES = ((61, 46), (88, 40))  # (w, h); in multiples of 8: 56×40 and 88×40
+SIZES = ((61, 46), (88, 40))  # (w, h); exact sizes in multiples of 8: 56×40 and 88×40
 FLUX_ODD = {
     "vae": {"block_out_channels": (8, 16, 16)},
     "transformer": {"attention_head_dim": 24, "axes_dims_rope": (4, 10, 10)},
@@ -55,8 +55,10 @@ def test_training_validation_and_predict_follow_the_model_config(name: str, tmp_
         )
     overrides["model.pretrained_model_name_or_path"] = str(model)
     cfg = load_config(cls, None, overrides)
-    samples = dataset_samples(cfg, model, PairRule())
-    assert {s.target_size for s in samples} == {(56, 40), (88, 40)}
+    # buckets of the largest target's area (88·40 px) in multiples of 8 (40 is not one of 16)
+    assert {s.target_size for s in dataset_samples(cfg, model, PairRule())} == {(64, 48), (80, 40)}
+    exact = load_config(cls, None, {**overrides, "data.buckets": "exact"})
+    assert {s.target_size for s in dataset_samples(exact, model, PairRule())} == {(56, 40), (88, 40)}
     result = recipe.train(cfg)
     assert len(result.losses) == 2 and np.isfinite(result.losses).all()
     out = tmp_path / "out"
