@@ -211,6 +211,11 @@ class TrainConfig:
     """Clip the global L2 norm of the LoRA gradient to this value; null disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in backward to save memory (uses the autograd engine)."""
+    blocks_to_swap: int = attrs.field(default=0, validator=[v.instance_of(int), _non_negative])
+    """Keep the frozen weights of this many transformer blocks (the last ones) in pinned host memory;
+    each layer's weight visits the device only while it is used, the next block prefetched on a side
+    stream (musubi-tuner's block swap). Same LoRA as without; slower by the copies. Not with 4-bit
+    quantize, fp8_matmul, compile or fsdp (``auto`` compile turns eager). ``plan`` shows what it saves."""
     compile: bool | Literal["auto", "regional"] = attrs.field(
         default="auto", validator=v.in_((True, False, "auto", "regional"))
     )

@@ -52,6 +52,11 @@ class RunPlan:
     output: Path
 
 
+def size_text(n: float) -> str:
+    """Bytes as GiB (or MiB under one GiB), two decimals."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
 def size_groups(samples: Sequence[PairSample]) -> list[tuple[str, int]]:
     """(resolution, pairs) of each size group a batch can hold (a bucket), most pairs first. The
     resolution is the target's w×h, followed by the control images' sizes where they differ."""

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from qflux.batching import Conditioning, DataPath, Draws, Prepared, prepare
+from qflux.block_swap import block_count, swap_blocks, swap_problem, swapped_bytes, transformer_blocks
 from qflux.builtin import resolve_dataset_path, resolve_model_path
 from qflux.checkpoint import (
     incompatibilities,
@@ -49,7 +50,7 @@ from qflux.quantize import count_layers
 from qflux.run_dir import claim_output_dir
 from qflux.schedules import learning_rate
 from qflux.stream import check_batches
-from qflux.summary import RunPlan, start_block
+from qflux.summary import RunPlan, size_text, start_block
 from qflux.train_state import (
     CompileMode,
     LossFn,
@@ -152,8 +153,12 @@ def dataset_samples(cfg: RecipeConfig, path: Path, rule: PairRule) -> list[PairS
 
 
 def placements(cfg: RecipeConfig, run: Run | None = None) -> dict[str, torch.device]:
-    """{component: device} of ``devices``, the transformer on the run's own device when training."""
-    return component_devices(cfg.devices) | ({"transformer": run.device} if run is not None else {})
+    """{component: device} of ``devices``, the transformer on the run's own device when training (on
+    the host with ``train.blocks_to_swap``: :func:`attach_lora` moves all but the swapped weights)."""
+    if run is None:
+        return component_devices(cfg.devices)
+    host = cfg.train.blocks_to_swap > 0
+    return component_devices(cfg.devices) | {"transformer": torch.device("cpu") if host else run.device}
 
 
 def quiet_unless(main: bool) -> contextlib.AbstractContextManager[Any]:
@@ -161,9 +166,16 @@ def quiet_unless(main: bool) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if main else contextlib.redirect_stdout(io.StringIO())
 
 
-def _compile_mode(cfg: RecipeConfig, device: torch.device, world: World) -> CompileMode:
-    """``train.compile`` for this device, refused (before any model loads) where it cannot run."""
-    mode = resolve_compile(cfg.train.compile, device)
+def _compile_mode(cfg: RecipeConfig, device: torch.device, world: World, path: Path) -> CompileMode:
+    """``train.compile`` for this device (``auto`` is eager with block swap), refused (before any model
+    loads) where it cannot run; block swap is checked here too."""
+    swap = cfg.train.blocks_to_swap
+    mode = "none" if swap and cfg.train.compile == "auto" else resolve_compile(cfg.train.compile, device)
+    problem = swap_problem(swap, blocks=block_count(component_config(path, "transformer")),
+                           quantize=cfg.model.quantize, fp8_matmul=cfg.train.fp8_matmul, compile_mode=mode,
+                           fsdp=world.size > 1 and cfg.train.distributed == "fsdp")  # fmt: skip
+    if problem is not None:
+        raise QfluxError(problem)
     if world.size > 1 and mode == "full":
         raise QfluxError("train.compile: true cannot run under torchrun (collectives in the graph); use regional")
     if cfg.train.fp8_matmul:
@@ -190,7 +202,7 @@ def training_run(
         path = model_folder(cfg.model.pretrained_model_name_or_path, variant, components, pipeline)
         samples = dataset_samples(cfg, path, rule)
         check_batches(samples, cfg.data.batch_size, world.size, drop_last=cfg.data.drop_last)
-        mode = _compile_mode(cfg, device, world)
+        mode = _compile_mode(cfg, device, world, path)
         held = None
         if cfg.validation.enabled:
             held = validation_set(
@@ -259,6 +271,12 @@ def attach_lora(transformer: Any, cfg: RecipeConfig, run: Run, *, naming: Naming
         lora0 = lora_from_file(transformer, weight, lora0, naming=naming, pipeline_cls=pipeline_cls)
     if cfg.train.lora_format != "diffusers":
         check_convertible([k.split(".lora_A.")[0] for k in lora0 if ".lora_A." in k], naming)
+    if cfg.train.blocks_to_swap:
+        every = transformer_blocks(transformer)
+        held = swapped_bytes(every[-cfg.train.blocks_to_swap :])
+        swap_blocks(transformer, cfg.train.blocks_to_swap, run.device)
+        print(f"block swap: the frozen weights of {cfg.train.blocks_to_swap} of {len(every)} blocks "
+              f"({size_text(held)}) stay on the host")  # fmt: skip
     prepare_frozen_base(transformer, fp8_matmul=cfg.train.fp8_matmul, device=run.device, compile_mode=run.compile_mode)
     if run.world.size > 1 and cfg.train.distributed == "fsdp":
         blocks = shard_frozen_base(transformer, run.world)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qflux.block_swap import SwappedLinear
 from qflux.config import FluxKontextConfig, QwenImageEditConfig
 from qflux.config_parse import load_config, schema_keys
 from qflux.data import PairDataset
@@ -70,6 +71,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.gradient_accumulation_steps": (2, {}),
     "train.max_grad_norm": (1e-6, {}),
     "train.gradient_checkpointing": (True, {}),
+    "train.blocks_to_swap": (1, {}),  # the same LoRA by design: the swapped layers are what shows
     # the compiled run itself is tested in tests/qflux/test_compile.py; here: the key is read
     "train.compile": (True, {"train.gradient_checkpointing": True}),
     # refused on CPU (the fp8 maths itself: tests/qflux/test_fp8.py)
@@ -213,6 +215,7 @@ def _fingerprint(
                 if getattr(result.models, n, None) is not None
             }
             out["checkpointing"] = result.models.transformer.gradient_checkpointing
+            out["swapped"] = sum(isinstance(m, SwappedLinear) for m in result.models.transformer.modules())
     except QfluxError as e:
         out["error"] = str(e).replace(str(root), "{root}")
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "pids.txt")
