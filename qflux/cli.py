@@ -1,4 +1,4 @@
-"""A recipe's command line: ``python -m recipes.<recipe> [train|cache|predict] [--config=F] [--a.b=c ...]``.
+"""A recipe's command line: ``python -m recipes.<recipe> [train|cache|plan|predict] [--config=F] [--a.b=c ...]``.
 
 fire parses the values; options alone (``--train.max_train_steps=10``) train; ``<command> --help``
 (or ``-h``) prints the command's usage, examples and every config key with its default, generated
@@ -29,6 +29,22 @@ def config_command(run: Callable[[Any], Any], config_cls: type) -> Callable[...,
     return command
 
 
+def plan_command(run: Callable[..., int], config_cls: type) -> Callable[..., None]:
+    """The ``plan`` command: the config as for ``train``, plus ``--vram=GiB``, ``--json`` and
+    ``--controls=N``; exits with ``run``'s status (3: the run does not fit)."""
+
+    def command(
+        config: str | None = None, vram: float | None = None, json: bool = False, controls: int | None = None,
+        **overrides: Any,
+    ) -> None:  # fmt: skip
+        status = run(load_config(config_cls, config, overrides), vram=vram, as_json=json, controls=controls)
+        if status:
+            raise SystemExit(status)
+
+    command.__doc__ = run.__doc__
+    return command
+
+
 def _help(name: str, pipeline: str, config_cls: type, verb: str, predict: Callable[..., Any]) -> str:
     prog, stem = f"python -m recipes.{name}", name.removesuffix("_lora")
     config = f"--config=recipes/configs/{stem}_bf16.yaml"
@@ -46,6 +62,13 @@ def _help(name: str, pipeline: str, config_cls: type, verb: str, predict: Callab
             "then loads only the transformer.",
             [f"{prog} cache {config} --data.dataset_path=my_pairs",
              f"{prog} train {config} --data.dataset_path=my_pairs --cache.use_cache=true"],
+        ),
+        "plan": (
+            f"{prog} plan [--config=FILE.yaml] [--section.key=value ...] --vram=GiB [--json] [--controls=N]",
+            "Estimate the run's peak GPU memory without weights or a GPU (one step on fake tensors), with "
+            "alternatives (storage × checkpointing × block swap); exit 0 if it fits, 3 if not, naming the "
+            "cheapest change that fits. --controls: control images per sample (default: the most the model takes).",
+            [f"{prog} plan {config} --vram=24", f"{prog} plan {config} --model.quantize=nf4 --vram=16 --json"],
         ),
         "predict": (
             f"{prog} predict --image=IN.png --prompt=TEXT [--out=OUT.png] [--lora=FILE] [--section.key=value ...]",
@@ -68,14 +91,15 @@ def main(
     train: Callable[[Any], Any],
     cache: Callable[[Any], Any],
     predict: Callable[..., Any],
+    plan: Callable[..., int],
     argv: list[str] | None,
 ) -> None:
-    """Run a recipe's command line: ``train`` and ``cache`` take the config read from ``--config``
-    and the overrides; ``predict`` takes its own options."""
+    """Run a recipe's command line: ``train``, ``cache`` and ``plan`` take the config read from
+    ``--config`` and the overrides; ``predict`` takes its own options."""
     import fire
 
     commands = {"train": config_command(train, config_cls), "cache": config_command(cache, config_cls),
-                "predict": predict}  # fmt: skip
+                "plan": plan_command(plan, config_cls), "predict": predict}  # fmt: skip
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0].startswith("-") and args[0] not in HELP_FLAGS):
         args = ["train", *args]  # options alone train: `python -m recipes.<recipe> --train.max_train_steps=10`

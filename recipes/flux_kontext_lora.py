@@ -31,12 +31,14 @@ from qflux.flux_kontext import cache as kcache
 from qflux.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
 from qflux.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE, FluxKontextModels, load_flux_kontext
+from qflux.flux_kontext.plan import plan_model
 from qflux.flux_kontext.predict import denoise
 from qflux.flux_kontext.predict import predict as kontext_predict
 from qflux.flux_kontext.step import make_loss_fn
 from qflux.loading import torch_dtype
 from qflux.lora import load_lora_file
 from qflux.lora_formats import Naming
+from qflux.plan_command import PlanTarget, run_plan, warn_if_too_big
 from qflux.quantize import quantize_plan
 from qflux.train_loop import decoder, finish, train_loop
 from qflux.training import (
@@ -71,6 +73,7 @@ def train(cfg: FluxKontextConfig) -> RunResult:
     with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, rule=PAIRS, variant=None) as run:
         if run.finished is not None:
             return run.finished
+        warn_if_too_big(cfg, _plan_target(cfg), run)
         models, data = _inputs(cfg, run)
         lora0 = attach_lora(models.transformer, cfg, run, naming=NAMING, pipeline_cls=pipeline_cls())
         loss_fn = make_loss_fn(
@@ -198,9 +201,22 @@ def predict(
     save_image(result, out)
 
 
+def _plan_target(cfg: FluxKontextConfig) -> PlanTarget:
+    return PlanTarget(plan_model(cfg.model.guidance_scale), PIPELINE, ("transformer", *ENCODERS), 1,
+                      lambda configs, n: cfg.model.max_sequence_length)  # fmt: skip
+
+
+def plan(cfg: FluxKontextConfig, *, vram: float | None, as_json: bool = False, controls: int | None = None) -> int:
+    """Print the run's peak GPU memory and its alternatives, planned on fake tensors; returns the
+    exit status (0: fits in ``vram`` GiB; 3: does not)."""
+    folder = partial(model_folder, cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
+    return run_plan(cfg, _plan_target(cfg), folder, vram=vram, as_json_output=as_json, controls=controls)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("flux_kontext_lora", PIPELINE, FluxKontextConfig, train=train, cache=cache, predict=predict, argv=argv)
+    cli_main("flux_kontext_lora", PIPELINE, FluxKontextConfig, train=train, cache=cache, predict=predict, plan=plan,
+             argv=argv)  # fmt: skip
 
 
 if __name__ == "__main__":

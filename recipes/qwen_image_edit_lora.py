@@ -32,6 +32,7 @@ from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
 from qflux.lora import load_lora_file
 from qflux.lora_formats import Naming
+from qflux.plan_command import PlanTarget, run_plan, warn_if_too_big
 from qflux.quantize import quantize_plan
 from qflux.qwen_image_edit import cache as qcache
 from qflux.qwen_image_edit.batch import (
@@ -43,6 +44,7 @@ from qflux.qwen_image_edit.batch import (
 )
 from qflux.qwen_image_edit.conditioning import vae_decode
 from qflux.qwen_image_edit.loaders import COMPONENTS, ENCODERS, PIPELINE, QwenImageEditModels, load_qwen_image_edit
+from qflux.qwen_image_edit.plan import plan_model, text_tokens
 from qflux.qwen_image_edit.predict import denoise
 from qflux.qwen_image_edit.predict import predict as qwen_predict
 from qflux.qwen_image_edit.step import make_loss_fn
@@ -80,6 +82,7 @@ def train(cfg: QwenImageEditConfig) -> RunResult:
                       variant=variant) as run:  # fmt: skip
         if run.finished is not None:
             return run.finished
+        warn_if_too_big(cfg, _plan_target(cfg), run)
         models, data = _inputs(cfg, run)
         lora0 = attach_lora(models.transformer, cfg, run, naming=NAMING, pipeline_cls=pipeline_cls())
         loss_fn = make_loss_fn(models.transformer, weighting_scheme=cfg.train.weighting_scheme)
@@ -214,11 +217,23 @@ def predict(
     save_image(result, out)
 
 
+def plan(cfg: QwenImageEditConfig, *, vram: float | None, as_json: bool = False, controls: int | None = None) -> int:
+    """Print the run's peak GPU memory and its alternatives, planned on fake tensors; returns the
+    exit status (0: fits in ``vram`` GiB; 3: does not)."""
+    return run_plan(cfg, _plan_target(cfg), partial(_folder, cfg), vram=vram, as_json_output=as_json,
+                    controls=controls)  # fmt: skip
+
+
+def _plan_target(cfg: QwenImageEditConfig) -> PlanTarget:
+    variant = cfg.model.variant
+    return PlanTarget(plan_model(), PIPELINE, ("transformer", *ENCODERS), PAIRS[variant].controls[1],
+                      lambda configs, n: text_tokens(configs["text_encoder"], variant, n))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main(
-        "qwen_image_edit_lora", PIPELINE, QwenImageEditConfig, train=train, cache=cache, predict=predict, argv=argv
-    )
+    cli_main("qwen_image_edit_lora", PIPELINE, QwenImageEditConfig, train=train, cache=cache, predict=predict,
+             plan=plan, argv=argv)  # fmt: skip
 
 
 if __name__ == "__main__":
