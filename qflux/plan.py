@@ -17,6 +17,7 @@ rounded to 8 bits), then block swap (exact, slower by the copies), then 4 bits.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -94,12 +95,20 @@ class PlanModel:
     loss: Callable[[nn.Module], Callable[..., torch.Tensor]]
     """The training loss of a transformer (the model's ``make_loss_fn``)."""
 
-    def build(self, component: str, config: Mapping[str, Any]) -> nn.Module:
-        """Component ``component`` from its config, on the current default device (meta)."""
+    def build(self, component: str, config: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
+        """Component ``component`` from its config in ``dtype``, on the current default device (meta)."""
         cls = self.files.table()[component]
         if hasattr(cls, "config_class") and hasattr(cls.config_class, "from_dict"):  # transformers
-            return cls(cls.config_class.from_dict(dict(config)))
-        return cls.from_config(dict(config))
+            return cls(cls.config_class.from_dict(dict(config))).to(dtype)
+        module = cls.from_config(dict(config))
+        # diffusers warns that `.to(dtype)` may cast modules it would keep in fp32: planned as training casts
+        quiet = logging.getLogger("diffusers.models.modeling_utils")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            return module.to(dtype)
+        finally:
+            quiet.setLevel(level)
 
 
 @attrs.frozen
@@ -131,7 +140,7 @@ def encoder_bytes(model: PlanModel, component: str, config: Mapping[str, Any], d
                   quantize: str) -> int:  # fmt: skip
     """Bytes of an encoder's weights as stored (``quantize``: ``model.quantize_text_encoders``)."""
     with torch.device("meta"):
-        module = model.build(component, config).to(dtype)
+        module = model.build(component, config, dtype)
     module.requires_grad_(False)
     store_frozen(module, quantize)
     return storage_bytes([*module.parameters(), *module.buffers()])
@@ -179,7 +188,7 @@ def _measure(
     """One step of ``setting`` measured on fake tensors (its transformer only)."""
     mode = fake_mode()
     with torch.device("meta"):
-        transformer = model.build("transformer", configs["transformer"]).to(dtype)
+        transformer = model.build("transformer", configs["transformer"], dtype)
     transformer.requires_grad_(False)
     store_frozen(transformer, setting.quantize)
     if setting.checkpointing:
@@ -220,7 +229,7 @@ def _measure(
 def block_weights(model: PlanModel, config: Mapping[str, Any], dtype: torch.dtype, quantize: str) -> list[int]:
     """Bytes of each transformer block's frozen linear weights as stored, in forward order."""
     with torch.device("meta"):
-        transformer = model.build("transformer", config).to(dtype)
+        transformer = model.build("transformer", config, dtype)
     transformer.requires_grad_(False)
     store_frozen(transformer, quantize)
     return [swapped_bytes([b]) for b in transformer_blocks(transformer)]

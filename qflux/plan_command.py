@@ -32,7 +32,7 @@ from qflux.plan import (
     square_bucket,
     table,
 )
-from qflux.shapes import shipped_configs
+from qflux.shapes import shipped_configs, shipped_ids
 
 Configs = Mapping[str, Mapping[str, Any]]
 """{component: its config.json}."""
@@ -67,7 +67,13 @@ def model_configs(name: str, target: PlanTarget, folder: Callable[[], Path]) -> 
         if missing:
             raise QfluxError(f"qflux's shapes of '{name}' lack {', '.join(missing)}")
         return {c: shipped[c] for c in target.components}, f"{name} (published shapes shipped with qflux)"
-    path = folder()
+    try:
+        path = folder()
+    except QfluxError as e:
+        raise QfluxError(
+            f"{e}\nplan reads only config.json files; qflux ships those of {', '.join(shipped_ids())}. For another "
+            "model, set model.pretrained_model_name_or_path to a local folder with its components' config.json"
+        ) from e
     return {c: component_config(path, c) for c in target.components}, str(path)
 
 
