@@ -159,6 +159,10 @@ class Swapper:
         self.copies = 0
         """Host → device copies made so far (tests and benchmarks read it)."""
 
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The host copies of every swapped layer's frozen tensors."""
+        return [t for layers in self.blocks for layer in layers for t in layer.host_tensors()]
+
     def to_host(self, t: torch.Tensor, host: torch.device) -> torch.Tensor:
         """``t`` on ``host``, pinned when the device is CUDA (asynchronous copies need it)."""
         t = t.to(host)
@@ -257,7 +261,7 @@ def swap_blocks(module: nn.Module, n: int, device: torch.device, *, host: torch.
             layers.append(new)
         swapper.blocks.append(layers)
         block.register_forward_pre_hook(lambda _m, _a, i=i: swapper.entering(i))
-    swapped = {id(t) for layers in swapper.blocks for layer in layers for t in layer.host_tensors()}
+    swapped = {id(t) for t in swapper.host_tensors()}
     _move_except(module, device, swapped)
     if blocks:
         module.register_forward_pre_hook(lambda _m, _a: swapper.prefetch(0))

@@ -32,7 +32,7 @@ from qflux.loading import ModelFiles
 from qflux.lora import inject_lora
 from qflux.memory import GIB, Breakdown, Fake4bit, fake_mode, measure_step, storage_bytes, to_fake
 from qflux.quantize import fits_4bit, quantize_frozen
-from qflux.train_state import StepHParams, init_train_state, make_train_step
+from qflux.train_state import CompileMode, StepHParams, init_train_state, make_train_step
 
 CARDS = (12, 16, 24, 48, 80)
 """Card sizes (GiB) the documentation's table answers for."""
@@ -198,7 +198,7 @@ def _measure(
     swapped: list[torch.Tensor] = []
     if setting.blocks_to_swap:
         swapper = swap_blocks(transformer, setting.blocks_to_swap, torch.device("cpu"))
-        swapped = [t for layers in swapper.blocks for layer in layers for t in layer.host_tensors()]
+        swapped = swapper.host_tensors()
     held = {t.untyped_storage()._cdata for t in swapped}
     module = [t for t in (*transformer.parameters(), *transformer.buffers()) if t.untyped_storage()._cdata not in held]
     params = dict(transformer.named_parameters())
@@ -224,6 +224,52 @@ def _measure(
         # with K > 1 the summed gradient (fp32, the LoRA's size) lives through the later micro-batches
         transient=transient + (lora_bytes if inputs.accumulation > 1 else 0),
     )
+
+
+def real_step(
+    model: PlanModel,
+    transformer: nn.Module,
+    configs: Mapping[str, Mapping[str, Any]],
+    inputs: Inputs,
+    setting: Setting,
+    *,
+    lora: LoraConfig,
+    device: torch.device,
+    compile_mode: CompileMode = "none",
+) -> tuple[Callable[[], None], list[torch.Tensor]]:
+    """The step :func:`estimate` plans, on a real ``transformer`` (frozen, in the model dtype; on the
+    host when swapping blocks), set up on ``device`` as training sets it up: (one step, the tensors
+    resident on ``device``: frozen weights, LoRA and optimizer state). What tests and
+    benchmarks/memory.py measure the plan against.
+
+    Args:
+        configs: {component: config.json}, as for :func:`estimate`.
+        compile_mode: ``regional`` compiles the repeated blocks (as ``train.compile: regional``).
+    """
+    dtype = next(transformer.parameters()).dtype
+    transformer.requires_grad_(False)
+    quantize_frozen(transformer, setting.quantize)
+    if setting.checkpointing:
+        transformer.enable_gradient_checkpointing()  # type: ignore[operator]
+    lora0 = inject_lora(transformer, lora, seed=0)
+    held: set[int] = set()
+    if setting.blocks_to_swap:
+        swapper = swap_blocks(transformer, setting.blocks_to_swap, device)
+        held = {t.untyped_storage()._cdata for t in swapper.host_tensors()}
+    else:
+        transformer.to(device)
+    state = init_train_state({k: v.to(device) for k, v in lora0.items()}, seed=0)
+    step = make_train_step(model.loss(transformer), StepHParams(engine="autograd"), module=transformer,
+                           compile=compile_mode)  # fmt: skip
+
+    def run() -> None:
+        with torch.device(device):
+            batch = model.batch(configs, inputs, dtype)
+        step(state, [batch], torch.tensor(1e-4, dtype=torch.float64))
+
+    opt = [state.opt.updates, *state.opt.exp_avg.values(), *state.opt.exp_avg_sq.values()]
+    frozen = [t for t in (*transformer.parameters(), *transformer.buffers()) if t.untyped_storage()._cdata not in held]
+    return run, [*frozen, *state.lora.values(), *opt]
 
 
 def block_weights(model: PlanModel, config: Mapping[str, Any], dtype: torch.dtype, quantize: str) -> list[int]:

