@@ -69,7 +69,7 @@ def main(only: str = "") -> None:
         model, configs, inputs = _scenario(name)
         side, n = inputs.target[0], len(inputs.controls)
 
-        def peak(s: Setting) -> Row:
+        def peak(s: Setting, model: Any = model, configs: Any = configs, inputs: Any = inputs) -> Row:
             return Row(s, estimate(model, configs, inputs, s, dtype=dtype, lora=lora))
 
         rows = [peak(Setting(q, c)) for q in ("none", "fp8", "nf4") for c in (False, True)]
