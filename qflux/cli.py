@@ -1,4 +1,4 @@
-"""A recipe's command line: ``python -m recipes.<recipe> [train|cache|plan|predict] [--config=F] [--a.b=c ...]``.
+"""A recipe's command line: ``python -m recipes.<recipe> [train|cache|plan|check|predict] [--config=F] [--a.b=c ...]``.
 
 fire parses the values; options alone (``--train.max_train_steps=10``) train; ``<command> --help``
 (or ``-h``) prints the command's usage, examples and every config key with its default, generated
@@ -70,6 +70,14 @@ def _help(name: str, pipeline: str, config_cls: type, verb: str, predict: Callab
             "cheapest change that fits. --controls: control images per sample (default: the most the model takes).",
             [f"{prog} plan {config} --vram=24", f"{prog} plan {config} --model.quantize=nf4 --vram=16 --json"],
         ),
+        "check": (
+            f"{prog} check [--config=FILE.yaml] [--data.dataset_path=DIR] [--section.key=value ...]",
+            "Check a dataset before training: its errors (exit 2, as train gives them), then one warning per pair "
+            "that will likely train badly (a target shifted or scaled against its control, identical to it, of "
+            "another aspect; an instruction under 3 characters) and a summary; exit 0 with warnings only. train "
+            "prints the same warnings at its start.",
+            [f"{prog} check {config} --data.dataset_path=my_pairs"],
+        ),
         "predict": (
             f"{prog} predict --image=IN.png --prompt=TEXT [--out=OUT.png] [--lora=FILE] [--section.key=value ...]",
             "Edit an image with the model (and a LoRA file in any format qflux writes or reads).",
@@ -92,14 +100,16 @@ def main(
     cache: Callable[[Any], Any],
     predict: Callable[..., Any],
     plan: Callable[..., int],
+    check: Callable[[Any], int],
     argv: list[str] | None,
 ) -> None:
-    """Run a recipe's command line: ``train``, ``cache`` and ``plan`` take the config read from
+    """Run a recipe's command line: ``train``, ``cache``, ``plan`` and ``check`` take the config read from
     ``--config`` and the overrides; ``predict`` takes its own options."""
     import fire
 
     commands = {"train": config_command(train, config_cls), "cache": config_command(cache, config_cls),
-                "plan": plan_command(plan, config_cls), "predict": predict}  # fmt: skip
+                "plan": plan_command(plan, config_cls), "check": config_command(check, config_cls),
+                "predict": predict}  # fmt: skip
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0].startswith("-") and args[0] not in HELP_FLAGS):
         args = ["train", *args]  # options alone train: `python -m recipes.<recipe> --train.max_train_steps=10`

@@ -112,10 +112,13 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path, draft: int | None = None) -> Image.Image:
     """Decode an image as 8-bit RGB: EXIF rotation applied, transparency composited on white,
-    CMYK, palette and 16-bit images converted."""
+    CMYK, palette and 16-bit images converted. ``draft``: a JPEG may decode at a reduced scale whose
+    sides stay at least this many pixels (faster; for checks, not training)."""
     with Image.open(path) as raw:
+        if draft is not None:
+            raw.draft("RGB", (draft, draft))
         im: Image.Image = _to_8bit(ImageOps.exif_transpose(raw))
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
             im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from qflux.loop import LoopState, advance, start_state
 from qflux.lora import LORA_WEIGHT_NAME, inject_lora, lora_from_file
 from qflux.lora_formats import Naming, check_convertible
 from qflux.model_dir import resolve_model_dir
+from qflux.pair_checks import check_pairs
 from qflux.quantize import count_layers
 from qflux.run_dir import claim_output_dir
 from qflux.schedules import learning_rate
@@ -138,12 +140,17 @@ def image_multiple(path: Path) -> int:
 
 
 def dataset_samples(cfg: RecipeConfig, path: Path, rule: PairRule) -> list[PairSample]:
-    """The checked dataset, sized for the model in ``path`` (before any model loads): in aspect-ratio
-    buckets (``data.buckets: auto``) or each image at its own size (``exact``)."""
+    """The checked dataset, sized for the model in ``path`` (before any model loads)."""
+    return samples_at(cfg, image_multiple(path), rule)
+
+
+def samples_at(cfg: RecipeConfig, multiple: int, rule: PairRule) -> list[PairSample]:
+    """The checked dataset with image sides multiples of ``multiple``: in aspect-ratio buckets
+    (``data.buckets: auto``) or each image at its own size (``exact``)."""
     return scan_pairs(
         resolve_dataset_path(cfg.data.dataset_path),
         cfg.data.max_pixels,
-        multiple=image_multiple(path),
+        multiple=multiple,
         skip_invalid=cfg.data.skip_invalid,
         warn=tqdm.write,
         controls=rule.controls,
@@ -201,6 +208,8 @@ def training_run(
     with quiet_unless(world.is_main):
         path = model_folder(cfg.model.pretrained_model_name_or_path, variant, components, pipeline)
         samples = dataset_samples(cfg, path, rule)
+        for line in check_pairs(samples, progress=partial(tqdm, desc="checking pairs", unit="pair", leave=False)):
+            print(line)
         check_batches(samples, cfg.data.batch_size, world.size, drop_last=cfg.data.drop_last)
         mode = _compile_mode(cfg, device, world, path)
         held = None

@@ -22,6 +22,7 @@ import torch
 from qflux.batching import Conditioning, DataPath
 from qflux.cache import CacheReport
 from qflux.cache_path import CachePath, cache_command, cached_data
+from qflux.check_command import run_check
 from qflux.cli import main as cli_main
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config
@@ -209,14 +210,25 @@ def _plan_target(cfg: FluxKontextConfig) -> PlanTarget:
 def plan(cfg: FluxKontextConfig, *, vram: float | None, as_json: bool = False, controls: int | None = None) -> int:
     """Print the run's peak GPU memory and its alternatives, planned on fake tensors; returns the
     exit status (0: fits in ``vram`` GiB; 3: does not)."""
-    folder = partial(model_folder, cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
-    return run_plan(cfg, _plan_target(cfg), folder, vram=vram, as_json_output=as_json, controls=controls)
+    return run_plan(cfg, _plan_target(cfg), partial(_folder, cfg), vram=vram, as_json_output=as_json,
+                    controls=controls)  # fmt: skip
+
+
+def _folder(cfg: FluxKontextConfig) -> Path:
+    return model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
+
+
+def check(cfg: FluxKontextConfig) -> int:
+    """Check the dataset: its errors (exit 2, as train gives them), then a warning per pair that will
+    likely train badly (a target moved or re-framed against its control, identical to it, of another
+    aspect; a too-short instruction); exit 0 when there are only warnings."""
+    return run_check(cfg, PAIRS, partial(_folder, cfg))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
     cli_main("flux_kontext_lora", PIPELINE, FluxKontextConfig, train=train, cache=cache, predict=predict, plan=plan,
-             argv=argv)  # fmt: skip
+             check=check, argv=argv)  # fmt: skip
 
 
 if __name__ == "__main__":

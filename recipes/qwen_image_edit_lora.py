@@ -24,6 +24,7 @@ from PIL import Image
 from qflux.batching import Conditioning, DataPath
 from qflux.cache import CacheReport
 from qflux.cache_path import CachePath, cache_command, cached_data
+from qflux.check_command import run_check
 from qflux.cli import main as cli_main
 from qflux.config import QwenImageEditConfig
 from qflux.config_parse import load_config
@@ -230,10 +231,17 @@ def _plan_target(cfg: QwenImageEditConfig) -> PlanTarget:
                       lambda configs, n: text_tokens(configs["text_encoder"], variant, n))  # fmt: skip
 
 
+def check(cfg: QwenImageEditConfig) -> int:
+    """Check the dataset: its errors (exit 2, as train gives them), then a warning per pair that will
+    likely train badly (a target moved or re-framed against its control, identical to it, of another
+    aspect; a too-short instruction); exit 0 when there are only warnings."""
+    return run_check(cfg, PAIRS[cfg.model.variant], partial(_folder, cfg))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
     cli_main("qwen_image_edit_lora", PIPELINE, QwenImageEditConfig, train=train, cache=cache, predict=predict,
-             plan=plan, argv=argv)  # fmt: skip
+             plan=plan, check=check, argv=argv)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("verb", ["train", "cache", "plan", "predict"])
+@pytest.mark.parametrize("verb", ["train", "cache", "plan", "check", "predict"])
 @pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora])
 def test_help_exits_zero_with_usage_examples_and_keys(recipe, verb: str, capsys) -> None:
     for flag in ("--help", "-h"):

@@ -1,0 +1,34 @@
+"""``python -m recipes.<model>_lora check [--config=F] [--data.dataset_path=DIR] [--section.key=value ...]``:
+the dataset's errors (exit 2, as ``train`` gives them) and then its warnings (:mod:`qflux.pair_checks`),
+one line each naming the pair, and a summary line; exit 0 when there are only warnings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from qflux.config import RecipeConfig
+from qflux.data import PairRule
+from qflux.latents import size_multiple
+from qflux.pair_checks import check_pairs, summary
+from qflux.shapes import shipped_configs
+from qflux.training import image_multiple, samples_at
+
+
+def run_check(cfg: RecipeConfig, rule: PairRule, folder: Callable[[], Path]) -> int:
+    """Check ``data.dataset_path`` for the configured model and print what was found.
+
+    The image sides' multiple comes from the model's VAE config: qflux's shipped shapes for a
+    supported hub id (nothing downloaded), else the model folder (``folder()``)."""
+    name = cfg.model.pretrained_model_name_or_path
+    shipped = None if Path(name).expanduser().exists() else shipped_configs(name)
+    multiple = size_multiple(shipped["vae"]) if shipped and "vae" in shipped else image_multiple(folder())
+    samples = samples_at(cfg, multiple, rule)
+    lines = check_pairs(samples, progress=partial(tqdm, desc="checking pairs", unit="pair", leave=False))
+    for line in lines:
+        print(line)
+    print(summary(len(samples), lines))
+    return 0
