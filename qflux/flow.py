@@ -101,20 +101,28 @@ def loss_weights(scheme: WeightingScheme, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(scheme, sigmas).float()
 
 
-def flow_match_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def flow_match_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, pixel: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weighted flow-matching MSE, as diffusers' scripts compute it.
 
-    loss = mean_b ( mean_i w_b · (pred_bi − target_bi)² ), in float32.
+    loss = mean_b ( mean_i w_b · (pred_bi − target_bi)² ), in float32; with per-pixel weights p
+    (:mod:`qflux.masks`): mean_b w_b · Σ_i p_bi (pred − target)²_bi / Σ_i p_bi.
 
     Args:
-        pred: predicted velocity [B, ...].
+        pred: predicted velocity [B, C, h, w] (or [B, ...] without ``pixel``).
         target: ε − x0, same shape.
         weights: [B].
+        pixel: per-latent-pixel weights [B, 1, h, w], or None (all 1).
 
     Returns:
         0-d float32 tensor.
     """
     b = pred.shape[0]
-    w = weights.float().view(b, *([1] * (pred.ndim - 1)))
     sq = (pred.float() - target.float()) ** 2
+    if pixel is not None:
+        from qflux.masks import masked_mean
+
+        return (weights.float() * masked_mean(sq, pixel)).mean()
+    w = weights.float().view(b, *([1] * (pred.ndim - 1)))
     return (w * sq).reshape(b, -1).mean(1).mean()
