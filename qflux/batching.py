@@ -24,6 +24,7 @@ import torch
 from qflux.config import DataConfig, TrainConfig
 from qflux.data import PairSample
 from qflux.flow import WeightingScheme, resolution_mu, sigmas_from_u, time_shift
+from qflux.masks import pixel_weights
 from qflux.rng import draw_sample_randomness
 
 B = TypeVar("B")
@@ -42,6 +43,19 @@ class Conditioning:
     empty: Mapping[str, torch.Tensor] | None = None
     """Each sample's empty-instruction prompt tensors [B, ...], for a model whose prompt embedding
     sees the sample's images (Qwen); None: the model's one empty prompt is used."""
+    mask: torch.Tensor | None = None
+    """Where the edit happens, on the latent grid [B, 1, h, w] in [0, 1] (``train.loss_mask``);
+    None: the loss weighs every latent pixel alike."""
+
+
+def with_mask(to_conditioning: Callable[[dict[str, Any]], Conditioning]) -> Callable[[dict[str, Any]], Conditioning]:
+    """``to_conditioning`` that also carries a collated batch's change masks (``raw["mask"]``)."""
+
+    def convert(raw: dict[str, Any]) -> Conditioning:
+        cond = to_conditioning(raw)
+        return cond if raw.get("mask") is None else attrs.evolve(cond, mask=raw["mask"])
+
+    return convert
 
 
 @attrs.frozen
@@ -55,6 +69,8 @@ class Draws:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     resolution_shift: bool = False
+    unmasked_weight: float = 1.0
+    """The loss weight outside a conditioning's change mask (:func:`qflux.masks.pixel_weights`)."""
 
     @classmethod
     def from_config(cls, data: DataConfig, train: TrainConfig) -> Draws:
@@ -67,6 +83,7 @@ class Draws:
             train.logit_std,
             train.mode_scale,
             train.resolution_shift,
+            train.unmasked_weight,
         )
 
     def without_dropout(self) -> Draws:
@@ -101,6 +118,8 @@ class Prepared:
     """ε [B, C, h, w] float32."""
     sigmas: torch.Tensor
     """σ [B] float32 in (0, 1]."""
+    pixel: torch.Tensor | None = None
+    """Per-latent-pixel loss weights [B, 1, h, w] (from the change mask), or None (all 1)."""
 
 
 def sigmas_for(resolution_shift: bool, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -186,6 +205,7 @@ def prepare(
         text={k: t.to(device) for k, t in text.items()},
         noise=drawn.noise.to(device),
         sigmas=sigmas_for(draws.resolution_shift, scheduler_config, drawn.u, (h, w)).to(device),
+        pixel=None if cond.mask is None else pixel_weights(cond.mask, draws.unmasked_weight).to(device),
     )
 
 

@@ -250,6 +250,16 @@ class TrainConfig:
     """mode: scale of the mode-favouring density."""
     resolution_shift: bool = False
     """Shift sampled sigmas towards noise for large images: σ' = e^μ / (e^μ + 1/σ − 1), μ from seq len."""
+    loss_mask: Literal["none", "masks", "auto"] = attrs.field(
+        default="none", validator=v.in_(("none", "masks", "auto"))
+    )
+    """Weight the loss by where the edit happens. ``masks``: ``masks/NAME.png`` beside
+    control_images/ (grey, white where the edit is, the target's size; a pair without one weighs
+    all alike). ``auto``: a soft mask from |target − first control|, smoothed and dilated on the
+    latent grid. Masks follow buckets and crops. Uncached runs only, for now."""
+    unmasked_weight: float = attrs.field(default=0.25, validator=_non_negative)
+    """The loss weight outside the mask (1 inside): loss = Σ p·(v̂ − v)² / Σ p, p = w + (1 − w)·mask.
+    1 makes ``loss_mask`` change nothing."""
     save_dtype: Dtype = attrs.field(default="float32", validator=v.in_(DTYPES))
     """dtype of the saved LoRA tensors."""
     checkpointing_steps: int = attrs.field(default=50, validator=_non_negative)

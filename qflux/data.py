@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -54,6 +55,8 @@ class PairSample:
     tuple): the whole image."""
     target_box: Box | None = None
     """The region of the target (source pixels) resized to its size; None: the whole image."""
+    mask: Path | None = None
+    """``masks/NAME.*``: where the edit happens (white), the target's size; None: no mask file."""
 
     @property
     def control(self) -> Path:
@@ -339,6 +342,16 @@ def _check_sample(root: Path, stem: str, multiple: int, fewest: int = 1, most: i
             bad = _image_problem(found[0], multiple)
             if bad:
                 problems.append(f"{found[0]}: {bad}")
+    mask = _find_image(root / "masks", stem) if (root / "masks").is_dir() else []
+    if len(mask) > 1:
+        problems.append(f"{mask[0]}: sample '{stem}' has several masks ({', '.join(p.name for p in mask)})")
+    elif mask and len(target) == 1:
+        bad = _image_problem(mask[0], 1)
+        if bad:
+            problems.append(f"{mask[0]}: {bad}")
+        elif image_size(mask[0]) != image_size(target[0]):
+            (mw, mh), (tw, th) = image_size(mask[0]), image_size(target[0])
+            problems.append(f"{mask[0]}: {mw}×{mh}, but its target is {tw}×{th}; a mask has its target's size")
     prompt = ""
     if not txt.is_file():
         problems.append(f"{txt}: missing instruction file")
@@ -359,6 +372,7 @@ def _check_sample(root: Path, stem: str, multiple: int, fewest: int = 1, most: i
         prompt=prompt,
         control_sizes=(),
         target_size=(0, 0),
+        mask=mask[0] if mask else None,
     )
 
 
@@ -420,9 +434,14 @@ def save_image(image: Any, out: str | Path) -> Path:
 
 @attrs.frozen
 class PairDataset:
-    """Map-style dataset over samples: ``ds[i]`` decodes and sizes one pair."""
+    """Map-style dataset over samples: ``ds[i]`` decodes and sizes one pair (and, with a
+    ``mask_mode``, its change mask at the latent grid, :mod:`qflux.masks`)."""
 
     samples: Sequence[PairSample]
+    mask_mode: Literal["none", "masks", "auto"] = "none"
+    """``train.loss_mask``."""
+    vae_factor: int = 8
+    """Image pixels per latent pixel (the model's VAE factor), for the mask's grid."""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -433,23 +452,45 @@ class PairDataset:
     def item(self, i: int, controls: Sequence[Image.Image]) -> dict[str, Any]:
         """Sample i with its control images already decoded (a caller that needs them too decodes once)."""
         s = self.samples[i]
-        return {
-            "index": i,
-            "prompt": s.prompt,
-            "controls": [
-                image_to_tensor(im, size, box)[0]
-                for im, size, box in zip(controls, s.control_sizes, s.control_crops, strict=True)
-            ],
-            "target": load_sized(s.target, s.target_size, s.target_box)[0],
-        }
+        sized = [
+            image_to_tensor(im, size, box)[0]
+            for im, size, box in zip(controls, s.control_sizes, s.control_crops, strict=True)
+        ]
+        target = load_sized(s.target, s.target_size, s.target_box)[0]
+        item: dict[str, Any] = {"index": i, "prompt": s.prompt, "controls": sized, "target": target}
+        if self.mask_mode != "none":
+            item["mask"] = self.mask(s, sized, target)
+        return item
+
+    def mask(self, s: PairSample, controls: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """The change mask [1, h, w] of sample ``s`` on the latent grid: its mask file cropped and
+        sized like its target (``masks``; all ones without a file), or derived from the target and
+        its first control (``auto``; all ones without a control)."""
+        from qflux.masks import change_mask, to_latent_grid
+
+        w, h = s.target_size
+        grid = (h // self.vae_factor, w // self.vae_factor)
+        if self.mask_mode == "masks" and s.mask is not None:
+            with Image.open(s.mask) as raw:
+                grey = _to_8bit(ImageOps.exif_transpose(raw)).convert("L")
+            sized = crop(grey, s.target_box).resize(s.target_size, Image.Resampling.BILINEAR)
+            pixels = torch.from_numpy(np.asarray(sized, dtype=np.float32) / 255.0)
+            return to_latent_grid(pixels[None, None], grid)[0]
+        if self.mask_mode == "auto" and controls:
+            control = controls[0][None]
+            if control.shape[-2:] != target.shape[-2:]:  # a control at its own aspect: compared at the target's
+                control = torch.nn.functional.interpolate(control, size=target.shape[-2:], mode="bilinear")
+            return change_mask(control, target[None], grid)[0]
+        return torch.ones(1, *grid)
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack same-size items: controls (one [B, 3, hc_k, wc_k] per control image k), target
-    [B, 3, h, w], prompts, indices."""
+    [B, 3, h, w], prompts, indices, and the change masks [B, 1, h/f, w/f] when the items have them."""
     return {
         "index": [it["index"] for it in items],
         "prompt": [it["prompt"] for it in items],
         "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
         "target": torch.stack([it["target"] for it in items]),
+        **({"mask": torch.stack([it["mask"] for it in items])} if "mask" in items[0] else {}),
     }

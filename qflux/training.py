@@ -35,13 +35,13 @@ from qflux.checkpoint import (
 )
 from qflux.config import RecipeConfig
 from qflux.config_parse import to_dict
-from qflux.data import PairRule, PairSample, scan_pairs
+from qflux.data import PairDataset, PairRule, PairSample, scan_pairs
 from qflux.devices import component_devices, resolve_device
 from qflux.distributed import World, all_reduce_sum, init_world, rank_device, shard_frozen_base
 from qflux.errors import QfluxError
 from qflux.fp8 import check_fp8_device
 from qflux.frozen_linear import prepare_frozen_base
-from qflux.latents import size_multiple
+from qflux.latents import size_multiple, vae_scale_factor
 from qflux.loading import component_config
 from qflux.loop import LoopState, advance, start_state
 from qflux.lora import LORA_WEIGHT_NAME, inject_lora, lora_from_file
@@ -133,6 +133,13 @@ def model_folder(name: str, variant: str | None, components: Sequence[str], pipe
     return resolve_model_dir(resolve_model_path(name, variant), components, pipeline=pipeline)
 
 
+def pair_dataset(cfg: RecipeConfig, path: Path) -> Callable[[Sequence[PairSample]], PairDataset]:
+    """The uncached runs' dataset over samples, with the change masks ``train.loss_mask`` asks for
+    on the latent grid of the model in ``path``."""
+    factor = vae_scale_factor(component_config(path, "vae"))
+    return partial(PairDataset, mask_mode=cfg.train.loss_mask, vae_factor=factor)
+
+
 def image_multiple(path: Path) -> int:
     """What image sides are multiples of for the model in ``path``: its VAE factor × 2 (read from
     the VAE's config, :func:`qflux.latents.size_multiple`)."""
@@ -202,6 +209,11 @@ def training_run(
     """Set a run up: device and ranks (only rank 0 prints), the model folder, the checked dataset and
     validation set, the compile mode, and the output folder (resumed, refused while it holds another
     run, or emptied with logging.overwrite). Under torchrun, trains data-parallel."""
+    if cfg.train.loss_mask != "none" and cfg.cache.use_cache:
+        raise QfluxError(
+            f"train.loss_mask: {cfg.train.loss_mask} needs the images each step and the cache does not hold masks "
+            "yet: set cache.use_cache: false, or train.loss_mask: none"
+        )
     device = resolve_device(cfg.devices.transformer, key="devices.transformer")
     world = init_world(device.type)
     device = rank_device(world, device)

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from qflux.batching import Conditioning, DataPath
+from qflux.batching import Conditioning, DataPath, with_mask
 from qflux.cache import CacheReport
 from qflux.cache_path import CachePath, cache_command, cached_data
 from qflux.check_command import run_check
 from qflux.cli import main as cli_main
 from qflux.config import FluxKontextConfig
 from qflux.config_parse import load_config
-from qflux.data import PairDataset, PairRule, collate_pairs, load_rgb, save_image
+from qflux.data import PairRule, collate_pairs, load_rgb, save_image
 from qflux.errors import QfluxError
 from qflux.flux_kontext import cache as kcache
 from qflux.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
@@ -50,6 +50,7 @@ from qflux.training import (
     attach_lora,
     first_state,
     model_folder,
+    pair_dataset,
     placements,
     training_run,
 )
@@ -104,8 +105,8 @@ def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPa
     models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
     seq = cfg.model.max_sequence_length
     empty = text_tensors(encode_prompt_with(models, [""], seq))
-    return models, DataPath(PairDataset, collate_pairs, partial(encode_conditioning, models, max_sequence_length=seq),
-                            empty)  # fmt: skip
+    encode = with_mask(partial(encode_conditioning, models, max_sequence_length=seq))
+    return models, DataPath(pair_dataset(cfg, run.model_dir), collate_pairs, encode, empty)
 
 
 def _cache(cfg: FluxKontextConfig, path: Path) -> CachePath:

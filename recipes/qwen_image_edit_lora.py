@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qflux.batching import Conditioning, DataPath
+from qflux.batching import Conditioning, DataPath, with_mask
 from qflux.cache import CacheReport
 from qflux.cache_path import CachePath, cache_command, cached_data
 from qflux.check_command import run_check
 from qflux.cli import main as cli_main
 from qflux.config import QwenImageEditConfig
 from qflux.config_parse import load_config
-from qflux.data import PairDataset, PairRule, load_rgb, save_image
+from qflux.data import PairRule, load_rgb, save_image
 from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
 from qflux.lora import load_lora_file
@@ -58,6 +58,7 @@ from qflux.training import (
     attach_lora,
     first_state,
     model_folder,
+    pair_dataset,
     placements,
     training_run,
 )
@@ -115,8 +116,9 @@ def _inputs(cfg: QwenImageEditConfig, run: Run) -> tuple[QwenImageEditModels, Da
         return _load(cfg, run.model_dir, ("transformer",), run), data
     models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
     variant = cfg.model.variant
-    return models, DataPath(lambda samples: QwenPairDataset(PairDataset(samples), variant), collate_qwen_pairs,
-                            partial(encode_conditioning, models, variant=variant), None)  # fmt: skip
+    pairs = pair_dataset(cfg, run.model_dir)
+    return models, DataPath(lambda samples: QwenPairDataset(pairs(samples), variant), collate_qwen_pairs,
+                            with_mask(partial(encode_conditioning, models, variant=variant)), None)  # fmt: skip
 
 
 def _cache(cfg: QwenImageEditConfig, path: Path) -> CachePath:

@@ -83,6 +83,7 @@ def to_batch(p: Prepared) -> FluxKontextBatch:
         prompt_embeds=p.text["tokens"],
         noise=p.noise,
         sigmas=p.sigmas,
+        pixel=p.pixel,
     )
 
 

@@ -39,6 +39,8 @@ class FluxKontextBatch:
     """ε [B, C, h, w] (float32)."""
     sigmas: torch.Tensor
     """σ [B] (float32) in (0, 1]."""
+    pixel: torch.Tensor | None = None
+    """Per-latent-pixel loss weights [B, 1, h, w] (``train.loss_mask``), or None (all 1)."""
 
 
 def kontext_ids(latent_hw: tuple[int, int], control_hw: tuple[int, int]) -> torch.Tensor:
@@ -164,6 +166,6 @@ def make_loss_fn(
             guidance,
             dtype=dtype,
         )
-        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas))
+        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)
 
     return loss_fn

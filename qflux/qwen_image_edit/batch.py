@@ -105,6 +105,7 @@ def to_batch(p: Prepared) -> QwenImageEditBatch:
         mask=p.text["mask"],
         noise=p.noise,
         sigmas=p.sigmas,
+        pixel=p.pixel,
     )
 
 

@@ -41,6 +41,8 @@ class QwenImageEditBatch:
     """ε [B, C, h, w] (float32)."""
     sigmas: torch.Tensor
     """σ [B] (float32) in (0, 1]."""
+    pixel: torch.Tensor | None = None
+    """Per-latent-pixel loss weights [B, 1, h, w] (``train.loss_mask``), or None (all 1)."""
 
 
 def img_shapes(
@@ -107,6 +109,6 @@ def make_loss_fn(
         n = noisy.shape[1]
         out = transformer_velocity(transformer, lora, tokens, n, sigmas, batch.embeds, batch.mask, shapes, dtype=dtype)
         pred = unpack_latents(out, h, w)
-        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas))
+        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)
 
     return loss_fn

@@ -71,6 +71,8 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.gradient_accumulation_steps": (2, {}),
     "train.max_grad_norm": (1e-6, {}),
     "train.gradient_checkpointing": (True, {}),
+    "train.loss_mask": ("masks", {"data.dataset_path": "{masked_data}"}),  # auto: tests/recipes/test_loss_mask.py
+    "train.unmasked_weight": (0.9, {"train.loss_mask": "masks", "data.dataset_path": "{masked_data}"}),
     "train.blocks_to_swap": (1, {}),  # the same LoRA by design: the swapped layers are what shows
     # the compiled run itself is tested in tests/qflux/test_compile.py; here: the key is read
     "train.compile": (True, {"train.gradient_checkpointing": True}),
@@ -149,7 +151,21 @@ def places(tmp_path_factory: pytest.TempPathFactory, tiny_flux_dir: Path) -> dic
         "other_data": str(make_synthetic_pairs(root / "other-data", 4, seed=9)),
         "mixed_data": str(make_synthetic_pairs(root / "mixed", 6, seed=0, sizes=MIXED_SIZES)),
         "bad_data": str(bad),
+        "masked_data": str(_with_masks(make_synthetic_pairs(root / "masked", 4, seed=0))),
     }
+
+
+def _with_masks(root: Path) -> Path:
+    """``masks/NAME.png`` for every target: white on its left half."""
+    from PIL import Image
+
+    (root / "masks").mkdir()
+    for target in (root / "training_images").glob("*.png"):
+        w, h = Image.open(target).size
+        mask = Image.new("L", (w, h), 0)
+        mask.paste(255, (0, 0, w // 2, h))
+        mask.save(root / "masks" / target.name)
+    return root
 
 
 def _fill(value: Any, fills: dict[str, str]) -> Any:

@@ -1,0 +1,85 @@
+"""``train.loss_mask`` on real folders: mask files follow the bucket's crop onto the latent grid, the
+auto mask finds a known edited region, training with either runs for both models and differs
+from the unmasked run, bad mask files are dataset errors, and a cached run is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from qflux.data import PairDataset, scan_pairs
+from qflux.errors import QfluxError
+from qflux.synthetic import draw_scene
+from recipes import flux_kontext_lora, qwen_image_edit_lora
+
+
+def _edited_pairs(root: Path, n: int = 2, size: tuple[int, int] = (64, 48)) -> Path:
+    """Pairs whose edit paints a red square in the top-left quarter; masks/ marks it."""
+    for sub in ("control_images", "training_images", "masks"):
+        (root / sub).mkdir(parents=True)
+    w, h = size
+    for i in range(n):
+        control = draw_scene(np.random.default_rng(i), size)
+        target = control.copy()
+        target.paste((255, 0, 0), (0, 0, w // 2, h // 2))
+        mask = Image.new("L", size, 0)
+        mask.paste(255, (0, 0, w // 2, h // 2))
+        control.save(root / "control_images" / f"p{i}.png")
+        target.save(root / "training_images" / f"p{i}.png")
+        mask.save(root / "masks" / f"p{i}.png")
+        (root / "training_images" / f"p{i}.txt").write_text("paint the top left corner red")
+    return root
+
+
+def test_mask_files_follow_the_buckets_crop(tmp_path: Path) -> None:
+    data = _edited_pairs(tmp_path / "d", n=1, size=(200, 96))  # 2.08:1, cropped into a 2:1 bucket
+    (sample,) = scan_pairs(data, 192 * 96, multiple=16, buckets="auto")
+    assert sample.mask == data / "masks" / "p0.png" and sample.target_box is not None
+    item = PairDataset([sample], mask_mode="masks", vae_factor=8)[0]
+    w, h = sample.target_size
+    assert item["mask"].shape == (1, h // 8, w // 8)
+    # the mask file cropped like the target, then area-averaged: white where the target's crop is
+    left, _, right, _ = sample.target_box  # type: ignore[misc]
+    white_right = (100 - left) / (right - left) * (w // 8)  # the file's white part ends at x = 100
+    cols = item["mask"][0, 0]
+    assert cols[: int(white_right)].min() > 0.95 and cols[int(white_right) + 1 :].max() < 0.05  # bilinear edges
+    assert item["mask"][0, : h // 16].mean() > 0.4 and item["mask"][0, h // 8 - 1].max() < 0.05
+    auto = PairDataset([sample], mask_mode="auto", vae_factor=8)[0]["mask"]
+    assert auto[0, 0, 0] == 1.0 and auto[0, -1, -1] < 0.5  # the painted corner changed, the far corner not
+
+
+def test_bad_mask_files_are_dataset_errors(tmp_path: Path) -> None:
+    data = _edited_pairs(tmp_path / "d", n=2)
+    Image.new("L", (32, 32)).save(data / "masks" / "p0.png")
+    Image.new("L", (64, 48)).save(data / "masks" / "p1.jpg")
+    with pytest.raises(QfluxError) as info:
+        scan_pairs(data, None, multiple=16)
+    text = str(info.value)
+    assert "p0.png: 32×32, but its target is 64×48" in text and "sample 'p1' has several masks" in text
+
+
+@pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora])
+def test_masked_training_runs_and_differs(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = _edited_pairs(tmp_path / "d")
+    loras = {}
+    for mode in ("none", "masks", "auto"):
+        out = tmp_path / mode
+        recipe.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}", "--train.max_train_steps=2",
+                     f"--train.loss_mask={mode}", "--logging.write_sample=false", "--model.dtype=float32"])  # fmt: skip
+        loras[mode] = load_file(out / "pytorch_lora_weights.safetensors")
+    for mode in ("masks", "auto"):
+        assert any(not torch.equal(loras["none"][k], loras[mode][k]) for k in loras["none"]), mode
+
+
+def test_a_cached_masked_run_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = _edited_pairs(tmp_path / "d")
+    with pytest.raises(SystemExit) as info:
+        flux_kontext_lora.main(["train", f"--data.dataset_path={data}", "--train.loss_mask=auto",
+                                "--cache.use_cache=true", f"--logging.output_dir={tmp_path / 'out'}"])  # fmt: skip
+    assert info.value.code == 2 and "cache.use_cache: false" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
