@@ -54,3 +54,31 @@ def masked_mean(error: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     b = error.shape[0]
     p = weights.float().expand_as(error)
     return (p * error).reshape(b, -1).sum(1) / p.reshape(b, -1).sum(1).clamp_min(1e-12)
+
+
+def region_psnr(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """PSNR of images a, b [3, H, W] in [0, 1] over a soft region [1, H, W]:
+
+        mse = Σ_{c,y,x} m_yx (a − b)²_cyx / (3 · Σ m),    psnr = 10 · log10(1 / mse)  (dB)
+
+    0-d float32; nan when the region is empty."""
+    total = weights.sum() * a.shape[0]
+    mse = (weights * (a.float() - b.float()) ** 2).sum() / total
+    return torch.where(total > 0, 10 * torch.log10(1 / mse.clamp_min(1e-10)), torch.tensor(float("nan")))
+
+
+def edit_psnr(
+    prediction: torch.Tensor, control: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How well an edit did, for images [3, H, W] in [0, 1] and the pair's change mask [1, H, W]:
+    (PSNR of prediction against target inside the mask, PSNR of prediction against control outside
+    it: preservation), in dB."""
+    return region_psnr(prediction, target, mask), region_psnr(prediction, control, 1 - mask)
+
+
+def pixel_change_mask(control: torch.Tensor, target: torch.Tensor, factor: int) -> torch.Tensor:
+    """:func:`change_mask` of images [3, H, W] in [−1, 1] on a grid ``factor`` times coarser, back at
+    [1, H, W] (nearest): the region the validation metrics compare."""
+    h, w = target.shape[-2:]
+    grid = change_mask(control[None], target[None], (max(1, h // factor), max(1, w // factor)))
+    return F.interpolate(grid, size=(h, w), mode="nearest")[0]

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from qflux.batching import Conditioning, DataPath, Draws, Prepared, eval_batches, prepare
 from qflux.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
 from qflux.config import RecipeConfig, ValidationConfig
-from qflux.data import PairSample, fit_size, load_rgb, scan_pairs, to_pil
+from qflux.data import PairDataset, PairSample, fit_size, load_rgb, load_sized, scan_pairs, to_pil
 from qflux.errors import QfluxError
 from qflux.loop import LoopState
+from qflux.masks import edit_psnr
 from qflux.plots import save_image_grid
 from qflux.tracking import Tracker
 from qflux.train_state import LossFn, evaluate_loss
@@ -78,23 +79,76 @@ def validation_set(
     return ValidationSet(found, [True] * len(found))
 
 
-def validation_grid(vset: ValidationSet, predictions: Sequence[np.ndarray], path: str | Path) -> np.ndarray:
-    """Write one row per sample: control | target (when it has one) | prediction.
+METRIC_GRID = 8
+"""The change mask of the edit metrics is derived on a grid this many pixels coarse (then smoothed
+and dilated by a cell, :func:`qflux.masks.change_mask`)."""
+
+
+def validation_grid(
+    vset: ValidationSet, predictions: Sequence[np.ndarray], path: str | Path,
+    metrics: Sequence[tuple[float, float] | None] = (),
+) -> np.ndarray:  # fmt: skip
+    """Write one row per sample: control | target (when it has one) | prediction, the prediction
+    labelled with its edit metrics (``pred C|U dB``: :func:`edit_metrics`) when given.
 
     Args:
         predictions: [H, W, 3] float images in [0, 1], one per sample.
+        metrics: per sample, (psnr_changed, psnr_unchanged) or None.
 
     Returns:
         The grid, [H, W, 3] uint8.
     """
     rows, labels = [], []
-    for sample, has_target, pred in zip(vset.samples, vset.has_target, predictions, strict=True):
+    notes = list(metrics) or [None] * len(predictions)
+    for sample, has_target, pred, m in zip(vset.samples, vset.has_target, predictions, notes, strict=True):
         panels = [load_rgb(sample.control)] + ([load_rgb(sample.target)] if has_target else [])
         names = ["control"] + (["target"] if has_target else [])
         rows.append([*panels, to_pil(pred)])
-        labels.append([*names, "prediction"])
+        labels.append([*names, "prediction" if m is None else f"pred {m[0]:.1f}|{m[1]:.1f} dB"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_image_grid(rows, labels, path)
+
+
+def validation_text(values: Mapping[str, float]) -> str:
+    """``validation loss 0.1234, edit PSNR 21.3 dB where the pair changes, 30.1 dB where it does not``."""
+    parts = [f"validation loss {values['val/loss']:.4f}"] if "val/loss" in values else []
+    if "val/psnr_changed" in values and "val/psnr_unchanged" in values:
+        parts.append(f"edit PSNR {values['val/psnr_changed']:.1f} dB where the pair changes, "
+                     f"{values['val/psnr_unchanged']:.1f} dB where it does not")  # fmt: skip
+    return ", ".join(parts)
+
+
+@attrs.frozen(eq=False)
+class EditReference:
+    """What a validation prediction is held against: the pair at the target's size, in [0, 1]."""
+
+    control: torch.Tensor
+    """[3, H, W] the (first) control image, cropped and sized like the target."""
+    target: torch.Tensor
+    """[3, H, W]."""
+    mask: torch.Tensor
+    """[1, H, W] where the pair changes: its mask file, else derived (:mod:`qflux.masks`)."""
+
+
+def edit_reference(sample: PairSample) -> EditReference:
+    """The reference of a validation sample that has a target."""
+    control = load_sized(sample.control, sample.target_size, sample.control_crops[0])[0]
+    target = load_sized(sample.target, sample.target_size, sample.target_box)[0]
+    masks = PairDataset([sample], mask_mode="masks" if sample.mask else "auto", vae_factor=METRIC_GRID)
+    grid = masks.mask(sample, [control], target)
+    mask = torch.nn.functional.interpolate(grid[None], size=target.shape[-2:], mode="nearest")[0]
+    return EditReference((control + 1) / 2, (target + 1) / 2, mask)
+
+
+def edit_metrics(prediction: np.ndarray, ref: EditReference) -> tuple[float, float]:
+    """(val/psnr_changed, val/psnr_unchanged) in dB of a prediction [h, w, 3] in [0, 1]: against
+    the target inside the change mask, against the control outside it (preservation); the
+    prediction is resized to the target's size first."""
+    pred = torch.from_numpy(np.ascontiguousarray(prediction, dtype=np.float32)).permute(2, 0, 1)
+    if pred.shape[-2:] != ref.target.shape[-2:]:
+        pred = torch.nn.functional.interpolate(pred[None], size=ref.target.shape[-2:], mode="bilinear")[0]
+    changed, unchanged = edit_psnr(pred.clamp(0, 1), ref.control, ref.target, ref.mask)
+    return float(changed), float(unchanged)
 
 
 def make_validator(
@@ -124,6 +178,7 @@ def make_validator(
         return to_batch(prepare(quiet, scheduler_config, cond, data.empty, keys, device))
 
     batches = eval_batches(assemble, with_target, seed=cfg.seed)
+    refs = [edit_reference(s) if t else None for s, t in zip(vset.samples, vset.has_target, strict=True)]
     out = Path(cfg.output_dir) / "validation"
 
     def validate(state: LoopState) -> LoopState:
@@ -131,12 +186,17 @@ def make_validator(
         if batches:
             values["val/loss"] = evaluate_loss(loss_fn, state.train.lora, batches).item()
         images = render(conds, [state.train.lora] * len(conds))
+        metrics = [None if r is None else edit_metrics(im, r) for im, r in zip(images, refs, strict=True)]
+        for i, key in enumerate(("val/psnr_changed", "val/psnr_unchanged")):
+            finite = [m[i] for m in metrics if m is not None and np.isfinite(m[i])]
+            if finite:
+                values[key] = float(np.mean(finite))
         if is_main:
-            grid = validation_grid(vset, images, out / f"step-{state.step:06d}.png")
+            grid = validation_grid(vset, images, out / f"step-{state.step:06d}.png", metrics)
             tracker.image(state.step, "val/grid", grid)
             if values:
                 tracker.scalars(state.step, values)
-                tqdm.write(f"step {state.step}: validation loss {values['val/loss']:.4f}")
+                tqdm.write(f"step {state.step}: {validation_text(values)}")
         return state
 
     return validate

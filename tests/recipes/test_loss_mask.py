@@ -83,3 +83,33 @@ def test_a_cached_masked_run_is_refused(tmp_path: Path, capsys) -> None:  # type
                                 "--cache.use_cache=true", f"--logging.output_dir={tmp_path / 'out'}"])  # fmt: skip
     assert info.value.code == 2 and "cache.use_cache: false" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_training_logs_the_edit_metrics(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    data, held = _edited_pairs(tmp_path / "d"), _edited_pairs(tmp_path / "held", n=2)
+    out = tmp_path / "out"
+    flux_kontext_lora.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}",
+                            "--train.max_train_steps=2", "--train.loss_mask=auto", "--validation.enabled=true",
+                            f"--validation.dataset_path={held}", "--validation.validation_steps=2",
+                            "--logging.report_to=jsonl", "--logging.write_sample=false"])  # fmt: skip
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/psnr_changed" in r]
+    assert [r["step"] for r in val] == [0, 2]
+    assert all(0 < r["val/psnr_changed"] < 100 and 0 < r["val/psnr_unchanged"] < 100 for r in val)
+    assert "edit PSNR" in capsys.readouterr().out and (out / "validation" / "step-000002.png").exists()
+
+
+def test_the_edit_metrics_compare_the_right_regions() -> None:
+    from qflux.masks import edit_psnr
+
+    control, target = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
+    target[:, :4] = 1.0
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1.0
+    changed, kept = edit_psnr(target.clone(), control, target, mask)  # a perfect edit
+    assert changed == 100 and kept == 100
+    changed, kept = edit_psnr(control.clone(), control, target, mask)  # no edit at all: preserved, not changed
+    assert changed == 0 and kept == 100
+    assert torch.isnan(edit_psnr(control, control, control, torch.zeros(1, 8, 8))[0])
