@@ -255,3 +255,40 @@ class EntryDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"index": i, **self.read(self.entries[i])}
+
+
+def mask_entry(latents: LatentSpec, root: Path, s: Any, mode: str) -> Entry | None:
+    """The ``change_mask`` entry of sample ``s`` (a :class:`qflux.data.PairSample`) under
+    ``train.loss_mask`` = ``mode`` (None for ``none``): the mask [1, h, w] on the latent grid, keyed
+    by the target's content and geometry and what the mask is made from (the mask file, or the first
+    control image and the auto mask's level)."""
+    if mode == "none":
+        return None
+    from qflux.masks import CHANGE_LEVEL
+
+    w, h = s.target_size
+    key: dict[str, Any] = {"kind": "change_mask", "mode": mode, "factor": latents.factor}
+    key |= {"target": file_digest(s.target), "size": list(s.target_size), "box": _box(s.target_box)}
+    if mode == "masks":
+        key["mask"] = None if s.mask is None else file_digest(s.mask)
+    elif s.controls:
+        key |= {"control": file_digest(s.control), "control_size": list(s.control_size), "level": CHANGE_LEVEL,
+                "control_box": _box(s.control_crops[0])}  # fmt: skip
+    return make_entry(root, key, {"mask": (1, h // latents.factor, w // latents.factor)})
+
+
+def _box(box: tuple[float, ...] | None) -> list[float] | None:
+    return None if box is None else [round(x, 4) for x in box]
+
+
+def mask_job(s: Any, mode: Any, factor: int) -> Callable[[], dict[str, torch.Tensor]]:
+    """Computes the tensors of :func:`mask_entry` (as the uncached data path does)."""
+    from qflux.data import PairDataset, load_sized
+
+    def compute() -> dict[str, torch.Tensor]:
+        images = zip(s.controls, s.control_sizes, s.control_crops, strict=True)
+        controls = [load_sized(c, size, box)[0] for c, size, box in images]
+        target = load_sized(s.target, s.target_size, s.target_box)[0]
+        return {"mask": PairDataset([s], mask_mode=mode, vae_factor=factor).mask(s, controls, target)}
+
+    return compute

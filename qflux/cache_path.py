@@ -16,7 +16,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from qflux.batching import Conditioning, DataPath
+from qflux.batching import Conditioning, DataPath, with_mask
 from qflux.cache import CacheReport, Job
 from qflux.config import RecipeConfig
 from qflux.data import PairRule, PairSample
@@ -77,7 +77,7 @@ def cached_data(cache: CachePath, run: Run, cache_dir: str, load_encoders: Calla
     def make_dataset(chosen: list[PairSample]) -> Any:
         return cache.dataset([known[s] if s in known else cache.entries([s])[0] for s in chosen])
 
-    return DataPath(make_dataset, cache.collate, cache.conditioning, cache.empty())
+    return DataPath(make_dataset, cache.collate, with_mask(cache.conditioning), cache.empty())
 
 
 def cache_command(

@@ -256,7 +256,7 @@ class TrainConfig:
     """Weight the loss by where the edit happens. ``masks``: ``masks/NAME.png`` beside
     control_images/ (grey, white where the edit is, the target's size; a pair without one weighs
     all alike). ``auto``: a soft mask from |target − first control|, smoothed and dilated on the
-    latent grid. Masks follow buckets and crops. Uncached runs only, for now."""
+    latent grid. Masks follow buckets and crops; the cache stores them (``change_mask`` entries)."""
     unmasked_weight: float = attrs.field(default=0.25, validator=_non_negative)
     """The loss weight outside the mask (1 inside): loss = Σ p·(v̂ − v)² / Σ p, p = w + (1 − w)·mask.
     1 makes ``loss_mask`` change nothing."""

@@ -209,11 +209,6 @@ def training_run(
     """Set a run up: device and ranks (only rank 0 prints), the model folder, the checked dataset and
     validation set, the compile mode, and the output folder (resumed, refused while it holds another
     run, or emptied with logging.overwrite). Under torchrun, trains data-parallel."""
-    if cfg.train.loss_mask != "none" and cfg.cache.use_cache:
-        raise QfluxError(
-            f"train.loss_mask: {cfg.train.loss_mask} needs the images each step and the cache does not hold masks "
-            "yet: set cache.use_cache: false, or train.loss_mask: none"
-        )
     device = resolve_device(cfg.devices.transformer, key="devices.transformer")
     world = init_world(device.type)
     device = rank_device(world, device)

@@ -111,7 +111,7 @@ def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPa
 
 def _cache(cfg: FluxKontextConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
-    spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length)
+    spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length, cfg.train.loss_mask)
     root = Path(cfg.cache.cache_dir)
     return CachePath(
         entries=partial(kcache.sample_entries, spec, root),

@@ -123,7 +123,7 @@ def _inputs(cfg: QwenImageEditConfig, run: Run) -> tuple[QwenImageEditModels, Da
 
 def _cache(cfg: QwenImageEditConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders, the dtype and the variant."""
-    spec = qcache.cache_spec(path, cfg.model.dtype, cfg.model.variant)
+    spec = qcache.cache_spec(path, cfg.model.dtype, cfg.model.variant, cfg.train.loss_mask)
     root = Path(cfg.cache.cache_dir)
     return CachePath(
         entries=partial(qcache.sample_entries, spec, root),

@@ -8,6 +8,7 @@ Entries (plan names), each keyed by a content hash of everything that determines
 | ``control_latent`` | ``latent`` [C, hc, wc] | control file bytes, resized size, crop box, resize mode, VAE identity |
 | ``clip_prompt_embed`` | ``embed`` [P] | prompt text, CLIP + tokenizer identity |
 | ``t5_prompt_embed`` | ``embed`` [S, D] | prompt text, T5 + tokenizer identity, ``max_sequence_length`` |
+| ``change_mask`` | ``mask`` [1, h, w] | ``train.loss_mask``, target bytes, size, box; mask file or control, level |
 
 The empty prompt (caption dropout, CFG) is cached as ordinary prompt entries for ``""``. An
 identity is the component folder's resolved path, a hash of its config (and tokenizer files) and
@@ -38,6 +39,8 @@ from qflux.cache import (
     fill_entries,
     folder_identity,
     make_entry,
+    mask_entry,
+    mask_job,
     read_for_training,
 )
 from qflux.data import PairSample, load_sized
@@ -61,9 +64,11 @@ class CacheSpec:
     max_sequence_length: int
     pooled_dim: int
     t5_dim: int
+    loss_mask: str = "none"
+    """``train.loss_mask``: which ``change_mask`` entries the samples read."""
 
 
-def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int) -> CacheSpec:
+def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask: str = "none") -> CacheSpec:
     """Read identities and shapes from a (resolved) FLUX.1 Kontext folder."""
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     clip_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
@@ -79,6 +84,7 @@ def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int) -> CacheSp
         max_sequence_length=max_sequence_length,
         pooled_dim=int(clip_cfg["hidden_size"]),
         t5_dim=int(t5_cfg["d_model"]),
+        loss_mask=loss_mask,
     )
 
 
@@ -110,6 +116,8 @@ class SampleEntries:
     control: Entry
     clip: Entry
     t5: Entry
+    mask: Entry | None = None
+    """The change mask (``train.loss_mask``), or None."""
 
 
 def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[SampleEntries]:
@@ -124,6 +132,7 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
                 control=_latent(spec, root, "control_latent", control),
                 clip=clip,
                 t5=t5,
+                mask=mask_entry(spec.latents, root, s, spec.loss_mask),
             )
         )
     return out
@@ -154,6 +163,8 @@ def _jobs(models: FluxKontextModels, spec: CacheSpec, root: Path, samples: Seque
         target, control = s.images()
         jobs.append((se.target, partial(latent, *target)))
         jobs.append((se.control, partial(latent, *control)))
+        if se.mask is not None:
+            jobs.append((se.mask, mask_job(s, spec.loss_mask, spec.latents.factor)))
         texts.append((s.prompt, (se.clip, se.t5)))
     texts.append(("", prompt_entries(spec, root, "")))
     for text, (clip, t5) in texts:
@@ -182,7 +193,8 @@ def fill_cache(
 def verify_cache(spec: CacheSpec, root: Path, entries: Sequence[SampleEntries]) -> list[str]:
     """Problems ('<path>: missing' or why it is corrupt) of the entries training would read."""
     empty = prompt_entries(spec, root, "")
-    return entry_problems([*(x for se in entries for x in (se.target, se.control, se.clip, se.t5)), *empty])
+    read = [x for se in entries for x in (se.target, se.control, se.clip, se.t5, se.mask) if x is not None]
+    return entry_problems([*read, *empty])
 
 
 def read_empty_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds:
@@ -201,6 +213,7 @@ def read_sample(e: SampleEntries) -> dict[str, torch.Tensor]:
         "control": read_for_training(e.control)["latent"],
         "pooled": read_for_training(e.clip)["embed"],
         "tokens": read_for_training(e.t5)["embed"],
+        **({} if e.mask is None else {"mask": read_for_training(e.mask)["mask"]}),
     }
 
 
@@ -212,6 +225,7 @@ def cached_dataset(entries: Sequence[SampleEntries]) -> EntryDataset:
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack same-size cached items: latent [B, C, h, w], control [B, C, hc, wc], pooled, tokens."""
     out: dict[str, Any] = {"index": [it["index"] for it in items]}
-    for k in ("latent", "control", "pooled", "tokens"):
-        out[k] = torch.stack([it[k] for it in items])
+    for k in ("latent", "control", "pooled", "tokens", "mask"):
+        if k in items[0]:
+            out[k] = torch.stack([it[k] for it in items])
     return out

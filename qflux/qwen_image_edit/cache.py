@@ -39,6 +39,8 @@ from qflux.cache import (
     fill_entries,
     folder_identity,
     make_entry,
+    mask_entry,
+    mask_job,
     read_for_training,
 )
 from qflux.data import PairSample, load_sized
@@ -62,9 +64,11 @@ class CacheSpec:
     encoder_id: dict[str, Any]
     variant: str
     embed_dim: int
+    loss_mask: str = "none"
+    """``train.loss_mask``: which ``change_mask`` entries the samples read."""
 
 
-def cache_spec(model_dir: Path, dtype: str, variant: str) -> CacheSpec:
+def cache_spec(model_dir: Path, dtype: str, variant: str, loss_mask: str = "none") -> CacheSpec:
     """Read identities and shapes from a (resolved) Qwen-Image-Edit folder."""
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     enc_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
@@ -81,6 +85,7 @@ def cache_spec(model_dir: Path, dtype: str, variant: str) -> CacheSpec:
         },
         variant=variant,
         embed_dim=int(enc_cfg.get("hidden_size") or enc_cfg["text_config"]["hidden_size"]),
+        loss_mask=loss_mask,
     )
 
 
@@ -116,9 +121,11 @@ class SampleEntries:
     prompt: Entry
     empty: Entry
     """The empty instruction with the same images (caption dropout)."""
+    mask: Entry | None = None
+    """The change mask (``train.loss_mask``), or None."""
 
     def all(self) -> list[Entry]:
-        return [self.target, *self.controls, self.prompt, self.empty]
+        return [self.target, *self.controls, self.prompt, self.empty, *([self.mask] if self.mask else [])]
 
 
 def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[SampleEntries]:
@@ -135,6 +142,7 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
                 ),
                 prompt=prompt_entry(spec, root, s.prompt, digests, s.control_crops),
                 empty=prompt_entry(spec, root, "", digests, s.control_crops),
+                mask=mask_entry(spec.latents, root, s, spec.loss_mask),
             )
         )
     return out
@@ -163,6 +171,8 @@ def _jobs(models: QwenImageEditModels, spec: CacheSpec, root: Path, samples: Seq
             jobs.append((entry, partial(latent, *image)))
         jobs.append((se.prompt, partial(embed, s.prompt, s)))
         jobs.append((se.empty, partial(embed, "", s)))
+        if se.mask is not None:
+            jobs.append((se.mask, mask_job(s, spec.loss_mask, spec.latents.factor)))
     return jobs
 
 
@@ -195,6 +205,7 @@ def read_sample(e: SampleEntries) -> dict[str, Any]:
         "controls": [read_for_training(c)["latent"] for c in e.controls],
         "embed": read_for_training(e.prompt)["embed"],
         "empty": read_for_training(e.empty)["embed"],
+        **({} if e.mask is None else {"mask": read_for_training(e.mask)["mask"]}),
     }
 
 
@@ -212,4 +223,5 @@ def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
         "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
         "embed": stack_tokens([it["embed"] for it in items]),
         "empty": stack_tokens([it["empty"] for it in items]),
+        **({"mask": torch.stack([it["mask"] for it in items])} if "mask" in items[0] else {}),
     }

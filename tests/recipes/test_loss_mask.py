@@ -1,6 +1,7 @@
 """``train.loss_mask`` on real folders: mask files follow the bucket's crop onto the latent grid, the
 auto mask finds a known edited region, training with either runs for both models and differs
-from the unmasked run, bad mask files are dataset errors, and a cached run is refused."""
+from the unmasked run, bad mask files are dataset errors, and the cache holds the masks (a cached run
+trains the same LoRA)."""
 
 from __future__ import annotations
 
@@ -76,13 +77,19 @@ def test_masked_training_runs_and_differs(recipe, tmp_path: Path) -> None:  # ty
         assert any(not torch.equal(loras["none"][k], loras[mode][k]) for k in loras["none"]), mode
 
 
-def test_a_cached_masked_run_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora])
+def test_a_cached_masked_run_trains_what_the_uncached_one_does(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data = _edited_pairs(tmp_path / "d")
-    with pytest.raises(SystemExit) as info:
-        flux_kontext_lora.main(["train", f"--data.dataset_path={data}", "--train.loss_mask=auto",
-                                "--cache.use_cache=true", f"--logging.output_dir={tmp_path / 'out'}"])  # fmt: skip
-    assert info.value.code == 2 and "cache.use_cache: false" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    loras = []
+    for cached in (False, True, True):  # the second cached run reads the masks the first computed
+        out = tmp_path / f"out{len(loras)}"
+        recipe.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}", "--train.max_train_steps=2",
+                     "--train.loss_mask=auto", f"--cache.use_cache={str(cached).lower()}", "--model.dtype=float32",
+                     f"--cache.cache_dir={tmp_path / 'cache'}", "--logging.write_sample=false"])  # fmt: skip
+        loras.append(load_file(out / "pytorch_lora_weights.safetensors"))
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) > 0
+    for other in loras[1:]:
+        assert all(torch.equal(loras[0][k], other[k]) for k in loras[0])
 
 
 def test_auto_training_logs_the_edit_metrics(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
