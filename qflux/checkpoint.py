@@ -79,6 +79,8 @@ def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
         out[f"lora/{k}"] = state.lora[k]
         out[f"exp_avg/{k}"] = state.opt.exp_avg[k]
         out[f"exp_avg_sq/{k}"] = state.opt.exp_avg_sq[k]
+        if state.ema is not None:
+            out[f"ema/{k}"] = state.ema[k]
     # fresh CPU copies: the step's tensors are views of one flat vector, which safetensors cannot store
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
 
@@ -158,6 +160,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             exp_avg_sq={k: tensors[f"exp_avg_sq/{k}"] for k in names},
         ),
         seed=int(meta["seed"]),
+        ema={k: tensors[f"ema/{k}"] for k in names} if names and f"ema/{names[0]}" in tensors else None,
     )
     return Checkpoint(path=p, state=state, meta=meta, config=config)
 
@@ -205,6 +208,7 @@ def load_loop_state(ckpt: Checkpoint, device: torch.device) -> LoopState:
     moved = attrs.evolve(
         train,
         lora={k: v.to(device) for k, v in train.lora.items()},
+        ema=None if train.ema is None else {k: v.to(device) for k, v in train.ema.items()},
         opt=train.opt._replace(
             exp_avg={k: v.to(device) for k, v in train.opt.exp_avg.items()},
             exp_avg_sq={k: v.to(device) for k, v in train.opt.exp_avg_sq.items()},

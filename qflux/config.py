@@ -36,6 +36,11 @@ def _positive_or_none(inst: Any, att: Any, value: Any) -> None:
         _positive(inst, att, value)
 
 
+def _unit_interval(inst: Any, att: Any, value: Any) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"{att.name} must be in [0, 1), got {value!r}")
+
+
 def _non_negative(inst: Any, att: Any, value: Any) -> None:
     if value < 0:
         raise ValueError(f"{att.name} must be >= 0, got {value!r}")
@@ -257,6 +262,10 @@ class TrainConfig:
     control_images/ (grey, white where the edit is, the target's size; a pair without one weighs
     all alike). ``auto``: a soft mask from |target − first control|, smoothed and dilated on the
     latent grid. Masks follow buckets and crops; the cache stores them (``change_mask`` entries)."""
+    ema_decay: float | None = attrs.field(default=None, validator=v.optional(_unit_interval))
+    """Keep an exponential moving average of the LoRA, e ← d·e + (1 − d)·θ after every step, saved
+    beside the raw weights as pytorch_lora_weights_ema.safetensors (and its ComfyUI twin) and in
+    checkpoints (resume is exact). null: none. 0.99-0.999 are usual; 0 gives the raw weights."""
     unmasked_weight: float = attrs.field(default=0.25, validator=_non_negative)
     """The loss weight outside the mask (1 inside): loss = Σ p·(v̂ − v)² / Σ p, p = w + (1 − w)·mask.
     1 makes ``loss_mask`` change nothing."""
@@ -358,6 +367,9 @@ class ValidationConfig:
     image]. Samples without a target have no target panel and no validation loss."""
     num_inference_steps: int = attrs.field(default=28, validator=_positive)
     """Denoising steps of each validation prediction and of sample.png (fixed seed: the run's seed)."""
+    use_ema: bool = False
+    """Validate (loss, grid, edit metrics) with the moving average of the LoRA instead of its raw
+    weights; needs train.ema_decay."""
 
 
 @attrs.frozen

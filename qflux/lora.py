@@ -91,8 +91,9 @@ def save_lora(
     *,
     dtype: torch.dtype,
     pipeline_cls: Any,
+    weight_name: str = LORA_WEIGHT_NAME,
 ) -> Path:
-    """Write ``<out_dir>/pytorch_lora_weights.safetensors`` in the diffusers LoRA format.
+    """Write ``<out_dir>/<weight_name>`` (pytorch_lora_weights.safetensors) in the diffusers LoRA format.
 
     Args:
         transformer: the module the adapter was injected into (its peft config goes in the metadata).
@@ -106,9 +107,9 @@ def save_lora(
         out,
         transformer_lora_layers=lora_to_diffusers(transformer, lora, dtype),
         transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
-        weight_name=LORA_WEIGHT_NAME,
+        weight_name=weight_name,
     )
-    return out / LORA_WEIGHT_NAME
+    return out / weight_name
 
 
 def read_lora(transformer: Any, path: str | Path, *, naming: Naming, pipeline_cls: Any, what: str) -> dict[str, Delta]:
@@ -178,6 +179,10 @@ def load_lora_file(transformer: Any, path: str | Path, *, naming: Naming, pipeli
 
 
 COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
+EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
+"""The moving average of the LoRA (``train.ema_decay``), diffusers format."""
+EMA_COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_ema_comfyui.safetensors"
+"""Its ComfyUI twin."""
 
 
 def lora_scale(transformer: Any) -> float:
@@ -193,8 +198,9 @@ def save_lora_comfyui(
     *,
     dtype: torch.dtype,
     naming: Naming = "flux",
+    file_name: str = COMFYUI_WEIGHT_NAME,
 ) -> Path:
-    """Write ``<out_dir>/pytorch_lora_weights_comfyui.safetensors`` in ComfyUI's native naming
+    """Write ``<out_dir>/<file_name>`` (pytorch_lora_weights_comfyui.safetensors) in ComfyUI's native naming
     (:func:`qflux.lora_formats.flux_to_comfyui`).
 
     Args:
@@ -212,7 +218,7 @@ def save_lora_comfyui(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / COMFYUI_WEIGHT_NAME
+    path = out / file_name
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
     return path
 

@@ -121,6 +121,13 @@ def adamw_update(
     return unflatten(p, params), AdamWState(count, unflatten(m, params), unflatten(v, params))
 
 
+def ema_update(ema: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], decay: float) -> Params:
+    """One step of the exponential moving average: e ← d·e + (1 − d)·θ, per tensor (new tensors).
+
+    d = 0 gives θ itself; θ that stays constant is a fixed point (e = θ ⇒ e' = θ)."""
+    return {k: torch.lerp(ema[k], params[k].to(ema[k].dtype), 1.0 - decay) for k in ema}
+
+
 def global_norm(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """‖g‖₂ over all tensors (0-d float32), computed as ``clip_grad_norm_`` does."""
     norms = [torch.linalg.vector_norm(g.float(), 2) for g in grads.values()]

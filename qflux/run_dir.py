@@ -13,9 +13,9 @@ from pathlib import Path
 
 from qflux.checkpoint import PREFIX, list_checkpoints
 from qflux.errors import QfluxError
-from qflux.lora import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME
+from qflux.lora import COMFYUI_WEIGHT_NAME, EMA_COMFYUI_WEIGHT_NAME, EMA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
-LORA_FILES = (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME)
+LORA_FILES = (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, EMA_WEIGHT_NAME, EMA_COMFYUI_WEIGHT_NAME)
 """The final LoRA files a run writes."""
 DERIVED = ("config.yaml", "loss.png", "sample.png", "validation")
 """What else a run writes beside its LoRA and checkpoints (the logging folder is named by the config)."""

@@ -22,6 +22,8 @@ LOSS_WINDOW = 10
 FOR_APP = {
     "pytorch_lora_weights.safetensors": "diffusers: pipe.load_lora_weights(folder); qflux: predict --lora",
     "pytorch_lora_weights_comfyui.safetensors": "ComfyUI: models/loras/, a LoraLoaderModelOnly node",
+    "pytorch_lora_weights_ema.safetensors": "the moving average (train.ema_decay), diffusers format",
+    "pytorch_lora_weights_ema_comfyui.safetensors": "the moving average, ComfyUI format",
     "config.yaml": "the resolved config (--config= reruns it)",
     "loss.png": "loss per step with its moving average",
     "sample.png": "control | target | before | after",

@@ -24,7 +24,14 @@ from qflux.distributed import any_rank, barrier
 from qflux.errors import QfluxError
 from qflux.loading import torch_dtype
 from qflux.loop import Hook, LoopState, flush, mean_recent, run_loop
-from qflux.lora import save_lora, save_lora_comfyui
+from qflux.lora import (
+    COMFYUI_WEIGHT_NAME,
+    EMA_COMFYUI_WEIGHT_NAME,
+    EMA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    save_lora,
+    save_lora_comfyui,
+)
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.signals import stop_signals
 from qflux.stream import batch_stream
@@ -158,15 +165,22 @@ def train_loop(
 
 
 def write_outputs(cfg: RecipeConfig, run: Run, transformer: Any, lora: Mapping[str, torch.Tensor], ops: ModelOps,
-                  losses: Sequence[float]) -> list[Path]:  # fmt: skip
+                  losses: Sequence[float], ema: Mapping[str, torch.Tensor] | None = None) -> list[Path]:  # fmt: skip
     """The final LoRA (the diffusers file first: it is the one every tool reads), then its ComfyUI
-    twin, the resolved config and the loss curve; returns the paths written, in that order."""
+    twin, the moving average's pair when there is one, the resolved config and the loss curve;
+    returns the paths written, in that order."""
     out, dtype = run.output, torch_dtype(cfg.train.save_dtype)
     written = []
-    if cfg.train.lora_format in ("diffusers", "both"):
-        written.append(save_lora(out, transformer, lora, dtype=dtype, pipeline_cls=ops.pipeline_cls))
-    if cfg.train.lora_format in ("comfyui", "both"):
-        written.append(save_lora_comfyui(out, transformer, lora, dtype=dtype, naming=ops.naming))
+    names = [(lora, LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME)]
+    if ema is not None:
+        names.append((ema, EMA_WEIGHT_NAME, EMA_COMFYUI_WEIGHT_NAME))
+    for tensors, diffusers_name, comfyui_name in names:
+        if cfg.train.lora_format in ("diffusers", "both"):
+            written.append(save_lora(out, transformer, tensors, dtype=dtype, pipeline_cls=ops.pipeline_cls,
+                                     weight_name=diffusers_name))  # fmt: skip
+        if cfg.train.lora_format in ("comfyui", "both"):
+            written.append(save_lora_comfyui(out, transformer, tensors, dtype=dtype, naming=ops.naming,
+                                             file_name=comfyui_name))  # fmt: skip
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     return [*written, out / "config.yaml", save_loss_curve(losses, out / "loss.png")]
 
@@ -195,7 +209,10 @@ def finish(
     lora_path = run.output / "pytorch_lora_weights.safetensors"
     if not interrupted:
         transformer = models.transformer
-        written = write_outputs(cfg, run, transformer, state.train.lora, ops, state.losses) if run.world.is_main else []
+        written = (
+            write_outputs(cfg, run, transformer, state.train.lora, ops, state.losses, state.train.ema)
+            if run.world.is_main else []
+        )  # fmt: skip
         lora_path = written[0] if written else lora_path
         if cfg.logging.write_sample:
             cond = data.to_conditioning(data.collate([data.make_dataset(run.samples[:1])[0]]))

@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from qflux.fp8 import Float8FrozenLinear
 from qflux.frozen_linear import FrozenLinear
-from qflux.optim import AdamWState, adamw_init, clipped_adamw_if_finite
+from qflux.optim import AdamWState, adamw_init, clipped_adamw_if_finite, ema_update
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
@@ -70,6 +70,8 @@ class TrainState:
     """AdamW moments."""
     seed: int
     """Root of every random draw; with ``step`` it is the RNG position (draws are keyed by both)."""
+    ema: Params | None = None
+    """Exponential moving average of ``lora`` (``train.ema_decay``), or None."""
 
 
 @attrs.frozen
@@ -83,12 +85,16 @@ class StepHParams:
     engine: GradEngine = "func"
     """'func': torch.func.grad_and_value. 'autograd': torch.autograd.grad over fresh leaves, which
     also works with activation checkpointing (torch.func transforms do not)."""
+    ema_decay: float | None = None
+    """Decay of the LoRA's moving average kept in the state (:func:`qflux.optim.ema_update`), or None."""
 
 
-def init_train_state(lora: Mapping[str, torch.Tensor], seed: int) -> TrainState:
-    """A step-0 state holding copies of ``lora`` and zero AdamW moments."""
+def init_train_state(lora: Mapping[str, torch.Tensor], seed: int, *, ema: bool = False) -> TrainState:
+    """A step-0 state holding copies of ``lora`` and zero AdamW moments (and, with ``ema``, the
+    moving average starting at ``lora``)."""
     params = {k: v.detach().clone() for k, v in lora.items()}
-    return TrainState(step=0, lora=params, opt=adamw_init(params), seed=seed)
+    average = {k: v.clone() for k, v in params.items()} if ema else None
+    return TrainState(step=0, lora=params, opt=adamw_init(params), seed=seed, ema=average)
 
 
 def value_and_grad(
@@ -241,7 +247,10 @@ def make_train_step(
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         lora, count, m, v, metrics = update(state.lora, state.opt, list(microbatches), lr, weights)
         opt = AdamWState(updates=count, exp_avg=m, exp_avg_sq=v)
-        return attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt), metrics
+        ema = state.ema
+        if hp.ema_decay is not None:  # e ← d·e + (1 − d)·θ, from θ itself when the state has no average yet
+            ema = ema_update(state.ema if state.ema is not None else lora, lora, hp.ema_decay)
+        return attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt, ema=ema), metrics
 
     return step
 

@@ -209,6 +209,10 @@ def training_run(
     """Set a run up: device and ranks (only rank 0 prints), the model folder, the checked dataset and
     validation set, the compile mode, and the output folder (resumed, refused while it holds another
     run, or emptied with logging.overwrite). Under torchrun, trains data-parallel."""
+    if cfg.validation.use_ema and cfg.train.ema_decay is None:
+        raise QfluxError(
+            "validation.use_ema: true validates the LoRA's moving average; set train.ema_decay (e.g. 0.99)"
+        )
     device = resolve_device(cfg.devices.transformer, key="devices.transformer")
     world = init_world(device.type)
     device = rank_device(world, device)
@@ -302,7 +306,8 @@ def attach_lora(transformer: Any, cfg: RecipeConfig, run: Run, *, naming: Naming
 
 def first_state(cfg: RecipeConfig, run: Run, lora0: Mapping[str, torch.Tensor]) -> LoopState:
     """The loop state to start from: fresh, or the checkpoint to resume (checked against this run)."""
-    fresh = init_train_state({k: v.to(run.device) for k, v in lora0.items()}, cfg.seed)
+    averaged = cfg.train.ema_decay is not None
+    fresh = init_train_state({k: v.to(run.device) for k, v in lora0.items()}, cfg.seed, ema=averaged)
     if run.resume_from is None:
         return start_state(fresh)
     ckpt = load_checkpoint(run.resume_from)
@@ -313,6 +318,8 @@ def first_state(cfg: RecipeConfig, run: Run, lora0: Mapping[str, torch.Tensor]) 
     if differ:
         raise QfluxError(f"cannot resume from '{run.resume_from}': it differs from this run in " + "; ".join(differ))
     state = load_loop_state(ckpt, run.device)
+    if not averaged and state.train.ema is not None:  # the average is kept only while configured
+        state = attrs.evolve(state, train=attrs.evolve(state.train, ema=None))
     print(f"resuming from '{run.resume_from}' at step {state.step}")
     return state
 
@@ -344,7 +351,8 @@ def announce(cfg: RecipeConfig, run: Run, models: Any, loaded: Sequence[str], st
 def build_step(cfg: RecipeConfig, run: Run, loss_fn: LossFn, transformer: Any) -> StepFn:
     """The (optionally compiled) train step: gradients, clipping, AdamW, data-parallel reduction."""
     opt = cfg.optimizer
-    hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, cfg.train.max_grad_norm, grad_engine(run.compile_mode))
+    hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, cfg.train.max_grad_norm, grad_engine(run.compile_mode),
+                     cfg.train.ema_decay)  # fmt: skip
     reduce = all_reduce_sum if run.world.size > 1 else None
     return make_train_step(loss_fn, hp, module=transformer, compile=run.compile_mode, reduce=reduce)
 

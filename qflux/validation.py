@@ -183,9 +183,10 @@ def make_validator(
 
     def validate(state: LoopState) -> LoopState:
         values = {}
+        lora = state.train.ema if cfg.validation.use_ema and state.train.ema is not None else state.train.lora
         if batches:
-            values["val/loss"] = evaluate_loss(loss_fn, state.train.lora, batches).item()
-        images = render(conds, [state.train.lora] * len(conds))
+            values["val/loss"] = evaluate_loss(loss_fn, lora, batches).item()
+        images = render(conds, [lora] * len(conds))
         metrics = [None if r is None else edit_metrics(im, r) for im, r in zip(images, refs, strict=True)]
         for i, key in enumerate(("val/psnr_changed", "val/psnr_unchanged")):
             finite = [m[i] for m in metrics if m is not None and np.isfinite(m[i])]

@@ -71,6 +71,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.gradient_accumulation_steps": (2, {}),
     "train.max_grad_norm": (1e-6, {}),
     "train.gradient_checkpointing": (True, {}),
+    "train.ema_decay": (0.9, {}),  # writes the average's two files
     "train.loss_mask": ("masks", {"data.dataset_path": "{masked_data}"}),  # auto: tests/recipes/test_loss_mask.py
     "train.unmasked_weight": (0.9, {"train.loss_mask": "masks", "data.dataset_path": "{masked_data}"}),
     "train.blocks_to_swap": (1, {}),  # the same LoRA by design: the swapped layers are what shows
@@ -96,6 +97,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "validation.dataset_path": ("{data}", VALIDATING),
     "validation.samples": ([["{other_data}/control_images/sample_000.png", "a prompt"]], VALIDATING),
     "validation.num_inference_steps": (2, VALIDATING),
+    "validation.use_ema": (True, {**VALIDATING, "train.ema_decay": 0.5}),
     "model.guidance_scale": (5.0, {}),
     "train.weighting_scheme": ("sigma_sqrt", {}),
     "train.logit_mean": (1.0, {"train.weighting_scheme": "logit_normal"}),
