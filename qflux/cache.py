@@ -25,7 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qflux.data import MaskMode, PairDataset, PairSample, load_sized
 from qflux.errors import QfluxError
+from qflux.masks import CHANGE_LEVEL
 
 Shapes = Mapping[str, tuple[int, ...]]
 """Expected tensor shapes by name; a dimension of -1 matches any size (a prompt's token count)."""
@@ -257,15 +259,13 @@ class EntryDataset:
         return {"index": i, **self.read(self.entries[i])}
 
 
-def mask_entry(latents: LatentSpec, root: Path, s: Any, mode: str) -> Entry | None:
+def mask_entry(latents: LatentSpec, root: Path, s: PairSample, mode: str) -> Entry | None:
     """The ``change_mask`` entry of sample ``s`` (a :class:`qflux.data.PairSample`) under
     ``train.loss_mask`` = ``mode`` (None for ``none``): the mask [1, h, w] on the latent grid, keyed
     by the target's content and geometry and what the mask is made from (the mask file, or the first
     control image and the auto mask's level)."""
     if mode == "none":
         return None
-    from qflux.masks import CHANGE_LEVEL
-
     w, h = s.target_size
     key: dict[str, Any] = {"kind": "change_mask", "mode": mode, "factor": latents.factor}
     key |= {"target": file_digest(s.target), "size": list(s.target_size), "box": _box(s.target_box)}
@@ -281,9 +281,8 @@ def _box(box: tuple[float, ...] | None) -> list[float] | None:
     return None if box is None else [round(x, 4) for x in box]
 
 
-def mask_job(s: Any, mode: Any, factor: int) -> Callable[[], dict[str, torch.Tensor]]:
+def mask_job(s: PairSample, mode: MaskMode, factor: int) -> Callable[[], dict[str, torch.Tensor]]:
     """Computes the tensors of :func:`mask_entry` (as the uncached data path does)."""
-    from qflux.data import PairDataset, load_sized
 
     def compute() -> dict[str, torch.Tensor]:
         images = zip(s.controls, s.control_sizes, s.control_crops, strict=True)

@@ -14,7 +14,7 @@ from qflux.config import RecipeConfig
 from qflux.data import PairRule
 from qflux.latents import size_multiple
 from qflux.pair_checks import check_pairs, summary
-from qflux.shapes import shipped_configs
+from qflux.shapes import published
 from qflux.training import image_multiple, samples_at
 
 
@@ -23,8 +23,7 @@ def run_check(cfg: RecipeConfig, rule: PairRule, folder: Callable[[], Path]) -> 
 
     The image sides' multiple comes from the model's VAE config: qflux's shipped shapes for a
     supported hub id (nothing downloaded), else the model folder (``folder()``)."""
-    name = cfg.model.pretrained_model_name_or_path
-    shipped = None if Path(name).expanduser().exists() else shipped_configs(name)
+    shipped = published(cfg.model.pretrained_model_name_or_path)
     multiple = size_multiple(shipped["vae"]) if shipped and "vae" in shipped else image_multiple(folder())
     samples = samples_at(cfg, multiple, rule)
     lines = check_pairs(samples, progress=partial(tqdm, desc="checking pairs", unit="pair", leave=False))

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 
 from qflux.buckets import MAX_CROP, Box, Size, bucket_area, bucket_sizes, cover_box, nearest_bucket
 from qflux.errors import QfluxError
+from qflux.masks import change_mask, to_latent_grid
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 UPSCALE_WARNING = 2.0
@@ -182,8 +183,9 @@ def scan_pairs(
 
     Every image is decoded once. The problems found are: a missing control or target image, a
     missing, empty or non-UTF-8 instruction, an unreadable, truncated or 0-byte image, an image
-    under ``multiple`` px on a side, one stem with several image extensions, and (several control images)
-    numbered control images with a gap or beyond the model's maximum.
+    under ``multiple`` px on a side, one stem with several image extensions, (several control images)
+    numbered control images with a gap or beyond the model's maximum, and a ``masks/`` file that is
+    unreadable, doubled or not its target's size.
 
     Args:
         multiple: image sides become multiples of this (the model's :func:`qflux.latents.size_multiple`).
@@ -216,6 +218,16 @@ def scan_pairs(
             samples.append(found)
         else:
             problems += found
+    _report(root, problems, samples, skip_invalid=skip_invalid, warn=warn)
+    if buckets == "auto":
+        return bucketed(samples, max_pixels, multiple, control_sizing=control_sizing, warn=warn)
+    return [exactly_sized(s, max_pixels, multiple) for s in samples]
+
+
+def _report(
+    root: Path, problems: list[str], samples: list[PairSample], *, skip_invalid: bool, warn: Callable[[str], None]
+) -> None:
+    """Fail naming every problem (or, with ``skip_invalid``, warn of each), and fail on no samples."""
     if problems and not skip_invalid:
         raise QfluxError(
             f"dataset '{root}' has {len(problems)} problem(s) (set data.skip_invalid=true to train on the "
@@ -225,9 +237,6 @@ def scan_pairs(
         warn(f"skipping invalid sample: {p}")
     if not samples:
         raise QfluxError(f"dataset '{root}' holds no usable samples: training_images/ has no valid pairs")
-    if buckets == "auto":
-        return bucketed(samples, max_pixels, multiple, control_sizing=control_sizing, warn=warn)
-    return [exactly_sized(s, max_pixels, multiple) for s in samples]
 
 
 def exactly_sized(sample: PairSample, max_pixels: int | None, multiple: int) -> PairSample:
@@ -342,27 +351,9 @@ def _check_sample(root: Path, stem: str, multiple: int, fewest: int = 1, most: i
             bad = _image_problem(found[0], multiple)
             if bad:
                 problems.append(f"{found[0]}: {bad}")
-    mask = _find_image(root / "masks", stem) if (root / "masks").is_dir() else []
-    if len(mask) > 1:
-        problems.append(f"{mask[0]}: sample '{stem}' has several masks ({', '.join(p.name for p in mask)})")
-    elif mask and len(target) == 1:
-        bad = _image_problem(mask[0], 1)
-        if bad:
-            problems.append(f"{mask[0]}: {bad}")
-        elif image_size(mask[0]) != image_size(target[0]):
-            (mw, mh), (tw, th) = image_size(mask[0]), image_size(target[0])
-            problems.append(f"{mask[0]}: {mw}×{mh}, but its target is {tw}×{th}; a mask has its target's size")
-    prompt = ""
-    if not txt.is_file():
-        problems.append(f"{txt}: missing instruction file")
-    else:
-        try:
-            prompt = txt.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            problems.append(f"{txt}: not UTF-8 text; save it as UTF-8")
-        else:
-            if not prompt:
-                problems.append(f"{txt}: the instruction is empty")
+    mask, mask_problems = _mask(root, stem, target)
+    prompt, prompt_problems = _instruction(txt)
+    problems += mask_problems + prompt_problems
     if problems:
         return problems
     return PairSample(
@@ -372,8 +363,36 @@ def _check_sample(root: Path, stem: str, multiple: int, fewest: int = 1, most: i
         prompt=prompt,
         control_sizes=(),
         target_size=(0, 0),
-        mask=mask[0] if mask else None,
+        mask=mask,
     )
+
+
+def _mask(root: Path, stem: str, target: list[Path]) -> tuple[Path | None, list[str]]:
+    """``masks/<stem>.*`` (None when there is none) and its problems: several files, unreadable, or
+    not its target's size."""
+    found = _find_image(root / "masks", stem) if (root / "masks").is_dir() else []
+    if len(found) > 1:
+        return None, [f"{found[0]}: sample '{stem}' has several masks ({', '.join(p.name for p in found)})"]
+    if not found or len(target) != 1:
+        return (found[0] if found else None), []
+    bad = _image_problem(found[0], 1)
+    if bad:
+        return None, [f"{found[0]}: {bad}"]
+    (mw, mh), (tw, th) = image_size(found[0]), image_size(target[0])
+    if (mw, mh) != (tw, th):
+        return None, [f"{found[0]}: {mw}×{mh}, but its target is {tw}×{th}; a mask has its target's size"]
+    return found[0], []
+
+
+def _instruction(txt: Path) -> tuple[str, list[str]]:
+    """The instruction in ``txt`` and its problems: missing, not UTF-8, or empty."""
+    if not txt.is_file():
+        return "", [f"{txt}: missing instruction file"]
+    try:
+        prompt = txt.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        return "", [f"{txt}: not UTF-8 text; save it as UTF-8"]
+    return prompt, ([] if prompt else [f"{txt}: the instruction is empty"])
 
 
 def crop(image: Image.Image, box: Box | None) -> Image.Image:
@@ -432,13 +451,17 @@ def save_image(image: Any, out: str | Path) -> Path:
     return path
 
 
+MaskMode = Literal["none", "masks", "auto"]
+"""``train.loss_mask``."""
+
+
 @attrs.frozen
 class PairDataset:
     """Map-style dataset over samples: ``ds[i]`` decodes and sizes one pair (and, with a
     ``mask_mode``, its change mask at the latent grid, :mod:`qflux.masks`)."""
 
     samples: Sequence[PairSample]
-    mask_mode: Literal["none", "masks", "auto"] = "none"
+    mask_mode: MaskMode = "none"
     """``train.loss_mask``."""
     vae_factor: int = 8
     """Image pixels per latent pixel (the model's VAE factor), for the mask's grid."""
@@ -466,8 +489,6 @@ class PairDataset:
         """The change mask [1, h, w] of sample ``s`` on the latent grid: its mask file cropped and
         sized like its target (``masks``; all ones without a file), or derived from the target and
         its first control (``auto``; all ones without a control)."""
-        from qflux.masks import change_mask, to_latent_grid
-
         w, h = s.target_size
         grid = (h // self.vae_factor, w // self.vae_factor)
         if self.mask_mode == "masks" and s.mask is not None:

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from qflux.masks import masked_mean
+
 WeightingScheme = Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
 
 
@@ -121,8 +123,6 @@ def flow_match_loss(
     b = pred.shape[0]
     sq = (pred.float() - target.float()) ** 2
     if pixel is not None:
-        from qflux.masks import masked_mean
-
         return (weights.float() * masked_mean(sq, pixel)).mean()
     w = weights.float().view(b, *([1] * (pred.ndim - 1)))
     return (w * sq).reshape(b, -1).mean(1).mean()

@@ -125,7 +125,10 @@ def ema_update(ema: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tenso
     """One step of the exponential moving average: e ← d·e + (1 − d)·θ, per tensor (new tensors).
 
     d = 0 gives θ itself; θ that stays constant is a fixed point (e = θ ⇒ e' = θ)."""
-    return {k: torch.lerp(ema[k], params[k].to(ema[k].dtype), 1.0 - decay) for k in ema}
+    names = list(ema)
+    # one fused multi-tensor kernel for all the LoRA's tensors (as AdamW runs on one flat vector)
+    out = torch._foreach_lerp([ema[k] for k in names], [params[k].to(ema[k].dtype) for k in names], 1.0 - decay)
+    return dict(zip(names, out, strict=True))
 
 
 def global_norm(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:

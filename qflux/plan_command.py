@@ -32,7 +32,7 @@ from qflux.plan import (
     square_bucket,
     table,
 )
-from qflux.shapes import shipped_configs, shipped_ids
+from qflux.shapes import published, shipped_ids
 
 Configs = Mapping[str, Mapping[str, Any]]
 """{component: its config.json}."""
@@ -61,7 +61,7 @@ class PlanTarget:
 def model_configs(name: str, target: PlanTarget, folder: Callable[[], Path]) -> tuple[dict[str, dict[str, Any]], str]:
     """{component: config.json} and where they came from: qflux's shipped shapes for a supported hub
     id (nothing downloaded), otherwise the model folder (``folder()``: local, built-in or hub cache)."""
-    shipped = None if Path(name).expanduser().exists() else shipped_configs(name)
+    shipped = published(name)
     if shipped is not None:
         missing = [c for c in target.components if c not in shipped]
         if missing:

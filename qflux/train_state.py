@@ -224,7 +224,24 @@ def make_train_step(
         their share of the global batch, and ``reduce`` (an all-reduce SUM) adds the shares up.
     """
     mode: CompileMode = "full" if compile is True else "none" if compile is False else compile
-    update: Callable[..., Any] = partial(_update, loss_fn=loss_fn, hp=hp, module=module, reduce=reduce)
+    update = _compiled(partial(_update, loss_fn=loss_fn, hp=hp, module=module, reduce=reduce), mode, hp, module)
+
+    def step(
+        state: TrainState, microbatches: Sequence[Any], lr: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        lora, count, m, v, metrics = update(state.lora, state.opt, list(microbatches), lr, weights)
+        opt = AdamWState(updates=count, exp_avg=m, exp_avg_sq=v)
+        ema = state.ema
+        if hp.ema_decay is not None:  # e ← d·e + (1 − d)·θ, from θ itself when the state has no average yet
+            ema = ema_update(state.ema if state.ema is not None else lora, lora, hp.ema_decay)
+        return attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt, ema=ema), metrics
+
+    return step
+
+
+def _compiled(update: Callable[..., Any], mode: CompileMode, hp: StepHParams, module: Any) -> Callable[..., Any]:
+    """``update`` as :func:`make_train_step`'s ``compile`` asks: the whole of it compiled, the
+    module's repeated blocks compiled in place (regional), or as it is."""
     if mode == "full":
         if hp.engine != "func":
             raise ValueError(
@@ -241,18 +258,7 @@ def make_train_step(
         if hp.engine != "autograd" or module is None:
             raise ValueError("compile='regional' needs engine='autograd' and the module (module=...)")
         compile_regions(module)
-
-    def step(
-        state: TrainState, microbatches: Sequence[Any], lr: torch.Tensor, weights: torch.Tensor | None = None
-    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        lora, count, m, v, metrics = update(state.lora, state.opt, list(microbatches), lr, weights)
-        opt = AdamWState(updates=count, exp_avg=m, exp_avg_sq=v)
-        ema = state.ema
-        if hp.ema_decay is not None:  # e ← d·e + (1 − d)·θ, from θ itself when the state has no average yet
-            ema = ema_update(state.ema if state.ema is not None else lora, lora, hp.ema_decay)
-        return attrs.evolve(state, step=state.step + 1, lora=lora, opt=opt, ema=ema), metrics
-
-    return step
+    return update
 
 
 def train_step(

@@ -219,8 +219,9 @@ def training_run(
     with quiet_unless(world.is_main):
         path = model_folder(cfg.model.pretrained_model_name_or_path, variant, components, pipeline)
         samples = dataset_samples(cfg, path, rule)
-        for line in check_pairs(samples, progress=partial(tqdm, desc="checking pairs", unit="pair", leave=False)):
-            print(line)
+        if world.is_main:  # the warnings are printed by rank 0 alone: the others need not decode the pairs
+            for line in check_pairs(samples, progress=partial(tqdm, desc="checking pairs", unit="pair", leave=False)):
+                print(line)
         check_batches(samples, cfg.data.batch_size, world.size, drop_last=cfg.data.drop_last)
         mode = _compile_mode(cfg, device, world, path)
         held = None

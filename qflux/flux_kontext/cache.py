@@ -43,7 +43,7 @@ from qflux.cache import (
     mask_job,
     read_for_training,
 )
-from qflux.data import PairSample, load_sized
+from qflux.data import MaskMode, PairSample, load_sized
 from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.flux_kontext.loaders import FluxKontextModels
 from qflux.latents import vae_scale_factor
@@ -64,11 +64,11 @@ class CacheSpec:
     max_sequence_length: int
     pooled_dim: int
     t5_dim: int
-    loss_mask: str = "none"
+    loss_mask: MaskMode = "none"
     """``train.loss_mask``: which ``change_mask`` entries the samples read."""
 
 
-def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask: str = "none") -> CacheSpec:
+def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask: MaskMode = "none") -> CacheSpec:
     """Read identities and shapes from a (resolved) FLUX.1 Kontext folder."""
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     clip_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())

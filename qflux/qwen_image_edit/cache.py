@@ -43,7 +43,7 @@ from qflux.cache import (
     mask_job,
     read_for_training,
 )
-from qflux.data import PairSample, load_sized
+from qflux.data import MaskMode, PairSample, load_sized
 from qflux.latents import vae_scale_factor
 from qflux.qwen_image_edit.batch import encode_sample_prompt, stack_tokens, vl_images
 from qflux.qwen_image_edit.conditioning import vae_encode
@@ -64,11 +64,11 @@ class CacheSpec:
     encoder_id: dict[str, Any]
     variant: str
     embed_dim: int
-    loss_mask: str = "none"
+    loss_mask: MaskMode = "none"
     """``train.loss_mask``: which ``change_mask`` entries the samples read."""
 
 
-def cache_spec(model_dir: Path, dtype: str, variant: str, loss_mask: str = "none") -> CacheSpec:
+def cache_spec(model_dir: Path, dtype: str, variant: str, loss_mask: MaskMode = "none") -> CacheSpec:
     """Read identities and shapes from a (resolved) Qwen-Image-Edit folder."""
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     enc_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())

@@ -29,3 +29,9 @@ def shipped_configs(hub_id: str) -> dict[str, dict[str, Any]] | None:
     if "/" not in hub_id or not folder.is_dir():
         return None
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob("*/config.json"))}
+
+
+def published(name: str) -> dict[str, dict[str, Any]] | None:
+    """:func:`shipped_configs` of ``model.pretrained_model_name_or_path`` = ``name``, unless it names
+    a local folder (whose own config.json files then rule)."""
+    return None if Path(name).expanduser().exists() else shipped_configs(name)
