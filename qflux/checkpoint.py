@@ -5,7 +5,7 @@
 | file | content |
 | --- | --- |
 | ``pytorch_lora_weights.safetensors`` | the LoRA in diffusers format, loadable on its own |
-| ``train_state.safetensors`` | the float32 LoRA tensors, AdamW moments and update count, exactly |
+| ``train_state.safetensors`` | the float32 LoRA tensors and the optimizer's state (AdamW or Prodigy), exactly |
 | ``state.json`` | step, seed, data-loader position, non-finite counters, loss history |
 
 :func:`save_loop_state` / :func:`load_loop_state` write and read the whole :class:`qflux.loop.LoopState`.
@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from qflux.errors import QfluxError
 from qflux.loop import LoopState, start_state
 from qflux.optim import AdamWState
-from qflux.train_state import TrainState
+from qflux.prodigy import ProdigyState
+from qflux.train_state import OptState, TrainState
 
 PREFIX = "checkpoint-"
 STATE_FILE = "train_state.safetensors"
@@ -81,8 +82,28 @@ def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
         out[f"exp_avg_sq/{k}"] = state.opt.exp_avg_sq[k]
         if state.ema is not None:
             out[f"ema/{k}"] = state.ema[k]
+    if isinstance(state.opt, ProdigyState):  # its scalars as prodigy/<name>, its other sums as <name>/<tensor>
+        for name in PRODIGY_SCALARS:
+            out[f"prodigy/{name}"] = getattr(state.opt, name)
+        for k in state.lora:
+            out[f"s/{k}"], out[f"p0/{k}"] = state.opt.s[k], state.opt.p0[k]
     # fresh CPU copies: the step's tensors are views of one flat vector, which safetensors cannot store
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
+
+
+PRODIGY_SCALARS = ("d", "d_max", "d_numerator")
+
+
+def _opt_state(tensors: Mapping[str, torch.Tensor], names: list[str]) -> OptState:
+    """The optimizer state a checkpoint's tensors hold: Prodigy's when they have its scalars, else AdamW's."""
+
+    def per(key: str) -> dict[str, torch.Tensor]:
+        return {k: tensors[f"{key}/{k}"] for k in names}
+
+    if "prodigy/d" not in tensors:
+        return AdamWState(tensors["count"], per("exp_avg"), per("exp_avg_sq"))
+    d, d_max, numerator = (tensors[f"prodigy/{name}"] for name in PRODIGY_SCALARS)
+    return ProdigyState(tensors["count"], d, d_max, numerator, per("exp_avg"), per("exp_avg_sq"), per("s"), per("p0"))
 
 
 def save_checkpoint(
@@ -154,24 +175,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     state = TrainState(
         step=int(meta["step"]),
         lora={k: tensors[f"lora/{k}"] for k in names},
-        opt=AdamWState(
-            updates=tensors["count"],
-            exp_avg={k: tensors[f"exp_avg/{k}"] for k in names},
-            exp_avg_sq={k: tensors[f"exp_avg_sq/{k}"] for k in names},
-        ),
+        opt=_opt_state(tensors, names),
         seed=int(meta["seed"]),
         ema={k: tensors[f"ema/{k}"] for k in names} if names and f"ema/{names[0]}" in tensors else None,
     )
     return Checkpoint(path=p, state=state, meta=meta, config=config)
 
 
-def incompatibilities(saved: Mapping[str, Any], current: Mapping[str, Any], keys: list[str]) -> list[str]:
-    """Dotted ``keys`` whose values differ between two config dicts, as 'key (checkpoint X, now Y)'."""
+def incompatibilities(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: list[str], defaults: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Dotted ``keys`` whose values differ between two config dicts, as 'key (checkpoint X, now Y)';
+    ``defaults`` gives the value of a key that a dict lacks (written before the key existed)."""
 
     def get(d: Mapping[str, Any], dotted: str) -> Any:
         node: Any = d
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None and defaults:
+            node = defaults.get(dotted)
         return sorted(node) if isinstance(node, list) and dotted.endswith("target_modules") else node
 
     return [
@@ -201,6 +223,16 @@ def save_loop_state(
     return save_checkpoint(out_dir, state.train, meta, config, write_lora=write_lora, total_limit=total_limit)
 
 
+def _opt_to(opt: OptState, device: torch.device) -> OptState:
+    """The optimizer state with its per-tensor parts on ``device`` (Prodigy: its scalars too; AdamW's
+    count stays a CPU scalar, as it starts)."""
+    moved: list[Any] = [{k: v.to(device) for k, v in f.items()} if isinstance(f, dict) else f for f in opt]
+    if isinstance(opt, ProdigyState):
+        scalars: list[Any] = [f.to(device) if isinstance(f, torch.Tensor) else f for f in moved]
+        return ProdigyState(*scalars)
+    return AdamWState(*moved)
+
+
 def load_loop_state(ckpt: Checkpoint, device: torch.device) -> LoopState:
     """The loop state a checkpoint holds, its tensors on ``device``. A checkpoint written before the
     streak was saved resumes with a streak of 0."""
@@ -209,10 +241,7 @@ def load_loop_state(ckpt: Checkpoint, device: torch.device) -> LoopState:
         train,
         lora={k: v.to(device) for k, v in train.lora.items()},
         ema=None if train.ema is None else {k: v.to(device) for k, v in train.ema.items()},
-        opt=train.opt._replace(
-            exp_avg={k: v.to(device) for k, v in train.opt.exp_avg.items()},
-            exp_avg_sq={k: v.to(device) for k, v in train.opt.exp_avg_sq.items()},
-        ),
+        opt=_opt_to(train.opt, device),
     )
     meta = ckpt.meta
     return start_state(

@@ -70,14 +70,23 @@ def _init_lora(inst: Any, att: Any, value: Any) -> None:
 
 @attrs.frozen
 class LoraConfig:
-    """LoRA adapter settings, handed to ``peft.LoraConfig``."""
+    """Adapter settings, handed to peft (``LoraConfig``, ``LoHaConfig``, ``LoKrConfig``)."""
 
+    kind: Literal["lora", "dora", "lokr", "loha"] = attrs.field(
+        default="lora", validator=v.in_(("lora", "dora", "lokr", "loha"))
+    )
+    """'lora': ΔW = (α/r)·B·A. 'dora': LoRA with a learned magnitude per output row (peft's
+    use_dora), W' = m·(W + ΔW)/‖W + ΔW‖. 'lokr': ΔW = (α/r)·(W1 ⊗ W2), a Kronecker product (W2
+    low-rank where r is below half its size). 'loha': ΔW = (α/r)·(W1a·W1b) ⊙ (W2a·W2b), a Hadamard
+    product of two rank-r products. diffusers loads lora and dora files; ComfyUI loads lora, lokr
+    and loha (docs/flux_kontext_configuration_guide.md, "Adapters and optimizers")."""
     r: int = attrs.field(default=16, validator=[v.instance_of(int), _positive])
     """Rank of the low-rank update ΔW = B·A (A: [r, in], B: [out, r])."""
     lora_alpha: float = attrs.field(default=16, validator=_positive)
-    """Scale numerator: the update is (lora_alpha / r)·B·A."""
+    """Scale numerator: the update is (lora_alpha / r)·B·A (every kind scales by lora_alpha / r)."""
     init_lora_weights: bool | str = attrs.field(default="gaussian", validator=_init_lora)
-    """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random)."""
+    """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random).
+    lokr and loha: 'gaussian' and true start at ΔW = 0 (peft's init: one factor zero), false random."""
     target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple)
     """Module names (suffixes) of the transformer that get an adapter."""
     pretrained_weight: str | None = None
@@ -172,22 +181,54 @@ class DataConfig:
 
 @attrs.frozen
 class OptimizerConfig:
-    """AdamW hyperparameters (decoupled weight decay, as ``torch.optim.AdamW``)."""
+    """The optimizer: AdamW (decoupled weight decay, as ``torch.optim.AdamW``) or Prodigy."""
 
-    lr: float = attrs.field(default=1e-3, validator=_positive)
-    """Peak learning rate (the schedule scales it per step). 1e-3 suits the tiny default; real
-    FLUX.1 Kontext LoRAs train at about 1e-4."""
+    name: Literal["adamw", "prodigy"] = attrs.field(default="adamw", validator=v.in_(("adamw", "prodigy")))
+    """'adamw', or 'prodigy' (Adam that estimates its own step size d; lr multiplies d, so 1.0 is
+    the usual value; ``prodigyopt``'s algorithm, qflux.prodigy)."""
+    lr: float | None = attrs.field(default=None, validator=v.optional(_positive))
+    """Peak learning rate (the schedule scales it per step). null: 1e-3 with adamw, which suits the
+    tiny default (real FLUX.1 Kontext LoRAs train at about 1e-4), and 1.0 with prodigy."""
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple)
-    """AdamW (β1, β2): decay of the gradient's running mean and of its running square."""
+    """(β1, β2): decay of the gradient's running mean and of its running square."""
     weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
-    """Decoupled weight decay λ: p ← p·(1 − lr·λ) each step."""
+    """Decoupled weight decay λ: p ← p·(1 − lr·λ) each step (Prodigy: p ← p·(1 − d·lr·λ))."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
-    """AdamW ε added to √v in the denominator."""
+    """ε added to √v in the denominator (Prodigy: d·ε)."""
+    d0: float = attrs.field(default=1e-6, validator=_positive)
+    """prodigy only: the initial estimate of d."""
+    d_coef: float = attrs.field(default=1.0, validator=_positive)
+    """prodigy only: multiplier of the estimate (below 1 for smaller steps)."""
+    use_bias_correction: bool = False
+    """prodigy only: fold Adam's bias correction into the step size."""
+    safeguard_warmup: bool = False
+    """prodigy only: keep the lr schedule out of the estimate's denominator (recommended with
+    lr_scheduler.warmup_steps)."""
 
     @betas.validator
     def _check_betas(self, att: Any, value: tuple[float, ...]) -> None:
         if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
             raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+
+    def __attrs_post_init__(self) -> None:
+        if self.name != "prodigy":
+            changed = [f.name for f in attrs.fields(type(self)) if f.name in PRODIGY_KEYS
+                       and getattr(self, f.name) != f.default]  # fmt: skip
+            if changed:
+                raise ValueError(
+                    f"optimizer.{changed[0]} is read only by Prodigy; set optimizer.name: prodigy or remove it"
+                )
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or the optimizer's default when it is null (1e-3 AdamW, 1.0 Prodigy)."""
+        if self.lr is not None:
+            return self.lr
+        return 1.0 if self.name == "prodigy" else 1e-3
+
+
+PRODIGY_KEYS = ("d0", "d_coef", "use_bias_correction", "safeguard_warmup")
+"""The optimizer keys only Prodigy reads."""
 
 
 @attrs.frozen

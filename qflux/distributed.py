@@ -26,6 +26,8 @@ from typing import Any
 import attrs
 import torch
 
+from qflux.adapter_kinds import is_adapter_param
+
 Params = dict[str, torch.Tensor]
 
 
@@ -110,7 +112,7 @@ def shard_frozen_base(transformer: Any, world: World) -> int:
 
     device_type = next(transformer.parameters()).device.type
     mesh = init_device_mesh(device_type, (world.size,))
-    ignored = {p for n, p in transformer.named_parameters() if ".lora_" in n}
+    ignored = {p for n, p in transformer.named_parameters() if is_adapter_param(n)}
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     for block in blocks:
         fully_shard(block, mesh=mesh, ignored_params=ignored)

@@ -1,17 +1,21 @@
-"""LoRA adapters from peft, held outside the module as a dict of tensors.
+"""Adapters from peft (LoRA, and DoRA, LoKr, LoHa: :mod:`qflux.adapter_kinds`), held outside the
+module as a dict of tensors.
 
 ``inject_lora`` adds a peft adapter to the transformer and returns its initial tensors; the
-module's own copies are then zeroed (B = 0), so calling the module *without* the dict is exactly
-the base model and calling it through ``functional_call(module, lora, ...)`` applies the adapter:
+module's own copy of one factor is then zeroed (B = 0 for LoRA), so calling the module *without*
+the dict is the base model and calling it through ``functional_call(module, lora, ...)`` applies
+the adapter:
 
     y = W·x + (α / r)·B·(A·x)
 
-Saved files are diffusers' format: ``transformer.``-prefixed ``lora_A`` / ``lora_B`` keys with the
-peft config in the safetensors metadata, which ``FluxKontextPipeline.load_lora_weights`` reads.
+Saved LoRA and DoRA files are diffusers' format: ``transformer.``-prefixed ``lora_A`` / ``lora_B``
+keys with the peft config in the safetensors metadata, which ``FluxKontextPipeline.load_lora_weights``
+reads; LoKr and LoHa files are LyCORIS's (:func:`qflux.adapter_kinds.to_lycoris`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,21 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from qflux.adapter_kinds import (
+    LYCORIS,
+    METADATA_KEY,
+    Kind,
+    adapter_kind,
+    from_lycoris,
+    is_adapter_param,
+    kind_config,
+    peft_config,
+    read_adapter_file,
+    saved_name,
+    settings,
+    to_lycoris,
+    zero_at_init,
+)
 from qflux.config import LoraConfig
 from qflux.errors import QfluxError
 from qflux.lora_formats import Delta, Naming
@@ -30,24 +49,18 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
-    """Add a LoRA adapter to ``transformer`` in place and return its initial tensors in float32.
+    """Add an adapter of ``cfg.kind`` to ``transformer`` in place and return its initial tensors in float32.
 
     Args:
         transformer: a diffusers model with ``PeftAdapterMixin`` (``add_adapter``).
-        cfg: rank, alpha, init and target modules.
+        cfg: kind, rank, alpha, init and target modules.
         seed: the adapter's random init is a function of this seed alone.
 
     Returns:
-        ``{module parameter name: tensor}`` for every ``lora_A`` / ``lora_B`` weight.
+        ``{module parameter name: tensor}`` for every adapter tensor (``lora_A`` / ``lora_B``,
+        DoRA's ``lora_magnitude_vector``, ``lokr_*``, ``hada_*``).
     """
-    import peft
-
-    config = peft.LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.lora_alpha,
-        init_lora_weights=cfg.init_lora_weights,
-        target_modules=list(cfg.target_modules),
-    )
+    config = peft_config(cfg)
     with torch.random.fork_rng(devices=[]):  # local seeding; the global RNG is left as it was
         torch.manual_seed(seed)
         try:
@@ -58,11 +71,11 @@ def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
             ) from None
     lora: Params = {}
     for name, p in transformer.named_parameters():
-        if ".lora_" in name:
+        if is_adapter_param(name):
             lora[name] = p.detach().to(torch.float32).clone()
             p.requires_grad_(False)
-            if ".lora_B." in name:
-                p.data.zero_()  # the module alone is now exactly the base model
+            if zero_at_init(name):
+                p.data.zero_()  # the module alone is now the base model (ΔW = 0)
     if not lora:
         raise QfluxError(f"model.lora.target_modules {list(cfg.target_modules)} matched no layer of the model")
     return lora
@@ -93,7 +106,8 @@ def save_lora(
     pipeline_cls: Any,
     weight_name: str = LORA_WEIGHT_NAME,
 ) -> Path:
-    """Write ``<out_dir>/<weight_name>`` (pytorch_lora_weights.safetensors) in the diffusers LoRA format.
+    """Write ``<out_dir>/<weight_name>`` (pytorch_lora_weights.safetensors) in the diffusers LoRA format
+    (LoRA, DoRA) or LyCORIS's with ``transformer.`` module names (LoKr, LoHa).
 
     Args:
         transformer: the module the adapter was injected into (its peft config goes in the metadata).
@@ -103,6 +117,9 @@ def save_lora(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    kind = adapter_kind(transformer, ADAPTER)
+    if kind in LYCORIS:  # diffusers has no LoKr / LoHa format: LyCORIS names, which ComfyUI reads
+        return _save_lycoris(out / weight_name, transformer, lora, dtype, comfy_names=False)
     pipeline_cls.save_lora_weights(
         out,
         transformer_lora_layers=lora_to_diffusers(transformer, lora, dtype),
@@ -110,6 +127,20 @@ def save_lora(
         weight_name=weight_name,
     )
     return out / weight_name
+
+
+def _save_lycoris(path: Path, transformer: Any, lora: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                  *, comfy_names: bool) -> Path:  # fmt: skip
+    """A LoKr / LoHa adapter in LyCORIS names (:func:`qflux.adapter_kinds.to_lycoris`), its settings
+    in the metadata."""
+    from safetensors.torch import save_file
+
+    kind = adapter_kind(transformer, ADAPTER)
+    cfg = transformer.peft_config[ADAPTER]
+    sd = to_lycoris(lora_to_diffusers(transformer, lora, torch.float32), kind, cfg, comfy_names=comfy_names)
+    meta = {"format": "pt", METADATA_KEY: json.dumps({"kind": kind, **settings(cfg)})}
+    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata=meta)
+    return path
 
 
 def read_lora(transformer: Any, path: str | Path, *, naming: Naming, pipeline_cls: Any, what: str) -> dict[str, Delta]:
@@ -167,6 +198,10 @@ def load_lora_file(transformer: Any, path: str | Path, *, naming: Naming, pipeli
     Raises:
         QfluxError: the file is missing or holds no LoRA for this transformer.
     """
+    kind, meta, stored = read_adapter_file(path, "--lora")
+    if kind != "lora":
+        _attach(transformer, kind, meta, _saved_tensors(transformer, kind, meta, stored, f"--lora '{path}'"), path)
+        return
     deltas = read_lora(transformer, path, naming=naming, pipeline_cls=pipeline_cls, what="--lora")
     sd = {}
     for module, (a, b) in deltas.items():
@@ -176,6 +211,39 @@ def load_lora_file(transformer: Any, path: str | Path, *, naming: Naming, pipeli
         transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=ADAPTER)
     except (ValueError, KeyError, RuntimeError) as e:
         raise QfluxError(f"could not load LoRA '{path}' into the transformer: {e}") from None
+
+
+def _saved_tensors(
+    transformer: Any, kind: Kind, meta: Mapping[str, Any], stored: Mapping[str, torch.Tensor], what: str
+) -> Params:
+    """A DoRA / LoKr / LoHa file's tensors under peft's saved names (``<module>.lora_A.weight``,
+    ``<module>.lokr_w1``, ...), float32."""
+    if kind == "dora":
+        return {k.removeprefix("transformer."): v.float() for k, v in stored.items()}
+    linear = [path for path, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    modules = {path.replace(".", "_"): path for path in linear}
+    modules |= {k.removesuffix("_base_layer"): v.removesuffix(".base_layer") for k, v in modules.items()}
+    return from_lycoris(stored, {"kind": kind, **meta}, modules, what)
+
+
+def _attach(
+    transformer: Any, kind: Kind, meta: Mapping[str, Any], saved: Mapping[str, torch.Tensor], path: Any
+) -> None:
+    """Give ``transformer`` the adapter a file holds (its kind, rank and alpha, on its modules) and
+    load the file's tensors into it (predict)."""
+    from peft.utils import set_peft_model_state_dict
+
+    modules = sorted({k.split(".lora_")[0] if kind == "dora" else k.rsplit(".", 1)[0] for k in saved})
+    alpha = float(meta.get("lora_alpha") or meta["alpha"])  # peft's LoraConfig names it lora_alpha, LoKr / LoHa alpha
+    try:
+        transformer.add_adapter(kind_config(kind, int(meta["r"]), alpha, modules), adapter_name=ADAPTER)
+        result = set_peft_model_state_dict(transformer, dict(saved), adapter_name=ADAPTER)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise QfluxError(f"could not load the {kind} file '{path}' into the transformer: {e}") from None
+    missing = [k for k in result.missing_keys if is_adapter_param(k)]
+    if missing or result.unexpected_keys:
+        first = (missing or result.unexpected_keys)[0]
+        raise QfluxError(f"the {kind} file '{path}' does not fit the transformer (first: {first})")
 
 
 COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
@@ -201,23 +269,31 @@ def save_lora_comfyui(
     file_name: str = COMFYUI_WEIGHT_NAME,
 ) -> Path:
     """Write ``<out_dir>/<file_name>`` (pytorch_lora_weights_comfyui.safetensors) in ComfyUI's native naming
-    (:func:`qflux.lora_formats.flux_to_comfyui`).
+    (:func:`qflux.lora_formats.flux_to_comfyui`; LoKr and LoHa: LyCORIS's ``lycoris_`` names).
 
     Args:
         naming: "flux" (BFL module names, fused qkv / linear1) or "qwen" (diffusers' names).
+
+    Raises:
+        QfluxError: a DoRA adapter (ComfyUI renders DoRA differently: :mod:`qflux.adapter_kinds`).
     """
     from safetensors.torch import save_file
 
     from qflux.lora_formats import NAMINGS, flux_to_comfyui, module_out_features
 
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = adapter_kind(transformer, ADAPTER)
+    if kind in LYCORIS:
+        return _save_lycoris(out / file_name, transformer, lora, dtype, comfy_names=True)
+    if kind == "dora":
+        raise QfluxError("a DoRA adapter has no ComfyUI file (ComfyUI divides by ‖W‖ where DoRA divides by ‖W+ΔW‖)")
     sd = flux_to_comfyui(
         lora_to_diffusers(transformer, lora, torch.float32),
         scale=lora_scale(transformer),
         out_features=module_out_features(transformer),
         target_of=NAMINGS[naming],
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / file_name
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
     return path
@@ -238,6 +314,9 @@ def lora_from_file(
         QfluxError: missing file, unreadable format, or modules / ranks that do not match the adapter.
     """
     what = "model.lora.pretrained_weight"
+    kind = adapter_kind(transformer, ADAPTER)
+    if kind != "lora":
+        return _kind_from_file(transformer, path, init, kind)
     deltas = read_lora(transformer, path, naming=naming, pipeline_cls=pipeline_cls, what=what)
     ours = lora_scale(transformer)
     out = dict(init)
@@ -260,4 +339,37 @@ def lora_from_file(
             f"{what} '{path}' adapts modules outside model.lora.target_modules (first: {outside[0]}); add them "
             "to target_modules"
         )
+    return out
+
+
+def _kind_from_file(transformer: Any, path: str | Path, init: Mapping[str, torch.Tensor], kind: Kind) -> Params:
+    """``init`` with a DoRA / LoKr / LoHa file's tensors, for ``model.lora.pretrained_weight``: the file
+    must be of the adapter's kind, rank and alpha, on modules the adapter has.
+
+    Raises:
+        QfluxError: another kind, rank or alpha, or tensors the adapter lacks or shapes it does not have.
+    """
+    what = "model.lora.pretrained_weight"
+    file_kind, meta, stored = read_adapter_file(path, what)
+    if file_kind != kind:
+        raise QfluxError(f"{what} '{path}' is a {file_kind} file; set model.lora.kind: {file_kind} to train on from it")
+    cfg = transformer.peft_config[ADAPTER]
+    ours = (int(cfg.r), float(getattr(cfg, "lora_alpha", getattr(cfg, "alpha", 0))))
+    theirs = (int(meta["r"]), float(meta.get("lora_alpha") or meta["alpha"]))
+    if ours != theirs:
+        raise QfluxError(f"{what} '{path}' has rank {theirs[0]} and alpha {theirs[1]:g}; set model.lora.r and "
+                         f"model.lora.lora_alpha to them (now {ours[0]}, {ours[1]:g})")  # fmt: skip
+    saved = _saved_tensors(transformer, kind, meta, stored, f"{what} '{path}'")
+    names = {saved_name(n, ADAPTER): n for n in init}
+    outside = sorted(set(saved) - set(names))
+    if outside:
+        raise QfluxError(f"{what} '{path}' adapts modules outside model.lora.target_modules (first: {outside[0]}); "
+                         "add them to target_modules")  # fmt: skip
+    out = dict(init)
+    for key, t in saved.items():
+        name = names[key]
+        if t.shape != init[name].shape:
+            shape = tuple(init[name].shape)
+            raise QfluxError(f"{what} '{path}': {key} has shape {tuple(t.shape)}, the adapter {shape}")
+        out[name] = t.to(init[name].device)
     return out

@@ -152,6 +152,18 @@ def clip_by_global_norm(grads: Mapping[str, torch.Tensor], max_norm: float | Non
     return {k: g * coef.to(g.dtype) for k, g in grads.items()}, norm
 
 
+def clip_flat(g: torch.Tensor, max_norm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip a flat gradient to global norm ``max_norm`` (None: unclipped): g ← g · min(1, max_norm / (‖g‖ + 1e-6)).
+
+    Returns:
+        (clipped g, ‖g‖ before clipping as a 0-d float32 tensor).
+    """
+    norm = torch.linalg.vector_norm(g.float(), 2)
+    if max_norm is not None:
+        g = g * torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(g.dtype)
+    return g, norm
+
+
 def clipped_adamw_if_finite(
     grads: Mapping[str, torch.Tensor],
     state: AdamWState,
@@ -174,10 +186,7 @@ def clipped_adamw_if_finite(
         (params, state, ‖g‖ before clipping, finite) with 0-d ``‖g‖`` and bool ``finite``.
     """
     names = list(params)
-    g = flatten(grads, names)
-    norm = torch.linalg.vector_norm(g.float(), 2)
-    if max_grad_norm is not None:
-        g = g * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0).to(g.dtype)
+    g, norm = clip_flat(flatten(grads, names), max_grad_norm)
     m0, v0, p0 = flatten(state.exp_avg, names), flatten(state.exp_avg_sq, names), flatten(params, names)
     p, m, v, count = adamw_flat(g, m0, v0, p0, state.updates, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     ok = torch.isfinite(loss) & torch.isfinite(norm)

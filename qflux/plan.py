@@ -32,7 +32,7 @@ from qflux.loading import ModelFiles
 from qflux.lora import inject_lora
 from qflux.memory import GIB, Breakdown, Fake4bit, fake_mode, measure_step, storage_bytes, to_fake
 from qflux.quantize import fits_4bit, quantize_frozen
-from qflux.train_state import CompileMode, StepHParams, init_train_state, make_train_step
+from qflux.train_state import CompileMode, Optimizer, StepHParams, init_train_state, make_train_step, opt_tensors
 
 CARDS = (12, 16, 24, 48, 80)
 """Card sizes (GiB) the documentation's table answers for."""
@@ -80,6 +80,8 @@ class Inputs:
     """(w, h) of each control image."""
     text_tokens: int
     """Tokens of the prompt embedding the transformer reads."""
+    optimizer: Optimizer = "adamw"
+    """Whose state the step holds (Prodigy's is twice AdamW's)."""
 
 
 @attrs.frozen(eq=False)
@@ -203,8 +205,8 @@ def _measure(
     module = [t for t in (*transformer.parameters(), *transformer.buffers()) if t.untyped_storage()._cdata not in held]
     params = dict(transformer.named_parameters())
     with mode:
-        state = init_train_state({k: params[k].detach().float() for k in names}, seed=0)
-    opt = [state.opt.updates, *state.opt.exp_avg.values(), *state.opt.exp_avg_sq.values()]
+        state = init_train_state({k: params[k].detach().float() for k in names}, seed=0, optimizer=inputs.optimizer)
+    opt = opt_tensors(state.opt)
     adapter = [params[k] for k in names]
     weights = storage_bytes(module) - storage_bytes(adapter)
     step = make_train_step(model.loss(transformer), StepHParams(engine="autograd"), module=transformer)
@@ -258,7 +260,7 @@ def real_step(
         held = {t.untyped_storage()._cdata for t in swapper.host_tensors()}
     else:
         transformer.to(device)
-    state = init_train_state({k: v.to(device) for k, v in lora0.items()}, seed=0)
+    state = init_train_state({k: v.to(device) for k, v in lora0.items()}, seed=0, optimizer=inputs.optimizer)
     step = make_train_step(model.loss(transformer), StepHParams(engine="autograd"), module=transformer,
                            compile=compile_mode)  # fmt: skip
 
@@ -267,7 +269,7 @@ def real_step(
             batch = model.batch(configs, inputs, dtype)
         step(state, [batch], torch.tensor(1e-4, dtype=torch.float64))
 
-    opt = [state.opt.updates, *state.opt.exp_avg.values(), *state.opt.exp_avg_sq.values()]
+    opt = opt_tensors(state.opt)
     frozen = [t for t in (*transformer.parameters(), *transformer.buffers()) if t.untyped_storage()._cdata not in held]
     return run, [*frozen, *state.lora.values(), *opt]
 

@@ -110,6 +110,7 @@ def plan_inputs(cfg: RecipeConfig, target: PlanTarget, configs: Configs, control
         target=size,
         controls=(size,) * controls,
         text_tokens=target.text_tokens(configs, controls),
+        optimizer=cfg.optimizer.name,
     )
 
 

@@ -1,7 +1,7 @@
 """The training state and the pure training step, shared by every recipe.
 
 ``train_step(state, microbatches, ...) -> (state, metrics)`` averages the gradient of a pure
-``loss_fn(lora, batch)`` over the micro-batches, clips it, and applies AdamW. It returns a new
+``loss_fn(lora, batch)`` over the micro-batches, clips it, and applies AdamW or Prodigy. It returns a new
 state, never mutates its inputs and never syncs with the host: metrics are 0-d tensors that the
 recipe reads (``.item()``) only when it logs.
 """
@@ -20,11 +20,14 @@ from torch.func import functional_call
 from qflux.fp8 import Float8FrozenLinear
 from qflux.frozen_linear import FrozenLinear
 from qflux.optim import AdamWState, adamw_init, clipped_adamw_if_finite, ema_update
+from qflux.prodigy import ProdigyHParams, ProdigyState, clipped_prodigy_if_finite, prodigy_init
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
 GradEngine = Literal["func", "autograd"]
 CompileMode = Literal["none", "full", "regional"]
+Optimizer = Literal["adamw", "prodigy"]
+OptState = AdamWState | ProdigyState
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> CompileMode:
@@ -66,8 +69,8 @@ class TrainState:
     """Optimizer steps completed."""
     lora: Params
     """Trainable LoRA tensors (float32), keyed by module parameter name."""
-    opt: AdamWState
-    """AdamW moments."""
+    opt: OptState
+    """The optimizer's state: AdamW's moments, or Prodigy's (:mod:`qflux.prodigy`)."""
     seed: int
     """Root of every random draw; with ``step`` it is the RNG position (draws are keyed by both)."""
     ema: Params | None = None
@@ -87,14 +90,30 @@ class StepHParams:
     also works with activation checkpointing (torch.func transforms do not)."""
     ema_decay: float | None = None
     """Decay of the LoRA's moving average kept in the state (:func:`qflux.optim.ema_update`), or None."""
+    prodigy: ProdigyHParams | None = None
+    """Prodigy's constants when the state's optimizer is Prodigy (None: its defaults)."""
 
 
-def init_train_state(lora: Mapping[str, torch.Tensor], seed: int, *, ema: bool = False) -> TrainState:
-    """A step-0 state holding copies of ``lora`` and zero AdamW moments (and, with ``ema``, the
-    moving average starting at ``lora``)."""
+def init_train_state(
+    lora: Mapping[str, torch.Tensor],
+    seed: int,
+    *,
+    ema: bool = False,
+    optimizer: Optimizer = "adamw",
+    prodigy: ProdigyHParams | None = None,
+) -> TrainState:
+    """A step-0 state holding copies of ``lora`` and the optimizer's fresh state (zero moments;
+    Prodigy's d = d0 of ``prodigy``), and, with ``ema``, the moving average starting at ``lora``."""
     params = {k: v.detach().clone() for k, v in lora.items()}
     average = {k: v.clone() for k, v in params.items()} if ema else None
-    return TrainState(step=0, lora=params, opt=adamw_init(params), seed=seed, ema=average)
+    d0 = (prodigy or ProdigyHParams()).d0
+    opt: OptState = adamw_init(params) if optimizer == "adamw" else prodigy_init(params, d0)
+    return TrainState(step=0, lora=params, opt=opt, seed=seed, ema=average)
+
+
+def opt_tensors(opt: OptState) -> list[torch.Tensor]:
+    """Every tensor an optimizer state holds (for memory accounting)."""
+    return [t for f in opt for t in (f.values() if isinstance(f, dict) else [f])]
 
 
 def value_and_grad(
@@ -141,7 +160,7 @@ Reduce = Callable[[Params, torch.Tensor], tuple[Params, torch.Tensor]]
 
 def _update(
     lora: Params,
-    opt: AdamWState,
+    opt: OptState,
     microbatches: list[Any],
     lr: torch.Tensor,
     weights: torch.Tensor | None,
@@ -150,11 +169,11 @@ def _update(
     hp: StepHParams,
     module: Any,
     reduce: Reduce | None,
-) -> tuple[Params, torch.Tensor, Params, Params, dict[str, torch.Tensor]]:
+) -> tuple[Params, tuple[Any, ...], dict[str, torch.Tensor]]:
     """The pure core of a step (compilable: no Python state, no host syncs, tensors in and out).
 
     Returns:
-        (lora, adam count, exp_avg, exp_avg_sq, metrics).
+        (lora, the optimizer state's fields, metrics).
     """
     k = len(microbatches)
     total_loss: torch.Tensor | None = None
@@ -172,19 +191,18 @@ def _update(
     if reduce is not None:  # Σ over ranks of the weighted shares (qflux.distributed.all_reduce_sum)
         grads, total_loss = reduce(grads, total_loss)
     # a non-finite loss or gradient skips the update (selected on device: no host sync)
-    new_lora, new_opt, norm, ok = clipped_adamw_if_finite(
-        grads,
-        opt,
-        lora,
-        total_loss,
-        lr=lr,
-        betas=hp.betas,
-        eps=hp.eps,
-        weight_decay=hp.weight_decay,
-        max_grad_norm=hp.max_grad_norm,
-    )
-    metrics = {"loss": total_loss, "grad_norm": norm, "lr": lr.detach().float(), "finite": ok.float()}
-    return new_lora, new_opt.updates, new_opt.exp_avg, new_opt.exp_avg_sq, metrics
+    rule: dict[str, Any] = {"lr": lr, "betas": hp.betas, "eps": hp.eps, "weight_decay": hp.weight_decay}
+    rule["max_grad_norm"] = hp.max_grad_norm
+    new_opt: OptState
+    if isinstance(opt, ProdigyState):  # the reported lr is Prodigy's effective one, d·lr
+        new_lora, new_opt, norm, ok, step_lr = clipped_prodigy_if_finite(
+            grads, opt, lora, total_loss, **rule, hp=hp.prodigy or ProdigyHParams()
+        )
+    else:
+        new_lora, new_opt, norm, ok = clipped_adamw_if_finite(grads, opt, lora, total_loss, **rule)
+        step_lr = lr.detach()
+    metrics = {"loss": total_loss, "grad_norm": norm, "lr": step_lr.float(), "finite": ok.float()}
+    return new_lora, tuple(new_opt), metrics
 
 
 StepFn = Callable[..., tuple[TrainState, dict[str, torch.Tensor]]]
@@ -203,7 +221,7 @@ def make_train_step(
     One optimizer step over K accumulated micro-batches:
 
         g = Σ_k w_k ∇ loss_fn(lora, batch_k)          (w_k = 1/K unless ``weights`` are given)
-        g ← reduce(g);  g ← clip(g, max_grad_norm);   lora, opt ← AdamW(g, opt, lora, lr)
+        g ← reduce(g);  g ← clip(g, max_grad_norm);   lora, opt ← AdamW or Prodigy(g, opt, lora, lr)
 
     A non-finite loss or gradient norm leaves the LoRA and optimizer state as they were (the step
     still counts, with ``finite`` = 0). The state is never mutated.
@@ -219,7 +237,7 @@ def make_train_step(
 
     Returns:
         ``step``; its metrics are 0-d tensors: ``loss`` (mean over micro-batches), ``grad_norm``
-        (before clipping), ``lr`` and ``finite`` (1.0 when loss and gradient are finite).
+        (before clipping), ``lr`` (Prodigy: its effective d·lr) and ``finite`` (1.0 when loss and gradient are finite).
         ``weights`` [K] (a tensor) replaces 1/K: data-parallel ranks weight each micro-batch by
         their share of the global batch, and ``reduce`` (an all-reduce SUM) adds the shares up.
     """
@@ -229,8 +247,8 @@ def make_train_step(
     def step(
         state: TrainState, microbatches: Sequence[Any], lr: torch.Tensor, weights: torch.Tensor | None = None
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        lora, count, m, v, metrics = update(state.lora, state.opt, list(microbatches), lr, weights)
-        opt = AdamWState(updates=count, exp_avg=m, exp_avg_sq=v)
+        lora, fields, metrics = update(state.lora, state.opt, list(microbatches), lr, weights)
+        opt = type(state.opt)(*fields)
         ema = state.ema
         if hp.ema_decay is not None:  # e ← d·e + (1 − d)·θ, from θ itself when the state has no average yet
             ema = ema_update(state.ema if state.ema is not None else lora, lora, hp.ema_decay)

@@ -23,6 +23,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
+from qflux.adapter_kinds import module_of
 from qflux.batching import Conditioning, DataPath, Draws, Prepared, prepare
 from qflux.block_swap import block_count, swap_blocks, swap_problem, swapped_bytes, transformer_blocks
 from qflux.builtin import resolve_dataset_path, resolve_model_path
@@ -33,7 +34,7 @@ from qflux.checkpoint import (
     load_loop_state,
     remove_partial,
 )
-from qflux.config import RecipeConfig
+from qflux.config import OptimizerConfig, RecipeConfig
 from qflux.config_parse import to_dict
 from qflux.data import PairDataset, PairRule, PairSample, scan_pairs
 from qflux.devices import component_devices, resolve_device
@@ -48,6 +49,7 @@ from qflux.lora import LORA_WEIGHT_NAME, inject_lora, lora_from_file
 from qflux.lora_formats import Naming, check_convertible
 from qflux.model_dir import resolve_model_dir
 from qflux.pair_checks import check_pairs
+from qflux.prodigy import ProdigyHParams
 from qflux.quantize import count_layers
 from qflux.run_dir import claim_output_dir
 from qflux.schedules import learning_rate
@@ -72,10 +74,14 @@ RESUME_KEYS = [
     "model.lora.r",
     "model.lora.lora_alpha",
     "model.lora.target_modules",
+    "model.lora.kind",
+    "optimizer.name",
     "seed",
 ]
-"""Keys that must match to resume: the LoRA's shape, its base model, its conditioning and the
-random draws (a key a model lacks reads as null in both)."""
+"""Keys that must match to resume: the LoRA's shape and kind, the optimizer, the base model, its
+conditioning and the random draws (a key a model lacks reads as null in both)."""
+RESUME_DEFAULTS = {"model.lora.kind": "lora", "optimizer.name": "adamw"}
+"""What a checkpoint written before a key existed had."""
 
 
 @attrs.frozen(eq=False)
@@ -213,6 +219,11 @@ def training_run(
         raise QfluxError(
             "validation.use_ema: true validates the LoRA's moving average; set train.ema_decay (e.g. 0.99)"
         )
+    if cfg.model.lora.kind == "dora" and cfg.train.lora_format == "comfyui":
+        raise QfluxError(
+            "train.lora_format: comfyui cannot hold a DoRA (ComfyUI divides by ‖W‖ where DoRA divides by ‖W+ΔW‖, so "
+            "its image would differ); set train.lora_format: diffusers, which diffusers' load_lora_weights reads"
+        )
     device = resolve_device(cfg.devices.transformer, key="devices.transformer")
     world = init_world(device.type)
     device = rank_device(world, device)
@@ -290,8 +301,8 @@ def attach_lora(transformer: Any, cfg: RecipeConfig, run: Run, *, naming: Naming
     if cfg.model.lora.pretrained_weight is not None:
         weight = cfg.model.lora.pretrained_weight
         lora0 = lora_from_file(transformer, weight, lora0, naming=naming, pipeline_cls=pipeline_cls)
-    if cfg.train.lora_format != "diffusers":
-        check_convertible([k.split(".lora_A.")[0] for k in lora0 if ".lora_A." in k], naming)
+    if cfg.train.lora_format != "diffusers" and cfg.model.lora.kind != "dora":  # DoRA has no ComfyUI file
+        check_convertible(sorted({module_of(k) for k in lora0}), naming)
     if cfg.train.blocks_to_swap:
         every = transformer_blocks(transformer)
         held = swapped_bytes(every[-cfg.train.blocks_to_swap :])
@@ -308,11 +319,13 @@ def attach_lora(transformer: Any, cfg: RecipeConfig, run: Run, *, naming: Naming
 def first_state(cfg: RecipeConfig, run: Run, lora0: Mapping[str, torch.Tensor]) -> LoopState:
     """The loop state to start from: fresh, or the checkpoint to resume (checked against this run)."""
     averaged = cfg.train.ema_decay is not None
-    fresh = init_train_state({k: v.to(run.device) for k, v in lora0.items()}, cfg.seed, ema=averaged)
+    opt = cfg.optimizer
+    fresh = init_train_state({k: v.to(run.device) for k, v in lora0.items()}, cfg.seed, ema=averaged,
+                             optimizer=opt.name, prodigy=prodigy_hparams(opt))  # fmt: skip
     if run.resume_from is None:
         return start_state(fresh)
     ckpt = load_checkpoint(run.resume_from)
-    differ = incompatibilities(ckpt.config, to_dict(cfg), RESUME_KEYS)
+    differ = incompatibilities(ckpt.config, to_dict(cfg), RESUME_KEYS, RESUME_DEFAULTS)
     shapes = {k: tuple(v.shape) for k, v in ckpt.state.lora.items()}
     if not differ and shapes != {k: tuple(v.shape) for k, v in fresh.lora.items()}:
         differ = ["the LoRA tensors (names or shapes)"]
@@ -349,11 +362,18 @@ def announce(cfg: RecipeConfig, run: Run, models: Any, loaded: Sequence[str], st
     print(start_block(plan))
 
 
+def prodigy_hparams(opt: OptimizerConfig) -> ProdigyHParams | None:
+    """Prodigy's constants from the optimizer section (None with AdamW)."""
+    if opt.name != "prodigy":
+        return None
+    return ProdigyHParams(opt.d0, opt.d_coef, opt.use_bias_correction, opt.safeguard_warmup)
+
+
 def build_step(cfg: RecipeConfig, run: Run, loss_fn: LossFn, transformer: Any) -> StepFn:
-    """The (optionally compiled) train step: gradients, clipping, AdamW, data-parallel reduction."""
+    """The (optionally compiled) train step: gradients, clipping, AdamW or Prodigy, data-parallel reduction."""
     opt = cfg.optimizer
     hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, cfg.train.max_grad_norm, grad_engine(run.compile_mode),
-                     cfg.train.ema_decay)  # fmt: skip
+                     cfg.train.ema_decay, prodigy_hparams(opt))  # fmt: skip
     reduce = all_reduce_sum if run.world.size > 1 else None
     return make_train_step(loss_fn, hp, module=transformer, compile=run.compile_mode, reduce=reduce)
 
@@ -380,7 +400,8 @@ def step_taker(
             # this rank's share of the micro-batch's global mean, over K accumulated micro-batches
             shares.append(cond.latents.shape[0] / raw["global_size"] / k)
             samples += raw["global_size"]  # over ranks: every rank walks the same global batches
-        lr = learning_rate(state.step, base_lr=cfg.optimizer.lr, kind=sch.scheduler_type, warmup_steps=sch.warmup_steps,
+        lr = learning_rate(state.step, base_lr=cfg.optimizer.peak_lr, kind=sch.scheduler_type,
+                           warmup_steps=sch.warmup_steps,
                            total_steps=tr.max_train_steps, num_cycles=sch.num_cycles)  # fmt: skip
         weights = torch.tensor(shares, device=run.device) if run.world.size > 1 else None
         train, metrics = step_fn(state.train, micro, torch.tensor(lr, dtype=torch.float64), weights)
