@@ -28,6 +28,13 @@ FOR_APP = {
     "loss.png": "loss per step with its moving average",
     "sample.png": "control | target | before | after",
 }
+FOR_APP_LYCORIS = {
+    "pytorch_lora_weights.safetensors": "LyCORIS: ComfyUI LoraLoaderModelOnly; qflux: predict --lora (not diffusers)",
+    "pytorch_lora_weights_comfyui.safetensors": "LyCORIS, SimpleTuner's lycoris_ names: ComfyUI LoraLoaderModelOnly",
+    "pytorch_lora_weights_ema.safetensors": "the moving average (train.ema_decay), LyCORIS",
+    "pytorch_lora_weights_ema_comfyui.safetensors": "the moving average, LyCORIS with lycoris_ names",
+}
+"""What each file is for when the adapter is LoKr or LoHa (diffusers cannot load them)."""
 
 
 @attrs.frozen
@@ -52,6 +59,10 @@ class RunPlan:
     start_step: int
     compile_mode: str
     output: Path
+    adapter: str = "lora"
+    """The adapter: kind, rank, alpha, targets."""
+    optimizer: str = "adamw"
+    """The optimizer and its learning rate."""
 
 
 def size_text(n: float) -> str:
@@ -105,6 +116,8 @@ def start_block(plan: RunPlan) -> str:
             f"= {effective} samples per step",
         ),
         ("steps", steps),
+        ("adapter", plan.adapter),
+        ("optim", plan.optimizer),
         ("compile", compile_line),
         ("output", str(plan.output)),
     ]
@@ -123,8 +136,9 @@ def end_block(
     losses: Sequence[float],
     checkpoint: Path | None,
     logs: Path | None,
+    lycoris: bool = False,
 ) -> str:
-    """The lines printed when a run finishes."""
+    """The lines printed when a run finishes (``lycoris``: the LoRA files are LoKr / LoHa)."""
     lines = []
     if losses:
         n = min(LOSS_WINDOW, len(losses))
@@ -134,7 +148,8 @@ def end_block(
         )
     lines.append("wrote:")
     width = max((len(str(p)) for p in written), default=0)
-    lines += [f"  {p!s:<{width}}  {FOR_APP.get(p.name, '')}".rstrip() for p in written]
+    uses = {**FOR_APP, **FOR_APP_LYCORIS} if lycoris else FOR_APP
+    lines += [f"  {p!s:<{width}}  {uses.get(p.name, '')}".rstrip() for p in written]
     if checkpoint is not None:
         lines.append(
             f"last checkpoint: {checkpoint} (--resume_from_checkpoint=latest with a larger train.max_train_steps "

@@ -15,6 +15,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from qflux.adapter_kinds import LYCORIS
 from qflux.batching import Conditioning, DataPath
 from qflux.checkpoint import latest_checkpoint, save_loop_state
 from qflux.config import RecipeConfig
@@ -221,5 +222,6 @@ def finish(
                 written.append(_save_sample(run.samples[0], before, after, run.output / "sample.png"))
         barrier(run.world)
         logs = run.output / cfg.logging.logging_dir if cfg.logging.report_to == "tensorboard" else None
-        print(end_block(written, losses=state.losses, checkpoint=latest_checkpoint(run.output), logs=logs))
+        print(end_block(written, losses=state.losses, checkpoint=latest_checkpoint(run.output), logs=logs,
+                        lycoris=cfg.model.lora.kind in LYCORIS))  # fmt: skip
     return RunResult(cfg, state.train, dict(lora0), list(state.losses), seconds, models, lora_path, interrupted)

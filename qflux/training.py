@@ -34,7 +34,7 @@ from qflux.checkpoint import (
     load_loop_state,
     remove_partial,
 )
-from qflux.config import OptimizerConfig, RecipeConfig
+from qflux.config import LoraConfig, OptimizerConfig, RecipeConfig
 from qflux.config_parse import to_dict
 from qflux.data import PairDataset, PairRule, PairSample, scan_pairs
 from qflux.devices import component_devices, resolve_device
@@ -338,6 +338,18 @@ def first_state(cfg: RecipeConfig, run: Run, lora0: Mapping[str, torch.Tensor]) 
     return state
 
 
+def adapter_text(lora: LoraConfig) -> str:
+    """The start block's adapter line: kind, rank, alpha and how many target modules."""
+    return f"{lora.kind}, rank {lora.r}, alpha {lora.lora_alpha:g}, on {', '.join(lora.target_modules)}"
+
+
+def optimizer_text(opt: OptimizerConfig) -> str:
+    """The start block's optimizer line (Prodigy: lr multiplies its estimate d, from d0)."""
+    if opt.name == "prodigy":
+        return f"prodigy, lr {opt.peak_lr:g} × d (d0 {opt.d0:g}, d_coef {opt.d_coef:g})"
+    return f"adamw, lr {opt.peak_lr:g}, weight decay {opt.weight_decay:g}"
+
+
 def announce(cfg: RecipeConfig, run: Run, models: Any, loaded: Sequence[str], state: LoopState, pipeline: str) -> None:
     """Print the start block: the model and its stored layers, devices, data, batch, steps, compile."""
     devices = {n: str(next(m.parameters()).device) for n in loaded if (m := getattr(models, n, None)) is not None}
@@ -358,6 +370,8 @@ def announce(cfg: RecipeConfig, run: Run, models: Any, loaded: Sequence[str], st
         start_step=state.step,
         compile_mode=run.compile_mode,
         output=run.output,
+        adapter=adapter_text(cfg.model.lora),
+        optimizer=optimizer_text(cfg.optimizer),
     )
     print(start_block(plan))
 
