@@ -64,7 +64,8 @@ def test_each_kind_trains_resumes_bitwise_and_saves(tmp_path: Path, kind: str, o
 def test_predict_reads_what_each_kind_wrote(recipe, kind: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
     recipe.main(["train", f"--logging.output_dir={out}", "--train.max_train_steps=2", f"--model.lora.kind={kind}",
-                 "--model.lora.init_lora_weights=false", "--logging.write_sample=false", "--train.ema_decay=0.5"])  # fmt: skip
+                 "--model.lora.init_lora_weights=false", "--logging.write_sample=false",
+                 "--train.ema_decay=0.5"])  # fmt: skip
     files = ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"]
     if kind != "dora":
         files.append("pytorch_lora_weights_comfyui.safetensors")
