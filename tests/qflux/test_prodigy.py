@@ -116,3 +116,33 @@ def test_non_finite_loss_keeps_state() -> None:
     assert not bool(ok)
     assert all(torch.equal(new[k], params[k]) for k in params)
     assert torch.equal(state2.d, state.d) and torch.equal(state2.updates, state.updates)
+
+
+@pytest.mark.compile
+def test_prodigy_compiles_in_the_step_as_one_graph_equal_to_eager() -> None:
+    """The whole step (gradient, clipping, Prodigy) as one graph, lr changing (0 included) without a
+    recompile, and the same trajectory as eager."""
+    from torch._dynamo.utils import counters
+
+    from qflux.train_state import StepHParams, init_train_state, make_train_step
+
+    torch._dynamo.reset()
+    counters.clear()
+
+    def loss_fn(lora, batch):  # type: ignore[no-untyped-def]
+        return ((lora["w"] @ batch - 3.0) ** 2).mean() + (lora["b"] ** 2).sum()
+
+    hp = StepHParams(prodigy=ProdigyHParams(use_bias_correction=True))
+    eager, compiled = make_train_step(loss_fn, hp), make_train_step(loss_fn, hp, compile=True)
+    lora = {"w": torch.randn(4, 5, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(3)}
+    se = sc = init_train_state(lora, seed=0, optimizer="prodigy", prodigy=hp.prodigy)
+    batch = torch.randn(5, 2, generator=torch.Generator().manual_seed(10))
+    for lr in [0.0, 0.5, 1.0, 1.0, 0.8, 1.0, 1.0, 1.0]:
+        lr_t = torch.tensor(lr, dtype=torch.float64)
+        se, me = eager(se, [batch], lr_t)
+        sc, mc = compiled(sc, [batch], lr_t)
+        torch.testing.assert_close(mc["lr"], me["lr"], rtol=1e-6, atol=0)
+        for k in se.lora:
+            torch.testing.assert_close(sc.lora[k], se.lora[k], rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert isinstance(sc.opt, type(se.opt)) and sc.opt.d.item() > 1e-6

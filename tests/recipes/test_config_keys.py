@@ -46,6 +46,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "model.max_sequence_length": (4, {}),
     "model.quantize": ("fp8", {}),
     "model.quantize_text_encoders": (True, {"model.quantize": "fp8"}),  # fp8: every width (4 bits: test_quantize)
+    "model.lora.kind": ("lokr", {}),
     "model.lora.r": (4, {}),
     "model.lora.lora_alpha": (4, {}),
     "model.lora.init_lora_weights": (True, {}),
@@ -64,6 +65,14 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "optimizer.betas": ([0.5, 0.9], {}),
     "optimizer.weight_decay": (0.5, {}),
     "optimizer.eps": (0.1, {}),
+    "optimizer.name": ("prodigy", {}),
+    "optimizer.d0": (1e-3, {"optimizer.name": "prodigy"}),
+    "optimizer.d_coef": (0.1, {"optimizer.name": "prodigy"}),
+    "optimizer.use_bias_correction": (True, {"optimizer.name": "prodigy"}),
+    "optimizer.safeguard_warmup": (
+        True,
+        {"optimizer.name": "prodigy", "lr_scheduler.warmup_steps": 2, "train.max_train_steps": 4},
+    ),
     "lr_scheduler.scheduler_type": ("linear", {}),
     "lr_scheduler.warmup_steps": (1, {}),
     "lr_scheduler.num_cycles": (1.0, {"lr_scheduler.scheduler_type": "cosine"}),
