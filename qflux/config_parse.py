@@ -27,6 +27,8 @@ from qflux.errors import QfluxError
 T = TypeVar("T")
 
 _ENCODER_KEYS = {"vae_encoder": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+SYNONYMS = {"learning_rate": "lr", "rank": "r", "alpha": "lora_alpha", "optimizer": "name", "adapter": "kind"}
+"""Other trainers' names for a key's last part (``optimizer.learning_rate`` → ``optimizer.lr``)."""
 MOVED = {
     "train.device": "devices.transformer",
     "train.guidance_scale": "model.guidance_scale",
@@ -73,6 +75,7 @@ def _closest(key: str, options: list[str]) -> str:
     if key in MOVED:
         return f"; it moved to '{MOVED[key]}'"
     leaf = key.rsplit(".", 1)[-1]
+    leaf = SYNONYMS.get(leaf, leaf)
     same_leaf = [o for o in options if o.rsplit(".", 1)[-1] == leaf]
     match = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) if same_leaf else []
     match = match or difflib.get_close_matches(key, options, n=1, cutoff=0.0)

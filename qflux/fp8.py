@@ -79,7 +79,27 @@ class _Fp8LinearFn(torch.autograd.Function):
         return grad @ dequantize(w8, w_scale, grad.dtype), None, None, None
 
 
-class Float8FrozenLinear(nn.Linear):
+class SelfDequantizing:
+    """peft's hook for a float8 layer: its DoRA reads a base layer's weight through
+    ``dequantize_module_weight``, which asks a layer with ``W_q`` to ``dequantize()`` itself, so
+    ‖W + ΔW‖ is taken of the weight the layer multiplies by, not of the raw float8 codes."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    compute_dtype: torch.dtype = torch.bfloat16
+    """The dtype the layer computes in."""
+
+    @property
+    def W_q(self) -> torch.Tensor:
+        """The stored float8 weight [out, in]."""
+        return self.weight
+
+    def dequantize(self) -> torch.Tensor:
+        """s_w ⊙ W₈ in the layer's compute dtype [out, in]."""
+        return dequantize(self.weight, self.weight_scale, self.compute_dtype)
+
+
+class Float8FrozenLinear(SelfDequantizing, nn.Linear):
     """A frozen linear layer whose weight is stored as float8_e4m3fn with per-output-channel scales.
 
     ``weight`` is the fp8 tensor [out, in] (half the bytes of bf16); ``weight_scale`` [out, 1] float32.

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from qflux.errors import QfluxError, optional
-from qflux.fp8 import FP8, dequantize, quantize_rowwise
+from qflux.fp8 import FP8, SelfDequantizing, dequantize, quantize_rowwise
 
 Quantize = Literal["none", "fp8", "nf4", "fp4"]
 QUANTIZE = ("none", "fp8", "nf4", "fp4")
@@ -84,7 +84,7 @@ class _StoredFp8Fn(torch.autograd.Function):
         return grad @ dequantize(w8, scale, grad.dtype), None, None, None  # ∂x = ∂y · (s ⊙ W₈)
 
 
-class Float8StorageLinear(nn.Linear):
+class Float8StorageLinear(SelfDequantizing, nn.Linear):
     """A frozen linear layer stored as float8_e4m3fn ``weight`` [out, in] with ``weight_scale``
     [out, 1] float32, computed in the activation dtype (see the module docstring)."""
 

@@ -208,6 +208,26 @@ def _compile_mode(cfg: RecipeConfig, device: torch.device, world: World, path: P
     return mode
 
 
+def check_adapter_settings(cfg: RecipeConfig) -> None:
+    """Refuse adapter settings that cannot work together, naming the fix.
+
+    Raises:
+        QfluxError: DoRA with a ComfyUI file or with block swap.
+    """
+    if cfg.model.lora.kind != "dora":
+        return
+    if cfg.train.lora_format == "comfyui":
+        raise QfluxError(
+            "train.lora_format: comfyui cannot hold a DoRA (ComfyUI divides by ‖W‖ where DoRA divides by ‖W+ΔW‖, so "
+            "its image would differ); set train.lora_format: diffusers, which diffusers' load_lora_weights reads"
+        )
+    if cfg.train.blocks_to_swap:
+        raise QfluxError(
+            "model.lora.kind: dora reads each adapted layer's whole weight (its norm) every step, which block swap "
+            "keeps on the host; set train.blocks_to_swap: 0, or use another model.lora.kind (lokr, loha, lora)"
+        )
+
+
 @contextlib.contextmanager
 def training_run(
     cfg: RecipeConfig, *, pipeline: str, components: Sequence[str], rule: PairRule, variant: str | None
@@ -219,13 +239,14 @@ def training_run(
         raise QfluxError(
             "validation.use_ema: true validates the LoRA's moving average; set train.ema_decay (e.g. 0.99)"
         )
-    if cfg.model.lora.kind == "dora" and cfg.train.lora_format == "comfyui":
-        raise QfluxError(
-            "train.lora_format: comfyui cannot hold a DoRA (ComfyUI divides by ‖W‖ where DoRA divides by ‖W+ΔW‖, so "
-            "its image would differ); set train.lora_format: diffusers, which diffusers' load_lora_weights reads"
-        )
+    check_adapter_settings(cfg)
     device = resolve_device(cfg.devices.transformer, key="devices.transformer")
     world = init_world(device.type)
+    if cfg.model.lora.kind == "dora" and world.size > 1 and cfg.train.distributed == "fsdp":
+        raise QfluxError(
+            "model.lora.kind: dora reads each adapted layer's whole weight (its norm) every step, which FSDP2 "
+            "shards across ranks; use train.distributed: ddp, or another model.lora.kind"
+        )
     device = rank_device(world, device)
     with quiet_unless(world.is_main):
         path = model_folder(cfg.model.pretrained_model_name_or_path, variant, components, pipeline)

@@ -108,3 +108,10 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path: Path, capsys) -> N
         flux_kontext_lora.main([*args, "--train.max_train_steps=2", "--optimizer.name=prodigy",
                                 "--resume_from_checkpoint=latest"])  # fmt: skip
     assert info.value.code == 2 and "optimizer.name (checkpoint 'adamw', now 'prodigy')" in capsys.readouterr().err
+
+
+def test_dora_with_block_swap_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as info:
+        flux_kontext_lora.main(["train", f"--logging.output_dir={tmp_path}", "--model.lora.kind=dora",
+                                "--train.blocks_to_swap=1"])  # fmt: skip
+    assert info.value.code == 2 and "set train.blocks_to_swap: 0" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from qflux.lora import (
     save_lora,
     save_lora_comfyui,
 )
+from qflux.quantize import quantize_frozen
 
 STEPS = 3
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2", "proj_mlp", "proj_out", "norm1.linear")
@@ -175,18 +176,24 @@ def _strip(name: str, module: str) -> str:
     return name.removeprefix(module + ".")
 
 
-def test_dora_forward_is_the_formula(tiny_flux_dir: Path) -> None:
-    """y = m ⊙ (W + s·B·A)x / ‖W + s·B·A‖_row + b for a DoRA layer called through our functional path."""
-    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
+@pytest.mark.parametrize("quantize", ["none", "fp8"])
+def test_dora_forward_is_the_formula(tiny_flux_dir: Path, quantize: str) -> None:
+    """y = m ⊙ (W + s·B·A)x / ‖W + s·B·A‖_row + b for a DoRA layer called through our functional path,
+    W the weight the base layer multiplies by (fp8: the dequantized s_w ⊙ W₈, not the codes)."""
+    dtype = torch.float32 if quantize == "none" else torch.bfloat16
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", dtype)
+    quantize_frozen(tr, quantize)
     lora = _trained(tr, "dora", 4)
     module = "transformer_blocks.0.attn.to_q"
     layer = tr.get_submodule(module)
     mine = {_strip(k, module): v for k, v in lora.items() if k.startswith(module + ".")}
-    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(2), dtype=dtype)
     got = call_with_lora(layer, mine, {"x": x})
     a, b = mine["lora_A.default.weight"], mine["lora_B.default.weight"]
     m = mine["lora_magnitude_vector.default.weight"]
-    w = layer.base_layer.weight + (8 / 4) * b @ a
-    want = (x @ w.T) * (m / w.norm(dim=1)) + layer.base_layer.bias
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=1e-6)  # the module alone: the base
+    base = layer.base_layer
+    w = (base.dequantize() if quantize == "fp8" else base.weight).float() + (8 / 4) * b @ a
+    want = (x.float() @ w.T) * (m / w.norm(dim=1)) + base.bias.float()
+    tol = 1e-5 if quantize == "none" else 3e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6 if quantize == "none" else 1e-2)  # alone: the base
