@@ -69,6 +69,9 @@ def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
             raise QfluxError(
                 f"model.lora.target_modules {list(cfg.target_modules)} do not fit the model: {e}"
             ) from None
+    for m in transformer.modules():
+        if hasattr(m, "module_dropout"):  # peft's LoKr / LoHa layer: in training mode it draws torch.rand(1)
+            m.training = False  # each call (module dropout, 0 here), a host-side branch that breaks compile
     lora: Params = {}
     for name, p in transformer.named_parameters():
         if is_adapter_param(name):

@@ -330,7 +330,8 @@ def plan_rows(
                 if s not in rows:
                     rows[s] = row(s)
     for s, r in list(rows.items()):
-        if r.fits(vram_gib) or s.blocks_to_swap or s.quantize in ("nf4", "fp4"):
+        # DoRA reads each layer's whole weight every step: not with block swap (qflux.training refuses it)
+        if r.fits(vram_gib) or s.blocks_to_swap or s.quantize in ("nf4", "fp4") or lora.kind == "dora":
             continue
         n = blocks_needed(r, block_weights(model, configs["transformer"], dtype, s.quantize), vram_gib)
         if n:

@@ -187,10 +187,16 @@ def quiet_unless(main: bool) -> contextlib.AbstractContextManager[Any]:
 
 
 def _compile_mode(cfg: RecipeConfig, device: torch.device, world: World, path: Path) -> CompileMode:
-    """``train.compile`` for this device (``auto`` is eager with block swap), refused (before any model
-    loads) where it cannot run; block swap is checked here too."""
-    swap = cfg.train.blocks_to_swap
-    mode = "none" if swap and cfg.train.compile == "auto" else resolve_compile(cfg.train.compile, device)
+    """``train.compile`` for this device (``auto`` is eager with block swap and with DoRA), refused
+    (before any model loads) where it cannot run; block swap is checked here too."""
+    swap, dora = cfg.train.blocks_to_swap, cfg.model.lora.kind == "dora"
+    eager = (swap or dora) and cfg.train.compile == "auto"
+    mode = "none" if eager else resolve_compile(cfg.train.compile, device)
+    if dora and mode != "none":
+        raise QfluxError(
+            f"train.compile: {cfg.train.compile} cannot trace peft's DoRA layers (their weight lookup breaks the "
+            "graph); use train.compile: auto or false with model.lora.kind: dora"
+        )
     problem = swap_problem(swap, blocks=block_count(component_config(path, "transformer")),
                            quantize=cfg.model.quantize, fp8_matmul=cfg.train.fp8_matmul, compile_mode=mode,
                            fsdp=world.size > 1 and cfg.train.distributed == "fsdp")  # fmt: skip

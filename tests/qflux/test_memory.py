@@ -18,15 +18,15 @@ from qflux.plan_command import too_big
 from qflux.quantize import quantize_frozen, weight_bytes
 
 
-def _real_step(model: PlanModel, path: Path, inputs: Inputs, setting: Setting,
-               dtype: torch.dtype) -> tuple[int, int, int]:  # fmt: skip
+def _real_step(model: PlanModel, path: Path, inputs: Inputs, setting: Setting, dtype: torch.dtype,
+               lora: LoraConfig | None = None) -> tuple[int, int, int]:  # fmt: skip
     """The real model's step on the CPU, set up as planned: (resident bytes, the peak of what it
     allocates by :class:`LiveBytes` on real tensors, the same by torch's profiler)."""
     cls = model.files.table()["transformer"]
     transformer = cls.from_pretrained(path, subfolder="transformer", dtype=dtype)
     configs = {c: component_config(path, c) for c in ("transformer", "vae")}
     run, resident = real_step(
-        model, transformer, configs, inputs, setting, lora=LoraConfig(), device=torch.device("cpu")
+        model, transformer, configs, inputs, setting, lora=lora or LoraConfig(), device=torch.device("cpu")
     )
     tracker = LiveBytes(resident)
     with tracker:
@@ -69,6 +69,39 @@ def test_the_fake_step_is_the_real_step(setting: Setting, dtype: torch.dtype, ti
         # recomputed at the backward peak: each block's CPU RNG state (5 KiB; on a GPU it stays on the
         # host) and the CPU attention kernel's internal buffers (here 30 + 60 KiB on 450 KiB).
         assert allocated <= profiled <= 1.25 * allocated
+
+
+@pytest.mark.parametrize(
+    ("kind", "optimizer"), [("dora", "adamw"), ("lokr", "adamw"), ("loha", "adamw"), ("lora", "prodigy")]
+)
+def test_the_fake_step_is_the_real_step_for_each_kind_and_optimizer(
+    kind: str, optimizer: str, tiny_flux_dir: Path
+) -> None:
+    model, components = _flux()
+    inputs = Inputs(batch_size=1, accumulation=1, target=(64, 48), controls=((64, 48),), text_tokens=16,
+                    optimizer=optimizer)  # fmt: skip
+    configs = {c: component_config(tiny_flux_dir, c) for c in components}
+    lora = LoraConfig(kind=kind)
+    setting = Setting("none", False)
+    planned = estimate(model, configs, inputs, setting, dtype=torch.float32, lora=lora)
+    resident, allocated, _ = _real_step(model, tiny_flux_dir, inputs, setting, torch.float32, lora)
+    assert planned.weights + planned.state == resident
+    assert planned.activations + planned.transient == allocated
+
+
+def test_the_plan_offers_dora_no_block_swap(tiny_flux_dir: Path) -> None:
+    from qflux.plan import plan_rows
+
+    model, components = _flux()
+    inputs = Inputs(batch_size=1, accumulation=1, target=(64, 48), controls=((64, 48),), text_tokens=16)
+    configs = {c: component_config(tiny_flux_dir, c) for c in components}
+    setting = Setting("none", False)
+    peak = estimate(model, configs, inputs, setting, dtype=torch.float32, lora=LoraConfig()).peak
+    kw = {"vram_gib": (peak - 1) / 2**30, "dtype": torch.float32, "encoders": {}}  # one byte too small
+    _, rows = plan_rows(model, configs, inputs, setting, lora=LoraConfig(), **kw)
+    assert any(r.setting.blocks_to_swap for r in rows)  # LoRA: swapping is offered when nothing fits
+    _, rows = plan_rows(model, configs, inputs, setting, lora=LoraConfig(kind="dora"), **kw)
+    assert not any(r.setting.blocks_to_swap for r in rows)
 
 
 def test_qwen_with_two_controls_fake_step_is_the_real_step(tmp_path: Path) -> None:

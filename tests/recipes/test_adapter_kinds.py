@@ -115,3 +115,10 @@ def test_dora_with_block_swap_is_refused(tmp_path: Path, capsys) -> None:  # typ
         flux_kontext_lora.main(["train", f"--logging.output_dir={tmp_path}", "--model.lora.kind=dora",
                                 "--train.blocks_to_swap=1"])  # fmt: skip
     assert info.value.code == 2 and "set train.blocks_to_swap: 0" in capsys.readouterr().err
+
+
+def test_dora_with_compile_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as info:
+        flux_kontext_lora.main(["train", f"--logging.output_dir={tmp_path}", "--model.lora.kind=dora",
+                                "--train.compile=regional"])  # fmt: skip
+    assert info.value.code == 2 and "use train.compile: auto or false" in capsys.readouterr().err

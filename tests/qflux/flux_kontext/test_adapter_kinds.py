@@ -38,6 +38,7 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2", "proj_m
 # (kind, rank): the tiny model's 32-wide layers factor as 4 ⊗ 8, so LoKr at rank 4 holds two full
 # factors (its scale folded into lokr_w1) and at rank 2 a low-rank W2 = W2a·W2b (with .alpha)
 CASES = [("dora", 4), ("lokr", 4), ("lokr", 2), ("loha", 4)]
+LYCORIS_CASES = [c for c in CASES if c[0] != "dora"]
 # the tensor names ComfyUI's loaders read (comfy/lora.py load_lora, comfy/weight_adapter/lokr.py, loha.py)
 COMFY_NAMES = {
     "lokr": {"lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
@@ -87,10 +88,9 @@ def test_predict_reads_every_file_back_to_the_same_image(tiny_flux_dir: Path, sa
         assert _mad(_predict(models), ours) <= 1 / 255, name
 
 
+@pytest.mark.parametrize("saved", [("dora", 4)], indirect=True, ids=["dora-r4"])
 def test_dora_loads_in_diffusers_and_moves_the_image(tiny_flux_dir: Path, saved) -> None:
-    kind, _, out, _, _, ours, base = saved
-    if kind != "dora":
-        pytest.skip("diffusers loads LoRA and DoRA files only")
+    _, _, out, _, _, ours, base = saved
     pipe = FluxKontextPipeline.from_pretrained(tiny_flux_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out))
@@ -147,10 +147,9 @@ def _comfy_delta(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     return scale * torch.kron(w1, w2)
 
 
+@pytest.mark.parametrize("saved", LYCORIS_CASES, indirect=True, ids=[f"{k}-r{r}" for k, r in LYCORIS_CASES])
 def test_lycoris_files_use_comfyui_names_and_scales(saved) -> None:
     kind, r, out, models, lora, _, _ = saved
-    if kind == "dora":
-        pytest.skip("DoRA has no ComfyUI file")
     tr = models.transformer
     paths = {path.replace(".", "_"): path for path, _ in tr.named_modules()}
     for name, prefix in ((LORA_WEIGHT_NAME, "transformer."), (COMFYUI_WEIGHT_NAME, "lycoris_")):
@@ -197,3 +196,19 @@ def test_dora_forward_is_the_formula(tiny_flux_dir: Path, quantize: str) -> None
     tol = 1e-5 if quantize == "none" else 3e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6 if quantize == "none" else 1e-2)  # alone: the base
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lycoris_kinds_compile_as_one_graph(tiny_flux_dir: Path, kind: str) -> None:
+    """An adapted layer through our functional path under ``torch.compile(fullgraph=True)`` (no
+    host-side branch: peft's LoKr / LoHa layers stay out of their module-dropout draw) equals eager.
+    (peft's DoRA layer does not trace: train.compile refuses it, and auto runs it eagerly.)"""
+    tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
+    lora = _trained(tr, kind, 4)
+    module = "transformer_blocks.0.attn.to_q"
+    layer = tr.get_submodule(module)
+    mine = {_strip(k, module): v for k, v in lora.items() if k.startswith(module + ".")}
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(lambda t: call_with_lora(layer, mine, {"x": t}), fullgraph=True)
+    torch.testing.assert_close(compiled(x), call_with_lora(layer, mine, {"x": x}), rtol=1e-5, atol=1e-5)
