@@ -171,7 +171,8 @@ def predict(
         image: the image to edit (PNG, JPEG or WebP).
         prompt: the edit instruction.
         out: where the edited image is written (folders are made).
-        lora: a LoRA file: diffusers, ComfyUI or kohya format (the files qflux writes, at any width).
+        lora: a LoRA file: diffusers, ComfyUI or kohya format (the files qflux writes, at any width), or a
+            DoRA, LoKr or LoHa file qflux wrote.
         seed: seed of the initial noise.
         num_inference_steps: denoising steps.
         guidance_scale: the guidance value fed to the guidance-distilled transformer (null: model.guidance_scale).

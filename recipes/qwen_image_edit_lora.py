@@ -201,7 +201,8 @@ def predict(
         prompt: the edit instruction.
         image: the image to edit; Edit-Plus (model.variant: edit_plus) takes 0 to 3, comma-separated.
         out: where the edited image is written (folders are made).
-        lora: a LoRA file: diffusers, ComfyUI or kohya format (the files qflux writes, at any width).
+        lora: a LoRA file: diffusers, ComfyUI or kohya format (the files qflux writes, at any width), or a
+            DoRA, LoKr or LoHa file qflux wrote.
         seed: seed of the initial noise.
         num_inference_steps: denoising steps.
         height: output height in pixels (default: the last control image's ~1024² size).
