@@ -83,17 +83,20 @@ def _control() -> str:
     return str(sorted((root / "control_images").iterdir())[0])
 
 
-def test_dora_in_comfyui_format_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("args", "fix"),
+    [
+        (["--model.lora.kind=dora", "--train.lora_format=comfyui"], "set train.lora_format: diffusers"),
+        (["--model.lora.kind=dora", "--train.blocks_to_swap=1"], "set train.blocks_to_swap: 0"),
+        (["--model.lora.kind=dora", "--train.compile=regional"], "use train.compile: auto or false"),
+        (["--optimizer.d_coef=0.5"], "set optimizer.name: prodigy"),
+    ],
+    ids=["dora-comfyui", "dora-block-swap", "dora-compile", "prodigy-key-with-adamw"],
+)
+def test_settings_that_cannot_work_are_refused_with_the_fix(tmp_path: Path, capsys, args: list[str], fix: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as info:
-        flux_kontext_lora.main(["train", f"--logging.output_dir={tmp_path}", "--model.lora.kind=dora",
-                                "--train.lora_format=comfyui"])  # fmt: skip
-    assert info.value.code == 2 and "set train.lora_format: diffusers" in capsys.readouterr().err
-
-
-def test_prodigy_keys_need_prodigy(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(SystemExit) as info:
-        flux_kontext_lora.main(["train", f"--logging.output_dir={tmp_path}", "--optimizer.d_coef=0.5"])
-    assert info.value.code == 2 and "set optimizer.name: prodigy" in capsys.readouterr().err
+        flux_kontext_lora.main(["train", f"--logging.output_dir={tmp_path}", *args])
+    assert info.value.code == 2 and fix in capsys.readouterr().err
 
 
 def test_resuming_with_another_optimizer_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -108,17 +111,3 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path: Path, capsys) -> N
         flux_kontext_lora.main([*args, "--train.max_train_steps=2", "--optimizer.name=prodigy",
                                 "--resume_from_checkpoint=latest"])  # fmt: skip
     assert info.value.code == 2 and "optimizer.name (checkpoint 'adamw', now 'prodigy')" in capsys.readouterr().err
-
-
-def test_dora_with_block_swap_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(SystemExit) as info:
-        flux_kontext_lora.main(["train", f"--logging.output_dir={tmp_path}", "--model.lora.kind=dora",
-                                "--train.blocks_to_swap=1"])  # fmt: skip
-    assert info.value.code == 2 and "set train.blocks_to_swap: 0" in capsys.readouterr().err
-
-
-def test_dora_with_compile_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(SystemExit) as info:
-        flux_kontext_lora.main(["train", f"--logging.output_dir={tmp_path}", "--model.lora.kind=dora",
-                                "--train.compile=regional"])  # fmt: skip
-    assert info.value.code == 2 and "use train.compile: auto or false" in capsys.readouterr().err
