@@ -42,7 +42,7 @@ def _build_once(name: str, build: Callable[[Path], object]) -> Path:
 
 def resolve_model_path(name_or_path: str, variant: str | None = None) -> str:
     """Map ``builtin:tiny-flux-kontext`` and ``builtin:tiny-qwen-image-edit`` (of ``variant``:
-    edit or edit_plus) to their built folders; other values pass through."""
+    edit, edit_plus or edit_2511) to their built folders; other values pass through."""
     if name_or_path == BUILTIN_TINY_FLUX_KONTEXT:
         from qflux.tiny import build_flux_kontext
 

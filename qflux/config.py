@@ -141,10 +141,14 @@ class QwenImageEditModel(ModelSection):
     pretrained_model_name_or_path: str = BUILTIN_TINY_QWEN_IMAGE_EDIT
     """Local diffusers folder or hub id; 'builtin:tiny-qwen-image-edit' builds a tiny random model
     (of the configured variant)."""
-    variant: Literal["edit", "edit_plus"] = attrs.field(default="edit", validator=v.in_(("edit", "edit_plus")))
+    variant: Literal["edit", "edit_plus", "edit_2511"] = attrs.field(
+        default="edit", validator=v.in_(("edit", "edit_plus", "edit_2511"))
+    )
     """'edit': Qwen-Image-Edit, one control image per sample. 'edit_plus': Qwen-Image-Edit-2509,
     0 to 3 control images per sample (control_images/NAME, NAME_control_1, NAME_control_2), each
-    seen by the vision-language encoder at ~384² and by the VAE."""
+    seen by the vision-language encoder at ~384² and by the VAE. 'edit_2511': Qwen-Image-Edit-2511,
+    Edit-Plus's inputs with the transformer's zero_cond_t (control tokens modulated at t = 0; its
+    transformer/config.json says so)."""
 
 
 @attrs.frozen

@@ -246,6 +246,10 @@ _QWEN_PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+QWEN_VARIANTS = ("edit", "edit_plus", "edit_2511")
+"""Qwen-Image-Edit, -2509 (Plus) and -2511 (Plus with ``zero_cond_t``)."""
+
+
 def build_qwen_image_edit(
     out_dir: str | Path, seed: int = 0, size: str = "tiny", variant: str = "edit", overrides: Overrides | None = None
 ) -> Path:
@@ -256,8 +260,9 @@ def build_qwen_image_edit(
     with non-trivial ``latents_mean`` / ``latents_std``, and Qwen-Image's scheduler settings.
 
     Args:
-        variant: "edit" (``QwenImageEditPipeline``) or "edit_plus" (``QwenImageEditPlusPipeline``,
-            2509: the same components, several control images).
+        variant: "edit" (``QwenImageEditPipeline``), "edit_plus" (``QwenImageEditPlusPipeline``,
+            2509: the same components, several control images) or "edit_2511" (the Plus pipeline
+            with the transformer's ``zero_cond_t``: control tokens modulated at t = 0).
         overrides: changes to the preset, per section (``transformer``, ``text``, ``vision``,
             ``vae``, ``processor``) or plain key (``z_dim``); a VAE with n ``temperal_downsample``
             entries downsamples by 2^n.
@@ -277,8 +282,8 @@ def build_qwen_image_edit(
 
     from qflux.qwen_image_edit.processor import qwen_processor
 
-    if variant not in ("edit", "edit_plus"):
-        raise ValueError(f"unknown variant {variant!r}; choose 'edit' or 'edit_plus'")
+    if variant not in QWEN_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(QWEN_VARIANTS)}")
     p = _preset(_QWEN_PRESETS, size, overrides)
     out = Path(out_dir)
     tok = qwen_tokenizer()
@@ -308,6 +313,7 @@ def build_qwen_image_edit(
             out_channels=z,
             joint_attention_dim=p["text"]["hidden_size"],
             guidance_embeds=False,
+            zero_cond_t=variant == "edit_2511",
             **p["transformer"],
         )
         gen = torch.Generator().manual_seed(seed + 1)
@@ -348,11 +354,13 @@ _BUILDERS: dict[str, Callable[..., Path]] = {
     "flux_kontext": build_flux_kontext,
     "qwen_image_edit": build_qwen_image_edit,
     "qwen_image_edit_plus": partial(build_qwen_image_edit, variant="edit_plus"),
+    "qwen_image_edit_2511": partial(build_qwen_image_edit, variant="edit_2511"),
 }
 
 
 def main(model: str, out_dir: str, seed: int = 0, size: str = "tiny") -> None:
-    """CLI: ``python -m qflux.tiny flux_kontext|qwen_image_edit|qwen_image_edit_plus DIR [--seed=0] [--size=...]``."""
+    """CLI: ``python -m qflux.tiny flux_kontext|qwen_image_edit|qwen_image_edit_plus|qwen_image_edit_2511 DIR
+    [--seed=0] [--size=...]``."""
     if model not in _BUILDERS:
         raise SystemExit(f"unknown tiny model {model!r}; choose one of {sorted(_BUILDERS)}")
     presets = _QWEN_PRESETS if model.startswith("qwen") else _PRESETS

@@ -6,7 +6,9 @@ synthetic colour-inversion dataset) and writes, under ``logging.output_dir``: th
 ``..._comfyui.safetensors``), checkpoints, ``config.yaml``, ``loss.png`` and ``sample.png``.
 
 ``model.variant: edit_plus`` trains Qwen-Image-Edit-2509, whose samples have 0 to 3 control images
-(``control_images/NAME.png``, ``NAME_control_1.png``, ``NAME_control_2.png``). Each sample's prompt
+(``control_images/NAME.png``, ``NAME_control_1.png``, ``NAME_control_2.png``); ``edit_2511``
+trains Qwen-Image-Edit-2511 on the same inputs (its transformer modulates the control tokens at
+t = 0: ``zero_cond_t``). Each sample's prompt
 is embedded with its own control image(s), resized as the pipeline resizes them. A run reads top to
 bottom in :func:`train`; what every model shares is :mod:`qflux.training` and :mod:`qflux.train_loop`.
 """
@@ -44,7 +46,14 @@ from qflux.qwen_image_edit.batch import (
     to_batch,
 )
 from qflux.qwen_image_edit.conditioning import vae_decode
-from qflux.qwen_image_edit.loaders import COMPONENTS, ENCODERS, PIPELINE, QwenImageEditModels, load_qwen_image_edit
+from qflux.qwen_image_edit.loaders import (
+    COMPONENTS,
+    ENCODERS,
+    PIPELINE,
+    QwenImageEditModels,
+    check_variant,
+    load_qwen_image_edit,
+)
 from qflux.qwen_image_edit.plan import plan_model, text_tokens
 from qflux.qwen_image_edit.predict import denoise
 from qflux.qwen_image_edit.predict import predict as qwen_predict
@@ -64,7 +73,7 @@ from qflux.training import (
 )
 
 NAMING: Naming = "qwen"
-PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own")}
+PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own"), "edit_2511": PairRule((0, 3), "own")}
 """Control images per sample of each variant; each is sized at its own aspect, as the pipelines do."""
 
 
@@ -104,6 +113,8 @@ def _folder(cfg: QwenImageEditConfig) -> Path:
 def _load(cfg: QwenImageEditConfig, path: Path, include: Sequence[str], run: Run | None = None) -> QwenImageEditModels:
     """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
     dtype, quantize = torch_dtype(cfg.model.dtype), quantize_plan(cfg.model)
+    if "transformer" in include:
+        check_variant(path, cfg.model.variant)
     return load_qwen_image_edit(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
 
 

@@ -79,3 +79,27 @@ def load_qwen_image_edit(
 
 QWEN_IMAGE_EDIT = ModelFiles(PIPELINE, table)
 """The Qwen-Image-Edit folder layout (:func:`qflux.loading.load_part` loads one component of it)."""
+
+
+def check_variant(path: Path, variant: str) -> None:
+    """Refuse a folder whose transformer is not the ``model.variant`` it is trained or run as:
+    Qwen-Image-Edit-2511's has ``zero_cond_t: true`` in transformer/config.json (its control tokens
+    are modulated at t = 0), 2509's and the first Edit's do not.
+
+    Raises:
+        QfluxError: naming the folder, what its config says and the variant to set.
+    """
+    from qflux.errors import QfluxError
+    from qflux.loading import component_config
+
+    zero = bool(component_config(path, "transformer").get("zero_cond_t", False))
+    if zero and variant != "edit_2511":
+        raise QfluxError(
+            f"'{path}' is a Qwen-Image-Edit-2511 model (zero_cond_t: true in transformer/config.json); set "
+            "model.variant: edit_2511"
+        )
+    if variant == "edit_2511" and not zero:
+        raise QfluxError(
+            f"model.variant: edit_2511 expects a Qwen-Image-Edit-2511 transformer (zero_cond_t: true in "
+            f"transformer/config.json); '{path}' has none: set model.variant: edit_plus (2509) or edit"
+        )

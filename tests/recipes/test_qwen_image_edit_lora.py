@@ -101,6 +101,27 @@ def test_edit_plus_with_two_controls_and_none(plus_dir: Path, tmp_path: Path) ->
     assert all(torch.equal(cached.state.lora[k], result.state.lora[k]) for k in result.state.lora)
 
 
+def test_edit_2511_trains_and_its_lora_loads_in_the_pipeline(tmp_path: Path) -> None:
+    """The built-in 2511 model (zero_cond_t) trains with finite losses on Edit-Plus's data, the LoRA
+    loads in QwenImageEditPlusPipeline and ``predict --lora`` reads it; a 2509 variant on it is refused."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from qflux.qwen_image_edit.processor import load_qwen_processor
+
+    model = build_qwen_image_edit(tmp_path / "model", seed=4, variant="edit_2511")
+    data = plus_pairs(tmp_path / "data")
+    more = {"model.variant": "edit_2511", "data.dataset_path": str(data), "data.batch_size": 1,
+            "train.max_train_steps": 3}  # fmt: skip
+    result = run(_cfg(model, tmp_path / "out", **more))
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    pipe = QwenImageEditPlusPipeline.from_pretrained(model, processor=load_qwen_processor(model / "processor"))
+    pipe.load_lora_weights(tmp_path / "out")
+    with pytest.raises(SystemExit) as info:
+        main(["train", f"--model.pretrained_model_name_or_path={model}", "--model.variant=edit_plus",
+              f"--logging.output_dir={tmp_path / 'other'}", f"--data.dataset_path={data}"])  # fmt: skip
+    assert info.value.code == 2
+
+
 def test_comfyui_file_keeps_diffusers_names_and_the_update(plus_dir: Path, tmp_path: Path) -> None:
     from diffusers import QwenImageEditPlusPipeline
 

@@ -83,31 +83,33 @@ def test_predict_equals_pipeline_with_its_default_resizing(models, pipe) -> None
     assert _mad(ours, ref) <= 1 / 255
 
 
-@pytest.fixture(scope="module")
-def plus_pipe(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["edit_plus", "edit_2511"])
+def plus_pipe(request, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Edit-Plus (2509) or 2511 model (the same pipeline; 2511's transformer has zero_cond_t)."""
     from diffusers import QwenImageEditPlusPipeline
 
     from qflux.qwen_image_edit.processor import load_qwen_processor
 
-    path = build_qwen_image_edit(tmp_path_factory.mktemp("tiny-qwen-plus"), seed=0, variant="edit_plus")
+    path = build_qwen_image_edit(tmp_path_factory.mktemp(f"tiny-qwen-{request.param}"), seed=0, variant=request.param)
     p = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_qwen_processor(path / "processor"))
     p.set_progress_bar_config(disable=True)
-    return path, p
+    assert p.transformer.zero_cond_t == (request.param == "edit_2511")
+    return path, p, request.param
 
 
 @pytest.mark.parametrize(("n_images", "cfg"), [(1, None), (2, "blurry"), (3, None)])
 def test_edit_plus_predict_equals_pipeline(plus_pipe, monkeypatch: pytest.MonkeyPatch, n_images: int, cfg) -> None:
-    """Edit-Plus: each control image at ~384² for the vision-language encoder and ~1024² for the VAE
-    (both areas shrunk 256× here on both sides), output at the last image's size."""
+    """Edit-Plus and 2511: each control image at ~384² for the vision-language encoder and ~1024² for
+    the VAE (both areas shrunk 256× here on both sides), output at the last image's size."""
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 
     original = plus.calculate_dimensions
     monkeypatch.setattr(plus, "calculate_dimensions", lambda area, ratio: original(area / 256, ratio))
-    path, pipe = plus_pipe
+    path, pipe, variant = plus_pipe
     models = load_qwen_image_edit(path, torch.float32)
     images = [_image(90, 70), _image(50, 80), _image(64, 64)][:n_images]
     kw = {"negative_prompt": cfg, "true_cfg_scale": 4.0}
-    ours = predict(models, images, "put them together", variant="edit_plus", num_inference_steps=3, seed=1, **kw)
+    ours = predict(models, images, "put them together", variant=variant, num_inference_steps=3, seed=1, **kw)
     gen = torch.Generator("cpu").manual_seed(1)
     ref = pipe(image=images, prompt="put them together", num_inference_steps=3, generator=gen, output_type="np", **kw)
     assert ours.shape == ref.images[0].shape
