@@ -355,18 +355,25 @@ _BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen_image_edit": build_qwen_image_edit,
     "qwen_image_edit_plus": partial(build_qwen_image_edit, variant="edit_plus"),
     "qwen_image_edit_2511": partial(build_qwen_image_edit, variant="edit_2511"),
+    "flux2_klein": lambda *a, **k: _flux2_klein(*a, **k),
 }
 
 
+def _flux2_klein(*args: Any, **kwargs: Any) -> Path:
+    from qflux.tiny_flux2 import build_flux2_klein  # it builds on this module's tokenizer and presets
+
+    return build_flux2_klein(*args, **kwargs)
+
+
 def main(model: str, out_dir: str, seed: int = 0, size: str = "tiny") -> None:
-    """CLI: ``python -m qflux.tiny flux_kontext|qwen_image_edit|qwen_image_edit_plus|qwen_image_edit_2511 DIR
-    [--seed=0] [--size=...]``."""
+    """CLI: ``python -m qflux.tiny flux_kontext|qwen_image_edit|qwen_image_edit_plus|qwen_image_edit_2511|flux2_klein
+    DIR [--seed=0] [--size=...]``."""
     if model not in _BUILDERS:
         raise SystemExit(f"unknown tiny model {model!r}; choose one of {sorted(_BUILDERS)}")
-    presets = _QWEN_PRESETS if model.startswith("qwen") else _PRESETS
-    if size not in presets:
-        raise SystemExit(f"unknown size {size!r}; choose one of {sorted(presets)}")
-    path = _BUILDERS[model](out_dir, seed=seed, size=size)
+    try:
+        path = _BUILDERS[model](out_dir, seed=seed, size=size)
+    except ValueError as e:  # an unknown size names the ones there are
+        raise SystemExit(str(e)) from None
     print(f"wrote tiny {model} model to {path}")
 
 

@@ -1,0 +1,108 @@
+"""A tiny random FLUX.2 [klein] in the diffusers layout, built offline (``python -m qflux.tiny flux2_klein DIR``).
+
+FLUX.2 [klein] (``Flux2KleinPipeline``) reads a Qwen3 causal LM's hidden states at layers 9, 18 and 27
+(stacked along the feature axis: the transformer's ``joint_attention_dim`` is 3 × the encoder's width),
+a ``Flux2Transformer2DModel`` on 2×2-patchified latents (``in_channels`` = 4 × the VAE's latent
+channels), and ``AutoencoderKLFlux2``, whose patchified latents are normalised by its batch-norm's
+running statistics. The tiny model keeps every one of those relations at small widths: a Qwen3 of 28
+layers (so layer 27 exists) of width 16, a transformer of width 32, a 4-channel VAE with non-trivial
+running statistics, and a tokenizer built in code with a Qwen3-style chat template (``enable_thinking``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qflux.tiny import Overrides, _preset, qwen_tokenizer
+
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+"""Qwen3's chat template, reduced to what the pipeline renders: user turns, the generation prompt and
+the empty thinking block that ``enable_thinking=False`` adds."""
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "latent_channels": 4,
+        "transformer": {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                        "axes_dims_rope": (4, 4, 4, 4), "timestep_guidance_channels": 32, "mlp_ratio": 3.0},
+        # layer 27 must exist: hidden_states[27] is the output of the 27th layer
+        "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 28, "num_attention_heads": 2,
+                 "num_key_value_heads": 1, "head_dim": 8},
+        # three downsamplings: ×8, as the real VAE
+        "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 4},
+    },
+}  # fmt: skip
+
+
+def build_flux2_klein(
+    out_dir: str | Path, seed: int = 0, size: str = "tiny", overrides: Overrides | None = None
+) -> Path:
+    """Write a tiny random FLUX.2 [klein] model folder (diffusers layout) to ``out_dir``.
+
+    Args:
+        seed: weights (and the VAE's running statistics) are a deterministic function of this seed.
+        overrides: changes to the preset, per section (``transformer``, ``text``, ``vae``) or plain
+            key (``latent_channels``).
+
+    Returns:
+        The folder; ``Flux2KleinPipeline.from_pretrained(path)`` loads it.
+    """
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    p = _preset(_PRESETS, size, overrides)
+    out = Path(out_dir)
+    tok = qwen_tokenizer()
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    z = p["latent_channels"]
+    text = p["text"]
+    vocab = -(-len(tok) // 16) * 16
+    eos, pad = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=vocab,
+                bos_token_id=None,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                rope_theta=1000000.0,
+                tie_word_embeddings=True,
+                **text,
+            )
+        )
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=4 * z,  # 2×2-patchified latents
+            joint_attention_dim=3 * text["hidden_size"],  # three hidden-state layers, stacked
+            guidance_embeds=False,  # klein: no distilled guidance
+            **p["transformer"],
+        )
+        n = len(p["vae"]["block_out_channels"])
+        vae = AutoencoderKLFlux2(
+            latent_channels=z,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            **p["vae"],
+        )
+        gen = torch.Generator().manual_seed(seed + 1)
+        vae.bn.running_mean.copy_((torch.randn(4 * z, generator=gen) * 0.2).round(decimals=4))
+        vae.bn.running_var.copy_((1 + torch.rand(4 * z, generator=gen)).round(decimals=4))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.2's settings (the pipeline computes mu per run)
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
+    )
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                              transformer=transformer, is_distilled=False)  # fmt: skip
+    pipe.save_pretrained(out)
+    return out

@@ -1,0 +1,72 @@
+"""The tiny FLUX.2 [klein]: deterministic per seed, in the diffusers layout ``Flux2KleinPipeline`` loads,
+with the relations the pipeline relies on (Qwen3 layers 9, 18 and 27; 3 × its width into the
+transformer; 4 × the VAE's latent channels patchified), and it edits with one and two references."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qflux.tiny_flux2 import build_flux2_klein
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.safetensors")
+    }
+
+
+@pytest.fixture(scope="module")
+def klein_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_flux2_klein(tmp_path_factory.mktemp("klein"), seed=0)
+
+
+def test_same_seed_same_weights_other_seed_differs(klein_dir: Path, tmp_path: Path) -> None:
+    rng = torch.get_rng_state()
+    assert _digest(build_flux2_klein(tmp_path / "again", seed=0)) == _digest(klein_dir)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert _digest(build_flux2_klein(tmp_path / "other", seed=1)) != _digest(klein_dir)
+
+
+def test_the_pipeline_loads_it_and_edits_with_one_and_two_references(klein_dir: Path) -> None:
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(klein_dir)
+    pipe.set_progress_bar_config(disable=True)
+    text, tr, vae = pipe.text_encoder.config, pipe.transformer.config, pipe.vae.config
+    assert text.num_hidden_layers >= 27  # hidden_states[27] exists
+    assert tr.joint_attention_dim == 3 * text.hidden_size
+    assert tr.in_channels == 4 * vae.latent_channels
+    assert pipe.vae.bn.running_var.min() > 1  # non-trivial normalisation statistics
+    rendered = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)  # fmt: skip
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)) for _ in range(2)]
+    images = []
+    for n, guidance in ((1, 1.0), (2, 4.0)):
+        out = pipe(image=refs[:n], prompt="make it red", height=64, width=96, num_inference_steps=2,
+                   guidance_scale=guidance, generator=torch.Generator().manual_seed(0), output_type="np",
+                   max_sequence_length=32)  # fmt: skip
+        assert out.images[0].shape == (64, 96, 3) and np.isfinite(out.images[0]).all()
+        images.append(out.images[0])
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_cli_builds_it(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "qflux.tiny", "flux2_klein", str(tmp_path / "m")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    proc = subprocess.run([sys.executable, "-m", "qflux.tiny", "flux2_klein", str(tmp_path / "n"), "--size=huge"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0 and "unknown size 'huge'" in proc.stderr
