@@ -21,9 +21,12 @@ def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device:
     return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
-def euler_scheduler(scheduler_config: Any, num_inference_steps: int, image_seq_len: int, device: torch.device) -> Any:
+def euler_scheduler(
+    scheduler_config: Any, num_inference_steps: int, image_seq_len: int, device: torch.device, mu: float | None = None
+) -> Any:
     """A fresh ``FlowMatchEulerDiscreteScheduler`` set to the pipelines' sigmas for an image of
-    ``image_seq_len`` tokens; iterate ``.timesteps`` and call ``.step``.
+    ``image_seq_len`` tokens; iterate ``.timesteps`` and call ``.step``. ``mu``: the shift's μ when
+    the pipeline computes its own (FLUX.2's empirical one); by default the config's resolution μ.
 
     One step with a ``shift_terminal`` (Qwen-Image) would stretch [1] to 0/0: diffusers' pipelines
     return NaN there. A single step goes from σ = 1 to 0 without the stretch instead.
@@ -33,13 +36,14 @@ def euler_scheduler(scheduler_config: Any, num_inference_steps: int, image_seq_l
     overrides = {"shift_terminal": None} if num_inference_steps == 1 else {}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
     sc = scheduler.config
-    mu = resolution_mu(
-        image_seq_len,
-        sc.get("base_image_seq_len", 256),
-        sc.get("max_image_seq_len", 4096),
-        sc.get("base_shift", 0.5),
-        sc.get("max_shift", 1.15),
-    )
+    if mu is None:
+        mu = resolution_mu(
+            image_seq_len,
+            sc.get("base_image_seq_len", 256),
+            sc.get("max_image_seq_len", 4096),
+            sc.get("base_shift", 0.5),
+            sc.get("max_shift", 1.15),
+        )
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
     scheduler.set_begin_index(0)

@@ -1,0 +1,66 @@
+"""The FLUX.2 [klein] training loss equals the one computed the pipeline's way (its packing, its
+positions for the target and each reference, its transformer call) on the same noise, with zero, one
+and two references; and a LoRA's gradient reaches every adapted layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline
+
+from qflux.config import LoraConfig
+from qflux.flux2_klein.conditioning import encode_prompt
+from qflux.flux2_klein.loaders import load_flux2_klein
+from qflux.flux2_klein.step import Flux2KleinBatch, make_loss_fn
+from qflux.lora import inject_lora
+from qflux.tiny_flux2 import build_flux2_klein
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return load_flux2_klein(build_flux2_klein(tmp_path_factory.mktemp("klein"), seed=5), torch.float32)
+
+
+def _batch(models, n_refs: int) -> Flux2KleinBatch:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(n_refs)
+    c = models.transformer.config.in_channels
+    prompt = encode_prompt(models.text_encoder, models.tokenizer, ["make it red", "swap them"], 16)
+    refs = tuple(torch.randn(2, c, *hw, generator=g) for hw in [(3, 4), (5, 2)][:n_refs])
+    return Flux2KleinBatch(latents=torch.randn(2, c, 4, 6, generator=g), references=refs, text=prompt.tokens,
+                           text_ids=prompt.ids, noise=torch.randn(2, c, 4, 6, generator=g),
+                           sigmas=torch.tensor([0.2, 0.9]))  # fmt: skip
+
+
+def _pipeline_way(transformer, b: Flux2KleinBatch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    pipe = Flux2KleinPipeline
+    s = b.sigmas.view(-1, 1, 1, 1)
+    x_t = (1 - s) * b.latents + s * b.noise
+    latents, latent_ids = pipe._pack_latents(x_t), pipe._prepare_latent_ids(x_t)
+    hidden, ids = latents, latent_ids
+    if b.references:
+        image_ids = pipe._prepare_image_ids([r[:1] for r in b.references]).repeat(2, 1, 1)
+        image_latents = torch.cat([pipe._pack_latents(r) for r in b.references], dim=1)
+        hidden, ids = torch.cat([latents, image_latents], dim=1), torch.cat([latent_ids, image_ids], dim=1)
+    t = b.sigmas * 1000
+    out = transformer(hidden_states=hidden, timestep=t / 1000, guidance=None, encoder_hidden_states=b.text,
+                      txt_ids=b.text_ids, img_ids=ids, return_dict=False)[0][:, : latents.size(1)]  # fmt: skip
+    pred = pipe._unpack_latents_with_ids(out, latent_ids, 4, 6)
+    return ((pred.float() - (b.noise - b.latents)) ** 2).mean()
+
+
+@pytest.mark.parametrize("n_refs", [0, 1, 2])
+def test_the_loss_is_the_pipelines(models, n_refs: int) -> None:  # type: ignore[no-untyped-def]
+    batch = _batch(models, n_refs)
+    ours = make_loss_fn(models.transformer, weighting_scheme="none")({}, batch)
+    torch.testing.assert_close(ours, _pipeline_way(models.transformer, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_the_lora_gradient_reaches_every_adapted_layer(tmp_path: Path) -> None:
+    models = load_flux2_klein(build_flux2_klein(tmp_path / "m", seed=6), torch.float32)
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out")
+    lora = inject_lora(models.transformer, LoraConfig(r=2, target_modules=targets), seed=0)
+    loss_fn = make_loss_fn(models.transformer, weighting_scheme="none")
+    grads = torch.func.grad(loss_fn)(lora, _batch(models, 1))
+    assert all(g.abs().sum() > 0 for k, g in grads.items() if ".lora_B." in k)
