@@ -3,8 +3,13 @@ layers 9, 18 and 27 stacked per token), the images through the VAE (2×2-patchif
 normalised by the VAE's batch-norm statistics), and the 4-D positions (T, H, W, L) of every token.
 
     h = [H₉ ; H₁₈ ; H₂₇] ∈ [B, L, 3D]          (the chat-templated, padded prompt)
-    z = (patchify(mode(E(x))) − μ_bn) / √(σ²_bn + ε)   [B, 4C, h/2, w/2]
+    z = unpatchify((patchify(mode(E(x))) − μ_bn) / √(σ²_bn + ε))   [B, C, H/8, W/8]
+    tokens = pack(z) [B, (h/2)(w/2), 4C]       (the pipeline's patchify-then-flatten, the same order)
     positions: text (0, 0, 0, l); target (0, i, j, 0); reference k (10·(k+1), i, j, 0)
+
+Latents are kept on the VAE's own grid (normalised per patchified channel, then unpatchified), as
+FLUX.1's are: buckets, masks and the σ shift then work on them as on FLUX.1's, and
+:func:`qflux.latents.pack_latents` makes exactly the pipeline's tokens.
 
 The pipeline's own static helpers compute each piece (``Flux2KleinPipeline._get_qwen3_prompt_embeds``,
 ``_patchify_latents``, ``_prepare_latent_ids``, ...), so these are its numbers by construction.
@@ -65,37 +70,31 @@ def bn_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def vae_encode(vae: Any, images: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, H, W] in [−1, 1] (H, W multiples of 16) → normalised patchified latents
-    [B, 4C, H/16, W/16] (the posterior's mode), in the VAE's dtype."""
+    """Images [B, 3, H, W] in [−1, 1] (H, W multiples of 16) → normalised latents [B, C, H/8, W/8]
+    (the posterior's mode, normalised per patchified channel), in the VAE's dtype."""
+    pipe = _pipeline()
     x = images.to(device=vae.device, dtype=vae.dtype)
-    z = _pipeline()._patchify_latents(vae.encode(x).latent_dist.mode())
+    z = pipe._patchify_latents(vae.encode(x).latent_dist.mode())
     mean, std = bn_stats(vae, z)
-    return (z - mean) / std
+    return pipe._unpatchify_latents((z - mean) / std)
 
 
 @torch.no_grad()
 def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised patchified latents [B, 4C, h, w] → images [B, 3, 16h, 16w], roughly in [−1, 1]."""
-    z = latents.to(device=vae.device, dtype=vae.dtype)
+    """Normalised latents [B, C, h, w] → images [B, 3, 8h, 8w], roughly in [−1, 1]."""
+    pipe = _pipeline()
+    z = pipe._patchify_latents(latents.to(device=vae.device, dtype=vae.dtype))
     mean, std = bn_stats(vae, z)
-    return vae.decode(_pipeline()._unpatchify_latents(z * std + mean), return_dict=False)[0]
-
-
-def tokens_of(latents: torch.Tensor) -> torch.Tensor:
-    """Patchified latents [B, 4C, h, w] → tokens [B, h·w, 4C], row-major (the pipeline's ``_pack_latents``)."""
-    return latents.flatten(2).transpose(1, 2)
-
-
-def latents_of(tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """The inverse of :func:`tokens_of`: tokens [B, h·w, 4C] → [B, 4C, h, w]."""
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *hw)
+    return vae.decode(pipe._unpatchify_latents(z * std + mean), return_dict=False)[0]
 
 
 def target_ids(batch: int, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Positions [B, h·w, 4] of the target's tokens: (0, i, j, 0)."""
-    return _pipeline()._prepare_latent_ids(torch.empty(batch, 1, *hw, device="meta")).to(device)
+    """Positions [B, (h/2)(w/2), 4] of the tokens of latents [B, C, h, w]: (0, i, j, 0)."""
+    return _pipeline()._prepare_latent_ids(torch.empty(batch, 1, hw[0] // 2, hw[1] // 2, device="meta")).to(device)
 
 
 def reference_ids(hws: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
-    """Positions [1, Σ h·w, 4] of the references' tokens, reference k at T = 10·(k+1)."""
-    return _pipeline()._prepare_image_ids([torch.empty(1, 1, *hw, device="meta") for hw in hws]).to(device)
+    """Positions [1, Σ (h/2)(w/2), 4] of the tokens of reference latents [1, C, h_k, w_k], reference k
+    at T = 10·(k+1)."""
+    grids = [torch.empty(1, 1, h // 2, w // 2, device="meta") for h, w in hws]
+    return _pipeline()._prepare_image_ids(grids).to(device)

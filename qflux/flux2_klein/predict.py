@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from qflux.data import to_image
-from qflux.flux2_klein.conditioning import PromptEmbeds, encode_prompt, latents_of, vae_decode, vae_encode
+from qflux.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode, vae_encode
 from qflux.flux2_klein.loaders import Flux2KleinModels
 from qflux.flux2_klein.step import token_inputs, velocity
-from qflux.latents import size_multiple
+from qflux.latents import PATCH, size_multiple, unpack_latents
 from qflux.quantize import compute_dtype
 from qflux.sampling import euler_scheduler, initial_noise
 
@@ -100,7 +100,7 @@ def predict(
         tuple(vae_encode(models.vae, r.to(dtype)) for r in refs),
         pos,
         neg,
-        latent_hw=(height // multiple, width // multiple),
+        latent_hw=(PATCH * (height // multiple), PATCH * (width // multiple)),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         seed=seed,
@@ -128,18 +128,20 @@ def denoise(
     """The pipeline's denoising loop from encoded inputs (shared by predict and validation).
 
     Args:
-        references: normalised patchified latents [1, 4C, h_k, w_k] of each reference.
+        references: normalised latents [1, C, h_k, w_k] of each reference.
         prompt, negative: the prompt's embedding and, for CFG, the empty prompt's.
-        latent_hw: (h, w) of the patchified output latents (the image is 16× larger).
+        latent_hw: (h, w) of the output latents (even; the image is the VAE factor times larger).
 
     Returns:
-        Final normalised patchified latents [1, 4C, h, w] on the transformer's device.
+        Final normalised latents [1, C, h, w] on the transformer's device.
     """
     params = dict(lora or {})
     device, tdtype = transformer.device, compute_dtype(transformer)
-    shape = (1, transformer.config.in_channels, *latent_hw)
-    latents = initial_noise(shape, seed, noise_dtype, device)
-    seq = latent_hw[0] * latent_hw[1]
+    h, w = latent_hw
+    # the pipeline draws its noise on the patchified grid [1, 4C, h/2, w/2]: the same numbers, unpatchified
+    patchified = initial_noise((1, transformer.config.in_channels, h // 2, w // 2), seed, noise_dtype, device)
+    latents = unpack_latents(patchified.flatten(2).transpose(1, 2).contiguous(), h, w)
+    seq = (h // 2) * (w // 2)
     mu = empirical_mu(seq, num_inference_steps)
     scheduler = euler_scheduler(scheduler_config, num_inference_steps, seq, device, mu=mu)
     # CFG evaluates both prompts as one batch of 2: [prompt ; empty prompt]
@@ -151,8 +153,7 @@ def denoise(
     for t in scheduler.timesteps:
         sigma = t.expand(b).to(device=device, dtype=noise_dtype) / 1000
         tokens, ids = token_inputs(latents.expand(b, -1, -1, -1), refs)
-        v = velocity(transformer, params, tokens, seq, sigma, text, text_ids, ids, dtype=tdtype)
-        v = latents_of(v, latent_hw)
+        v = unpack_latents(velocity(transformer, params, tokens, seq, sigma, text, text_ids, ids, dtype=tdtype), h, w)
         if negative is not None:
             v = v[1:] + guidance_scale * (v[:1] - v[1:])  # v̂_∅ + s·(v̂ − v̂_∅)
         latents = scheduler.step(v.to(latents.dtype), t, latents, return_dict=False)[0]

@@ -3,8 +3,8 @@
 The target's noised tokens come first, then every reference image's tokens (each at its own T
 position); the loss is over the target's tokens only:
 
-    x_t = (1 − σ)·x0 + σ·ε                       (x0: normalised patchified target latents)
-    v̂ = F([tok(x_t) ; tok(r_1) ; … ; tok(r_k)], t = σ, text = h, positions)[:, :N]
+    x_t = (1 − σ)·x0 + σ·ε                       (x0: normalised target latents [B, C, h, w])
+    v̂ = F([pack(x_t) ; pack(r_1) ; … ; pack(r_k)], t = σ, text = h, positions)[:, :N]
     loss = mean_b w(σ_b) · mean (v̂ − (ε − x0))²
 
 Noising, target, weights and loss are :mod:`qflux.flow`'s, shared with FLUX.1 Kontext and Qwen-Image-Edit.
@@ -19,7 +19,8 @@ import attrs
 import torch
 
 from qflux.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
-from qflux.flux2_klein.conditioning import latents_of, reference_ids, target_ids, tokens_of
+from qflux.flux2_klein.conditioning import reference_ids, target_ids
+from qflux.latents import pack_latents, unpack_latents
 from qflux.lora import call_with_lora
 from qflux.quantize import compute_dtype
 
@@ -58,14 +59,14 @@ def velocity(
 
 
 def token_inputs(noisy: torch.Tensor, references: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """([tok(x_t) ; tok(r_1) ; …] [B, N + Nr, 4C], their positions [B, N + Nr, 4]) from patchified
-    latents x_t [B, 4C, h, w] and references [B, 4C, h_k, w_k]."""
+    """([pack(x_t) ; pack(r_1) ; …] [B, N + Nr, 4C], their positions [B, N + Nr, 4]) from latents
+    x_t [B, C, h, w] and references [B, C, h_k, w_k]."""
     b, _, h, w = noisy.shape
     ids = target_ids(b, (h, w), noisy.device)
     if not references:
-        return tokens_of(noisy), ids
+        return pack_latents(noisy), ids
     refs = reference_ids([(r.shape[-2], r.shape[-1]) for r in references], noisy.device).expand(b, -1, -1)
-    tokens = torch.cat([tokens_of(noisy), *(tokens_of(r.to(noisy.dtype)) for r in references)], dim=1)
+    tokens = torch.cat([pack_latents(noisy), *(pack_latents(r.to(noisy.dtype)) for r in references)], dim=1)
     return tokens, torch.cat([ids, refs], dim=1)
 
 
@@ -74,15 +75,15 @@ class Flux2KleinBatch:
     """Everything one training micro-batch needs, randomness included (drawn outside the step)."""
 
     latents: torch.Tensor
-    """Target latents x0 [B, 4C, h, w] (normalised, patchified; float32)."""
+    """Target latents x0 [B, C, h, w] (normalised; float32)."""
     references: tuple[torch.Tensor, ...]
-    """Reference latents, one [B, 4C, h_k, w_k] per reference image (the same count for the batch)."""
+    """Reference latents, one [B, C, h_k, w_k] per reference image (zeros where dropped)."""
     text: torch.Tensor
     """Prompt embedding h [B, L, 3D]."""
     text_ids: torch.Tensor
     """[B, L, 4]."""
     noise: torch.Tensor
-    """ε [B, 4C, h, w] (float32)."""
+    """ε [B, C, h, w] (float32)."""
     sigmas: torch.Tensor
     """σ [B] (float32) in (0, 1]."""
     pixel: torch.Tensor | None = None
@@ -99,9 +100,10 @@ def make_loss_fn(
         x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
         noisy = add_noise(x0, eps, sigmas)
         tokens, ids = token_inputs(noisy, batch.references)
-        n = x0.shape[-2] * x0.shape[-1]
-        out = velocity(transformer, lora, tokens, n, sigmas, batch.text, batch.text_ids, ids, dtype=dtype)
-        pred = latents_of(out.float(), (x0.shape[-2], x0.shape[-1]))
+        h, w = x0.shape[-2], x0.shape[-1]
+        out = velocity(transformer, lora, tokens, (h // 2) * (w // 2), sigmas, batch.text, batch.text_ids, ids,
+                       dtype=dtype)  # fmt: skip
+        pred = unpack_latents(out.float(), h, w)
         return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)
 
     return loss_fn

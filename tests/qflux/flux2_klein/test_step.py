@@ -25,28 +25,30 @@ def models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 
 def _batch(models, n_refs: int) -> Flux2KleinBatch:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(n_refs)
-    c = models.transformer.config.in_channels
+    c = models.transformer.config.in_channels // 4  # the VAE's latent channels
     prompt = encode_prompt(models.text_encoder, models.tokenizer, ["make it red", "swap them"], 16)
-    refs = tuple(torch.randn(2, c, *hw, generator=g) for hw in [(3, 4), (5, 2)][:n_refs])
-    return Flux2KleinBatch(latents=torch.randn(2, c, 4, 6, generator=g), references=refs, text=prompt.tokens,
-                           text_ids=prompt.ids, noise=torch.randn(2, c, 4, 6, generator=g),
+    refs = tuple(torch.randn(2, c, *hw, generator=g) for hw in [(6, 8), (10, 4)][:n_refs])
+    return Flux2KleinBatch(latents=torch.randn(2, c, 8, 12, generator=g), references=refs, text=prompt.tokens,
+                           text_ids=prompt.ids, noise=torch.randn(2, c, 8, 12, generator=g),
                            sigmas=torch.tensor([0.2, 0.9]))  # fmt: skip
 
 
 def _pipeline_way(transformer, b: Flux2KleinBatch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The pipeline's packing on the patchified grid: _patchify_latents, _pack_latents, its ids."""
     pipe = Flux2KleinPipeline
     s = b.sigmas.view(-1, 1, 1, 1)
-    x_t = (1 - s) * b.latents + s * b.noise
+    x_t = pipe._patchify_latents((1 - s) * b.latents + s * b.noise)
     latents, latent_ids = pipe._pack_latents(x_t), pipe._prepare_latent_ids(x_t)
     hidden, ids = latents, latent_ids
     if b.references:
-        image_ids = pipe._prepare_image_ids([r[:1] for r in b.references]).repeat(2, 1, 1)
-        image_latents = torch.cat([pipe._pack_latents(r) for r in b.references], dim=1)
+        refs = [pipe._patchify_latents(r) for r in b.references]
+        image_ids = pipe._prepare_image_ids([r[:1] for r in refs]).repeat(2, 1, 1)
+        image_latents = torch.cat([pipe._pack_latents(r) for r in refs], dim=1)
         hidden, ids = torch.cat([latents, image_latents], dim=1), torch.cat([latent_ids, image_ids], dim=1)
     t = b.sigmas * 1000
     out = transformer(hidden_states=hidden, timestep=t / 1000, guidance=None, encoder_hidden_states=b.text,
                       txt_ids=b.text_ids, img_ids=ids, return_dict=False)[0][:, : latents.size(1)]  # fmt: skip
-    pred = pipe._unpack_latents_with_ids(out, latent_ids, 4, 6)
+    pred = pipe._unpatchify_latents(pipe._unpack_latents_with_ids(out, latent_ids, 4, 6))
     return ((pred.float() - (b.noise - b.latents)) ** 2).mean()
 
 
