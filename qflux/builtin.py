@@ -12,7 +12,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from qflux.config import BUILTIN_SYNTHETIC_DATASET, BUILTIN_TINY_FLUX_KONTEXT, BUILTIN_TINY_QWEN_IMAGE_EDIT
+from qflux.config import (
+    BUILTIN_SYNTHETIC_DATASET,
+    BUILTIN_TINY_FLUX2_KLEIN,
+    BUILTIN_TINY_FLUX_KONTEXT,
+    BUILTIN_TINY_QWEN_IMAGE_EDIT,
+)
 
 SYNTHETIC_TRAIN = 24
 SYNTHETIC_HELDOUT = 8
@@ -41,12 +46,16 @@ def _build_once(name: str, build: Callable[[Path], object]) -> Path:
 
 
 def resolve_model_path(name_or_path: str, variant: str | None = None) -> str:
-    """Map ``builtin:tiny-flux-kontext`` and ``builtin:tiny-qwen-image-edit`` (of ``variant``:
-    edit, edit_plus or edit_2511) to their built folders; other values pass through."""
+    """Map ``builtin:tiny-flux-kontext``, ``builtin:tiny-flux2-klein`` and ``builtin:tiny-qwen-image-edit``
+    (of ``variant``: edit, edit_plus or edit_2511) to their built folders; other values pass through."""
     if name_or_path == BUILTIN_TINY_FLUX_KONTEXT:
         from qflux.tiny import build_flux_kontext
 
         return str(_build_once("tiny-flux-kontext-seed0", lambda p: build_flux_kontext(p, seed=0)))
+    if name_or_path == BUILTIN_TINY_FLUX2_KLEIN:
+        from qflux.tiny_flux2 import build_flux2_klein
+
+        return str(_build_once("tiny-flux2-klein-seed0", lambda p: build_flux2_klein(p, seed=0)))
     if name_or_path == BUILTIN_TINY_QWEN_IMAGE_EDIT:
         from qflux.tiny import build_qwen_image_edit
 

@@ -48,8 +48,7 @@ def encode_prompt(
     text_encoder: Any, tokenizer: Any, prompts: Sequence[str], max_sequence_length: int = 512
 ) -> PromptEmbeds:
     """The prompts through the chat template and Qwen3, padded to ``max_sequence_length`` tokens."""
-    pipe = _pipeline()
-    tokens = pipe._get_qwen3_prompt_embeds(
+    tokens = _pipeline()._get_qwen3_prompt_embeds(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         prompt=list(prompts),
@@ -58,7 +57,12 @@ def encode_prompt(
         max_sequence_length=max_sequence_length,
         hidden_states_layers=TEXT_LAYERS,
     )
-    return PromptEmbeds(tokens=tokens, ids=pipe._prepare_text_ids(tokens).to(tokens.device))
+    return PromptEmbeds(tokens=tokens, ids=text_ids(tokens))
+
+
+def text_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Positions [B, L, 4] of prompt tokens [B, L, D]: (0, 0, 0, l)."""
+    return _pipeline()._prepare_text_ids(tokens).to(tokens.device)
 
 
 def bn_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from qflux.config_parse import schema_keys
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-@pytest.mark.parametrize("markers", list(REFERENCES), ids=["flux", "qwen"])
+@pytest.mark.parametrize("markers", list(REFERENCES), ids=["flux", "qwen", "klein"])
 def test_readme_reference_is_current(markers: tuple[str, str]) -> None:
     assert current_section(README, *markers) == render_reference(REFERENCES[markers]), (
         "README.md's configuration reference is stale: run `python -m qflux.config_doc README.md`"

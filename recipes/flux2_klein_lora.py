@@ -1,0 +1,254 @@
+"""FLUX.2 [klein] LoRA: ``python -m recipes.flux2_klein_lora [train|cache|predict|plan|check] [--config=F] [...]``.
+
+With no arguments it trains on the built-in default (a tiny random FLUX.2 [klein] and the synthetic
+colour-inversion dataset) and writes, under ``logging.output_dir``: the LoRA
+(``pytorch_lora_weights.safetensors``, which ``Flux2KleinPipeline.load_lora_weights`` reads),
+checkpoints, ``config.yaml``, ``loss.png`` and ``sample.png``.
+
+A sample has 0 to 4 reference images, Edit-Plus's layout: ``control_images/NAME.png``, then
+``NAME_control_1.png``, ...; each reference keeps its own size and aspect (the pipeline's way), at
+its own position in time (T = 10, 20, ...). A run reads top to bottom in :func:`train`; what every
+model shares is :mod:`qflux.training` and :mod:`qflux.train_loop`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from qflux.batching import Conditioning, DataPath, with_mask
+from qflux.cache import CacheReport
+from qflux.cache_path import CachePath, cache_command, cached_data
+from qflux.check_command import run_check
+from qflux.cli import main as cli_main
+from qflux.config import Flux2KleinConfig
+from qflux.config_parse import load_config
+from qflux.data import PairRule, collate_pairs, load_rgb, save_image
+from qflux.errors import QfluxError
+from qflux.flux2_klein import cache as kcache
+from qflux.flux2_klein.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
+from qflux.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode
+from qflux.flux2_klein.loaders import COMPONENTS, ENCODERS, PIPELINE, Flux2KleinModels, load_flux2_klein
+from qflux.flux2_klein.plan import plan_model
+from qflux.flux2_klein.predict import denoise
+from qflux.flux2_klein.predict import predict as klein_predict
+from qflux.flux2_klein.step import make_loss_fn
+from qflux.loading import torch_dtype
+from qflux.lora import load_lora_file
+from qflux.lora_formats import Naming
+from qflux.plan_command import PlanTarget, run_plan, warn_if_too_big
+from qflux.quantize import quantize_plan
+from qflux.train_loop import decoder, finish, train_loop
+from qflux.training import (
+    ModelOps,
+    Run,
+    RunResult,
+    announce,
+    attach_lora,
+    first_state,
+    model_folder,
+    pair_dataset,
+    placements,
+    training_run,
+)
+
+NAMING: Naming = "qwen"
+"""How LoRA files read back name modules: diffusers' own paths. No ComfyUI file is written: ComfyUI's
+FLUX.2 names (BFL's fused layers) are not mapped yet."""
+MAX_REFERENCES = 4
+PAIRS = PairRule((0, MAX_REFERENCES), "own")
+"""0 to 4 reference images per sample, each at its own size (the pipeline's way)."""
+
+
+def pipeline_cls() -> Any:
+    """``Flux2KleinPipeline``: LoRA files are written and read through it."""
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline
+
+
+def train(cfg: Flux2KleinConfig) -> RunResult:
+    """Train a LoRA as configured: the data and model folder are checked, the models load, the LoRA
+    is attached, then the loop runs and the outputs are written. SIGINT/SIGTERM save a checkpoint."""
+    if cfg.train.lora_format == "comfyui":
+        raise QfluxError(
+            "train.lora_format: comfyui: qflux does not write FLUX.2's ComfyUI names yet; set train.lora_format: "
+            "diffusers (Flux2KleinPipeline.load_lora_weights reads it)"
+        )
+    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, rule=PAIRS, variant=None) as run:
+        if run.finished is not None:
+            return run.finished
+        warn_if_too_big(cfg, _plan_target(cfg), run)
+        models, data = _inputs(cfg, run)
+        lora0 = attach_lora(models.transformer, cfg, run, naming=NAMING, pipeline_cls=pipeline_cls())
+        loss_fn = make_loss_fn(models.transformer, weighting_scheme=cfg.train.weighting_scheme)
+        state = first_state(cfg, run, lora0)
+        announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
+        load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
+        decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, NAMING, pipeline_cls(), comfyui=False)
+        state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
+        return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
+
+
+def _folder(cfg: Flux2KleinConfig) -> Path:
+    return model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
+
+
+def _load(cfg: Flux2KleinConfig, path: Path, include: Sequence[str], run: Run | None = None) -> Flux2KleinModels:
+    """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
+    dtype, quantize = torch_dtype(cfg.model.dtype), quantize_plan(cfg.model)
+    return load_flux2_klein(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
+
+
+def _inputs(cfg: Flux2KleinConfig, run: Run) -> tuple[Flux2KleinModels, DataPath]:
+    """Training's models and data path: the transformer and the cache, or the encoders as well."""
+    if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
+        load_encoders = partial(_load, cfg, run.model_dir, ENCODERS)
+        data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
+        return _load(cfg, run.model_dir, ("transformer",), run), data
+    models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
+    seq = cfg.model.max_sequence_length
+    empty = text_tensors(encode_prompt(models.text_encoder, models.tokenizer, [""], seq))
+    encode = with_mask(partial(encode_conditioning, models, max_sequence_length=seq))
+    return models, DataPath(pair_dataset(cfg, run.model_dir), collate_pairs, encode, empty)
+
+
+def _cache(cfg: Flux2KleinConfig, path: Path) -> CachePath:
+    """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
+    spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length, cfg.train.loss_mask)
+    root = Path(cfg.cache.cache_dir)
+    return CachePath(
+        entries=partial(kcache.sample_entries, spec, root),
+        verify=partial(kcache.verify_cache, spec, root),
+        fill=lambda models, samples, progress: kcache.fill_cache(spec, models, samples, root, progress=progress),
+        dataset=kcache.cached_dataset,
+        collate=kcache.collate_cached,
+        conditioning=cached_conditioning,
+        empty=lambda: text_tensors(kcache.read_empty_prompt(spec, root)),
+    )
+
+
+def cache(cfg: Flux2KleinConfig) -> CacheReport:
+    """Compute the cache entries the configured dataset needs (under torchrun, each rank every
+    world-th sample); returns the computed/reused counts."""
+    path = _folder(cfg)
+    return cache_command(cfg, path, PAIRS, _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
+
+
+def distilled(path: Path) -> bool:
+    """Whether the folder's pipeline is step-distilled (``is_distilled`` in model_index.json: no CFG)."""
+    return bool(json.loads((path / "model_index.json").read_text()).get("is_distilled", False))
+
+
+def _preview(cfg: Flux2KleinConfig, models: Flux2KleinModels, cond: Conditioning, lora: Any,
+             steps: int) -> torch.Tensor:  # fmt: skip
+    """One sample's conditioning denoised at its target size (no CFG)."""
+    return denoise(
+        models.transformer,
+        models.scheduler.config,
+        cond.controls,
+        PromptEmbeds(tokens=cond.text["tokens"], ids=cond.text["ids"]),
+        None,
+        latent_hw=(cond.latents.shape[-2], cond.latents.shape[-1]),
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        seed=cfg.seed,
+        lora=lora,
+        noise_dtype=torch_dtype(cfg.model.dtype),
+    )
+
+
+def _images(image: str | list[str] | tuple[str, ...] | None) -> list[Image.Image]:
+    """The reference image(s) of ``--image``: none, one path, or a comma-separated list."""
+    if image is None or image == "":
+        paths: list[str] = []
+    elif isinstance(image, str):
+        paths = [p.strip() for p in image.split(",") if p.strip()]
+    else:
+        paths = [str(p) for p in image]
+    if len(paths) > MAX_REFERENCES:
+        raise QfluxError(f"FLUX.2 [klein] takes 0 to {MAX_REFERENCES} images in --image; got {len(paths)}")
+    for p in paths:
+        if not Path(p).is_file():
+            raise QfluxError(f"input image '{p}' does not exist; pass --image=PATH")
+    return [load_rgb(Path(p)) for p in paths]
+
+
+def predict(
+    prompt: str,
+    image: str | list[str] | None = None,
+    out: str = "edited.png",
+    lora: str | None = None,
+    seed: int = 0,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    config: str | None = None,
+    **overrides: Any,
+) -> None:
+    """Edit: ``predict --image=A.png[,B.png] --prompt="..." --out=OUT.png [--lora=FILE] [--model.*=...]``.
+
+    The pipeline's defaults: 50 steps, CFG 4 against the empty prompt (not on a step-distilled
+    model), the output at the first reference's size (floored to multiples of 16; 1024² without one).
+
+    Args:
+        prompt: the edit instruction.
+        image: 0 to 4 reference images, comma-separated.
+        out: where the edited image is written (folders are made).
+        lora: a LoRA file qflux wrote (any kind), or a diffusers / ComfyUI / kohya LoRA.
+        seed: seed of the initial noise.
+        num_inference_steps: denoising steps.
+        guidance_scale: the CFG scale (null: model.guidance_scale).
+        height: output height in pixels.
+        width: output width in pixels.
+    """
+    cfg = load_config(Flux2KleinConfig, config, overrides)
+    images = _images(image)
+    path = _folder(cfg)
+    models = _load(cfg, path, ("transformer", *ENCODERS))
+    if lora is not None:
+        load_lora_file(models.transformer, lora, naming=NAMING, pipeline_cls=pipeline_cls())
+    scale = cfg.model.guidance_scale if guidance_scale is None else guidance_scale
+    try:
+        result = klein_predict(models, images, prompt, height=height, width=width, seed=seed,
+                               num_inference_steps=num_inference_steps, guidance_scale=scale, distilled=distilled(path),
+                               max_sequence_length=cfg.model.max_sequence_length)  # fmt: skip
+    except ValueError as e:  # the pipeline's own checks (an image under 64 px)
+        raise QfluxError(f"--image: {e}") from None
+    save_image(result, out)
+
+
+def plan(cfg: Flux2KleinConfig, *, vram: float | None, as_json: bool = False, controls: int | None = None) -> int:
+    """Print the run's peak GPU memory and its alternatives, planned on fake tensors; returns the
+    exit status (0: fits in ``vram`` GiB; 3: does not)."""
+    return run_plan(cfg, _plan_target(cfg), partial(_folder, cfg), vram=vram, as_json_output=as_json,
+                    controls=controls)  # fmt: skip
+
+
+def _plan_target(cfg: Flux2KleinConfig) -> PlanTarget:
+    seq = cfg.model.max_sequence_length
+    return PlanTarget(plan_model(), PIPELINE, ("transformer", *ENCODERS), MAX_REFERENCES, lambda configs, n: seq)
+
+
+def check(cfg: Flux2KleinConfig) -> int:
+    """Check the dataset: its errors (exit 2, as train gives them), then a warning per pair that will
+    likely train badly; exit 0 when there are only warnings."""
+    return run_check(cfg, PAIRS, partial(_folder, cfg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
+    cli_main("flux2_klein_lora", PIPELINE, Flux2KleinConfig, train=train, cache=cache, predict=predict, plan=plan,
+             check=check, argv=argv)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

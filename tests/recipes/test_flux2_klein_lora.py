@@ -1,0 +1,120 @@
+"""The FLUX.2 [klein] recipe on a tiny model built with a seed no other test uses: a LoRA trained by
+``python -m recipes.flux2_klein_lora`` on samples with two reference images, whose ``predict`` image
+equals ``Flux2KleinPipeline``'s within 1/255 with and without it (the pipeline loading it with
+``load_lora_weights``, where it moves the image); cached training equals uncached; plan and check run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from qflux.synthetic import make_synthetic_pairs
+from qflux.tiny_flux2 import build_flux2_klein
+from recipes.flux2_klein_lora import main
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_flux2_klein(tmp_path_factory.mktemp("klein"), seed=11)
+
+
+def _pairs(root: Path) -> Path:
+    """Four samples, each with two references: the control and its mirror."""
+    make_synthetic_pairs(root, 4, seed=5)
+    for control in sorted((root / "control_images").glob("*.png")):
+        ImageOps.mirror(Image.open(control)).save(control.with_name(f"{control.stem}_control_1.png"))
+    return root
+
+
+def _args(model: Path, data: Path, out: Path, *more: str) -> list[str]:
+    return ["train", f"--model.pretrained_model_name_or_path={model}", "--model.dtype=float32",
+            f"--data.dataset_path={data}", f"--logging.output_dir={out}", "--train.max_train_steps=6",
+            "--model.max_sequence_length=32", "--logging.write_sample=false", f"--cache.cache_dir={out.parent / 'c'}",
+            "--model.lora.init_lora_weights=false", "--optimizer.lr=0.3", *more]  # fmt: skip
+
+
+def _refs(tmp: Path) -> list[Path]:
+    rng = np.random.default_rng(9)
+    paths = []
+    for i, (w, h) in enumerate(((96, 80), (64, 112))):
+        p = tmp / f"ref{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def test_a_trained_lora_predicts_as_the_pipeline_with_two_references(model: Path, tmp_path: Path) -> None:
+    from diffusers import Flux2KleinPipeline
+
+    out = tmp_path / "run"
+    main(_args(model, _pairs(tmp_path / "data"), out))
+    lora = out / "pytorch_lora_weights.safetensors"
+    assert lora.is_file() and not (out / "pytorch_lora_weights_comfyui.safetensors").exists()
+    refs = _refs(tmp_path)
+    common = [f"--image={refs[0]},{refs[1]}", "--prompt=invert the colors", f"--num_inference_steps={STEPS}",
+              "--seed=4", f"--model.pretrained_model_name_or_path={model}", "--model.dtype=float32",
+              "--model.max_sequence_length=32"]  # fmt: skip
+    main(["predict", *common, f"--out={tmp_path / 'base.png'}"])
+    main(["predict", *common, f"--out={tmp_path / 'lora.png'}", f"--lora={lora}"])
+    ours = {k: np.asarray(Image.open(tmp_path / f"{k}.png")) / 255.0 for k in ("base", "lora")}
+    pipe = Flux2KleinPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def pipeline_image() -> np.ndarray:
+        images = [Image.open(p).convert("RGB") for p in refs]
+        result = pipe(
+            image=images,
+            prompt="invert the colors",
+            num_inference_steps=STEPS,
+            guidance_scale=4.0,
+            generator=torch.Generator("cpu").manual_seed(4),
+            output_type="np",
+            max_sequence_length=32,
+        )
+        return np.round(result.images[0] * 255) / 255  # as the PNG stores it
+
+    base = pipeline_image()
+    assert ours["base"].shape == base.shape == (80, 96, 3)
+    assert _mad(ours["base"], base) <= 1 / 255
+    pipe.load_lora_weights(str(out))
+    with_lora = pipeline_image()
+    assert _mad(ours["lora"], with_lora) <= 1 / 255
+    assert _mad(with_lora, base) > 5 / 255  # the LoRA moves the image
+
+
+def test_cached_training_equals_uncached_and_plan_and_check_run(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from qflux.config import Flux2KleinConfig
+    from qflux.config_parse import load_config
+    from recipes.flux2_klein_lora import train
+
+    data = _pairs(tmp_path / "data")
+
+    def run(out: str, cached: bool):  # type: ignore[no-untyped-def]
+        overrides = {"model.pretrained_model_name_or_path": str(model), "model.dtype": "float32",
+                     "data.dataset_path": str(data), "logging.output_dir": str(tmp_path / out),
+                     "train.max_train_steps": 3, "model.max_sequence_length": 32, "logging.write_sample": False,
+                     "cache.cache_dir": str(tmp_path / "cache"), "cache.use_cache": cached}  # fmt: skip
+        return train(load_config(Flux2KleinConfig, None, overrides))
+
+    plain, cached = run("plain", False), run("cached", True)
+    assert plain.losses == cached.losses and all(np.isfinite(plain.losses))
+    assert all(torch.equal(plain.state.lora[k], cached.state.lora[k]) for k in plain.state.lora)
+    main(["plan", "--vram=24", f"--model.pretrained_model_name_or_path={model}"])  # fits: no exit status
+    assert "fits:" in capsys.readouterr().out
+    main(["check", f"--model.pretrained_model_name_or_path={model}", f"--data.dataset_path={data}"])
+
+
+def test_a_comfyui_only_run_is_refused_with_the_fix(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as info:
+        main(_args(model, _pairs(tmp_path / "data"), tmp_path / "out", "--train.lora_format=comfyui"))
+    assert info.value.code == 2 and "set train.lora_format: diffusers" in capsys.readouterr().err
