@@ -183,6 +183,45 @@ class LatentSpec:
             key["box"] = [round(x, 4) for x in box]
         return make_entry(root, key, {"latent": self.shape(size)})
 
+    def sample_images(self, root: Path, s: PairSample) -> tuple[Entry, tuple[Entry, ...]]:
+        """The ``pixel_latent`` entry of a sample's target and the ``control_latent`` entry of each
+        of its control images, as sized and cropped for training."""
+        target = self.entry(root, "pixel_latent", file_digest(s.target), s.target_size, s.target_box)
+        controls = tuple(
+            self.entry(root, "control_latent", file_digest(c), size, box)
+            for c, size, box in zip(s.controls, s.control_sizes, s.control_crops, strict=True)
+        )
+        return target, controls
+
+
+def latent_spec(model_dir: Path, dtype: str, channels_key: str) -> LatentSpec:
+    """The :class:`LatentSpec` of a (resolved) model folder's VAE: its identity, its latent channels
+    (``channels_key`` of vae/config.json) and its factor."""
+    from qflux.latents import vae_scale_factor
+
+    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    return LatentSpec({"vae": folder_identity(model_dir / "vae", dtype)}, int(vae_cfg[channels_key]),
+                      vae_scale_factor(vae_cfg))  # fmt: skip
+
+
+def read_images(target: Entry, controls: Sequence[Entry]) -> dict[str, Any]:
+    """A cached sample's target latent [C, h, w] and control latents (a list of [C, hc, wc])."""
+    return {
+        "latent": read_for_training(target)["latent"],
+        "controls": [read_for_training(c)["latent"] for c in controls],
+    }
+
+
+def stack_images(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Same-size cached items' latents stacked: ``latent`` [B, C, h, w], ``controls`` (one [B, C, hc_k,
+    wc_k] per control image), the items' ``index`` list, and ``mask`` [B, 1, h, w] when they have one."""
+    return {
+        "index": [it["index"] for it in items],
+        "latent": torch.stack([it["latent"] for it in items]),
+        "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
+        **({"mask": torch.stack([it["mask"] for it in items])} if "mask" in items[0] else {}),
+    }
+
 
 @attrs.frozen
 class CacheReport:

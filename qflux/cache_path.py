@@ -9,6 +9,7 @@ missing or corrupt ones first.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,26 @@ class CachePath:
     conditioning: Callable[[dict[str, Any]], Conditioning]
     empty: Callable[[], Mapping[str, torch.Tensor] | None]
     """Reads the empty prompt's tensors (None: each sample's conditioning carries its own)."""
+
+
+def module_cache(
+    module: Any,
+    spec: Any,
+    root: Path,
+    conditioning: Callable[[dict[str, Any]], Conditioning],
+    empty: Callable[[], Mapping[str, torch.Tensor] | None],
+) -> CachePath:
+    """The :class:`CachePath` of a model's cache module (its ``sample_entries``, ``verify_cache``,
+    ``fill_cache``, ``cached_dataset`` and ``collate_cached``) for ``spec`` under ``root``."""
+    return CachePath(
+        entries=partial(module.sample_entries, spec, root),
+        verify=partial(module.verify_cache, spec, root),
+        fill=lambda models, samples, progress: module.fill_cache(spec, models, samples, root, progress=progress),
+        dataset=module.cached_dataset,
+        collate=module.collate_cached,
+        conditioning=conditioning,
+        empty=empty,
+    )
 
 
 def fill(cache: CachePath, models: Any, samples: list[PairSample], world: World, cache_dir: str) -> CacheReport:

@@ -427,6 +427,29 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int], box: Box | None =
     return tensor.contiguous()
 
 
+def image_arg(image: str | list[str] | tuple[str, ...] | None, counts: tuple[int, int], want: str) -> list[Image.Image]:
+    """The images of a ``--image`` option: none, one path, or a comma-separated list (or a list), their
+    number within ``counts`` = (least, most).
+
+    Raises:
+        QfluxError: another number of images (``want`` says how many) or a path that does not exist.
+    """
+    from qflux.errors import QfluxError
+
+    if image is None or image == "":
+        paths: list[str] = []
+    elif isinstance(image, str):
+        paths = [p.strip() for p in image.split(",") if p.strip()]
+    else:
+        paths = [str(p) for p in image]
+    if not counts[0] <= len(paths) <= counts[1]:
+        raise QfluxError(f"{want} in --image; got {len(paths)}")
+    for p in paths:
+        if not Path(p).is_file():
+            raise QfluxError(f"input image '{p}' does not exist; pass --image=PATH")
+    return [load_rgb(Path(p)) for p in paths]
+
+
 def to_image(decoded: torch.Tensor) -> Any:
     """A VAE output [1, 3, H, W] in [-1, 1] as the pipelines' ``output_type='np'`` image [H, W, 3]
     float32 in [0, 1] (the inverse of :func:`image_to_tensor`)."""

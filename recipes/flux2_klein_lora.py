@@ -20,16 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from qflux.batching import Conditioning, DataPath, with_mask
 from qflux.cache import CacheReport
-from qflux.cache_path import CachePath, cache_command, cached_data
+from qflux.cache_path import CachePath, cache_command, cached_data, module_cache
 from qflux.check_command import run_check
 from qflux.cli import main as cli_main
 from qflux.config import Flux2KleinConfig
 from qflux.config_parse import load_config
-from qflux.data import PairRule, collate_pairs, load_rgb, save_image
+from qflux.data import PairRule, collate_pairs, image_arg, save_image
 from qflux.errors import QfluxError
 from qflux.flux2_klein import cache as kcache
 from qflux.flux2_klein.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
@@ -124,14 +123,8 @@ def _cache(cfg: Flux2KleinConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
     spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length, cfg.train.loss_mask)
     root = Path(cfg.cache.cache_dir)
-    return CachePath(
-        entries=partial(kcache.sample_entries, spec, root),
-        verify=partial(kcache.verify_cache, spec, root),
-        fill=lambda models, samples, progress: kcache.fill_cache(spec, models, samples, root, progress=progress),
-        dataset=kcache.cached_dataset,
-        collate=kcache.collate_cached,
-        conditioning=cached_conditioning,
-        empty=lambda: text_tensors(kcache.read_empty_prompt(spec, root)),
+    return module_cache(
+        kcache, spec, root, cached_conditioning, lambda: text_tensors(kcache.read_empty_prompt(spec, root))
     )
 
 
@@ -165,22 +158,6 @@ def _preview(cfg: Flux2KleinConfig, models: Flux2KleinModels, cond: Conditioning
     )
 
 
-def _images(image: str | list[str] | tuple[str, ...] | None) -> list[Image.Image]:
-    """The reference image(s) of ``--image``: none, one path, or a comma-separated list."""
-    if image is None or image == "":
-        paths: list[str] = []
-    elif isinstance(image, str):
-        paths = [p.strip() for p in image.split(",") if p.strip()]
-    else:
-        paths = [str(p) for p in image]
-    if len(paths) > MAX_REFERENCES:
-        raise QfluxError(f"FLUX.2 [klein] takes 0 to {MAX_REFERENCES} images in --image; got {len(paths)}")
-    for p in paths:
-        if not Path(p).is_file():
-            raise QfluxError(f"input image '{p}' does not exist; pass --image=PATH")
-    return [load_rgb(Path(p)) for p in paths]
-
-
 def predict(
     prompt: str,
     image: str | list[str] | None = None,
@@ -211,7 +188,7 @@ def predict(
         width: output width in pixels.
     """
     cfg = load_config(Flux2KleinConfig, config, overrides)
-    images = _images(image)
+    images = image_arg(image, PAIRS.controls, f"FLUX.2 [klein] takes 0 to {MAX_REFERENCES} images, comma-separated,")
     path = _folder(cfg)
     models = _load(cfg, path, ("transformer", *ENCODERS))
     if lora is not None:

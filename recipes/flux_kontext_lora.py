@@ -21,7 +21,7 @@ import torch
 
 from qflux.batching import Conditioning, DataPath, with_mask
 from qflux.cache import CacheReport
-from qflux.cache_path import CachePath, cache_command, cached_data
+from qflux.cache_path import CachePath, cache_command, cached_data, module_cache
 from qflux.check_command import run_check
 from qflux.cli import main as cli_main
 from qflux.config import FluxKontextConfig
@@ -113,14 +113,8 @@ def _cache(cfg: FluxKontextConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
     spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length, cfg.train.loss_mask)
     root = Path(cfg.cache.cache_dir)
-    return CachePath(
-        entries=partial(kcache.sample_entries, spec, root),
-        verify=partial(kcache.verify_cache, spec, root),
-        fill=lambda models, samples, progress: kcache.fill_cache(spec, models, samples, root, progress=progress),
-        dataset=kcache.cached_dataset,
-        collate=kcache.collate_cached,
-        conditioning=cached_conditioning,
-        empty=lambda: text_tensors(kcache.read_empty_prompt(spec, root)),
+    return module_cache(
+        kcache, spec, root, cached_conditioning, lambda: text_tensors(kcache.read_empty_prompt(spec, root))
     )
 
 

@@ -25,13 +25,12 @@ from PIL import Image
 
 from qflux.batching import Conditioning, DataPath, with_mask
 from qflux.cache import CacheReport
-from qflux.cache_path import CachePath, cache_command, cached_data
+from qflux.cache_path import CachePath, cache_command, cached_data, module_cache
 from qflux.check_command import run_check
 from qflux.cli import main as cli_main
 from qflux.config import QwenImageEditConfig
 from qflux.config_parse import load_config
-from qflux.data import PairRule, load_rgb, save_image
-from qflux.errors import QfluxError
+from qflux.data import PairRule, image_arg, save_image
 from qflux.loading import torch_dtype
 from qflux.lora import load_lora_file
 from qflux.lora_formats import Naming
@@ -135,16 +134,7 @@ def _inputs(cfg: QwenImageEditConfig, run: Run) -> tuple[QwenImageEditModels, Da
 def _cache(cfg: QwenImageEditConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders, the dtype and the variant."""
     spec = qcache.cache_spec(path, cfg.model.dtype, cfg.model.variant, cfg.train.loss_mask)
-    root = Path(cfg.cache.cache_dir)
-    return CachePath(
-        entries=partial(qcache.sample_entries, spec, root),
-        verify=partial(qcache.verify_cache, spec, root),
-        fill=lambda models, samples, progress: qcache.fill_cache(spec, models, samples, root, progress=progress),
-        dataset=qcache.cached_dataset,
-        collate=qcache.collate_cached,
-        conditioning=cached_conditioning,
-        empty=lambda: None,
-    )
+    return module_cache(qcache, spec, Path(cfg.cache.cache_dir), cached_conditioning, lambda: None)
 
 
 def _preview(cfg: QwenImageEditConfig, models: QwenImageEditModels, cond: Conditioning, lora: Any,
@@ -173,20 +163,8 @@ def cache(cfg: QwenImageEditConfig) -> CacheReport:
 
 def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> list[Image.Image]:
     """The control image(s) of ``--image``: one path, or (Edit-Plus) a comma-separated list or none."""
-    if image is None or image == "":
-        paths: list[str] = []
-    elif isinstance(image, str):
-        paths = [p.strip() for p in image.split(",") if p.strip()]
-    else:
-        paths = [str(p) for p in image]
-    lo, hi = PAIRS[variant].controls
-    if not lo <= len(paths) <= hi:
-        want = "exactly one image" if variant == "edit" else "0 to 3 images, comma-separated"
-        raise QfluxError(f"model.variant '{variant}' takes {want} in --image; got {len(paths)}")
-    for p in paths:
-        if not Path(p).is_file():
-            raise QfluxError(f"input image '{p}' does not exist; pass --image=PATH")
-    return [load_rgb(Path(p)) for p in paths]
+    want = "exactly one image" if variant == "edit" else "0 to 3 images, comma-separated"
+    return image_arg(image, PAIRS[variant].controls, f"model.variant '{variant}' takes {want}")
 
 
 def predict(

@@ -33,18 +33,19 @@ from qflux.cache import (
     Job,
     LatentSpec,
     entry_problems,
-    file_digest,
     fill_entries,
     folder_identity,
+    latent_spec,
     make_entry,
     mask_entry,
     mask_job,
     read_for_training,
+    read_images,
+    stack_images,
 )
 from qflux.data import MaskMode, PairSample, load_sized
 from qflux.flux2_klein.conditioning import TEXT_LAYERS, PromptEmbeds, encode_prompt, text_ids, vae_encode
 from qflux.flux2_klein.loaders import Flux2KleinModels
-from qflux.latents import vae_scale_factor
 
 PROMPT_KIND = "qwen3_prompt_embed"
 
@@ -63,14 +64,9 @@ class CacheSpec:
 
 def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask: MaskMode = "none") -> CacheSpec:
     """Read identities and shapes from a (resolved) FLUX.2 [klein] folder."""
-    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     enc_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
     return CacheSpec(
-        latents=LatentSpec(
-            {"vae": folder_identity(model_dir / "vae", dtype)},
-            int(vae_cfg["latent_channels"]),
-            vae_scale_factor(vae_cfg),
-        ),
+        latents=latent_spec(model_dir, dtype, "latent_channels"),
         encoder_id={
             "text_encoder": folder_identity(model_dir / "text_encoder", dtype),
             "tokenizer": folder_identity(model_dir / "tokenizer", None),
@@ -105,11 +101,7 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
     """Entries of each sample; reads every image file once to hash its bytes."""
     return [
         SampleEntries(
-            target=spec.latents.entry(root, "pixel_latent", file_digest(s.target), s.target_size, s.target_box),
-            controls=tuple(
-                spec.latents.entry(root, "control_latent", file_digest(c), size, box)
-                for c, size, box in zip(s.controls, s.control_sizes, s.control_crops, strict=True)
-            ),
+            *spec.latents.sample_images(root, s),
             prompt=prompt_entry(spec, root, s.prompt),
             mask=mask_entry(spec.latents, root, s, spec.loss_mask),
         )
@@ -169,8 +161,7 @@ def read_empty_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds:
 def read_sample(e: SampleEntries) -> dict[str, Any]:
     """One cached sample's tensors: latent, controls, embed."""
     return {
-        "latent": read_for_training(e.target)["latent"],
-        "controls": [read_for_training(c)["latent"] for c in e.controls],
+        **read_images(e.target, e.controls),
         "embed": read_for_training(e.prompt)["embed"],
         **({} if e.mask is None else {"mask": read_for_training(e.mask)["mask"]}),
     }
@@ -184,10 +175,4 @@ def cached_dataset(entries: Sequence[SampleEntries]) -> EntryDataset:
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack same-size cached items: latent [B, C, h, w], controls (one [B, C, hc_k, wc_k] per
     reference), embed [B, L, 3D]."""
-    return {
-        "index": [it["index"] for it in items],
-        "latent": torch.stack([it["latent"] for it in items]),
-        "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
-        "embed": torch.stack([it["embed"] for it in items]),
-        **({"mask": torch.stack([it["mask"] for it in items])} if "mask" in items[0] else {}),
-    }
+    return {**stack_images(items), "embed": torch.stack([it["embed"] for it in items])}

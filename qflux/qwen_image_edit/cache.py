@@ -38,13 +38,15 @@ from qflux.cache import (
     file_digest,
     fill_entries,
     folder_identity,
+    latent_spec,
     make_entry,
     mask_entry,
     mask_job,
     read_for_training,
+    read_images,
+    stack_images,
 )
 from qflux.data import MaskMode, PairSample, load_sized
-from qflux.latents import vae_scale_factor
 from qflux.qwen_image_edit.batch import encode_sample_prompt, stack_tokens, vl_images
 from qflux.qwen_image_edit.conditioning import vae_encode
 from qflux.qwen_image_edit.loaders import QwenImageEditModels
@@ -70,14 +72,9 @@ class CacheSpec:
 
 def cache_spec(model_dir: Path, dtype: str, variant: str, loss_mask: MaskMode = "none") -> CacheSpec:
     """Read identities and shapes from a (resolved) Qwen-Image-Edit folder."""
-    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     enc_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
     return CacheSpec(
-        latents=LatentSpec(
-            {"vae": folder_identity(model_dir / "vae", dtype)},
-            int(vae_cfg["z_dim"]),
-            vae_scale_factor(vae_cfg),
-        ),
+        latents=latent_spec(model_dir, dtype, "z_dim"),
         encoder_id={
             "text_encoder": folder_identity(model_dir / "text_encoder", dtype),
             "processor": folder_identity(model_dir / "processor", None),
@@ -135,11 +132,7 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
         digests = [file_digest(c) for c in s.controls]
         out.append(
             SampleEntries(
-                target=spec.latents.entry(root, "pixel_latent", file_digest(s.target), s.target_size, s.target_box),
-                controls=tuple(
-                    spec.latents.entry(root, "control_latent", d, size, box)
-                    for d, size, box in zip(digests, s.control_sizes, s.control_crops, strict=True)
-                ),
+                *spec.latents.sample_images(root, s),
                 prompt=prompt_entry(spec, root, s.prompt, digests, s.control_crops),
                 empty=prompt_entry(spec, root, "", digests, s.control_crops),
                 mask=mask_entry(spec.latents, root, s, spec.loss_mask),
@@ -201,8 +194,7 @@ def verify_cache(spec: CacheSpec, root: Path, entries: Sequence[SampleEntries]) 
 def read_sample(e: SampleEntries) -> dict[str, Any]:
     """One cached sample's tensors: latent, controls, embed and the empty instruction's embed."""
     return {
-        "latent": read_for_training(e.target)["latent"],
-        "controls": [read_for_training(c)["latent"] for c in e.controls],
+        **read_images(e.target, e.controls),
         "embed": read_for_training(e.prompt)["embed"],
         "empty": read_for_training(e.empty)["embed"],
         **({} if e.mask is None else {"mask": read_for_training(e.mask)["mask"]}),
@@ -218,10 +210,7 @@ def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack same-size cached items: latent [B, C, h, w], controls (one [B, C, hc_k, wc_k] per
     control image), embeddings padded with masks."""
     return {
-        "index": [it["index"] for it in items],
-        "latent": torch.stack([it["latent"] for it in items]),
-        "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
+        **stack_images(items),
         "embed": stack_tokens([it["embed"] for it in items]),
         "empty": stack_tokens([it["empty"] for it in items]),
-        **({"mask": torch.stack([it["mask"] for it in items])} if "mask" in items[0] else {}),
     }
