@@ -112,8 +112,48 @@ def same_module(module: str) -> tuple[str, int, int]:
     return module, 0, 1
 
 
-Naming = Literal["flux", "qwen"]
-NAMINGS: dict[str, Callable[[str], Target]] = {"flux": bfl_target, "qwen": same_module}
+# FLUX.2: BFL's names as ComfyUI loads them (diffusers' own FLUX.2 converter,
+# ``_convert_non_diffusers_flux2_lora_to_diffusers``, maps the same pairs back). The double blocks'
+# q/k/v fuse as in FLUX.1; a single block's q/k/v/MLP projection is already fused in diffusers.
+_DOUBLE2 = {
+    **{k: v for k, v in _DOUBLE.items() if "qkv" in v[0] or k in ("attn.to_out.0", "attn.to_add_out")},
+    "ff.linear_in": ("img_mlp.0", 0, 1),
+    "ff.linear_out": ("img_mlp.2", 0, 1),
+    "ff_context.linear_in": ("txt_mlp.0", 0, 1),
+    "ff_context.linear_out": ("txt_mlp.2", 0, 1),
+}
+_SINGLE2 = {"attn.to_qkv_mlp_proj": ("linear1", 0, 1), "attn.to_out": ("linear2", 0, 1)}
+_TOP2 = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+
+
+def bfl2_target(module: str) -> tuple[str, int, int]:
+    """(BFL module, part, parts) of a diffusers FLUX.2 module path, or raise naming the module."""
+    m = _BLOCK.match(module)
+    if m:
+        kind, i, rest = m.groups()
+        table, prefix = (_DOUBLE2, "double_blocks") if kind == "transformer_blocks" else (_SINGLE2, "single_blocks")
+        if rest in table:
+            name, part, parts = table[rest]
+            return f"{prefix}.{i}.{name}", part, parts
+    elif module in _TOP2:
+        return _TOP2[module], 0, 1
+    raise ValueError(f"no ComfyUI (BFL) name for the FLUX.2 module '{module}'")
+
+
+Naming = Literal["flux", "qwen", "flux2"]
+NAMINGS: dict[str, Callable[[str], Target]] = {"flux": bfl_target, "qwen": same_module, "flux2": bfl2_target}
 """How each model's ComfyUI file names a diffusers module."""
 
 
@@ -144,7 +184,8 @@ def check_convertible(modules: list[str], naming: Naming) -> None:
 
     bad = unconvertible(modules, naming)
     if bad:
-        kinds = sorted({*_DOUBLE, *_SINGLE, *_TOP}) if naming == "flux" else ["every linear layer"]
+        tables = {"flux": (_DOUBLE, _SINGLE, _TOP), "flux2": (_DOUBLE2, _SINGLE2, _TOP2)}
+        kinds = sorted({k for t in tables[naming] for k in t}) if naming in tables else ["every linear layer"]
         raise QfluxError(
             f"model.lora.target_modules adapts {len(bad)} module(s) with no ComfyUI name (first: {bad[0]}); the "
             f"ComfyUI file holds {', '.join(kinds)}. Remove those targets, or set train.lora_format: diffusers"

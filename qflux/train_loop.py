@@ -179,8 +179,7 @@ def write_outputs(cfg: RecipeConfig, run: Run, transformer: Any, lora: Mapping[s
         if cfg.train.lora_format in ("diffusers", "both"):
             written.append(save_lora(out, transformer, tensors, dtype=dtype, pipeline_cls=ops.pipeline_cls,
                                      weight_name=diffusers_name))  # fmt: skip
-        # DoRA and models whose ComfyUI names qflux does not map: the diffusers file only
-        if cfg.train.lora_format in ("comfyui", "both") and cfg.model.lora.kind != "dora" and ops.comfyui:
+        if cfg.train.lora_format in ("comfyui", "both") and cfg.model.lora.kind != "dora":  # DoRA: diffusers only
             written.append(save_lora_comfyui(out, transformer, tensors, dtype=dtype, naming=ops.naming,
                                              file_name=comfyui_name))  # fmt: skip
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -99,8 +99,6 @@ class ModelOps:
     """How the model's ComfyUI files name modules."""
     pipeline_cls: type
     """The diffusers pipeline class (LoRA files are written and read through it)."""
-    comfyui: bool = True
-    """Whether qflux writes this model's ComfyUI file (False: its ComfyUI names are not mapped yet)."""
 
 
 @attrs.frozen(eq=False)

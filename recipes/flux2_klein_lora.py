@@ -57,9 +57,9 @@ from qflux.training import (
     training_run,
 )
 
-NAMING: Naming = "qwen"
-"""How LoRA files read back name modules: diffusers' own paths. No ComfyUI file is written: ComfyUI's
-FLUX.2 names (BFL's fused layers) are not mapped yet."""
+NAMING: Naming = "flux2"
+"""The ComfyUI file's names: BFL's (fused double-block q/k/v, ``linear1`` / ``linear2``), as ComfyUI
+loads FLUX.2 (qflux.lora_formats.bfl2_target)."""
 MAX_REFERENCES = 4
 PAIRS = PairRule((0, MAX_REFERENCES), "own")
 """0 to 4 reference images per sample, each at its own size (the pipeline's way)."""
@@ -75,11 +75,6 @@ def pipeline_cls() -> Any:
 def train(cfg: Flux2KleinConfig) -> RunResult:
     """Train a LoRA as configured: the data and model folder are checked, the models load, the LoRA
     is attached, then the loop runs and the outputs are written. SIGINT/SIGTERM save a checkpoint."""
-    if cfg.train.lora_format == "comfyui":
-        raise QfluxError(
-            "train.lora_format: comfyui: qflux does not write FLUX.2's ComfyUI names yet; set train.lora_format: "
-            "diffusers (Flux2KleinPipeline.load_lora_weights reads it)"
-        )
     with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, rule=PAIRS, variant=None) as run:
         if run.finished is not None:
             return run.finished
@@ -91,7 +86,7 @@ def train(cfg: Flux2KleinConfig) -> RunResult:
         announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
         load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
         decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, NAMING, pipeline_cls(), comfyui=False)
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, NAMING, pipeline_cls())
         state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
         return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
 

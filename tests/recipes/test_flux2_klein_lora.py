@@ -1,7 +1,8 @@
 """The FLUX.2 [klein] recipe on a tiny model built with a seed no other test uses: a LoRA trained by
 ``python -m recipes.flux2_klein_lora`` on samples with two reference images, whose ``predict`` image
 equals ``Flux2KleinPipeline``'s within 1/255 with and without it (the pipeline loading it with
-``load_lora_weights``, where it moves the image); cached training equals uncached; plan and check run."""
+``load_lora_weights``, where it moves the image), and its ComfyUI file reads back to the same image; cached
+training equals uncached; plan and check run."""
 
 from __future__ import annotations
 
@@ -59,14 +60,17 @@ def test_a_trained_lora_predicts_as_the_pipeline_with_two_references(model: Path
     out = tmp_path / "run"
     main(_args(model, _pairs(tmp_path / "data"), out))
     lora = out / "pytorch_lora_weights.safetensors"
-    assert lora.is_file() and not (out / "pytorch_lora_weights_comfyui.safetensors").exists()
+    comfy = out / "pytorch_lora_weights_comfyui.safetensors"
+    assert lora.is_file() and comfy.is_file()
     refs = _refs(tmp_path)
     common = [f"--image={refs[0]},{refs[1]}", "--prompt=invert the colors", f"--num_inference_steps={STEPS}",
               "--seed=4", f"--model.pretrained_model_name_or_path={model}", "--model.dtype=float32",
               "--model.max_sequence_length=32"]  # fmt: skip
     main(["predict", *common, f"--out={tmp_path / 'base.png'}"])
     main(["predict", *common, f"--out={tmp_path / 'lora.png'}", f"--lora={lora}"])
-    ours = {k: np.asarray(Image.open(tmp_path / f"{k}.png")) / 255.0 for k in ("base", "lora")}
+    main(["predict", *common, f"--out={tmp_path / 'comfy.png'}", f"--lora={comfy}"])
+    ours = {k: np.asarray(Image.open(tmp_path / f"{k}.png")) / 255.0 for k in ("base", "lora", "comfy")}
+    assert _mad(ours["comfy"], ours["lora"]) <= 1 / 255  # the ComfyUI file reads back to the same LoRA
     pipe = Flux2KleinPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
@@ -112,9 +116,3 @@ def test_cached_training_equals_uncached_and_plan_and_check_run(model: Path, tmp
     main(["plan", "--vram=24", f"--model.pretrained_model_name_or_path={model}"])  # fits: no exit status
     assert "fits:" in capsys.readouterr().out
     main(["check", f"--model.pretrained_model_name_or_path={model}", f"--data.dataset_path={data}"])
-
-
-def test_a_comfyui_only_run_is_refused_with_the_fix(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(SystemExit) as info:
-        main(_args(model, _pairs(tmp_path / "data"), tmp_path / "out", "--train.lora_format=comfyui"))
-    assert info.value.code == 2 and "set train.lora_format: diffusers" in capsys.readouterr().err

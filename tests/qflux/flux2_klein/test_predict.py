@@ -4,6 +4,8 @@ one and two references, guidance off and on, without and with our LoRA (which th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,59 @@ def test_our_lora_in_the_pipeline_equals_predict_and_moves_the_image(klein, n: i
         assert _mad(_pipe_image(pipe, n, guidance), ours) <= 1 / 255
     finally:
         pipe.unload_lora_weights()
+
+
+# every FLUX.2 module kind ComfyUI names (single blocks' attn.to_out by path: the double blocks' attn.to_out is a list)
+ALL = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out", "ff.linear_in",
+       "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out", "to_qkv_mlp_proj",
+       "single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.1.attn.to_out", "x_embedder",
+       "context_embedder", "proj_out", "norm_out.linear", "double_stream_modulation_img.linear",
+       "single_stream_modulation.linear", "time_guidance_embed.timestep_embedder.linear_1")  # fmt: skip
+
+
+def test_the_comfyui_file_has_bfl_names_and_every_update(klein, tmp_path: Path) -> None:
+    """Every module kind in BFL's FLUX.2 names (fused double-block q/k/v, linear1/linear2, the final
+    modulation's halves in BFL's order); diffusers' FLUX.2 converter and qflux's reader both read it
+    back to each module's ΔW."""
+    from safetensors.torch import load_file
+
+    from qflux.lora import lora_scale, read_lora, save_lora_comfyui
+
+    path = klein[0]
+    models = load_flux2_klein(path, torch.float32)
+    tr = models.transformer
+    lora = inject_lora(tr, LoraConfig(r=2, lora_alpha=4, target_modules=ALL), seed=0)
+    g = torch.Generator().manual_seed(7)
+    lora = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in lora.items()}
+    comfy = save_lora_comfyui(tmp_path, tr, lora, dtype=torch.float32, naming="flux2")
+    keys = {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in load_file(comfy) if k.endswith(".weight")}
+    assert {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_mlp.0",
+            "double_blocks.0.txt_mlp.2", "single_blocks.1.linear1", "single_blocks.0.linear2", "img_in", "txt_in",
+            "final_layer.linear", "final_layer.adaLN_modulation.1", "double_stream_modulation_img.lin",
+            "single_stream_modulation.lin", "time_in.in_layer"} <= keys  # fmt: skip
+    scale = lora_scale(tr)
+    want = {}
+    for k in lora:
+        if ".lora_A." in k:
+            module = k.split(".lora_A.")[0]
+            want[module] = scale * lora[k.replace(".lora_A.", ".lora_B.")].double() @ lora[k].double()
+    ours = read_lora(tr, comfy, naming="flux2", pipeline_cls=Flux2KleinPipeline, what="test")
+    assert set(ours) == set(want)
+    for module, (a, b) in ours.items():
+        torch.testing.assert_close(b.double() @ a.double(), want[module], rtol=1e-5, atol=1e-6)
+    # diffusers' own FLUX.2 converter (ai-toolkit's BFL-named lora_A / lora_B) maps the names back
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_flux2_lora_to_diffusers
+
+    sd = load_file(comfy)
+    aitk = {}
+    for k, t in sd.items():
+        if k.endswith(".lora_down.weight"):
+            stem = k.removesuffix(".lora_down.weight")
+            up, alpha = sd[f"{stem}.lora_up.weight"], float(sd[f"{stem}.alpha"])
+            aitk[f"{stem}.lora_A.weight"], aitk[f"{stem}.lora_B.weight"] = t, up * (alpha / t.shape[0])
+    theirs = _convert_non_diffusers_flux2_lora_to_diffusers(aitk)
+    for module, delta in want.items():
+        if module == "norm_out.linear":  # diffusers' converter keeps BFL's (shift, scale) order here
+            continue
+        a, b = theirs[f"transformer.{module}.lora_A.weight"], theirs[f"transformer.{module}.lora_B.weight"]
+        torch.testing.assert_close(b.double() @ a.double(), delta, rtol=1e-5, atol=1e-6)
