@@ -17,7 +17,7 @@ from qflux.memory import GIB
 from qflux.plan import Setting, block_weights, estimate
 from qflux.plan_command import fit_warning, plan_inputs
 from qflux.shapes import shipped_configs, shipped_ids
-from recipes import flux_kontext_lora, qwen_image_edit_lora
+from recipes import flux2_klein_lora, flux_kontext_lora, qwen_image_edit_lora
 
 BF16 = "recipes/configs/flux_kontext_bf16.yaml"
 
@@ -54,6 +54,23 @@ def test_the_shipped_fp8_and_fp4_configs_plan_offline(capsys) -> None:
         status, out = _plan_json(flux_kontext_lora, capsys, [f"--config=recipes/configs/flux_kontext_{name}.yaml",
                                                              "--vram=18"])  # fmt: skip
         assert status == 0 and out["peak_gib"] <= 18
+
+
+def test_the_published_klein_4b_plans_offline_and_both_shapes_have_their_sizes(capsys) -> None:
+    """FLUX.2 [klein] 4B from qflux's shipped shapes (nothing downloaded), one reference at 1024²; the
+    4B and 9B shapes build to transformers of 3.9 B and 9.1 B parameters."""
+    from diffusers import Flux2Transformer2DModel
+
+    status, out = _plan_json(flux2_klein_lora, capsys, ["--model.pretrained_model_name_or_path=black-forest-labs/"
+                                                        "FLUX.2-klein-4B", "--vram=32", "--controls=1",
+                                                        "--train.gradient_checkpointing=true"])  # fmt: skip
+    assert status == 0 and out["fits"] is True and 8 <= out["peak_gib"] <= 32
+    for name, billions in (("4B", 3.88), ("9B", 9.08)):
+        with torch.device("meta"):
+            tr = Flux2Transformer2DModel.from_config(
+                shipped_configs(f"black-forest-labs/FLUX.2-klein-{name}")["transformer"]
+            )
+        assert sum(p.numel() for p in tr.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
 
 
 def test_swapping_30_blocks_lowers_the_estimate_by_their_weights() -> None:
