@@ -112,9 +112,12 @@ def same_module(module: str) -> tuple[str, int, int]:
     return module, 0, 1
 
 
-# FLUX.2: BFL's names as ComfyUI loads them (diffusers' own FLUX.2 converter,
-# ``_convert_non_diffusers_flux2_lora_to_diffusers``, maps the same pairs back). The double blocks'
-# q/k/v fuse as in FLUX.1; a single block's q/k/v/MLP projection is already fused in diffusers.
+# FLUX.2: BFL's names, which are ComfyUI's own module names for the model (comfy/ldm/flux/model.py with
+# ``global_modulation``: double_blocks / single_blocks / final_layer, img_in, txt_in, time_in and the
+# shared double_stream_modulation_img / _txt and single_stream_modulation, each a Modulation with
+# ``.lin``), so ComfyUI's generic ``diffusion_model.<name>`` LoRA keys reach them; diffusers' own FLUX.2
+# converter (``_convert_non_diffusers_flux2_lora_to_diffusers``) maps the same pairs back. The double
+# blocks' q/k/v fuse as in FLUX.1; a single block's q/k/v/MLP projection is already fused in diffusers.
 _DOUBLE2 = {
     **{k: v for k, v in _DOUBLE.items() if "qkv" in v[0] or k in ("attn.to_out.0", "attn.to_add_out")},
     "ff.linear_in": ("img_mlp.0", 0, 1),
