@@ -265,7 +265,7 @@ def training_run(
         held = None
         if cfg.validation.enabled:
             held = validation_set(
-                cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels, multiple=image_multiple(path)
+                cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels, multiple=image_multiple(path), rule=rule
             )
         out = Path(cfg.output_dir)
         resume_from = _checkpoint_to_resume(cfg)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from qflux.batching import Conditioning, DataPath, Draws, Prepared, eval_batches, prepare
 from qflux.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
 from qflux.config import RecipeConfig, ValidationConfig
-from qflux.data import PairDataset, PairSample, fit_size, load_rgb, load_sized, scan_pairs, to_pil
+from qflux.data import PairDataset, PairRule, PairSample, fit_size, load_rgb, load_sized, scan_pairs, to_pil
 from qflux.errors import QfluxError
 from qflux.loop import LoopState
 from qflux.masks import edit_psnr
@@ -39,10 +39,16 @@ class ValidationSet:
 
 
 def validation_set(
-    cfg: ValidationConfig, train_dataset_path: str, max_pixels: int | None, *, multiple: int
+    cfg: ValidationConfig,
+    train_dataset_path: str,
+    max_pixels: int | None,
+    *,
+    multiple: int,
+    rule: PairRule,
 ) -> ValidationSet:
     """Resolve and check the validation samples (before any model loads), sized like training's
-    (sides multiples of ``multiple``: :func:`qflux.latents.size_multiple`).
+    (sides multiples of ``multiple``: :func:`qflux.latents.size_multiple`), a folder read with the
+    model's ``rule`` (how many control images a sample has and how they are sized).
 
     Raises:
         QfluxError: no source configured, or a listed sample that is malformed or unreadable.
@@ -75,7 +81,8 @@ def validation_set(
             "validation.enabled is true but there are no validation samples: set validation.dataset_path to a "
             "folder in the training layout, or validation.samples to a list of [control, prompt(, target)]"
         )
-    found = scan_pairs(root, max_pixels, multiple=multiple)[: cfg.num_validation_samples]
+    found = scan_pairs(root, max_pixels, multiple=multiple, controls=rule.controls,
+                       control_sizing=rule.control_sizing)[: cfg.num_validation_samples]  # fmt: skip
     return ValidationSet(found, [True] * len(found))
 
 

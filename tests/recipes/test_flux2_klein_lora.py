@@ -106,12 +106,17 @@ def test_cached_training_equals_uncached_and_plan_and_check_run(model: Path, tmp
     def run(out: str, cached: bool):  # type: ignore[no-untyped-def]
         overrides = {"model.pretrained_model_name_or_path": str(model), "model.dtype": "float32",
                      "data.dataset_path": str(data), "logging.output_dir": str(tmp_path / out),
-                     "train.max_train_steps": 3, "model.max_sequence_length": 32, "logging.write_sample": False,
-                     "cache.cache_dir": str(tmp_path / "cache"), "cache.use_cache": cached}  # fmt: skip
+                     "train.max_train_steps": 3, "model.max_sequence_length": 32, "logging.write_sample": cached,
+                     "cache.cache_dir": str(tmp_path / "cache"), "cache.use_cache": cached,
+                     "validation.enabled": cached, "validation.dataset_path": str(data),
+                     "validation.validation_steps": 2, "validation.num_inference_steps": 1,
+                     "validation.num_validation_samples": 2}  # fmt: skip
         return train(load_config(Flux2KleinConfig, None, overrides))
 
     plain, cached = run("plain", False), run("cached", True)
     assert plain.losses == cached.losses and all(np.isfinite(plain.losses))
+    grids = sorted((tmp_path / "cached" / "validation").glob("*.png"))  # validation through the cache
+    assert grids and (tmp_path / "cached" / "sample.png").is_file()
     assert all(torch.equal(plain.state.lora[k], cached.state.lora[k]) for k in plain.state.lora)
     main(["plan", "--vram=24", f"--model.pretrained_model_name_or_path={model}"])  # fits: no exit status
     assert "fits:" in capsys.readouterr().out
