@@ -95,8 +95,9 @@ def validation_grid(
     vset: ValidationSet, predictions: Sequence[np.ndarray], path: str | Path,
     metrics: Sequence[tuple[float, float] | None] = (),
 ) -> np.ndarray:  # fmt: skip
-    """Write one row per sample: control | target (when it has one) | prediction, the prediction
-    labelled with its edit metrics (``pred C|U dB``: :func:`edit_metrics`) when given.
+    """Write one row per sample: its control image(s) (none for a text-only sample) | target (when it has
+    one) | prediction, the prediction labelled with its edit metrics (``pred C|U dB``: :func:`edit_metrics`)
+    when given.
 
     Args:
         predictions: [H, W, 3] float images in [0, 1], one per sample.
@@ -108,8 +109,10 @@ def validation_grid(
     rows, labels = [], []
     notes = list(metrics) or [None] * len(predictions)
     for sample, has_target, pred, m in zip(vset.samples, vset.has_target, predictions, notes, strict=True):
-        panels = [load_rgb(sample.control)] + ([load_rgb(sample.target)] if has_target else [])
-        names = ["control"] + (["target"] if has_target else [])
+        controls = [load_rgb(c) for c in sample.controls]
+        panels = controls + ([load_rgb(sample.target)] if has_target else [])
+        names = ["control"] if len(controls) == 1 else [f"control {i + 1}" for i in range(len(controls))]
+        names += ["target"] if has_target else []
         rows.append([*panels, to_pil(pred)])
         labels.append([*names, "prediction" if m is None else f"pred {m[0]:.1f}|{m[1]:.1f} dB"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -138,9 +141,14 @@ class EditReference:
 
 
 def edit_reference(sample: PairSample) -> EditReference:
-    """The reference of a validation sample that has a target."""
-    control = load_sized(sample.control, sample.target_size, sample.control_crops[0])[0]
+    """The reference of a validation sample that has a target. A sample without a control image
+    (Edit-Plus and FLUX.2 [klein] take 0) is all edit: its mask covers the whole image."""
     target = load_sized(sample.target, sample.target_size, sample.target_box)[0]
+    if not sample.controls:
+        return EditReference((target + 1) / 2, (target + 1) / 2, torch.ones_like(target[:1]))
+    control = load_sized(sample.control, sample.target_size, sample.control_crops[0] if sample.control_crops else None)[
+        0
+    ]
     masks = PairDataset([sample], mask_mode="masks" if sample.mask else "auto", vae_factor=METRIC_GRID)
     grid = masks.mask(sample, [control], target)
     mask = torch.nn.functional.interpolate(grid[None], size=target.shape[-2:], mode="nearest")[0]

@@ -101,6 +101,18 @@ def test_edit_plus_with_two_controls_and_none(plus_dir: Path, tmp_path: Path) ->
     assert all(torch.equal(cached.state.lora[k], result.state.lora[k]) for k in result.state.lora)
 
 
+def test_edit_plus_validates_on_a_folder_of_multi_control_samples(plus_dir: Path, tmp_path: Path) -> None:
+    """A validation folder in Edit-Plus's layout is read with its rule: NAME_control_1 is a sample's second
+    control image, not a sample of its own (which had no target and failed)."""
+    data = plus_pairs(tmp_path / "data")
+    more = {"model.variant": "edit_plus", "data.dataset_path": str(data), "train.max_train_steps": 2,
+            "validation.enabled": True, "validation.dataset_path": str(data), "validation.validation_steps": 2,
+            "validation.num_inference_steps": 1, "validation.num_validation_samples": 3}  # fmt: skip
+    result = run(_cfg(plus_dir, tmp_path / "out", **more))
+    assert len(result.losses) == 2
+    assert sorted((tmp_path / "out" / "validation").glob("*.png"))
+
+
 def test_edit_2511_trains_and_its_lora_loads_in_the_pipeline(tmp_path: Path) -> None:
     """The built-in 2511 model (zero_cond_t) trains with finite losses on Edit-Plus's data, the LoRA
     loads in QwenImageEditPlusPipeline and ``predict --lora`` reads it; a 2509 variant on it is refused."""
