@@ -83,18 +83,28 @@ SWAPPED = frozenset({"final_layer.adaLN_modulation.1"})
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
-def bfl_target(module: str) -> tuple[str, int, int]:
-    """(BFL module, part, parts) of a diffusers Flux module path, or raise naming the module."""
+Tables = tuple[dict[str, Target], dict[str, Target], dict[str, str]]
+"""A model's BFL names: (double-block modules, single-block modules, top-level modules)."""
+
+
+def _bfl_name(module: str, tables: Tables, model: str) -> tuple[str, int, int]:
+    """(BFL module, part, parts) of a diffusers module path by ``tables``, or raise naming the module."""
+    double, single, top = tables
     m = _BLOCK.match(module)
     if m:
         kind, i, rest = m.groups()
-        table, prefix = (_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_SINGLE, "single_blocks")
+        table, prefix = (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
         if rest in table:
             name, part, parts = table[rest]
             return f"{prefix}.{i}.{name}", part, parts
-    elif module in _TOP:
-        return _TOP[module], 0, 1
-    raise ValueError(f"no ComfyUI (BFL) name for the Flux module '{module}'")
+    elif module in top:
+        return top[module], 0, 1
+    raise ValueError(f"no ComfyUI (BFL) name for the {model} module '{module}'")
+
+
+def bfl_target(module: str) -> tuple[str, int, int]:
+    """(BFL module, part, parts) of a diffusers FLUX.1 module path, or raise naming the module."""
+    return _bfl_name(module, BFL_TABLES["flux"], "Flux")
 
 
 def _split_modules(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -143,17 +153,11 @@ _TOP2 = {
 
 def bfl2_target(module: str) -> tuple[str, int, int]:
     """(BFL module, part, parts) of a diffusers FLUX.2 module path, or raise naming the module."""
-    m = _BLOCK.match(module)
-    if m:
-        kind, i, rest = m.groups()
-        table, prefix = (_DOUBLE2, "double_blocks") if kind == "transformer_blocks" else (_SINGLE2, "single_blocks")
-        if rest in table:
-            name, part, parts = table[rest]
-            return f"{prefix}.{i}.{name}", part, parts
-    elif module in _TOP2:
-        return _TOP2[module], 0, 1
-    raise ValueError(f"no ComfyUI (BFL) name for the FLUX.2 module '{module}'")
+    return _bfl_name(module, BFL_TABLES["flux2"], "FLUX.2")
 
+
+BFL_TABLES: dict[str, Tables] = {"flux": (_DOUBLE, _SINGLE, _TOP), "flux2": (_DOUBLE2, _SINGLE2, _TOP2)}
+"""The BFL name tables of each naming that has them."""
 
 Naming = Literal["flux", "qwen", "flux2"]
 NAMINGS: dict[str, Callable[[str], Target]] = {"flux": bfl_target, "qwen": same_module, "flux2": bfl2_target}
@@ -187,8 +191,8 @@ def check_convertible(modules: list[str], naming: Naming) -> None:
 
     bad = unconvertible(modules, naming)
     if bad:
-        tables = {"flux": (_DOUBLE, _SINGLE, _TOP), "flux2": (_DOUBLE2, _SINGLE2, _TOP2)}
-        kinds = sorted({k for t in tables[naming] for k in t}) if naming in tables else ["every linear layer"]
+        tables = BFL_TABLES.get(naming)
+        kinds = sorted({k for t in tables for k in t}) if tables else ["every linear layer"]
         raise QfluxError(
             f"model.lora.target_modules adapts {len(bad)} module(s) with no ComfyUI name (first: {bad[0]}); the "
             f"ComfyUI file holds {', '.join(kinds)}. Remove those targets, or set train.lora_format: diffusers"

@@ -53,12 +53,7 @@ def build_flux2_klein(
     Returns:
         The folder; ``Flux2KleinPipeline.from_pretrained(path)`` loads it.
     """
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     p = _preset(_PRESETS, size, overrides)
@@ -89,16 +84,7 @@ def build_flux2_klein(
             guidance_embeds=False,  # klein: no distilled guidance
             **p["transformer"],
         )
-        n = len(p["vae"]["block_out_channels"])
-        vae = AutoencoderKLFlux2(
-            latent_channels=z,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            **p["vae"],
-        )
-        gen = torch.Generator().manual_seed(seed + 1)
-        vae.bn.running_mean.copy_((torch.randn(4 * z, generator=gen) * 0.2).round(decimals=4))
-        vae.bn.running_var.copy_((1 + torch.rand(4 * z, generator=gen)).round(decimals=4))
+        vae = _vae(p["vae"], z, seed)
     scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.2's settings (the pipeline computes mu per run)
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
     )
@@ -106,3 +92,18 @@ def build_flux2_klein(
                               transformer=transformer, is_distilled=False)  # fmt: skip
     pipe.save_pretrained(out)
     return out
+
+
+def _vae(settings: dict[str, Any], z: int, seed: int) -> Any:
+    """``AutoencoderKLFlux2`` of ``z`` latent channels (a VAE of n block widths downsamples by
+    2^(n−1)), its batch-norm statistics drawn from ``seed`` + 1 so that normalising is not the identity.
+    Call inside the builder's seeded RNG."""
+    from diffusers import AutoencoderKLFlux2
+
+    n = len(settings["block_out_channels"])
+    vae = AutoencoderKLFlux2(latent_channels=z, down_block_types=("DownEncoderBlock2D",) * n,
+                             up_block_types=("UpDecoderBlock2D",) * n, **settings)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed + 1)
+    vae.bn.running_mean.copy_((torch.randn(4 * z, generator=gen) * 0.2).round(decimals=4))
+    vae.bn.running_var.copy_((1 + torch.rand(4 * z, generator=gen)).round(decimals=4))
+    return vae
