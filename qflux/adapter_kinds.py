@@ -10,9 +10,12 @@ Files. lora and dora are diffusers' format (``transformer.<module>.lora_A.weight
 lokr and loha are written in the LyCORIS names ComfyUI reads (``comfy/lora.py`` ``load_lora``,
 ``comfy/weight_adapter/lokr.py`` and ``loha.py``): ``<module>.lokr_w1``, ``.lokr_w2``,
 ``.lokr_w1_a`` ... / ``.hada_w1_a`` ... and ``<module>.alpha``, with the module spelled
-``transformer.<diffusers path>`` in pytorch_lora_weights.safetensors and ``lycoris_<path with _>``
-(SimpleTuner's spelling) in the ComfyUI file; ComfyUI maps both for Flux (onto the fused BFL
-layers, with offsets) and Qwen-Image (``model_lora_keys_unet``). ComfyUI scales a module by
+``transformer.<diffusers path>`` in pytorch_lora_weights.safetensors and, in the ComfyUI file, under
+the name ComfyUI's ``model_lora_keys_unet`` maps for every model: ``diffusion_model.<ComfyUI
+module>`` for a whole layer, SimpleTuner's ``lycoris_<path with _>`` for a part of a fused one
+(:func:`qflux.lora_formats.lycoris_stem`). ComfyUI knows no FLUX.2 diffusers name for the time
+embedder and the shared modulations, so the ``transformer.`` file loses those there (the end
+block says so). ComfyUI scales a module by
 alpha / rank, the rank read from ``hada_w1_b`` (LoHa) or a low-rank ``lokr_w*_b`` (LoKr), and by 1
 for a LoKr of two full factors: such a module's s is folded into ``lokr_w1`` and no alpha is
 written. The metadata's ``qflux_adapter`` (kind, r, alpha and LoKr's factorisation) lets qflux
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,9 +46,15 @@ _SAVED = re.compile(r"^(.+)\.(lora_magnitude_vector|hada_w[12]_[ab]|hada_t[12]|l
 METADATA_KEY = "qflux_adapter"
 
 
-def peft_config(cfg: LoraConfig) -> Any:
-    """The peft config of ``cfg.kind`` (rank, alpha, init, target modules)."""
-    return kind_config(cfg.kind, cfg.r, cfg.lora_alpha, list(cfg.target_modules), cfg.init_lora_weights)
+ALL_LINEAR = "all-linear"
+"""``model.lora.target_modules: [all-linear]``: every linear layer of the transformer."""
+
+
+def peft_config(cfg: LoraConfig, linear: Sequence[str] = ()) -> Any:
+    """The peft config of ``cfg.kind`` (rank, alpha, init, target modules; ``[all-linear]`` becomes
+    ``linear``, the model's linear layer paths)."""
+    targets = list(linear) if tuple(cfg.target_modules) == (ALL_LINEAR,) else list(cfg.target_modules)
+    return kind_config(cfg.kind, cfg.r, cfg.lora_alpha, targets, cfg.init_lora_weights)
 
 
 def kind_config(kind: Kind, r: int, alpha: float, targets: list[str], init: bool | str = True) -> Any:
@@ -107,10 +116,11 @@ def settings(cfg: Any) -> dict[str, Any]:
 
 
 def to_lycoris(
-    saved: Mapping[str, torch.Tensor], kind: Kind, cfg: Any, *, comfy_names: bool
+    saved: Mapping[str, torch.Tensor], kind: Kind, cfg: Any, *, stem: Callable[[str], str]
 ) -> dict[str, torch.Tensor]:
     """peft's saved LoKr / LoHa tensors (``<module>.lokr_w1`` ...) in LyCORIS names with ``.alpha``
-    (see the module docstring): ``transformer.<module>`` or, with ``comfy_names``, ``lycoris_<module_>``."""
+    (see the module docstring), each module under ``stem(module)``: ``transformer.<module>`` in the
+    diffusers-named file, :func:`qflux.lora_formats.lycoris_stem` in the ComfyUI file."""
     scale = float(cfg.alpha) / float(cfg.r)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in saved.items():
@@ -120,12 +130,12 @@ def to_lycoris(
         modules.setdefault(m.group(1), {})[m.group(2)] = t
     out: dict[str, torch.Tensor] = {}
     for module, parts in modules.items():
-        stem = f"lycoris_{module.replace('.', '_')}" if comfy_names else f"transformer.{module}"
+        name = stem(module)
         full = kind == "lokr" and "lokr_w1_a" not in parts and "lokr_w2_a" not in parts
-        for name, t in parts.items():
-            out[f"{stem}.{name}"] = t * scale if full and name == "lokr_w1" else t
+        for leaf, t in parts.items():
+            out[f"{name}.{leaf}"] = t * scale if full and leaf == "lokr_w1" else t
         if not full:  # ComfyUI: alpha / rank, the rank read from the low-rank factor (= r)
-            out[f"{stem}.alpha"] = torch.tensor(float(cfg.alpha))
+            out[f"{name}.alpha"] = torch.tensor(float(cfg.alpha))
     return out
 
 
@@ -137,7 +147,8 @@ def from_lycoris(
 
     Args:
         meta: the file's ``qflux_adapter`` metadata (kind, r, alpha).
-        modules: ``{module path with _ : module path}`` of the model (``lycoris_`` names).
+        modules: ``{name a file may give a module: module path}``
+            (:func:`qflux.lora_formats.lycoris_modules`).
 
     Raises:
         QfluxError: a module the model lacks.
@@ -146,11 +157,8 @@ def from_lycoris(
     out: dict[str, torch.Tensor] = {}
     stems = {key.rsplit(".", 1)[0] for key in sd}
     for stem in stems:
-        if stem.startswith("lycoris_"):
-            module = modules.get(stem.removeprefix("lycoris_"))
-        else:
-            module = stem.removeprefix("transformer.")
-        if module is None or module not in modules.values():
+        module = modules.get(stem)
+        if module is None:
             raise QfluxError(f"{what} adapts '{stem}', which this model does not have: it was trained for another "
                              "model")  # fmt: skip
         parts = {key.rsplit(".", 1)[1]: t for key, t in sd.items() if key.rsplit(".", 1)[0] == stem}

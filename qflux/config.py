@@ -89,7 +89,9 @@ class LoraConfig:
     """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random).
     lokr and loha: 'gaussian' and true start at ΔW = 0 (peft's init: one factor zero), false random."""
     target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple)
-    """Module names (suffixes) of the transformer that get an adapter."""
+    """Module names (suffixes) of the transformer that get an adapter; [all-linear]: every linear layer
+    (a module whose output never reaches the loss, such as Qwen-Image's last text stream, is named at
+    the start and keeps ΔW = 0)."""
     pretrained_weight: str | None = None
     """A LoRA file to continue training from (diffusers, ComfyUI or kohya format); its rank and
     modules must match r and target_modules. null: start from the init."""

@@ -16,7 +16,8 @@ reads; LoKr and LoHa files are LyCORIS's (:func:`qflux.adapter_kinds.to_lycoris`
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from qflux.adapter_kinds import (
 )
 from qflux.config import LoraConfig
 from qflux.errors import QfluxError
-from qflux.lora_formats import Delta, Naming
+from qflux.lora_formats import Delta, Naming, lycoris_modules, lycoris_stem
 
 Params = dict[str, torch.Tensor]
 
@@ -60,7 +61,8 @@ def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
         ``{module parameter name: tensor}`` for every adapter tensor (``lora_A`` / ``lora_B``,
         DoRA's ``lora_magnitude_vector``, ``lokr_*``, ``hada_*``).
     """
-    config = peft_config(cfg)
+    linear = [path for path, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    config = peft_config(cfg, linear)
     with torch.random.fork_rng(devices=[]):  # local seeding; the global RNG is left as it was
         torch.manual_seed(seed)
         try:
@@ -122,7 +124,7 @@ def save_lora(
     out.mkdir(parents=True, exist_ok=True)
     kind = adapter_kind(transformer, ADAPTER)
     if kind in LYCORIS:  # diffusers has no LoKr / LoHa format: LyCORIS names, which ComfyUI reads
-        return _save_lycoris(out / weight_name, transformer, lora, dtype, comfy_names=False)
+        return _save_lycoris(out / weight_name, transformer, lora, dtype, stem=lambda m: f"transformer.{m}")
     pipeline_cls.save_lora_weights(
         out,
         transformer_lora_layers=lora_to_diffusers(transformer, lora, dtype),
@@ -133,14 +135,14 @@ def save_lora(
 
 
 def _save_lycoris(path: Path, transformer: Any, lora: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                  *, comfy_names: bool) -> Path:  # fmt: skip
-    """A LoKr / LoHa adapter in LyCORIS names (:func:`qflux.adapter_kinds.to_lycoris`), its settings
-    in the metadata."""
+                  *, stem: Callable[[str], str]) -> Path:  # fmt: skip
+    """A LoKr / LoHa adapter in LyCORIS names, each module under ``stem(module)``
+    (:func:`qflux.adapter_kinds.to_lycoris`), its settings in the metadata."""
     from safetensors.torch import save_file
 
     kind = adapter_kind(transformer, ADAPTER)
     cfg = transformer.peft_config[ADAPTER]
-    sd = to_lycoris(lora_to_diffusers(transformer, lora, torch.float32), kind, cfg, comfy_names=comfy_names)
+    sd = to_lycoris(lora_to_diffusers(transformer, lora, torch.float32), kind, cfg, stem=stem)
     meta = {"format": "pt", METADATA_KEY: json.dumps({"kind": kind, **settings(cfg)})}
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata=meta)
     return path
@@ -203,7 +205,8 @@ def load_lora_file(transformer: Any, path: str | Path, *, naming: Naming, pipeli
     """
     kind, meta, stored = read_adapter_file(path, "--lora")
     if kind != "lora":
-        _attach(transformer, kind, meta, _saved_tensors(transformer, kind, meta, stored, f"--lora '{path}'"), path)
+        saved = _saved_tensors(transformer, kind, meta, stored, f"--lora '{path}'", naming)
+        _attach(transformer, kind, meta, saved, path)
         return
     deltas = read_lora(transformer, path, naming=naming, pipeline_cls=pipeline_cls, what="--lora")
     sd = {}
@@ -217,16 +220,20 @@ def load_lora_file(transformer: Any, path: str | Path, *, naming: Naming, pipeli
 
 
 def _saved_tensors(
-    transformer: Any, kind: Kind, meta: Mapping[str, Any], stored: Mapping[str, torch.Tensor], what: str
+    transformer: Any,
+    kind: Kind,
+    meta: Mapping[str, Any],
+    stored: Mapping[str, torch.Tensor],
+    what: str,
+    naming: Naming,
 ) -> Params:
     """A DoRA / LoKr / LoHa file's tensors under peft's saved names (``<module>.lora_A.weight``,
     ``<module>.lokr_w1``, ...), float32."""
     if kind == "dora":
         return {k.removeprefix("transformer."): v.float() for k, v in stored.items()}
-    linear = [path for path, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-    modules = {path.replace(".", "_"): path for path in linear}
-    modules |= {k.removesuffix("_base_layer"): v.removesuffix(".base_layer") for k, v in modules.items()}
-    return from_lycoris(stored, {"kind": kind, **meta}, modules, what)
+    linear = [path.removesuffix(".base_layer") for path, m in transformer.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".lora_" not in path]  # fmt: skip
+    return from_lycoris(stored, {"kind": kind, **meta}, lycoris_modules(linear, naming), what)
 
 
 def _attach(
@@ -272,7 +279,8 @@ def save_lora_comfyui(
     file_name: str = COMFYUI_WEIGHT_NAME,
 ) -> Path:
     """Write ``<out_dir>/<file_name>`` (pytorch_lora_weights_comfyui.safetensors) in ComfyUI's native naming
-    (:func:`qflux.lora_formats.flux_to_comfyui`; LoKr and LoHa: LyCORIS's ``lycoris_`` names).
+    (:func:`qflux.lora_formats.flux_to_comfyui`; LoKr and LoHa: LyCORIS tensors under the names ComfyUI
+    maps, :func:`qflux.lora_formats.lycoris_stem`).
 
     Args:
         naming: "flux" (BFL module names, fused qkv / linear1) or "qwen" (diffusers' names).
@@ -288,7 +296,7 @@ def save_lora_comfyui(
     out.mkdir(parents=True, exist_ok=True)
     kind = adapter_kind(transformer, ADAPTER)
     if kind in LYCORIS:
-        return _save_lycoris(out / file_name, transformer, lora, dtype, comfy_names=True)
+        return _save_lycoris(out / file_name, transformer, lora, dtype, stem=partial(lycoris_stem, naming=naming))
     if kind == "dora":
         raise QfluxError("a DoRA adapter has no ComfyUI file (ComfyUI divides by ‖W‖ where DoRA divides by ‖W+ΔW‖)")
     sd = flux_to_comfyui(
@@ -319,7 +327,7 @@ def lora_from_file(
     what = "model.lora.pretrained_weight"
     kind = adapter_kind(transformer, ADAPTER)
     if kind != "lora":
-        return _kind_from_file(transformer, path, init, kind)
+        return _kind_from_file(transformer, path, init, kind, naming)
     deltas = read_lora(transformer, path, naming=naming, pipeline_cls=pipeline_cls, what=what)
     ours = lora_scale(transformer)
     out = dict(init)
@@ -345,7 +353,9 @@ def lora_from_file(
     return out
 
 
-def _kind_from_file(transformer: Any, path: str | Path, init: Mapping[str, torch.Tensor], kind: Kind) -> Params:
+def _kind_from_file(
+    transformer: Any, path: str | Path, init: Mapping[str, torch.Tensor], kind: Kind, naming: Naming
+) -> Params:
     """``init`` with a DoRA / LoKr / LoHa file's tensors, for ``model.lora.pretrained_weight``: the file
     must be of the adapter's kind, rank and alpha, on modules the adapter has.
 
@@ -362,7 +372,7 @@ def _kind_from_file(transformer: Any, path: str | Path, init: Mapping[str, torch
     if ours != theirs:
         raise QfluxError(f"{what} '{path}' has rank {theirs[0]} and alpha {theirs[1]:g}; set model.lora.r and "
                          f"model.lora.lora_alpha to them (now {ours[0]}, {ours[1]:g})")  # fmt: skip
-    saved = _saved_tensors(transformer, kind, meta, stored, f"{what} '{path}'")
+    saved = _saved_tensors(transformer, kind, meta, stored, f"{what} '{path}'", naming)
     names = {saved_name(n, ADAPTER): n for n in init}
     outside = sorted(set(saved) - set(names))
     if outside:

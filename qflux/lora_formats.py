@@ -28,9 +28,10 @@ file module becomes its diffusers modules' (A, B) with the file's scale folded i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -162,6 +163,53 @@ BFL_TABLES: dict[str, Tables] = {"flux": (_DOUBLE, _SINGLE, _TOP), "flux2": (_DO
 Naming = Literal["flux", "qwen", "flux2"]
 NAMINGS: dict[str, Callable[[str], Target]] = {"flux": bfl_target, "qwen": same_module, "flux2": bfl2_target}
 """How each model's ComfyUI file names a diffusers module."""
+
+
+def lycoris_stem(module: str, naming: Naming) -> str:
+    """The ComfyUI file's name of a diffusers module's LyCORIS tensors (LoKr, LoHa).
+
+    A module that is a whole ComfyUI layer goes under that layer's own name, ``diffusion_model.<name>``,
+    which ComfyUI's ``model_lora_keys_unet`` maps for every model (its generic key). A part of a fused
+    layer (FLUX double-block q/k/v, FLUX.1's ``linear1``), or a layer whose output halves ComfyUI swaps
+    (``final_layer.adaLN_modulation.1``), goes under SimpleTuner's ``lycoris_<path with _>``, which its
+    Flux key map (``comfy/utils.py`` ``flux_to_diffusers``) places with the part's row offset (and the
+    swap): a Kronecker or Hadamard product cannot be stacked into a fused layer as LoRA factors can.
+
+    Raises:
+        ValueError: a module with no ComfyUI name under ``naming``.
+    """
+    target, _, parts = NAMINGS[naming](module)
+    if parts == 1 and target not in SWAPPED:
+        return f"diffusion_model.{target}"
+    return f"lycoris_{module.replace('.', '_')}"
+
+
+def lycoris_modules(modules: Iterable[str], naming: Naming) -> dict[str, str]:
+    """Every name a LyCORIS file may give one of ``modules`` → that module: ``transformer.<path>``,
+    ``lycoris_<path with _>`` and the ComfyUI name :func:`lycoris_stem` writes (the inverse of both files)."""
+    out: dict[str, str] = {}
+    for m in modules:
+        out[f"transformer.{m}"] = m
+        out[f"lycoris_{m.replace('.', '_')}"] = m
+        with contextlib.suppress(ValueError):  # no ComfyUI name: only the other two spellings
+            out[lycoris_stem(m, naming)] = m
+    return out
+
+
+COMFY_DIFFUSERS_TOP: dict[str, frozenset[str]] = {"flux": frozenset(_TOP), "flux2": frozenset(_TOP) & frozenset(_TOP2)}
+"""The top-level diffusers module names ComfyUI's Flux key map knows (``comfy/utils.py`` ``flux_to_diffusers``:
+FLUX.1's, which FLUX.2 shares only for x_embedder, context_embedder, proj_out and norm_out.linear); its block
+maps hold both models' block names. Qwen-Image's key map knows every diffusers name."""
+
+
+def comfy_drops(modules: Iterable[str], naming: Naming) -> list[str]:
+    """The adapted modules that ComfyUI would not load from a file keyed by diffusers names
+    (``transformer.<module>``: the diffusers file and a LyCORIS ``transformer.`` file); they load from
+    the ComfyUI file (:func:`lycoris_stem`, :func:`flux_to_comfyui`)."""
+    if naming not in COMFY_DIFFUSERS_TOP:
+        return []
+    known = COMFY_DIFFUSERS_TOP[naming]
+    return [m for m in modules if _BLOCK.match(m) is None and m not in known]
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:

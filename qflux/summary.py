@@ -21,18 +21,18 @@ LOSS_WINDOW = 10
 """Optimizer steps in the progress bar's mean loss (and the end summary's)."""
 FOR_APP = {
     "pytorch_lora_weights.safetensors": "diffusers: pipe.load_lora_weights(folder); qflux: predict --lora",
-    "pytorch_lora_weights_comfyui.safetensors": "ComfyUI: models/loras/, a LoraLoaderModelOnly node",
+    "pytorch_lora_weights_comfyui.safetensors": "ComfyUI: this one, in models/loras/, a LoraLoaderModelOnly node",
     "pytorch_lora_weights_ema.safetensors": "the moving average (train.ema_decay), diffusers format",
-    "pytorch_lora_weights_ema_comfyui.safetensors": "the moving average, ComfyUI format",
+    "pytorch_lora_weights_ema_comfyui.safetensors": "the moving average, for ComfyUI",
     "config.yaml": "the resolved config (--config= reruns it)",
     "loss.png": "loss per step with its moving average",
     "sample.png": "control | target | before | after",
 }
 FOR_APP_LYCORIS = {
-    "pytorch_lora_weights.safetensors": "LyCORIS: ComfyUI LoraLoaderModelOnly; qflux: predict --lora (not diffusers)",
-    "pytorch_lora_weights_comfyui.safetensors": "LyCORIS, SimpleTuner's lycoris_ names: ComfyUI LoraLoaderModelOnly",
-    "pytorch_lora_weights_ema.safetensors": "the moving average (train.ema_decay), LyCORIS",
-    "pytorch_lora_weights_ema_comfyui.safetensors": "the moving average, LyCORIS with lycoris_ names",
+    "pytorch_lora_weights.safetensors": "LyCORIS with diffusers' module names: qflux predict --lora (not diffusers)",
+    "pytorch_lora_weights_comfyui.safetensors": "ComfyUI: this one (LyCORIS, ComfyUI's names), LoraLoaderModelOnly",
+    "pytorch_lora_weights_ema.safetensors": "the moving average (train.ema_decay), LyCORIS, diffusers' names",
+    "pytorch_lora_weights_ema_comfyui.safetensors": "the moving average, for ComfyUI",
 }
 """What each file is for when the adapter is LoKr or LoHa (diffusers cannot load them)."""
 
@@ -124,10 +124,42 @@ def start_block(plan: RunPlan) -> str:
     return "\n".join([f"{plan.pipeline} LoRA training", *(f"  {k:<8} {v}" for k, v in rows)])
 
 
+NAMED = 4
+"""Names a grouped line lists before it counts the rest."""
+
+
+def unreached_text(modules: Sequence[str]) -> str:
+    """The line under the start block naming the adapter layers whose output never reaches the loss."""
+    shown = ", ".join(modules[:NAMED]) + (f", … (+{len(modules) - NAMED} more)" if len(modules) > NAMED else "")
+    return (
+        f"  note     {len(modules)} adapter layer(s) get no gradient (their output never reaches the loss, e.g. a "
+        f"last block's unused text stream; they keep their initial values, ΔW = 0): {shown}"
+    )
+
+
 def mean_loss(losses: Sequence[float], window: int = LOSS_WINDOW, *, first: bool = False) -> float:
     """The mean of the last (or, ``first``, the first) ``window`` finite losses: the progress bar's."""
     part = [x for x in (losses[:window] if first else losses[-window:]) if x == x]
     return sum(part) / len(part) if part else float("nan")
+
+
+def comfyui_note(kind: str, scale: float, drops: Sequence[str]) -> str | None:
+    """One line on what ComfyUI would make of the diffusers-format file (None: it loads whole there):
+    the modules it has no diffusers name for (:func:`qflux.lora_formats.comfy_drops`) and, for a LoRA
+    without per-layer ``.alpha``, the strength 1 it applies instead of α/r."""
+    lost = []
+    if drops:
+        names = ", ".join(drops[:NAMED]) + (", …" if len(drops) > NAMED else "")
+        lost.append(f"lose {len(drops)} adapted layer(s) ({names})")
+    if kind in ("lora", "dora") and abs(scale - 1.0) > 1e-12:
+        lost.append(f"apply at strength 1, not α/r = {scale:g}")
+    if kind == "dora":
+        lost.append("render DoRA otherwise (it divides by ‖W‖)")
+    if not lost:
+        return None
+    return "ComfyUI: load the _comfyui file (train.lora_format: both writes it); the diffusers-format file would " + (
+        " and ".join(lost) + " there"
+    )
 
 
 def end_block(
@@ -137,8 +169,10 @@ def end_block(
     checkpoint: Path | None,
     logs: Path | None,
     lycoris: bool = False,
+    comfyui: str | None = None,
 ) -> str:
-    """The lines printed when a run finishes (``lycoris``: the LoRA files are LoKr / LoHa)."""
+    """The lines printed when a run finishes (``lycoris``: the LoRA files are LoKr / LoHa; ``comfyui``:
+    :func:`comfyui_note`'s line)."""
     lines = []
     if losses:
         n = min(LOSS_WINDOW, len(losses))
@@ -150,6 +184,8 @@ def end_block(
     width = max((len(str(p)) for p in written), default=0)
     uses = {**FOR_APP, **FOR_APP_LYCORIS} if lycoris else FOR_APP
     lines += [f"  {p!s:<{width}}  {uses.get(p.name, '')}".rstrip() for p in written]
+    if comfyui is not None:
+        lines.append(comfyui)
     if checkpoint is not None:
         lines.append(
             f"last checkpoint: {checkpoint} (--resume_from_checkpoint=latest with a larger train.max_train_steps "

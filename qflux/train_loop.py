@@ -15,7 +15,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from qflux.adapter_kinds import LYCORIS
+from qflux.adapter_kinds import LYCORIS, module_of
 from qflux.batching import Conditioning, DataPath
 from qflux.checkpoint import latest_checkpoint, save_loop_state
 from qflux.config import RecipeConfig
@@ -33,12 +33,13 @@ from qflux.lora import (
     save_lora,
     save_lora_comfyui,
 )
+from qflux.lora_formats import comfy_drops
 from qflux.plots import save_image_row, save_loss_curve
 from qflux.signals import stop_signals
 from qflux.stream import batch_stream
-from qflux.summary import LOSS_WINDOW, end_block
+from qflux.summary import LOSS_WINDOW, comfyui_note, end_block, unreached_text
 from qflux.tracking import Tracker, open_tracker
-from qflux.train_state import LossFn
+from qflux.train_state import LossFn, unreached_adapters
 from qflux.training import ModelOps, Run, RunResult, build_step, step_taker
 from qflux.validation import make_validator
 
@@ -130,7 +131,9 @@ def train_loop(
         num_workers=cfg.data.num_workers, collate_fn=data.collate, start=state.position,
         shard=(run.world.rank, run.world.size), drop_last=cfg.data.drop_last,
     )  # fmt: skip
-    take = step_taker(cfg, run, build_step(cfg, run, loss_fn, transformer), stream, data, ops, models.scheduler.config)
+    first = report_unreached(loss_fn, state.train.lora, transformer, run.world.is_main)
+    take = step_taker(cfg, run, build_step(cfg, run, loss_fn, transformer), stream, data, ops,
+                      models.scheduler.config, first)  # fmt: skip
     tracker = open_tracker(cfg.logging.report_to if run.world.is_main else "none", run.output / cfg.logging.logging_dir)
     seconds: list[float] = []
     write = partial(
@@ -222,6 +225,24 @@ def finish(
                 written.append(_save_sample(run.samples[0], before, after, run.output / "sample.png"))
         barrier(run.world)
         logs = run.output / cfg.logging.logging_dir if cfg.logging.report_to == "tensorboard" else None
+        lo = cfg.model.lora
+        drops = comfy_drops(sorted({module_of(k) for k in lora0}), ops.naming)
+        note = comfyui_note(lo.kind, lo.lora_alpha / lo.r, drops) if cfg.train.lora_format != "comfyui" else None
         print(end_block(written, losses=state.losses, checkpoint=latest_checkpoint(run.output), logs=logs,
-                        lycoris=cfg.model.lora.kind in LYCORIS))  # fmt: skip
+                        lycoris=cfg.model.lora.kind in LYCORIS, comfyui=note))  # fmt: skip
     return RunResult(cfg, state.train, dict(lora0), list(state.losses), seconds, models, lora_path, interrupted)
+
+
+def report_unreached(
+    loss_fn: LossFn, lora: Mapping[str, torch.Tensor], module: Any, main: bool
+) -> Callable[[Any], None]:
+    """``first(batch)`` for :func:`step_taker`: finds the adapter layers whose output never reaches the
+    loss (:func:`qflux.train_state.unreached_adapters`) and names them under the start block (rank 0).
+    They train with a zero gradient and keep their initial values, so their ΔW stays 0."""
+
+    def first(batch: Any) -> None:
+        names = unreached_adapters(loss_fn, lora, batch, module)
+        if names and main:
+            tqdm.write(unreached_text(list(dict.fromkeys(module_of(n) for n in names))))
+
+    return first

@@ -134,13 +134,41 @@ def value_and_grad(
 
     def forward_and_backward() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         loss = loss_fn({}, batch)  # the module holds the leaves already: no second substitution
-        return loss, torch.autograd.grad(loss, list(leaves.values()))
+        # an adapter whose output never reaches the loss (unreached_adapters) gets a zero gradient, as under
+        # torch.func.grad, so every engine, and every rank's all-reduce, sees the same tensors
+        return loss, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
 
     # the leaves stay substituted until backward has run (recomputed blocks see them too)
     params = {f"module.{k}": v for k, v in leaves.items()}
     with torch.enable_grad():
         loss, grads = functional_call(_Holding(module), params, (forward_and_backward,), strict=False)
     return loss.detach(), dict(zip(leaves, grads, strict=True))
+
+
+def unreached_adapters(loss_fn: LossFn, lora: Mapping[str, torch.Tensor], batch: Any, module: Any) -> list[str]:
+    """The LoRA tensors the loss does not depend on (a module whose output is dropped, e.g. the text
+    stream of a model's last block): one forward through ``module``, then a walk of the autograd graph
+    from the loss to its leaves; no backward. Their gradient is zero in every step (:func:`value_and_grad`).
+
+    Returns:
+        The names in ``lora`` that no path from the loss reaches, in ``lora``'s order.
+    """
+    leaves = {k: v.detach().requires_grad_(True) for k, v in lora.items()}
+    params = {f"module.{k}": v for k, v in leaves.items()}
+    with torch.enable_grad():
+        loss = functional_call(_Holding(module), params, (lambda: loss_fn({}, batch),), strict=False)
+    reached: set[int] = set()
+    seen: set[Any] = set()
+    todo = [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: the leaf itself
+            reached.add(id(node.variable))
+        todo.extend(fn for fn, _ in node.next_functions)
+    return [k for k, v in leaves.items() if id(v) not in reached]
 
 
 class _Holding(nn.Module):

@@ -420,16 +420,25 @@ def build_step(cfg: RecipeConfig, run: Run, loss_fn: LossFn, transformer: Any) -
 
 
 def step_taker(
-    cfg: RecipeConfig, run: Run, step_fn: StepFn, stream: Iterator[Any], data: DataPath, ops: ModelOps, sched: Any
+    cfg: RecipeConfig,
+    run: Run,
+    step_fn: StepFn,
+    stream: Iterator[Any],
+    data: DataPath,
+    ops: ModelOps,
+    sched: Any,
+    first: Callable[[Any], None] | None = None,
 ) -> Callable[[LoopState], LoopState]:
     """``take(state) → state``: one optimizer step over ``train.gradient_accumulation_steps`` micro-
-    batches from ``stream``, their randomness keyed by (state.seed, step, micro-batch, sample)."""
+    batches from ``stream``, their randomness keyed by (state.seed, step, micro-batch, sample);
+    ``first`` sees the run's first micro-batch before its step (:func:`qflux.train_loop.report_unreached`)."""
     draws, k, tr, sch = (
         Draws.from_config(cfg.data, cfg.train),
         cfg.train.gradient_accumulation_steps,
         cfg.train,
         cfg.lr_scheduler,
     )
+    seen: list[None] = []
 
     def take(state: LoopState) -> LoopState:
         micro, shares, samples, position = [], [], 0, state.position
@@ -441,6 +450,8 @@ def step_taker(
             # this rank's share of the micro-batch's global mean, over K accumulated micro-batches
             shares.append(cond.latents.shape[0] / raw["global_size"] / k)
             samples += raw["global_size"]  # over ranks: every rank walks the same global batches
+        if first is not None and not seen:
+            seen.append(first(micro[0]))
         lr = learning_rate(state.step, base_lr=cfg.optimizer.peak_lr, kind=sch.scheduler_type,
                            warmup_steps=sch.warmup_steps,
                            total_steps=tr.max_train_steps, num_cycles=sch.num_cycles)  # fmt: skip
