@@ -133,3 +133,33 @@ def test_the_comfyui_file_has_bfl_names_and_every_update(klein, tmp_path: Path) 
             continue
         a, b = theirs[f"transformer.{module}.lora_A.weight"], theirs[f"transformer.{module}.lora_B.weight"]
         torch.testing.assert_close(b.double() @ a.double(), delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lycoris_comfyui_file_names_every_module_as_comfyui_maps_it_and_reads_back(klein, kind: str) -> None:
+    """LoKr / LoHa on every linear layer: the time embedder and the shared modulations, which ComfyUI knows by no
+    FLUX.2 diffusers name, are written under their BFL names (diffusion_model.time_in.in_layer, ...), and
+    ``predict --lora`` reads the file back to the in-process image."""
+    from safetensors.torch import load_file
+
+    from qflux.lora import COMFYUI_WEIGHT_NAME, load_lora_file, save_lora_comfyui
+
+    path = klein[0]
+    models = load_flux2_klein(path, torch.float32)
+    lora = inject_lora(models.transformer, LoraConfig(kind=kind, r=2, lora_alpha=4, target_modules=("all-linear",)),
+                       seed=0)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    lora = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in lora.items()}
+    out = path.parent / f"klein-{kind}"
+    save_lora_comfyui(out, models.transformer, lora, dtype=torch.float32, naming="flux2")
+    stems = {k.rsplit(".", 1)[0] for k in load_file(out / COMFYUI_WEIGHT_NAME)}
+    five = ("double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+            "time_in.in_layer", "time_in.out_layer")  # fmt: skip
+    assert {f"diffusion_model.{m}" for m in five} <= stems
+    assert not any("time_guidance_embed" in s or "stream_modulation_img_linear" in s for s in stems)
+    kw = {"num_inference_steps": STEPS, "guidance_scale": 1.0, "seed": 3, "max_sequence_length": 32}
+    ours = predict(models, _refs(1), "make it red", lora=lora, **kw)
+    fresh = load_flux2_klein(path, torch.float32)
+    load_lora_file(fresh.transformer, out / COMFYUI_WEIGHT_NAME, naming="flux2", pipeline_cls=Flux2KleinPipeline)
+    assert _mad(predict(fresh, _refs(1), "make it red", **kw), ours) <= 1 / 255
+    assert _mad(ours, predict(models, _refs(1), "make it red", **kw)) > 5 / 255  # the adapter moves the image

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qflux.adapter_kinds import adapter_kind
+from qflux.adapter_kinds import adapter_kind, module_of
 from qflux.config import LoraConfig
 from qflux.errors import QfluxError
 from qflux.flux_kontext.loaders import FLUX_KONTEXT, load_flux_kontext
@@ -31,6 +31,7 @@ from qflux.lora import (
     save_lora,
     save_lora_comfyui,
 )
+from qflux.lora_formats import lycoris_stem
 from qflux.quantize import quantize_frozen
 
 STEPS = 3
@@ -151,17 +152,22 @@ def _comfy_delta(parts: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
 def test_lycoris_files_use_comfyui_names_and_scales(saved) -> None:
     kind, r, out, models, lora, _, _ = saved
     tr = models.transformer
-    paths = {path.replace(".", "_"): path for path, _ in tr.named_modules()}
-    for name, prefix in ((LORA_WEIGHT_NAME, "transformer."), (COMFYUI_WEIGHT_NAME, "lycoris_")):
+    adapted = sorted({module_of(k) for k in lora})
+    # the diffusers-named file: transformer.<path>; the ComfyUI file: diffusion_model.<BFL layer>, or lycoris_<path_>
+    # for a part of a fused layer (tests/qflux/test_comfyui_names.py checks these against ComfyUI's key map)
+    spellings = {LORA_WEIGHT_NAME: {f"transformer.{m}": m for m in adapted}, COMFYUI_WEIGHT_NAME: {
+        lycoris_stem(m, "flux"): m for m in adapted}}  # fmt: skip
+    assert any(s.startswith("lycoris_") for s in spellings[COMFYUI_WEIGHT_NAME])
+    assert any(s.startswith("diffusion_model.") for s in spellings[COMFYUI_WEIGHT_NAME])
+    for name, names in spellings.items():
         sd = load_file(out / name)
         with safe_open(str(out / name), "pt") as f:
             assert "qflux_adapter" in f.metadata()
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in sd.items():
             stem, _, leaf = key.rpartition(".")
-            assert stem.startswith(prefix) and leaf in COMFY_NAMES[kind], key
-            module = stem.removeprefix(prefix)
-            modules.setdefault(paths.get(module, module), {})[leaf] = t
+            assert stem in names and leaf in COMFY_NAMES[kind], key
+            modules.setdefault(names[stem], {})[leaf] = t
         assert ("alpha" in next(iter(modules.values()))) == (kind == "loha" or r == 2)
         for module, parts in modules.items():
             layer = tr.get_submodule(module)
