@@ -27,6 +27,7 @@ import attrs
 import torch
 
 from qflux.adapter_kinds import is_adapter_param
+from qflux.block_swap import transformer_blocks
 
 Params = dict[str, torch.Tensor]
 
@@ -113,7 +114,7 @@ def shard_frozen_base(transformer: Any, world: World) -> int:
     device_type = next(transformer.parameters()).device.type
     mesh = init_device_mesh(device_type, (world.size,))
     ignored = {p for n, p in transformer.named_parameters() if is_adapter_param(n)}
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    blocks = transformer_blocks(transformer)  # every family's repeated blocks, from its own _repeated_blocks
     for block in blocks:
         fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(transformer, mesh=mesh, ignored_params=ignored)

@@ -132,8 +132,8 @@ def unreached_text(modules: Sequence[str]) -> str:
     """The line under the start block naming the adapter layers whose output never reaches the loss."""
     shown = ", ".join(modules[:NAMED]) + (f", … (+{len(modules) - NAMED} more)" if len(modules) > NAMED else "")
     return (
-        f"  note     {len(modules)} adapter layer(s) get no gradient (their output never reaches the loss, e.g. a "
-        f"last block's unused text stream; they keep their initial values, ΔW = 0): {shown}"
+        f"  note     {len(modules)} adapter layer(s) get no gradient (the loss does not depend on their output, "
+        f"e.g. a last block's dropped text stream; they keep ΔW = 0): {shown}"
     )
 
 

@@ -236,13 +236,13 @@ def finish(
 def report_unreached(
     loss_fn: LossFn, lora: Mapping[str, torch.Tensor], module: Any, main: bool
 ) -> Callable[[Any], None]:
-    """``first(batch)`` for :func:`step_taker`: finds the adapter layers whose output never reaches the
-    loss (:func:`qflux.train_state.unreached_adapters`) and names them under the start block (rank 0).
-    They train with a zero gradient and keep their initial values, so their ΔW stays 0."""
+    """``first(batch)`` for :func:`step_taker`: finds the adapter layers the loss does not reach
+    (:func:`qflux.train_state.unreached_adapters`; every rank, as FSDP's collectives need) and names them
+    under the start block (rank 0). They train with a zero gradient and keep ΔW = 0."""
 
     def first(batch: Any) -> None:
         names = unreached_adapters(loss_fn, lora, batch, module)
         if names and main:
-            tqdm.write(unreached_text(list(dict.fromkeys(module_of(n) for n in names))))
+            tqdm.write(unreached_text(names))
 
     return first

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from qflux.adapter_kinds import module_of
 from qflux.fp8 import Float8FrozenLinear
 from qflux.frozen_linear import FrozenLinear
 from qflux.optim import AdamWState, adamw_init, clipped_adamw_if_finite, ema_update
@@ -134,7 +135,7 @@ def value_and_grad(
 
     def forward_and_backward() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         loss = loss_fn({}, batch)  # the module holds the leaves already: no second substitution
-        # an adapter whose output never reaches the loss (unreached_adapters) gets a zero gradient, as under
+        # an adapter whose output is never used (unreached_adapters) gets a zero gradient, as under
         # torch.func.grad, so every engine, and every rank's all-reduce, sees the same tensors
         return loss, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
 
@@ -146,29 +147,20 @@ def value_and_grad(
 
 
 def unreached_adapters(loss_fn: LossFn, lora: Mapping[str, torch.Tensor], batch: Any, module: Any) -> list[str]:
-    """The LoRA tensors the loss does not depend on (a module whose output is dropped, e.g. the text
-    stream of a model's last block): one forward through ``module``, then a walk of the autograd graph
-    from the loss to its leaves; no backward. Their gradient is zero in every step (:func:`value_and_grad`).
+    """The adapter layers the loss does not reach: every one of their tensors gets an exactly zero gradient
+    on ``batch`` (none at all where the output is never used, zero where it only reaches dropped rows, as
+    the queries of a last block's discarded text stream). They keep their values, so a fresh adapter there
+    keeps ΔW = 0. One forward and backward by the autograd engine, outside the step.
 
     Returns:
-        The names in ``lora`` that no path from the loss reaches, in ``lora``'s order.
+        The module paths (:func:`qflux.adapter_kinds.module_of`) in ``lora``'s order.
     """
-    leaves = {k: v.detach().requires_grad_(True) for k, v in lora.items()}
-    params = {f"module.{k}": v for k, v in leaves.items()}
-    with torch.enable_grad():
-        loss = functional_call(_Holding(module), params, (lambda: loss_fn({}, batch),), strict=False)
-    reached: set[int] = set()
-    seen: set[Any] = set()
-    todo = [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):  # AccumulateGrad: the leaf itself
-            reached.add(id(node.variable))
-        todo.extend(fn for fn, _ in node.next_functions)
-    return [k for k, v in leaves.items() if id(v) not in reached]
+    _, grads = value_and_grad(loss_fn, lora, batch, engine="autograd", module=module)
+    modules: dict[str, bool] = {}
+    for name, g in grads.items():
+        m = module_of(name)
+        modules[m] = modules.get(m, True) and not bool(g.any())  # a host sync, once per run
+    return [m for m, dead in modules.items() if dead]
 
 
 class _Holding(nn.Module):
