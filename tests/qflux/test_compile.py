@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
@@ -108,3 +109,48 @@ def test_resolve_compile() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [resolve_compile(s, cpu) for s in ("auto", True, False, "regional")] == ["none", "full", "none", "regional"]
     assert resolve_compile("auto", cuda) == "regional"
+
+
+@pytest.mark.compile
+def test_an_adapter_outside_the_loss_compiles_with_a_zero_gradient() -> None:
+    """A two-stream block whose second output is dropped (as Qwen-Image's last block drops its text
+    stream): the compiled whole step (torch.func) and both eager engines train the used adapter alike
+    and leave the unused one exactly as it was; unreached_adapters names it."""
+    from torch import nn
+
+    from qflux.lora import call_with_lora
+    from qflux.train_state import unreached_adapters
+
+    class TwoStreams(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.img, self.txt = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            _dropped = self.txt(x)  # computed, never used: a None gradient for its adapter
+            return self.img(x)
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(0)
+    module = inject_adapter_in_model(PeftLoraConfig(r=2, target_modules=["img", "txt"], init_lora_weights=False),
+                                     TwoStreams()).requires_grad_(False)  # fmt: skip
+    lora = {k: v.detach().clone() for k, v in module.named_parameters() if ".lora_" in k}
+
+    def loss_fn(params, batch):  # type: ignore[no-untyped-def]
+        return (call_with_lora(module, params, {"x": batch}) ** 2).mean()
+
+    batch = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    assert unreached_adapters(loss_fn, lora, batch, module) == ["txt"]
+    lr, hp = torch.tensor(1e-2, dtype=torch.float64), StepHParams(weight_decay=0.0)  # no decay: unused = unchanged
+    steps = {
+        "compiled": make_train_step(loss_fn, hp, compile=True),
+        "func": make_train_step(loss_fn, hp),
+        "autograd": make_train_step(loss_fn, attrs.evolve(hp, engine="autograd"), module=module),
+    }
+    states = {name: step(init_train_state(lora, seed=0), [batch], lr)[0] for name, step in steps.items()}
+    for name, state in states.items():
+        for k, v in state.lora.items():
+            assert torch.equal(v, lora[k]) == k.startswith("txt."), (name, k)
+            torch.testing.assert_close(v, states["func"].lora[k], rtol=1e-5, atol=1e-6)
