@@ -226,11 +226,18 @@ def save_loop_state(
 def _opt_to(opt: OptState, device: torch.device) -> OptState:
     """The optimizer state with its per-tensor parts on ``device`` (Prodigy: its scalars too; AdamW's
     count stays a CPU scalar, as it starts)."""
-    moved: list[Any] = [{k: v.to(device) for k, v in f.items()} if isinstance(f, dict) else f for f in opt]
+    moved: list[Any] = [{k: _fresh(v, device) for k, v in f.items()} if isinstance(f, dict) else f for f in opt]
     if isinstance(opt, ProdigyState):
-        scalars: list[Any] = [f.to(device) if isinstance(f, torch.Tensor) else f for f in moved]
+        scalars: list[Any] = [_fresh(f, device) if isinstance(f, torch.Tensor) else f for f in moved]
         return ProdigyState(*scalars)
     return AdamWState(*moved)
+
+
+def _fresh(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` copied to fresh storage on ``device``. safetensors hands back views into the file at any
+    byte offset; a reduction over an unaligned vector can group its partial sums otherwise (seen on one
+    thread: Prodigy's d resumed 1 ulp off), so a resumed step would not repeat the straight run bit for bit."""
+    return t.to(device, copy=True)
 
 
 def load_loop_state(ckpt: Checkpoint, device: torch.device) -> LoopState:
@@ -239,8 +246,8 @@ def load_loop_state(ckpt: Checkpoint, device: torch.device) -> LoopState:
     train = ckpt.state
     moved = attrs.evolve(
         train,
-        lora={k: v.to(device) for k, v in train.lora.items()},
-        ema=None if train.ema is None else {k: v.to(device) for k, v in train.ema.items()},
+        lora={k: _fresh(v, device) for k, v in train.lora.items()},
+        ema=None if train.ema is None else {k: _fresh(v, device) for k, v in train.ema.items()},
         opt=_opt_to(train.opt, device),
     )
     meta = ckpt.meta

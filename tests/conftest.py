@@ -14,6 +14,11 @@ from hypothesis import settings
 os.environ.setdefault("QFLUX_HOME", tempfile.mkdtemp(prefix="qflux-test-home-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+# Under pytest-xdist (the suite runs on 2 workers) each worker takes one core: torch's own threads would
+# make the two workers fight over both cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 settings.register_profile("qflux", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("qflux")
 
