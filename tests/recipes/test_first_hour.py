@@ -142,7 +142,7 @@ def test_start_and_end_say_what_happens(tiny_flux_dir: Path, data: Path, tmp_pat
     ):
         assert line in text, line
     assert re.search(rf"{re.escape(str(out / 'pytorch_lora_weights.safetensors'))} +diffusers", text)
-    assert "ComfyUI: models/loras/, a LoraLoaderModelOnly node" in text
+    assert "ComfyUI: this one, in models/loras/, a LoraLoaderModelOnly node" in text
     assert f"tensorboard --logdir {out / 'logs'}" in text and f"last checkpoint: {out / 'checkpoint-12'}" in text
     # the end's loss is the progress bar's mean, and says so
     assert f"(mean of 10 steps, as the progress bar) {mean_loss(result.losses, first=True):.4f}" in text
