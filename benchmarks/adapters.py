@@ -5,7 +5,7 @@
 Builds the FLUX.1 Kontext preset ``--size`` (:func:`qflux.tiny.build_flux_kontext`; "small": width
 256, 2 double and 4 single blocks), and for each (``model.lora.kind``, ``optimizer.name``) of
 lora/adamw, dora/adamw, lokr/adamw, loha/adamw and lora/prodigy runs the recipes' training step
-(:func:`qflux.plan.real_step`: the adapter injected by peft, the pure step, the autograd engine) at
+(:func:`qflux.memory.planner.real_step`: the adapter injected by peft, the pure step, the autograd engine) at
 ``--side``² with a control image of the same size, 128 text tokens, batch 1, rank 16 on the default
 targets (to_q, to_k, to_v, to_out.0). Per row: the adapter's trainable parameters, the state's
 bytes (the fp32 adapter the step trains and the optimizer's state), the step's peak (torch's
@@ -34,12 +34,12 @@ ROWS = [("lora", "adamw"), ("dora", "adamw"), ("lokr", "adamw"), ("loha", "adamw
 def main(size: str = "small", side: int = 512, steps: int = 6, dtype: str = "float32") -> None:
     import torch
 
-    from qflux.config import LoraConfig
-    from qflux.flux_kontext.plan import plan_model
-    from qflux.loading import component_config
-    from qflux.memory import profiled_peak, storage_bytes
-    from qflux.plan import Inputs, Setting, real_step
+    from qflux.config.schema import LoraConfig
+    from qflux.memory.measure import profiled_peak, storage_bytes
+    from qflux.memory.planner import Inputs, Setting, real_step
+    from qflux.models.flux_kontext.plan import plan_model
     from qflux.tiny import build_flux_kontext
+    from qflux.weights.loading import component_config
 
     torch_dtype = getattr(torch, dtype)
     model = plan_model(2.5)
@@ -78,7 +78,7 @@ def main(size: str = "small", side: int = 512, steps: int = 6, dtype: str = "flo
 
 
 def _is_adapter(name: str) -> bool:
-    from qflux.adapter_kinds import is_adapter_param
+    from qflux.lora.kinds import is_adapter_param
 
     return is_adapter_param(name)
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _config(work: Path, mode: str, steps: int):
-    from qflux.config import FluxKontextConfig
-    from qflux.config_parse import load_config
+    from qflux.config.parse import load_config
+    from qflux.config.schema import FluxKontextConfig
 
     return load_config(
         FluxKontextConfig,
@@ -56,7 +56,7 @@ def child(work: str, mode: str, steps: int, warmup: int) -> None:
 
 def main(steps: int = 12, warmup: int = 3) -> None:
     """Prepare the model, data and cache, then time both modes in subprocesses."""
-    from qflux.synthetic import make_synthetic_pairs
+    from qflux.data.synthetic import make_synthetic_pairs
     from qflux.tiny import build_flux_kontext
     from recipes.flux_kontext_lora import cache as fill
 

@@ -5,7 +5,7 @@ training waits on it.
 
 1. Writes ``pairs`` synthetic photos (JPEG, quality 90, sizes around 1024² in nine aspects from 3:4
    to 16:9 with ±8% jitter, the control the same size as its target) once, into a temporary folder.
-2. For each worker count, times one epoch of the training stream (:func:`qflux.stream.batch_stream`,
+2. For each worker count, times one epoch of the training stream (:func:`qflux.data.order.batch_stream`,
    batch 4, buckets at 1024² area): decode both images, crop and resize (Lanczos), map to [−1, 1],
    collate. Pairs per second include the workers' start.
 3. Trains the "small" preset (:func:`qflux.tiny.build_flux_kontext`, uncached, so every step reads
@@ -40,7 +40,7 @@ def write_photos(root: Path, n: int, seed: int = 0) -> Path:
     """``n`` JPEG pairs of about 1024² (a scene of shapes plus texture noise, and its inversion)."""
     from PIL import Image, ImageOps
 
-    from qflux.synthetic import draw_scene
+    from qflux.data.synthetic import draw_scene
 
     rng = np.random.default_rng(seed)
     (root / "control_images").mkdir(parents=True, exist_ok=True)
@@ -60,8 +60,8 @@ def write_photos(root: Path, n: int, seed: int = 0) -> Path:
 
 def pairs_per_second(data: Path, workers: int, batch: int = 4) -> float:
     """One shuffled epoch of the training stream at 1024² buckets: pairs per second."""
-    from qflux.data import PairDataset, scan_pairs
-    from qflux.stream import batch_stream
+    from qflux.data.order import batch_stream
+    from qflux.data.pairs import PairDataset, scan_pairs
 
     samples = scan_pairs(data, 1024 * 1024, multiple=16, buckets="auto", warn=lambda _: None)
     start = time.perf_counter()
@@ -79,9 +79,9 @@ def pairs_per_second(data: Path, workers: int, batch: int = 4) -> float:
 def training_wait(model: Path, data: Path, out: Path, steps: int, warmup: int) -> tuple[float, float]:
     """(median step seconds, median seconds a step waited for its batch) of the small preset
     training uncached at 256² buckets with two data workers, after ``warmup`` steps."""
-    import qflux.train_loop as train_loop
-    from qflux.config import FluxKontextConfig
-    from qflux.config_parse import load_config
+    import qflux.train.driver as train_loop
+    from qflux.config.parse import load_config
+    from qflux.config.schema import FluxKontextConfig
     from recipes.flux_kontext_lora import train
 
     waits: list[float] = []

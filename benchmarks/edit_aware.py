@@ -4,7 +4,7 @@ on a synthetic edit whose region is known, scored on held-out pairs.
     python benchmarks/edit_aware.py [--pairs=24] [--held=6] [--steps=300] [--size=tiny] [--side=128] [--model=DIR]
 
 1. Writes ``pairs`` training and ``held`` held-out pairs: a scene of shapes with photo-like noise
-   (:func:`qflux.synthetic.draw_scene`), and as target the same scene with a red disc painted over
+   (:func:`qflux.data.synthetic.draw_scene`), and as target the same scene with a red disc painted over
    a random spot covering about 6% of the picture; instruction "paint a red dot on the image".
    Everything outside the disc is unchanged.
 2. Trains FLUX.1 Kontext (the built-in ``size`` preset, or the diffusers folder ``--model``; fp32,
@@ -40,7 +40,7 @@ def write_pairs(root: Path, n: int, seed: int, side: int) -> Path:
     """``n`` (scene, scene with a red disc) pairs of ``side``² under ``root``."""
     from PIL import Image, ImageDraw
 
-    from qflux.synthetic import draw_scene
+    from qflux.data.synthetic import draw_scene
 
     rng = np.random.default_rng(seed)
     for sub in ("control_images", "training_images"):
@@ -81,8 +81,8 @@ def vae_roundtrip(model: Path, held: Path) -> float:
     import torch
     from diffusers import AutoencoderKL
 
-    from qflux.data import image_size, load_sized
-    from qflux.masks import region_psnr
+    from qflux.data.masks import region_psnr
+    from qflux.data.pairs import image_size, load_sized
 
     vae = AutoencoderKL.from_pretrained(model / "vae").eval()
     scores = []

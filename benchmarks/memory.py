@@ -7,8 +7,8 @@ nothing loaded) against the same step run for real.
 ``--size=small`` (CPU or GPU):
 1. Builds the "small" FLUX.1 Kontext preset (:func:`qflux.tiny.build_flux_kontext`; width 256, 2 double
    and 4 single blocks) and plans a step at 512² with a 512² control image, 128 text tokens, batch 1,
-   LoRA rank 16 (:func:`qflux.plan.estimate`; the allowance for the CUDA context left out).
-2. Runs that step on the real model (:func:`qflux.plan.real_step`) and measures its peak
+   LoRA rank 16 (:func:`qflux.memory.planner.estimate`; the allowance for the CUDA context left out).
+2. Runs that step on the real model (:func:`qflux.memory.planner.real_step`) and measures its peak
    independently: on the CPU by torch's profiler memory timeline (every allocation and free, plus
    the resident weights and state; the dispatcher-level count on real tensors in brackets); on CUDA
    by ``torch.cuda.max_memory_allocated``.
@@ -51,11 +51,11 @@ FULL = {"flux": "black-forest-labs/FLUX.1-Kontext-dev", "qwen": "Qwen/Qwen-Image
 def _model(name: str) -> tuple[Any, int]:
     """(the plan record, text tokens at 1024² with one control) of ``flux`` or ``qwen``."""
     if name == "flux":
-        from qflux.flux_kontext.plan import plan_model
+        from qflux.models.flux_kontext.plan import plan_model
 
         return plan_model(2.5), 512
-    from qflux.qwen_image_edit.plan import plan_model, text_tokens
-    from qflux.shapes import shipped_configs
+    from qflux.memory.shapes import shipped_configs
+    from qflux.models.qwen_image_edit.plan import plan_model, text_tokens
 
     configs = shipped_configs(FULL["qwen"]) or {}
     return plan_model(), text_tokens(configs["text_encoder"], "edit", 1)
@@ -71,12 +71,12 @@ def main(
 ) -> None:
     import torch
 
-    from qflux.config import LoraConfig
-    from qflux.loading import component_config
-    from qflux.memory import LiveBytes, profiled_peak, storage_bytes
-    from qflux.plan import Inputs, Setting, estimate, real_step
-    from qflux.shapes import shipped_configs
+    from qflux.config.schema import LoraConfig
+    from qflux.memory.measure import LiveBytes, profiled_peak, storage_bytes
+    from qflux.memory.planner import Inputs, Setting, estimate, real_step
+    from qflux.memory.shapes import shipped_configs
     from qflux.tiny import build_flux_kontext
+    from qflux.weights.loading import component_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if size == "full" and device.type != "cuda":

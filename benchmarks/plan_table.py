@@ -34,17 +34,17 @@ SCENARIOS = {
 
 
 def _scenario(name: str) -> tuple[Any, dict[str, Any], Any]:
-    from qflux.plan import Inputs
-    from qflux.shapes import shipped_configs
+    from qflux.memory.planner import Inputs
+    from qflux.memory.shapes import shipped_configs
 
     hub, variant, side, controls = SCENARIOS[name]
     configs = shipped_configs(hub) or {}
     if variant == "flux":
-        from qflux.flux_kontext.plan import plan_model
+        from qflux.models.flux_kontext.plan import plan_model
 
         model, tokens = plan_model(2.5), 512
     else:
-        from qflux.qwen_image_edit.plan import plan_model, text_tokens
+        from qflux.models.qwen_image_edit.plan import plan_model, text_tokens
 
         model, tokens = plan_model(), text_tokens(configs["text_encoder"], variant, controls)
     inputs = Inputs(batch_size=1, accumulation=1, target=(side, side), controls=((side, side),) * controls,
@@ -55,9 +55,9 @@ def _scenario(name: str) -> tuple[Any, dict[str, Any], Any]:
 def main(only: str = "") -> None:
     import torch
 
-    from qflux.config import LoraConfig
-    from qflux.memory import GIB
-    from qflux.plan import Row, Setting, block_weights, blocks_needed, estimate
+    from qflux.config.schema import LoraConfig
+    from qflux.memory.measure import GIB
+    from qflux.memory.planner import Row, Setting, block_weights, blocks_needed, estimate
 
     names = [n for n in (only.split(",") if isinstance(only, str) else only) if n] or list(SCENARIOS)
     lora, dtype = LoraConfig(), torch.bfloat16

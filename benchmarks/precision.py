@@ -41,9 +41,9 @@ VARIANTS = ("none", "fp8", "nf4", "fp4")
 
 
 def _bytes(path: Path) -> dict[str, float]:
-    from qflux.flux_kontext.loaders import FLUX_KONTEXT
-    from qflux.loading import load_part
-    from qflux.quantize import weight_bytes
+    from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
+    from qflux.weights.loading import load_part
+    from qflux.weights.quantize import weight_bytes
 
     sizes = {
         v: weight_bytes(load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16, quantize=v)) for v in VARIANTS
@@ -52,9 +52,9 @@ def _bytes(path: Path) -> dict[str, float]:
 
 
 def _forward_errors(path: Path) -> dict[str, float]:
-    from qflux.flux_kontext.loaders import FLUX_KONTEXT
-    from qflux.flux_kontext.step import velocity
-    from qflux.loading import load_part
+    from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
+    from qflux.models.flux_kontext.loss import velocity
+    from qflux.weights.loading import load_part
 
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
@@ -82,12 +82,12 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
     """Bytes autograd keeps from one LoRA forward to its backward beyond the model's own stored
     tensors (unique storages: activations, and any weight copy made for the step), per variant and
     for diffusers' layerwise fp8 casting, as a fraction of the bf16 transformer's weight bytes."""
-    from qflux.config import LoraConfig
-    from qflux.flux_kontext.loaders import FLUX_KONTEXT
-    from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn
-    from qflux.loading import load_part
-    from qflux.lora import inject_lora
-    from qflux.quantize import weight_bytes
+    from qflux.config.schema import LoraConfig
+    from qflux.lora.adapter import inject_lora
+    from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
+    from qflux.models.flux_kontext.loss import FluxKontextBatch, make_loss_fn
+    from qflux.weights.loading import load_part
+    from qflux.weights.quantize import weight_bytes
 
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
@@ -112,14 +112,14 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
     out = {v: saved(load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16, quantize=v)) / base for v in VARIANTS}
     layerwise = load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16)
     layerwise.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    layerwise.compute_dtype = torch.bfloat16  # its first parameter reports fp8 (qflux.quantize.compute_dtype)
+    layerwise.compute_dtype = torch.bfloat16  # its first parameter reports fp8 (qflux.weights.quantize.compute_dtype)
     out["fp8_layerwise"] = saved(layerwise) / base
     return out
 
 
 def _losses(path: Path, steps: int, tmp: Path) -> dict[str, list[float]]:
-    from qflux.config import FluxKontextConfig
-    from qflux.config_parse import load_config
+    from qflux.config.parse import load_config
+    from qflux.config.schema import FluxKontextConfig
     from recipes.flux_kontext_lora import train as run
 
     out = {}
@@ -182,11 +182,11 @@ def run_full_size() -> None:
     from diffusers import FluxTransformer2DModel
     from train_step import FULL, _batch
 
-    from qflux.config import LoraConfig
-    from qflux.flux_kontext.step import make_loss_fn
-    from qflux.lora import inject_lora
-    from qflux.quantize import quantize_frozen, weight_bytes
-    from qflux.train_state import StepHParams, init_train_state, make_train_step
+    from qflux.config.schema import LoraConfig
+    from qflux.lora.adapter import inject_lora
+    from qflux.models.flux_kontext.loss import make_loss_fn
+    from qflux.train.state import StepHParams, init_train_state, make_train_step
+    from qflux.weights.quantize import quantize_frozen, weight_bytes
 
     device = torch.device("cuda")
     shape = {"latent": 128, "text": 512, "text_dim": 4096, "pooled": 768, "channels": 16}

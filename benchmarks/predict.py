@@ -28,10 +28,10 @@ def main(size: str = "tiny", steps: int = 8, repeats: int = 3, dtype: str = "flo
     from diffusers import FluxKontextPipeline
     from PIL import Image
 
-    from qflux.flux_kontext.loaders import load_flux_kontext
-    from qflux.flux_kontext.predict import predict
-    from qflux.loading import torch_dtype
+    from qflux.models.flux_kontext.loaders import load_flux_kontext
+    from qflux.models.flux_kontext.predict import predict
     from qflux.tiny import build_flux_kontext
+    from qflux.weights.loading import torch_dtype
 
     side = 64 if size == "tiny" else 256
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))

@@ -106,8 +106,8 @@ def _shared_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _batch(i: int, shape: dict[str, int], device: torch.device):
-    from qflux.flow import sigmas_from_u
-    from qflux.flux_kontext.step import FluxKontextBatch
+    from qflux.diffusion.flow import sigmas_from_u
+    from qflux.models.flux_kontext.loss import FluxKontextBatch
 
     g = torch.Generator().manual_seed(i)
     lat, txt, dim, pooled = shape["latent"], shape["text"], shape["text_dim"], shape["pooled"]
@@ -129,9 +129,9 @@ def _batch(i: int, shape: dict[str, int], device: torch.device):
 def _transformer(config: str, dtype: torch.dtype, device: torch.device, tmp: Path):
     from diffusers import FluxTransformer2DModel
 
-    from qflux.flux_kontext.loaders import FLUX_KONTEXT
-    from qflux.loading import load_part
+    from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
     from qflux.tiny import build_flux_kontext
+    from qflux.weights.loading import load_part
 
     if config == "small":
         path = build_flux_kontext(tmp / "model", seed=0, size="small")
@@ -152,7 +152,7 @@ def _transformer(config: str, dtype: torch.dtype, device: torch.device, tmp: Pat
 def _forward_flops(tr, batch) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from qflux.flux_kontext.step import make_loss_fn
+    from qflux.models.flux_kontext.loss import make_loss_fn
 
     loss_fn = make_loss_fn(tr, guidance_scale=1.0, weighting_scheme="none")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -166,12 +166,12 @@ def bench_dtype(
     """Time and measure every variant for one frozen-weight dtype; returns the figures."""
     import tempfile
 
-    from qflux.config import LoraConfig
-    from qflux.flux_kontext.step import make_loss_fn
-    from qflux.frozen_linear import prepare_frozen_base
-    from qflux.loading import torch_dtype
-    from qflux.lora import inject_lora
-    from qflux.train_state import StepHParams, grad_engine, init_train_state, make_train_step
+    from qflux.config.schema import LoraConfig
+    from qflux.lora.adapter import inject_lora
+    from qflux.models.flux_kontext.loss import make_loss_fn
+    from qflux.train.state import StepHParams, grad_engine, init_train_state, make_train_step
+    from qflux.weights.frozen_linear import prepare_frozen_base
+    from qflux.weights.loading import torch_dtype
 
     dtype = torch_dtype(dtype_name)
     checkpointing = config == "full"

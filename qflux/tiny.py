@@ -280,7 +280,7 @@ def build_qwen_image_edit(
     )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from qflux.qwen_image_edit.processor import qwen_processor
+    from qflux.models.qwen_image_edit.processor import qwen_processor
 
     if variant not in QWEN_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(QWEN_VARIANTS)}")
@@ -360,7 +360,7 @@ _BUILDERS: dict[str, Callable[..., Path]] = {
 
 
 def _flux2_klein(*args: Any, **kwargs: Any) -> Path:
-    from qflux.tiny_flux2 import build_flux2_klein  # it builds on this module's tokenizer and presets
+    from qflux.models.flux2_klein.tiny import build_flux2_klein  # it builds on this module's tokenizer and presets
 
     return build_flux2_klein(*args, **kwargs)
 

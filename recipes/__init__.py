@@ -1,5 +1,5 @@
 """Runnable recipes composed from qflux's records and pure functions (the library never imports these)."""
 
-from qflux.console import quiet_known_warnings
+from qflux.train.console import quiet_known_warnings
 
 quiet_known_warnings()  # before any recipe imports diffusers (which imports torchao when it is installed)

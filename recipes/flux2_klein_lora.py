@@ -8,7 +8,7 @@ checkpoints, ``config.yaml``, ``loss.png`` and ``sample.png``.
 A sample has 0 to 4 reference images, Edit-Plus's layout: ``control_images/NAME.png``, then
 ``NAME_control_1.png``, ...; each reference keeps its own size and aspect (the pipeline's way), at
 its own position in time (T = 10, 20, ...). A run reads top to bottom in :func:`train`; what every
-model shares is :mod:`qflux.training` and :mod:`qflux.train_loop`.
+model shares is :mod:`qflux.train.run` and :mod:`qflux.train.driver`.
 """
 
 from __future__ import annotations
@@ -21,30 +21,28 @@ from typing import Any
 
 import torch
 
-from qflux.batching import Conditioning, DataPath, with_mask
-from qflux.cache import CacheReport
-from qflux.cache_path import CachePath, cache_command, cached_data, module_cache
-from qflux.check_command import run_check
-from qflux.cli import main as cli_main
-from qflux.config import Flux2KleinConfig
-from qflux.config_parse import load_config
-from qflux.data import PairRule, collate_pairs, image_arg, save_image
+from qflux.config.cli import main as cli_main
+from qflux.config.parse import load_config
+from qflux.config.schema import Flux2KleinConfig
+from qflux.data.pairs import PairRule, collate_pairs, image_arg, save_image
 from qflux.errors import QfluxError
-from qflux.flux2_klein import cache as kcache
-from qflux.flux2_klein.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
-from qflux.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode
-from qflux.flux2_klein.loaders import COMPONENTS, ENCODERS, PIPELINE, Flux2KleinModels, load_flux2_klein
-from qflux.flux2_klein.plan import plan_model
-from qflux.flux2_klein.predict import denoise
-from qflux.flux2_klein.predict import predict as klein_predict
-from qflux.flux2_klein.step import make_loss_fn
-from qflux.loading import torch_dtype
-from qflux.lora import load_lora_file
-from qflux.lora_formats import Naming
-from qflux.plan_command import PlanTarget, run_plan, warn_if_too_big
-from qflux.quantize import quantize_plan
-from qflux.train_loop import decoder, finish, train_loop
-from qflux.training import (
+from qflux.lora.adapter import load_lora_file
+from qflux.lora.formats import Naming
+from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.models.flux2_klein import cache as kcache
+from qflux.models.flux2_klein.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
+from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode
+from qflux.models.flux2_klein.loaders import COMPONENTS, ENCODERS, PIPELINE, Flux2KleinModels, load_flux2_klein
+from qflux.models.flux2_klein.loss import make_loss_fn
+from qflux.models.flux2_klein.plan import plan_model
+from qflux.models.flux2_klein.predict import denoise
+from qflux.models.flux2_klein.predict import predict as klein_predict
+from qflux.train.batch import Conditioning, DataPath, with_mask
+from qflux.train.cache import CacheReport
+from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
+from qflux.train.check import run_check
+from qflux.train.driver import decoder, finish, train_loop
+from qflux.train.run import (
     ModelOps,
     Run,
     RunResult,
@@ -56,10 +54,12 @@ from qflux.training import (
     placements,
     training_run,
 )
+from qflux.weights.loading import torch_dtype
+from qflux.weights.quantize import quantize_plan
 
 NAMING: Naming = "flux2"
 """The ComfyUI file's names: BFL's (fused double-block q/k/v, ``linear1`` / ``linear2``), as ComfyUI
-loads FLUX.2 (qflux.lora_formats.bfl2_target)."""
+loads FLUX.2 (qflux.lora.formats.bfl2_target)."""
 MAX_REFERENCES = 4
 PAIRS = PairRule((0, MAX_REFERENCES), "own")
 """0 to 4 reference images per sample, each at its own size (the pipeline's way)."""

@@ -7,7 +7,7 @@ checkpoints, ``config.yaml``, ``loss.png`` and ``sample.png`` (control | target 
 
 ``cache`` fills the embedding cache; ``train`` with ``cache.use_cache=true`` then loads only the
 transformer. A run reads top to bottom in :func:`train`: the model's own steps are here, what every
-model shares is :mod:`qflux.training` and :mod:`qflux.train_loop`.
+model shares is :mod:`qflux.train.run` and :mod:`qflux.train.driver`.
 """
 
 from __future__ import annotations
@@ -19,30 +19,28 @@ from typing import Any
 
 import torch
 
-from qflux.batching import Conditioning, DataPath, with_mask
-from qflux.cache import CacheReport
-from qflux.cache_path import CachePath, cache_command, cached_data, module_cache
-from qflux.check_command import run_check
-from qflux.cli import main as cli_main
-from qflux.config import FluxKontextConfig
-from qflux.config_parse import load_config
-from qflux.data import PairRule, collate_pairs, load_rgb, save_image
+from qflux.config.cli import main as cli_main
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig
+from qflux.data.pairs import PairRule, collate_pairs, load_rgb, save_image
 from qflux.errors import QfluxError
-from qflux.flux_kontext import cache as kcache
-from qflux.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
-from qflux.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
-from qflux.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE, FluxKontextModels, load_flux_kontext
-from qflux.flux_kontext.plan import plan_model
-from qflux.flux_kontext.predict import denoise
-from qflux.flux_kontext.predict import predict as kontext_predict
-from qflux.flux_kontext.step import make_loss_fn
-from qflux.loading import torch_dtype
-from qflux.lora import load_lora_file
-from qflux.lora_formats import Naming
-from qflux.plan_command import PlanTarget, run_plan, warn_if_too_big
-from qflux.quantize import quantize_plan
-from qflux.train_loop import decoder, finish, train_loop
-from qflux.training import (
+from qflux.lora.adapter import load_lora_file
+from qflux.lora.formats import Naming
+from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.models.flux_kontext import cache as kcache
+from qflux.models.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
+from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
+from qflux.models.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE, FluxKontextModels, load_flux_kontext
+from qflux.models.flux_kontext.loss import make_loss_fn
+from qflux.models.flux_kontext.plan import plan_model
+from qflux.models.flux_kontext.predict import denoise
+from qflux.models.flux_kontext.predict import predict as kontext_predict
+from qflux.train.batch import Conditioning, DataPath, with_mask
+from qflux.train.cache import CacheReport
+from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
+from qflux.train.check import run_check
+from qflux.train.driver import decoder, finish, train_loop
+from qflux.train.run import (
     ModelOps,
     Run,
     RunResult,
@@ -54,6 +52,8 @@ from qflux.training import (
     placements,
     training_run,
 )
+from qflux.weights.loading import torch_dtype
+from qflux.weights.quantize import quantize_plan
 
 NAMING: Naming = "flux"
 PAIRS = PairRule((1, 1), "target")

@@ -10,7 +10,7 @@ synthetic colour-inversion dataset) and writes, under ``logging.output_dir``: th
 trains Qwen-Image-Edit-2511 on the same inputs (its transformer modulates the control tokens at
 t = 0: ``zero_cond_t``). Each sample's prompt
 is embedded with its own control image(s), resized as the pipeline resizes them. A run reads top to
-bottom in :func:`train`; what every model shares is :mod:`qflux.training` and :mod:`qflux.train_loop`.
+bottom in :func:`train`; what every model shares is :mod:`qflux.train.run` and :mod:`qflux.train.driver`.
 """
 
 from __future__ import annotations
@@ -23,29 +23,23 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qflux.batching import Conditioning, DataPath, with_mask
-from qflux.cache import CacheReport
-from qflux.cache_path import CachePath, cache_command, cached_data, module_cache
-from qflux.check_command import run_check
-from qflux.cli import main as cli_main
-from qflux.config import QwenImageEditConfig
-from qflux.config_parse import load_config
-from qflux.data import PairRule, image_arg, save_image
-from qflux.loading import torch_dtype
-from qflux.lora import load_lora_file
-from qflux.lora_formats import Naming
-from qflux.plan_command import PlanTarget, run_plan, warn_if_too_big
-from qflux.quantize import quantize_plan
-from qflux.qwen_image_edit import cache as qcache
-from qflux.qwen_image_edit.batch import (
+from qflux.config.cli import main as cli_main
+from qflux.config.parse import load_config
+from qflux.config.schema import QwenImageEditConfig
+from qflux.data.pairs import PairRule, image_arg, save_image
+from qflux.lora.adapter import load_lora_file
+from qflux.lora.formats import Naming
+from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.models.qwen_image_edit import cache as qcache
+from qflux.models.qwen_image_edit.batch import (
     QwenPairDataset,
     cached_conditioning,
     collate_qwen_pairs,
     encode_conditioning,
     to_batch,
 )
-from qflux.qwen_image_edit.conditioning import vae_decode
-from qflux.qwen_image_edit.loaders import (
+from qflux.models.qwen_image_edit.conditioning import vae_decode
+from qflux.models.qwen_image_edit.loaders import (
     COMPONENTS,
     ENCODERS,
     PIPELINE,
@@ -53,12 +47,16 @@ from qflux.qwen_image_edit.loaders import (
     check_variant,
     load_qwen_image_edit,
 )
-from qflux.qwen_image_edit.plan import plan_model, text_tokens
-from qflux.qwen_image_edit.predict import denoise
-from qflux.qwen_image_edit.predict import predict as qwen_predict
-from qflux.qwen_image_edit.step import make_loss_fn
-from qflux.train_loop import decoder, finish, train_loop
-from qflux.training import (
+from qflux.models.qwen_image_edit.loss import make_loss_fn
+from qflux.models.qwen_image_edit.plan import plan_model, text_tokens
+from qflux.models.qwen_image_edit.predict import denoise
+from qflux.models.qwen_image_edit.predict import predict as qwen_predict
+from qflux.train.batch import Conditioning, DataPath, with_mask
+from qflux.train.cache import CacheReport
+from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
+from qflux.train.check import run_check
+from qflux.train.driver import decoder, finish, train_loop
+from qflux.train.run import (
     ModelOps,
     Run,
     RunResult,
@@ -70,6 +68,8 @@ from qflux.training import (
     placements,
     training_run,
 )
+from qflux.weights.loading import torch_dtype
+from qflux.weights.quantize import quantize_plan
 
 NAMING: Naming = "qwen"
 PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own"), "edit_2511": PairRule((0, 3), "own")}

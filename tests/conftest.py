@@ -42,6 +42,6 @@ def flux_pipe(tiny_flux_dir: Path):
 @pytest.fixture(scope="session")
 def flux_models(tiny_flux_dir: Path):
     """qflux's own loading of the same folder, float32 (do not inject adapters into it)."""
-    from qflux.flux_kontext.loaders import load_flux_kontext
+    from qflux.models.flux_kontext.loaders import load_flux_kontext
 
     return load_flux_kontext(tiny_flux_dir, torch.float32)

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qflux.batching import Conditioning, Draws, pad_tokens, prepare, where_dropped
-from qflux.config import DataConfig, TrainConfig
-from qflux.qwen_image_edit.batch import stack_tokens
+from qflux.config.schema import DataConfig, TrainConfig
+from qflux.models.qwen_image_edit.batch import stack_tokens
+from qflux.train.batch import Conditioning, Draws, pad_tokens, prepare, where_dropped
 
 
 class _Sched:

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from qflux.block_swap import SwappedLinear, swap_blocks, transformer_blocks
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.synthetic import make_synthetic_pairs
+from qflux.weights.block_swap import SwappedLinear, swap_blocks, transformer_blocks
 from recipes.flux_kontext_lora import train as flux_train
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qflux.buckets import (
+from qflux.data.buckets import (
     MAX_ASPECT,
     MAX_CROP,
     bucket_area,
@@ -22,7 +22,7 @@ from qflux.buckets import (
     nearest_bucket,
     own_bucket,
 )
-from qflux.data import PairDataset, load_rgb, scan_pairs
+from qflux.data.pairs import PairDataset, load_rgb, scan_pairs
 
 multiples = st.sampled_from([8, 16, 32])
 sides = st.integers(16, 4096)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qflux.cache import CorruptEntry, check_entry, content_key, entry_path, file_digest, read_entry, write_entry
+from qflux.train.cache import CorruptEntry, check_entry, content_key, entry_path, file_digest, read_entry, write_entry
 
 SHAPES = {"a": (2, 3), "b": (4,)}
 
@@ -66,7 +66,7 @@ def test_file_digest_follows_content(tmp_path: Path) -> None:
 def test_progress_counts_what_the_summary_counts(tmp_path: Path) -> None:
     """Jobs that share an entry (one prompt for many samples) are one step of the progress bar,
     so the bar's count and the computed + reused count agree."""
-    from qflux.cache import fill_entries, make_entry
+    from qflux.train.cache import fill_entries, make_entry
 
     shared = make_entry(tmp_path, {"kind": "prompt", "text": "same"}, {"a": (2,)})
     own = [make_entry(tmp_path, {"kind": "latent", "i": i}, {"a": (2,)}) for i in range(3)]

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qflux.checkpoint import (
+from qflux.errors import QfluxError
+from qflux.optim.adamw import adamw_update
+from qflux.train.checkpoint import (
     incompatibilities,
     latest_checkpoint,
     list_checkpoints,
@@ -16,9 +18,7 @@ from qflux.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from qflux.errors import QfluxError
-from qflux.optim import adamw_update
-from qflux.train_state import init_train_state
+from qflux.train.state import init_train_state
 
 
 def _state(step: int):

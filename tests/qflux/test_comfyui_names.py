@@ -13,9 +13,8 @@ from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 from diffusers.models import Flux2Transformer2DModel
 from safetensors.torch import load_file
 
-from qflux.adapter_kinds import module_of
-from qflux.config import LoraConfig
-from qflux.lora import (
+from qflux.config.schema import LoraConfig
+from qflux.lora.adapter import (
     COMFYUI_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     call_with_lora,
@@ -23,10 +22,11 @@ from qflux.lora import (
     save_lora,
     save_lora_comfyui,
 )
-from qflux.lora_formats import NAMINGS, SWAPPED, comfy_drops
-from qflux.summary import comfyui_note
+from qflux.lora.formats import NAMINGS, SWAPPED, comfy_drops
+from qflux.lora.kinds import module_of
+from qflux.models.flux2_klein.tiny import build_flux2_klein
 from qflux.tiny import build_qwen_image_edit
-from qflux.tiny_flux2 import build_flux2_klein
+from qflux.train.summary import comfyui_note
 from tests.comfyui_keys import key_map, patched
 
 FAMILIES = {"flux": FluxTransformer2DModel, "qwen": QwenImageTransformer2DModel, "flux2": Flux2Transformer2DModel}

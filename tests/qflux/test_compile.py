@@ -9,14 +9,14 @@ import attrs
 import pytest
 import torch
 
-from qflux.config import LoraConfig
-from qflux.flow import sigmas_from_u
-from qflux.flux_kontext.loaders import FLUX_KONTEXT
-from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn
-from qflux.frozen_linear import FrozenLinear, use_fast_frozen_linear
-from qflux.loading import load_part
-from qflux.lora import inject_lora
-from qflux.train_state import StepHParams, init_train_state, make_train_step, resolve_compile
+from qflux.config.schema import LoraConfig
+from qflux.diffusion.flow import sigmas_from_u
+from qflux.lora.adapter import inject_lora
+from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
+from qflux.models.flux_kontext.loss import FluxKontextBatch, make_loss_fn
+from qflux.train.state import StepHParams, init_train_state, make_train_step, resolve_compile
+from qflux.weights.frozen_linear import FrozenLinear, use_fast_frozen_linear
+from qflux.weights.loading import load_part
 
 
 def _batch(seed: int) -> FluxKontextBatch:
@@ -118,8 +118,8 @@ def test_an_adapter_outside_the_loss_compiles_with_a_zero_gradient() -> None:
     and leave the unused one exactly as it was; unreached_adapters names it."""
     from torch import nn
 
-    from qflux.lora import call_with_lora
-    from qflux.train_state import unreached_adapters
+    from qflux.lora.adapter import call_with_lora
+    from qflux.train.state import unreached_adapters
 
     class TwoStreams(nn.Module):
         def __init__(self) -> None:

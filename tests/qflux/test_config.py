@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config, schema_keys, to_dict
+from qflux.config.parse import load_config, schema_keys, to_dict
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.errors import QfluxError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +133,7 @@ def test_plan_contract_keys_exist() -> None:
 def test_devices_are_validated_and_resolved() -> None:
     import torch
 
-    from qflux.devices import resolve_device
+    from qflux.config.devices import resolve_device
 
     with pytest.raises(QfluxError, match=r"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"):
         load_config(FluxKontextConfig, None, {"devices.transformer": "gpu0"})

@@ -7,9 +7,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_doc import REFERENCES, current_section, reference_rows, render_reference, update_file
-from qflux.config_parse import schema_keys
+from qflux.config.parse import schema_keys
+from qflux.config.reference import REFERENCES, current_section, reference_rows, render_reference, update_file
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 @pytest.mark.parametrize("markers", list(REFERENCES), ids=["flux", "qwen", "klein"])
 def test_readme_reference_is_current(markers: tuple[str, str]) -> None:
     assert current_section(README, *markers) == render_reference(REFERENCES[markers]), (
-        "README.md's configuration reference is stale: run `python -m qflux.config_doc README.md`"
+        "README.md's configuration reference is stale: run `python -m qflux.config.reference README.md`"
     )
 
 
@@ -44,7 +44,7 @@ def test_a_key_without_a_docstring_fails() -> None:
 
 
 def test_update_file_rewrites_between_the_markers(tmp_path: Path) -> None:
-    from qflux.config_doc import END, START
+    from qflux.config.reference import END, START
 
     page = tmp_path / "page.md"
     page.write_text(f"intro\n{START}\nold\n{END}\noutro\n")

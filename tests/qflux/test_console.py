@@ -6,7 +6,7 @@ from __future__ import annotations
 def test_quiet_known_warnings_drops_only_the_torchvision_fallback(caplog) -> None:
     import logging
 
-    from qflux.console import quiet_known_warnings
+    from qflux.train.console import quiet_known_warnings
 
     quiet_known_warnings()
     quiet_known_warnings()
@@ -21,7 +21,7 @@ def test_quiet_known_warnings_drops_only_the_torchvision_fallback(caplog) -> Non
 def test_bitsandbytes_kernels_fallback_is_quiet_and_its_errors_are_not(caplog) -> None:
     import logging
 
-    from qflux.console import quiet_known_warnings
+    from qflux.train.console import quiet_known_warnings
 
     quiet_known_warnings()
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")

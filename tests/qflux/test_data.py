@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qflux.data import PairDataset, fit_size, image_to_tensor, load_rgb, scan_pairs
+from qflux.data.order import batch_stream, epoch_batches
+from qflux.data.pairs import PairDataset, fit_size, image_to_tensor, load_rgb, scan_pairs
+from qflux.data.synthetic import make_synthetic_pairs
+from qflux.diffusion.rng import draw_sample_randomness, keyed_generator
 from qflux.errors import QfluxError
-from qflux.rng import draw_sample_randomness, keyed_generator
-from qflux.stream import batch_stream, epoch_batches
-from qflux.synthetic import make_synthetic_pairs
 
 
 @given(w=st.integers(1, 5000), h=st.integers(1, 5000), cap=st.one_of(st.none(), st.integers(256, 4_000_000)))
@@ -87,7 +87,7 @@ def test_load_rgb_composites_alpha_on_white_and_applies_exif(tmp_path: Path) -> 
     path = tmp_path / "r.jpg"
     img.save(path, exif=exif.tobytes())
     assert load_rgb(path).size == (10, 30)
-    from qflux.data import image_size
+    from qflux.data.pairs import image_size
 
     assert image_size(path) == (10, 30)
 
@@ -125,7 +125,7 @@ def test_batches_group_sizes_and_depend_only_on_seed_epoch(tmp_path: Path) -> No
     drop_last=st.booleans(),
 )
 def test_batches_are_full_except_each_buckets_last(groups: list[int], batch: int, seed: int, drop_last: bool) -> None:
-    from qflux.data import PairSample
+    from qflux.data.pairs import PairSample
 
     samples = [
         PairSample(f"s{g}_{i}", (Path("c"),), Path("t"), "p", ((16 * (g + 1), 16),), (16 * (g + 1), 16))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qflux.data import load_rgb, scan_pairs
+from qflux.data.pairs import load_rgb, scan_pairs
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.synthetic import make_synthetic_pairs
 
 
 def _data(tmp_path: Path) -> Path:

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qflux.optim import ema_update
-from qflux.train_state import StepHParams, init_train_state, make_train_step
+from qflux.optim.adamw import ema_update
+from qflux.train.state import StepHParams, init_train_state, make_train_step
 
 shapes = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5)), min_size=1, max_size=3)
 

@@ -12,7 +12,7 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qflux import flow
+from qflux.diffusion import flow
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(1, 6))
 

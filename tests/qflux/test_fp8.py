@@ -9,7 +9,7 @@ from torch import nn
 pytest.importorskip("torchao")
 
 from qflux.errors import QfluxError
-from qflux.fp8 import FP8, Float8FrozenLinear, check_fp8_device, dequantize, quantize_rowwise, use_fp8_matmul
+from qflux.weights.fp8 import FP8, Float8FrozenLinear, check_fp8_device, dequantize, quantize_rowwise, use_fp8_matmul
 
 
 def test_rowwise_scales_map_each_row_amax_to_the_fp8_maximum() -> None:

@@ -7,7 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from qflux.frozen_linear import FrozenLinear, needs_fast_frozen_linear, prepare_frozen_base, use_fast_frozen_linear
+from qflux.weights.frozen_linear import (
+    FrozenLinear,
+    needs_fast_frozen_linear,
+    prepare_frozen_base,
+    use_fast_frozen_linear,
+)
 
 
 def _pair(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> tuple[nn.Linear, nn.Linear]:

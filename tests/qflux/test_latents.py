@@ -7,7 +7,7 @@ from diffusers import FluxKontextPipeline
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qflux.latents import latent_image_ids, pack_latents, unpack_latents
+from qflux.diffusion.latents import latent_image_ids, pack_latents, unpack_latents
 
 dims = st.integers(1, 4).map(lambda n: 2 * n)
 

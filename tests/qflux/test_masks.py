@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qflux.flow import flow_match_loss
-from qflux.masks import change_mask, pixel_weights
+from qflux.data.masks import change_mask, pixel_weights
+from qflux.diffusion.flow import flow_match_loss
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(1, 6))
 

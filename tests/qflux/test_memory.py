@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from qflux.config import LoraConfig
-from qflux.loading import component_config
-from qflux.memory import Fake4bit, LiveBytes, profiled_peak, storage_bytes
-from qflux.plan import Inputs, PlanModel, Setting, estimate, real_step, store_frozen
-from qflux.plan_command import too_big
-from qflux.quantize import quantize_frozen, weight_bytes
+from qflux.config.schema import LoraConfig
+from qflux.memory.command import too_big
+from qflux.memory.measure import Fake4bit, LiveBytes, profiled_peak, storage_bytes
+from qflux.memory.planner import Inputs, PlanModel, Setting, estimate, real_step, store_frozen
+from qflux.weights.loading import component_config
+from qflux.weights.quantize import quantize_frozen, weight_bytes
 
 
 def _real_step(model: PlanModel, path: Path, inputs: Inputs, setting: Setting, dtype: torch.dtype,
@@ -35,7 +35,7 @@ def _real_step(model: PlanModel, path: Path, inputs: Inputs, setting: Setting, d
 
 
 def _flux() -> tuple[PlanModel, tuple[str, ...]]:
-    from qflux.flux_kontext.plan import plan_model
+    from qflux.models.flux_kontext.plan import plan_model
 
     return plan_model(2.5), ("transformer", "vae")
 
@@ -90,7 +90,7 @@ def test_the_fake_step_is_the_real_step_for_each_kind_and_optimizer(
 
 
 def test_the_plan_offers_dora_no_block_swap(tiny_flux_dir: Path) -> None:
-    from qflux.plan import plan_rows
+    from qflux.memory.planner import plan_rows
 
     model, components = _flux()
     inputs = Inputs(batch_size=1, accumulation=1, target=(64, 48), controls=((64, 48),), text_tokens=16)
@@ -105,7 +105,7 @@ def test_the_plan_offers_dora_no_block_swap(tiny_flux_dir: Path) -> None:
 
 
 def test_qwen_with_two_controls_fake_step_is_the_real_step(tmp_path: Path) -> None:
-    from qflux.qwen_image_edit.plan import plan_model
+    from qflux.models.qwen_image_edit.plan import plan_model
     from qflux.tiny import build_qwen_image_edit
 
     path = build_qwen_image_edit(tmp_path / "model", seed=0, variant="edit_plus")

@@ -8,8 +8,8 @@ from diffusers.optimization import get_scheduler
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qflux.optim import adamw_init, adamw_update, clip_by_global_norm
-from qflux.schedules import learning_rate
+from qflux.optim.adamw import adamw_init, adamw_update, clip_by_global_norm
+from qflux.optim.schedules import learning_rate
 
 
 def _params(seed: int) -> dict[str, torch.Tensor]:

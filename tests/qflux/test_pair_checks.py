@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from qflux.alignment import align
-from qflux.pair_checks import dataset_notes, pair_warnings, summary
-from qflux.synthetic import draw_scene
+from qflux.data.alignment import align
+from qflux.data.checks import dataset_notes, pair_warnings, summary
+from qflux.data.synthetic import draw_scene
 
 
 def _photo(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -74,7 +74,7 @@ def test_warnings_name_the_pair() -> None:
 
 
 def test_the_summary_and_notes() -> None:
-    from qflux.data import PairSample
+    from qflux.data.pairs import PairSample
 
     samples = [PairSample(f"p{i}", (), None, "invert", (), (8, 8)) for i in range(3)]  # type: ignore[arg-type]
     (note,) = dataset_notes(samples)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prodigyopt import Prodigy
 
-from qflux.prodigy import ProdigyHParams, clipped_prodigy_if_finite, prodigy_init
+from qflux.optim.prodigy import ProdigyHParams, clipped_prodigy_if_finite, prodigy_init
 
 
 def _params(seed: int) -> dict[str, torch.Tensor]:
@@ -124,7 +124,7 @@ def test_prodigy_compiles_in_the_step_as_one_graph_equal_to_eager() -> None:
     recompile, and the same trajectory as eager."""
     from torch._dynamo.utils import counters
 
-    from qflux.train_state import StepHParams, init_train_state, make_train_step
+    from qflux.train.state import StepHParams, init_train_state, make_train_step
 
     torch._dynamo.reset()
     counters.clear()

@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qflux.errors import QfluxError
-from qflux.flux_kontext.loaders import FLUX_KONTEXT
-from qflux.flux_kontext.step import velocity
-from qflux.loading import load_part
-from qflux.quantize import (
+from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
+from qflux.models.flux_kontext.loss import velocity
+from qflux.tiny import build_flux_kontext, build_qwen_image_edit
+from qflux.weights.loading import load_part
+from qflux.weights.quantize import (
     KEEP,
     Float8StorageLinear,
     count_layers,
@@ -29,7 +30,6 @@ from qflux.quantize import (
     quantize_frozen,
     weight_bytes,
 )
-from qflux.tiny import build_flux_kontext, build_qwen_image_edit
 
 # Forward tolerance against bf16 on the width-64 transformer: max |Δv| / max |v| (measured by
 # benchmarks/precision.py: fp8 0.03, nf4 / fp4 about 0.1; the bound leaves room across seeds)
@@ -96,8 +96,8 @@ def test_4bit_layers_fit_every_cpu_and_the_rest_are_counted(
     """Layers bitsandbytes could not repack on an AVX-512 BF16 CPU stay bf16 and are counted, at any
     width; the forward runs (on those CPUs through the packed kernel)."""
     qwen = build_qwen_image_edit(tmp_path / "qwen", seed=0)
-    from qflux.loading import load_part
-    from qflux.qwen_image_edit.loaders import QWEN_IMAGE_EDIT
+    from qflux.models.qwen_image_edit.loaders import QWEN_IMAGE_EDIT
+    from qflux.weights.loading import load_part
 
     checked = {}
     for name, module in {
@@ -121,9 +121,9 @@ def test_4bit_layers_fit_every_cpu_and_the_rest_are_counted(
 def test_training_after_a_no_grad_pass_keeps_4bit_gradients(wide_flux_dir: Path) -> None:
     """A validation pass (eval mode, no grad) before a training step: on AVX-512 BF16 CPUs
     bitsandbytes would repack the weights into a layout without backward; training keeps them out."""
-    from qflux.config import LoraConfig
-    from qflux.frozen_linear import prepare_frozen_base
-    from qflux.lora import inject_lora
+    from qflux.config.schema import LoraConfig
+    from qflux.lora.adapter import inject_lora
+    from qflux.weights.frozen_linear import prepare_frozen_base
 
     tr = load_part(FLUX_KONTEXT, wide_flux_dir, "transformer", torch.bfloat16, quantize="nf4")
     lora = inject_lora(tr, LoraConfig(r=4, init_lora_weights=False), seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from qflux.sampling import euler_scheduler
+from qflux.diffusion.sampling import euler_scheduler
 
 QWEN = FlowMatchEulerDiscreteScheduler(
     use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qflux.optim import adamw_init, clipped_adamw_if_finite
+from qflux.optim.adamw import adamw_init, clipped_adamw_if_finite
 
 ARITHMETIC = {"mul", "add", "sub", "div", "sqrt", "lerp", "where", "pow", "clamp", "rsub", "addcdiv", "addcmul",
               "linalg_vector_norm", "isfinite", "bitwise_and", "logical_and"}  # fmt: skip
@@ -42,14 +42,14 @@ def test_optimizer_arithmetic_does_not_grow_with_the_tensors() -> None:
 
 
 def test_the_eager_step_takes_the_autograd_engine() -> None:
-    from qflux.train_state import grad_engine
+    from qflux.train.state import grad_engine
 
     assert grad_engine("none") == grad_engine("regional") == "autograd" and grad_engine("full") == "func"
 
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_frozen_layout_follows_the_measurement(monkeypatch: pytest.MonkeyPatch, faster: bool) -> None:
-    from qflux import frozen_linear
+    from qflux.weights import frozen_linear
 
     measured = frozen_linear.column_major_is_faster.__wrapped__(torch.bfloat16, (64, 32, 64))  # uncached
     assert isinstance(measured, bool)
@@ -59,10 +59,10 @@ def test_frozen_layout_follows_the_measurement(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_qwen_loss_reads_the_compute_dtype_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qflux.loading import load_part
-    from qflux.qwen_image_edit import step
-    from qflux.qwen_image_edit.loaders import QWEN_IMAGE_EDIT
+    from qflux.models.qwen_image_edit import step
+    from qflux.models.qwen_image_edit.loaders import QWEN_IMAGE_EDIT
     from qflux.tiny import build_qwen_image_edit
+    from qflux.weights.loading import load_part
 
     tr = load_part(QWEN_IMAGE_EDIT, build_qwen_image_edit(tmp_path / "m"), "transformer", torch.float32)
     calls = []
@@ -84,8 +84,8 @@ def test_qwen_loss_reads_the_compute_dtype_once(tmp_path: Path, monkeypatch: pyt
 def test_control_latents_stay_on_the_training_device() -> None:
     """Dropout of the control image is applied where the latents are (a meta tensor cannot be copied
     to the host, so any round trip through it fails here)."""
-    from qflux.batching import Conditioning, Draws, prepare
-    from qflux.config import DataConfig, TrainConfig
+    from qflux.config.schema import DataConfig, TrainConfig
+    from qflux.train.batch import Conditioning, Draws, prepare
 
     class Sched:
         num_train_timesteps = 1000

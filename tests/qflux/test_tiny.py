@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from qflux.builtin import _build_once, resolve_dataset_path, resolve_model_path
 from qflux.tiny import build_flux_kontext
+from qflux.train.builtin import _build_once, resolve_dataset_path, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qflux.config import FluxKontextConfig
-from qflux.config_parse import load_config
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 from recipes.flux_kontext_lora import train as run
 
@@ -77,7 +77,7 @@ def test_predict_reads_what_each_kind_wrote(recipe, kind: str, tmp_path: Path) -
 
 
 def _control() -> str:
-    from qflux.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
+    from qflux.train.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
 
     root = resolve_dataset_path(BUILTIN_SYNTHETIC_DATASET)
     return str(sorted((root / "control_images").iterdir())[0])

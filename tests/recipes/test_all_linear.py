@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.tiny import build_qwen_image_edit
 
 COMMON = {
@@ -76,8 +76,8 @@ def test_flux_kontext_trains_every_linear_layer(tiny_flux_dir: Path, tmp_path: P
 
 
 def test_flux2_klein_trains_every_linear_layer(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from qflux.config import Flux2KleinConfig
-    from qflux.tiny_flux2 import build_flux2_klein
+    from qflux.config.schema import Flux2KleinConfig
+    from qflux.models.flux2_klein.tiny import build_flux2_klein
     from recipes.flux2_klein_lora import train
 
     model = build_flux2_klein(tmp_path / "model", seed=0)

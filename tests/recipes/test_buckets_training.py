@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import ImageOps
 
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config
-from qflux.synthetic import draw_scene, make_synthetic_pairs
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
+from qflux.data.synthetic import draw_scene, make_synthetic_pairs
 from recipes.flux_kontext_lora import cache as flux_cache
 from recipes.flux_kontext_lora import train as flux_train
 

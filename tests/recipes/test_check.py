@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from qflux.synthetic import draw_scene
+from qflux.data.synthetic import draw_scene
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 SHIFTED = {"pair_2": (10, 0), "pair_5": (-6, 8)}

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qflux.block_swap import SwappedLinear
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config, schema_keys
-from qflux.data import PairDataset
+from qflux.config.parse import load_config, schema_keys
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
+from qflux.data.pairs import PairDataset
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.synthetic import make_synthetic_pairs
 from qflux.tiny import build_flux_kontext, build_qwen_image_edit
+from qflux.weights.block_swap import SwappedLinear
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 CACHED = {"cache.use_cache": True}
@@ -130,7 +130,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
 # The Qwen-Image-Edit recipe: its schema is FLUX's without the FLUX-only keys, plus model.variant.
 QWEN_ALTERNATIVES = {k: v for k, v in ALTERNATIVES.items() if k in schema_keys(QwenImageEditConfig)}
 QWEN_ALTERNATIVES["model.variant"] = ("edit_plus", {})
-# Both recipes run qflux.training and qflux.train_loop, so the keys those read are walked once, with
+# Both recipes run qflux.train.run and qflux.train.driver, so the keys those read are walked once, with
 # FLUX (above). With Qwen we walk the keys whose reading is Qwen's own code: the model, its
 # conditioning and dropout, placements, the sample and the predict command.
 QWEN_WALK = sorted(

@@ -29,7 +29,7 @@ def test_the_average_is_written_beside_the_raw_lora(recipe, tmp_path: Path) -> N
 
 
 def _control() -> str:
-    from qflux.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
+    from qflux.train.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
 
     root = resolve_dataset_path(BUILTIN_SYNTHETIC_DATASET)
     return str(sorted((root / "control_images").iterdir())[0])

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.lora_formats import check_convertible
-from qflux.plots import smoothing_window
-from qflux.summary import mean_loss
-from qflux.synthetic import make_synthetic_pairs
+from qflux.lora.formats import check_convertible
+from qflux.train.plots import smoothing_window
+from qflux.train.summary import mean_loss
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,7 +165,7 @@ def test_short_runs_draw_their_moving_average() -> None:
 def test_the_diffusers_file_is_written_before_anything_that_can_fail(
     tiny_flux_dir: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from qflux import train_loop
+    from qflux.train import driver as train_loop
 
     def broken(*args, **kwargs):
         raise RuntimeError("conversion failed")

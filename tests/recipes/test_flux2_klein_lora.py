@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from qflux.synthetic import make_synthetic_pairs
-from qflux.tiny_flux2 import build_flux2_klein
+from qflux.data.synthetic import make_synthetic_pairs
+from qflux.models.flux2_klein.tiny import build_flux2_klein
 from recipes.flux2_klein_lora import main
 
 STEPS = 3
@@ -97,8 +97,8 @@ def test_a_trained_lora_predicts_as_the_pipeline_with_two_references(model: Path
 
 
 def test_cached_training_equals_uncached_and_plan_and_check_run(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from qflux.config import Flux2KleinConfig
-    from qflux.config_parse import load_config
+    from qflux.config.parse import load_config
+    from qflux.config.schema import Flux2KleinConfig
     from recipes.flux2_klein_lora import train
 
     data = _pairs(tmp_path / "data")

@@ -13,13 +13,13 @@ import yaml
 from diffusers import FluxKontextPipeline
 from safetensors.torch import load_file
 
-from qflux.builtin import resolve_dataset_path
-from qflux.config import FluxKontextConfig
-from qflux.config_parse import load_config
-from qflux.data import scan_pairs
-from qflux.flux_kontext.batch import fixed_eval_batches
-from qflux.flux_kontext.step import make_loss_fn
-from qflux.train_state import evaluate_loss
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig
+from qflux.data.pairs import scan_pairs
+from qflux.models.flux_kontext.batch import fixed_eval_batches
+from qflux.models.flux_kontext.loss import make_loss_fn
+from qflux.train.builtin import resolve_dataset_path
+from qflux.train.state import evaluate_loss
 from recipes.flux_kontext_lora import main
 from recipes.flux_kontext_lora import train as run
 
@@ -64,7 +64,7 @@ def test_outputs_are_written(trained) -> None:
 
 
 def resolve_model(trained) -> str:
-    from qflux.builtin import resolve_model_path
+    from qflux.train.builtin import resolve_model_path
 
     return resolve_model_path(trained.config.model.pretrained_model_name_or_path)
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qflux.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from qflux.config import FluxKontextConfig
-from qflux.config_parse import load_config
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.synthetic import make_synthetic_pairs
+from qflux.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from recipes.flux_kontext_lora import main
 from recipes.flux_kontext_lora import train as run
 
@@ -234,7 +234,7 @@ def test_writes_stay_inside_output_and_cache_dirs(tmp_path: Path, tiny_flux_dir:
         Image.open(d / "control_images" / "sample_000.png").save(d / "control_images" / f"{name}.png")
         Image.open(d / "training_images" / "sample_000.png").save(d / "training_images" / f"{name}.png")
         (d / "training_images" / f"{name}.txt").write_text("invert\n")
-    from qflux.data import scan_pairs
+    from qflux.data.pairs import scan_pairs
 
     assert {s.name for s in scan_pairs(d, None, multiple=16)} == {"..evil", "[x]* y", "sample_000", "sample_001"}
     before = {p for p in tmp_path.rglob("*")}

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config
-from qflux.data import PairRule
-from qflux.synthetic import make_synthetic_pairs
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
+from qflux.data.pairs import PairRule
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.tiny import build_flux_kontext, build_qwen_image_edit
-from qflux.training import dataset_samples
+from qflux.train.run import dataset_samples
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 SIZES = ((61, 46), (88, 40))  # (w, h); exact sizes in multiples of 8: 56×40 and 88×40

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config
-from qflux.data import load_rgb
-from qflux.synthetic import make_synthetic_pairs
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
+from qflux.data.pairs import load_rgb
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.tiny import build_flux_kontext, build_qwen_image_edit
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
@@ -72,10 +72,10 @@ def _reference(run: dict[str, Any], image: Path) -> np.ndarray:
     result = run["result"]
     kw = {"num_inference_steps": 2, "seed": 0, "lora": result.state.lora}
     if run["recipe"] is flux_kontext_lora:
-        from qflux.flux_kontext.predict import predict
+        from qflux.models.flux_kontext.predict import predict
 
         return predict(result.models, load_rgb(image), "invert", guidance_scale=2.5, max_sequence_length=16, **kw)
-    from qflux.qwen_image_edit.predict import predict as qwen_predict
+    from qflux.models.qwen_image_edit.predict import predict as qwen_predict
 
     return qwen_predict(result.models, [load_rgb(image)], "invert", variant=result.config.model.variant, **kw)
 

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from qflux.data import PairDataset, scan_pairs
+from qflux.data.pairs import PairDataset, scan_pairs
+from qflux.data.synthetic import draw_scene
 from qflux.errors import QfluxError
-from qflux.synthetic import draw_scene
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 
@@ -109,7 +109,7 @@ def test_auto_training_logs_the_edit_metrics(tmp_path: Path, capsys) -> None:  #
 
 
 def test_the_edit_metrics_compare_the_right_regions() -> None:
-    from qflux.masks import edit_psnr
+    from qflux.data.masks import edit_psnr
 
     control, target = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
     target[:, :4] = 1.0

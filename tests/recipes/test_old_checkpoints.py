@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qflux.config import FluxKontextConfig
-from qflux.config_parse import load_config
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.synthetic import make_synthetic_pairs
 from recipes.flux_kontext_lora import train
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config
-from qflux.memory import GIB
-from qflux.plan import Setting, block_weights, estimate
-from qflux.plan_command import fit_warning, plan_inputs
-from qflux.shapes import shipped_configs, shipped_ids
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
+from qflux.memory.command import fit_warning, plan_inputs
+from qflux.memory.measure import GIB
+from qflux.memory.planner import Setting, block_weights, estimate
+from qflux.memory.shapes import shipped_configs, shipped_ids
 from recipes import flux2_klein_lora, flux_kontext_lora, qwen_image_edit_lora
 
 BF16 = "recipes/configs/flux_kontext_bf16.yaml"

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qflux.builtin import resolve_dataset_path
-from qflux.config import FluxKontextConfig, QwenImageEditConfig
-from qflux.config_parse import load_config
-from qflux.data import scan_pairs
-from qflux.flux_kontext.batch import fixed_eval_batches
-from qflux.flux_kontext.loaders import load_flux_kontext
-from qflux.flux_kontext.step import make_loss_fn
-from qflux.train_state import evaluate_loss
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
+from qflux.data.pairs import scan_pairs
+from qflux.models.flux_kontext.batch import fixed_eval_batches
+from qflux.models.flux_kontext.loaders import load_flux_kontext
+from qflux.models.flux_kontext.loss import make_loss_fn
+from qflux.train.builtin import resolve_dataset_path
+from qflux.train.state import evaluate_loss
 
 
 @pytest.mark.parametrize("mode", ["fp8", "nf4", "fp4"])
@@ -58,9 +58,9 @@ def test_variant_trains_and_its_lora_loads_in_the_bf16_pipeline(
 def test_qwen_variant_with_quantized_text_encoder(tmp_path: Path) -> None:
     from diffusers import QwenImageEditPipeline
 
-    from qflux.quantize import count_layers, is_quantized
-    from qflux.qwen_image_edit.processor import load_qwen_processor
+    from qflux.models.qwen_image_edit.processor import load_qwen_processor
     from qflux.tiny import build_qwen_image_edit
+    from qflux.weights.quantize import count_layers, is_quantized
     from recipes.qwen_image_edit_lora import train as run
 
     # a text encoder 64 wide, so that its MLPs fit bitsandbytes' 4-bit kernels on every CPU

@@ -13,10 +13,10 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from qflux.config import QwenImageEditConfig
-from qflux.config_parse import load_config
-from qflux.data import scan_pairs
-from qflux.synthetic import make_synthetic_pairs
+from qflux.config.parse import load_config
+from qflux.config.schema import QwenImageEditConfig
+from qflux.data.pairs import scan_pairs
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.tiny import build_qwen_image_edit
 from recipes.qwen_image_edit_lora import main
 from recipes.qwen_image_edit_lora import train as run
@@ -73,7 +73,7 @@ def _cfg(model: Path, out: Path, **more: object) -> QwenImageEditConfig:
 def test_edit_first_losses_are_pinned_and_the_lora_loads(edit_dir: Path, tmp_path: Path) -> None:
     from diffusers import QwenImageEditPipeline
 
-    from qflux.qwen_image_edit.processor import load_qwen_processor
+    from qflux.models.qwen_image_edit.processor import load_qwen_processor
 
     more = {"logging.write_sample": True, "validation.num_inference_steps": 2}
     result = run(_cfg(edit_dir, tmp_path / "out", **more))
@@ -118,7 +118,7 @@ def test_edit_2511_trains_and_its_lora_loads_in_the_pipeline(tmp_path: Path) -> 
     loads in QwenImageEditPlusPipeline and ``predict --lora`` reads it; a 2509 variant on it is refused."""
     from diffusers import QwenImageEditPlusPipeline
 
-    from qflux.qwen_image_edit.processor import load_qwen_processor
+    from qflux.models.qwen_image_edit.processor import load_qwen_processor
 
     model = build_qwen_image_edit(tmp_path / "model", seed=4, variant="edit_2511")
     data = plus_pairs(tmp_path / "data")

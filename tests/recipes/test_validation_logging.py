@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qflux.config import FluxKontextConfig
-from qflux.config_parse import load_config
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.plots import GRID_GAP, GRID_LABEL, grid_cell
-from qflux.synthetic import make_synthetic_pairs
+from qflux.train.plots import GRID_GAP, GRID_LABEL, grid_cell
 from recipes.flux_kontext_lora import train as run
 
 

@@ -12,11 +12,11 @@ import torch
 from diffusers import Flux2KleinPipeline
 from PIL import Image
 
-from qflux.config import LoraConfig
-from qflux.flux2_klein.loaders import load_flux2_klein
-from qflux.flux2_klein.predict import predict
-from qflux.lora import inject_lora, save_lora
-from qflux.tiny_flux2 import build_flux2_klein
+from qflux.config.schema import LoraConfig
+from qflux.lora.adapter import inject_lora, save_lora
+from qflux.models.flux2_klein.loaders import load_flux2_klein
+from qflux.models.flux2_klein.predict import predict
+from qflux.models.flux2_klein.tiny import build_flux2_klein
 
 STEPS = 3
 
@@ -93,7 +93,7 @@ def test_the_comfyui_file_has_bfl_names_and_every_update(klein, tmp_path: Path) 
     back to each module's ΔW."""
     from safetensors.torch import load_file
 
-    from qflux.lora import lora_scale, read_lora, save_lora_comfyui
+    from qflux.lora.adapter import lora_scale, read_lora, save_lora_comfyui
 
     path = klein[0]
     models = load_flux2_klein(path, torch.float32)
@@ -142,7 +142,7 @@ def test_lycoris_comfyui_file_names_every_module_as_comfyui_maps_it_and_reads_ba
     ``predict --lora`` reads the file back to the in-process image."""
     from safetensors.torch import load_file
 
-    from qflux.lora import COMFYUI_WEIGHT_NAME, load_lora_file, save_lora_comfyui
+    from qflux.lora.adapter import COMFYUI_WEIGHT_NAME, load_lora_file, save_lora_comfyui
 
     path = klein[0]
     models = load_flux2_klein(path, torch.float32)

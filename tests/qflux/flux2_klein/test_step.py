@@ -10,12 +10,12 @@ import pytest
 import torch
 from diffusers import Flux2KleinPipeline
 
-from qflux.config import LoraConfig
-from qflux.flux2_klein.conditioning import encode_prompt
-from qflux.flux2_klein.loaders import load_flux2_klein
-from qflux.flux2_klein.step import Flux2KleinBatch, make_loss_fn
-from qflux.lora import inject_lora
-from qflux.tiny_flux2 import build_flux2_klein
+from qflux.config.schema import LoraConfig
+from qflux.lora.adapter import inject_lora
+from qflux.models.flux2_klein.conditioning import encode_prompt
+from qflux.models.flux2_klein.loaders import load_flux2_klein
+from qflux.models.flux2_klein.loss import Flux2KleinBatch, make_loss_fn
+from qflux.models.flux2_klein.tiny import build_flux2_klein
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qflux.adapter_kinds import adapter_kind, module_of
-from qflux.config import LoraConfig
+from qflux.config.schema import LoraConfig
 from qflux.errors import QfluxError
-from qflux.flux_kontext.loaders import FLUX_KONTEXT, load_flux_kontext
-from qflux.flux_kontext.predict import predict
-from qflux.loading import load_part
-from qflux.lora import (
+from qflux.lora.adapter import (
     COMFYUI_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     call_with_lora,
@@ -31,8 +27,12 @@ from qflux.lora import (
     save_lora,
     save_lora_comfyui,
 )
-from qflux.lora_formats import lycoris_stem
-from qflux.quantize import quantize_frozen
+from qflux.lora.formats import lycoris_stem
+from qflux.lora.kinds import adapter_kind, module_of
+from qflux.models.flux_kontext.loaders import FLUX_KONTEXT, load_flux_kontext
+from qflux.models.flux_kontext.predict import predict
+from qflux.weights.loading import load_part
+from qflux.weights.quantize import quantize_frozen
 
 STEPS = 3
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2", "proj_mlp", "proj_out", "norm1.linear")

@@ -7,12 +7,12 @@ from pathlib import Path
 import attrs
 import torch
 
-from qflux.batching import Draws, sigmas_for
-from qflux.config import FluxKontextConfig
-from qflux.data import PairDataset, collate_pairs, scan_pairs
-from qflux.flux_kontext import batch
-from qflux.flux_kontext.conditioning import encode_prompt_with, vae_encode
-from qflux.synthetic import make_synthetic_pairs
+from qflux.config.schema import FluxKontextConfig
+from qflux.data.pairs import PairDataset, collate_pairs, scan_pairs
+from qflux.data.synthetic import make_synthetic_pairs
+from qflux.models.flux_kontext import batch
+from qflux.models.flux_kontext.conditioning import encode_prompt_with, vae_encode
+from qflux.train.batch import Draws, sigmas_for
 
 
 def _cfg(caption: float, image: float, **train: object) -> Draws:

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from qflux.config import FluxKontextConfig
-from qflux.config_parse import load_config
+from qflux.config.parse import load_config
+from qflux.config.schema import FluxKontextConfig
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.flux_kontext import cache as kcache
-from qflux.synthetic import make_synthetic_pairs
+from qflux.models.flux_kontext import cache as kcache
 from recipes.flux_kontext_lora import cache as fill
 from recipes.flux_kontext_lora import train as run
 
@@ -117,7 +117,7 @@ def test_corrupt_entry_is_recomputed(dataset: Path, tmp_path: Path, tiny_flux_di
 def test_same_prompt_different_controls_share_only_image_independent_entries(
     dataset: Path, tmp_path: Path, tiny_flux_dir: Path
 ) -> None:
-    from qflux.data import scan_pairs
+    from qflux.data.pairs import scan_pairs
 
     samples = scan_pairs(dataset, None, multiple=16)
     a, b = (s for s in samples if s.name in ("sample_000", "sample_002"))
@@ -147,7 +147,7 @@ def test_training_fills_missing_and_corrupt_entries_first(
 
 
 def test_entry_damaged_during_training_stops_with_its_name(dataset: Path, tmp_path: Path, tiny_flux_dir: Path) -> None:
-    from qflux.data import scan_pairs
+    from qflux.data.pairs import scan_pairs
 
     cfg = _cfg(dataset, tmp_path / "cache", tiny_flux_dir)
     fill(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qflux.flux_kontext.conditioning import encode_prompt, vae_decode, vae_encode
+from qflux.models.flux_kontext.conditioning import encode_prompt, vae_decode, vae_encode
 
 
 def test_encode_prompt_equals_pipeline(flux_pipe, flux_models) -> None:

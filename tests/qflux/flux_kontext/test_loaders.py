@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qflux.errors import QfluxError
-from qflux.flux_kontext import loaders
-from qflux.loading import load_part
+from qflux.models.flux_kontext import loaders
+from qflux.weights.loading import load_part
 
 
 def _same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -13,12 +13,9 @@ from diffusers import FluxKontextPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from qflux.config import LoraConfig
+from qflux.config.schema import LoraConfig
 from qflux.errors import QfluxError
-from qflux.flux_kontext.loaders import FLUX_KONTEXT, load_flux_kontext
-from qflux.flux_kontext.predict import predict
-from qflux.loading import load_part
-from qflux.lora import (
+from qflux.lora.adapter import (
     COMFYUI_WEIGHT_NAME,
     inject_lora,
     lora_from_file,
@@ -27,7 +24,10 @@ from qflux.lora import (
     save_lora,
     save_lora_comfyui,
 )
-from qflux.lora_formats import comfyui_to_kohya, flux_to_comfyui, module_out_features
+from qflux.lora.formats import comfyui_to_kohya, flux_to_comfyui, module_out_features
+from qflux.models.flux_kontext.loaders import FLUX_KONTEXT, load_flux_kontext
+from qflux.models.flux_kontext.predict import predict
+from qflux.weights.loading import load_part
 
 STEPS = 3
 # every module kind of both block types, as diffusers names them
@@ -186,7 +186,7 @@ def test_pretrained_weight_errors_name_the_file_and_the_fix(tiny_flux_dir: Path,
 def test_every_module_reads_back_at_a_width_the_real_model_does_not_have(tmp_path: Path, kind: str) -> None:
     """Every Flux module kind (the final modulation too, whose halves BFL orders shift-first) through
     each format and qflux's own reader, on a transformer of width 48 and head dim 24."""
-    from qflux.lora import read_lora
+    from qflux.lora.adapter import read_lora
     from qflux.tiny import build_flux_kontext
 
     odd = {"transformer": {"attention_head_dim": 24, "axes_dims_rope": (4, 10, 10)}}

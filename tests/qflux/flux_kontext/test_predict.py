@@ -11,10 +11,10 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
-from qflux.config import LoraConfig
-from qflux.flux_kontext.loaders import load_flux_kontext
-from qflux.flux_kontext.predict import predict
-from qflux.lora import inject_lora, load_lora_file, save_lora
+from qflux.config.schema import LoraConfig
+from qflux.lora.adapter import inject_lora, load_lora_file, save_lora
+from qflux.models.flux_kontext.loaders import load_flux_kontext
+from qflux.models.flux_kontext.predict import predict
 
 STEPS = 4
 

@@ -17,13 +17,13 @@ from diffusers.training_utils import compute_loss_weighting_for_sd3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qflux.config import LoraConfig
-from qflux.flow import sigmas_from_u
-from qflux.flux_kontext.loaders import FLUX_KONTEXT
-from qflux.flux_kontext.step import FluxKontextBatch, make_loss_fn, velocity
-from qflux.loading import load_part
-from qflux.lora import inject_lora
-from qflux.train_state import StepHParams, init_train_state, train_step
+from qflux.config.schema import LoraConfig
+from qflux.diffusion.flow import sigmas_from_u
+from qflux.lora.adapter import inject_lora
+from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
+from qflux.models.flux_kontext.loss import FluxKontextBatch, make_loss_fn, velocity
+from qflux.train.state import StepHParams, init_train_state, train_step
+from qflux.weights.loading import load_part
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_engines_agree_with_and_without_checkpointing(tiny_flux_dir: Path) -> No
 
 
 def test_autograd_engine_needs_the_module(lora_transformer) -> None:
-    from qflux.train_state import value_and_grad
+    from qflux.train.state import value_and_grad
 
     tr, lora = lora_transformer
     loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")

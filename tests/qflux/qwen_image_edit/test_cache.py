@@ -11,13 +11,18 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from qflux.cache import CacheReport
-from qflux.data import PairDataset, scan_pairs
-from qflux.qwen_image_edit import cache as qcache
-from qflux.qwen_image_edit.batch import QwenPairDataset, cached_conditioning, collate_qwen_pairs, encode_conditioning
-from qflux.qwen_image_edit.loaders import load_qwen_image_edit
-from qflux.synthetic import PROMPT, make_synthetic_pairs
+from qflux.data.pairs import PairDataset, scan_pairs
+from qflux.data.synthetic import PROMPT, make_synthetic_pairs
+from qflux.models.qwen_image_edit import cache as qcache
+from qflux.models.qwen_image_edit.batch import (
+    QwenPairDataset,
+    cached_conditioning,
+    collate_qwen_pairs,
+    encode_conditioning,
+)
+from qflux.models.qwen_image_edit.loaders import load_qwen_image_edit
 from qflux.tiny import build_qwen_image_edit
+from qflux.train.cache import CacheReport
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from qflux.diffusion.latents import pack_latents, unpack_latents
 from qflux.errors import QfluxError
-from qflux.latents import pack_latents, unpack_latents
-from qflux.qwen_image_edit.loaders import check_variant, load_qwen_image_edit
-from qflux.qwen_image_edit.step import QwenImageEditBatch, make_loss_fn
+from qflux.models.qwen_image_edit.loaders import check_variant, load_qwen_image_edit
+from qflux.models.qwen_image_edit.loss import QwenImageEditBatch, make_loss_fn
 from qflux.tiny import build_qwen_image_edit
 
 

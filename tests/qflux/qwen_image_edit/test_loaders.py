@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from qflux.errors import QfluxError
-from qflux.loading import load_part
-from qflux.qwen_image_edit.loaders import QWEN_IMAGE_EDIT, load_qwen_image_edit
+from qflux.models.qwen_image_edit.loaders import QWEN_IMAGE_EDIT, load_qwen_image_edit
 from qflux.tiny import build_qwen_image_edit
+from qflux.weights.loading import load_part
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pipe(tiny_qwen: Path):
     from diffusers import QwenImageEditPipeline
 
-    from qflux.qwen_image_edit.processor import load_qwen_processor
+    from qflux.models.qwen_image_edit.processor import load_qwen_processor
 
     return QwenImageEditPipeline.from_pretrained(
         tiny_qwen, processor=load_qwen_processor(tiny_qwen / "processor"), torch_dtype=torch.float32

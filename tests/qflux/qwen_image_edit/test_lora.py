@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from qflux.config import LoraConfig
-from qflux.lora import inject_lora, save_lora
-from qflux.qwen_image_edit.loaders import load_qwen_image_edit
-from qflux.qwen_image_edit.predict import predict
-from qflux.qwen_image_edit.processor import load_qwen_processor
+from qflux.config.schema import LoraConfig
+from qflux.lora.adapter import inject_lora, save_lora
+from qflux.models.qwen_image_edit.loaders import load_qwen_image_edit
+from qflux.models.qwen_image_edit.predict import predict
+from qflux.models.qwen_image_edit.processor import load_qwen_processor
 from qflux.tiny import build_qwen_image_edit
 
 

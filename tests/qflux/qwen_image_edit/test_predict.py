@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qflux.qwen_image_edit.loaders import load_qwen_image_edit
-from qflux.qwen_image_edit.predict import condition_size, predict
+from qflux.models.qwen_image_edit.loaders import load_qwen_image_edit
+from qflux.models.qwen_image_edit.predict import condition_size, predict
 from qflux.tiny import build_qwen_image_edit
 
 
@@ -29,7 +29,7 @@ def models(tiny_qwen: Path):
 def pipe(tiny_qwen: Path):
     from diffusers import QwenImageEditPipeline
 
-    from qflux.qwen_image_edit.processor import load_qwen_processor
+    from qflux.models.qwen_image_edit.processor import load_qwen_processor
 
     p = QwenImageEditPipeline.from_pretrained(tiny_qwen, processor=load_qwen_processor(tiny_qwen / "processor"))
     p.set_progress_bar_config(disable=True)
@@ -88,7 +88,7 @@ def plus_pipe(request, tmp_path_factory: pytest.TempPathFactory):
     """A tiny Edit-Plus (2509) or 2511 model (the same pipeline; 2511's transformer has zero_cond_t)."""
     from diffusers import QwenImageEditPlusPipeline
 
-    from qflux.qwen_image_edit.processor import load_qwen_processor
+    from qflux.models.qwen_image_edit.processor import load_qwen_processor
 
     path = build_qwen_image_edit(tmp_path_factory.mktemp(f"tiny-qwen-{request.param}"), seed=0, variant=request.param)
     p = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_qwen_processor(path / "processor"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qflux.qwen_image_edit.processor import load_qwen_processor
+from qflux.models.qwen_image_edit.processor import load_qwen_processor
 from qflux.tiny import QWEN_SPECIAL_TOKENS, build_qwen_image_edit
 
 

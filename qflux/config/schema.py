@@ -1,0 +1,504 @@
+"""The configuration schema of the LoRA recipes: one root shared by every model, plus its model section.
+
+:class:`RecipeConfig` holds the sections every model reads (data, optimizer, schedule, the
+training loop, logging, cache, devices, validation); a model's own keys live in its ``model``
+section (FLUX's sequence length and guidance, Qwen's variant) and its ``devices`` section names its
+components. Defaults live here and nowhere else. They describe the built-in demo run (a tiny model
+and the synthetic dataset), so ``python -m recipes.flux_kontext_lora`` and ``python -m
+recipes.qwen_image_edit_lora`` work with no arguments; the YAML files in ``recipes/configs/`` set
+the values for the real models. Every key is read by the code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+import attrs
+from attrs import validators as v
+
+# Names that stand for things qflux builds itself, offline.
+BUILTIN_TINY_FLUX_KONTEXT = "builtin:tiny-flux-kontext"
+BUILTIN_TINY_QWEN_IMAGE_EDIT = "builtin:tiny-qwen-image-edit"
+BUILTIN_TINY_FLUX2_KLEIN = "builtin:tiny-flux2-klein"
+BUILTIN_SYNTHETIC_DATASET = "builtin:synthetic"
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _positive(inst: Any, att: Any, value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"{att.name} must be > 0, got {value!r}")
+
+
+def _positive_or_none(inst: Any, att: Any, value: Any) -> None:
+    if value is not None:
+        _positive(inst, att, value)
+
+
+def _unit_interval(inst: Any, att: Any, value: Any) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"{att.name} must be in [0, 1), got {value!r}")
+
+
+def _non_negative(inst: Any, att: Any, value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"{att.name} must be >= 0, got {value!r}")
+
+
+def _probability(inst: Any, att: Any, value: Any) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{att.name} must be in [0, 1], got {value!r}")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _device(inst: Any, att: Any, value: Any) -> None:
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise ValueError(f"{att.name} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {value!r}")
+
+
+def _device_field(doc_default: str = "auto") -> Any:
+    return attrs.field(default=doc_default, validator=_device)
+
+
+def _init_lora(inst: Any, att: Any, value: Any) -> None:
+    if value not in (True, False, "gaussian"):
+        raise ValueError(f"{att.name} must be one of true, false, 'gaussian'; got {value!r}")
+
+
+@attrs.frozen
+class LoraConfig:
+    """Adapter settings, handed to peft (``LoraConfig``, ``LoHaConfig``, ``LoKrConfig``)."""
+
+    kind: Literal["lora", "dora", "lokr", "loha"] = attrs.field(
+        default="lora", validator=v.in_(("lora", "dora", "lokr", "loha"))
+    )
+    """'lora': ΔW = (α/r)·B·A. 'dora': LoRA with a learned magnitude per output row (peft's
+    use_dora), W' = m·(W + ΔW)/‖W + ΔW‖. 'lokr': ΔW = (α/r)·(W1 ⊗ W2), a Kronecker product (W2
+    low-rank where r is below half its size). 'loha': ΔW = (α/r)·(W1a·W1b) ⊙ (W2a·W2b), a Hadamard
+    product of two rank-r products. diffusers loads lora and dora files; ComfyUI loads lora, lokr
+    and loha (docs/flux_kontext_configuration_guide.md, "Adapters and optimizers")."""
+    r: int = attrs.field(default=16, validator=[v.instance_of(int), _positive])
+    """Rank of the low-rank update ΔW = B·A (A: [r, in], B: [out, r])."""
+    lora_alpha: float = attrs.field(default=16, validator=_positive)
+    """Scale numerator: the update is (lora_alpha / r)·B·A (every kind scales by lora_alpha / r)."""
+    init_lora_weights: bool | str = attrs.field(default="gaussian", validator=_init_lora)
+    """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random).
+    lokr and loha: 'gaussian' and true start at ΔW = 0 (peft's init: one factor zero), false random."""
+    target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple)
+    """Module names (suffixes) of the transformer that get an adapter; [all-linear]: every linear layer
+    (a module whose output never reaches the loss, such as Qwen-Image's last text stream, is named at
+    the start and keeps ΔW = 0)."""
+    pretrained_weight: str | None = None
+    """A LoRA file to continue training from (diffusers, ComfyUI or kohya format); its rank and
+    modules must match r and target_modules. null: start from the init."""
+
+
+@attrs.frozen
+class ModelSection:
+    """Which model to load and how (the keys every model has)."""
+
+    recipe: ClassVar[str] = "lora"
+    """The recipe's name: ``logging.output_dir`` defaults to ``outputs/<recipe>``."""
+    pretrained_model_name_or_path: str
+    """Local diffusers folder or hub id (each model section sets its built-in default)."""
+
+    dtype: Dtype = attrs.field(default="bfloat16", validator=v.in_(DTYPES))
+    """dtype of the frozen weights for train, cache and predict. LoRA weights train in float32."""
+    quantize: Literal["none", "fp8", "nf4", "fp4"] = attrs.field(
+        default="none", validator=v.in_(("none", "fp8", "nf4", "fp4"))
+    )
+    """Store the frozen transformer's linear weights in fewer bits, quantized on load from any
+    checkpoint (or read as they are from a pre-quantized one): 'fp8' (float8_e4m3fn with a scale per
+    output channel, computed in bf16; pip install 'qflux[fp8]'), 'nf4' / 'fp4' (bitsandbytes 4-bit,
+    blocks of 64; pip install 'qflux[4bit]'). The LoRA stays fp32 and saves in the same format
+    (docs/flux_kontext_configuration_guide.md)."""
+    quantize_text_encoders: bool = False
+    """Also store the text encoders' linear weights as model.quantize says, wherever they load:
+    the cache command, training without the cache, and predict."""
+    lora: LoraConfig = attrs.field(factory=LoraConfig)
+
+
+@attrs.frozen
+class FluxKontextModel(ModelSection):
+    """The FLUX.1 Kontext model section."""
+
+    recipe: ClassVar[str] = "flux_kontext_lora"
+    pretrained_model_name_or_path: str = BUILTIN_TINY_FLUX_KONTEXT
+    """Local diffusers folder or hub id; 'builtin:tiny-flux-kontext' builds a tiny random model."""
+    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
+    """T5 token length of the prompt embedding (FLUX.1 uses 512)."""
+    guidance_scale: float = attrs.field(default=2.5, validator=_non_negative)
+    """Guidance value fed to the guidance-distilled transformer: in training, in validation and the
+    sample, and predict's default (Kontext's own)."""
+
+
+@attrs.frozen
+class QwenImageEditModel(ModelSection):
+    """The Qwen-Image-Edit(-Plus) model section."""
+
+    recipe: ClassVar[str] = "qwen_image_edit_lora"
+    pretrained_model_name_or_path: str = BUILTIN_TINY_QWEN_IMAGE_EDIT
+    """Local diffusers folder or hub id; 'builtin:tiny-qwen-image-edit' builds a tiny random model
+    (of the configured variant)."""
+    variant: Literal["edit", "edit_plus", "edit_2511"] = attrs.field(
+        default="edit", validator=v.in_(("edit", "edit_plus", "edit_2511"))
+    )
+    """'edit': Qwen-Image-Edit, one control image per sample. 'edit_plus': Qwen-Image-Edit-2509,
+    0 to 3 control images per sample (control_images/NAME, NAME_control_1, NAME_control_2), each
+    seen by the vision-language encoder at ~384² and by the VAE. 'edit_2511': Qwen-Image-Edit-2511,
+    Edit-Plus's inputs with the transformer's zero_cond_t (control tokens modulated at t = 0; its
+    transformer/config.json says so)."""
+
+
+KLEIN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj")
+"""FLUX.2's attention inputs and outputs: the double blocks' q, k, v and output, the single blocks'
+fused q/k/v/MLP projection (their ``attn.to_out`` shares its name with the double blocks' list)."""
+
+
+def _klein_lora() -> LoraConfig:
+    return LoraConfig(target_modules=KLEIN_TARGETS)  # type: ignore[arg-type]  # (attrs' converter takes any iterable)
+
+
+@attrs.frozen
+class Flux2KleinModel(ModelSection):
+    """The FLUX.2 [klein] model section."""
+
+    recipe: ClassVar[str] = "flux2_klein_lora"
+    pretrained_model_name_or_path: str = BUILTIN_TINY_FLUX2_KLEIN
+    """Local diffusers folder or hub id; 'builtin:tiny-flux2-klein' builds a tiny random model."""
+    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
+    """Qwen3 token length of the prompt embedding (the pipeline's 512)."""
+    guidance_scale: float = attrs.field(default=4.0, validator=_non_negative)
+    """Classifier-free guidance against the empty prompt for predict's default (the pipeline's 4.0;
+    off at 1 or below, and on a step-distilled model)."""
+    lora: LoraConfig = attrs.field(factory=lambda: _klein_lora())
+    """The adapter; by default on the double blocks' attention and the single blocks' fused
+    q/k/v/MLP input projection."""
+
+
+@attrs.frozen
+class DataConfig:
+    """The paired dataset and batching."""
+
+    dataset_path: str = BUILTIN_SYNTHETIC_DATASET
+    """Folder with control_images/ and training_images/; 'builtin:synthetic' makes a demo set."""
+    batch_size: int = attrs.field(default=2, validator=[v.instance_of(int), _positive])
+    """Samples per micro-batch; each batch holds pairs of one bucket (one set of sizes)."""
+    caption_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
+    """Probability that a sample's instruction is replaced by the empty prompt."""
+    prompt_image_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
+    """Probability that a sample's control latents are replaced by zeros."""
+    max_pixels: int | None = attrs.field(default=1024 * 1024, validator=_positive_or_none)
+    """The largest training area: the buckets' area (or, with ``buckets: exact``, images larger than
+    this are scaled down, aspect kept). Sides are then floored to the model's multiple (16 for FLUX.1)."""
+    buckets: Literal["auto", "exact"] = attrs.field(default="auto", validator=v.in_(("auto", "exact")))
+    """auto: each pair is scaled and centre-cropped (at most 10% of its area) into the bucket nearest
+    its target's aspect (1:4 … 4:1 in steps of ×2^¼, area ``max_pixels`` or the largest target's if
+    smaller), so pairs of different sizes fill batches; exact: every image at its own aspect, uncropped,
+    batched only with pairs of identical sizes."""
+    drop_last: bool = False
+    """Drop each bucket's last batch of an epoch when it holds fewer than ``batch_size`` samples (every
+    step then trains on a full batch)."""
+    shuffle: bool = True
+    """Shuffle batches each epoch (the order depends only on seed and epoch)."""
+    num_workers: int = attrs.field(default=0, validator=_non_negative)
+    """DataLoader worker processes that decode and resize images."""
+    skip_invalid: bool = False
+    """Skip samples with problems (missing, unreadable or tiny images, bad instructions) with a
+    warning, instead of stopping before training with the list of problems."""
+
+
+@attrs.frozen
+class OptimizerConfig:
+    """The optimizer: AdamW (decoupled weight decay, as ``torch.optim.AdamW``) or Prodigy."""
+
+    name: Literal["adamw", "prodigy"] = attrs.field(default="adamw", validator=v.in_(("adamw", "prodigy")))
+    """'adamw', or 'prodigy' (Adam that estimates its own step size d; lr multiplies d, so 1.0 is
+    the usual value; ``prodigyopt``'s algorithm, qflux.optim.prodigy)."""
+    lr: float | None = attrs.field(default=None, validator=v.optional(_positive))
+    """Peak learning rate (the schedule scales it per step). null: 1e-3 with adamw, which suits the
+    tiny default (real FLUX.1 Kontext LoRAs train at about 1e-4), and 1.0 with prodigy."""
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple)
+    """(β1, β2): decay of the gradient's running mean and of its running square."""
+    weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
+    """Decoupled weight decay λ: p ← p·(1 − lr·λ) each step (Prodigy: p ← p·(1 − d·lr·λ))."""
+    eps: float = attrs.field(default=1e-8, validator=_positive)
+    """ε added to √v in the denominator (Prodigy: d·ε)."""
+    d0: float = attrs.field(default=1e-6, validator=_positive)
+    """prodigy only: the initial estimate of d."""
+    d_coef: float = attrs.field(default=1.0, validator=_positive)
+    """prodigy only: multiplier of the estimate (below 1 for smaller steps)."""
+    use_bias_correction: bool = False
+    """prodigy only: fold Adam's bias correction into the step size."""
+    safeguard_warmup: bool = False
+    """prodigy only: keep the lr schedule out of the estimate's denominator (recommended with
+    lr_scheduler.warmup_steps)."""
+
+    @betas.validator
+    def _check_betas(self, att: Any, value: tuple[float, ...]) -> None:
+        if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+
+    def __attrs_post_init__(self) -> None:
+        if self.name != "prodigy":
+            changed = [f.name for f in attrs.fields(type(self)) if f.name in PRODIGY_KEYS
+                       and getattr(self, f.name) != f.default]  # fmt: skip
+            if changed:
+                raise ValueError(
+                    f"optimizer.{changed[0]} is read only by Prodigy; set optimizer.name: prodigy or remove it"
+                )
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or the optimizer's default when it is null (1e-3 AdamW, 1.0 Prodigy)."""
+        if self.lr is not None:
+            return self.lr
+        return 1.0 if self.name == "prodigy" else 1e-3
+
+
+PRODIGY_KEYS = ("d0", "d_coef", "use_bias_correction", "safeguard_warmup")
+"""The optimizer keys only Prodigy reads."""
+
+
+@attrs.frozen
+class LrSchedulerConfig:
+    """Learning-rate schedule: lr(step) = lr · warmup(step) · decay(step)."""
+
+    scheduler_type: Literal["constant", "linear", "cosine"] = attrs.field(
+        default="constant", validator=v.in_(("constant", "linear", "cosine"))
+    )
+    """Decay after warmup: none, linear to 0, or cosine to 0 (diffusers' get_scheduler)."""
+    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
+    """Linear warmup from 0 over this many optimizer steps."""
+    num_cycles: float = attrs.field(default=0.5, validator=_positive)
+    """Cosine only: number of half-periods over the decay (0.5 decays once to 0)."""
+
+
+@attrs.frozen
+class TrainConfig:
+    """The optimisation loop and the flow-matching objective."""
+
+    max_train_steps: int = attrs.field(default=150, validator=[v.instance_of(int), _positive])
+    """Training stops after exactly this many optimizer steps."""
+    gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive)
+    """Micro-batches averaged into one optimizer step."""
+    max_grad_norm: float | None = attrs.field(default=1.0, validator=_positive_or_none)
+    """Clip the global L2 norm of the LoRA gradient to this value; null disables clipping."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer blocks in backward to save memory (uses the autograd engine)."""
+    blocks_to_swap: int = attrs.field(default=0, validator=[v.instance_of(int), _non_negative])
+    """Keep the frozen weights of this many transformer blocks (the last ones) in pinned host memory;
+    each layer's weight visits the device only while it is used, the next block prefetched on a side
+    stream (musubi-tuner's block swap). Same LoRA as without; slower by the copies. Not with 4-bit
+    quantize, fp8_matmul, compile or fsdp (``auto`` compile turns eager). ``plan`` shows what it saves."""
+    compile: bool | Literal["auto", "regional"] = attrs.field(
+        default="auto", validator=v.in_((True, False, "auto", "regional"))
+    )
+    """How the hot step is compiled with torch.compile. ``true``: the whole update (gradients,
+    clipping, AdamW) as one graph (torch.func; not with gradient_checkpointing). ``regional``: each
+    repeated transformer block (diffusers' ``compile_repeated_blocks``) under the autograd engine;
+    works with gradient_checkpointing and compiles in about half the time. ``false``: eager.
+    ``auto``: regional on CUDA, eager on CPU, where a 150-step run does not earn back the cold
+    compile (see benchmarks/README.md)."""
+    lora_format: Literal["diffusers", "comfyui", "both"] = attrs.field(
+        default="both", validator=v.in_(("diffusers", "comfyui", "both"))
+    )
+    """Format of the final LoRA: pytorch_lora_weights.safetensors (diffusers) and/or
+    pytorch_lora_weights_comfyui.safetensors (ComfyUI's native diffusion_model.* keys with .alpha).
+    Checkpoints always hold the diffusers file."""
+    distributed: Literal["ddp", "fsdp"] = attrs.field(default="ddp", validator=v.in_(("ddp", "fsdp")))
+    """Engine under torchrun with several ranks (ignored by one process). ``ddp``: every rank holds
+    the frozen base, LoRA gradients are all-reduced. ``fsdp``: FSDP2 also shards the frozen base
+    per transformer block, so a model too big for one device trains on several (docs/distributed.md)."""
+    fp8_matmul: bool = False
+    """Run the frozen base's large matmuls in fp8 (static per-channel weight scales, dynamic
+    per-token activation scales; torchao). CUDA with compute capability 8.9+ only; the LoRA stays fp32."""
+    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = attrs.field(
+        default="none", validator=v.in_(("none", "logit_normal", "mode", "cosmap", "sigma_sqrt"))
+    )
+    """Timestep density and loss weighting (SD3 paper, as diffusers' training scripts)."""
+    logit_mean: float = 0.0
+    """logit_normal: mean of the normal before the sigmoid."""
+    logit_std: float = attrs.field(default=1.0, validator=_positive)
+    """logit_normal: standard deviation of the normal before the sigmoid."""
+    mode_scale: float = 1.29
+    """mode: scale of the mode-favouring density."""
+    resolution_shift: bool = False
+    """Shift sampled sigmas towards noise for large images: σ' = e^μ / (e^μ + 1/σ − 1), μ from seq len."""
+    loss_mask: Literal["none", "masks", "auto"] = attrs.field(
+        default="none", validator=v.in_(("none", "masks", "auto"))
+    )
+    """Weight the loss by where the edit happens. ``masks``: ``masks/NAME.png`` beside
+    control_images/ (grey, white where the edit is, the target's size; a pair without one weighs
+    all alike). ``auto``: a soft mask from |target − first control|, smoothed and dilated on the
+    latent grid. Masks follow buckets and crops; the cache stores them (``change_mask`` entries)."""
+    ema_decay: float | None = attrs.field(default=None, validator=v.optional(_unit_interval))
+    """Keep an exponential moving average of the LoRA, e ← d·e + (1 − d)·θ after every step, saved
+    beside the raw weights as pytorch_lora_weights_ema.safetensors (and its ComfyUI twin) and in
+    checkpoints (resume is exact). null: none. 0.99-0.999 are usual; 0 gives the raw weights."""
+    unmasked_weight: float = attrs.field(default=0.25, validator=_non_negative)
+    """The loss weight outside the mask (1 inside): loss = Σ p·(v̂ − v)² / Σ p, p = w + (1 − w)·mask.
+    1 makes ``loss_mask`` change nothing."""
+    save_dtype: Dtype = attrs.field(default="float32", validator=v.in_(DTYPES))
+    """dtype of the saved LoRA tensors."""
+    checkpointing_steps: int = attrs.field(default=50, validator=_non_negative)
+    """Write ``checkpoint-<step>/`` every this many optimizer steps (0: only at the end). A run that
+    ends always writes ``checkpoint-<last step>``, so a larger max_train_steps resumes from it."""
+    checkpoints_total_limit: int | None = attrs.field(default=3, validator=_positive_or_none)
+    """Keep only the newest this many checkpoints (null: keep all)."""
+    max_nonfinite_steps: int = attrs.field(default=10, validator=_positive)
+    """Stop after this many steps in a row whose loss or gradient was not finite (each is skipped)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.compile is True and self.gradient_checkpointing:
+            raise ValueError(
+                "compile: true (one graph through torch.func) cannot recompute checkpointed blocks; "
+                "with gradient_checkpointing use compile: regional (or false)"
+            )
+        if self.compile is True and self.fp8_matmul:
+            raise ValueError(
+                "compile: true (one graph through torch.func) cannot differentiate the fp8 layers; "
+                "with fp8_matmul use compile: regional (or auto, or false)"
+            )
+
+
+@attrs.frozen
+class CacheConfig:
+    """The embedding cache (``cache`` command, and training with ``use_cache``)."""
+
+    use_cache: bool = False
+    """Train from cached latents and embeddings; only the transformer is loaded."""
+    cache_dir: str = "outputs/cache"
+    """Root of the content-addressed cache; safe to share between runs, datasets and models."""
+
+
+@attrs.frozen
+class Devices:
+    """Where each component runs, for every command: training, caching, validation and predict
+    ('auto': cuda if available, else cpu; 'cpu', 'cuda', 'cuda:N', 'mps')."""
+
+    transformer: str = _device_field()
+    """The transformer: the training step, previews, predict's denoising."""
+    vae: str = _device_field()
+    """The VAE: encoding images (training without the cache, caching, predict) and decoding
+    (predict, validation and the sample; from the cache it loads only for those and is freed)."""
+    text_encoder: str = _device_field()
+    """The text encoder (CLIP; Qwen2.5-VL with the control images)."""
+
+
+@attrs.frozen
+class FluxDevices(Devices):
+    """Where each FLUX.1 Kontext component runs."""
+
+    text_encoder_2: str = _device_field()
+    """T5."""
+
+
+@attrs.frozen
+class LoggingConfig:
+    """Where results go."""
+
+    output_dir: str | None = None
+    """Folder for the LoRA, the checkpoints, the resolved config, the loss curve and the sample
+    image. null: outputs/<recipe> (outputs/flux_kontext_lora, outputs/qwen_image_edit_lora)."""
+    write_sample: bool = True
+    """Write sample.png at the end: the first sample's control image(s) | target | the edit before
+    and after training (same seed, its conditioning from the training data path, at the target's
+    size). Training from the cache loads only the VAE for it, on ``predict.devices.vae``."""
+    report_to: Literal["tensorboard", "jsonl", "none"] = attrs.field(
+        default="tensorboard", validator=v.in_(("tensorboard", "jsonl", "none"))
+    )
+    """Where scalars (loss, lr, grad_norm, steps/s, samples/s, val_loss) and validation grids go:
+    TensorBoard event files, a metrics.jsonl file, or nowhere."""
+    logging_dir: str = "logs"
+    """Folder of the TensorBoard events / metrics.jsonl, under output_dir."""
+    overwrite: bool = False
+    """A fresh run into an output_dir that holds another run's LoRA or checkpoints stops with exit
+    code 2 and changes nothing. true: remove what qflux wrote there (LoRA files, checkpoints, config,
+    pictures, logs) first, and list it."""
+
+
+@attrs.frozen
+class ValidationConfig:
+    """Held-out edits rendered and scored during training."""
+
+    enabled: bool = False
+    """Render validation grids and compute the validation loss before the first step, every
+    validation_steps, and at the end."""
+    validation_steps: int = attrs.field(default=50, validator=_positive)
+    """Optimizer steps between validations."""
+    num_validation_samples: int = attrs.field(default=4, validator=_positive)
+    """How many held-out samples to use (the first ones, by name)."""
+    dataset_path: str | None = None
+    """Held-out pairs in the training layout. null: the built-in held-out pairs when training on
+    builtin:synthetic; otherwise set this or samples."""
+    samples: tuple[tuple[str, ...], ...] = ()
+    """Instead of dataset_path: a list of [control image, prompt] or [control image, prompt, target
+    image]. Samples without a target have no target panel and no validation loss."""
+    num_inference_steps: int = attrs.field(default=28, validator=_positive)
+    """Denoising steps of each validation prediction and of sample.png (fixed seed: the run's seed)."""
+    use_ema: bool = False
+    """Validate (loss, grid, edit metrics) with the moving average of the LoRA instead of its raw
+    weights; needs train.ema_decay."""
+
+
+@attrs.frozen
+class RecipeConfig:
+    """A LoRA recipe's whole configuration: the sections every model shares, its model section and
+    its devices (the subclasses name the model's own)."""
+
+    seed: int = 0
+    """Seeds every random draw: LoRA init, data order, noise, timesteps and dropout."""
+    resume_from_checkpoint: str | None = None
+    """'latest' (the newest checkpoint in logging.output_dir, or a fresh start if none), a
+    checkpoint folder, or null for a fresh run."""
+    model: ModelSection = attrs.field(kw_only=True)
+    """The model and how its frozen weights are held (each recipe's subclass names its section)."""
+    data: DataConfig = attrs.field(factory=DataConfig)
+    optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
+    lr_scheduler: LrSchedulerConfig = attrs.field(factory=LrSchedulerConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
+    devices: Devices = attrs.field(factory=Devices)
+    """Where each component runs."""
+    validation: ValidationConfig = attrs.field(factory=ValidationConfig)
+
+    @property
+    def output_dir(self) -> str:
+        """``logging.output_dir``, or ``outputs/<recipe>`` when it is null."""
+        return self.logging.output_dir or f"outputs/{type(self.model).recipe}"
+
+    def resolved(self) -> RecipeConfig:
+        """The config with its derived defaults written in (``logging.output_dir``), as it is saved."""
+        return attrs.evolve(self, logging=attrs.evolve(self.logging, output_dir=self.output_dir))
+
+
+@attrs.frozen
+class FluxKontextConfig(RecipeConfig):
+    """The FLUX.1 Kontext LoRA recipe's configuration."""
+
+    model: FluxKontextModel = attrs.field(factory=FluxKontextModel)
+    """FLUX.1 Kontext, and how its frozen weights are held."""
+    devices: FluxDevices = attrs.field(factory=FluxDevices)
+    """Where each FLUX.1 Kontext component runs."""
+
+
+@attrs.frozen
+class Flux2KleinConfig(RecipeConfig):
+    """The FLUX.2 [klein] LoRA recipe's configuration."""
+
+    model: Flux2KleinModel = attrs.field(factory=Flux2KleinModel)
+    """FLUX.2 [klein], and how its frozen weights are held."""
+
+
+@attrs.frozen
+class QwenImageEditConfig(RecipeConfig):
+    """The Qwen-Image-Edit(-Plus) LoRA recipe's configuration."""
+
+    model: QwenImageEditModel = attrs.field(factory=QwenImageEditModel)
+    """Qwen-Image-Edit, and how its frozen weights are held."""

@@ -1,0 +1,540 @@
+"""The paired folder dataset: scanning, image decoding and sizing, and same-size batching.
+
+Layout (paired by file stem)::
+
+    DATASET/control_images/NAME.<png|jpg|jpeg|webp>   the image to edit
+    DATASET/control_images/NAME_control_1.<ext>       more control images, for models that take
+    DATASET/control_images/NAME_control_2.<ext>       several (Qwen-Image-Edit-Plus: up to 3)
+    DATASET/training_images/NAME.<ext>                the edited result (the target)
+    DATASET/training_images/NAME.txt                  the instruction
+
+Images keep their aspect ratio: an image above ``max_pixels`` is scaled down, then each side is
+floored to a multiple of the model's ``multiple`` (its VAE factor times the 2×2 packing, 16 for
+FLUX.1: :func:`qflux.diffusion.latents.size_multiple`), as FluxKontextPipeline does.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from qflux.data.buckets import MAX_CROP, Box, Size, bucket_area, bucket_sizes, cover_box, nearest_bucket
+from qflux.data.masks import change_mask, to_latent_grid
+from qflux.errors import QfluxError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+UPSCALE_WARNING = 2.0
+"""Pairs whose target is scaled up more than this (per side) into its bucket are named in a warning."""
+_EXIF_ORIENTATION = 0x0112
+
+
+@attrs.frozen
+class PairSample:
+    """One (control image(s), target, instruction) sample and the sizes it trains at."""
+
+    name: str
+    controls: tuple[Path, ...]
+    """The control images in order (NAME, NAME_control_1, NAME_control_2); empty for a sample
+    without one (models that allow it)."""
+    target: Path
+    prompt: str
+    control_sizes: tuple[tuple[int, int], ...]
+    """(width, height) each control image is resized to."""
+    target_size: tuple[int, int]
+    """(width, height) the target image is resized to."""
+    control_boxes: tuple[Box | None, ...] = ()
+    """Per control image, the region of it (source pixels) resized to its size; None (or an empty
+    tuple): the whole image."""
+    target_box: Box | None = None
+    """The region of the target (source pixels) resized to its size; None: the whole image."""
+    mask: Path | None = None
+    """``masks/NAME.*``: where the edit happens (white), the target's size; None: no mask file."""
+
+    @property
+    def control(self) -> Path:
+        """The (first) control image."""
+        return self.controls[0]
+
+    @property
+    def control_size(self) -> tuple[int, int]:
+        """(width, height) of the (first) control image."""
+        return self.control_sizes[0]
+
+    @property
+    def control_crops(self) -> tuple[Box | None, ...]:
+        """Per control image, its crop box (None: the whole image)."""
+        return self.control_boxes or (None,) * len(self.controls)
+
+    def images(self) -> list[tuple[Path, tuple[int, int], Box | None]]:
+        """(file, size, crop box) of the target, then of each control image."""
+        return [
+            (self.target, self.target_size, self.target_box),
+            *zip(self.controls, self.control_sizes, self.control_crops, strict=True),
+        ]
+
+
+def fit_size(width: int, height: int, max_pixels: int | None, multiple: int) -> tuple[int, int]:
+    """Scale (width, height) down to at most ``max_pixels`` keeping the aspect, then floor to ``multiple``.
+
+    Returns:
+        (w, h), each a positive multiple of ``multiple``.
+    """
+    if max_pixels is not None and width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        width, height = round(width * scale), round(height * scale)
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed, i.e. after the EXIF orientation is applied; reads the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+            w, h = h, w
+    return w, h
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer greyscale (modes I;16*, I) scaled to 8-bit L; other modes unchanged."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8"), mode="L")
+    if im.mode == "F":
+        return im.convert("L")
+    return im
+
+
+def load_rgb(path: Path, draft: int | None = None) -> Image.Image:
+    """Decode an image as 8-bit RGB: EXIF rotation applied, transparency composited on white,
+    CMYK, palette and 16-bit images converted. ``draft``: a JPEG may decode at a reduced scale whose
+    sides stay at least this many pixels (faster; for checks, not training)."""
+    with Image.open(path) as raw:
+        if draft is not None:
+            raw.draft("RGB", (draft, draft))
+        im: Image.Image = _to_8bit(ImageOps.exif_transpose(raw))
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+        return im.convert("RGB")
+
+
+def _image_problem(path: Path, multiple: int) -> str | None:
+    """Why an image cannot be trained on (unreadable, truncated, empty, a side under ``multiple``
+    px), or None."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            im.load()
+            w, h = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"cannot be decoded ({e})"
+    if min(w, h) < multiple:
+        return f"is {w}×{h} px; each side must be at least {multiple} px"
+    return None
+
+
+def _find_image(folder: Path, stem: str) -> list[Path]:
+    """Image files of ``folder`` whose stem is exactly ``stem`` (any supported extension, any case)."""
+    return [
+        p for p in sorted(folder.glob(glob.escape(stem) + ".*")) if p.suffix.lower() in IMAGE_EXTS and p.stem == stem
+    ]
+
+
+_EXTRA_CONTROL = re.compile(r"^(?P<stem>.+)_control_(?P<index>[1-9])$")
+
+
+@attrs.frozen
+class PairRule:
+    """A model's rule for its samples: how many control images each has, and how a control image of
+    another size than its target is sized in buckets."""
+
+    controls: tuple[int, int] = (1, 1)
+    """(fewest, most) control images per sample."""
+    control_sizing: Literal["target", "own"] = "target"
+    """"target": like the target's bucket (FLUX.1 Kontext, whose pipeline gives the output the
+    control's size); "own": the bucket of its own aspect (Qwen-Image-Edit, whose pipelines resize
+    each image to an area at its own aspect)."""
+
+
+def scan_pairs(
+    root: str | Path,
+    max_pixels: int | None,
+    *,
+    multiple: int,
+    skip_invalid: bool = False,
+    warn: Callable[[str], None] = print,
+    controls: tuple[int, int] = (1, 1),
+    buckets: Literal["auto", "exact"] = "exact",
+    control_sizing: Literal["target", "own"] = "target",
+) -> list[PairSample]:
+    """List and check the dataset's samples (sorted by name) before any model loads.
+
+    Every image is decoded once. The problems found are: a missing control or target image, a
+    missing, empty or non-UTF-8 instruction, an unreadable, truncated or 0-byte image, an image
+    under ``multiple`` px on a side, one stem with several image extensions, (several control images)
+    numbered control images with a gap or beyond the model's maximum, and a ``masks/`` file that is
+    unreadable, doubled or not its target's size.
+
+    Args:
+        multiple: image sides become multiples of this (the model's :func:`qflux.diffusion.latents.size_multiple`).
+        skip_invalid: drop the samples with problems (each reported through ``warn``) instead of
+            failing; an empty result still fails.
+        controls: (fewest, most) control images per sample. With most > 1, ``NAME_control_1``,
+            ``NAME_control_2``, ... belong to sample NAME; with fewest = 0 a sample may have none.
+        buckets: "exact" sizes each image to its own aspect (:func:`fit_size`); "auto" crops and
+            resizes pairs into aspect-ratio buckets (:func:`bucketed`), so that pairs of different
+            sizes batch together.
+        control_sizing: with buckets, how a control image of another size than its target is sized:
+            "target" (FLUX.1 Kontext: like the target's bucket) or "own" (Qwen-Image-Edit: the bucket
+            of its own aspect). A control of the target's size always gets the target's geometry.
+
+    Raises:
+        QfluxError: naming every problem and its file, or an empty dataset.
+    """
+    root = Path(root)
+    controls_dir, targets = _folders(root)
+    fewest, most = controls
+    image_stems = {p.stem for d in (controls_dir, targets) for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    if most > 1:  # NAME_control_i belongs to NAME (when NAME is a sample)
+        image_stems = {_base_stem(s, image_stems, targets) for s in image_stems}
+    text_stems = {p.stem for p in targets.iterdir() if p.suffix == ".txt"}
+    problems: list[str] = []
+    samples: list[PairSample] = []
+    for stem in sorted(image_stems | text_stems):
+        found = _check_sample(root, stem, multiple, fewest, most)
+        if isinstance(found, PairSample):
+            samples.append(found)
+        else:
+            problems += found
+    _report(root, problems, samples, skip_invalid=skip_invalid, warn=warn)
+    if buckets == "auto":
+        return bucketed(samples, max_pixels, multiple, control_sizing=control_sizing, warn=warn)
+    return [exactly_sized(s, max_pixels, multiple) for s in samples]
+
+
+def _report(
+    root: Path, problems: list[str], samples: list[PairSample], *, skip_invalid: bool, warn: Callable[[str], None]
+) -> None:
+    """Fail naming every problem (or, with ``skip_invalid``, warn of each), and fail on no samples."""
+    if problems and not skip_invalid:
+        raise QfluxError(
+            f"dataset '{root}' has {len(problems)} problem(s) (set data.skip_invalid=true to train on the "
+            "valid samples only):\n  " + "\n  ".join(problems)
+        )
+    for p in problems:
+        warn(f"skipping invalid sample: {p}")
+    if not samples:
+        raise QfluxError(f"dataset '{root}' holds no usable samples: training_images/ has no valid pairs")
+
+
+def exactly_sized(sample: PairSample, max_pixels: int | None, multiple: int) -> PairSample:
+    """``sample`` with each image at its own aspect, scaled down to ``max_pixels`` and floored to
+    ``multiple`` (:func:`fit_size`): the whole image, no crop."""
+    sizes = [fit_size(*image_size(p), max_pixels, multiple) for p in (*sample.controls, sample.target)]
+    return attrs.evolve(sample, control_sizes=tuple(sizes[:-1]), target_size=sizes[-1])
+
+
+def bucketed(
+    samples: Sequence[PairSample],
+    max_pixels: int | None,
+    multiple: int,
+    *,
+    control_sizing: Literal["target", "own"],
+    warn: Callable[[str], None] = print,
+) -> list[PairSample]:
+    """``samples`` with each target cropped and resized into its aspect bucket (:mod:`qflux.data.buckets`).
+
+    A control image of its target's size gets the target's crop and size (pixel alignment kept);
+    another one is sized like the target's bucket ("target") or into its own aspect's bucket ("own"),
+    scaled to cover it and centre-cropped.
+    """
+    sources = [[image_size(p) for p in (*s.controls, s.target)] for s in samples]
+    area = bucket_area(max_pixels, [src[-1] for src in sources])
+    table = bucket_sizes(area, multiple)
+    out, upscaled = [], []
+    for s, src in zip(samples, sources, strict=True):
+        target, own = nearest_bucket(src[-1], table, area, multiple)
+        if (scale := max(target[0] / src[-1][0], target[1] / src[-1][1])) > UPSCALE_WARNING:
+            upscaled.append((scale, s.target))
+        if own:
+            (w, h), (tw, th) = src[-1], target
+            warn(f"{s.target}: {w}×{h} would lose more than {MAX_CROP:.0%} of its area to the crop of the nearest "
+                 f"bucket (1:4 … 4:1); it trains at {tw}×{th}, a bucket of its own")  # fmt: skip
+        sizes, boxes = [], []
+        for size in src[:-1]:
+            c = (
+                target
+                if size == src[-1] or control_sizing == "target"
+                else nearest_bucket(size, table, area, multiple)[0]
+            )
+            sizes.append(c)
+            boxes.append(_box(size, c))
+        out.append(attrs.evolve(s, control_sizes=tuple(sizes), target_size=target, control_boxes=tuple(boxes),
+                                target_box=_box(src[-1], target)))  # fmt: skip
+    if upscaled:
+        scale, name = max(upscaled)
+        warn(f"{len(upscaled)} pair(s) are upscaled more than {UPSCALE_WARNING:g}× to their bucket (the most: {name}, "
+             f"×{scale:.1f}): the buckets' area is that of the largest target ({area} px) or data.max_pixels; "
+             "set data.max_pixels lower, or data.buckets: exact")  # fmt: skip
+    return out
+
+
+def _box(source: Size, size: Size) -> Box | None:
+    """The crop of ``source`` that covers ``size``; None when it is the whole image."""
+    box = cover_box(source, size)
+    return None if box == (0.0, 0.0, float(source[0]), float(source[1])) else box
+
+
+def _folders(root: Path) -> tuple[Path, Path]:
+    """(control_images/, training_images/) of a dataset folder, or the error that says what is missing."""
+    if not root.is_dir():
+        raise QfluxError(
+            f"dataset '{root}' does not exist; set data.dataset_path to a folder with control_images/ and "
+            "training_images/"
+        )
+    controls, targets = root / "control_images", root / "training_images"
+    if not controls.is_dir() or not targets.is_dir():
+        raise QfluxError(
+            f"dataset '{root}' must contain control_images/ and training_images/ "
+            "(NAME.png in both, plus training_images/NAME.txt with the instruction)"
+        )
+    return controls, targets
+
+
+def _base_stem(stem: str, stems: set[str], targets: Path) -> str:
+    """``NAME`` for an extra control image ``NAME_control_i`` of sample NAME, else ``stem``."""
+    m = _EXTRA_CONTROL.match(stem)
+    if m and (m["stem"] in stems or (targets / f"{m['stem']}.txt").is_file()):
+        return m["stem"]
+    return stem
+
+
+def _check_sample(root: Path, stem: str, multiple: int, fewest: int = 1, most: int = 1) -> PairSample | list[str]:
+    """The sample named ``stem`` with its ``fewest``..``most`` control images, or its problems."""
+    controls, targets = root / "control_images", root / "training_images"
+    names = [stem] + [f"{stem}_control_{i}" for i in range(1, most)]
+    found_controls = [_find_image(controls, n) for n in names]
+    target = _find_image(targets, stem)
+    txt = targets / f"{stem}.txt"
+    problems = []
+    count = sum(1 for f in found_controls if f)
+    if most > 1:
+        first_gap = next((i for i, f in enumerate(found_controls) if not f), len(found_controls))
+        if count > first_gap:
+            problems.append(
+                f"{controls / names[first_gap]}.<png|jpg|jpeg|webp>: missing; the control images of sample "
+                f"'{stem}' must be numbered without gaps ({', '.join(names)})"
+            )
+        beyond = _find_image(controls, f"{stem}_control_{most}")
+        if beyond:
+            problems.append(f"{beyond[0]}: sample '{stem}' has more than {most} control images (the model's maximum)")
+    checks = [(controls, found_controls[0])] if count or fewest else []  # fewest = 0: none is fine
+    checks += [(targets, target), *((controls, f) for f in found_controls[1:] if f)]
+    for folder, found in checks:
+        if not found:
+            problems.append(f"{folder / stem}.<png|jpg|jpeg|webp>: missing image for sample '{stem}'")
+        elif len(found) > 1:
+            problems.append(f"{found[0]}: sample '{stem}' has several images ({', '.join(p.name for p in found)})")
+        else:
+            bad = _image_problem(found[0], multiple)
+            if bad:
+                problems.append(f"{found[0]}: {bad}")
+    mask, mask_problems = _mask(root, stem, target)
+    prompt, prompt_problems = _instruction(txt)
+    problems += mask_problems + prompt_problems
+    if problems:
+        return problems
+    return PairSample(
+        name=stem,
+        controls=tuple(f[0] for f in found_controls if f),
+        target=target[0],
+        prompt=prompt,
+        control_sizes=(),
+        target_size=(0, 0),
+        mask=mask,
+    )
+
+
+def _mask(root: Path, stem: str, target: list[Path]) -> tuple[Path | None, list[str]]:
+    """``masks/<stem>.*`` (None when there is none) and its problems: several files, unreadable, or
+    not its target's size."""
+    found = _find_image(root / "masks", stem) if (root / "masks").is_dir() else []
+    if len(found) > 1:
+        return None, [f"{found[0]}: sample '{stem}' has several masks ({', '.join(p.name for p in found)})"]
+    if not found or len(target) != 1:
+        return (found[0] if found else None), []
+    bad = _image_problem(found[0], 1)
+    if bad:
+        return None, [f"{found[0]}: {bad}"]
+    (mw, mh), (tw, th) = image_size(found[0]), image_size(target[0])
+    if (mw, mh) != (tw, th):
+        return None, [f"{found[0]}: {mw}×{mh}, but its target is {tw}×{th}; a mask has its target's size"]
+    return found[0], []
+
+
+def _instruction(txt: Path) -> tuple[str, list[str]]:
+    """The instruction in ``txt`` and its problems: missing, not UTF-8, or empty."""
+    if not txt.is_file():
+        return "", [f"{txt}: missing instruction file"]
+    try:
+        prompt = txt.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        return "", [f"{txt}: not UTF-8 text; save it as UTF-8"]
+    return prompt, ([] if prompt else [f"{txt}: the instruction is empty"])
+
+
+def crop(image: Image.Image, box: Box | None) -> Image.Image:
+    """``image`` cropped to ``box`` (rounded to whole pixels); ``image`` itself when None."""
+    return image if box is None else image.crop(tuple(round(x) for x in box))  # type: ignore[arg-type]
+
+
+def load_sized(path: Path, size: tuple[int, int], box: Box | None = None) -> torch.Tensor:
+    """An image file decoded and sized for the VAE (:func:`image_to_tensor`): [1, 3, h, w] in [−1, 1]."""
+    return image_to_tensor(load_rgb(path), size, box)
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int], box: Box | None = None) -> torch.Tensor:
+    """Resize (Lanczos) to ``size`` = (w, h), the region ``box`` of it when given (a bucket's crop),
+    and map to [−1, 1] exactly as FluxKontextPipeline does.
+
+    ``size`` is already a multiple of the model's factor (:func:`fit_size`); the processor rounds
+    nothing more (its ``vae_scale_factor`` only floors sizes).
+
+    Returns:
+        [1, 3, h, w] float32.
+    """
+    from diffusers.image_processor import VaeImageProcessor
+
+    w, h = size
+    proc = VaeImageProcessor(vae_scale_factor=1)
+    if box is not None:
+        image = image.resize((w, h), resample=Image.Resampling.LANCZOS, box=box)
+    tensor: torch.Tensor = proc.preprocess(proc.resize(image, h, w), h, w)
+    # contiguous: the processor returns a channels-last view, and convolutions pick other kernels
+    # (with other rounding) for it, which would make cached and freshly encoded latents differ
+    return tensor.contiguous()
+
+
+def image_arg(image: str | list[str] | tuple[str, ...] | None, counts: tuple[int, int], want: str) -> list[Image.Image]:
+    """The images of a ``--image`` option: none, one path, or a comma-separated list (or a list), their
+    number within ``counts`` = (least, most).
+
+    Raises:
+        QfluxError: another number of images (``want`` says how many) or a path that does not exist.
+    """
+    from qflux.errors import QfluxError
+
+    if image is None or image == "":
+        paths: list[str] = []
+    elif isinstance(image, str):
+        paths = [p.strip() for p in image.split(",") if p.strip()]
+    else:
+        paths = [str(p) for p in image]
+    if not counts[0] <= len(paths) <= counts[1]:
+        raise QfluxError(f"{want} in --image; got {len(paths)}")
+    for p in paths:
+        if not Path(p).is_file():
+            raise QfluxError(f"input image '{p}' does not exist; pass --image=PATH")
+    return [load_rgb(Path(p)) for p in paths]
+
+
+def to_image(decoded: torch.Tensor) -> Any:
+    """A VAE output [1, 3, H, W] in [-1, 1] as the pipelines' ``output_type='np'`` image [H, W, 3]
+    float32 in [0, 1] (the inverse of :func:`image_to_tensor`)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=1).postprocess(decoded, output_type="np")[0]
+
+
+def to_pil(image: Any) -> Image.Image:
+    """[H, W, 3] float in [0, 1] → 8-bit PIL image (rounded as diffusers' ``numpy_to_pil``)."""
+    import numpy as np
+
+    return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8"))
+
+
+def save_image(image: Any, out: str | Path) -> Path:
+    """Write an image [H, W, 3] in [0, 1] to ``out`` (folders made as needed) and say so."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image).save(path)
+    print(f"wrote {path}")
+    return path
+
+
+MaskMode = Literal["none", "masks", "auto"]
+"""``train.loss_mask``."""
+
+
+@attrs.frozen
+class PairDataset:
+    """Map-style dataset over samples: ``ds[i]`` decodes and sizes one pair (and, with a
+    ``mask_mode``, its change mask at the latent grid, :mod:`qflux.data.masks`)."""
+
+    samples: Sequence[PairSample]
+    mask_mode: MaskMode = "none"
+    """``train.loss_mask``."""
+    vae_factor: int = 8
+    """Image pixels per latent pixel (the model's VAE factor), for the mask's grid."""
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(i, [load_rgb(c) for c in self.samples[i].controls])
+
+    def item(self, i: int, controls: Sequence[Image.Image]) -> dict[str, Any]:
+        """Sample i with its control images already decoded (a caller that needs them too decodes once)."""
+        s = self.samples[i]
+        sized = [
+            image_to_tensor(im, size, box)[0]
+            for im, size, box in zip(controls, s.control_sizes, s.control_crops, strict=True)
+        ]
+        target = load_sized(s.target, s.target_size, s.target_box)[0]
+        item: dict[str, Any] = {"index": i, "prompt": s.prompt, "controls": sized, "target": target}
+        if self.mask_mode != "none":
+            item["mask"] = self.mask(s, sized, target)
+        return item
+
+    def mask(self, s: PairSample, controls: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """The change mask [1, h, w] of sample ``s`` on the latent grid: its mask file cropped and
+        sized like its target (``masks``; all ones without a file), or derived from the target and
+        its first control (``auto``; all ones without a control)."""
+        w, h = s.target_size
+        grid = (h // self.vae_factor, w // self.vae_factor)
+        if self.mask_mode == "masks" and s.mask is not None:
+            with Image.open(s.mask) as raw:
+                grey = _to_8bit(ImageOps.exif_transpose(raw)).convert("L")
+            sized = crop(grey, s.target_box).resize(s.target_size, Image.Resampling.BILINEAR)
+            pixels = torch.from_numpy(np.asarray(sized, dtype=np.float32) / 255.0)
+            return to_latent_grid(pixels[None, None], grid)[0]
+        if self.mask_mode == "auto" and controls:
+            control = controls[0][None]
+            if control.shape[-2:] != target.shape[-2:]:  # a control at its own aspect: compared at the target's
+                control = torch.nn.functional.interpolate(control, size=target.shape[-2:], mode="bilinear")
+            return change_mask(control, target[None], grid)[0]
+        return torch.ones(1, *grid)
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack same-size items: controls (one [B, 3, hc_k, wc_k] per control image k), target
+    [B, 3, h, w], prompts, indices, and the change masks [B, 1, h/f, w/f] when the items have them."""
+    return {
+        "index": [it["index"] for it in items],
+        "prompt": [it["prompt"] for it in items],
+        "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
+        "target": torch.stack([it["target"] for it in items]),
+        **({"mask": torch.stack([it["mask"] for it in items])} if "mask" in items[0] else {}),
+    }

@@ -1,0 +1,214 @@
+"""``python -m recipes.<model>_lora plan [--config=F] [--section.key=value ...] --vram=GiB [--json]``:
+the configured run's peak device memory and its alternatives (:mod:`qflux.memory.planner`), from the model's
+``config.json`` files alone; exit 0 when the run fits, :data:`DOES_NOT_FIT` when it does not."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from qflux.config.schema import RecipeConfig
+from qflux.diffusion.latents import size_multiple
+from qflux.errors import QfluxError
+from qflux.memory.measure import GIB
+from qflux.memory.planner import (
+    Inputs,
+    PlanModel,
+    Row,
+    Setting,
+    as_json,
+    change_text,
+    cheapest_fit,
+    encoder_bytes,
+    estimate,
+    plan_rows,
+    square_bucket,
+    table,
+)
+from qflux.memory.shapes import published, shipped_ids
+from qflux.weights.loading import component_config, torch_dtype
+
+Configs = Mapping[str, Mapping[str, Any]]
+"""{component: its config.json}."""
+DOES_NOT_FIT = 3
+"""Exit status of ``plan`` when the configured run does not fit."""
+DEFAULT_AREA = 1024 * 1024
+"""The area planned for when ``data.max_pixels`` is null (the buckets then take the largest image's)."""
+ON_DEVICE = ("auto", "cuda", "cuda:0")
+"""Device settings that mean the first CUDA device on a GPU machine."""
+
+
+@attrs.frozen(eq=False)
+class PlanTarget:
+    """A recipe's model for ``plan``: its planner record and how to read its shapes."""
+
+    model: PlanModel
+    pipeline: str
+    components: Sequence[str]
+    """The components whose config.json the plan reads."""
+    controls: int
+    """Control images per sample planned for (the most the model takes)."""
+    text_tokens: Callable[[Mapping[str, Mapping[str, Any]], int], int]
+    """(configs, controls) → tokens of the prompt embedding."""
+
+
+def model_configs(name: str, target: PlanTarget, folder: Callable[[], Path]) -> tuple[dict[str, dict[str, Any]], str]:
+    """{component: config.json} and where they came from: qflux's shipped shapes for a supported hub
+    id (nothing downloaded), otherwise the model folder (``folder()``: local, built-in or hub cache)."""
+    shipped = published(name)
+    if shipped is not None:
+        missing = [c for c in target.components if c not in shipped]
+        if missing:
+            raise QfluxError(f"qflux's shapes of '{name}' lack {', '.join(missing)}")
+        return {c: shipped[c] for c in target.components}, f"{name} (published shapes shipped with qflux)"
+    try:
+        path = folder()
+    except QfluxError as e:
+        raise QfluxError(
+            f"{e}\nplan reads only config.json files; qflux ships those of {', '.join(shipped_ids())}. For another "
+            "model, set model.pretrained_model_name_or_path to a local folder with its components' config.json"
+        ) from e
+    return {c: component_config(path, c) for c in target.components}, str(path)
+
+
+def same_device(setting: str, transformer: str) -> bool:
+    """Whether a component placed at ``setting`` shares the transformer's device."""
+    return setting == transformer or (setting in ON_DEVICE and transformer in ON_DEVICE)
+
+
+def resident_encoders(cfg: RecipeConfig, target: PlanTarget, configs: Configs) -> dict[str, int]:
+    """{storage: bytes of the encoders an uncached run keeps on the transformer's device} for each
+    ``model.quantize`` a row may use (the text encoders follow it with ``quantize_text_encoders``)."""
+    if cfg.cache.use_cache:
+        return {}
+    devices = attrs.asdict(cfg.devices)
+    resident = [c for c in target.model.encoders if same_device(devices[c], cfg.devices.transformer)]
+    dtype = torch_dtype(cfg.model.dtype)
+    out = {}
+    for quantize in ("none", "fp8", "nf4", "fp4"):
+        text = quantize if cfg.model.quantize_text_encoders else "none"
+        out[quantize] = sum(
+            encoder_bytes(target.model, c, configs[c], dtype, text if c.startswith("text_encoder") else "none")
+            for c in resident
+        )
+    return out
+
+
+def plan_inputs(cfg: RecipeConfig, target: PlanTarget, configs: Configs, controls: int) -> Inputs:
+    """The shapes the run's step holds: the 1:1 bucket of ``data.max_pixels`` for the target and
+    each control image, the batch, the accumulation and the prompt's tokens."""
+    size = square_bucket(cfg.data.max_pixels or DEFAULT_AREA, size_multiple(configs["vae"]))
+    return Inputs(
+        batch_size=cfg.data.batch_size,
+        accumulation=cfg.train.gradient_accumulation_steps,
+        target=size,
+        controls=(size,) * controls,
+        text_tokens=target.text_tokens(configs, controls),
+        optimizer=cfg.optimizer.name,
+    )
+
+
+def run_plan(
+    cfg: RecipeConfig,
+    target: PlanTarget,
+    folder: Callable[[], Path],
+    *,
+    vram: float | None,
+    as_json_output: bool,
+    controls: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Print the plan (a table, or JSON) and return the exit status (0 fits, :data:`DOES_NOT_FIT`)."""
+    vram_gib = vram if vram is not None else _device_gib()
+    configs, source = model_configs(cfg.model.pretrained_model_name_or_path, target, folder)
+    n = target.controls if controls is None else controls
+    inputs = plan_inputs(cfg, target, configs, n)
+    train = cfg.train
+    configured = Setting(cfg.model.quantize, train.gradient_checkpointing, train.blocks_to_swap, cfg.cache.use_cache)
+    say = progress or (lambda m: print(m, file=sys.stderr))
+    first, alternatives = plan_rows(target.model, configs, inputs, configured, vram_gib=vram_gib,
+                                    dtype=torch_dtype(cfg.model.dtype), lora=cfg.model.lora,
+                                    encoders=resident_encoders(cfg, target, configs), progress=say)  # fmt: skip
+    cheapest = None if first.fits(vram_gib) else cheapest_fit(alternatives, configured, vram_gib)
+    if as_json_output:
+        print(json.dumps(as_json(first, alternatives, vram_gib, cheapest), indent=2))
+    else:
+        print(_header(cfg, target, source, inputs))
+        print(table(first, alternatives, vram_gib))
+        print(_verdict(first, cheapest, configured, vram_gib))
+    return 0 if first.fits(vram_gib) else DOES_NOT_FIT
+
+
+def warn_if_too_big(cfg: RecipeConfig, target: PlanTarget, run: Any) -> None:
+    """Print :func:`fit_warning` (rank 0 of a CUDA run)."""
+    if run.device.type == "cuda" and run.world.is_main:
+        warning = fit_warning(cfg, target, run.model_dir, run.device)
+        if warning is not None:
+            print(warning)
+
+
+def fit_warning(cfg: RecipeConfig, target: PlanTarget, model_dir: Path, device: torch.device) -> str | None:
+    """Before a CUDA run loads anything: the configured step's planned peak against the device's
+    free memory; a warning naming the ``plan`` command when it will not fit, else None."""
+    if device.type != "cuda":
+        return None
+    configs, _ = model_configs(str(model_dir), target, lambda: model_dir)
+    train = cfg.train
+    setting = Setting(cfg.model.quantize, train.gradient_checkpointing, train.blocks_to_swap, cfg.cache.use_cache)
+    row = plan_rows_configured(cfg, target, configs, setting)
+    free, _ = torch.cuda.mem_get_info(device)
+    return too_big(row.breakdown.peak, free)
+
+
+def too_big(peak: int, free: int) -> str | None:
+    """The warning for a planned ``peak`` above ``free`` bytes, or None."""
+    if peak <= free:
+        return None
+    return (
+        f"warning: this run is planned to need {peak / GIB:.1f} GiB at its peak and the device has {free / GIB:.1f} "
+        "GiB free: it will likely run out of memory. The plan command (same options, --vram=GiB) lists changes that fit"
+    )
+
+
+def plan_rows_configured(cfg: RecipeConfig, target: PlanTarget, configs: Configs, setting: Setting) -> Row:
+    """The configured run's row alone (no alternatives)."""
+    inputs = plan_inputs(cfg, target, configs, target.controls)
+    extra = resident_encoders(cfg, target, configs).get(setting.quantize, 0)
+    breakdown = estimate(target.model, configs, inputs, setting, dtype=torch_dtype(cfg.model.dtype),
+                         lora=cfg.model.lora, resident_encoders=extra)  # fmt: skip
+    return Row(setting, breakdown)
+
+
+def _device_gib() -> float:
+    if not torch.cuda.is_available():
+        raise QfluxError("plan needs --vram=GiB (the card's memory): this machine has no CUDA device to read it from")
+    return torch.cuda.get_device_properties(0).total_memory / GIB
+
+
+def _header(cfg: RecipeConfig, target: PlanTarget, source: str, inputs: Inputs) -> str:
+    (w, h), n = inputs.target, len(inputs.controls)
+    cached = "from the cache (encoders not loaded)" if cfg.cache.use_cache else "uncached (encoders loaded)"
+    return (
+        f"{target.pipeline} LoRA training, planned on fake tensors (nothing loaded, no GPU needed)\n"
+        f"  shapes   {source}\n"
+        f"  step     {w}×{h} target + {n} control image(s) of {w}×{h}, {inputs.text_tokens} text tokens, "
+        f"batch {inputs.batch_size} × {inputs.accumulation} accumulated, {cfg.model.dtype}, LoRA rank "
+        f"{cfg.model.lora.r}, {cached}"
+    )
+
+
+def _verdict(first: Row, cheapest: Row | None, configured: Setting, vram_gib: float) -> str:
+    if first.fits(vram_gib):
+        return f"\nfits: {first.breakdown.peak / GIB:.2f} of {vram_gib:g} GiB"
+    if cheapest is None:
+        return f"\ndoes not fit {vram_gib:g} GiB, nor does any alternative: lower data.max_pixels or data.batch_size"
+    return (
+        f"\ndoes not fit {vram_gib:g} GiB; the cheapest change that fits ({cheapest.breakdown.peak / GIB:.2f} GiB): "
+        f"{change_text(cheapest, configured)}"
+    )

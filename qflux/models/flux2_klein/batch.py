@@ -1,0 +1,59 @@
+"""Turning a micro-batch into a :class:`Flux2KleinBatch`: conditioning, dropout and random draws.
+
+Each sample is encoded on its own (its prompt through Qwen3, its target and reference images through
+the VAE), as the cache encodes it; :func:`qflux.train.batch.prepare` then applies the keyed draws and
+dropout shared with the other models. A dropped caption is the empty prompt; a dropped reference set
+is zero latents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, text_ids, vae_encode
+from qflux.models.flux2_klein.loaders import Flux2KleinModels
+from qflux.models.flux2_klein.loss import Flux2KleinBatch
+from qflux.train.batch import Conditioning, Prepared
+
+
+def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
+    """A prompt as :class:`~qflux.train.batch.Conditioning` holds it: tokens [B, L, 3D], ids [B, L, 4]."""
+    return {"tokens": embeds.tokens, "ids": embeds.ids}
+
+
+@torch.no_grad()
+def encode_conditioning(models: Flux2KleinModels, raw: dict[str, Any], max_sequence_length: int) -> Conditioning:
+    """Encode a collated image batch (:func:`qflux.data.pairs.collate_pairs`) with the VAE and Qwen3, one
+    sample at a time."""
+    n = len(raw["prompt"])
+    embeds = [encode_prompt(models.text_encoder, models.tokenizer, [raw["prompt"][i]], max_sequence_length)
+              for i in range(n)]  # fmt: skip
+    return Conditioning(
+        latents=torch.cat([vae_encode(models.vae, raw["target"][i : i + 1]) for i in range(n)]),
+        controls=tuple(torch.cat([vae_encode(models.vae, x[i : i + 1]) for i in range(n)]) for x in raw["controls"]),
+        text={"tokens": torch.cat([e.tokens for e in embeds]), "ids": torch.cat([e.ids for e in embeds])},
+    )
+
+
+def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
+    """Conditioning from a collated cached batch (:func:`qflux.models.flux2_klein.cache.collate_cached`)."""
+    return Conditioning(
+        latents=raw["latent"],
+        controls=tuple(raw["controls"]),
+        text={"tokens": raw["embed"], "ids": text_ids(raw["embed"])},
+    )
+
+
+def to_batch(p: Prepared) -> Flux2KleinBatch:
+    """The FLUX.2 [klein] batch record of prepared tensors (:func:`qflux.train.batch.prepare`)."""
+    return Flux2KleinBatch(
+        latents=p.latents,
+        references=p.controls,
+        text=p.text["tokens"],
+        text_ids=p.text["ids"],
+        noise=p.noise,
+        sigmas=p.sigmas,
+        pixel=p.pixel,
+    )

@@ -1,0 +1,109 @@
+"""The FLUX.2 [klein] transformer call and training objective, pure functions of (LoRA tensors, inputs).
+
+The target's noised tokens come first, then every reference image's tokens (each at its own T
+position); the loss is over the target's tokens only:
+
+    x_t = (1 − σ)·x0 + σ·ε                       (x0: normalised target latents [B, C, h, w])
+    v̂ = F([pack(x_t) ; pack(r_1) ; … ; pack(r_k)], t = σ, text = h, positions)[:, :N]
+    loss = mean_b w(σ_b) · mean (v̂ − (ε − x0))²
+
+Noising, target, weights and loss are :mod:`qflux.diffusion.flow`'s, shared with FLUX.1 Kontext and Qwen-Image-Edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from qflux.diffusion.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
+from qflux.diffusion.latents import pack_latents, unpack_latents
+from qflux.lora.adapter import call_with_lora
+from qflux.models.flux2_klein.conditioning import reference_ids, target_ids
+from qflux.weights.quantize import compute_dtype
+
+
+def velocity(
+    transformer: Any,
+    params: Mapping[str, torch.Tensor],
+    tokens: torch.Tensor,
+    n: int,
+    sigmas: torch.Tensor,
+    text: torch.Tensor,
+    text_ids: torch.Tensor,
+    image_ids: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """One transformer call on [target ; references] tokens; the first ``n`` tokens' velocity.
+
+    Args:
+        params: LoRA tensors substituted into the module, ``{}`` for the module as it is.
+        tokens: [B, N + Nr, 4C]; sigmas: [B]; text: [B, L, 3D]; text_ids: [B, L, 4]; image_ids: [B, N + Nr, 4].
+
+    Returns:
+        [B, n, 4C] in the transformer's dtype.
+    """
+    inputs = {
+        "hidden_states": tokens.to(dtype),
+        "timestep": sigmas.to(dtype),
+        "guidance": None,
+        "encoder_hidden_states": text.to(dtype),
+        "txt_ids": text_ids,
+        "img_ids": image_ids,
+        "return_dict": False,
+    }
+    return call_with_lora(transformer, params, inputs)[0][:, :n]
+
+
+def token_inputs(noisy: torch.Tensor, references: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([pack(x_t) ; pack(r_1) ; …] [B, N + Nr, 4C], their positions [B, N + Nr, 4]) from latents
+    x_t [B, C, h, w] and references [B, C, h_k, w_k]."""
+    b, _, h, w = noisy.shape
+    ids = target_ids(b, (h, w), noisy.device)
+    if not references:
+        return pack_latents(noisy), ids
+    refs = reference_ids([(r.shape[-2], r.shape[-1]) for r in references], noisy.device).expand(b, -1, -1)
+    tokens = torch.cat([pack_latents(noisy), *(pack_latents(r.to(noisy.dtype)) for r in references)], dim=1)
+    return tokens, torch.cat([ids, refs], dim=1)
+
+
+@attrs.frozen(eq=False)
+class Flux2KleinBatch:
+    """Everything one training micro-batch needs, randomness included (drawn outside the step)."""
+
+    latents: torch.Tensor
+    """Target latents x0 [B, C, h, w] (normalised; float32)."""
+    references: tuple[torch.Tensor, ...]
+    """Reference latents, one [B, C, h_k, w_k] per reference image (zeros where dropped)."""
+    text: torch.Tensor
+    """Prompt embedding h [B, L, 3D]."""
+    text_ids: torch.Tensor
+    """[B, L, 4]."""
+    noise: torch.Tensor
+    """ε [B, C, h, w] (float32)."""
+    sigmas: torch.Tensor
+    """σ [B] (float32) in (0, 1]."""
+    pixel: torch.Tensor | None = None
+    """Per-latent-pixel loss weights [B, 1, h, w], or None (all 1)."""
+
+
+def make_loss_fn(
+    transformer: Any, *, weighting_scheme: WeightingScheme
+) -> Callable[[Mapping[str, torch.Tensor], Flux2KleinBatch], torch.Tensor]:
+    """Close over the frozen transformer and the weighting; return the pure ``loss_fn(lora, batch)`` (0-d float32)."""
+    dtype = compute_dtype(transformer)
+
+    def loss_fn(lora: Mapping[str, torch.Tensor], batch: Flux2KleinBatch) -> torch.Tensor:
+        x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
+        noisy = add_noise(x0, eps, sigmas)
+        tokens, ids = token_inputs(noisy, batch.references)
+        h, w = x0.shape[-2], x0.shape[-1]
+        out = velocity(transformer, lora, tokens, (h // 2) * (w // 2), sigmas, batch.text, batch.text_ids, ids,
+                       dtype=dtype)  # fmt: skip
+        pred = unpack_latents(out.float(), h, w)
+        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)
+
+    return loss_fn

@@ -1,0 +1,160 @@
+"""Editing with FLUX.2 [klein] from zero or more reference images (optionally through a LoRA), step for
+step as ``Flux2KleinPipeline``.
+
+    references: each checked (≥ 64 px), shrunk to ≤ 1024² pixels, floored to multiples of 16 and
+        centre-cropped to that size; encoded, patchified and normalised; reference k at T = 10·(k+1)
+    latents ~ N(0, I) [1, 4C, h, w] from torch.Generator('cpu').manual_seed(seed)
+    σ_i = linspace(1, 1/N, N) shifted by the empirical μ(h·w, N);  x ← x + (σ_{i+1} − σ_i)·v̂(x, σ_i)
+    CFG (guidance_scale > 1 on a model that is not step-distilled): v̂ = v̂_∅ + s·(v̂ − v̂_∅), ∅ the empty prompt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qflux.data.pairs import to_image
+from qflux.diffusion.latents import PATCH, size_multiple, unpack_latents
+from qflux.diffusion.sampling import euler_scheduler, initial_noise
+from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode, vae_encode
+from qflux.models.flux2_klein.loaders import Flux2KleinModels
+from qflux.models.flux2_klein.loss import token_inputs, velocity
+from qflux.weights.quantize import compute_dtype
+
+MAX_REFERENCE_AREA = 1024 * 1024
+"""References above this many pixels are shrunk to it first (the pipeline's limit)."""
+
+
+def image_processor(multiple: int) -> Any:
+    """The pipeline's ``Flux2ImageProcessor`` for images sized in multiples of ``multiple``."""
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    return Flux2ImageProcessor(vae_scale_factor=multiple)
+
+
+def reference_tensor(image: Image.Image, multiple: int) -> torch.Tensor:
+    """One reference as the pipeline prepares it: [1, 3, h, w] in [−1, 1], h and w multiples of ``multiple``.
+
+    Raises:
+        ValueError: an image under 64 px a side (the pipeline's check, its message).
+    """
+    proc = image_processor(multiple)
+    proc.check_image_input(image)
+    if image.width * image.height > MAX_REFERENCE_AREA:
+        image = proc._resize_to_target_area(image, MAX_REFERENCE_AREA)
+    w, h = image.width // multiple * multiple, image.height // multiple * multiple
+    return proc.preprocess(image, height=h, width=w, resize_mode="crop")
+
+
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's shift μ for ``image_seq_len`` latent tokens and ``num_steps`` steps (the pipeline's own)."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    return float(compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps))
+
+
+@torch.inference_mode()
+def predict(
+    models: Flux2KleinModels,
+    images: Sequence[Image.Image],
+    prompt: str,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 4.0,
+    distilled: bool = False,
+    seed: int = 0,
+    lora: Mapping[str, torch.Tensor] | None = None,
+    max_sequence_length: int = 512,
+) -> np.ndarray:
+    """Edit (or, with no images, generate) as ``prompt`` says.
+
+    Args:
+        images: the reference images (RGB), 0 or more.
+        height, width: output size, floored to multiples of the VAE factor × 2; default the first
+            reference's prepared size (1024² without references, as the pipeline).
+        guidance_scale: CFG scale against the empty prompt, used when > 1 and the model is not
+            step-distilled (``distilled``: the pipeline config's ``is_distilled``).
+        lora: LoRA tensors to substitute into the transformer; None uses the module as it is.
+
+    Returns:
+        The image, [height, width, 3] float32 in [0, 1].
+    """
+    multiple = size_multiple(models.vae.config)
+    dtype = compute_dtype(models.text_encoder)
+    refs = [reference_tensor(im, multiple) for im in images]
+    default = (refs[0].shape[-2], refs[0].shape[-1]) if refs else (1024, 1024)
+    height = (height or default[0]) // multiple * multiple
+    width = (width or default[1]) // multiple * multiple
+    encode = models.text_encoder, models.tokenizer
+    pos = encode_prompt(*encode, [prompt], max_sequence_length)
+    neg = encode_prompt(*encode, [""], max_sequence_length) if guidance_scale > 1 and not distilled else None
+    latents = denoise(
+        models.transformer,
+        models.scheduler.config,
+        tuple(vae_encode(models.vae, r.to(dtype)) for r in refs),
+        pos,
+        neg,
+        latent_hw=(PATCH * (height // multiple), PATCH * (width // multiple)),
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        lora=lora,
+        noise_dtype=pos.tokens.dtype,
+    )
+    return to_image(vae_decode(models.vae, latents))
+
+
+@torch.inference_mode()
+def denoise(
+    transformer: Any,
+    scheduler_config: Any,
+    references: tuple[torch.Tensor, ...],
+    prompt: PromptEmbeds,
+    negative: PromptEmbeds | None,
+    *,
+    latent_hw: tuple[int, int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int = 0,
+    lora: Mapping[str, torch.Tensor] | None = None,
+    noise_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The pipeline's denoising loop from encoded inputs (shared by predict and validation).
+
+    Args:
+        references: normalised latents [1, C, h_k, w_k] of each reference.
+        prompt, negative: the prompt's embedding and, for CFG, the empty prompt's.
+        latent_hw: (h, w) of the output latents (even; the image is the VAE factor times larger).
+
+    Returns:
+        Final normalised latents [1, C, h, w] on the transformer's device.
+    """
+    params = dict(lora or {})
+    device, tdtype = transformer.device, compute_dtype(transformer)
+    h, w = latent_hw
+    # the pipeline draws its noise on the patchified grid [1, 4C, h/2, w/2]: the same numbers, unpatchified
+    patchified = initial_noise((1, transformer.config.in_channels, h // 2, w // 2), seed, noise_dtype, device)
+    latents = unpack_latents(patchified.flatten(2).transpose(1, 2).contiguous(), h, w)
+    seq = (h // 2) * (w // 2)
+    mu = empirical_mu(seq, num_inference_steps)
+    scheduler = euler_scheduler(scheduler_config, num_inference_steps, seq, device, mu=mu)
+    # CFG evaluates both prompts as one batch of 2: [prompt ; empty prompt]
+    text, text_ids = prompt.tokens.to(device), prompt.ids.to(device)
+    if negative is not None:
+        text, text_ids = torch.cat([text, negative.tokens.to(device)]), torch.cat([text_ids, negative.ids.to(device)])
+    b = text.shape[0]
+    refs = tuple(r.to(device).expand(b, -1, -1, -1) for r in references)
+    for t in scheduler.timesteps:
+        sigma = t.expand(b).to(device=device, dtype=noise_dtype) / 1000
+        tokens, ids = token_inputs(latents.expand(b, -1, -1, -1), refs)
+        v = unpack_latents(velocity(transformer, params, tokens, seq, sigma, text, text_ids, ids, dtype=tdtype), h, w)
+        if negative is not None:
+            v = v[1:] + guidance_scale * (v[:1] - v[1:])  # v̂_∅ + s·(v̂ − v̂_∅)
+        latents = scheduler.step(v.to(latents.dtype), t, latents, return_dict=False)[0]
+    return latents

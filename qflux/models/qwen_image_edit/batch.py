@@ -1,0 +1,119 @@
+"""Turning a micro-batch into a :class:`QwenImageEditBatch`: per-sample vision-language
+conditioning, dropout and random draws.
+
+Each sample's prompt is embedded with its own control image(s), prepared as the pipeline prepares
+them (:func:`qflux.models.qwen_image_edit.predict.vl_image`), so the training conditioning equals what
+predict computes for that control image. Caption dropout replaces a sample's instruction by the
+empty one *with the same images* (its own cached embedding). The random draws and dropout are
+:func:`qflux.train.batch.prepare`, shared with FLUX.1 Kontext.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from PIL import Image
+
+from qflux.data.buckets import Box
+from qflux.data.pairs import PairDataset, collate_pairs, crop, load_rgb
+from qflux.models.qwen_image_edit.conditioning import encode_prompt, vae_encode
+from qflux.models.qwen_image_edit.loaders import QwenImageEditModels
+from qflux.models.qwen_image_edit.loss import QwenImageEditBatch
+from qflux.models.qwen_image_edit.predict import vl_image
+from qflux.train.batch import Conditioning, Prepared, pad_tokens
+
+
+def vl_images(
+    controls: Sequence[Path | Image.Image], variant: str, boxes: Sequence[Box | None] = ()
+) -> list[Image.Image]:
+    """The vision-language inputs of a sample's control images (decoded when given as paths), each
+    cropped to its box first when given: the region the VAE latent of that control sees (buckets)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    proc = VaeImageProcessor(vae_scale_factor=1)  # only its PIL resize: sizes come from calculate_dimensions
+    images = [c if isinstance(c, Image.Image) else load_rgb(c) for c in controls]
+    crops = boxes or (None,) * len(images)
+    return [vl_image(crop(im, box), variant, proc) for im, box in zip(images, crops, strict=True)]
+
+
+@attrs.frozen
+class QwenPairDataset:
+    """:class:`qflux.data.pairs.PairDataset` plus each sample's vision-language control images."""
+
+    pairs: PairDataset
+    variant: str
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.pairs.samples[i]
+        controls = [load_rgb(c) for c in s.controls]  # decoded once for both uses
+        return {**self.pairs.item(i, controls), "vl": vl_images(controls, self.variant, s.control_crops)}
+
+
+def collate_qwen_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`qflux.data.pairs.collate_pairs` plus ``vl``: per sample, its list of PIL images."""
+    return {**collate_pairs(items), "vl": [it["vl"] for it in items]}
+
+
+def stack_tokens(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample embeddings [S_i, D] → (embeds [B, max S, D] zero-padded, mask [B, max S] long)."""
+    length = max(r.shape[0] for r in rows)
+    embeds = torch.cat([pad_tokens(r[None], length) for r in rows])
+    mask = torch.stack([(torch.arange(length) < r.shape[0]).long() for r in rows])
+    return embeds, mask
+
+
+@torch.no_grad()
+def encode_sample_prompt(
+    models: QwenImageEditModels, prompt: str, images: Sequence[Image.Image], variant: str
+) -> torch.Tensor:
+    """One sample's prompt embedding with its own vision-language images: [S, D] (encoder dtype)."""
+    embeds, _ = encode_prompt(models.text_encoder, models.processor, [prompt], [list(images)], variant=variant)
+    return embeds[0]
+
+
+@torch.no_grad()
+def encode_conditioning(models: QwenImageEditModels, raw: dict[str, Any], variant: str) -> Conditioning:
+    """Encode a collated batch (:func:`collate_qwen_pairs`) with the VAE and the Qwen2.5-VL encoder.
+
+    Each sample is encoded on its own, with its own images, exactly as the cache encodes it, so
+    training with and without the cache sees bit-identical conditioning.
+    """
+    n = len(raw["prompt"])
+    rows = [encode_sample_prompt(models, raw["prompt"][i], raw["vl"][i], variant) for i in range(n)]
+    empty = [encode_sample_prompt(models, "", raw["vl"][i], variant) for i in range(n)]
+    return Conditioning(
+        latents=torch.cat([vae_encode(models.vae, raw["target"][i : i + 1]) for i in range(n)]),
+        controls=tuple(torch.cat([vae_encode(models.vae, x[i : i + 1]) for i in range(n)]) for x in raw["controls"]),
+        text=dict(zip(("embeds", "mask"), stack_tokens(rows), strict=True)),
+        empty=dict(zip(("embeds", "mask"), stack_tokens(empty), strict=True)),
+    )
+
+
+def to_batch(p: Prepared) -> QwenImageEditBatch:
+    """The Qwen-Image-Edit batch record of prepared tensors (:func:`qflux.train.batch.prepare`)."""
+    return QwenImageEditBatch(
+        latents=p.latents,
+        controls=p.controls,
+        embeds=p.text["embeds"],
+        mask=p.text["mask"],
+        noise=p.noise,
+        sigmas=p.sigmas,
+        pixel=p.pixel,
+    )
+
+
+def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
+    """Conditioning from a collated cached batch (:func:`qflux.models.qwen_image_edit.cache.collate_cached`)."""
+    return Conditioning(
+        latents=raw["latent"],
+        controls=tuple(raw["controls"]),
+        text=dict(zip(("embeds", "mask"), raw["embed"], strict=True)),
+        empty=dict(zip(("embeds", "mask"), raw["empty"], strict=True)),
+    )

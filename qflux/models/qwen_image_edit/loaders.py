@@ -1,0 +1,105 @@
+"""Loading Qwen-Image-Edit(-Plus) from a diffusers-layout folder: one table of its components.
+
+The same contract as FLUX.1 Kontext's (:mod:`qflux.weights.loading`): frozen, eval mode, on the requested
+device, one-sentence errors naming the folder. The processor is rebuilt without torchvision
+(:mod:`qflux.models.qwen_image_edit.processor`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from qflux.models.qwen_image_edit.processor import load_qwen_processor
+from qflux.weights.loading import ModelFiles, Table, load_parts
+
+PIPELINE = "Qwen-Image-Edit"
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
+ENCODERS = ("vae", "text_encoder")
+"""Components used only to encode images and prompts (not loaded when training from the cache)."""
+
+
+@functools.cache
+def table() -> Table:
+    """{component: how it loads}: the QwenImage transformer, its autoencoder (images [B, 3, 1, H, W]
+    ↔ latents [B, 16, 1, H/8, W/8], normalised with ``latents_mean`` / ``latents_std``), the
+    Qwen2.5-VL encoder (vision tower included: hidden states of the prompt with its control
+    image(s) [B, S, 3584]), the Qwen2 tokenizer, the Qwen2-VL processor and the scheduler."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    return {
+        "transformer": QwenImageTransformer2DModel,
+        "vae": AutoencoderKLQwenImage,
+        "text_encoder": Qwen2_5_VLForConditionalGeneration,
+        "tokenizer": AutoTokenizer,
+        "processor": load_qwen_processor,
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+    }
+
+
+@attrs.frozen(eq=False)
+class QwenImageEditModels:
+    """What one Qwen-Image-Edit job needs; ``None`` for a component it does not load."""
+
+    transformer: Any
+    """``QwenImageTransformer2DModel``; in training it carries an injected (zeroed) LoRA adapter."""
+    vae: Any
+    """``AutoencoderKLQwenImage``, or None when latents come from the cache."""
+    text_encoder: Any
+    """``Qwen2_5_VLForConditionalGeneration``, or None when embeddings come from the cache."""
+    tokenizer: Any
+    """``Qwen2Tokenizer`` for the text-only template."""
+    processor: Any
+    """``Qwen2VLProcessor``: the prompt template with its control image(s)."""
+    scheduler: Any
+    """``FlowMatchEulerDiscreteScheduler`` whose config predict and training read."""
+
+
+def load_qwen_image_edit(
+    model_path: str | Path,
+    weight_dtype: torch.dtype,
+    *,
+    include: Sequence[str] | None = None,
+    devices: Mapping[str, str | torch.device] | None = None,
+    quantize: Mapping[str, str] | None = None,
+) -> QwenImageEditModels:
+    """The components a job needs (:func:`qflux.weights.loading.load_parts`: the weights in ``include``,
+    default all, the rest ``None``; the small components always), on ``devices``, quantized as
+    ``quantize`` says."""
+    return QwenImageEditModels(
+        **load_parts(QWEN_IMAGE_EDIT, model_path, weight_dtype, include=include, devices=devices, quantize=quantize)
+    )
+
+
+QWEN_IMAGE_EDIT = ModelFiles(PIPELINE, table)
+"""The Qwen-Image-Edit folder layout (:func:`qflux.weights.loading.load_part` loads one component of it)."""
+
+
+def check_variant(path: Path, variant: str) -> None:
+    """Refuse a folder whose transformer is not the ``model.variant`` it is trained or run as:
+    Qwen-Image-Edit-2511's has ``zero_cond_t: true`` in transformer/config.json (its control tokens
+    are modulated at t = 0), 2509's and the first Edit's do not.
+
+    Raises:
+        QfluxError: naming the folder, what its config says and the variant to set.
+    """
+    from qflux.errors import QfluxError
+    from qflux.weights.loading import component_config
+
+    zero = bool(component_config(path, "transformer").get("zero_cond_t", False))
+    if zero and variant != "edit_2511":
+        raise QfluxError(
+            f"'{path}' is a Qwen-Image-Edit-2511 model (zero_cond_t: true in transformer/config.json); set "
+            "model.variant: edit_2511"
+        )
+    if variant == "edit_2511" and not zero:
+        raise QfluxError(
+            f"model.variant: edit_2511 expects a Qwen-Image-Edit-2511 transformer (zero_cond_t: true in "
+            f"transformer/config.json); '{path}' has none: set model.variant: edit_plus (2509) or edit"
+        )

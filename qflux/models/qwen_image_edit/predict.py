@@ -1,0 +1,199 @@
+"""Editing an image with Qwen-Image-Edit (optionally through a LoRA), step for step as
+``QwenImageEditPipeline`` with its defaults.
+
+The control image is resized to about 1024² pixels at its own aspect ratio (the pipeline's
+``calculate_dimensions``, multiples of 32): that one image is both the VAE condition and the
+vision-language input. True CFG (a negative prompt and ``true_cfg_scale`` > 1) rescales the
+combined prediction to the norm of the conditional one:
+
+    v = v̂_neg + s·(v̂_pos − v̂_neg);   v ← v · ‖v̂_pos‖ / ‖v‖      (norms over each token's channels)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qflux.data.pairs import to_image
+from qflux.diffusion.latents import PATCH, pack_latents, size_multiple, unpack_latents
+from qflux.diffusion.sampling import euler_scheduler, initial_noise
+from qflux.models.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode
+from qflux.models.qwen_image_edit.loaders import QwenImageEditModels
+from qflux.models.qwen_image_edit.loss import img_shapes, transformer_velocity
+from qflux.weights.quantize import compute_dtype
+
+CONDITION_AREA = 1024 * 1024
+"""Qwen-Image-Edit: the pixel area the control image is resized to (VAE and vision input alike)."""
+PLUS_VL_AREA = 384 * 384
+"""Qwen-Image-Edit-Plus: the area of each control image the vision-language encoder sees."""
+PLUS_VAE_AREA = 1024 * 1024
+"""Qwen-Image-Edit-Plus: the area of each control image the VAE encodes (and of the output)."""
+
+
+def condition_size(image: Image.Image, area: int = CONDITION_AREA, variant: str = "edit") -> tuple[int, int]:
+    """(width, height) the pipeline resizes ``image`` to: about ``area`` pixels at its aspect ratio,
+    multiples of 32.
+
+    Looked up in the pipeline module at call time, so whatever diffusers (or a test) defines there
+    is what both implementations use.
+    """
+    if variant == "edit":
+        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+
+        w, h, _ = edit.calculate_dimensions(area, image.width / image.height)
+    else:
+        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+
+        w, h = plus.calculate_dimensions(area, image.width / image.height)
+    return int(w), int(h)
+
+
+def vl_image(image: Image.Image, variant: str, processor: Any) -> Image.Image:
+    """The control image as the pipeline hands it to the vision-language encoder: resized to
+    ~1024² (Edit) or ~384² (Edit-Plus) at its aspect ratio (:func:`condition_size`).
+
+    Args:
+        processor: a diffusers ``VaeImageProcessor`` (its PIL resize; Lanczos by default).
+    """
+    area = CONDITION_AREA if variant == "edit" else PLUS_VL_AREA
+    cw, ch = condition_size(image, area, variant)
+    resized: Image.Image = processor.resize(image, ch, cw)
+    return resized
+
+
+def control_inputs(
+    images: Sequence[Image.Image], variant: str, processor: Any
+) -> tuple[list[Image.Image], list[torch.Tensor], list[tuple[int, int]], tuple[int, int]]:
+    """The pipeline's preparation of the control image(s).
+
+    Returns:
+        (vision-language images, VAE pixel tensors [1, 3, H_i, W_i] in [-1, 1], their (W_i, H_i),
+        the default output (width, height)).
+    """
+    if variant == "edit":
+        (image,) = images
+        resized = vl_image(image, variant, processor)
+        cw, ch = resized.size
+        return [resized], [processor.preprocess(resized, ch, cw)], [(cw, ch)], (cw, ch)
+    vl, pixels, sizes = [], [], []
+    for image in images:
+        vw, vh = condition_size(image, PLUS_VAE_AREA, variant)
+        vl.append(vl_image(image, variant, processor))
+        pixels.append(processor.preprocess(image, vh, vw))
+        sizes.append((vw, vh))
+    last = images[-1] if images else None
+    out = condition_size(last, PLUS_VAE_AREA, variant) if last is not None else (1024, 1024)
+    return vl, pixels, sizes, out
+
+
+@torch.inference_mode()
+def predict(
+    models: QwenImageEditModels,
+    image: Image.Image | Sequence[Image.Image],
+    prompt: str,
+    *,
+    variant: str = "edit",
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    negative_prompt: str | None = None,
+    true_cfg_scale: float = 4.0,
+    lora: Mapping[str, torch.Tensor] | None = None,
+) -> np.ndarray:
+    """Edit as ``prompt`` says; the pipeline's defaults (true CFG only with a negative prompt).
+
+    Args:
+        image: Edit: one control image. Edit-Plus (``variant='edit_plus'``): up to 3 (or none).
+
+    Returns:
+        [height, width, 3] float32 in [0, 1]; the size defaults to the (last) control image's
+        ~1024² size.
+    """
+    from diffusers.image_processor import VaeImageProcessor
+
+    images = [image] if isinstance(image, Image.Image) else list(image)
+    multiple = size_multiple(models.vae.config)
+    processor = VaeImageProcessor(vae_scale_factor=multiple)
+    vl_images, pixels, _, (ow, oh) = control_inputs(images, variant, processor)
+    height = (height or oh) // multiple * multiple
+    width = (width or ow) // multiple * multiple
+    encode = partial(encode_prompt, models.text_encoder, models.processor, images=[vl_images], variant=variant)
+    prompt_embeds = encode([prompt])
+    negative = encode([negative_prompt]) if negative_prompt is not None and true_cfg_scale > 1 else None
+    dtype = prompt_embeds[0].dtype
+    control = [vae_encode(models.vae, x) for x in pixels]
+    latents = denoise(
+        models.transformer,
+        models.scheduler.config,
+        control,
+        prompt_embeds,
+        negative,
+        latent_hw=(PATCH * (height // multiple), PATCH * (width // multiple)),
+        num_inference_steps=num_inference_steps,
+        true_cfg_scale=true_cfg_scale,
+        seed=seed,
+        lora=lora,
+        noise_dtype=dtype,
+    )
+    out: np.ndarray = to_image(vae_decode(models.vae, latents))
+    return out
+
+
+@torch.inference_mode()
+def denoise(
+    transformer: Any,
+    scheduler_config: Any,
+    controls: Sequence[torch.Tensor],
+    prompt: tuple[torch.Tensor, torch.Tensor],
+    negative: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    latent_hw: tuple[int, int],
+    num_inference_steps: int,
+    true_cfg_scale: float = 4.0,
+    seed: int = 0,
+    lora: Mapping[str, torch.Tensor] | None = None,
+    noise_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The pipeline's denoising loop from encoded inputs (shared by predict and validation).
+
+    Args:
+        controls: latents of each control image [1, C, hc_k, wc_k] (any device); may be empty.
+        prompt, negative: (embeddings [1, S, D], mask [1, S]) of the prompt and, for true CFG
+            (``true_cfg_scale`` > 1), the negative prompt.
+        latent_hw: (h, w) of the output latents (even).
+        noise_dtype: dtype of the initial noise (the pipeline draws it in the text encoder's dtype).
+
+    Returns:
+        Final latents [1, C, h, w] on the transformer's device.
+    """
+    params, device, tdtype = dict(lora or {}), transformer.device, compute_dtype(transformer)
+    embeds, mask = prompt
+    neg = negative if true_cfg_scale > 1 else None
+    packed = [pack_latents(c.to(device, noise_dtype)) for c in controls]
+    h, w = latent_hw
+    latents = pack_latents(initial_noise((1, transformer.config.in_channels // 4, h, w), seed, noise_dtype, device))
+    n = latents.shape[1]
+    shapes = img_shapes(1, (h, w), [(c.shape[-2], c.shape[-1]) for c in controls])
+    scheduler = euler_scheduler(scheduler_config, num_inference_steps, n, device)
+    mask_pos, mask_neg = _mask(mask), None if neg is None else _mask(neg[1])  # one host sync each, not per step
+    for t in scheduler.timesteps:
+        tokens = torch.cat([latents, *packed], dim=1)
+        sigma = t.expand(1).to(latents.dtype) / 1000
+        v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, mask_pos, shapes, dtype=tdtype)
+        if neg is not None:
+            v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg[0], mask_neg, shapes, dtype=tdtype)
+            combined = v_neg + true_cfg_scale * (v - v_neg)
+            v = combined * (v.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+    return unpack_latents(latents, h, w)
+
+
+def _mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """The pipeline passes no mask when every token is real."""
+    return None if bool(mask.all()) else mask

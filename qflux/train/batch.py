@@ -1,0 +1,230 @@
+"""From encoded conditioning to a training micro-batch: keyed draws, dropout and σ, shared by the
+FLUX.1 Kontext and Qwen-Image-Edit paths.
+
+A model's conditioning is its target latents, its control latents (one tensor per control image)
+and its prompt tensors (a dict: FLUX's CLIP pooled + T5 tokens, Qwen's embeddings + mask). Per
+sample i of a micro-batch, from a generator keyed by (seed, step, micro-batch, global index i):
+
+    drop caption → the prompt tensors of the empty instruction
+    drop image   → every control latent × 0
+    ε ~ N(0, I),  u ~ density(weighting_scheme),  σ = sigmas_from_u(u)  (optionally time-shifted)
+
+This all runs outside the gradient, before ``train_step``, and is the same whether the
+conditioning came from the encoders or from the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import attrs
+import torch
+
+from qflux.config.schema import DataConfig, TrainConfig
+from qflux.data.masks import pixel_weights
+from qflux.data.pairs import PairSample
+from qflux.diffusion.flow import WeightingScheme, resolution_mu, sigmas_from_u, time_shift
+from qflux.diffusion.rng import draw_sample_randomness
+
+B = TypeVar("B")
+
+
+@attrs.frozen(eq=False)
+class Conditioning:
+    """A micro-batch's encoded inputs before dropout."""
+
+    latents: torch.Tensor
+    """Target latents [B, C, h, w]."""
+    controls: tuple[torch.Tensor, ...]
+    """Control latents, one [B, C, hc_k, wc_k] per control image k (empty: no control image)."""
+    text: Mapping[str, torch.Tensor]
+    """The model's prompt tensors, batch first (e.g. pooled [B, P] and tokens [B, S, D])."""
+    empty: Mapping[str, torch.Tensor] | None = None
+    """Each sample's empty-instruction prompt tensors [B, ...], for a model whose prompt embedding
+    sees the sample's images (Qwen); None: the model's one empty prompt is used."""
+    mask: torch.Tensor | None = None
+    """Where the edit happens, on the latent grid [B, 1, h, w] in [0, 1] (``train.loss_mask``);
+    None: the loss weighs every latent pixel alike."""
+
+
+def with_mask(to_conditioning: Callable[[dict[str, Any]], Conditioning]) -> Callable[[dict[str, Any]], Conditioning]:
+    """``to_conditioning`` that also carries a collated batch's change masks (``raw["mask"]``)."""
+
+    def convert(raw: dict[str, Any]) -> Conditioning:
+        cond = to_conditioning(raw)
+        return cond if raw.get("mask") is None else attrs.evolve(cond, mask=raw["mask"])
+
+    return convert
+
+
+@attrs.frozen
+class Draws:
+    """How a micro-batch's randomness is drawn: dropout rates, the timestep density and its shift."""
+
+    caption_dropout_rate: float = 0.0
+    image_dropout_rate: float = 0.0
+    weighting_scheme: WeightingScheme = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    resolution_shift: bool = False
+    unmasked_weight: float = 1.0
+    """The loss weight outside a conditioning's change mask (:func:`qflux.data.masks.pixel_weights`)."""
+
+    @classmethod
+    def from_config(cls, data: DataConfig, train: TrainConfig) -> Draws:
+        """The draws the ``data`` and ``train`` sections configure."""
+        return cls(
+            data.caption_dropout_rate,
+            data.prompt_image_dropout_rate,
+            train.weighting_scheme,
+            train.logit_mean,
+            train.logit_std,
+            train.mode_scale,
+            train.resolution_shift,
+            train.unmasked_weight,
+        )
+
+    def without_dropout(self) -> Draws:
+        """The same draws with caption and control dropout off (evaluation)."""
+        return attrs.evolve(self, caption_dropout_rate=0.0, image_dropout_rate=0.0)
+
+
+@attrs.frozen(eq=False)
+class DataPath:
+    """Where a run's conditioning comes from: the encoders, or the cache."""
+
+    make_dataset: Callable[[list[PairSample]], Any]
+    """A map-style dataset over samples (training, or validation through the same path)."""
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    to_conditioning: Callable[[dict[str, Any]], Conditioning]
+    """A collated batch's :class:`Conditioning` (encoded here, or read from the cache)."""
+    empty: Mapping[str, torch.Tensor] | None
+    """The empty prompt's tensors [1, ...], or None when each sample's conditioning carries its own."""
+
+
+@attrs.frozen(eq=False)
+class Prepared:
+    """A micro-batch after dropout and the random draws, on the training device."""
+
+    latents: torch.Tensor
+    """x0 [B, C, h, w] float32."""
+    controls: tuple[torch.Tensor, ...]
+    """Control latents [B, C, hc_k, wc_k] float32; zeros for samples whose image was dropped."""
+    text: dict[str, torch.Tensor]
+    """Prompt tensors with dropped captions replaced by the empty instruction's."""
+    noise: torch.Tensor
+    """ε [B, C, h, w] float32."""
+    sigmas: torch.Tensor
+    """σ [B] float32 in (0, 1]."""
+    pixel: torch.Tensor | None = None
+    """Per-latent-pixel loss weights [B, 1, h, w] (from the change mask), or None (all 1)."""
+
+
+def sigmas_for(resolution_shift: bool, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """σ from density draws u; with ``resolution_shift`` shifted by the latent's token count.
+
+    Args:
+        hw: latent (h, w); the image has (h/2)·(w/2) tokens (2×2 packing).
+    """
+    sc = scheduler_config
+    sigmas = sigmas_from_u(u, sc.num_train_timesteps)
+    if resolution_shift:
+        mu = resolution_mu(
+            (hw[0] // 2) * (hw[1] // 2), sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift
+        )
+        sigmas = time_shift(sigmas, mu)
+    return sigmas
+
+
+def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 1 of ``x`` [B, S, ...] to ``length`` (no copy when it already has it)."""
+    if x.shape[1] == length:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])], dim=1)
+
+
+def where_dropped(
+    drop: torch.Tensor, text: Mapping[str, torch.Tensor], empty: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per sample, ``empty``'s prompt tensors where ``drop`` [B] is set, else ``text``'s.
+
+    ``empty`` holds one row (shared by all samples) or one per sample. Token tensors of different
+    lengths (a per-sample embedding and its mask) are zero-padded to the longer one first.
+    """
+    out = {}
+    for key, t in text.items():
+        e = empty[key].to(t)
+        if t.ndim >= 2 and e.shape[1] != t.shape[1]:
+            length = max(t.shape[1], e.shape[1])
+            t, e = pad_tokens(t, length), pad_tokens(e, length)
+        out[key] = torch.where(drop.to(t.device).view(-1, *([1] * (t.ndim - 1))), e, t)
+    return out
+
+
+@torch.no_grad()
+def prepare(
+    draws: Draws,
+    scheduler_config: Any,
+    cond: Conditioning,
+    empty: Mapping[str, torch.Tensor] | None,
+    keys: tuple[int, ...],
+    device: torch.device | str = "cpu",
+    first_index: int = 0,
+) -> Prepared:
+    """Apply caption and control dropout, draw noise and σ, and move everything to ``device``.
+
+    Args:
+        empty: the empty instruction's prompt tensors [1, ...], used unless ``cond.empty`` holds
+            per-sample ones.
+        keys: randomness keys (seed, step, micro-batch); sample i draws from keys + (first_index + i,).
+        first_index: this batch's offset in the global batch (data-parallel ranks).
+    """
+    b, c, h, w = cond.latents.shape
+    drawn = draw_sample_randomness(
+        keys,
+        b,
+        (c, h, w),
+        caption_dropout_rate=draws.caption_dropout_rate,
+        image_dropout_rate=draws.image_dropout_rate,
+        weighting_scheme=draws.weighting_scheme,
+        logit_mean=draws.logit_mean,
+        logit_std=draws.logit_std,
+        mode_scale=draws.mode_scale,
+        first_index=first_index,
+    )
+    blank = cond.empty if cond.empty is not None else empty
+    if blank is None:
+        raise ValueError("no empty-prompt tensors: pass empty, or conditioning that carries its own")
+    text = where_dropped(drawn.drop_caption, cond.text, blank)
+    keep = (~drawn.drop_image).float().view(b, 1, 1, 1)
+    return Prepared(
+        latents=cond.latents.float().to(device),
+        controls=tuple(x.to(device, torch.float32) * keep.to(device) for x in cond.controls),
+        text={k: t.to(device) for k, t in text.items()},
+        noise=drawn.noise.to(device),
+        sigmas=sigmas_for(draws.resolution_shift, scheduler_config, drawn.u, (h, w)).to(device),
+        pixel=None if cond.mask is None else pixel_weights(cond.mask, draws.unmasked_weight).to(device),
+    )
+
+
+def eval_batches(
+    assemble: Callable[[Conditioning, tuple[int, ...]], B],
+    conds: Sequence[Conditioning],
+    *,
+    sigmas: Sequence[float] = (0.25, 0.5, 0.75),
+    seed: int = 0,
+) -> list[B]:
+    """Deterministic evaluation batches: each one-sample conditioning at each fixed σ, with noise
+    keyed by (seed, sample index): the same batches on every call.
+
+    Args:
+        assemble: ``(cond, keys) → batch`` of the model, without dropout (:meth:`Draws.without_dropout`); the
+            batch record has a ``sigmas`` field.
+    """
+    out = []
+    for i, cond in enumerate(conds):
+        batch = assemble(cond, (seed, -1, i))
+        out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]  # type: ignore[attr-defined,misc]
+    return out

@@ -1,0 +1,161 @@
+"""Loading one frozen component at a time from a diffusers-layout folder (shared by every model).
+
+A loader takes a local folder or hub id, a dtype and a device, and returns the component in eval
+mode with ``requires_grad`` off; failures are one sentence naming the folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from qflux.errors import QfluxError
+from qflux.weights.folders import resolve_model_dir
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``'bfloat16'`` → ``torch.bfloat16`` (the config's dtype names)."""
+    return _DTYPES[name]
+
+
+def component_folder(model_path: str | Path, subfolder: str, *, pipeline: str) -> Path:
+    """The model folder, checked to hold ``subfolder`` (``pipeline`` names the model in errors)."""
+    return resolve_model_dir(str(model_path), [subfolder], pipeline=pipeline)
+
+
+def component_config(model_dir: str | Path, subfolder: str) -> dict[str, Any]:
+    """A component's ``config.json`` (read without loading the component: sizes, factors)."""
+    import json
+
+    path = Path(model_dir) / subfolder / "config.json"
+    try:
+        config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QfluxError(f"could not read '{path}': {e}") from None
+    return config
+
+
+def frozen(module: Any, device: str | torch.device) -> Any:
+    """``module`` without gradients, in eval mode, on ``device`` (4-bit layers sharing their
+    constant code tables: :func:`qflux.weights.quantize.share_code_tables`)."""
+    from qflux.weights.quantize import share_code_tables
+
+    module.requires_grad_(False)
+    module.eval()
+    module = module.to(device)
+    share_code_tables(module)
+    return module
+
+
+def load_component(
+    cls: Any,
+    model_path: str | Path,
+    subfolder: str,
+    weight_dtype: torch.dtype,
+    device: str | torch.device,
+    *,
+    pipeline: str,
+    quantize: str = "none",
+) -> Any:
+    """``cls.from_pretrained(folder, subfolder=..., dtype=...)``, frozen on ``device``.
+
+    Args:
+        quantize: store the frozen linears as none / fp8 / nf4 / fp4 (:mod:`qflux.weights.quantize`); done
+            on the CPU before the move, so the device never holds the full-precision weights. A
+            pre-quantized checkpoint (bitsandbytes 4-bit, or fp8 with scales) loads as it is stored.
+    """
+    from qflux.weights.quantize import load_prequantized, prequantized_kind, quantize_frozen
+
+    path = component_folder(model_path, subfolder, pipeline=pipeline)
+    folder = path / subfolder
+    try:
+        kind = prequantized_kind(folder)
+        if kind is not None and not hasattr(cls, "load_config"):
+            raise QfluxError(
+                f"'{folder}' holds a pre-quantized ({kind}) {subfolder}; qflux reads those for diffusers models "
+                "only. Point the model folder at a bf16 checkpoint and set model.quantize_text_encoders: true"
+            )
+        if kind is not None:
+            module = load_prequantized(cls, folder, weight_dtype, kind)
+        else:
+            module = cls.from_pretrained(path, subfolder=subfolder, dtype=weight_dtype)
+            module.requires_grad_(False)
+            quantize_frozen(module, quantize, compute_dtype=weight_dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise QfluxError(f"could not load {subfolder} from '{folder}': {e}") from None
+    return frozen(module, device)
+
+
+Table = Mapping[str, Any]
+"""A model's loaders: {component (its subfolder): a class with ``from_pretrained``, or a function
+``folder → component``}. Classes that are ``torch.nn.Module`` load as frozen weights."""
+
+
+@attrs.frozen(eq=False)
+class ModelFiles:
+    """A model's diffusers folder: its name in messages and how each component loads."""
+
+    pipeline: str
+    """The model's name in messages (``"FLUX.1 Kontext"``)."""
+    table: Callable[[], Table]
+    """{component: how it loads} (a function, so the classes import only when used)."""
+
+
+def _is_weights(how: Any) -> bool:
+    """Whether a table entry is a module with weights (the others are tokenizers, processors, schedulers)."""
+    return isinstance(how, type) and issubclass(how, torch.nn.Module)
+
+
+def load_part(
+    files: ModelFiles,
+    model_path: str | Path,
+    name: str,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    *,
+    quantize: str = "none",
+) -> Any:
+    """Component ``name`` of a model folder: weights frozen in ``weight_dtype`` on ``device``
+    (:func:`load_component`), or a tokenizer, processor or scheduler.
+
+    Raises:
+        QfluxError: the folder lacks the component or it does not load (one sentence naming it).
+    """
+    how: Any = files.table()[name]
+    if _is_weights(how):
+        return load_component(how, model_path, name, weight_dtype, device, pipeline=files.pipeline, quantize=quantize)
+    folder = component_folder(model_path, name, pipeline=files.pipeline) / name
+    try:
+        load = getattr(how, "from_pretrained", how)  # a class's constructor from a folder, or a function
+        return load(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise QfluxError(f"could not load {name} from '{folder}': {e}") from None
+
+
+def load_parts(
+    files: ModelFiles,
+    model_path: str | Path,
+    weight_dtype: torch.dtype,
+    *,
+    include: Sequence[str] | None = None,
+    devices: Mapping[str, str | torch.device] | None = None,
+    quantize: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """{component: loaded} for every component of the model: the weights named in ``include``
+    (default all; the others None) placed on ``devices[name]`` (default cpu) and quantized as
+    ``quantize[name]`` (default none), and every tokenizer, processor and scheduler (they are small)."""
+    table = files.table()
+    weights = [n for n, how in table.items() if _is_weights(how)] if include is None else list(include)
+    light = [name for name, how in table.items() if not _is_weights(how)]
+    path = resolve_model_dir(str(model_path), [*weights, *light], pipeline=files.pipeline)
+    place, plan = devices or {}, quantize or {}
+    out = {name: None for name in table}
+    for name in [*weights, *light]:
+        out[name] = load_part(files, path, name, weight_dtype, place.get(name, "cpu"), quantize=plan.get(name, "none"))
+    return out
