@@ -2,7 +2,7 @@
 
     python benchmarks/adapters.py [--size=small] [--side=512] [--steps=6] [--dtype=float32]
 
-Builds the FLUX.1 Kontext preset ``--size`` (:func:`qflux.tiny.build_flux_kontext`; "small": width
+Builds the FLUX.1 Kontext preset ``--size`` (:func:`qflux.models.flux_kontext.tiny.build_flux_kontext`; "small": width
 256, 2 double and 4 single blocks), and for each (``model.lora.kind``, ``optimizer.name``) of
 lora/adamw, dora/adamw, lokr/adamw, loha/adamw and lora/prodigy runs the recipes' training step
 (:func:`qflux.memory.planner.real_step`: the adapter injected by peft, the pure step, the autograd engine) at
@@ -38,7 +38,7 @@ def main(size: str = "small", side: int = 512, steps: int = 6, dtype: str = "flo
     from qflux.memory.measure import profiled_peak, storage_bytes
     from qflux.memory.planner import Inputs, Setting, real_step
     from qflux.models.flux_kontext.plan import plan_model
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
     from qflux.weights.loading import component_config
 
     torch_dtype = getattr(torch, dtype)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def _config(work: Path, mode: str, steps: int):
     from qflux.config.parse import load_config
-    from qflux.config.schema import FluxKontextConfig
+    from qflux.models.flux_kontext.config import FluxKontextConfig
 
     return load_config(
         FluxKontextConfig,
@@ -57,7 +57,7 @@ def child(work: str, mode: str, steps: int, warmup: int) -> None:
 def main(steps: int = 12, warmup: int = 3) -> None:
     """Prepare the model, data and cache, then time both modes in subprocesses."""
     from qflux.data.synthetic import make_synthetic_pairs
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
     from recipes.flux_kontext_lora import cache as fill
 
     with tempfile.TemporaryDirectory(prefix="qflux-bench-cache-") as tmp:

@@ -8,7 +8,7 @@ training waits on it.
 2. For each worker count, times one epoch of the training stream (:func:`qflux.data.order.batch_stream`,
    batch 4, buckets at 1024² area): decode both images, crop and resize (Lanczos), map to [−1, 1],
    collate. Pairs per second include the workers' start.
-3. Trains the "small" preset (:func:`qflux.tiny.build_flux_kontext`, uncached, so every step reads
+3. Trains the "small" preset (:func:`qflux.models.flux_kontext.tiny.build_flux_kontext`, uncached, so every step reads
    its images) at 256² buckets with ``data.num_workers: 2``, and measures the time each step spends
    waiting for its batch, after ``warmup`` steps.
 
@@ -81,7 +81,7 @@ def training_wait(model: Path, data: Path, out: Path, steps: int, warmup: int) -
     training uncached at 256² buckets with two data workers, after ``warmup`` steps."""
     import qflux.train.driver as train_loop
     from qflux.config.parse import load_config
-    from qflux.config.schema import FluxKontextConfig
+    from qflux.models.flux_kontext.config import FluxKontextConfig
     from recipes.flux_kontext_lora import train
 
     waits: list[float] = []
@@ -113,7 +113,7 @@ def training_wait(model: Path, data: Path, out: Path, steps: int, warmup: int) -
 
 def main(pairs: int = 200, workers: str | tuple[int, ...] = "0,2,4", steps: int = 24, warmup: int = 4) -> None:
     """Write the photos, time the stream per worker count, then the small preset's training wait."""
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
 
     counts = [int(w) for w in (workers.split(",") if isinstance(workers, str) else workers)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -97,7 +97,7 @@ def vae_roundtrip(model: Path, held: Path) -> float:
 def main(
     pairs: int = 24, held: int = 6, steps: int = 300, size: str = "tiny", side: int = 128, model: str = ""
 ) -> None:
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
 
     start = time.perf_counter()
     results: dict[str, list[dict[str, float]]] = {}

@@ -5,8 +5,8 @@ nothing loaded) against the same step run for real.
     python benchmarks/memory.py --size=full --model=flux|qwen [--settings=bf16-ckpt,fp8-ckpt] [--compile=regional]
 
 ``--size=small`` (CPU or GPU):
-1. Builds the "small" FLUX.1 Kontext preset (:func:`qflux.tiny.build_flux_kontext`; width 256, 2 double
-   and 4 single blocks) and plans a step at 512² with a 512² control image, 128 text tokens, batch 1,
+1. Builds the "small" FLUX.1 Kontext preset (:func:`qflux.models.flux_kontext.tiny.build_flux_kontext`; width 256,
+   2 double and 4 single blocks) and plans a step at 512² with a 512² control image, 128 text tokens, batch 1,
    LoRA rank 16 (:func:`qflux.memory.planner.estimate`; the allowance for the CUDA context left out).
 2. Runs that step on the real model (:func:`qflux.memory.planner.real_step`) and measures its peak
    independently: on the CPU by torch's profiler memory timeline (every allocation and free, plus
@@ -75,7 +75,7 @@ def main(
     from qflux.memory.measure import LiveBytes, profiled_peak, storage_bytes
     from qflux.memory.planner import Inputs, Setting, estimate, real_step
     from qflux.memory.shapes import shipped_configs
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
     from qflux.weights.loading import component_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -119,7 +119,7 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
 
 def _losses(path: Path, steps: int, tmp: Path) -> dict[str, list[float]]:
     from qflux.config.parse import load_config
-    from qflux.config.schema import FluxKontextConfig
+    from qflux.models.flux_kontext.config import FluxKontextConfig
     from recipes.flux_kontext_lora import train as run
 
     out = {}
@@ -145,7 +145,7 @@ WIDE = {"transformer": {"attention_head_dim": 32, "axes_dims_rope": (8, 12, 12)}
 
 def run_tiny(steps: int) -> None:
     """Bytes, forward error and first losses of each variant on the tiny model (CPU)."""
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
 
     with tempfile.TemporaryDirectory(prefix="qflux-bench-precision-") as name:
         tmp = Path(name)

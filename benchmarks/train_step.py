@@ -130,7 +130,7 @@ def _transformer(config: str, dtype: torch.dtype, device: torch.device, tmp: Pat
     from diffusers import FluxTransformer2DModel
 
     from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
     from qflux.weights.loading import load_part
 
     if config == "small":

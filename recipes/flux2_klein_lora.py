@@ -23,7 +23,6 @@ import torch
 
 from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
-from qflux.config.schema import Flux2KleinConfig
 from qflux.data.pairs import PairRule, collate_pairs, image_arg, save_image
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
@@ -32,6 +31,7 @@ from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
 from qflux.models.flux2_klein import cache as kcache
 from qflux.models.flux2_klein.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
 from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode
+from qflux.models.flux2_klein.config import Flux2KleinConfig
 from qflux.models.flux2_klein.loaders import COMPONENTS, ENCODERS, PIPELINE, Flux2KleinModels, load_flux2_klein
 from qflux.models.flux2_klein.loss import make_loss_fn
 from qflux.models.flux2_klein.plan import plan_model

@@ -21,7 +21,6 @@ import torch
 
 from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig
 from qflux.data.pairs import PairRule, collate_pairs, load_rgb, save_image
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
@@ -30,6 +29,7 @@ from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
 from qflux.models.flux_kontext import cache as kcache
 from qflux.models.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE, FluxKontextModels, load_flux_kontext
 from qflux.models.flux_kontext.loss import make_loss_fn
 from qflux.models.flux_kontext.plan import plan_model

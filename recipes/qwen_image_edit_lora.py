@@ -25,7 +25,6 @@ from PIL import Image
 
 from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
-from qflux.config.schema import QwenImageEditConfig
 from qflux.data.pairs import PairRule, image_arg, save_image
 from qflux.lora.adapter import load_lora_file
 from qflux.lora.formats import Naming
@@ -39,6 +38,7 @@ from qflux.models.qwen_image_edit.batch import (
     to_batch,
 )
 from qflux.models.qwen_image_edit.conditioning import vae_decode
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 from qflux.models.qwen_image_edit.loaders import (
     COMPONENTS,
     ENCODERS,

@@ -26,7 +26,7 @@ settings.load_profile("qflux")
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random FLUX.1 Kontext folder in the diffusers layout."""
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
 
     return build_flux_kontext(tmp_path_factory.mktemp("tiny-flux-kontext"), seed=0)
 

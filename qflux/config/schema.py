@@ -2,8 +2,8 @@
 
 :class:`RecipeConfig` holds the sections every model reads (data, optimizer, schedule, the
 training loop, logging, cache, devices, validation); a model's own keys live in its ``model``
-section (FLUX's sequence length and guidance, Qwen's variant) and its ``devices`` section names its
-components. Defaults live here and nowhere else. They describe the built-in demo run (a tiny model
+section (qflux/models/<family>/config.py) and its ``devices`` section names its components. Defaults
+live here and nowhere else. They describe the built-in demo run (a tiny model
 and the synthetic dataset), so ``python -m recipes.flux_kontext_lora`` and ``python -m
 recipes.qwen_image_edit_lora`` work with no arguments; the YAML files in ``recipes/configs/`` set
 the values for the real models. Every key is read by the code.
@@ -17,10 +17,7 @@ from typing import Any, ClassVar, Literal
 import attrs
 from attrs import validators as v
 
-# Names that stand for things qflux builds itself, offline.
-BUILTIN_TINY_FLUX_KONTEXT = "builtin:tiny-flux-kontext"
-BUILTIN_TINY_QWEN_IMAGE_EDIT = "builtin:tiny-qwen-image-edit"
-BUILTIN_TINY_FLUX2_KLEIN = "builtin:tiny-flux2-klein"
+# A name that stands for a dataset qflux builds itself, offline (each model family names its own tiny model).
 BUILTIN_SYNTHETIC_DATASET = "builtin:synthetic"
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -42,7 +39,7 @@ def _unit_interval(inst: Any, att: Any, value: Any) -> None:
         raise ValueError(f"{att.name} must be in [0, 1), got {value!r}")
 
 
-def _non_negative(inst: Any, att: Any, value: Any) -> None:
+def non_negative(inst: Any, att: Any, value: Any) -> None:
     if value < 0:
         raise ValueError(f"{att.name} must be >= 0, got {value!r}")
 
@@ -60,7 +57,7 @@ def _device(inst: Any, att: Any, value: Any) -> None:
         raise ValueError(f"{att.name} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {value!r}")
 
 
-def _device_field(doc_default: str = "auto") -> Any:
+def device_field(doc_default: str = "auto") -> Any:
     return attrs.field(default=doc_default, validator=_device)
 
 
@@ -123,64 +120,6 @@ class ModelSection:
 
 
 @attrs.frozen
-class FluxKontextModel(ModelSection):
-    """The FLUX.1 Kontext model section."""
-
-    recipe: ClassVar[str] = "flux_kontext_lora"
-    pretrained_model_name_or_path: str = BUILTIN_TINY_FLUX_KONTEXT
-    """Local diffusers folder or hub id; 'builtin:tiny-flux-kontext' builds a tiny random model."""
-    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
-    """T5 token length of the prompt embedding (FLUX.1 uses 512)."""
-    guidance_scale: float = attrs.field(default=2.5, validator=_non_negative)
-    """Guidance value fed to the guidance-distilled transformer: in training, in validation and the
-    sample, and predict's default (Kontext's own)."""
-
-
-@attrs.frozen
-class QwenImageEditModel(ModelSection):
-    """The Qwen-Image-Edit(-Plus) model section."""
-
-    recipe: ClassVar[str] = "qwen_image_edit_lora"
-    pretrained_model_name_or_path: str = BUILTIN_TINY_QWEN_IMAGE_EDIT
-    """Local diffusers folder or hub id; 'builtin:tiny-qwen-image-edit' builds a tiny random model
-    (of the configured variant)."""
-    variant: Literal["edit", "edit_plus", "edit_2511"] = attrs.field(
-        default="edit", validator=v.in_(("edit", "edit_plus", "edit_2511"))
-    )
-    """'edit': Qwen-Image-Edit, one control image per sample. 'edit_plus': Qwen-Image-Edit-2509,
-    0 to 3 control images per sample (control_images/NAME, NAME_control_1, NAME_control_2), each
-    seen by the vision-language encoder at ~384² and by the VAE. 'edit_2511': Qwen-Image-Edit-2511,
-    Edit-Plus's inputs with the transformer's zero_cond_t (control tokens modulated at t = 0; its
-    transformer/config.json says so)."""
-
-
-KLEIN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj")
-"""FLUX.2's attention inputs and outputs: the double blocks' q, k, v and output, the single blocks'
-fused q/k/v/MLP projection (their ``attn.to_out`` shares its name with the double blocks' list)."""
-
-
-def _klein_lora() -> LoraConfig:
-    return LoraConfig(target_modules=KLEIN_TARGETS)  # type: ignore[arg-type]  # (attrs' converter takes any iterable)
-
-
-@attrs.frozen
-class Flux2KleinModel(ModelSection):
-    """The FLUX.2 [klein] model section."""
-
-    recipe: ClassVar[str] = "flux2_klein_lora"
-    pretrained_model_name_or_path: str = BUILTIN_TINY_FLUX2_KLEIN
-    """Local diffusers folder or hub id; 'builtin:tiny-flux2-klein' builds a tiny random model."""
-    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
-    """Qwen3 token length of the prompt embedding (the pipeline's 512)."""
-    guidance_scale: float = attrs.field(default=4.0, validator=_non_negative)
-    """Classifier-free guidance against the empty prompt for predict's default (the pipeline's 4.0;
-    off at 1 or below, and on a step-distilled model)."""
-    lora: LoraConfig = attrs.field(factory=lambda: _klein_lora())
-    """The adapter; by default on the double blocks' attention and the single blocks' fused
-    q/k/v/MLP input projection."""
-
-
-@attrs.frozen
 class DataConfig:
     """The paired dataset and batching."""
 
@@ -205,7 +144,7 @@ class DataConfig:
     step then trains on a full batch)."""
     shuffle: bool = True
     """Shuffle batches each epoch (the order depends only on seed and epoch)."""
-    num_workers: int = attrs.field(default=0, validator=_non_negative)
+    num_workers: int = attrs.field(default=0, validator=non_negative)
     """DataLoader worker processes that decode and resize images."""
     skip_invalid: bool = False
     """Skip samples with problems (missing, unreadable or tiny images, bad instructions) with a
@@ -224,7 +163,7 @@ class OptimizerConfig:
     tiny default (real FLUX.1 Kontext LoRAs train at about 1e-4), and 1.0 with prodigy."""
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple)
     """(β1, β2): decay of the gradient's running mean and of its running square."""
-    weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
+    weight_decay: float = attrs.field(default=0.01, validator=non_negative)
     """Decoupled weight decay λ: p ← p·(1 − lr·λ) each step (Prodigy: p ← p·(1 − d·lr·λ))."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
     """ε added to √v in the denominator (Prodigy: d·ε)."""
@@ -272,7 +211,7 @@ class LrSchedulerConfig:
         default="constant", validator=v.in_(("constant", "linear", "cosine"))
     )
     """Decay after warmup: none, linear to 0, or cosine to 0 (diffusers' get_scheduler)."""
-    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=non_negative)
     """Linear warmup from 0 over this many optimizer steps."""
     num_cycles: float = attrs.field(default=0.5, validator=_positive)
     """Cosine only: number of half-periods over the decay (0.5 decays once to 0)."""
@@ -290,7 +229,7 @@ class TrainConfig:
     """Clip the global L2 norm of the LoRA gradient to this value; null disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in backward to save memory (uses the autograd engine)."""
-    blocks_to_swap: int = attrs.field(default=0, validator=[v.instance_of(int), _non_negative])
+    blocks_to_swap: int = attrs.field(default=0, validator=[v.instance_of(int), non_negative])
     """Keep the frozen weights of this many transformer blocks (the last ones) in pinned host memory;
     each layer's weight visits the device only while it is used, the next block prefetched on a side
     stream (musubi-tuner's block swap). Same LoRA as without; slower by the copies. Not with 4-bit
@@ -340,12 +279,12 @@ class TrainConfig:
     """Keep an exponential moving average of the LoRA, e ← d·e + (1 − d)·θ after every step, saved
     beside the raw weights as pytorch_lora_weights_ema.safetensors (and its ComfyUI twin) and in
     checkpoints (resume is exact). null: none. 0.99-0.999 are usual; 0 gives the raw weights."""
-    unmasked_weight: float = attrs.field(default=0.25, validator=_non_negative)
+    unmasked_weight: float = attrs.field(default=0.25, validator=non_negative)
     """The loss weight outside the mask (1 inside): loss = Σ p·(v̂ − v)² / Σ p, p = w + (1 − w)·mask.
     1 makes ``loss_mask`` change nothing."""
     save_dtype: Dtype = attrs.field(default="float32", validator=v.in_(DTYPES))
     """dtype of the saved LoRA tensors."""
-    checkpointing_steps: int = attrs.field(default=50, validator=_non_negative)
+    checkpointing_steps: int = attrs.field(default=50, validator=non_negative)
     """Write ``checkpoint-<step>/`` every this many optimizer steps (0: only at the end). A run that
     ends always writes ``checkpoint-<last step>``, so a larger max_train_steps resumes from it."""
     checkpoints_total_limit: int | None = attrs.field(default=3, validator=_positive_or_none)
@@ -381,21 +320,13 @@ class Devices:
     """Where each component runs, for every command: training, caching, validation and predict
     ('auto': cuda if available, else cpu; 'cpu', 'cuda', 'cuda:N', 'mps')."""
 
-    transformer: str = _device_field()
+    transformer: str = device_field()
     """The transformer: the training step, previews, predict's denoising."""
-    vae: str = _device_field()
+    vae: str = device_field()
     """The VAE: encoding images (training without the cache, caching, predict) and decoding
     (predict, validation and the sample; from the cache it loads only for those and is freed)."""
-    text_encoder: str = _device_field()
+    text_encoder: str = device_field()
     """The text encoder (CLIP; Qwen2.5-VL with the control images)."""
-
-
-@attrs.frozen
-class FluxDevices(Devices):
-    """Where each FLUX.1 Kontext component runs."""
-
-    text_encoder_2: str = _device_field()
-    """T5."""
 
 
 @attrs.frozen
@@ -476,29 +407,3 @@ class RecipeConfig:
     def resolved(self) -> RecipeConfig:
         """The config with its derived defaults written in (``logging.output_dir``), as it is saved."""
         return attrs.evolve(self, logging=attrs.evolve(self.logging, output_dir=self.output_dir))
-
-
-@attrs.frozen
-class FluxKontextConfig(RecipeConfig):
-    """The FLUX.1 Kontext LoRA recipe's configuration."""
-
-    model: FluxKontextModel = attrs.field(factory=FluxKontextModel)
-    """FLUX.1 Kontext, and how its frozen weights are held."""
-    devices: FluxDevices = attrs.field(factory=FluxDevices)
-    """Where each FLUX.1 Kontext component runs."""
-
-
-@attrs.frozen
-class Flux2KleinConfig(RecipeConfig):
-    """The FLUX.2 [klein] LoRA recipe's configuration."""
-
-    model: Flux2KleinModel = attrs.field(factory=Flux2KleinModel)
-    """FLUX.2 [klein], and how its frozen weights are held."""
-
-
-@attrs.frozen
-class QwenImageEditConfig(RecipeConfig):
-    """The Qwen-Image-Edit(-Plus) LoRA recipe's configuration."""
-
-    model: QwenImageEditModel = attrs.field(factory=QwenImageEditModel)
-    """Qwen-Image-Edit, and how its frozen weights are held."""

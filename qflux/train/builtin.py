@@ -12,12 +12,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from qflux.config.schema import (
-    BUILTIN_SYNTHETIC_DATASET,
-    BUILTIN_TINY_FLUX2_KLEIN,
-    BUILTIN_TINY_FLUX_KONTEXT,
-    BUILTIN_TINY_QWEN_IMAGE_EDIT,
-)
+import attrs
+
+from qflux.config.schema import BUILTIN_SYNTHETIC_DATASET
+from qflux.errors import QfluxError
 
 SYNTHETIC_TRAIN = 24
 SYNTHETIC_HELDOUT = 8
@@ -45,24 +43,37 @@ def _build_once(name: str, build: Callable[[Path], object]) -> Path:
     return final
 
 
+@attrs.frozen
+class BuiltinModel:
+    """A model qflux builds itself, offline, under a ``builtin:`` name."""
+
+    folder: Callable[[str | None], str]
+    """Its folder's name under ``$QFLUX_HOME`` for a variant (None: the family's default)."""
+    build: Callable[[Path, str | None], object]
+    """``build(folder, variant)`` writes it."""
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {}
+"""``builtin:<name>`` → its model; each model family adds its own when imported (``qflux/models/<family>/``)."""
+
+
+def register_builtin_model(name: str, model: BuiltinModel) -> None:
+    """Make ``name`` (``builtin:...``) resolve to ``model``."""
+    BUILTIN_MODELS[name] = model
+
+
 def resolve_model_path(name_or_path: str, variant: str | None = None) -> str:
-    """Map ``builtin:tiny-flux-kontext``, ``builtin:tiny-flux2-klein`` and ``builtin:tiny-qwen-image-edit``
-    (of ``variant``: edit, edit_plus or edit_2511) to their built folders; other values pass through."""
-    if name_or_path == BUILTIN_TINY_FLUX_KONTEXT:
-        from qflux.tiny import build_flux_kontext
+    """A registered ``builtin:`` name (of ``variant``) as its built folder; other values pass through.
 
-        return str(_build_once("tiny-flux-kontext-seed0", lambda p: build_flux_kontext(p, seed=0)))
-    if name_or_path == BUILTIN_TINY_FLUX2_KLEIN:
-        from qflux.models.flux2_klein.tiny import build_flux2_klein
-
-        return str(_build_once("tiny-flux2-klein-seed0", lambda p: build_flux2_klein(p, seed=0)))
-    if name_or_path == BUILTIN_TINY_QWEN_IMAGE_EDIT:
-        from qflux.tiny import build_qwen_image_edit
-
-        kind = variant or "edit"
-        name = f"tiny-qwen-image-{kind.replace('_', '-')}-seed0"
-        return str(_build_once(name, lambda p: build_qwen_image_edit(p, seed=0, variant=kind)))
-    return name_or_path
+    Raises:
+        QfluxError: a ``builtin:`` name no model family registered.
+    """
+    if not name_or_path.startswith("builtin:") or name_or_path == BUILTIN_SYNTHETIC_DATASET:
+        return name_or_path
+    model = BUILTIN_MODELS.get(name_or_path)
+    if model is None:
+        raise QfluxError(f"unknown built-in model '{name_or_path}'; the built-in models are {sorted(BUILTIN_MODELS)}")
+    return str(_build_once(model.folder(variant), lambda p: model.build(p, variant)))
 
 
 def resolve_dataset_path(path: str, *, heldout: bool = False) -> Path:

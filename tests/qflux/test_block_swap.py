@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 from qflux.weights.block_swap import SwappedLinear, swap_blocks, transformer_blocks
 from recipes.flux_kontext_lora import train as flux_train
 
@@ -68,7 +69,7 @@ def test_swapping_trains_the_same_lora(
 
 
 def test_qwen_swaps_its_blocks_too(tmp_path: Path, data: Path) -> None:
-    from qflux.tiny import build_qwen_image_edit
+    from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
     from recipes.qwen_image_edit_lora import train as qwen_train
 
     model = build_qwen_image_edit(tmp_path / "model", seed=0)

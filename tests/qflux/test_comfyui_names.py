@@ -25,7 +25,7 @@ from qflux.lora.adapter import (
 from qflux.lora.formats import NAMINGS, SWAPPED, comfy_drops
 from qflux.lora.kinds import module_of
 from qflux.models.flux2_klein.tiny import build_flux2_klein
-from qflux.tiny import build_qwen_image_edit
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.summary import comfyui_note
 from tests.comfyui_keys import key_map, patched
 

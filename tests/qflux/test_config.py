@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from qflux.config.parse import load_config, schema_keys, to_dict
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.errors import QfluxError
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

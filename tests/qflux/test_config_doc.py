@@ -8,8 +8,10 @@ import attrs
 import pytest
 
 from qflux.config.parse import schema_keys
-from qflux.config.reference import REFERENCES, current_section, reference_rows, render_reference, update_file
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
+from qflux.config.reference import current_section, reference_rows, render_reference, update_file
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+from qflux.models.reference import REFERENCES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -17,7 +19,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 @pytest.mark.parametrize("markers", list(REFERENCES), ids=["flux", "qwen", "klein"])
 def test_readme_reference_is_current(markers: tuple[str, str]) -> None:
     assert current_section(README, *markers) == render_reference(REFERENCES[markers]), (
-        "README.md's configuration reference is stale: run `python -m qflux.config.reference README.md`"
+        "README.md's configuration reference is stale: run `python -m qflux.models.reference README.md`"
     )
 
 
@@ -48,9 +50,9 @@ def test_update_file_rewrites_between_the_markers(tmp_path: Path) -> None:
 
     page = tmp_path / "page.md"
     page.write_text(f"intro\n{START}\nold\n{END}\noutro\n")
-    assert update_file(page) and not update_file(page)
+    assert update_file(page, REFERENCES) and not update_file(page, REFERENCES)
     text = page.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "| `seed` |" in text
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(ValueError, match="no config-reference markers"):
-        update_file(tmp_path / "bare.md")
+        update_file(tmp_path / "bare.md", REFERENCES)

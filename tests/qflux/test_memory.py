@@ -106,7 +106,7 @@ def test_the_plan_offers_dora_no_block_swap(tiny_flux_dir: Path) -> None:
 
 def test_qwen_with_two_controls_fake_step_is_the_real_step(tmp_path: Path) -> None:
     from qflux.models.qwen_image_edit.plan import plan_model
-    from qflux.tiny import build_qwen_image_edit
+    from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 
     path = build_qwen_image_edit(tmp_path / "model", seed=0, variant="edit_plus")
     inputs = Inputs(batch_size=1, accumulation=1, target=(64, 64), controls=((64, 64), (48, 80)), text_tokens=40)

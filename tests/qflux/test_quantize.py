@@ -17,7 +17,8 @@ from torch import nn
 from qflux.errors import QfluxError
 from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
 from qflux.models.flux_kontext.loss import velocity
-from qflux.tiny import build_flux_kontext, build_qwen_image_edit
+from qflux.models.flux_kontext.tiny import build_flux_kontext
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.weights.loading import load_part
 from qflux.weights.quantize import (
     KEEP,

@@ -61,7 +61,7 @@ def test_frozen_layout_follows_the_measurement(monkeypatch: pytest.MonkeyPatch, 
 def test_qwen_loss_reads_the_compute_dtype_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from qflux.models.qwen_image_edit import step
     from qflux.models.qwen_image_edit.loaders import QWEN_IMAGE_EDIT
-    from qflux.tiny import build_qwen_image_edit
+    from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
     from qflux.weights.loading import load_part
 
     tr = load_part(QWEN_IMAGE_EDIT, build_qwen_image_edit(tmp_path / "m"), "transformer", torch.float32)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from qflux.tiny import build_flux_kontext
+from qflux.models.flux_kontext.tiny import build_flux_kontext
 from qflux.train.builtin import _build_once, resolve_dataset_path, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[2]

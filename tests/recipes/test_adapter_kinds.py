@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 from recipes.flux_kontext_lora import train as run
 

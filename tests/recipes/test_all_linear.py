@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
-from qflux.tiny import build_qwen_image_edit
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 
 COMMON = {
     "model.dtype": "float32",
@@ -76,7 +77,7 @@ def test_flux_kontext_trains_every_linear_layer(tiny_flux_dir: Path, tmp_path: P
 
 
 def test_flux2_klein_trains_every_linear_layer(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from qflux.config.schema import Flux2KleinConfig
+    from qflux.models.flux2_klein.config import Flux2KleinConfig
     from qflux.models.flux2_klein.tiny import build_flux2_klein
     from recipes.flux2_klein_lora import train
 

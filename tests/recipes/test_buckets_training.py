@@ -14,8 +14,9 @@ import torch
 from PIL import ImageOps
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.data.synthetic import draw_scene, make_synthetic_pairs
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 from recipes.flux_kontext_lora import cache as flux_cache
 from recipes.flux_kontext_lora import train as flux_train
 
@@ -123,7 +124,7 @@ def plus_with_mixed_controls(root: Path) -> Path:
 def test_edit_plus_samples_with_controls_of_other_sizes_batch_together(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qflux.tiny import build_qwen_image_edit
+    from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
     from recipes.qwen_image_edit_lora import cache as qwen_cache
     from recipes.qwen_image_edit_lora import train as qwen_train
 

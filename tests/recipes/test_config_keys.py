@@ -19,11 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from qflux.config.parse import load_config, schema_keys
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.data.pairs import PairDataset
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
-from qflux.tiny import build_flux_kontext, build_qwen_image_edit
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.flux_kontext.tiny import build_flux_kontext
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.weights.block_swap import SwappedLinear
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 

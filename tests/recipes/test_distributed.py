@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig
 from qflux.data.synthetic import make_synthetic_pairs
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from recipes.flux_kontext_lora import train as run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,8 +131,8 @@ def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(
 def test_qwen_two_ranks_of_batch_1_equal_one_process_of_batch_2(engine: str, data: Path, tmp_path: Path) -> None:
     """The Qwen-Image-Edit recipe runs the same loop under torchrun, on every linear layer: the adapters of
     the last block's dropped text stream reduce as zero gradients on both ranks (no crash, named once)."""
-    from qflux.config.schema import QwenImageEditConfig
-    from qflux.tiny import build_qwen_image_edit
+    from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+    from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
     from recipes.qwen_image_edit_lora import train as qwen_run
 
     model = build_qwen_image_edit(tmp_path / "model", seed=0)

@@ -98,7 +98,7 @@ def test_a_trained_lora_predicts_as_the_pipeline_with_two_references(model: Path
 
 def test_cached_training_equals_uncached_and_plan_and_check_run(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from qflux.config.parse import load_config
-    from qflux.config.schema import Flux2KleinConfig
+    from qflux.models.flux2_klein.config import Flux2KleinConfig
     from recipes.flux2_klein_lora import train
 
     data = _pairs(tmp_path / "data")

@@ -14,9 +14,9 @@ from diffusers import FluxKontextPipeline
 from safetensors.torch import load_file
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig
 from qflux.data.pairs import scan_pairs
 from qflux.models.flux_kontext.batch import fixed_eval_batches
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loss import make_loss_fn
 from qflux.train.builtin import resolve_dataset_path
 from qflux.train.state import evaluate_loss

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from recipes.flux_kontext_lora import main
 from recipes.flux_kontext_lora import train as run

@@ -12,10 +12,12 @@ import pytest
 from PIL import Image
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.data.pairs import PairRule
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.tiny import build_flux_kontext, build_qwen_image_edit
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.flux_kontext.tiny import build_flux_kontext
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.run import dataset_samples
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 

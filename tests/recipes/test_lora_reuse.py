@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.data.pairs import load_rgb
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.tiny import build_flux_kontext, build_qwen_image_edit
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.flux_kontext.tiny import build_flux_kontext
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 FILES = {"diffusers": "pytorch_lora_weights.safetensors", "comfyui": "pytorch_lora_weights_comfyui.safetensors"}

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from recipes.flux_kontext_lora import train
 
 

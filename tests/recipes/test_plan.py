@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.memory.command import fit_warning, plan_inputs
 from qflux.memory.measure import GIB
 from qflux.memory.planner import Setting, block_weights, estimate
 from qflux.memory.shapes import shipped_configs, shipped_ids
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 from recipes import flux2_klein_lora, flux_kontext_lora, qwen_image_edit_lora
 
 BF16 = "recipes/configs/flux_kontext_bf16.yaml"
@@ -93,7 +94,7 @@ def test_swapping_30_blocks_lowers_the_estimate_by_their_weights() -> None:
 
 
 def test_the_tiny_qwen_model_plans_from_its_folder(capsys, tmp_path: Path) -> None:
-    from qflux.tiny import build_qwen_image_edit
+    from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 
     path = build_qwen_image_edit(tmp_path / "qwen", seed=0, variant="edit_plus")
     argv = [f"--model.pretrained_model_name_or_path={path}", "--model.variant=edit_plus", "--vram=2"]

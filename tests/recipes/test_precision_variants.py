@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig, QwenImageEditConfig
 from qflux.data.pairs import scan_pairs
 from qflux.models.flux_kontext.batch import fixed_eval_batches
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import load_flux_kontext
 from qflux.models.flux_kontext.loss import make_loss_fn
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 from qflux.train.builtin import resolve_dataset_path
 from qflux.train.state import evaluate_loss
 
@@ -59,7 +60,7 @@ def test_qwen_variant_with_quantized_text_encoder(tmp_path: Path) -> None:
     from diffusers import QwenImageEditPipeline
 
     from qflux.models.qwen_image_edit.processor import load_qwen_processor
-    from qflux.tiny import build_qwen_image_edit
+    from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
     from qflux.weights.quantize import count_layers, is_quantized
     from recipes.qwen_image_edit_lora import train as run
 

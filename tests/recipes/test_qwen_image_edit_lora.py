@@ -14,10 +14,10 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from qflux.config.parse import load_config
-from qflux.config.schema import QwenImageEditConfig
 from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.tiny import build_qwen_image_edit
+from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from recipes.qwen_image_edit_lora import main
 from recipes.qwen_image_edit_lora import train as run
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qflux.tiny import Overrides, _preset, qwen_tokenizer
+from qflux.weights.tiny_parts import Overrides, chat_tokenizer, preset
 
 QWEN3_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -56,9 +56,9 @@ def build_flux2_klein(
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    p = _preset(_PRESETS, size, overrides)
+    p = preset(_PRESETS, size, overrides)
     out = Path(out_dir)
-    tok = qwen_tokenizer()
+    tok = chat_tokenizer()
     tok.chat_template = QWEN3_CHAT_TEMPLATE
     z = p["latent_channels"]
     text = p["text"]

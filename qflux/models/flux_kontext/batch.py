@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from qflux.config.schema import FluxKontextConfig
 from qflux.data.pairs import PairDataset, PairSample, collate_pairs
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import FluxKontextModels
 from qflux.models.flux_kontext.loss import FluxKontextBatch
 from qflux.train.batch import Conditioning, Draws, Prepared, prepare

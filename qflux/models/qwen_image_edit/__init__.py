@@ -1,1 +1,27 @@
-"""Qwen-Image-Edit and Qwen-Image-Edit-Plus (2509): the model-specific parts on the shared core."""
+"""Qwen-Image-Edit, -2509 (Edit-Plus) and -2511: the model-specific parts on the shared core."""
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from qflux.models.qwen_image_edit.config import BUILTIN
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
+from qflux.train.builtin import BuiltinModel, register_builtin_model
+
+__all__ = ["TINY"]
+
+TINY: dict[str, Callable[..., Path]] = {
+    "qwen_image_edit": build_qwen_image_edit,
+    "qwen_image_edit_plus": partial(build_qwen_image_edit, variant="edit_plus"),
+    "qwen_image_edit_2511": partial(build_qwen_image_edit, variant="edit_2511"),
+}
+"""``python -m qflux.tiny`` names → builder."""
+
+
+def _folder(variant: str | None) -> str:
+    return f"tiny-qwen-image-{(variant or 'edit').replace('_', '-')}-seed0"
+
+
+register_builtin_model(
+    BUILTIN, BuiltinModel(_folder, lambda p, variant: build_qwen_image_edit(p, seed=0, variant=variant or "edit"))
+)

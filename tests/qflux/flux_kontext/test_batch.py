@@ -7,11 +7,11 @@ from pathlib import Path
 import attrs
 import torch
 
-from qflux.config.schema import FluxKontextConfig
 from qflux.data.pairs import PairDataset, collate_pairs, scan_pairs
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.models.flux_kontext import batch
 from qflux.models.flux_kontext.conditioning import encode_prompt_with, vae_encode
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.train.batch import Draws, sigmas_for
 
 

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from qflux.config.parse import load_config
-from qflux.config.schema import FluxKontextConfig
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
 from qflux.models.flux_kontext import cache as kcache
+from qflux.models.flux_kontext.config import FluxKontextConfig
 from recipes.flux_kontext_lora import cache as fill
 from recipes.flux_kontext_lora import train as run
 

@@ -187,7 +187,7 @@ def test_every_module_reads_back_at_a_width_the_real_model_does_not_have(tmp_pat
     """Every Flux module kind (the final modulation too, whose halves BFL orders shift-first) through
     each format and qflux's own reader, on a transformer of width 48 and head dim 24."""
     from qflux.lora.adapter import read_lora
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
 
     odd = {"transformer": {"attention_head_dim": 24, "axes_dims_rope": (4, 10, 10)}}
     folder = build_flux_kontext(tmp_path / "odd", overrides=odd)

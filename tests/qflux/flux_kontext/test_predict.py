@@ -137,7 +137,7 @@ def test_saved_lora_has_diffusers_keys_and_metadata(tiny_flux_dir: Path, tmp_pat
 def test_a_4x_vae_sizes_images_from_its_own_config(tmp_path: Path, h: int | None, w: int | None) -> None:
     """A Kontext model whose VAE has three levels (×4): sizes are multiples of 8, not 16, and predict
     still equals the pipeline (which derives the factor from the VAE config)."""
-    from qflux.tiny import build_flux_kontext
+    from qflux.models.flux_kontext.tiny import build_flux_kontext
 
     folder = build_flux_kontext(tmp_path / "vae4", seed=0, overrides={"vae": {"block_out_channels": (8, 16, 16)}})
     pipe = FluxKontextPipeline.from_pretrained(folder, dtype=torch.float32)

@@ -21,7 +21,7 @@ from qflux.models.qwen_image_edit.batch import (
     encode_conditioning,
 )
 from qflux.models.qwen_image_edit.loaders import load_qwen_image_edit
-from qflux.tiny import build_qwen_image_edit
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.cache import CacheReport
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from qflux.errors import QfluxError
 from qflux.models.qwen_image_edit.loaders import QWEN_IMAGE_EDIT, load_qwen_image_edit
-from qflux.tiny import build_qwen_image_edit
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.weights.loading import load_part
 
 

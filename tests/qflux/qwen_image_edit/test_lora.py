@@ -15,7 +15,7 @@ from qflux.lora.adapter import inject_lora, save_lora
 from qflux.models.qwen_image_edit.loaders import load_qwen_image_edit
 from qflux.models.qwen_image_edit.predict import predict
 from qflux.models.qwen_image_edit.processor import load_qwen_processor
-from qflux.tiny import build_qwen_image_edit
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 
 
 def test_saved_lora_loads_in_the_pipeline_and_matches_predict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

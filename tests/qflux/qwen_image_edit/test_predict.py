@@ -12,7 +12,7 @@ from PIL import Image
 
 from qflux.models.qwen_image_edit.loaders import load_qwen_image_edit
 from qflux.models.qwen_image_edit.predict import condition_size, predict
-from qflux.tiny import build_qwen_image_edit
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from qflux.models.qwen_image_edit.processor import load_qwen_processor
-from qflux.tiny import QWEN_SPECIAL_TOKENS, build_qwen_image_edit
+from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
+from qflux.weights.tiny_parts import CHAT_SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_diffusers_pipeline_loads_and_runs_it(variant: str, tmp_path: Path, smal
     cfg = pipe.text_encoder.config
     assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
-    assert all(t in tok.get_vocab() for t in QWEN_SPECIAL_TOKENS)
+    assert all(t in tok.get_vocab() for t in CHAT_SPECIAL_TOKENS)
     assert pipe.vae.config.latents_std != [1.0] * pipe.vae.config.z_dim  # exercises the normalisation
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
     out = pipe(

@@ -1,0 +1,47 @@
+"""FLUX.2 [klein]'s configuration: its model section and the recipe's root."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+from attrs import validators as v
+
+from qflux.config.schema import LoraConfig, ModelSection, RecipeConfig, non_negative
+
+BUILTIN = "builtin:tiny-flux2-klein"
+"""The tiny random FLUX.2 [klein] qflux builds offline."""
+
+
+KLEIN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj")
+"""FLUX.2's attention inputs and outputs: the double blocks' q, k, v and output, the single blocks'
+fused q/k/v/MLP projection (their ``attn.to_out`` shares its name with the double blocks' list)."""
+
+
+def _klein_lora() -> LoraConfig:
+    return LoraConfig(target_modules=KLEIN_TARGETS)  # type: ignore[arg-type]  # (attrs' converter takes any iterable)
+
+
+@attrs.frozen
+class Flux2KleinModel(ModelSection):
+    """The FLUX.2 [klein] model section."""
+
+    recipe: ClassVar[str] = "flux2_klein_lora"
+    pretrained_model_name_or_path: str = BUILTIN
+    """Local diffusers folder or hub id; 'builtin:tiny-flux2-klein' builds a tiny random model."""
+    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
+    """Qwen3 token length of the prompt embedding (the pipeline's 512)."""
+    guidance_scale: float = attrs.field(default=4.0, validator=non_negative)
+    """Classifier-free guidance against the empty prompt for predict's default (the pipeline's 4.0;
+    off at 1 or below, and on a step-distilled model)."""
+    lora: LoraConfig = attrs.field(factory=lambda: _klein_lora())
+    """The adapter; by default on the double blocks' attention and the single blocks' fused
+    q/k/v/MLP input projection."""
+
+
+@attrs.frozen
+class Flux2KleinConfig(RecipeConfig):
+    """The FLUX.2 [klein] LoRA recipe's configuration."""
+
+    model: Flux2KleinModel = attrs.field(factory=Flux2KleinModel)
+    """FLUX.2 [klein], and how its frozen weights are held."""

@@ -1,0 +1,98 @@
+"""Parts every tiny model is built from, offline: tokenizers built in code and size presets.
+
+Each model family's tiny builder (``qflux/models/<family>/tiny.py``) composes them; ``python -m qflux.tiny``
+runs the builders.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from typing import Any
+
+# Characters the tiny tokenizers know; anything else maps to the unknown token.
+_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,!?'-:;()"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte→unicode table (printable stand-ins for all 256 bytes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def clip_tokenizer() -> Any:
+    """A byte-level CLIP BPE tokenizer over all 256 bytes plus a few merges, built in code."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [("e", "d</w>"), ("i", "n"), ("t", "h"), ("th", "e</w>"), ("o", "n</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def t5_tokenizer() -> Any:
+    """A unigram T5 tokenizer over single characters and a few words, built in code."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    words = ["▁the", "▁make", "▁turn", "▁color", "▁image", "▁invert", "▁flip", "▁red", "▁blue"]
+    pieces += [(w, -3.0) for w in words]
+    pieces += [(c, -5.0) for c in _ALPHABET]
+    pieces += [("▁" + c, -4.0) for c in _ALPHABET]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+Overrides = Mapping[str, Any]
+
+
+def preset(presets: Mapping[str, dict[str, Any]], size: str, overrides: Overrides | None) -> dict[str, Any]:
+    """The preset ``size`` with ``overrides`` merged in: a section's keys are updated
+    (``{"vae": {"block_out_channels": (8, 16, 16)}}``), a plain key is replaced."""
+    if size not in presets:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(presets)}")
+    p = dict(presets[size])
+    for key, value in (overrides or {}).items():
+        if key not in p:
+            raise ValueError(f"unknown tiny-model setting {key!r}; choose from {sorted(p)}")
+        p[key] = {**p[key], **value} if isinstance(p[key], dict) else value
+    return p
+
+
+# The special tokens of a chat and vision template (Qwen2.5-VL's and Qwen3's), in its order.
+CHAT_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+
+
+def chat_tokenizer() -> Any:
+    """A byte-level Qwen2 BPE tokenizer over all 256 bytes, a few merges and the chat/vision
+    special tokens, built in code."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab[CHAT_SPECIAL_TOKENS[0]] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": list(CHAT_SPECIAL_TOKENS[1:])})
+    return tok
