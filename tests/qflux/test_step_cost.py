@@ -59,7 +59,7 @@ def test_frozen_layout_follows_the_measurement(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_qwen_loss_reads_the_compute_dtype_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qflux.models.qwen_image_edit import step
+    from qflux.models.qwen_image_edit import loss as step
     from qflux.models.qwen_image_edit.loaders import QWEN_IMAGE_EDIT
     from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
     from qflux.weights.loading import load_part
