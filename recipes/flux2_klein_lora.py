@@ -26,7 +26,6 @@ from qflux.config.parse import load_config
 from qflux.data.pairs import PairRule, collate_pairs, image_arg, save_image
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
-from qflux.lora.formats import Naming
 from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
 from qflux.models.flux2_klein import cache as kcache
 from qflux.models.flux2_klein.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
@@ -34,6 +33,7 @@ from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, v
 from qflux.models.flux2_klein.config import Flux2KleinConfig
 from qflux.models.flux2_klein.loaders import COMPONENTS, ENCODERS, PIPELINE, Flux2KleinModels, load_flux2_klein
 from qflux.models.flux2_klein.loss import make_loss_fn
+from qflux.models.flux2_klein.names import NAMING
 from qflux.models.flux2_klein.plan import plan_model
 from qflux.models.flux2_klein.predict import denoise
 from qflux.models.flux2_klein.predict import predict as klein_predict
@@ -57,9 +57,6 @@ from qflux.train.run import (
 from qflux.weights.loading import torch_dtype
 from qflux.weights.quantize import quantize_plan
 
-NAMING: Naming = "flux2"
-"""The ComfyUI file's names: BFL's (fused double-block q/k/v, ``linear1`` / ``linear2``), as ComfyUI
-loads FLUX.2 (qflux.lora.formats.bfl2_target)."""
 MAX_REFERENCES = 4
 PAIRS = PairRule((0, MAX_REFERENCES), "own")
 """0 to 4 reference images per sample, each at its own size (the pipeline's way)."""

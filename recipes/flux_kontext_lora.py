@@ -24,7 +24,6 @@ from qflux.config.parse import load_config
 from qflux.data.pairs import PairRule, collate_pairs, load_rgb, save_image
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
-from qflux.lora.formats import Naming
 from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
 from qflux.models.flux_kontext import cache as kcache
 from qflux.models.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
@@ -32,6 +31,7 @@ from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_w
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE, FluxKontextModels, load_flux_kontext
 from qflux.models.flux_kontext.loss import make_loss_fn
+from qflux.models.flux_kontext.names import NAMING
 from qflux.models.flux_kontext.plan import plan_model
 from qflux.models.flux_kontext.predict import denoise
 from qflux.models.flux_kontext.predict import predict as kontext_predict
@@ -55,7 +55,6 @@ from qflux.train.run import (
 from qflux.weights.loading import torch_dtype
 from qflux.weights.quantize import quantize_plan
 
-NAMING: Naming = "flux"
 PAIRS = PairRule((1, 1), "target")
 """One control image per sample, sized like its target's bucket (the pipeline gives the output the
 control's size)."""

@@ -27,7 +27,6 @@ from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
 from qflux.data.pairs import PairRule, image_arg, save_image
 from qflux.lora.adapter import load_lora_file
-from qflux.lora.formats import Naming
 from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
 from qflux.models.qwen_image_edit import cache as qcache
 from qflux.models.qwen_image_edit.batch import (
@@ -48,6 +47,7 @@ from qflux.models.qwen_image_edit.loaders import (
     load_qwen_image_edit,
 )
 from qflux.models.qwen_image_edit.loss import make_loss_fn
+from qflux.models.qwen_image_edit.names import NAMING
 from qflux.models.qwen_image_edit.plan import plan_model, text_tokens
 from qflux.models.qwen_image_edit.predict import denoise
 from qflux.models.qwen_image_edit.predict import predict as qwen_predict
@@ -71,7 +71,6 @@ from qflux.train.run import (
 from qflux.weights.loading import torch_dtype
 from qflux.weights.quantize import quantize_plan
 
-NAMING: Naming = "qwen"
 PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own"), "edit_2511": PairRule((0, 3), "own")}
 """Control images per sample of each variant; each is sized at its own aspect, as the pipelines do."""
 

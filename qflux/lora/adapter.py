@@ -165,7 +165,7 @@ def read_lora(transformer: Any, path: str | Path, *, naming: Naming, pipeline_cl
     """
     from safetensors import safe_open
 
-    from qflux.lora.formats import layer_names, module_out_features, split_lora
+    from qflux.lora.formats import NAMINGS, layer_names, module_out_features, split_lora
 
     p = Path(path)
     if not p.is_file():
@@ -178,11 +178,12 @@ def read_lora(transformer: Any, path: str | Path, *, naming: Naming, pipeline_cl
         raise QfluxError(f"{what} '{p}' is not a readable .safetensors file: {e}") from None
     names = layer_names(transformer, naming)
     try:
-        deltas, unknown = split_lora(sd, metadata, names, module_out_features(transformer))
+        swapped = NAMINGS[naming].swapped
+        deltas, unknown = split_lora(sd, metadata, names, module_out_features(transformer), swapped)
         if not deltas and not unknown:  # another spelling: diffusers knows more of them
             found = pipeline_cls.lora_state_dict(str(p))
             deltas, unknown = split_lora(
-                found[0] if isinstance(found, tuple) else found, None, names, module_out_features(transformer)
+                found[0] if isinstance(found, tuple) else found, None, names, module_out_features(transformer), swapped
             )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise QfluxError(f"{what} '{p}' is not a LoRA this model reads: {e}") from None
@@ -275,11 +276,11 @@ def save_lora_comfyui(
     lora: Mapping[str, torch.Tensor],
     *,
     dtype: torch.dtype,
-    naming: Naming = "flux",
+    naming: Naming,
     file_name: str = COMFYUI_WEIGHT_NAME,
 ) -> Path:
     """Write ``<out_dir>/<file_name>`` (pytorch_lora_weights_comfyui.safetensors) in ComfyUI's native naming
-    (:func:`qflux.lora.formats.flux_to_comfyui`; LoKr and LoHa: LyCORIS tensors under the names ComfyUI
+    (:func:`qflux.lora.formats.to_comfyui`; LoKr and LoHa: LyCORIS tensors under the names ComfyUI
     maps, :func:`qflux.lora.formats.lycoris_stem`).
 
     Args:
@@ -290,7 +291,7 @@ def save_lora_comfyui(
     """
     from safetensors.torch import save_file
 
-    from qflux.lora.formats import NAMINGS, flux_to_comfyui, module_out_features
+    from qflux.lora.formats import module_out_features, to_comfyui
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,11 +300,11 @@ def save_lora_comfyui(
         return _save_lycoris(out / file_name, transformer, lora, dtype, stem=partial(lycoris_stem, naming=naming))
     if kind == "dora":
         raise QfluxError("a DoRA adapter has no ComfyUI file (ComfyUI divides by ‖W‖ where DoRA divides by ‖W+ΔW‖)")
-    sd = flux_to_comfyui(
+    sd = to_comfyui(
         lora_to_diffusers(transformer, lora, torch.float32),
         scale=lora_scale(transformer),
         out_features=module_out_features(transformer),
-        target_of=NAMINGS[naming],
+        naming=naming,
     )
     path = out / file_name
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})

@@ -20,7 +20,8 @@ other order ([shift; scale] against diffusers' [scale; shift]), so ``up``'s halv
 Kohya files are the same tensors keyed ``lora_unet_<path with dots as underscores>``.
 
 ComfyUI's Qwen-Image model uses diffusers' own module names, so a Qwen-Image-Edit LoRA keeps its
-names under ``diffusion_model.`` (:func:`same_module`), nothing fused.
+names under ``diffusion_model.`` (``ComfyNames(same=True)``), nothing fused. Each family's name table is in
+its folder (``qflux/models/<family>/names.py``), registered by name (:func:`register_naming`).
 
 Reading (:func:`split_lora`) is the inverse for any of these spellings, at any model width: each
 file module becomes its diffusers modules' (A, B) with the file's scale folded into B.
@@ -32,8 +33,9 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
+import attrs
 import torch
 
 Params = dict[str, torch.Tensor]
@@ -42,55 +44,52 @@ Delta = tuple[torch.Tensor, torch.Tensor]
 Target = tuple[str, int, int]
 """(ComfyUI module, part, parts) of a diffusers module."""
 
-# diffusers module (inside a double block) → (BFL module, part index, number of parts)
-_DOUBLE = {
-    "attn.to_q": ("img_attn.qkv", 0, 3),
-    "attn.to_k": ("img_attn.qkv", 1, 3),
-    "attn.to_v": ("img_attn.qkv", 2, 3),
-    "attn.add_q_proj": ("txt_attn.qkv", 0, 3),
-    "attn.add_k_proj": ("txt_attn.qkv", 1, 3),
-    "attn.add_v_proj": ("txt_attn.qkv", 2, 3),
-    "attn.to_out.0": ("img_attn.proj", 0, 1),
-    "attn.to_add_out": ("txt_attn.proj", 0, 1),
-    "ff.net.0.proj": ("img_mlp.0", 0, 1),
-    "ff.net.2": ("img_mlp.2", 0, 1),
-    "ff_context.net.0.proj": ("txt_mlp.0", 0, 1),
-    "ff_context.net.2": ("txt_mlp.2", 0, 1),
-    "norm1.linear": ("img_mod.lin", 0, 1),
-    "norm1_context.linear": ("txt_mod.lin", 0, 1),
-}
-_SINGLE = {
-    "attn.to_q": ("linear1", 0, 4),
-    "attn.to_k": ("linear1", 1, 4),
-    "attn.to_v": ("linear1", 2, 4),
-    "proj_mlp": ("linear1", 3, 4),
-    "proj_out": ("linear2", 0, 1),
-    "norm.linear": ("modulation.lin", 0, 1),
-}
-_TOP = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
-}
-SWAPPED = frozenset({"final_layer.adaLN_modulation.1"})
-"""BFL modules whose output halves are in the other order than diffusers' (shift, scale)."""
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
-Tables = tuple[dict[str, Target], dict[str, Target], dict[str, str]]
-"""A model's BFL names: (double-block modules, single-block modules, top-level modules)."""
+@attrs.frozen
+class ComfyNames:
+    """How one model's ComfyUI file names its diffusers modules (each family's ``names.py`` makes one).
+
+    BFL's names for FLUX models: a diffusers module in a double or single block, or at the top, maps to
+    (BFL module, part, parts), several parts where BFL fuses layers. ``same``: ComfyUI names the modules
+    as diffusers does (Qwen-Image)."""
+
+    double: Mapping[str, Target] = attrs.field(factory=dict)
+    """Diffusers module inside a double block → (BFL module, part index, number of parts)."""
+    single: Mapping[str, Target] = attrs.field(factory=dict)
+    """The same inside a single block."""
+    top: Mapping[str, str] = attrs.field(factory=dict)
+    """Top-level diffusers module → BFL module."""
+    swapped: frozenset[str] = frozenset()
+    """BFL modules whose output halves are in the other order than diffusers' (shift, scale)."""
+    known_top: frozenset[str] | None = None
+    """The top-level diffusers names ComfyUI's key map knows for this model (``comfy/utils.py``
+    ``flux_to_diffusers``); None: every one. A file keyed by another loses that module there."""
+    same: bool = False
+    label: str = "this model"
+    """How messages name the model."""
 
 
-def _bfl_name(module: str, tables: Tables, model: str) -> tuple[str, int, int]:
-    """(BFL module, part, parts) of a diffusers module path by ``tables``, or raise naming the module."""
-    double, single, top = tables
+NAMINGS: dict[str, ComfyNames] = {}
+"""Each naming (a family's ``NAMING``) → its names; the families add theirs when imported."""
+
+
+def register_naming(name: str, names: ComfyNames) -> None:
+    """Make ``name`` a naming the ComfyUI files and readers use."""
+    NAMINGS[name] = names
+
+
+def comfy_target(module: str, naming: Naming) -> Target:
+    """(ComfyUI module, part, parts) of a diffusers module path under ``naming``.
+
+    Raises:
+        ValueError: a module with no ComfyUI name, named.
+    """
+    names = NAMINGS[naming]
+    if names.same:
+        return module, 0, 1
+    double, single, top = names.double, names.single, names.top
     m = _BLOCK.match(module)
     if m:
         kind, i, rest = m.groups()
@@ -100,12 +99,7 @@ def _bfl_name(module: str, tables: Tables, model: str) -> tuple[str, int, int]:
             return f"{prefix}.{i}.{name}", part, parts
     elif module in top:
         return top[module], 0, 1
-    raise ValueError(f"no ComfyUI (BFL) name for the {model} module '{module}'")
-
-
-def bfl_target(module: str) -> tuple[str, int, int]:
-    """(BFL module, part, parts) of a diffusers FLUX.1 module path, or raise naming the module."""
-    return _bfl_name(module, BFL_TABLES["flux"], "Flux")
+    raise ValueError(f"no ComfyUI (BFL) name for the {names.label} module '{module}'")
 
 
 def _split_modules(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -118,51 +112,8 @@ def _split_modules(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
     return out
 
 
-def same_module(module: str) -> tuple[str, int, int]:
-    """(module, 0, 1): ComfyUI names the module as diffusers does (Qwen-Image)."""
-    return module, 0, 1
-
-
-# FLUX.2: BFL's names, which are ComfyUI's own module names for the model (comfy/ldm/flux/model.py with
-# ``global_modulation``: double_blocks / single_blocks / final_layer, img_in, txt_in, time_in and the
-# shared double_stream_modulation_img / _txt and single_stream_modulation, each a Modulation with
-# ``.lin``), so ComfyUI's generic ``diffusion_model.<name>`` LoRA keys reach them; diffusers' own FLUX.2
-# converter (``_convert_non_diffusers_flux2_lora_to_diffusers``) maps the same pairs back. The double
-# blocks' q/k/v fuse as in FLUX.1; a single block's q/k/v/MLP projection is already fused in diffusers.
-_DOUBLE2 = {
-    **{k: v for k, v in _DOUBLE.items() if "qkv" in v[0] or k in ("attn.to_out.0", "attn.to_add_out")},
-    "ff.linear_in": ("img_mlp.0", 0, 1),
-    "ff.linear_out": ("img_mlp.2", 0, 1),
-    "ff_context.linear_in": ("txt_mlp.0", 0, 1),
-    "ff_context.linear_out": ("txt_mlp.2", 0, 1),
-}
-_SINGLE2 = {"attn.to_qkv_mlp_proj": ("linear1", 0, 1), "attn.to_out": ("linear2", 0, 1)}
-_TOP2 = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-    "single_stream_modulation.linear": "single_stream_modulation.lin",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
-}
-
-
-def bfl2_target(module: str) -> tuple[str, int, int]:
-    """(BFL module, part, parts) of a diffusers FLUX.2 module path, or raise naming the module."""
-    return _bfl_name(module, BFL_TABLES["flux2"], "FLUX.2")
-
-
-BFL_TABLES: dict[str, Tables] = {"flux": (_DOUBLE, _SINGLE, _TOP), "flux2": (_DOUBLE2, _SINGLE2, _TOP2)}
-"""The BFL name tables of each naming that has them."""
-
-Naming = Literal["flux", "qwen", "flux2"]
-NAMINGS: dict[str, Callable[[str], Target]] = {"flux": bfl_target, "qwen": same_module, "flux2": bfl2_target}
-"""How each model's ComfyUI file names a diffusers module."""
+Naming = str
+"""The name of a registered :class:`ComfyNames` (``flux``, ``qwen``, ``flux2``: a family's ``NAMING``)."""
 
 
 def lycoris_stem(module: str, naming: Naming) -> str:
@@ -178,8 +129,8 @@ def lycoris_stem(module: str, naming: Naming) -> str:
     Raises:
         ValueError: a module with no ComfyUI name under ``naming``.
     """
-    target, _, parts = NAMINGS[naming](module)
-    if parts == 1 and target not in SWAPPED:
+    target, _, parts = comfy_target(module, naming)
+    if parts == 1 and target not in NAMINGS[naming].swapped:
         return f"diffusion_model.{target}"
     return f"lycoris_{module.replace('.', '_')}"
 
@@ -196,19 +147,13 @@ def lycoris_modules(modules: Iterable[str], naming: Naming) -> dict[str, str]:
     return out
 
 
-COMFY_DIFFUSERS_TOP: dict[str, frozenset[str]] = {"flux": frozenset(_TOP), "flux2": frozenset(_TOP) & frozenset(_TOP2)}
-"""The top-level diffusers module names ComfyUI's Flux key map knows (``comfy/utils.py`` ``flux_to_diffusers``:
-FLUX.1's, which FLUX.2 shares only for x_embedder, context_embedder, proj_out and norm_out.linear); its block
-maps hold both models' block names. Qwen-Image's key map knows every diffusers name."""
-
-
 def comfy_drops(modules: Iterable[str], naming: Naming) -> list[str]:
     """The adapted modules that ComfyUI would not load from a file keyed by diffusers names
     (``transformer.<module>``: the diffusers file and a LyCORIS ``transformer.`` file); they load from
-    the ComfyUI file (:func:`lycoris_stem`, :func:`flux_to_comfyui`)."""
-    if naming not in COMFY_DIFFUSERS_TOP:
+    the ComfyUI file (:func:`lycoris_stem`, :func:`to_comfyui`)."""
+    known = NAMINGS[naming].known_top
+    if known is None:
         return []
-    known = COMFY_DIFFUSERS_TOP[naming]
     return [m for m in modules if _BLOCK.match(m) is None and m not in known]
 
 
@@ -223,7 +168,7 @@ def unconvertible(modules: list[str], naming: Naming) -> list[str]:
     out = []
     for m in modules:
         try:
-            NAMINGS[naming](m)
+            comfy_target(m, naming)
         except ValueError:
             out.append(m)
     return out
@@ -239,20 +184,16 @@ def check_convertible(modules: list[str], naming: Naming) -> None:
 
     bad = unconvertible(modules, naming)
     if bad:
-        tables = BFL_TABLES.get(naming)
-        kinds = sorted({k for t in tables for k in t}) if tables else ["every linear layer"]
+        names = NAMINGS[naming]
+        kinds = ["every linear layer"] if names.same else sorted({*names.double, *names.single, *names.top})
         raise QfluxError(
             f"model.lora.target_modules adapts {len(bad)} module(s) with no ComfyUI name (first: {bad[0]}); the "
             f"ComfyUI file holds {', '.join(kinds)}. Remove those targets, or set train.lora_format: diffusers"
         )
 
 
-def flux_to_comfyui(
-    sd: Mapping[str, torch.Tensor],
-    *,
-    scale: float,
-    out_features: Callable[[str], int],
-    target_of: Callable[[str], tuple[str, int, int]] = bfl_target,
+def to_comfyui(
+    sd: Mapping[str, torch.Tensor], *, scale: float, out_features: Callable[[str], int], naming: Naming
 ) -> Params:
     """Convert our diffusers-format LoRA to ComfyUI's native naming (see the module docstring).
 
@@ -260,8 +201,7 @@ def flux_to_comfyui(
         sd: ``transformer.<module>.lora_{A,B}.weight`` tensors.
         scale: α/r of the adapter (ΔW = scale·B·A).
         out_features: output width of a diffusers module path (to size zero blocks of fused layers).
-        target_of: diffusers module → (ComfyUI module, part, parts); Flux's BFL names by default,
-            :func:`same_module` for Qwen-Image.
+        naming: the model's ComfyUI names (:data:`NAMINGS`).
 
     Returns:
         ``diffusion_model.<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` tensors.
@@ -269,7 +209,7 @@ def flux_to_comfyui(
     groups: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     parts_of: dict[str, list[str]] = {}
     for module, ab in _split_modules(sd).items():
-        target, part, parts = target_of(module)
+        target, part, parts = comfy_target(module, naming)
         groups.setdefault(target, {})[part] = ab
         parts_of.setdefault(target, [""] * parts)[part] = module
     out: Params = {}
@@ -283,7 +223,7 @@ def flux_to_comfyui(
             present = sorted(members)
             down = torch.cat([members[p][0] for p in present])  # [Σr, in]
             widths = [
-                members[p][1].shape[0] if p in members else out_features(_part_module(names, target, p))
+                members[p][1].shape[0] if p in members else out_features(_part_module(names, target, p, naming))
                 for p in range(parts)
             ]
             up = a0.new_zeros(sum(widths), down.shape[0])
@@ -294,7 +234,7 @@ def flux_to_comfyui(
                     up[row : row + b.shape[0], col : col + b.shape[1]] = b
                     col += b.shape[1]
                 row += widths[p]
-        if target in SWAPPED:
+        if target in NAMINGS[naming].swapped:
             up = _swap_halves(up)
         rank = down.shape[0]
         key = f"diffusion_model.{target}"
@@ -304,13 +244,13 @@ def flux_to_comfyui(
     return out
 
 
-def _part_module(names: list[str], target: str, part: int) -> str:
+def _part_module(names: list[str], target: str, part: int, naming: Naming) -> str:
     """The diffusers module path of part ``part`` of a fused BFL layer (for its width)."""
     if names[part]:
         return names[part]
     prefix = "transformer_blocks" if target.startswith("double_blocks") else "single_transformer_blocks"
     index = target.split(".")[1]
-    table = _DOUBLE if prefix == "transformer_blocks" else _SINGLE
+    table = NAMINGS[naming].double if prefix == "transformer_blocks" else NAMINGS[naming].single
     stem = target.split(".", 2)[2]
     rest = next(r for r, (name, p, _) in table.items() if name == stem and p == part)
     return f"{prefix}.{index}.{rest}"
@@ -354,7 +294,7 @@ def layer_names(transformer: Any, naming: Naming) -> dict[str, list[Target]]:
         module = path.removesuffix(".base_layer")
         names[module] = [(module, 0, 1)]
         try:
-            target, part, parts = NAMINGS[naming](module)
+            target, part, parts = comfy_target(module, naming)
         except ValueError:
             continue
         if target != module:
@@ -412,10 +352,11 @@ def split_lora(
     metadata: Mapping[str, str] | None,
     names: Mapping[str, list[Target]],
     out_features: Callable[[str], int],
+    swapped: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Delta], list[str]]:
     """Read a LoRA state dict of any spelling (diffusers / peft ``lora_A``·``lora_B``, ComfyUI or kohya
     ``lora_down``·``lora_up``·``alpha``) into each diffusers module's update, the inverse of
-    :func:`flux_to_comfyui`.
+    :func:`to_comfyui`.
 
     A fused file module is split into its parts' row blocks; a part keeps only the columns of ``up``
     that are non-zero in its rows (our block-diagonal export: its own rank), and a part whose rows are
@@ -425,6 +366,7 @@ def split_lora(
     Args:
         names: :func:`layer_names` of the model.
         out_features: width of a diffusers module (:func:`module_out_features`).
+        swapped: the naming's modules whose output halves ComfyUI orders otherwise (:class:`ComfyNames`).
 
     Returns:
         ({diffusers module: (A [r, in], B [out, r]) float32 with ΔW = B·A}, file modules the model lacks).
@@ -453,7 +395,7 @@ def split_lora(
             continue
         rank = down.shape[0]
         scale = float(alpha) / rank if alpha is not None else peft_scale(name, rank)
-        if name in SWAPPED:
+        if name in swapped:
             up = _swap_halves(up)
         deltas |= _parts(name, down, up.float() * scale, targets, out_features)
     return deltas, unknown

@@ -22,7 +22,7 @@ from qflux.lora.adapter import (
     save_lora,
     save_lora_comfyui,
 )
-from qflux.lora.formats import NAMINGS, SWAPPED, comfy_drops
+from qflux.lora.formats import NAMINGS, comfy_drops, comfy_target
 from qflux.lora.kinds import module_of
 from qflux.models.flux2_klein.tiny import build_flux2_klein
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
@@ -59,17 +59,17 @@ def _reference(tr, lora, family: str) -> tuple[dict[str, torch.Tensor], dict[str
     parts: dict[str, dict[int, str]] = {}
     for m in linear:
         if ".lora_" not in m:
-            target, part, _ = NAMINGS[family](m)
+            target, part, _ = comfy_target(m, family)
             parts.setdefault(target, {})[part] = m
     widths = {t: (sum(linear[m].out_features for m in p.values()), linear[p[0]].in_features) for t, p in parts.items()}
     out: dict[str, torch.Tensor] = {}
     for m in modules:
-        target, part, _ = NAMINGS[family](m)
+        target, part, _ = comfy_target(m, family)
         layer = tr.get_submodule(m)
         own = {k.removeprefix(m + "."): v for k, v in lora.items() if module_of(k) == m}
         eye = torch.eye(layer.in_features)
         d = (call_with_lora(layer, own, {"x": eye}) - layer(eye)).T  # ΔW [out, in] (the bias cancels)
-        if target in SWAPPED:  # ComfyUI's weight has BFL's [shift; scale], diffusers' [scale; shift]
+        if target in NAMINGS[family].swapped:  # ComfyUI's weight has BFL's [shift; scale], diffusers' [scale; shift]
             d = torch.cat(d.chunk(2, dim=0)[::-1])
         row = sum(linear[parts[target][p]].out_features for p in range(part))
         out.setdefault(target, torch.zeros(widths[target]))[row : row + d.shape[0]] += d

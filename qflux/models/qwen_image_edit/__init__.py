@@ -4,7 +4,9 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from qflux.lora.formats import register_naming
 from qflux.models.qwen_image_edit.config import BUILTIN
+from qflux.models.qwen_image_edit.names import NAMES, NAMING
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.builtin import BuiltinModel, register_builtin_model
 
@@ -25,3 +27,4 @@ def _folder(variant: str | None) -> str:
 register_builtin_model(
     BUILTIN, BuiltinModel(_folder, lambda p, variant: build_qwen_image_edit(p, seed=0, variant=variant or "edit"))
 )
+register_naming(NAMING, NAMES)

@@ -74,7 +74,7 @@ def saved(request, tiny_flux_dir: Path, tmp_path_factory: pytest.TempPathFactory
     lora = _trained(models.transformer, kind, r)
     save_lora(out, models.transformer, lora, dtype=torch.float32, pipeline_cls=FluxKontextPipeline)
     if kind != "dora":
-        save_lora_comfyui(out, models.transformer, lora, dtype=torch.float32)
+        save_lora_comfyui(out, models.transformer, lora, dtype=torch.float32, naming="flux")
     return kind, r, out, models, lora, _predict(models, lora), _predict(models)
 
 

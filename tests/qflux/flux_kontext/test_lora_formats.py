@@ -24,7 +24,7 @@ from qflux.lora.adapter import (
     save_lora,
     save_lora_comfyui,
 )
-from qflux.lora.formats import comfyui_to_kohya, flux_to_comfyui, module_out_features
+from qflux.lora.formats import comfyui_to_kohya, module_out_features, to_comfyui
 from qflux.models.flux_kontext.loaders import FLUX_KONTEXT, load_flux_kontext
 from qflux.models.flux_kontext.predict import predict
 from qflux.weights.loading import load_part
@@ -60,7 +60,7 @@ def test_comfyui_conversion_keeps_every_delta(tiny_flux_dir: Path) -> None:
     lora = _trained(tr, ALL)
     sd = lora_to_diffusers(tr, lora, torch.float32)
     scale = lora_scale(tr)
-    comfy = flux_to_comfyui(sd, scale=scale, out_features=module_out_features(tr))
+    comfy = to_comfyui(sd, scale=scale, out_features=module_out_features(tr), naming="flux")
     assert all(k.startswith("diffusion_model.") for k in comfy)
     assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else "alpha" for k in comfy} == {
         "lora_down",
@@ -129,7 +129,7 @@ def saved(tiny_flux_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     models = load_flux_kontext(tiny_flux_dir, torch.float32)
     lora = _trained(models.transformer, ROUND_TRIP)
     save_lora(out, models.transformer, lora, dtype=torch.float32, pipeline_cls=FluxKontextPipeline)
-    comfy = save_lora_comfyui(out, models.transformer, lora, dtype=torch.float32)
+    comfy = save_lora_comfyui(out, models.transformer, lora, dtype=torch.float32, naming="flux")
     kohya = out / "kohya.safetensors"
     save_file(comfyui_to_kohya(load_file(comfy)), str(kohya))
     kw = {"num_inference_steps": STEPS, "max_sequence_length": 64}
@@ -194,7 +194,7 @@ def test_every_module_reads_back_at_a_width_the_real_model_does_not_have(tmp_pat
     tr = load_part(FLUX_KONTEXT, folder, "transformer", torch.float32)
     lora = _trained(tr, (*ALL, "norm_out.linear"))
     save_lora(tmp_path, tr, lora, dtype=torch.float32, pipeline_cls=FluxKontextPipeline)
-    comfy = save_lora_comfyui(tmp_path, tr, lora, dtype=torch.float32)
+    comfy = save_lora_comfyui(tmp_path, tr, lora, dtype=torch.float32, naming="flux")
     assert "diffusion_model.final_layer.adaLN_modulation.1.lora_up.weight" in load_file(comfy)
     save_file(comfyui_to_kohya(load_file(comfy)), str(tmp_path / "kohya.safetensors"))
     path = {"diffusers": tmp_path / "pytorch_lora_weights.safetensors", "comfyui": comfy,
@@ -216,7 +216,7 @@ def test_bfl_modulation_halves_are_shift_then_scale(tiny_flux_dir: Path) -> None
     tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = _trained(tr, ("norm_out.linear",))
     sd = lora_to_diffusers(tr, lora, torch.float32)
-    comfy = flux_to_comfyui(sd, scale=lora_scale(tr), out_features=module_out_features(tr))
+    comfy = to_comfyui(sd, scale=lora_scale(tr), out_features=module_out_features(tr), naming="flux")
     key = "diffusion_model.final_layer.adaLN_modulation.1"
     rank = comfy[f"{key}.lora_down.weight"].shape[0]
     fused = _delta(
