@@ -54,8 +54,8 @@ def _model(name: str) -> tuple[Any, int]:
         from qflux.models.flux_kontext.plan import plan_model
 
         return plan_model(2.5), 512
-    from qflux.memory.shapes import shipped_configs
     from qflux.models.qwen_image_edit.plan import plan_model, text_tokens
+    from qflux.weights.shapes import shipped_configs
 
     configs = shipped_configs(FULL["qwen"]) or {}
     return plan_model(), text_tokens(configs["text_encoder"], "edit", 1)
@@ -74,9 +74,9 @@ def main(
     from qflux.config.schema import LoraConfig
     from qflux.memory.measure import LiveBytes, profiled_peak, storage_bytes
     from qflux.memory.planner import Inputs, Setting, estimate, real_step
-    from qflux.memory.shapes import shipped_configs
     from qflux.models.flux_kontext.tiny import build_flux_kontext
     from qflux.weights.loading import component_config
+    from qflux.weights.shapes import shipped_configs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if size == "full" and device.type != "cuda":

@@ -35,7 +35,7 @@ SCENARIOS = {
 
 def _scenario(name: str) -> tuple[Any, dict[str, Any], Any]:
     from qflux.memory.planner import Inputs
-    from qflux.memory.shapes import shipped_configs
+    from qflux.weights.shapes import shipped_configs
 
     hub, variant, side, controls = SCENARIOS[name]
     configs = shipped_configs(hub) or {}

@@ -31,8 +31,8 @@ from qflux.memory.planner import (
     square_bucket,
     table,
 )
-from qflux.memory.shapes import published, shipped_ids
 from qflux.weights.loading import component_config, torch_dtype
+from qflux.weights.shapes import published, shipped_ids
 
 Configs = Mapping[str, Mapping[str, Any]]
 """{component: its config.json}."""

@@ -1,7 +1,7 @@
 """The ``plan`` command: will this run fit the card, and what is the cheapest change that makes it?
 
 :func:`estimate` builds the configured transformer from its ``config.json`` (a local folder's, or
-the published shapes qflux ships for the supported hub ids: :mod:`qflux.memory.shapes`), gives it the
+the published shapes qflux ships for the supported hub ids: :mod:`qflux.weights.shapes`), gives it the
 run's storage, LoRA, checkpointing and block swap, and measures one real training step on fake
 tensors (:mod:`qflux.memory.measure`). Encoders that stay resident (training without the cache, placed on
 the transformer's device) add their stored weights; they run before the step, while the step's

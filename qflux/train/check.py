@@ -14,8 +14,8 @@ from qflux.config.schema import RecipeConfig
 from qflux.data.checks import check_pairs, summary
 from qflux.data.pairs import PairRule
 from qflux.diffusion.latents import size_multiple
-from qflux.memory.shapes import published
 from qflux.train.run import image_multiple, samples_at
+from qflux.weights.shapes import published
 
 
 def run_check(cfg: RecipeConfig, rule: PairRule, folder: Callable[[], Path]) -> int:

@@ -81,17 +81,15 @@ CHAT_SPECIAL_TOKENS = (
 )  # fmt: skip
 
 
-def chat_tokenizer() -> Any:
-    """A byte-level Qwen2 BPE tokenizer over all 256 bytes, a few merges and the chat/vision
-    special tokens, built in code."""
-    from transformers import Qwen2Tokenizer
-
+def chat_tokenizer(tokenizer_cls: Any) -> Any:
+    """A byte-level BPE tokenizer of ``tokenizer_cls`` (the family's: transformers' ``Qwen2Tokenizer``) over all
+    256 bytes, a few merges and the chat/vision special tokens, built in code."""
     vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
     for a, b in merges:
         vocab[a + b] = len(vocab)
     vocab[CHAT_SPECIAL_TOKENS[0]] = len(vocab)
-    tok = Qwen2Tokenizer(
+    tok = tokenizer_cls(
         vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     tok.add_special_tokens({"additional_special_tokens": list(CHAT_SPECIAL_TOKENS[1:])})

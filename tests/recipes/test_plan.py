@@ -15,9 +15,9 @@ from qflux.config.parse import load_config
 from qflux.memory.command import fit_warning, plan_inputs
 from qflux.memory.measure import GIB
 from qflux.memory.planner import Setting, block_weights, estimate
-from qflux.memory.shapes import shipped_configs, shipped_ids
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+from qflux.weights.shapes import shipped_configs, shipped_ids
 from recipes import flux2_klein_lora, flux_kontext_lora, qwen_image_edit_lora
 
 BF16 = "recipes/configs/flux_kontext_bf16.yaml"

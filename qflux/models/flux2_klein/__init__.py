@@ -1,10 +1,13 @@
 """FLUX.2 [klein]: multi-reference image editing (Qwen3 text encoder, Flux2 transformer and VAE)."""
 
+from pathlib import Path
+
 from qflux.lora.formats import register_naming
 from qflux.models.flux2_klein.config import BUILTIN
 from qflux.models.flux2_klein.names import NAMES, NAMING
 from qflux.models.flux2_klein.tiny import build_flux2_klein
 from qflux.train.builtin import BuiltinModel, register_builtin_model
+from qflux.weights.shapes import register_shapes
 
 __all__ = ["TINY"]
 
@@ -14,3 +17,4 @@ register_builtin_model(
     BUILTIN, BuiltinModel(lambda _: "tiny-flux2-klein-seed0", lambda p, _: build_flux2_klein(p, seed=0))
 )
 register_naming(NAMING, NAMES)
+register_shapes(Path(__file__).parent / "shapes")

@@ -54,11 +54,11 @@ def build_flux2_klein(
         The folder; ``Flux2KleinPipeline.from_pretrained(path)`` loads it.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
     p = preset(_PRESETS, size, overrides)
     out = Path(out_dir)
-    tok = chat_tokenizer()
+    tok = chat_tokenizer(Qwen2Tokenizer)
     tok.chat_template = QWEN3_CHAT_TEMPLATE
     z = p["latent_channels"]
     text = p["text"]

@@ -9,6 +9,7 @@ from qflux.models.qwen_image_edit.config import BUILTIN
 from qflux.models.qwen_image_edit.names import NAMES, NAMING
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.builtin import BuiltinModel, register_builtin_model
+from qflux.weights.shapes import register_shapes
 
 __all__ = ["TINY"]
 
@@ -28,3 +29,4 @@ register_builtin_model(
     BUILTIN, BuiltinModel(_folder, lambda p, variant: build_qwen_image_edit(p, seed=0, variant=variant or "edit"))
 )
 register_naming(NAMING, NAMES)
+register_shapes(Path(__file__).parent / "shapes")

@@ -61,13 +61,13 @@ def build_qwen_image_edit(
         QwenImageEditPlusPipeline,
         QwenImageTransformer2DModel,
     )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
     if variant not in QWEN_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(QWEN_VARIANTS)}")
     p = preset(_QWEN_PRESETS, size, overrides)
     out = Path(out_dir)
-    tok = chat_tokenizer()
+    tok = chat_tokenizer(Qwen2Tokenizer)
     ids = dict(zip(CHAT_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(CHAT_SPECIAL_TOKENS)), strict=True))
     z = p["z_dim"]
     vocab = -(-len(tok) // 16) * 16
