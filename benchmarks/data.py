@@ -60,8 +60,9 @@ def write_photos(root: Path, n: int, seed: int = 0) -> Path:
 
 def pairs_per_second(data: Path, workers: int, batch: int = 4) -> float:
     """One shuffled epoch of the training stream at 1024² buckets: pairs per second."""
+    from qflux.data.dataset import PairDataset
     from qflux.data.order import batch_stream
-    from qflux.data.pairs import PairDataset, scan_pairs
+    from qflux.data.pairs import scan_pairs
 
     samples = scan_pairs(data, 1024 * 1024, multiple=16, buckets="auto", warn=lambda _: None)
     start = time.perf_counter()

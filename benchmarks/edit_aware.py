@@ -81,8 +81,8 @@ def vae_roundtrip(model: Path, held: Path) -> float:
     import torch
     from diffusers import AutoencoderKL
 
+    from qflux.data.images import image_size, load_sized
     from qflux.data.masks import region_psnr
-    from qflux.data.pairs import image_size, load_sized
 
     vae = AutoencoderKL.from_pretrained(model / "vae").eval()
     scores = []

@@ -21,7 +21,9 @@ import torch
 
 from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
-from qflux.data.pairs import PairRule, collate_pairs, load_rgb, save_image
+from qflux.data.dataset import collate_pairs
+from qflux.data.images import load_rgb, save_image
+from qflux.data.pairs import PairRule
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big

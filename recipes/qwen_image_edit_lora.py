@@ -25,7 +25,8 @@ from PIL import Image
 
 from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
-from qflux.data.pairs import PairRule, image_arg, save_image
+from qflux.data.images import image_arg, save_image
+from qflux.data.pairs import PairRule
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
 from qflux.models.qwen_image_edit import cache as qcache

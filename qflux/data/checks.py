@@ -12,7 +12,8 @@ from PIL import Image
 
 from qflux.data.alignment import SIDE, align
 from qflux.data.buckets import MAX_CROP, crop_fraction
-from qflux.data.pairs import PairSample, image_size, load_rgb
+from qflux.data.images import image_size, load_rgb
+from qflux.data.pairs import PairSample
 
 SHIFT_PX = 3.0
 """A target whose content moved this many of its pixels or more is reported."""

@@ -13,7 +13,8 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from qflux.data.pairs import PairSample, collate_pairs
+from qflux.data.dataset import collate_pairs
+from qflux.data.pairs import PairSample
 from qflux.errors import QfluxError
 
 

@@ -1,4 +1,5 @@
-"""The paired folder dataset: scanning, image decoding and sizing, and same-size batching.
+"""The paired folder dataset: scanning and checking the folder, and sizing each pair (exactly or into buckets);
+images in and out are :mod:`qflux.data.images`, the torch dataset :mod:`qflux.data.dataset`.
 
 Layout (paired by file stem)::
 
@@ -20,21 +21,18 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
-import numpy as np
-import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from qflux.data.buckets import MAX_CROP, Box, Size, bucket_area, bucket_sizes, cover_box, nearest_bucket
-from qflux.data.masks import change_mask, to_latent_grid
+from qflux.data.images import image_size
 from qflux.errors import QfluxError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 UPSCALE_WARNING = 2.0
 """Pairs whose target is scaled up more than this (per side) into its bucket are named in a warning."""
-_EXIF_ORIENTATION = 0x0112
 
 
 @attrs.frozen
@@ -92,41 +90,6 @@ def fit_size(width: int, height: int, max_pixels: int | None, multiple: int) -> 
         scale = math.sqrt(max_pixels / (width * height))
         width, height = round(width * scale), round(height * scale)
     return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as displayed, i.e. after the EXIF orientation is applied; reads the header only."""
-    with Image.open(path) as im:
-        w, h = im.size
-        if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
-            w, h = h, w
-    return w, h
-
-
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer greyscale (modes I;16*, I) scaled to 8-bit L; other modes unchanged."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        import numpy as np
-
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8"), mode="L")
-    if im.mode == "F":
-        return im.convert("L")
-    return im
-
-
-def load_rgb(path: Path, draft: int | None = None) -> Image.Image:
-    """Decode an image as 8-bit RGB: EXIF rotation applied, transparency composited on white,
-    CMYK, palette and 16-bit images converted. ``draft``: a JPEG may decode at a reduced scale whose
-    sides stay at least this many pixels (faster; for checks, not training)."""
-    with Image.open(path) as raw:
-        if draft is not None:
-            raw.draft("RGB", (draft, draft))
-        im: Image.Image = _to_8bit(ImageOps.exif_transpose(raw))
-        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-        return im.convert("RGB")
 
 
 def _image_problem(path: Path, multiple: int) -> str | None:
@@ -393,148 +356,3 @@ def _instruction(txt: Path) -> tuple[str, list[str]]:
     except UnicodeDecodeError:
         return "", [f"{txt}: not UTF-8 text; save it as UTF-8"]
     return prompt, ([] if prompt else [f"{txt}: the instruction is empty"])
-
-
-def crop(image: Image.Image, box: Box | None) -> Image.Image:
-    """``image`` cropped to ``box`` (rounded to whole pixels); ``image`` itself when None."""
-    return image if box is None else image.crop(tuple(round(x) for x in box))  # type: ignore[arg-type]
-
-
-def load_sized(path: Path, size: tuple[int, int], box: Box | None = None) -> torch.Tensor:
-    """An image file decoded and sized for the VAE (:func:`image_to_tensor`): [1, 3, h, w] in [−1, 1]."""
-    return image_to_tensor(load_rgb(path), size, box)
-
-
-def image_to_tensor(image: Image.Image, size: tuple[int, int], box: Box | None = None) -> torch.Tensor:
-    """Resize (Lanczos) to ``size`` = (w, h), the region ``box`` of it when given (a bucket's crop),
-    and map to [−1, 1] exactly as FluxKontextPipeline does.
-
-    ``size`` is already a multiple of the model's factor (:func:`fit_size`); the processor rounds
-    nothing more (its ``vae_scale_factor`` only floors sizes).
-
-    Returns:
-        [1, 3, h, w] float32.
-    """
-    from diffusers.image_processor import VaeImageProcessor
-
-    w, h = size
-    proc = VaeImageProcessor(vae_scale_factor=1)
-    if box is not None:
-        image = image.resize((w, h), resample=Image.Resampling.LANCZOS, box=box)
-    tensor: torch.Tensor = proc.preprocess(proc.resize(image, h, w), h, w)
-    # contiguous: the processor returns a channels-last view, and convolutions pick other kernels
-    # (with other rounding) for it, which would make cached and freshly encoded latents differ
-    return tensor.contiguous()
-
-
-def image_arg(image: str | list[str] | tuple[str, ...] | None, counts: tuple[int, int], want: str) -> list[Image.Image]:
-    """The images of a ``--image`` option: none, one path, or a comma-separated list (or a list), their
-    number within ``counts`` = (least, most).
-
-    Raises:
-        QfluxError: another number of images (``want`` says how many) or a path that does not exist.
-    """
-    from qflux.errors import QfluxError
-
-    if image is None or image == "":
-        paths: list[str] = []
-    elif isinstance(image, str):
-        paths = [p.strip() for p in image.split(",") if p.strip()]
-    else:
-        paths = [str(p) for p in image]
-    if not counts[0] <= len(paths) <= counts[1]:
-        raise QfluxError(f"{want} in --image; got {len(paths)}")
-    for p in paths:
-        if not Path(p).is_file():
-            raise QfluxError(f"input image '{p}' does not exist; pass --image=PATH")
-    return [load_rgb(Path(p)) for p in paths]
-
-
-def to_image(decoded: torch.Tensor) -> Any:
-    """A VAE output [1, 3, H, W] in [-1, 1] as the pipelines' ``output_type='np'`` image [H, W, 3]
-    float32 in [0, 1] (the inverse of :func:`image_to_tensor`)."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    return VaeImageProcessor(vae_scale_factor=1).postprocess(decoded, output_type="np")[0]
-
-
-def to_pil(image: Any) -> Image.Image:
-    """[H, W, 3] float in [0, 1] → 8-bit PIL image (rounded as diffusers' ``numpy_to_pil``)."""
-    import numpy as np
-
-    return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8"))
-
-
-def save_image(image: Any, out: str | Path) -> Path:
-    """Write an image [H, W, 3] in [0, 1] to ``out`` (folders made as needed) and say so."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(image).save(path)
-    print(f"wrote {path}")
-    return path
-
-
-MaskMode = Literal["none", "masks", "auto"]
-"""``train.loss_mask``."""
-
-
-@attrs.frozen
-class PairDataset:
-    """Map-style dataset over samples: ``ds[i]`` decodes and sizes one pair (and, with a
-    ``mask_mode``, its change mask at the latent grid, :mod:`qflux.data.masks`)."""
-
-    samples: Sequence[PairSample]
-    mask_mode: MaskMode = "none"
-    """``train.loss_mask``."""
-    vae_factor: int = 8
-    """Image pixels per latent pixel (the model's VAE factor), for the mask's grid."""
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.item(i, [load_rgb(c) for c in self.samples[i].controls])
-
-    def item(self, i: int, controls: Sequence[Image.Image]) -> dict[str, Any]:
-        """Sample i with its control images already decoded (a caller that needs them too decodes once)."""
-        s = self.samples[i]
-        sized = [
-            image_to_tensor(im, size, box)[0]
-            for im, size, box in zip(controls, s.control_sizes, s.control_crops, strict=True)
-        ]
-        target = load_sized(s.target, s.target_size, s.target_box)[0]
-        item: dict[str, Any] = {"index": i, "prompt": s.prompt, "controls": sized, "target": target}
-        if self.mask_mode != "none":
-            item["mask"] = self.mask(s, sized, target)
-        return item
-
-    def mask(self, s: PairSample, controls: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """The change mask [1, h, w] of sample ``s`` on the latent grid: its mask file cropped and
-        sized like its target (``masks``; all ones without a file), or derived from the target and
-        its first control (``auto``; all ones without a control)."""
-        w, h = s.target_size
-        grid = (h // self.vae_factor, w // self.vae_factor)
-        if self.mask_mode == "masks" and s.mask is not None:
-            with Image.open(s.mask) as raw:
-                grey = _to_8bit(ImageOps.exif_transpose(raw)).convert("L")
-            sized = crop(grey, s.target_box).resize(s.target_size, Image.Resampling.BILINEAR)
-            pixels = torch.from_numpy(np.asarray(sized, dtype=np.float32) / 255.0)
-            return to_latent_grid(pixels[None, None], grid)[0]
-        if self.mask_mode == "auto" and controls:
-            control = controls[0][None]
-            if control.shape[-2:] != target.shape[-2:]:  # a control at its own aspect: compared at the target's
-                control = torch.nn.functional.interpolate(control, size=target.shape[-2:], mode="bilinear")
-            return change_mask(control, target[None], grid)[0]
-        return torch.ones(1, *grid)
-
-
-def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack same-size items: controls (one [B, 3, hc_k, wc_k] per control image k), target
-    [B, 3, h, w], prompts, indices, and the change masks [B, 1, h/f, w/f] when the items have them."""
-    return {
-        "index": [it["index"] for it in items],
-        "prompt": [it["prompt"] for it in items],
-        "controls": [torch.stack(group) for group in zip(*(it["controls"] for it in items), strict=True)],
-        "target": torch.stack([it["target"] for it in items]),
-        **({"mask": torch.stack([it["mask"] for it in items])} if "mask" in items[0] else {}),
-    }

@@ -25,8 +25,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qflux.data.dataset import MaskMode, PairDataset
+from qflux.data.images import load_sized
 from qflux.data.masks import CHANGE_LEVEL
-from qflux.data.pairs import MaskMode, PairDataset, PairSample, load_sized
+from qflux.data.pairs import PairSample
 from qflux.errors import QfluxError
 
 Shapes = Mapping[str, tuple[int, ...]]

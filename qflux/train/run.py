@@ -27,8 +27,9 @@ from qflux.config.devices import component_devices, resolve_device
 from qflux.config.parse import to_dict
 from qflux.config.schema import LoraConfig, OptimizerConfig, RecipeConfig
 from qflux.data.checks import check_pairs
+from qflux.data.dataset import PairDataset
 from qflux.data.order import check_batches
-from qflux.data.pairs import PairDataset, PairRule, PairSample, scan_pairs
+from qflux.data.pairs import PairRule, PairSample, scan_pairs
 from qflux.diffusion.latents import size_multiple, vae_scale_factor
 from qflux.errors import QfluxError
 from qflux.lora.adapter import LORA_WEIGHT_NAME, inject_lora, lora_from_file

@@ -22,7 +22,9 @@ from qflux.data.buckets import (
     nearest_bucket,
     own_bucket,
 )
-from qflux.data.pairs import PairDataset, load_rgb, scan_pairs
+from qflux.data.dataset import PairDataset
+from qflux.data.images import load_rgb
+from qflux.data.pairs import scan_pairs
 
 multiples = st.sampled_from([8, 16, 32])
 sides = st.integers(16, 4096)

@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from qflux.data.dataset import PairDataset
+from qflux.data.images import image_to_tensor, load_rgb
 from qflux.data.order import batch_stream, epoch_batches
-from qflux.data.pairs import PairDataset, fit_size, image_to_tensor, load_rgb, scan_pairs
+from qflux.data.pairs import fit_size, scan_pairs
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.diffusion.rng import draw_sample_randomness, keyed_generator
 from qflux.errors import QfluxError
@@ -87,7 +89,7 @@ def test_load_rgb_composites_alpha_on_white_and_applies_exif(tmp_path: Path) -> 
     path = tmp_path / "r.jpg"
     img.save(path, exif=exif.tobytes())
     assert load_rgb(path).size == (10, 30)
-    from qflux.data.pairs import image_size
+    from qflux.data.images import image_size
 
     assert image_size(path) == (10, 30)
 

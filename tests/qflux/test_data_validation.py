@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qflux.data.pairs import load_rgb, scan_pairs
+from qflux.data.images import load_rgb
+from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from qflux.config.parse import load_config, schema_keys
-from qflux.data.pairs import PairDataset
+from qflux.data.dataset import PairDataset
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
 from qflux.models.flux_kontext.config import FluxKontextConfig

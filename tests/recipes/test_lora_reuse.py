@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from qflux.config.parse import load_config
-from qflux.data.pairs import load_rgb
+from qflux.data.images import load_rgb
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.tiny import build_flux_kontext

@@ -26,7 +26,9 @@ import attrs
 import torch
 
 from qflux.data.buckets import Box
-from qflux.data.pairs import MaskMode, PairSample, load_sized
+from qflux.data.dataset import MaskMode
+from qflux.data.images import load_sized
+from qflux.data.pairs import PairSample
 from qflux.models.flux2_klein.conditioning import TEXT_LAYERS, PromptEmbeds, encode_prompt, text_ids, vae_encode
 from qflux.models.flux2_klein.loaders import Flux2KleinModels
 from qflux.train.cache import (

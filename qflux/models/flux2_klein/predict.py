@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qflux.data.pairs import to_image
+from qflux.data.images import to_image
 from qflux.diffusion.latents import PATCH, size_multiple, unpack_latents
 from qflux.diffusion.sampling import euler_scheduler, initial_noise
 from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode, vae_encode

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from qflux.data.pairs import PairDataset, PairSample, collate_pairs
+from qflux.data.dataset import PairDataset, collate_pairs
+from qflux.data.pairs import PairSample
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import FluxKontextModels

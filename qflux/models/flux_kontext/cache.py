@@ -28,7 +28,9 @@ import attrs
 import torch
 
 from qflux.data.buckets import Box
-from qflux.data.pairs import MaskMode, PairSample, load_sized
+from qflux.data.dataset import MaskMode
+from qflux.data.images import load_sized
+from qflux.data.pairs import PairSample
 from qflux.diffusion.latents import vae_scale_factor
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.models.flux_kontext.loaders import FluxKontextModels

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qflux.data.pairs import image_to_tensor, to_image
+from qflux.data.images import image_to_tensor, to_image
 from qflux.diffusion.latents import PATCH, size_multiple
 from qflux.diffusion.sampling import euler_scheduler, initial_noise
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode, vae_encode

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from qflux.data.buckets import Box
-from qflux.data.pairs import PairDataset, collate_pairs, crop, load_rgb
+from qflux.data.dataset import PairDataset, collate_pairs
+from qflux.data.images import crop, load_rgb
 from qflux.models.qwen_image_edit.conditioning import encode_prompt, vae_encode
 from qflux.models.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.models.qwen_image_edit.loss import QwenImageEditBatch

@@ -28,7 +28,9 @@ import attrs
 import torch
 
 from qflux.data.buckets import Box
-from qflux.data.pairs import MaskMode, PairSample, load_sized
+from qflux.data.dataset import MaskMode
+from qflux.data.images import load_sized
+from qflux.data.pairs import PairSample
 from qflux.models.qwen_image_edit.batch import encode_sample_prompt, stack_tokens, vl_images
 from qflux.models.qwen_image_edit.conditioning import vae_encode
 from qflux.models.qwen_image_edit.loaders import QwenImageEditModels

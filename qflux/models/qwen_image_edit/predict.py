@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qflux.data.pairs import to_image
+from qflux.data.images import to_image
 from qflux.diffusion.latents import PATCH, pack_latents, size_multiple, unpack_latents
 from qflux.diffusion.sampling import euler_scheduler, initial_noise
 from qflux.models.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode

@@ -7,7 +7,8 @@ from pathlib import Path
 import attrs
 import torch
 
-from qflux.data.pairs import PairDataset, collate_pairs, scan_pairs
+from qflux.data.dataset import PairDataset, collate_pairs
+from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.models.flux_kontext import batch
 from qflux.models.flux_kontext.conditioning import encode_prompt_with, vae_encode

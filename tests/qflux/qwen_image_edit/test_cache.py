@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from qflux.data.pairs import PairDataset, scan_pairs
+from qflux.data.dataset import PairDataset
+from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import PROMPT, make_synthetic_pairs
 from qflux.models.qwen_image_edit import cache as qcache
 from qflux.models.qwen_image_edit.batch import (
