@@ -25,7 +25,7 @@ def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def encode_conditioning(models: Flux2KleinModels, raw: dict[str, Any], max_sequence_length: int) -> Conditioning:
-    """Encode a collated image batch (:func:`qflux.data.pairs.collate_pairs`) with the VAE and Qwen3, one
+    """Encode a collated image batch (:func:`qflux.data.dataset.collate_pairs`) with the VAE and Qwen3, one
     sample at a time."""
     n = len(raw["prompt"])
     embeds = [encode_prompt(models.text_encoder, models.tokenizer, [raw["prompt"][i]], max_sequence_length)

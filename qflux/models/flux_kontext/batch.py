@@ -31,7 +31,7 @@ def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def encode_conditioning(models: FluxKontextModels, raw: dict[str, Any], max_sequence_length: int) -> Conditioning:
-    """Encode a collated image batch (:func:`qflux.data.pairs.collate_pairs`) with the VAE and text encoders.
+    """Encode a collated image batch (:func:`qflux.data.dataset.collate_pairs`) with the VAE and text encoders.
 
     Each sample is encoded on its own, exactly as the cache encodes it, so training with and
     without the cache sees bit-identical conditioning.

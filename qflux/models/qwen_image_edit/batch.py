@@ -43,7 +43,7 @@ def vl_images(
 
 @attrs.frozen
 class QwenPairDataset:
-    """:class:`qflux.data.pairs.PairDataset` plus each sample's vision-language control images."""
+    """:class:`qflux.data.dataset.PairDataset` plus each sample's vision-language control images."""
 
     pairs: PairDataset
     variant: str
@@ -58,7 +58,7 @@ class QwenPairDataset:
 
 
 def collate_qwen_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """:func:`qflux.data.pairs.collate_pairs` plus ``vl``: per sample, its list of PIL images."""
+    """:func:`qflux.data.dataset.collate_pairs` plus ``vl``: per sample, its list of PIL images."""
     return {**collate_pairs(items), "vl": [it["vl"] for it in items]}
 
 
