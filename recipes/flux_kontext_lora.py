@@ -42,18 +42,8 @@ from qflux.train.cache import CacheReport
 from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
 from qflux.train.check import run_check
 from qflux.train.driver import decoder, finish, train_loop
-from qflux.train.run import (
-    ModelOps,
-    Run,
-    RunResult,
-    announce,
-    attach_lora,
-    first_state,
-    model_folder,
-    pair_dataset,
-    placements,
-    training_run,
-)
+from qflux.train.run import ModelOps, Run, RunResult, model_folder, pair_dataset, placements, training_run
+from qflux.train.start import announce, attach_lora, first_state
 from qflux.weights.loading import torch_dtype
 from qflux.weights.quantize import quantize_plan
 

@@ -36,8 +36,9 @@ from qflux.train.checkpoint import latest_checkpoint, save_loop_state
 from qflux.train.distributed import any_rank, barrier
 from qflux.train.loop import Hook, LoopState, flush, mean_recent, run_loop
 from qflux.train.plots import save_image_row, save_loss_curve
-from qflux.train.run import ModelOps, Run, RunResult, build_step, step_taker
+from qflux.train.run import ModelOps, Run, RunResult
 from qflux.train.signals import stop_signals
+from qflux.train.start import build_step, step_taker
 from qflux.train.state import LossFn, unreached_adapters
 from qflux.train.summary import LOSS_WINDOW, comfyui_note, end_block, unreached_text
 from qflux.train.tracking import Tracker, open_tracker
