@@ -11,59 +11,26 @@ the values for the real models. Every key is read by the code.
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
+
+from qflux.config.validators import (
+    device_field,
+    init_lora,
+    non_negative,
+    positive,
+    positive_or_none,
+    probability,
+    unit_interval,
+)
 
 # A name that stands for a dataset qflux builds itself, offline (each model family names its own tiny model).
 BUILTIN_SYNTHETIC_DATASET = "builtin:synthetic"
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-def _positive(inst: Any, att: Any, value: Any) -> None:
-    if value <= 0:
-        raise ValueError(f"{att.name} must be > 0, got {value!r}")
-
-
-def _positive_or_none(inst: Any, att: Any, value: Any) -> None:
-    if value is not None:
-        _positive(inst, att, value)
-
-
-def _unit_interval(inst: Any, att: Any, value: Any) -> None:
-    if not 0 <= value < 1:
-        raise ValueError(f"{att.name} must be in [0, 1), got {value!r}")
-
-
-def non_negative(inst: Any, att: Any, value: Any) -> None:
-    if value < 0:
-        raise ValueError(f"{att.name} must be >= 0, got {value!r}")
-
-
-def _probability(inst: Any, att: Any, value: Any) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{att.name} must be in [0, 1], got {value!r}")
-
-
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def _device(inst: Any, att: Any, value: Any) -> None:
-    if not isinstance(value, str) or not _DEVICE.match(value):
-        raise ValueError(f"{att.name} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {value!r}")
-
-
-def device_field(doc_default: str = "auto") -> Any:
-    return attrs.field(default=doc_default, validator=_device)
-
-
-def _init_lora(inst: Any, att: Any, value: Any) -> None:
-    if value not in (True, False, "gaussian"):
-        raise ValueError(f"{att.name} must be one of true, false, 'gaussian'; got {value!r}")
 
 
 @attrs.frozen
@@ -78,11 +45,11 @@ class LoraConfig:
     low-rank where r is below half its size). 'loha': ΔW = (α/r)·(W1a·W1b) ⊙ (W2a·W2b), a Hadamard
     product of two rank-r products. diffusers loads lora and dora files; ComfyUI loads lora, lokr
     and loha (docs/flux_kontext_configuration_guide.md, "Adapters and optimizers")."""
-    r: int = attrs.field(default=16, validator=[v.instance_of(int), _positive])
+    r: int = attrs.field(default=16, validator=[v.instance_of(int), positive])
     """Rank of the low-rank update ΔW = B·A (A: [r, in], B: [out, r])."""
-    lora_alpha: float = attrs.field(default=16, validator=_positive)
+    lora_alpha: float = attrs.field(default=16, validator=positive)
     """Scale numerator: the update is (lora_alpha / r)·B·A (every kind scales by lora_alpha / r)."""
-    init_lora_weights: bool | str = attrs.field(default="gaussian", validator=_init_lora)
+    init_lora_weights: bool | str = attrs.field(default="gaussian", validator=init_lora)
     """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random).
     lokr and loha: 'gaussian' and true start at ΔW = 0 (peft's init: one factor zero), false random."""
     target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple)
@@ -125,13 +92,13 @@ class DataConfig:
 
     dataset_path: str = BUILTIN_SYNTHETIC_DATASET
     """Folder with control_images/ and training_images/; 'builtin:synthetic' makes a demo set."""
-    batch_size: int = attrs.field(default=2, validator=[v.instance_of(int), _positive])
+    batch_size: int = attrs.field(default=2, validator=[v.instance_of(int), positive])
     """Samples per micro-batch; each batch holds pairs of one bucket (one set of sizes)."""
-    caption_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
+    caption_dropout_rate: float = attrs.field(default=0.05, validator=probability)
     """Probability that a sample's instruction is replaced by the empty prompt."""
-    prompt_image_dropout_rate: float = attrs.field(default=0.05, validator=_probability)
+    prompt_image_dropout_rate: float = attrs.field(default=0.05, validator=probability)
     """Probability that a sample's control latents are replaced by zeros."""
-    max_pixels: int | None = attrs.field(default=1024 * 1024, validator=_positive_or_none)
+    max_pixels: int | None = attrs.field(default=1024 * 1024, validator=positive_or_none)
     """The largest training area: the buckets' area (or, with ``buckets: exact``, images larger than
     this are scaled down, aspect kept). Sides are then floored to the model's multiple (16 for FLUX.1)."""
     buckets: Literal["auto", "exact"] = attrs.field(default="auto", validator=v.in_(("auto", "exact")))
@@ -158,18 +125,18 @@ class OptimizerConfig:
     name: Literal["adamw", "prodigy"] = attrs.field(default="adamw", validator=v.in_(("adamw", "prodigy")))
     """'adamw', or 'prodigy' (Adam that estimates its own step size d; lr multiplies d, so 1.0 is
     the usual value; ``prodigyopt``'s algorithm, qflux.optim.prodigy)."""
-    lr: float | None = attrs.field(default=None, validator=v.optional(_positive))
+    lr: float | None = attrs.field(default=None, validator=v.optional(positive))
     """Peak learning rate (the schedule scales it per step). null: 1e-3 with adamw, which suits the
     tiny default (real FLUX.1 Kontext LoRAs train at about 1e-4), and 1.0 with prodigy."""
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple)
     """(β1, β2): decay of the gradient's running mean and of its running square."""
     weight_decay: float = attrs.field(default=0.01, validator=non_negative)
     """Decoupled weight decay λ: p ← p·(1 − lr·λ) each step (Prodigy: p ← p·(1 − d·lr·λ))."""
-    eps: float = attrs.field(default=1e-8, validator=_positive)
+    eps: float = attrs.field(default=1e-8, validator=positive)
     """ε added to √v in the denominator (Prodigy: d·ε)."""
-    d0: float = attrs.field(default=1e-6, validator=_positive)
+    d0: float = attrs.field(default=1e-6, validator=positive)
     """prodigy only: the initial estimate of d."""
-    d_coef: float = attrs.field(default=1.0, validator=_positive)
+    d_coef: float = attrs.field(default=1.0, validator=positive)
     """prodigy only: multiplier of the estimate (below 1 for smaller steps)."""
     use_bias_correction: bool = False
     """prodigy only: fold Adam's bias correction into the step size."""
@@ -213,7 +180,7 @@ class LrSchedulerConfig:
     """Decay after warmup: none, linear to 0, or cosine to 0 (diffusers' get_scheduler)."""
     warmup_steps: int = attrs.field(default=0, validator=non_negative)
     """Linear warmup from 0 over this many optimizer steps."""
-    num_cycles: float = attrs.field(default=0.5, validator=_positive)
+    num_cycles: float = attrs.field(default=0.5, validator=positive)
     """Cosine only: number of half-periods over the decay (0.5 decays once to 0)."""
 
 
@@ -221,11 +188,11 @@ class LrSchedulerConfig:
 class TrainConfig:
     """The optimisation loop and the flow-matching objective."""
 
-    max_train_steps: int = attrs.field(default=150, validator=[v.instance_of(int), _positive])
+    max_train_steps: int = attrs.field(default=150, validator=[v.instance_of(int), positive])
     """Training stops after exactly this many optimizer steps."""
-    gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive)
+    gradient_accumulation_steps: int = attrs.field(default=1, validator=positive)
     """Micro-batches averaged into one optimizer step."""
-    max_grad_norm: float | None = attrs.field(default=1.0, validator=_positive_or_none)
+    max_grad_norm: float | None = attrs.field(default=1.0, validator=positive_or_none)
     """Clip the global L2 norm of the LoRA gradient to this value; null disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in backward to save memory (uses the autograd engine)."""
@@ -262,7 +229,7 @@ class TrainConfig:
     """Timestep density and loss weighting (SD3 paper, as diffusers' training scripts)."""
     logit_mean: float = 0.0
     """logit_normal: mean of the normal before the sigmoid."""
-    logit_std: float = attrs.field(default=1.0, validator=_positive)
+    logit_std: float = attrs.field(default=1.0, validator=positive)
     """logit_normal: standard deviation of the normal before the sigmoid."""
     mode_scale: float = 1.29
     """mode: scale of the mode-favouring density."""
@@ -275,7 +242,7 @@ class TrainConfig:
     control_images/ (grey, white where the edit is, the target's size; a pair without one weighs
     all alike). ``auto``: a soft mask from |target − first control|, smoothed and dilated on the
     latent grid. Masks follow buckets and crops; the cache stores them (``change_mask`` entries)."""
-    ema_decay: float | None = attrs.field(default=None, validator=v.optional(_unit_interval))
+    ema_decay: float | None = attrs.field(default=None, validator=v.optional(unit_interval))
     """Keep an exponential moving average of the LoRA, e ← d·e + (1 − d)·θ after every step, saved
     beside the raw weights as pytorch_lora_weights_ema.safetensors (and its ComfyUI twin) and in
     checkpoints (resume is exact). null: none. 0.99-0.999 are usual; 0 gives the raw weights."""
@@ -287,9 +254,9 @@ class TrainConfig:
     checkpointing_steps: int = attrs.field(default=50, validator=non_negative)
     """Write ``checkpoint-<step>/`` every this many optimizer steps (0: only at the end). A run that
     ends always writes ``checkpoint-<last step>``, so a larger max_train_steps resumes from it."""
-    checkpoints_total_limit: int | None = attrs.field(default=3, validator=_positive_or_none)
+    checkpoints_total_limit: int | None = attrs.field(default=3, validator=positive_or_none)
     """Keep only the newest this many checkpoints (null: keep all)."""
-    max_nonfinite_steps: int = attrs.field(default=10, validator=_positive)
+    max_nonfinite_steps: int = attrs.field(default=10, validator=positive)
     """Stop after this many steps in a row whose loss or gradient was not finite (each is skipped)."""
 
     def __attrs_post_init__(self) -> None:
@@ -360,9 +327,9 @@ class ValidationConfig:
     enabled: bool = False
     """Render validation grids and compute the validation loss before the first step, every
     validation_steps, and at the end."""
-    validation_steps: int = attrs.field(default=50, validator=_positive)
+    validation_steps: int = attrs.field(default=50, validator=positive)
     """Optimizer steps between validations."""
-    num_validation_samples: int = attrs.field(default=4, validator=_positive)
+    num_validation_samples: int = attrs.field(default=4, validator=positive)
     """How many held-out samples to use (the first ones, by name)."""
     dataset_path: str | None = None
     """Held-out pairs in the training layout. null: the built-in held-out pairs when training on
@@ -370,7 +337,7 @@ class ValidationConfig:
     samples: tuple[tuple[str, ...], ...] = ()
     """Instead of dataset_path: a list of [control image, prompt] or [control image, prompt, target
     image]. Samples without a target have no target panel and no validation loss."""
-    num_inference_steps: int = attrs.field(default=28, validator=_positive)
+    num_inference_steps: int = attrs.field(default=28, validator=positive)
     """Denoising steps of each validation prediction and of sample.png (fixed seed: the run's seed)."""
     use_ema: bool = False
     """Validate (loss, grid, edit metrics) with the moving average of the LoRA instead of its raw

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from qflux.config.schema import LoraConfig
 from qflux.errors import QfluxError
-from qflux.lora.formats import Delta, Naming, lycoris_modules, lycoris_stem
+from qflux.lora.formats import Delta, Naming
 from qflux.lora.kinds import (
     LYCORIS,
     METADATA_KEY,
@@ -35,6 +35,8 @@ from qflux.lora.kinds import (
     from_lycoris,
     is_adapter_param,
     kind_config,
+    lycoris_modules,
+    lycoris_stem,
     peft_config,
     read_adapter_file,
     saved_name,
@@ -281,7 +283,7 @@ def save_lora_comfyui(
 ) -> Path:
     """Write ``<out_dir>/<file_name>`` (pytorch_lora_weights_comfyui.safetensors) in ComfyUI's native naming
     (:func:`qflux.lora.formats.to_comfyui`; LoKr and LoHa: LyCORIS tensors under the names ComfyUI
-    maps, :func:`qflux.lora.formats.lycoris_stem`).
+    maps, :func:`qflux.lora.kinds.lycoris_stem`).
 
     Args:
         naming: "flux" (BFL module names, fused qkv / linear1) or "qwen" (diffusers' names).

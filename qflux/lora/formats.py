@@ -29,10 +29,9 @@ file module becomes its diffusers modules' (A, B) with the file's scale folded i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -44,7 +43,7 @@ Delta = tuple[torch.Tensor, torch.Tensor]
 Target = tuple[str, int, int]
 """(ComfyUI module, part, parts) of a diffusers module."""
 
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+BLOCK_PATH = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
 @attrs.frozen
@@ -90,7 +89,7 @@ def comfy_target(module: str, naming: Naming) -> Target:
     if names.same:
         return module, 0, 1
     double, single, top = names.double, names.single, names.top
-    m = _BLOCK.match(module)
+    m = BLOCK_PATH.match(module)
     if m:
         kind, i, rest = m.groups()
         table, prefix = (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
@@ -114,47 +113,6 @@ def _split_modules(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
 
 Naming = str
 """The name of a registered :class:`ComfyNames` (``flux``, ``qwen``, ``flux2``: a family's ``NAMING``)."""
-
-
-def lycoris_stem(module: str, naming: Naming) -> str:
-    """The ComfyUI file's name of a diffusers module's LyCORIS tensors (LoKr, LoHa).
-
-    A module that is a whole ComfyUI layer goes under that layer's own name, ``diffusion_model.<name>``,
-    which ComfyUI's ``model_lora_keys_unet`` maps for every model (its generic key). A part of a fused
-    layer (FLUX double-block q/k/v, FLUX.1's ``linear1``), or a layer whose output halves ComfyUI swaps
-    (``final_layer.adaLN_modulation.1``), goes under SimpleTuner's ``lycoris_<path with _>``, which its
-    Flux key map (``comfy/utils.py`` ``flux_to_diffusers``) places with the part's row offset (and the
-    swap): a Kronecker or Hadamard product cannot be stacked into a fused layer as LoRA factors can.
-
-    Raises:
-        ValueError: a module with no ComfyUI name under ``naming``.
-    """
-    target, _, parts = comfy_target(module, naming)
-    if parts == 1 and target not in NAMINGS[naming].swapped:
-        return f"diffusion_model.{target}"
-    return f"lycoris_{module.replace('.', '_')}"
-
-
-def lycoris_modules(modules: Iterable[str], naming: Naming) -> dict[str, str]:
-    """Every name a LyCORIS file may give one of ``modules`` → that module: ``transformer.<path>``,
-    ``lycoris_<path with _>`` and the ComfyUI name :func:`lycoris_stem` writes (the inverse of both files)."""
-    out: dict[str, str] = {}
-    for m in modules:
-        out[f"transformer.{m}"] = m
-        out[f"lycoris_{m.replace('.', '_')}"] = m
-        with contextlib.suppress(ValueError):  # no ComfyUI name: only the other two spellings
-            out[lycoris_stem(m, naming)] = m
-    return out
-
-
-def comfy_drops(modules: Iterable[str], naming: Naming) -> list[str]:
-    """The adapted modules that ComfyUI would not load from a file keyed by diffusers names
-    (``transformer.<module>``: the diffusers file and a LyCORIS ``transformer.`` file); they load from
-    the ComfyUI file (:func:`lycoris_stem`, :func:`to_comfyui`)."""
-    known = NAMINGS[naming].known_top
-    if known is None:
-        return []
-    return [m for m in modules if _BLOCK.match(m) is None and m not in known]
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ lokr and loha are written in the LyCORIS names ComfyUI reads (``comfy/lora.py`` 
 ``transformer.<diffusers path>`` in pytorch_lora_weights.safetensors and, in the ComfyUI file, under
 the name ComfyUI's ``model_lora_keys_unet`` maps for every model: ``diffusion_model.<ComfyUI
 module>`` for a whole layer, SimpleTuner's ``lycoris_<path with _>`` for a part of a fused one
-(:func:`qflux.lora.formats.lycoris_stem`). ComfyUI knows no FLUX.2 diffusers name for the time
+(:func:`qflux.lora.kinds.lycoris_stem`). ComfyUI knows no FLUX.2 diffusers name for the time
 embedder and the shared modulations, so the ``transformer.`` file loses those there (the end
 block says so). ComfyUI scales a module by
 alpha / rank, the rank read from ``hada_w1_b`` (LoHa) or a low-rank ``lokr_w*_b`` (LoKr), and by 1
@@ -27,9 +27,10 @@ render a DoRA file differently: DoRA has no ComfyUI file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ import torch
 
 from qflux.config.schema import LoraConfig
 from qflux.errors import QfluxError
+from qflux.lora.formats import BLOCK_PATH, NAMINGS, Naming, comfy_target
 
 Kind = Literal["lora", "dora", "lokr", "loha"]
 LYCORIS: tuple[Kind, ...] = ("lokr", "loha")
@@ -120,7 +122,7 @@ def to_lycoris(
 ) -> dict[str, torch.Tensor]:
     """peft's saved LoKr / LoHa tensors (``<module>.lokr_w1`` ...) in LyCORIS names with ``.alpha``
     (see the module docstring), each module under ``stem(module)``: ``transformer.<module>`` in the
-    diffusers-named file, :func:`qflux.lora.formats.lycoris_stem` in the ComfyUI file."""
+    diffusers-named file, :func:`qflux.lora.kinds.lycoris_stem` in the ComfyUI file."""
     scale = float(cfg.alpha) / float(cfg.r)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in saved.items():
@@ -148,7 +150,7 @@ def from_lycoris(
     Args:
         meta: the file's ``qflux_adapter`` metadata (kind, r, alpha).
         modules: ``{name a file may give a module: module path}``
-            (:func:`qflux.lora.formats.lycoris_modules`).
+            (:func:`qflux.lora.kinds.lycoris_modules`).
 
     Raises:
         QfluxError: a module the model lacks.
@@ -204,3 +206,44 @@ def read_adapter_file(path: str | Path, what: str) -> tuple[Kind, dict[str, Any]
         config = {k.removeprefix("transformer."): v for k, v in raw.items()}
         return "dora", config, sd
     return "lora", {}, sd
+
+
+def lycoris_stem(module: str, naming: Naming) -> str:
+    """The ComfyUI file's name of a diffusers module's LyCORIS tensors (LoKr, LoHa).
+
+    A module that is a whole ComfyUI layer goes under that layer's own name, ``diffusion_model.<name>``,
+    which ComfyUI's ``model_lora_keys_unet`` maps for every model (its generic key). A part of a fused
+    layer (FLUX double-block q/k/v, FLUX.1's ``linear1``), or a layer whose output halves ComfyUI swaps
+    (``final_layer.adaLN_modulation.1``), goes under SimpleTuner's ``lycoris_<path with _>``, which its
+    Flux key map (``comfy/utils.py`` ``flux_to_diffusers``) places with the part's row offset (and the
+    swap): a Kronecker or Hadamard product cannot be stacked into a fused layer as LoRA factors can.
+
+    Raises:
+        ValueError: a module with no ComfyUI name under ``naming``.
+    """
+    target, _, parts = comfy_target(module, naming)
+    if parts == 1 and target not in NAMINGS[naming].swapped:
+        return f"diffusion_model.{target}"
+    return f"lycoris_{module.replace('.', '_')}"
+
+
+def lycoris_modules(modules: Iterable[str], naming: Naming) -> dict[str, str]:
+    """Every name a LyCORIS file may give one of ``modules`` → that module: ``transformer.<path>``,
+    ``lycoris_<path with _>`` and the ComfyUI name :func:`lycoris_stem` writes (the inverse of both files)."""
+    out: dict[str, str] = {}
+    for m in modules:
+        out[f"transformer.{m}"] = m
+        out[f"lycoris_{m.replace('.', '_')}"] = m
+        with contextlib.suppress(ValueError):  # no ComfyUI name: only the other two spellings
+            out[lycoris_stem(m, naming)] = m
+    return out
+
+
+def comfy_drops(modules: Iterable[str], naming: Naming) -> list[str]:
+    """The adapted modules that ComfyUI would not load from a file keyed by diffusers names
+    (``transformer.<module>``: the diffusers file and a LyCORIS ``transformer.`` file); they load from
+    the ComfyUI file (:func:`lycoris_stem`, :func:`to_comfyui`)."""
+    known = NAMINGS[naming].known_top
+    if known is None:
+        return []
+    return [m for m in modules if BLOCK_PATH.match(m) is None and m not in known]

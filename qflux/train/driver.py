@@ -29,8 +29,7 @@ from qflux.lora.adapter import (
     save_lora,
     save_lora_comfyui,
 )
-from qflux.lora.formats import comfy_drops
-from qflux.lora.kinds import LYCORIS, module_of
+from qflux.lora.kinds import LYCORIS, comfy_drops, module_of
 from qflux.train.batch import Conditioning, DataPath
 from qflux.train.checkpoint import latest_checkpoint, save_loop_state
 from qflux.train.distributed import any_rank, barrier

@@ -145,7 +145,7 @@ def mean_loss(losses: Sequence[float], window: int = LOSS_WINDOW, *, first: bool
 
 def comfyui_note(kind: str, scale: float, drops: Sequence[str]) -> str | None:
     """One line on what ComfyUI would make of the diffusers-format file (None: it loads whole there):
-    the modules it has no diffusers name for (:func:`qflux.lora.formats.comfy_drops`) and, for a LoRA
+    the modules it has no diffusers name for (:func:`qflux.lora.kinds.comfy_drops`) and, for a LoRA
     without per-layer ``.alpha``, the strength 1 it applies instead of α/r."""
     lost = []
     if drops:

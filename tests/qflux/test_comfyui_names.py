@@ -22,8 +22,8 @@ from qflux.lora.adapter import (
     save_lora,
     save_lora_comfyui,
 )
-from qflux.lora.formats import NAMINGS, comfy_drops, comfy_target
-from qflux.lora.kinds import module_of
+from qflux.lora.formats import NAMINGS, comfy_target
+from qflux.lora.kinds import comfy_drops, module_of
 from qflux.models.flux2_klein.tiny import build_flux2_klein
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.summary import comfyui_note

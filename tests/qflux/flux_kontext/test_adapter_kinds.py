@@ -27,8 +27,7 @@ from qflux.lora.adapter import (
     save_lora,
     save_lora_comfyui,
 )
-from qflux.lora.formats import lycoris_stem
-from qflux.lora.kinds import adapter_kind, module_of
+from qflux.lora.kinds import adapter_kind, lycoris_stem, module_of
 from qflux.models.flux_kontext.loaders import FLUX_KONTEXT, load_flux_kontext
 from qflux.models.flux_kontext.predict import predict
 from qflux.weights.loading import load_part

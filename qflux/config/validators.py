@@ -1,0 +1,50 @@
+"""attrs validators of the config schema: ranges, choices and device strings, each naming the key and the fix."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+
+def positive(inst: Any, att: Any, value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"{att.name} must be > 0, got {value!r}")
+
+
+def positive_or_none(inst: Any, att: Any, value: Any) -> None:
+    if value is not None:
+        positive(inst, att, value)
+
+
+def unit_interval(inst: Any, att: Any, value: Any) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"{att.name} must be in [0, 1), got {value!r}")
+
+
+def non_negative(inst: Any, att: Any, value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"{att.name} must be >= 0, got {value!r}")
+
+
+def probability(inst: Any, att: Any, value: Any) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{att.name} must be in [0, 1], got {value!r}")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def device(inst: Any, att: Any, value: Any) -> None:
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise ValueError(f"{att.name} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {value!r}")
+
+
+def device_field(doc_default: str = "auto") -> Any:
+    return attrs.field(default=doc_default, validator=device)
+
+
+def init_lora(inst: Any, att: Any, value: Any) -> None:
+    if value not in (True, False, "gaussian"):
+        raise ValueError(f"{att.name} must be one of true, false, 'gaussian'; got {value!r}")
