@@ -56,13 +56,7 @@ def build_flux_kontext(
     Returns:
         The folder path. ``FluxKontextPipeline.from_pretrained(path)`` loads it.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxKontextPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxKontextPipeline, FluxTransformer2DModel  # deferred: diffusers takes seconds to import
 
     p = preset(_PRESETS, size, overrides)
     out = Path(out_dir)
@@ -80,52 +74,9 @@ def build_flux_kontext(
             guidance_embeds=True,
             **p["transformer"],  # axes_dims_rope sums to attention_head_dim
         )
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tok),
-                **p["clip"],
-                max_position_embeddings=77,
-                projection_dim=p["clip"]["hidden_size"],
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                hidden_act="gelu",
-            )
-        )
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tok2),
-                **p["t5"],
-                relative_attention_num_buckets=8,
-                pad_token_id=tok2.pad_token_id,
-                eos_token_id=tok2.eos_token_id,
-                decoder_start_token_id=tok2.pad_token_id,
-            )
-        )
-        levels = len(p["vae"]["block_out_channels"])
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            **p["vae"],  # 4 levels in the presets: downsampling ×8, as in FLUX
-            sample_size=64,
-            shift_factor=0.1159,  # FLUX.1 values
-            scaling_factor=0.3611,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+        clip, t5 = _text_encoders(p, tok, tok2)
+        vae = _vae(p)
+    scheduler = _scheduler()
     pipe = FluxKontextPipeline(
         scheduler=scheduler,
         vae=vae,
@@ -137,3 +88,68 @@ def build_flux_kontext(
     )
     pipe.save_pretrained(out)
     return out
+
+
+def _text_encoders(p: dict[str, Any], tok: Any, tok2: Any) -> tuple[Any, Any]:
+    """CLIP and T5 of preset ``p`` (drawn from the global RNG, which the builder seeds)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # deferred: heavy import
+
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            **p["clip"],
+            max_position_embeddings=77,
+            projection_dim=p["clip"]["hidden_size"],
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            hidden_act="gelu",
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok2),
+            **p["t5"],
+            relative_attention_num_buckets=8,
+            pad_token_id=tok2.pad_token_id,
+            eos_token_id=tok2.eos_token_id,
+            decoder_start_token_id=tok2.pad_token_id,
+        )
+    )
+    return clip, t5
+
+
+def _vae(p: dict[str, Any]) -> Any:
+    """The FLUX VAE of preset ``p`` (its depth from ``block_out_channels``)."""
+    from diffusers import AutoencoderKL  # deferred: heavy import
+
+    levels = len(p["vae"]["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1,
+        latent_channels=p["latent_channels"],
+        **p["vae"],  # 4 levels in the presets: downsampling ×8, as in FLUX
+        sample_size=64,
+        shift_factor=0.1159,  # FLUX.1 values
+        scaling_factor=0.3611,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _scheduler() -> Any:
+    """FLUX.1's flow-matching scheduler settings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler  # deferred: heavy import
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )

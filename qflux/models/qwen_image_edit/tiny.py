@@ -54,14 +54,9 @@ def build_qwen_image_edit(
         The folder. ``QwenImageEditPipeline.from_pretrained(path, processor=load_qwen_processor(path
         / "processor"))`` loads it.
     """
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageEditPipeline,
-        QwenImageEditPlusPipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    # deferred: diffusers and transformers take seconds to import
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2Tokenizer
 
     if variant not in QWEN_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(QWEN_VARIANTS)}")
@@ -73,21 +68,7 @@ def build_qwen_image_edit(
     vocab = -(-len(tok) // 16) * 16
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        special = {"bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
-        text = dict(p["text"], vocab_size=vocab, rope_theta=1000000.0, **special,
-                    rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})  # fmt: skip
-        config = Qwen2_5_VLConfig(
-            text_config=text,
-            vision_config=dict(p["vision"], out_hidden_size=p["text"]["hidden_size"]),
-            vocab_size=vocab,
-            **special,
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            vision_token_id=ids["<|vision_pad|>"],
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-        )
-        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+        text_encoder = _text_encoder(p, ids, vocab)
         transformer = QwenImageTransformer2DModel(
             patch_size=2,
             in_channels=4 * z,  # 2×2 packed latents
@@ -97,27 +78,8 @@ def build_qwen_image_edit(
             zero_cond_t=variant == "edit_2511",
             **p["transformer"],
         )
-        gen = torch.Generator().manual_seed(seed + 1)
-        vae = AutoencoderKLQwenImage(
-            base_dim=p["vae"]["base_dim"],
-            z_dim=z,
-            dim_mult=list(p["vae"]["dim_mult"]),
-            num_res_blocks=1,
-            temperal_downsample=list(p["vae"]["temperal_downsample"]),
-            latents_mean=(torch.randn(z, generator=gen) * 0.2).round(decimals=4).tolist(),
-            latents_std=(1 + torch.rand(z, generator=gen)).round(decimals=4).tolist(),
-        )
-    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's settings
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-    )
+        vae = _vae(p, seed)
+    scheduler = _scheduler()
     pipeline_cls = QwenImageEditPipeline if variant == "edit" else QwenImageEditPlusPipeline
     pipe = pipeline_cls(
         transformer=transformer,
@@ -129,3 +91,57 @@ def build_qwen_image_edit(
     )
     pipe.save_pretrained(out)
     return out
+
+
+def _text_encoder(p: dict[str, Any], ids: dict[str, int], vocab: int) -> Any:
+    """Qwen2.5-VL (vision tower included) of preset ``p`` (drawn from the global RNG, which the builder seeds)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # deferred: heavy import
+
+    special = {"bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    text = dict(p["text"], vocab_size=vocab, rope_theta=1000000.0, **special,
+                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(p["vision"], out_hidden_size=p["text"]["hidden_size"]),
+        vocab_size=vocab,
+        **special,
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _vae(p: dict[str, Any], seed: int) -> Any:
+    """The QwenImage VAE of preset ``p`` with non-trivial latent statistics (from ``seed + 1``)."""
+    from diffusers import AutoencoderKLQwenImage  # deferred: heavy import
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    return AutoencoderKLQwenImage(
+        base_dim=p["vae"]["base_dim"],
+        z_dim=p["z_dim"],
+        dim_mult=list(p["vae"]["dim_mult"]),
+        num_res_blocks=1,
+        temperal_downsample=list(p["vae"]["temperal_downsample"]),
+        latents_mean=(torch.randn(p["z_dim"], generator=gen) * 0.2).round(decimals=4).tolist(),
+        latents_std=(1 + torch.rand(p["z_dim"], generator=gen)).round(decimals=4).tolist(),
+    )
+
+
+def _scheduler() -> Any:
+    """Qwen-Image's flow-matching scheduler settings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler  # deferred: heavy import
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
