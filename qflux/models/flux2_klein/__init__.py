@@ -3,13 +3,14 @@
 from pathlib import Path
 
 from qflux.lora.formats import register_naming
+from qflux.models.flux2_klein.conditioning import encode_prompt
 from qflux.models.flux2_klein.config import BUILTIN
 from qflux.models.flux2_klein.names import NAMES, NAMING
 from qflux.models.flux2_klein.tiny import build_flux2_klein
 from qflux.train.builtin import BuiltinModel, register_builtin_model
 from qflux.weights.shapes import register_shapes
 
-__all__ = ["TINY"]
+__all__ = ["TINY", "encode_prompt"]
 
 TINY = {"flux2_klein": build_flux2_klein}
 """``python -m qflux.tiny`` names → builder."""

@@ -4,13 +4,14 @@ tiny builder."""
 from pathlib import Path
 
 from qflux.lora.formats import register_naming
+from qflux.models.flux_kontext.conditioning import encode_prompt
 from qflux.models.flux_kontext.config import BUILTIN
 from qflux.models.flux_kontext.names import NAMES, NAMING
 from qflux.models.flux_kontext.tiny import build_flux_kontext
 from qflux.train.builtin import BuiltinModel, register_builtin_model
 from qflux.weights.shapes import register_shapes
 
-__all__ = ["TINY"]
+__all__ = ["TINY", "encode_prompt"]
 
 TINY = {"flux_kontext": build_flux_kontext}
 """``python -m qflux.tiny`` names → builder."""

@@ -5,13 +5,14 @@ from functools import partial
 from pathlib import Path
 
 from qflux.lora.formats import register_naming
+from qflux.models.qwen_image_edit.conditioning import encode_prompt
 from qflux.models.qwen_image_edit.config import BUILTIN
 from qflux.models.qwen_image_edit.names import NAMES, NAMING
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.builtin import BuiltinModel, register_builtin_model
 from qflux.weights.shapes import register_shapes
 
-__all__ = ["TINY"]
+__all__ = ["TINY", "encode_prompt"]
 
 TINY: dict[str, Callable[..., Path]] = {
     "qwen_image_edit": build_qwen_image_edit,
