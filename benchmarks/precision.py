@@ -112,7 +112,7 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
     out = {v: saved(load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16, quantize=v)) / base for v in VARIANTS}
     layerwise = load_part(FLUX_KONTEXT, path, "transformer", torch.bfloat16)
     layerwise.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    layerwise.compute_dtype = torch.bfloat16  # its first parameter reports fp8 (qflux.weights.quantize.compute_dtype)
+    layerwise.compute_dtype = torch.bfloat16  # its first parameter reports fp8 (qflux.weights.dtypes.compute_dtype)
     out["fp8_layerwise"] = saved(layerwise) / base
     return out
 

@@ -31,7 +31,7 @@ def main(size: str = "tiny", steps: int = 8, repeats: int = 3, dtype: str = "flo
     from qflux.models.flux_kontext.loaders import load_flux_kontext
     from qflux.models.flux_kontext.predict import predict
     from qflux.models.flux_kontext.tiny import build_flux_kontext
-    from qflux.weights.loading import torch_dtype
+    from qflux.weights.dtypes import torch_dtype
 
     side = 64 if size == "tiny" else 256
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))

@@ -170,8 +170,8 @@ def bench_dtype(
     from qflux.lora.adapter import inject_lora
     from qflux.models.flux_kontext.loss import make_loss_fn
     from qflux.train.state import StepHParams, grad_engine, init_train_state, make_train_step
+    from qflux.weights.dtypes import torch_dtype
     from qflux.weights.frozen_linear import prepare_frozen_base
-    from qflux.weights.loading import torch_dtype
 
     dtype = torch_dtype(dtype_name)
     checkpointing = config == "full"

@@ -46,8 +46,8 @@ from qflux.train.check import run_check
 from qflux.train.driver import decoder, finish, train_loop
 from qflux.train.run import ModelOps, Run, RunResult, model_folder, pair_dataset, placements, training_run
 from qflux.train.start import announce, attach_lora, first_state
-from qflux.weights.loading import torch_dtype
-from qflux.weights.quantize import quantize_plan
+from qflux.weights.dtypes import torch_dtype
+from qflux.weights.quantize import storage_by_component
 
 MAX_REFERENCES = 4
 PAIRS = PairRule((0, MAX_REFERENCES), "own")
@@ -86,7 +86,7 @@ def _folder(cfg: Flux2KleinConfig) -> Path:
 
 def _load(cfg: Flux2KleinConfig, path: Path, include: Sequence[str], run: Run | None = None) -> Flux2KleinModels:
     """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
-    dtype, quantize = torch_dtype(cfg.model.dtype), quantize_plan(cfg.model)
+    dtype, quantize = torch_dtype(cfg.model.dtype), storage_by_component(cfg.model)
     return load_flux2_klein(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
 
 

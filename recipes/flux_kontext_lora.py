@@ -44,8 +44,8 @@ from qflux.train.check import run_check
 from qflux.train.driver import decoder, finish, train_loop
 from qflux.train.run import ModelOps, Run, RunResult, model_folder, pair_dataset, placements, training_run
 from qflux.train.start import announce, attach_lora, first_state
-from qflux.weights.loading import torch_dtype
-from qflux.weights.quantize import quantize_plan
+from qflux.weights.dtypes import torch_dtype
+from qflux.weights.quantize import storage_by_component
 
 PAIRS = PairRule((1, 1), "target")
 """One control image per sample, sized like its target's bucket (the pipeline gives the output the
@@ -83,7 +83,7 @@ def train(cfg: FluxKontextConfig) -> RunResult:
 
 def _load(cfg: FluxKontextConfig, path: Path, include: Sequence[str], run: Run | None = None) -> FluxKontextModels:
     """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
-    dtype, quantize = torch_dtype(cfg.model.dtype), quantize_plan(cfg.model)
+    dtype, quantize = torch_dtype(cfg.model.dtype), storage_by_component(cfg.model)
     return load_flux_kontext(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
 
 

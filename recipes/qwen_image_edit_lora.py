@@ -59,8 +59,8 @@ from qflux.train.check import run_check
 from qflux.train.driver import decoder, finish, train_loop
 from qflux.train.run import ModelOps, Run, RunResult, model_folder, pair_dataset, placements, training_run
 from qflux.train.start import announce, attach_lora, first_state
-from qflux.weights.loading import torch_dtype
-from qflux.weights.quantize import quantize_plan
+from qflux.weights.dtypes import torch_dtype
+from qflux.weights.quantize import storage_by_component
 
 PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own"), "edit_2511": PairRule((0, 3), "own")}
 """Control images per sample of each variant; each is sized at its own aspect, as the pipelines do."""
@@ -101,7 +101,7 @@ def _folder(cfg: QwenImageEditConfig) -> Path:
 
 def _load(cfg: QwenImageEditConfig, path: Path, include: Sequence[str], run: Run | None = None) -> QwenImageEditModels:
     """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
-    dtype, quantize = torch_dtype(cfg.model.dtype), quantize_plan(cfg.model)
+    dtype, quantize = torch_dtype(cfg.model.dtype), storage_by_component(cfg.model)
     if "transformer" in include:
         check_variant(path, cfg.model.variant)
     return load_qwen_image_edit(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)

@@ -31,7 +31,8 @@ from qflux.memory.planner import (
     square_bucket,
     table,
 )
-from qflux.weights.loading import component_config, torch_dtype
+from qflux.weights.dtypes import torch_dtype
+from qflux.weights.loading import component_config
 from qflux.weights.shapes import published, shipped_ids
 
 Configs = Mapping[str, Mapping[str, Any]]

@@ -42,7 +42,7 @@ from qflux.train.state import LossFn, unreached_adapters
 from qflux.train.summary import LOSS_WINDOW, comfyui_note, end_block, unreached_text
 from qflux.train.tracking import Tracker, open_tracker
 from qflux.train.validation import make_validator
-from qflux.weights.loading import torch_dtype
+from qflux.weights.dtypes import torch_dtype
 
 Render = Callable[[Sequence[Conditioning], Sequence[Mapping[str, torch.Tensor]]], list[np.ndarray]]
 

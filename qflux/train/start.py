@@ -35,7 +35,7 @@ from qflux.train.state import (
     init_train_state,
     make_train_step,
 )
-from qflux.train.summary import RunPlan, size_text, start_block
+from qflux.train.summary import RunStart, size_text, start_block
 from qflux.weights.block_swap import swap_blocks, swapped_bytes, transformer_blocks
 from qflux.weights.frozen_linear import prepare_frozen_base
 from qflux.weights.quantize import count_layers
@@ -117,7 +117,7 @@ def optimizer_text(opt: OptimizerConfig) -> str:
 def announce(cfg: RecipeConfig, run: Run, models: Any, loaded: Sequence[str], state: LoopState, pipeline: str) -> None:
     """Print the start block: the model and its stored layers, devices, data, batch, steps, compile."""
     devices = {n: str(next(m.parameters()).device) for n in loaded if (m := getattr(models, n, None)) is not None}
-    plan = RunPlan(
+    plan = RunStart(
         pipeline=pipeline,
         model=str(run.model_dir),
         dtype=cfg.model.dtype,

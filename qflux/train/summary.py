@@ -38,7 +38,7 @@ FOR_APP_LYCORIS = {
 
 
 @attrs.frozen
-class RunPlan:
+class RunStart:
     """What a training run is about to do, for the start block."""
 
     pipeline: str
@@ -87,7 +87,7 @@ TABLE_ROWS = 12
 """Bucket-table rows the start block prints (the rest are counted)."""
 
 
-def start_block(plan: RunPlan) -> str:
+def start_block(plan: RunStart) -> str:
     """The lines printed before the first step."""
     stored = plan.dtype
     if plan.quantize != "none":

@@ -16,13 +16,6 @@ import torch
 from qflux.errors import QfluxError
 from qflux.weights.folders import resolve_model_dir
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``'bfloat16'`` → ``torch.bfloat16`` (the config's dtype names)."""
-    return _DTYPES[name]
-
 
 def component_folder(model_path: str | Path, subfolder: str, *, pipeline: str) -> Path:
     """The model folder, checked to hold ``subfolder`` (``pipeline`` names the model in errors)."""

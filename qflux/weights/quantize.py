@@ -178,7 +178,7 @@ def quantize_frozen(module: nn.Module, mode: str, *, compute_dtype: torch.dtype 
     return len(targets)
 
 
-def quantize_plan(model: Any) -> dict[str, str]:
+def storage_by_component(model: Any) -> dict[str, str]:
     """{component: how its frozen linears are stored} of a config's model section: ``quantize`` for
     the transformer and, with ``quantize_text_encoders``, for the text encoders."""
     text = model.quantize if model.quantize_text_encoders else "none"
@@ -385,14 +385,3 @@ def _prequantized_4bit(
     if bias is not None:
         new.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     return new
-
-
-def compute_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a model computes in: its quantized layers' compute dtype, else ``module.dtype``
-    (diffusers and transformers report the first parameter's dtype, which for a quantized model
-    can be the storage dtype)."""
-    for m in module.modules():
-        dtype = getattr(m, "compute_dtype", None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    return next(p.dtype for p in module.parameters())

@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 
 from qflux.config.parse import load_config
 from qflux.data.pairs import scan_pairs
-from qflux.models.flux_kontext.batch import fixed_eval_batches
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loss import make_loss_fn
 from qflux.train.builtin import resolve_dataset_path
 from qflux.train.state import evaluate_loss
 from recipes.flux_kontext_lora import main
 from recipes.flux_kontext_lora import train as run
+from tests.flux_kontext_batches import fixed_eval_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 

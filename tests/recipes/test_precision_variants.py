@@ -10,13 +10,13 @@ import torch
 
 from qflux.config.parse import load_config
 from qflux.data.pairs import scan_pairs
-from qflux.models.flux_kontext.batch import fixed_eval_batches
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import load_flux_kontext
 from qflux.models.flux_kontext.loss import make_loss_fn
 from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 from qflux.train.builtin import resolve_dataset_path
 from qflux.train.state import evaluate_loss
+from tests.flux_kontext_batches import fixed_eval_batches
 
 
 @pytest.mark.parametrize("mode", ["fp8", "nf4", "fp4"])

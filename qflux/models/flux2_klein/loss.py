@@ -22,7 +22,7 @@ from qflux.diffusion.flow import WeightingScheme, add_noise, flow_match_loss, fl
 from qflux.diffusion.latents import pack_latents, unpack_latents
 from qflux.lora.adapter import call_with_lora
 from qflux.models.flux2_klein.conditioning import reference_ids, target_ids
-from qflux.weights.quantize import compute_dtype
+from qflux.weights.dtypes import compute_dtype
 
 
 def velocity(

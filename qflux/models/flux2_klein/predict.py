@@ -23,7 +23,7 @@ from qflux.diffusion.sampling import euler_scheduler, initial_noise
 from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode, vae_encode
 from qflux.models.flux2_klein.loaders import Flux2KleinModels
 from qflux.models.flux2_klein.loss import token_inputs, velocity
-from qflux.weights.quantize import compute_dtype
+from qflux.weights.dtypes import compute_dtype
 
 MAX_REFERENCE_AREA = 1024 * 1024
 """References above this many pixels are shrunk to it first (the pipeline's limit)."""

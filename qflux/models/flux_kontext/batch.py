@@ -8,19 +8,14 @@ before ``train_step``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from qflux.data.dataset import PairDataset, collate_pairs
-from qflux.data.pairs import PairSample
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
-from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import FluxKontextModels
 from qflux.models.flux_kontext.loss import FluxKontextBatch
 from qflux.train.batch import Conditioning, Draws, Prepared, prepare
-from qflux.train.batch import eval_batches as shared_eval_batches
 
 
 def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
@@ -86,56 +81,3 @@ def to_batch(p: Prepared) -> FluxKontextBatch:
         sigmas=p.sigmas,
         pixel=p.pixel,
     )
-
-
-def build_batch(
-    draws: Draws,
-    models: FluxKontextModels,
-    raw: dict[str, Any],
-    keys: tuple[int, ...],
-    *,
-    max_sequence_length: int,
-    device: torch.device | str = "cpu",
-) -> FluxKontextBatch:
-    """Encode a collated image batch and assemble it (the training path without the cache)."""
-    empty = encode_prompt_with(models, [""], max_sequence_length)
-    cond = encode_conditioning(models, raw, max_sequence_length)
-    return assemble_batch(draws, models.scheduler.config, cond, empty, keys, device)
-
-
-def eval_batches(
-    draws: Draws,
-    scheduler_config: Any,
-    conds: Sequence[Conditioning],
-    empty: PromptEmbeds,
-    *,
-    sigmas: Sequence[float] = (0.25, 0.5, 0.75),
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> list[FluxKontextBatch]:
-    """:func:`qflux.train.batch.eval_batches` of FLUX.1 Kontext conditioning (no dropout)."""
-    quiet = draws.without_dropout()
-    return shared_eval_batches(
-        lambda cond, keys: assemble_batch(quiet, scheduler_config, cond, empty, keys, device),
-        conds,
-        sigmas=sigmas,
-        seed=seed,
-    )
-
-
-def fixed_eval_batches(
-    cfg: FluxKontextConfig,
-    models: FluxKontextModels,
-    samples: Sequence[PairSample],
-    *,
-    sigmas: Sequence[float] = (0.25, 0.5, 0.75),
-    seed: int = 0,
-) -> list[FluxKontextBatch]:
-    """:func:`eval_batches` of ``samples`` encoded with ``models`` (one at a time), with the
-    configuration's draws and sequence length."""
-    dataset = PairDataset(samples)
-    seq = cfg.model.max_sequence_length
-    empty = encode_prompt_with(models, [""], seq)
-    conds = [encode_conditioning(models, collate_pairs([dataset[i]]), seq) for i in range(len(samples))]
-    draws = Draws.from_config(cfg.data, cfg.train)
-    return eval_batches(draws, models.scheduler.config, conds, empty, sigmas=sigmas, seed=seed)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from qflux.weights.quantize import compute_dtype
+from qflux.weights.dtypes import compute_dtype
 
 if TYPE_CHECKING:
     from qflux.models.flux_kontext.loaders import FluxKontextModels

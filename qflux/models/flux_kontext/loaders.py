@@ -1,4 +1,4 @@
-"""Loading FLUX.1 Kontext from a diffusers-layout folder: one table of its components (plan §2).
+"""Loading FLUX.1 Kontext from a diffusers-layout folder: one table of its components.
 
 Each weight component loads frozen, in eval mode, on its device (:func:`qflux.weights.loading.load_part`);
 loading one never loads the others, so training from a cache skips the text encoders entirely.

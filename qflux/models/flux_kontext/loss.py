@@ -20,7 +20,7 @@ import torch
 from qflux.diffusion.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
 from qflux.diffusion.latents import latent_image_ids, pack_latents, unpack_latents
 from qflux.lora.adapter import call_with_lora
-from qflux.weights.quantize import compute_dtype
+from qflux.weights.dtypes import compute_dtype
 
 
 @attrs.frozen(eq=False)

@@ -21,7 +21,7 @@ from qflux.diffusion.sampling import euler_scheduler, initial_noise
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode, vae_encode
 from qflux.models.flux_kontext.loaders import FluxKontextModels
 from qflux.models.flux_kontext.loss import token_layout, velocity
-from qflux.weights.quantize import compute_dtype
+from qflux.weights.dtypes import compute_dtype
 
 
 def default_size(image: Image.Image, multiple: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qflux.weights.quantize import compute_dtype
+from qflux.weights.dtypes import compute_dtype
 
 _SYSTEM = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "

@@ -22,7 +22,7 @@ import torch
 from qflux.diffusion.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
 from qflux.diffusion.latents import pack_latents, unpack_latents
 from qflux.lora.adapter import call_with_lora
-from qflux.weights.quantize import compute_dtype
+from qflux.weights.dtypes import compute_dtype
 
 
 @attrs.frozen(eq=False)
@@ -72,7 +72,7 @@ def transformer_velocity(
         params: LoRA tensors substituted into the module, ``{}`` for the module as it is.
         tokens: packed [B, N + Nc, 4C]; sigmas: [B]; embeds: [B, S, D]; mask: [B, S] or None.
         shapes: :func:`img_shapes`.
-        dtype: the transformer's compute dtype (:func:`qflux.weights.quantize.compute_dtype` walks the
+        dtype: the transformer's compute dtype (:func:`qflux.weights.dtypes.compute_dtype` walks the
             modules: read it once per loss function or denoising loop, not per call).
 
     Returns:

@@ -25,7 +25,7 @@ from qflux.diffusion.sampling import euler_scheduler, initial_noise
 from qflux.models.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode
 from qflux.models.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.models.qwen_image_edit.loss import img_shapes, transformer_velocity
-from qflux.weights.quantize import compute_dtype
+from qflux.weights.dtypes import compute_dtype
 
 CONDITION_AREA = 1024 * 1024
 """Qwen-Image-Edit: the pixel area the control image is resized to (VAE and vision input alike)."""

@@ -10,10 +10,10 @@ import torch
 from qflux.data.dataset import PairDataset, collate_pairs
 from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.models.flux_kontext import batch
 from qflux.models.flux_kontext.conditioning import encode_prompt_with, vae_encode
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.train.batch import Draws, sigmas_for
+from tests import flux_kontext_batches
 
 
 def _cfg(caption: float, image: float, **train: object) -> Draws:
@@ -23,7 +23,7 @@ def _cfg(caption: float, image: float, **train: object) -> Draws:
 
 
 def build_batch(draws: Draws, models, raw: dict, keys: tuple[int, ...]):
-    return batch.build_batch(draws, models, raw, keys, max_sequence_length=16)
+    return flux_kontext_batches.build_batch(draws, models, raw, keys, max_sequence_length=16)
 
 
 def _raw(tmp_path: Path) -> dict:
