@@ -196,8 +196,8 @@ def _report(
             f"dataset '{root}' has {len(problems)} problem(s) (set data.skip_invalid=true to train on the "
             "valid samples only):\n  " + "\n  ".join(problems)
         )
-    for p in problems:
-        warn(f"skipping invalid sample: {p}")
+    if problems:
+        warn(grouped(f"{len(problems)} invalid sample(s) skipped", problems))
     if not samples:
         raise QfluxError(f"dataset '{root}' holds no usable samples: training_images/ has no valid pairs")
 
@@ -226,15 +226,14 @@ def bucketed(
     sources = [[image_size(p) for p in (*s.controls, s.target)] for s in samples]
     area = bucket_area(max_pixels, [src[-1] for src in sources])
     table = bucket_sizes(area, multiple)
-    out, upscaled = [], []
+    out, upscaled, alone = [], [], []
     for s, src in zip(samples, sources, strict=True):
         target, own = nearest_bucket(src[-1], table, area, multiple)
         if (scale := max(target[0] / src[-1][0], target[1] / src[-1][1])) > UPSCALE_WARNING:
             upscaled.append((scale, s.target))
         if own:
             (w, h), (tw, th) = src[-1], target
-            warn(f"{s.target}: {w}×{h} would lose more than {MAX_CROP:.0%} of its area to the crop of the nearest "
-                 f"bucket (1:4 … 4:1); it trains at {tw}×{th}, a bucket of its own")  # fmt: skip
+            alone.append(f"{s.name} ({w}×{h} → {tw}×{th})")
         sizes, boxes = [], []
         for size in src[:-1]:
             c = (
@@ -246,12 +245,26 @@ def bucketed(
             boxes.append(_box(size, c))
         out.append(attrs.evolve(s, control_sizes=tuple(sizes), target_size=target, control_boxes=tuple(boxes),
                                 target_box=_box(src[-1], target)))  # fmt: skip
+    if alone:
+        warn(grouped(f"{len(alone)} pair(s) train in a bucket of their own (the nearest bucket, 1:4 … 4:1, would crop "
+                     f"more than {MAX_CROP:.0%} of their area)", alone))  # fmt: skip
     if upscaled:
         scale, name = max(upscaled)
         warn(f"{len(upscaled)} pair(s) are upscaled more than {UPSCALE_WARNING:g}× to their bucket (the most: {name}, "
              f"×{scale:.1f}): the buckets' area is that of the largest target ({area} px) or data.max_pixels; "
              "set data.max_pixels lower, or data.buckets: exact")  # fmt: skip
     return out
+
+
+SHOWN = 3
+"""Names a grouped warning lists before it counts the rest."""
+
+
+def grouped(cause: str, names: Sequence[str]) -> str:
+    """One line for a warning that repeats: its cause (with the count), then the first :data:`SHOWN` names
+    (``12 pair(s) train in a bucket of their own (...): a_00, a_01, a_02, … (+9 more)``)."""
+    more = f", … (+{len(names) - SHOWN} more)" if len(names) > SHOWN else ""
+    return f"{cause}: {', '.join(names[:SHOWN])}{more}"
 
 
 def _box(source: Size, size: Size) -> Box | None:

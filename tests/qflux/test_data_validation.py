@@ -166,3 +166,17 @@ def test_odd_modes_pass_validation(tmp_path: Path) -> None:
     Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(d / "training_images" / "sample_000.png")
     samples = scan_pairs(d, None, multiple=16)
     assert [s.name for s in samples] == ["sample_000", "sample_001", "sample_002"]
+
+
+def test_a_warning_that_repeats_is_one_line(tmp_path: Path) -> None:
+    """Eight pairs of one odd size that trains in a bucket of its own: one line with the count and the first
+    names, not one line per pair (as a held-out 128×96 dataset printed it)."""
+    from qflux.data.synthetic import make_synthetic_pairs
+
+    d = make_synthetic_pairs(tmp_path / "odd", 8, seed=0, sizes=((240, 40),))
+    warnings: list[str] = []
+    samples = scan_pairs(d, 240 * 40, multiple=16, buckets="auto", warn=warnings.append)
+    assert len(samples) == 8
+    own = [w for w in warnings if "bucket of their own" in w]
+    assert len(own) == 1 and own[0].startswith("8 pair(s) train in a bucket of their own")
+    assert "sample_000 (240×40 → " in own[0] and own[0].endswith("(+5 more)")
