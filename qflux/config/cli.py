@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import fire
+
 from qflux.config.parse import load_config
 from qflux.config.reference import command_help, function_options
 from qflux.errors import QfluxError
@@ -105,7 +107,6 @@ def main(
 ) -> None:
     """Run a recipe's command line: ``train``, ``cache``, ``plan`` and ``check`` take the config read from
     ``--config`` and the overrides; ``predict`` takes its own options."""
-    import fire
 
     commands = {"train": config_command(train, config_cls), "cache": config_command(cache, config_cls),
                 "plan": plan_command(plan, config_cls), "check": config_command(check, config_cls),

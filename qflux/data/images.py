@@ -28,8 +28,6 @@ def image_size(path: Path) -> tuple[int, int]:
 def to_8bit(im: Image.Image) -> Image.Image:
     """16-bit and 32-bit integer greyscale (modes I;16*, I) scaled to 8-bit L; other modes unchanged."""
     if im.mode.startswith("I;16") or im.mode == "I":
-        import numpy as np
-
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8"), mode="L")
@@ -71,6 +69,7 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int], box: Box | None =
     Returns:
         [1, 3, h, w] float32.
     """
+    # deferred: diffusers is a heavy import
     from diffusers.image_processor import VaeImageProcessor
 
     w, h = size
@@ -108,6 +107,7 @@ def image_arg(image: str | list[str] | tuple[str, ...] | None, counts: tuple[int
 def to_image(decoded: torch.Tensor) -> Any:
     """A VAE output [1, 3, H, W] in [-1, 1] as the pipelines' ``output_type='np'`` image [H, W, 3]
     float32 in [0, 1] (the inverse of :func:`image_to_tensor`)."""
+    # deferred: diffusers is a heavy import
     from diffusers.image_processor import VaeImageProcessor
 
     return VaeImageProcessor(vae_scale_factor=1).postprocess(decoded, output_type="np")[0]

@@ -13,6 +13,8 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from torch.utils.data import DataLoader
+
 from qflux.data.dataset import collate_pairs
 from qflux.data.pairs import PairSample
 from qflux.errors import QfluxError
@@ -82,7 +84,6 @@ def batch_stream(
     Yields:
         ((epoch, batch index) of the *next* batch, batch) — the position to save after using it.
     """
-    from torch.utils.data import DataLoader
 
     rank, world = shard
     epoch, first = start

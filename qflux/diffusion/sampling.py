@@ -31,6 +31,7 @@ def euler_scheduler(
     One step with a ``shift_terminal`` (Qwen-Image) would stretch [1] to 0/0: diffusers' pipelines
     return NaN there. A single step goes from σ = 1 to 0 without the stretch instead.
     """
+    # deferred: diffusers is a heavy import
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     overrides = {"shift_terminal": None} if num_inference_steps == 1 else {}

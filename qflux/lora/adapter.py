@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.func import functional_call
 
 from qflux.config.schema import LoraConfig
 from qflux.errors import QfluxError
-from qflux.lora.formats import Delta, Naming
+from qflux.lora.formats import NAMINGS, Delta, Naming, layer_names, module_out_features, split_lora, to_comfyui
 from qflux.lora.kinds import (
     LYCORIS,
     METADATA_KEY,
@@ -98,6 +100,7 @@ def call_with_lora(module: Any, lora: Mapping[str, torch.Tensor], inputs: Mappin
 
 def lora_to_diffusers(transformer: Any, lora: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Params:
     """Rename module parameter names to peft's saved names (adapter name dropped), cast to ``dtype``."""
+    # deferred: peft (it imports transformers) is a heavy import
     from peft.utils import get_peft_model_state_dict
 
     sd = get_peft_model_state_dict(transformer, state_dict=dict(lora), adapter_name=ADAPTER)
@@ -140,7 +143,6 @@ def _save_lycoris(path: Path, transformer: Any, lora: Mapping[str, torch.Tensor]
                   *, stem: Callable[[str], str]) -> Path:  # fmt: skip
     """A LoKr / LoHa adapter in LyCORIS names, each module under ``stem(module)``
     (:func:`qflux.lora.kinds.to_lycoris`), its settings in the metadata."""
-    from safetensors.torch import save_file
 
     kind = adapter_kind(transformer, ADAPTER)
     cfg = transformer.peft_config[ADAPTER]
@@ -165,9 +167,6 @@ def read_lora(transformer: Any, path: str | Path, *, naming: Naming, pipeline_cl
     Raises:
         QfluxError: missing or unreadable file, a format nobody reads, or modules the model lacks.
     """
-    from safetensors import safe_open
-
-    from qflux.lora.formats import NAMINGS, layer_names, module_out_features, split_lora
 
     p = Path(path)
     if not p.is_file():
@@ -244,6 +243,7 @@ def _attach(
 ) -> None:
     """Give ``transformer`` the adapter a file holds (its kind, rank and alpha, on its modules) and
     load the file's tensors into it (predict)."""
+    # deferred: peft (it imports transformers) is a heavy import
     from peft.utils import set_peft_model_state_dict
 
     modules = sorted({k.split(".lora_")[0] if kind == "dora" else k.rsplit(".", 1)[0] for k in saved})
@@ -291,9 +291,6 @@ def save_lora_comfyui(
     Raises:
         QfluxError: a DoRA adapter (ComfyUI renders DoRA differently: :mod:`qflux.lora.kinds`).
     """
-    from safetensors.torch import save_file
-
-    from qflux.lora.formats import module_out_features, to_comfyui
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

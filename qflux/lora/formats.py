@@ -37,6 +37,8 @@ from typing import Any
 import attrs
 import torch
 
+from qflux.errors import QfluxError
+
 Params = dict[str, torch.Tensor]
 Delta = tuple[torch.Tensor, torch.Tensor]
 """(A [r, in], B [out, r]) of one module with the file's scale folded into B: ΔW = B·A."""
@@ -138,7 +140,6 @@ def check_convertible(modules: list[str], naming: Naming) -> None:
     Raises:
         QfluxError: naming the first such module and the module names that convert.
     """
-    from qflux.errors import QfluxError
 
     bad = unconvertible(modules, naming)
     if bad:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 
 from qflux.config.schema import LoraConfig
 from qflux.errors import QfluxError
@@ -62,6 +63,7 @@ def peft_config(cfg: LoraConfig, linear: Sequence[str] = ()) -> Any:
 def kind_config(kind: Kind, r: int, alpha: float, targets: list[str], init: bool | str = True) -> Any:
     """peft's config of an adapter of ``kind``: ``LoraConfig`` (``use_dora`` for dora), ``LoKrConfig``
     or ``LoHaConfig``; ``init`` is peft's LoRA init, true or false for LoKr / LoHa ('gaussian': true)."""
+    # deferred: peft (it imports transformers) is a heavy import
     import peft
 
     if kind in ("lora", "dora"):
@@ -182,7 +184,6 @@ def read_adapter_file(path: str | Path, what: str) -> tuple[Kind, dict[str, Any]
     Raises:
         QfluxError: a missing or unreadable file, or a LoKr / LoHa file without qflux's metadata.
     """
-    from safetensors import safe_open
 
     p = Path(path)
     if not p.is_file():

@@ -36,6 +36,8 @@ import attrs
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -217,8 +219,6 @@ def profiled_peak(fn: Callable[[], Any]) -> int:
     """The peak of the bytes ``fn`` allocates on the CPU beyond what existed before it, from torch's
     profiler memory timeline (every allocation and free): an independent measurement to hold the
     fake-tensor estimate against (tests, benchmarks/memory.py)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()

@@ -32,7 +32,7 @@ from qflux.memory.measure import GIB, Breakdown, Fake4bit, fake_mode, measure_st
 from qflux.train.state import CompileMode, Optimizer, StepHParams, init_train_state, make_train_step, opt_tensors
 from qflux.weights.block_swap import swap_blocks, swapped_bytes, transformer_blocks
 from qflux.weights.loading import ModelFiles
-from qflux.weights.quantize import fits_4bit, quantize_frozen
+from qflux.weights.quantize import _frozen_linears, fits_4bit, quantize_frozen
 
 CARDS = (12, 16, 24, 48, 80)
 """Card sizes (GiB) the documentation's table answers for."""
@@ -130,7 +130,6 @@ def store_frozen(module: nn.Module, quantize: str) -> None:
     if quantize in ("none", "fp8"):
         quantize_frozen(module, quantize)
         return
-    from qflux.weights.quantize import _frozen_linears
 
     for name, m in _frozen_linears(module):
         if fits_4bit(m.out_features, m.in_features):

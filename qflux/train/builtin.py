@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 
 from qflux.config.schema import BUILTIN_SYNTHETIC_DATASET
+from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
 
 SYNTHETIC_TRAIN = 24
@@ -80,7 +81,6 @@ def resolve_dataset_path(path: str, *, heldout: bool = False) -> Path:
     """Map ``builtin:synthetic`` to the synthetic training set (or its held-out set); others pass through."""
     if path != BUILTIN_SYNTHETIC_DATASET:
         return Path(path)
-    from qflux.data.synthetic import make_synthetic_pairs
 
     if heldout:
         return _build_once("synthetic-heldout", lambda p: make_synthetic_pairs(p, SYNTHETIC_HELDOUT, seed=1))

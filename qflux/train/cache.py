@@ -29,6 +29,7 @@ from qflux.data.dataset import MaskMode, PairDataset
 from qflux.data.images import load_sized
 from qflux.data.masks import CHANGE_LEVEL
 from qflux.data.pairs import PairSample
+from qflux.diffusion.latents import vae_scale_factor
 from qflux.errors import QfluxError
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -199,7 +200,6 @@ class LatentSpec:
 def latent_spec(model_dir: Path, dtype: str, channels_key: str) -> LatentSpec:
     """The :class:`LatentSpec` of a (resolved) model folder's VAE: its identity, its latent channels
     (``channels_key`` of vae/config.json) and its factor."""
-    from qflux.diffusion.latents import vae_scale_factor
 
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     return LatentSpec({"vae": folder_identity(model_dir / "vae", dtype)}, int(vae_cfg[channels_key]),

@@ -25,6 +25,8 @@ from typing import Any
 
 import attrs
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from qflux.lora.kinds import is_adapter_param
 from qflux.weights.block_swap import transformer_blocks
@@ -108,8 +110,6 @@ def shard_frozen_base(transformer: Any, world: World) -> int:
     Returns:
         How many blocks were wrapped.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     device_type = next(transformer.parameters()).device.type
     mesh = init_device_mesh(device_type, (world.size,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +18,8 @@ def smoothing_window(n: int) -> int:
 
 def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "training loss") -> Path:
     """Plot per-step losses and their moving average (:func:`smoothing_window`) to a PNG."""
-    import gc
 
+    # deferred: matplotlib is a heavy import
     from matplotlib.figure import Figure
 
     y = np.asarray(losses, dtype=np.float64)

@@ -66,6 +66,7 @@ class TensorBoardTracker:
 
     def __init__(self, logdir: Path) -> None:
         try:
+            # deferred: tensorboard is a heavy import
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # pragma: no cover - tensorboard is a dependency
             raise QfluxError(

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from qflux.errors import QfluxError
 
 
@@ -56,8 +58,6 @@ def _first_config(subfolder: str) -> str:
 def _fetch_from_hub(repo_id: str, subfolders: Sequence[str], *, pipeline: str) -> Path:
     """Download (or find in the local hub cache) the files of ``repo_id`` that qflux reads."""
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = ["model_index.json"] + [f"{s}/*" for s in subfolders]
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # the hub client raises many types; all mean "not available"

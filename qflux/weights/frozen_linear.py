@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qflux.weights.fp8 import check_fp8_device, use_fp8_matmul
+from qflux.weights.quantize import keep_trainable_layout
+
 REDUCED_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -143,12 +146,9 @@ def prepare_frozen_base(
         {'fp8': layers converted to fp8, 'fast_backward': layers given the fast layout,
         '4bit_trainable': 4-bit layers kept in their trainable layout}.
     """
-    from qflux.weights.quantize import keep_trainable_layout
 
     n8 = 0
     if fp8_matmul:
-        from qflux.weights.fp8 import check_fp8_device, use_fp8_matmul
-
         check_fp8_device(device)
         n8 = use_fp8_matmul(module)
     fast = 0 if compile_mode == "full" else use_fast_frozen_linear(module)

@@ -6,6 +6,7 @@ mode with ``requires_grad`` off; failures are one sentence naming the folder.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 
 from qflux.errors import QfluxError
 from qflux.weights.folders import resolve_model_dir
+from qflux.weights.quantize import load_prequantized, prequantized_kind, quantize_frozen, share_code_tables
 
 
 def component_folder(model_path: str | Path, subfolder: str, *, pipeline: str) -> Path:
@@ -24,7 +26,6 @@ def component_folder(model_path: str | Path, subfolder: str, *, pipeline: str) -
 
 def component_config(model_dir: str | Path, subfolder: str) -> dict[str, Any]:
     """A component's ``config.json`` (read without loading the component: sizes, factors)."""
-    import json
 
     path = Path(model_dir) / subfolder / "config.json"
     try:
@@ -37,7 +38,6 @@ def component_config(model_dir: str | Path, subfolder: str) -> dict[str, Any]:
 def frozen(module: Any, device: str | torch.device) -> Any:
     """``module`` without gradients, in eval mode, on ``device`` (4-bit layers sharing their
     constant code tables: :func:`qflux.weights.quantize.share_code_tables`)."""
-    from qflux.weights.quantize import share_code_tables
 
     module.requires_grad_(False)
     module.eval()
@@ -63,7 +63,6 @@ def load_component(
             on the CPU before the move, so the device never holds the full-precision weights. A
             pre-quantized checkpoint (bitsandbytes 4-bit, or fp8 with scales) loads as it is stored.
     """
-    from qflux.weights.quantize import load_prequantized, prequantized_kind, quantize_frozen
 
     path = component_folder(model_path, subfolder, pipeline=pipeline)
     folder = path / subfolder

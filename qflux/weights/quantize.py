@@ -42,6 +42,8 @@ from typing import Any, Literal
 
 import attrs
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from qflux.errors import QfluxError, optional
@@ -281,7 +283,6 @@ def prequantized_kind(folder: Path) -> str | None:
     """How a component folder's checkpoint is already quantized: 'nf4' / 'fp4' (a bitsandbytes
     4-bit diffusers save: ``quantization_config`` in config.json), 'fp8' (float8 weights, with
     ``<layer>.scale_weight`` or ``<layer>.weight_scale`` scales), or None for a plain checkpoint."""
-    from safetensors import safe_open
 
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -306,7 +307,6 @@ def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str) -> 
     Raises:
         QfluxError: the checkpoint lacks tensors the model needs (names the first ones).
     """
-    from safetensors.torch import load_file
 
     config = dict(cls.load_config(folder))
     config.pop("quantization_config", None)
@@ -346,6 +346,7 @@ def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str) -> 
 def _empty_model(cls: Any, config: dict[str, Any], dtype: torch.dtype) -> Any:
     """The model built from its config in ``dtype`` without running weight initialisers (every
     weight is overwritten from the checkpoint)."""
+    # deferred: diffusers is a heavy import
     from diffusers.models.modeling_utils import no_init_weights
 
     previous = torch.get_default_dtype()

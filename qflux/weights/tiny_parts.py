@@ -30,6 +30,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def clip_tokenizer() -> Any:
     """A byte-level CLIP BPE tokenizer over all 256 bytes plus a few merges, built in code."""
+    # deferred: transformers is a heavy import
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
@@ -48,6 +49,7 @@ def clip_tokenizer() -> Any:
 
 def t5_tokenizer() -> Any:
     """A unigram T5 tokenizer over single characters and a few words, built in code."""
+    # deferred: transformers is a heavy import
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]

@@ -28,6 +28,7 @@ TEXT_LAYERS = (9, 18, 27)
 
 
 def _pipeline() -> Any:
+    # deferred: diffusers is a heavy import
     from diffusers import Flux2KleinPipeline
 
     return Flux2KleinPipeline

@@ -26,7 +26,10 @@ def table() -> Table:
     """{component: how it loads}: the Flux2 transformer, its autoencoder (images [B, 3, H, W] ↔
     latents [B, C, H/8, W/8], normalised after 2×2 patchifying by its batch-norm statistics), the
     Qwen3 causal LM (hidden states of three layers), its tokenizer and the flow-matching scheduler."""
+    # deferred: diffusers is a heavy import
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    # deferred: transformers is a heavy import
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     return {

@@ -31,6 +31,7 @@ MAX_REFERENCE_AREA = 1024 * 1024
 
 def image_processor(multiple: int) -> Any:
     """The pipeline's ``Flux2ImageProcessor`` for images sized in multiples of ``multiple``."""
+    # deferred: diffusers is a heavy import
     from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
     return Flux2ImageProcessor(vae_scale_factor=multiple)
@@ -52,6 +53,7 @@ def reference_tensor(image: Image.Image, multiple: int) -> torch.Tensor:
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
     """FLUX.2's shift μ for ``image_seq_len`` latent tokens and ``num_steps`` steps (the pipeline's own)."""
+    # deferred: diffusers is a heavy import
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
     return float(compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps))

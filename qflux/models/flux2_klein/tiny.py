@@ -53,7 +53,10 @@ def build_flux2_klein(
     Returns:
         The folder; ``Flux2KleinPipeline.from_pretrained(path)`` loads it.
     """
+    # deferred: diffusers is a heavy import
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    # deferred: transformers is a heavy import
     from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
     p = preset(_PRESETS, size, overrides)
@@ -98,6 +101,7 @@ def _vae(settings: dict[str, Any], z: int, seed: int) -> Any:
     """``AutoencoderKLFlux2`` of ``z`` latent channels (a VAE of n block widths downsamples by
     2^(n−1)), its batch-norm statistics drawn from ``seed`` + 1 so that normalising is not the identity.
     Call inside the builder's seeded RNG."""
+    # deferred: diffusers is a heavy import
     from diffusers import AutoencoderKLFlux2
 
     n = len(settings["block_out_channels"])

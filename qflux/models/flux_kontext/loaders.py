@@ -27,7 +27,10 @@ def table() -> Table:
     """{component: how it loads}: the Flux transformer with its guidance embedding, the autoencoder
     (images [B, 3, H, W] ↔ latents [B, 16, H/8, W/8]), CLIP (pooled prompt [B, 768]), T5 (prompt
     tokens [B, S, 4096]), their tokenizers and the flow-matching scheduler."""
+    # deferred: diffusers is a heavy import
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    # deferred: transformers is a heavy import
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     return {

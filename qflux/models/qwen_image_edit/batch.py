@@ -33,6 +33,7 @@ def vl_images(
 ) -> list[Image.Image]:
     """The vision-language inputs of a sample's control images (decoded when given as paths), each
     cropped to its box first when given: the region the VAE latent of that control sees (buckets)."""
+    # deferred: diffusers is a heavy import
     from diffusers.image_processor import VaeImageProcessor
 
     proc = VaeImageProcessor(vae_scale_factor=1)  # only its PIL resize: sizes come from calculate_dimensions

@@ -15,8 +15,9 @@ from typing import Any
 import attrs
 import torch
 
+from qflux.errors import QfluxError
 from qflux.models.qwen_image_edit.processor import load_qwen_processor
-from qflux.weights.loading import ModelFiles, Table, load_parts
+from qflux.weights.loading import ModelFiles, Table, component_config, load_parts
 
 PIPELINE = "Qwen-Image-Edit"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
@@ -30,7 +31,10 @@ def table() -> Table:
     ↔ latents [B, 16, 1, H/8, W/8], normalised with ``latents_mean`` / ``latents_std``), the
     Qwen2.5-VL encoder (vision tower included: hidden states of the prompt with its control
     image(s) [B, S, 3584]), the Qwen2 tokenizer, the Qwen2-VL processor and the scheduler."""
+    # deferred: diffusers is a heavy import
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    # deferred: transformers is a heavy import
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     return {
@@ -89,8 +93,6 @@ def check_variant(path: Path, variant: str) -> None:
     Raises:
         QfluxError: naming the folder, what its config says and the variant to set.
     """
-    from qflux.errors import QfluxError
-    from qflux.weights.loading import component_config
 
     zero = bool(component_config(path, "transformer").get("zero_cond_t", False))
     if zero and variant != "edit_2511":

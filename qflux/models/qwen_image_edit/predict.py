@@ -43,10 +43,12 @@ def condition_size(image: Image.Image, area: int = CONDITION_AREA, variant: str 
     is what both implementations use.
     """
     if variant == "edit":
+        # deferred: diffusers is a heavy import
         import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
 
         w, h, _ = edit.calculate_dimensions(area, image.width / image.height)
     else:
+        # deferred: diffusers is a heavy import
         import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 
         w, h = plus.calculate_dimensions(area, image.width / image.height)
@@ -115,6 +117,7 @@ def predict(
         [height, width, 3] float32 in [0, 1]; the size defaults to the (last) control image's
         ~1024² size.
     """
+    # deferred: diffusers is a heavy import
     from diffusers.image_processor import VaeImageProcessor
 
     images = [image] if isinstance(image, Image.Image) else list(image)

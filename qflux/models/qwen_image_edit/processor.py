@@ -9,13 +9,17 @@ check at it. Nothing else of transformers is changed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 
 def allow_video_processor_without_torchvision() -> None:
     """Make ``transformers.VideoProcessorMixin`` the real ``BaseVideoProcessor`` (idempotent)."""
+    # deferred: transformers is a heavy import
     import transformers
+
+    # deferred: transformers is a heavy import
     from transformers.video_processing_utils import BaseVideoProcessor
 
     transformers.VideoProcessorMixin = BaseVideoProcessor
@@ -27,7 +31,10 @@ def qwen_processor(tokenizer: Any, **image_kwargs: Any) -> Any:
     Args:
         image_kwargs: ``Qwen2VLImageProcessorPil`` settings (pixel bounds, patch size, ...).
     """
+    # deferred: transformers is a heavy import
     from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    # deferred: transformers is a heavy import
     from transformers.video_processing_utils import BaseVideoProcessor
 
     allow_video_processor_without_torchvision()
@@ -41,8 +48,8 @@ def qwen_processor(tokenizer: Any, **image_kwargs: Any) -> Any:
 def load_qwen_processor(folder: str | Path) -> Any:
     """The processor saved in ``folder`` (a pipeline's ``processor/``), read without torchvision:
     its tokenizer and image-processor settings, rebuilt with :func:`qwen_processor`."""
-    import json
 
+    # deferred: transformers is a heavy import
     from transformers import Qwen2Tokenizer
 
     p = Path(folder)

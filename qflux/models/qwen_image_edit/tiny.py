@@ -56,6 +56,8 @@ def build_qwen_image_edit(
     """
     # deferred: diffusers and transformers take seconds to import
     from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    # deferred: transformers is a heavy import
     from transformers import Qwen2Tokenizer
 
     if variant not in QWEN_VARIANTS:
