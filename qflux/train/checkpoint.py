@@ -223,32 +223,33 @@ def save_loop_state(
     return save_checkpoint(out_dir, state.train, meta, config, write_lora=write_lora, total_limit=total_limit)
 
 
-def _opt_to(opt: OptState, device: torch.device) -> OptState:
-    """The optimizer state with its per-tensor parts on ``device`` (Prodigy: its scalars too; AdamW's
-    count stays a CPU scalar, as it starts)."""
-    moved: list[Any] = [{k: _fresh(v, device) for k, v in f.items()} if isinstance(f, dict) else f for f in opt]
+def _opt_to(opt: OptState, device: torch.device, names: list[str]) -> OptState:
+    """The optimizer state with its per-tensor parts on ``device``, keyed in the order of ``names``
+    (Prodigy: its scalars too; AdamW's count stays a CPU scalar, as it starts)."""
+    moved: list[Any] = [{k: f[k].to(device) for k in names} if isinstance(f, dict) else f for f in opt]
     if isinstance(opt, ProdigyState):
-        scalars: list[Any] = [_fresh(f, device) if isinstance(f, torch.Tensor) else f for f in moved]
+        scalars: list[Any] = [f.to(device) if isinstance(f, torch.Tensor) else f for f in moved]
         return ProdigyState(*scalars)
     return AdamWState(*moved)
 
 
-def _fresh(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` copied to fresh storage on ``device``. safetensors hands back views into the file at any
-    byte offset; a reduction over an unaligned vector can group its partial sums otherwise (seen on one
-    thread: Prodigy's d resumed 1 ulp off), so a resumed step would not repeat the straight run bit for bit."""
-    return t.to(device, copy=True)
-
-
-def load_loop_state(ckpt: Checkpoint, device: torch.device) -> LoopState:
+def load_loop_state(ckpt: Checkpoint, device: torch.device, order: list[str] | None = None) -> LoopState:
     """The loop state a checkpoint holds, its tensors on ``device``. A checkpoint written before the
-    streak was saved resumes with a streak of 0."""
+    streak was saved resumes with a streak of 0.
+
+    Args:
+        order: the run's LoRA tensor names in its own order (its fresh state's). A checkpoint's tensors
+            come back sorted by name (safetensors' order), and the step concatenates them in the dict's
+            order into the flat vectors whose sums (Prodigy's Σ|s| and ⟨g, p0 − p⟩, the clipping norm)
+            round by that order: a resumed run must flatten as the straight one did to repeat it bit for bit.
+    """
     train = ckpt.state
+    names = list(train.lora) if order is None else list(order)
     moved = attrs.evolve(
         train,
-        lora={k: _fresh(v, device) for k, v in train.lora.items()},
-        ema=None if train.ema is None else {k: _fresh(v, device) for k, v in train.ema.items()},
-        opt=_opt_to(train.opt, device),
+        lora={k: train.lora[k].to(device) for k in names},
+        ema=None if train.ema is None else {k: train.ema[k].to(device) for k in names},
+        opt=_opt_to(train.opt, device, names),
     )
     meta = ckpt.meta
     return start_state(

@@ -95,7 +95,7 @@ def first_state(cfg: RecipeConfig, run: Run, lora0: Mapping[str, torch.Tensor]) 
         differ = ["the LoRA tensors (names or shapes)"]
     if differ:
         raise QfluxError(f"cannot resume from '{run.resume_from}': it differs from this run in " + "; ".join(differ))
-    state = load_loop_state(ckpt, run.device)
+    state = load_loop_state(ckpt, run.device, order=list(fresh.lora))  # the straight run's flattening order
     if not averaged and state.train.ema is not None:  # the average is kept only while configured
         state = attrs.evolve(state, train=attrs.evolve(state.train, ema=None))
     print(f"resuming from '{run.resume_from}' at step {state.step}")
