@@ -205,7 +205,7 @@ def run_full_size() -> None:
         state = init_train_state({k: t.to(device) for k, t in lora.items()}, 0)
         step = make_train_step(
             make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none"),
-            StepHParams((0.9, 0.999), 1e-8, 0.01, 1.0, "autograd"),
+            StepHParams(engine="autograd"),
             module=tr,
         )
         batch = _batch(0, shape, device)

@@ -169,6 +169,7 @@ def bench_dtype(
     from qflux.config.schema import LoraConfig
     from qflux.lora.adapter import inject_lora
     from qflux.models.flux_kontext.loss import make_loss_fn
+    from qflux.optim.transform import make_optimizer
     from qflux.train.state import StepHParams, grad_engine, init_train_state, make_train_step
     from qflux.weights.dtypes import torch_dtype
     from qflux.weights.frozen_linear import prepare_frozen_base
@@ -203,7 +204,7 @@ def bench_dtype(
         prepare_frozen_base(tr, fp8_matmul=fp8_matmul, device=device, compile_mode=mode)
         engine = grad_engine(mode)
         loss_fn = make_loss_fn(tr, guidance_scale=1.0, weighting_scheme="none")
-        step = make_train_step(loss_fn, StepHParams(**hp_args, engine=engine), module=tr, compile=mode)
+        step = make_train_step(loss_fn, StepHParams(make_optimizer(**hp_args), engine=engine), module=tr, compile=mode)
         holder = {"state": init_train_state({k: v.to(device) for k, v in lora.items()}, seed=0)}
 
         def run(b) -> None:

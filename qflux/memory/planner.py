@@ -29,7 +29,8 @@ from torch import nn
 from qflux.config.schema import LoraConfig
 from qflux.lora.adapter import inject_lora
 from qflux.memory.measure import GIB, Breakdown, Fake4bit, fake_mode, measure_step, storage_bytes, to_fake
-from qflux.train.state import CompileMode, Optimizer, StepHParams, init_train_state, make_train_step, opt_tensors
+from qflux.optim.transform import OptimizerName, make_optimizer
+from qflux.train.state import CompileMode, StepHParams, init_train_state, make_train_step, opt_tensors
 from qflux.weights.block_swap import swap_blocks, swapped_bytes, transformer_blocks
 from qflux.weights.loading import ModelFiles
 from qflux.weights.quantize import _frozen_linears, fits_4bit, quantize_frozen
@@ -80,7 +81,7 @@ class Inputs:
     """(w, h) of each control image."""
     text_tokens: int
     """Tokens of the prompt embedding the transformer reads."""
-    optimizer: Optimizer = "adamw"
+    optimizer: OptimizerName = "adamw"
     """Whose state the step holds (Prodigy's is twice AdamW's)."""
 
 
@@ -203,12 +204,13 @@ def _measure(
     held = {t.untyped_storage()._cdata for t in swapped}
     module = [t for t in (*transformer.parameters(), *transformer.buffers()) if t.untyped_storage()._cdata not in held]
     params = dict(transformer.named_parameters())
+    optimizer = make_optimizer(inputs.optimizer)
     with mode:
-        state = init_train_state({k: params[k].detach().float() for k in names}, seed=0, optimizer=inputs.optimizer)
+        state = init_train_state({k: params[k].detach().float() for k in names}, seed=0, optimizer=optimizer)
     opt = opt_tensors(state.opt)
     adapter = [params[k] for k in names]
     weights = storage_bytes(module) - storage_bytes(adapter)
-    step = make_train_step(model.loss(transformer), StepHParams(engine="autograd"), module=transformer)
+    step = make_train_step(model.loss(transformer), StepHParams(optimizer, engine="autograd"), module=transformer)
 
     def run() -> None:
         # all K micro-batches are prepared before the step (as step_taker does); one is enough to
@@ -259,8 +261,9 @@ def real_step(
         held = {t.untyped_storage()._cdata for t in swapper.host_tensors()}
     else:
         transformer.to(device)
-    state = init_train_state({k: v.to(device) for k, v in lora0.items()}, seed=0, optimizer=inputs.optimizer)
-    step = make_train_step(model.loss(transformer), StepHParams(engine="autograd"), module=transformer,
+    optimizer = make_optimizer(inputs.optimizer)
+    state = init_train_state({k: v.to(device) for k, v in lora0.items()}, seed=0, optimizer=optimizer)
+    step = make_train_step(model.loss(transformer), StepHParams(optimizer, engine="autograd"), module=transformer,
                            compile=compile_mode)  # fmt: skip
 
     def run() -> None:

@@ -1,7 +1,7 @@
-"""Optimizers as pure functions (AdamW, Prodigy) and learning-rate schedules."""
+"""Optimizers as records of two pure functions (AdamW, Prodigy; :mod:`qflux.optim.transform`, chosen once by
+``make_optimizer``) and learning-rate schedules."""
 
-from qflux.optim.adamw import adamw_init, adamw_update
-from qflux.optim.prodigy import prodigy_init
 from qflux.optim.schedules import learning_rate
+from qflux.optim.transform import Optimizer, make_optimizer, optimizer_from_config
 
-__all__ = ["adamw_init", "adamw_update", "learning_rate", "prodigy_init"]
+__all__ = ["Optimizer", "learning_rate", "make_optimizer", "optimizer_from_config"]

@@ -162,34 +162,3 @@ def clip_flat(g: torch.Tensor, max_norm: float | None) -> tuple[torch.Tensor, to
     if max_norm is not None:
         g = g * torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(g.dtype)
     return g, norm
-
-
-def clipped_adamw_if_finite(
-    grads: Mapping[str, torch.Tensor],
-    state: AdamWState,
-    params: Mapping[str, torch.Tensor],
-    loss: torch.Tensor,
-    *,
-    lr: torch.Tensor,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    max_grad_norm: float | None,
-) -> tuple[Params, AdamWState, torch.Tensor, torch.Tensor]:
-    """Clip the global norm, take an AdamW step, and keep the old params and state unless the loss
-    and the gradient norm are finite (optax's ``chain(clip_by_global_norm, adamw)`` inside
-    ``apply_if_finite``), each on one flat vector: no host sync, a few whole-vector operations.
-
-        g ← g · min(1, max_norm / (‖g‖ + 1e-6));   (p, m, v, t) ← AdamW(g, ...) if finite else unchanged
-
-    Returns:
-        (params, state, ‖g‖ before clipping, finite) with 0-d ``‖g‖`` and bool ``finite``.
-    """
-    names = list(params)
-    g, norm = clip_flat(flatten(grads, names), max_grad_norm)
-    m0, v0, p0 = flatten(state.exp_avg, names), flatten(state.exp_avg_sq, names), flatten(params, names)
-    p, m, v, count = adamw_flat(g, m0, v0, p0, state.updates, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    ok = torch.isfinite(loss) & torch.isfinite(norm)
-    p, m, v = torch.where(ok, p, p0), torch.where(ok, m, m0), torch.where(ok, v, v0)
-    count = torch.where(ok.to(count.device), count, state.updates)
-    return unflatten(p, params), AdamWState(count, unflatten(m, params), unflatten(v, params)), norm, ok

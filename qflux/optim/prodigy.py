@@ -18,7 +18,7 @@ from typing import NamedTuple
 import attrs
 import torch
 
-from qflux.optim.adamw import Params, clip_flat, flatten, unflatten
+from qflux.optim.adamw import Params
 
 
 class ProdigyState(NamedTuple):
@@ -131,45 +131,3 @@ def prodigy_flat(
     p = torch.where(moved, stepped, p)
     k = torch.where(moved, k + 1, k)
     return p, (m, v, s, k, d, d_max, numerator), torch.where(moved, dlr, torch.zeros_like(dlr))
-
-
-def clipped_prodigy_if_finite(
-    grads: Mapping[str, torch.Tensor],
-    state: ProdigyState,
-    params: Mapping[str, torch.Tensor],
-    loss: torch.Tensor,
-    *,
-    lr: torch.Tensor,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    max_grad_norm: float | None,
-    hp: ProdigyHParams,
-) -> tuple[Params, ProdigyState, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clip the global norm, take a Prodigy step, and keep the old params and state unless the loss
-    and the gradient norm are finite (as :func:`qflux.optim.adamw.clipped_adamw_if_finite`).
-
-    Returns:
-        (params, state, ‖g‖ before clipping, finite, dlr: the step's effective lr).
-    """
-    names = list(params)
-    g, norm = clip_flat(flatten(grads, names), max_grad_norm)
-    p0 = flatten(params, names)
-    old = (
-        flatten(state.exp_avg, names),
-        flatten(state.exp_avg_sq, names),
-        flatten(state.s, names),
-        state.updates,
-        state.d,
-        state.d_max,
-        state.d_numerator,
-    )
-    p, new, dlr = prodigy_flat(
-        g, p0, old, flatten(state.p0, names), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hp=hp
-    )
-    ok = torch.isfinite(loss) & torch.isfinite(norm)
-    p = torch.where(ok, p, p0)
-    m, v, s, k, d, d_max, numerator = (torch.where(ok.to(a.device), a, b) for a, b in zip(new, old, strict=True))
-    m_, v_, s_ = unflatten(m, params), unflatten(v, params), unflatten(s, params)
-    out = ProdigyState(k, d, d_max, numerator, m_, v_, s_, state.p0)
-    return unflatten(p, params), out, norm, ok, torch.where(ok.to(dlr.device), dlr, torch.zeros_like(dlr))

@@ -15,8 +15,8 @@ from qflux.errors import QfluxError
 from qflux.lora.adapter import inject_lora, lora_from_file
 from qflux.lora.formats import Naming, check_convertible
 from qflux.lora.kinds import module_of
-from qflux.optim.prodigy import ProdigyHParams
 from qflux.optim.schedules import learning_rate
+from qflux.optim.transform import optimizer_from_config
 from qflux.train.batch import DataPath, Draws, prepare
 from qflux.train.builtin import resolve_dataset_path
 from qflux.train.checkpoint import (
@@ -83,9 +83,9 @@ def attach_lora(transformer: Any, cfg: RecipeConfig, run: Run, *, naming: Naming
 def first_state(cfg: RecipeConfig, run: Run, lora0: Mapping[str, torch.Tensor]) -> LoopState:
     """The loop state to start from: fresh, or the checkpoint to resume (checked against this run)."""
     averaged = cfg.train.ema_decay is not None
-    opt = cfg.optimizer
+    optimizer = optimizer_from_config(cfg.optimizer, cfg.train.max_grad_norm)
     fresh = init_train_state({k: v.to(run.device) for k, v in lora0.items()}, cfg.seed, ema=averaged,
-                             optimizer=opt.name, prodigy=prodigy_hparams(opt))  # fmt: skip
+                             optimizer=optimizer)  # fmt: skip
     if run.resume_from is None:
         return start_state(fresh)
     ckpt = load_checkpoint(run.resume_from)
@@ -140,18 +140,10 @@ def announce(cfg: RecipeConfig, run: Run, models: Any, loaded: Sequence[str], st
     print(start_block(plan))
 
 
-def prodigy_hparams(opt: OptimizerConfig) -> ProdigyHParams | None:
-    """Prodigy's constants from the optimizer section (None with AdamW)."""
-    if opt.name != "prodigy":
-        return None
-    return ProdigyHParams(opt.d0, opt.d_coef, opt.use_bias_correction, opt.safeguard_warmup)
-
-
 def build_step(cfg: RecipeConfig, run: Run, loss_fn: LossFn, transformer: Any) -> StepFn:
     """The (optionally compiled) train step: gradients, clipping, AdamW or Prodigy, data-parallel reduction."""
-    opt = cfg.optimizer
-    hp = StepHParams(opt.betas, opt.eps, opt.weight_decay, cfg.train.max_grad_norm, grad_engine(run.compile_mode),
-                     cfg.train.ema_decay, prodigy_hparams(opt))  # fmt: skip
+    optimizer = optimizer_from_config(cfg.optimizer, cfg.train.max_grad_norm)
+    hp = StepHParams(optimizer, grad_engine(run.compile_mode), cfg.train.ema_decay)
     reduce = all_reduce_sum if run.world.size > 1 else None
     return make_train_step(loss_fn, hp, module=transformer, compile=run.compile_mode, reduce=reduce)
 

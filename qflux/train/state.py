@@ -18,8 +18,8 @@ from torch import nn
 from torch.func import functional_call
 
 from qflux.lora.kinds import module_of
-from qflux.optim.adamw import AdamWState, adamw_init, clipped_adamw_if_finite, ema_update
-from qflux.optim.prodigy import ProdigyHParams, ProdigyState, clipped_prodigy_if_finite, prodigy_init
+from qflux.optim.adamw import ema_update
+from qflux.optim.transform import Optimizer, OptState, make_optimizer
 from qflux.weights.fp8 import Float8FrozenLinear
 from qflux.weights.frozen_linear import FrozenLinear
 
@@ -27,8 +27,6 @@ Params = dict[str, torch.Tensor]
 LossFn = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
 GradEngine = Literal["func", "autograd"]
 CompileMode = Literal["none", "full", "regional"]
-Optimizer = Literal["adamw", "prodigy"]
-OptState = AdamWState | ProdigyState
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> CompileMode:
@@ -82,17 +80,14 @@ class TrainState:
 class StepHParams:
     """Per-run constants of the update rule (the per-step lr comes in as a tensor)."""
 
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
+    optimizer: Optimizer = attrs.field(factory=make_optimizer)
+    """The update rule with its clipping and non-finite skip (:func:`qflux.optim.transform.make_optimizer`;
+    AdamW, lr 1e-3-style defaults, max norm 1.0, unless given)."""
     engine: GradEngine = "func"
     """'func': torch.func.grad_and_value. 'autograd': torch.autograd.grad over fresh leaves, which
     also works with activation checkpointing (torch.func transforms do not)."""
     ema_decay: float | None = None
     """Decay of the LoRA's moving average kept in the state (:func:`qflux.optim.adamw.ema_update`), or None."""
-    prodigy: ProdigyHParams | None = None
-    """Prodigy's constants when the state's optimizer is Prodigy (None: its defaults)."""
 
 
 def init_train_state(
@@ -100,15 +95,13 @@ def init_train_state(
     seed: int,
     *,
     ema: bool = False,
-    optimizer: Optimizer = "adamw",
-    prodigy: ProdigyHParams | None = None,
+    optimizer: Optimizer | None = None,
 ) -> TrainState:
-    """A step-0 state holding copies of ``lora`` and the optimizer's fresh state (zero moments;
-    Prodigy's d = d0 of ``prodigy``), and, with ``ema``, the moving average starting at ``lora``."""
+    """A step-0 state holding copies of ``lora`` and ``optimizer``'s fresh state (AdamW's by default;
+    zero moments, Prodigy's d = d0), and, with ``ema``, the moving average starting at ``lora``."""
     params = {k: v.detach().clone() for k, v in lora.items()}
     average = {k: v.clone() for k, v in params.items()} if ema else None
-    d0 = (prodigy or ProdigyHParams()).d0
-    opt: OptState = adamw_init(params) if optimizer == "adamw" else prodigy_init(params, d0)
+    opt: OptState = (optimizer or make_optimizer()).init(params)
     return TrainState(step=0, lora=params, opt=opt, seed=seed, ema=average)
 
 
@@ -210,19 +203,11 @@ def _update(
         grads, total_loss = {n: t / k for n, t in grads.items()}, total_loss / k
     if reduce is not None:  # Σ over ranks of the weighted shares (qflux.train.distributed.all_reduce_sum)
         grads, total_loss = reduce(grads, total_loss)
-    # a non-finite loss or gradient skips the update (selected on device: no host sync)
-    rule: dict[str, Any] = {"lr": lr, "betas": hp.betas, "eps": hp.eps, "weight_decay": hp.weight_decay}
-    rule["max_grad_norm"] = hp.max_grad_norm
-    new_opt: OptState
-    if isinstance(opt, ProdigyState):  # the reported lr is Prodigy's effective one, d·lr
-        new_lora, new_opt, norm, ok, step_lr = clipped_prodigy_if_finite(
-            grads, opt, lora, total_loss, **rule, hp=hp.prodigy or ProdigyHParams()
-        )
-    else:
-        new_lora, new_opt, norm, ok = clipped_adamw_if_finite(grads, opt, lora, total_loss, **rule)
-        step_lr = lr.detach()
-    metrics = {"loss": total_loss, "grad_norm": norm, "lr": step_lr.float(), "finite": ok.float()}
-    return new_lora, tuple(new_opt), metrics
+    # clip, step, and keep the old state when the loss or the norm is not finite (on device: no host sync)
+    stepped = hp.optimizer.update(grads, opt, lora, total_loss, lr)
+    metrics = {"loss": total_loss, "grad_norm": stepped.grad_norm, "lr": stepped.lr.float(),
+               "finite": stepped.finite.float()}  # fmt: skip
+    return stepped.params, tuple(stepped.state), metrics
 
 
 StepFn = Callable[..., tuple[TrainState, dict[str, torch.Tensor]]]

@@ -14,6 +14,7 @@ from qflux.diffusion.flow import sigmas_from_u
 from qflux.lora.adapter import inject_lora
 from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
 from qflux.models.flux_kontext.loss import FluxKontextBatch, make_loss_fn
+from qflux.optim.transform import make_optimizer
 from qflux.train.state import StepHParams, init_train_state, make_train_step, resolve_compile
 from qflux.weights.frozen_linear import FrozenLinear, use_fast_frozen_linear
 from qflux.weights.loading import load_part
@@ -143,7 +144,10 @@ def test_an_adapter_outside_the_loss_compiles_with_a_zero_gradient() -> None:
 
     batch = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     assert unreached_adapters(loss_fn, lora, batch, module) == ["txt"]
-    lr, hp = torch.tensor(1e-2, dtype=torch.float64), StepHParams(weight_decay=0.0)  # no decay: unused = unchanged
+    lr, hp = (
+        torch.tensor(1e-2, dtype=torch.float64),
+        StepHParams(make_optimizer(weight_decay=0.0)),
+    )  # no decay: unused = unchanged
     steps = {
         "compiled": make_train_step(loss_fn, hp, compile=True),
         "func": make_train_step(loss_fn, hp),

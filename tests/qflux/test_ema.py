@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qflux.optim.adamw import ema_update
+from qflux.optim.transform import make_optimizer
 from qflux.train.state import StepHParams, init_train_state, make_train_step
 
 shapes = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5)), min_size=1, max_size=3)
@@ -42,7 +43,7 @@ def test_the_step_carries_the_average() -> None:
     def loss_fn(lora: dict[str, torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         return ((lora["w"] - batch) ** 2).sum()
 
-    step = make_train_step(loss_fn, StepHParams(ema_decay=0.9, max_grad_norm=None))
+    step = make_train_step(loss_fn, StepHParams(make_optimizer(max_grad_norm=None), ema_decay=0.9))
     state = init_train_state({"w": w.detach()}, seed=0, ema=True)
     ema = state.ema["w"].clone()  # type: ignore[index]
     for _ in range(3):
@@ -50,5 +51,5 @@ def test_the_step_carries_the_average() -> None:
         ema = 0.9 * ema + 0.1 * state.lora["w"]
         torch.testing.assert_close(state.ema["w"], ema)  # type: ignore[index]
     assert not torch.equal(state.ema["w"], state.lora["w"])  # type: ignore[index]
-    plain = make_train_step(loss_fn, StepHParams(max_grad_norm=None))
+    plain = make_train_step(loss_fn, StepHParams(make_optimizer(max_grad_norm=None)))
     assert plain(init_train_state({"w": w.detach()}, seed=0), [target], torch.tensor(0.1))[0].ema is None

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prodigyopt import Prodigy
 
-from qflux.optim.prodigy import ProdigyHParams, clipped_prodigy_if_finite, prodigy_init
+from qflux.optim.prodigy import ProdigyHParams, prodigy_init
+from qflux.optim.transform import make_optimizer
 
 
 def _params(seed: int) -> dict[str, torch.Tensor]:
@@ -23,18 +24,10 @@ def _grads(seed: int, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def _step(grads, state, params, lr: float, hp: ProdigyHParams, weight_decay: float = 0.0):
-    return clipped_prodigy_if_finite(
-        grads,
-        state,
-        params,
-        torch.tensor(1.0),
-        lr=torch.tensor(lr, dtype=torch.float64),
-        betas=(0.9, 0.99),
-        eps=1e-8,
-        weight_decay=weight_decay,
-        max_grad_norm=None,
-        hp=hp,
+    opt = make_optimizer(
+        "prodigy", betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay, max_grad_norm=None, prodigy=hp
     )
+    return opt.update(grads, state, params, torch.tensor(1.0), torch.tensor(lr, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -101,18 +94,9 @@ def test_lr_zero_changes_nothing(seed: int, steps: int, safeguard: bool) -> None
 def test_non_finite_loss_keeps_state() -> None:
     params = _params(1)
     state = prodigy_init(params)
-    new, state2, _, ok, _ = clipped_prodigy_if_finite(
-        _grads(2, params),
-        state,
-        params,
-        torch.tensor(float("nan")),
-        lr=torch.tensor(1.0),
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        hp=ProdigyHParams(),
-    )
+    opt = make_optimizer("prodigy", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+                         prodigy=ProdigyHParams())  # fmt: skip
+    new, state2, _, ok, _ = opt.update(_grads(2, params), state, params, torch.tensor(float("nan")), torch.tensor(1.0))
     assert not bool(ok)
     assert all(torch.equal(new[k], params[k]) for k in params)
     assert torch.equal(state2.d, state.d) and torch.equal(state2.updates, state.updates)
@@ -132,10 +116,10 @@ def test_prodigy_compiles_in_the_step_as_one_graph_equal_to_eager() -> None:
     def loss_fn(lora, batch):  # type: ignore[no-untyped-def]
         return ((lora["w"] @ batch - 3.0) ** 2).mean() + (lora["b"] ** 2).sum()
 
-    hp = StepHParams(prodigy=ProdigyHParams(use_bias_correction=True))
+    hp = StepHParams(make_optimizer("prodigy", prodigy=ProdigyHParams(use_bias_correction=True)))
     eager, compiled = make_train_step(loss_fn, hp), make_train_step(loss_fn, hp, compile=True)
     lora = {"w": torch.randn(4, 5, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(3)}
-    se = sc = init_train_state(lora, seed=0, optimizer="prodigy", prodigy=hp.prodigy)
+    se = sc = init_train_state(lora, seed=0, optimizer=hp.optimizer)
     batch = torch.randn(5, 2, generator=torch.Generator().manual_seed(10))
     for lr in [0.0, 0.5, 1.0, 1.0, 0.8, 1.0, 1.0, 1.0]:
         lr_t = torch.tensor(lr, dtype=torch.float64)
