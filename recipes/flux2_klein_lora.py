@@ -29,13 +29,13 @@ from qflux.data.pairs import PairRule
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.models.flux2_klein import FAMILY
 from qflux.models.flux2_klein import cache as kcache
 from qflux.models.flux2_klein.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
 from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode
 from qflux.models.flux2_klein.config import Flux2KleinConfig
-from qflux.models.flux2_klein.loaders import COMPONENTS, ENCODERS, PIPELINE, Flux2KleinModels, load_flux2_klein
+from qflux.models.flux2_klein.loaders import Flux2KleinModels, load_flux2_klein
 from qflux.models.flux2_klein.loss import make_loss_fn
-from qflux.models.flux2_klein.names import NAMING
 from qflux.models.flux2_klein.plan import plan_model
 from qflux.models.flux2_klein.predict import denoise
 from qflux.models.flux2_klein.predict import predict as klein_predict
@@ -64,24 +64,24 @@ def pipeline_cls() -> Any:
 def train(cfg: Flux2KleinConfig) -> RunResult:
     """Train a LoRA as configured: the data and model folder are checked, the models load, the LoRA
     is attached, then the loop runs and the outputs are written. SIGINT/SIGTERM save a checkpoint."""
-    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, rule=PAIRS, variant=None) as run:
+    with training_run(cfg, pipeline=FAMILY.pipeline, components=FAMILY.components, rule=PAIRS, variant=None) as run:
         if run.finished is not None:
             return run.finished
         warn_if_too_big(cfg, _plan_target(cfg), run)
         models, data = _inputs(cfg, run)
-        lora0 = attach_lora(models.transformer, cfg, run, naming=NAMING, pipeline_cls=pipeline_cls())
+        lora0 = attach_lora(models.transformer, cfg, run, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
         loss_fn = make_loss_fn(models.transformer, weighting_scheme=cfg.train.weighting_scheme)
         state = first_state(cfg, run, lora0)
-        announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
+        announce(cfg, run, models, ("transformer", *FAMILY.encoders), state, FAMILY.pipeline)
         load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
         decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, NAMING, pipeline_cls())
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls())
         state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
         return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
 
 
 def _folder(cfg: Flux2KleinConfig) -> Path:
-    return model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
+    return model_folder(cfg.model.pretrained_model_name_or_path, None, FAMILY.components, FAMILY.pipeline)
 
 
 def _load(cfg: Flux2KleinConfig, path: Path, include: Sequence[str], run: Run | None = None) -> Flux2KleinModels:
@@ -93,10 +93,10 @@ def _load(cfg: Flux2KleinConfig, path: Path, include: Sequence[str], run: Run | 
 def _inputs(cfg: Flux2KleinConfig, run: Run) -> tuple[Flux2KleinModels, DataPath]:
     """Training's models and data path: the transformer and the cache, or the encoders as well."""
     if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
-        load_encoders = partial(_load, cfg, run.model_dir, ENCODERS)
+        load_encoders = partial(_load, cfg, run.model_dir, FAMILY.encoders)
         data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
         return _load(cfg, run.model_dir, ("transformer",), run), data
-    models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
+    models = _load(cfg, run.model_dir, ("transformer", *FAMILY.encoders), run)
     seq = cfg.model.max_sequence_length
     empty = text_tensors(encode_prompt(models.text_encoder, models.tokenizer, [""], seq))
     encode = with_mask(partial(encode_conditioning, models, max_sequence_length=seq))
@@ -116,7 +116,7 @@ def cache(cfg: Flux2KleinConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
     path = _folder(cfg)
-    return cache_command(cfg, path, PAIRS, _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
+    return cache_command(cfg, path, PAIRS, _cache(cfg, path), partial(_load, cfg, path, FAMILY.encoders))
 
 
 def distilled(path: Path) -> bool:
@@ -174,9 +174,9 @@ def predict(
     cfg = load_config(Flux2KleinConfig, config, overrides)
     images = image_arg(image, PAIRS.controls, f"FLUX.2 [klein] takes 0 to {MAX_REFERENCES} images, comma-separated,")
     path = _folder(cfg)
-    models = _load(cfg, path, ("transformer", *ENCODERS))
+    models = _load(cfg, path, ("transformer", *FAMILY.encoders))
     if lora is not None:
-        load_lora_file(models.transformer, lora, naming=NAMING, pipeline_cls=pipeline_cls())
+        load_lora_file(models.transformer, lora, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
     scale = cfg.model.guidance_scale if guidance_scale is None else guidance_scale
     try:
         result = klein_predict(models, images, prompt, height=height, width=width, seed=seed,
@@ -196,7 +196,9 @@ def plan(cfg: Flux2KleinConfig, *, vram: float | None, as_json: bool = False, co
 
 def _plan_target(cfg: Flux2KleinConfig) -> PlanTarget:
     seq = cfg.model.max_sequence_length
-    return PlanTarget(plan_model(), PIPELINE, ("transformer", *ENCODERS), MAX_REFERENCES, lambda configs, n: seq)
+    return PlanTarget(
+        plan_model(), FAMILY.pipeline, ("transformer", *FAMILY.encoders), MAX_REFERENCES, lambda configs, n: seq
+    )
 
 
 def check(cfg: Flux2KleinConfig) -> int:
@@ -207,8 +209,8 @@ def check(cfg: Flux2KleinConfig) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("flux2_klein_lora", PIPELINE, Flux2KleinConfig, train=train, cache=cache, predict=predict, plan=plan,
-             check=check, argv=argv)  # fmt: skip
+    cli_main("flux2_klein_lora", FAMILY.pipeline, FAMILY.config, train=train, cache=cache, predict=predict,
+             plan=plan, check=check, argv=argv)  # fmt: skip
 
 
 if __name__ == "__main__":

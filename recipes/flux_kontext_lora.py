@@ -27,13 +27,13 @@ from qflux.data.pairs import PairRule
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.models.flux_kontext import FAMILY
 from qflux.models.flux_kontext import cache as kcache
 from qflux.models.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
 from qflux.models.flux_kontext.config import FluxKontextConfig
-from qflux.models.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE, FluxKontextModels, load_flux_kontext
+from qflux.models.flux_kontext.loaders import FluxKontextModels, load_flux_kontext
 from qflux.models.flux_kontext.loss import make_loss_fn
-from qflux.models.flux_kontext.names import NAMING
 from qflux.models.flux_kontext.plan import plan_model
 from qflux.models.flux_kontext.predict import denoise
 from qflux.models.flux_kontext.predict import predict as kontext_predict
@@ -63,20 +63,20 @@ def train(cfg: FluxKontextConfig) -> RunResult:
     """Train a LoRA as configured: the data and model folder are checked, the models load (the
     transformer and the encoders, or the cache), the LoRA is attached, then the loop runs and the
     outputs are written. SIGINT/SIGTERM save a checkpoint and return early."""
-    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, rule=PAIRS, variant=None) as run:
+    with training_run(cfg, pipeline=FAMILY.pipeline, components=FAMILY.components, rule=PAIRS, variant=None) as run:
         if run.finished is not None:
             return run.finished
         warn_if_too_big(cfg, _plan_target(cfg), run)
         models, data = _inputs(cfg, run)
-        lora0 = attach_lora(models.transformer, cfg, run, naming=NAMING, pipeline_cls=pipeline_cls())
+        lora0 = attach_lora(models.transformer, cfg, run, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
         loss_fn = make_loss_fn(
             models.transformer, guidance_scale=cfg.model.guidance_scale, weighting_scheme=cfg.train.weighting_scheme
         )
         state = first_state(cfg, run, lora0)
-        announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
+        announce(cfg, run, models, ("transformer", *FAMILY.encoders), state, FAMILY.pipeline)
         load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
         decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, NAMING, pipeline_cls())
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls())
         state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
         return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
 
@@ -90,10 +90,10 @@ def _load(cfg: FluxKontextConfig, path: Path, include: Sequence[str], run: Run |
 def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPath]:
     """Training's models and data path: the transformer and the cache, or every encoder as well."""
     if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
-        load_encoders = partial(_load, cfg, run.model_dir, ENCODERS)
+        load_encoders = partial(_load, cfg, run.model_dir, FAMILY.encoders)
         data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
         return _load(cfg, run.model_dir, ("transformer",), run), data
-    models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
+    models = _load(cfg, run.model_dir, ("transformer", *FAMILY.encoders), run)
     seq = cfg.model.max_sequence_length
     empty = text_tensors(encode_prompt_with(models, [""], seq))
     encode = with_mask(partial(encode_conditioning, models, max_sequence_length=seq))
@@ -131,8 +131,8 @@ def _preview(
 def cache(cfg: FluxKontextConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
-    path = model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
-    return cache_command(cfg, path, PAIRS, _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
+    path = model_folder(cfg.model.pretrained_model_name_or_path, None, FAMILY.components, FAMILY.pipeline)
+    return cache_command(cfg, path, PAIRS, _cache(cfg, path), partial(_load, cfg, path, FAMILY.encoders))
 
 
 def predict(
@@ -169,10 +169,10 @@ def predict(
     cfg = load_config(FluxKontextConfig, config, overrides)
     if not Path(image).is_file():
         raise QfluxError(f"input image '{image}' does not exist; pass --image=PATH")
-    path = model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
-    models = _load(cfg, path, ("transformer", *ENCODERS))
+    path = model_folder(cfg.model.pretrained_model_name_or_path, None, FAMILY.components, FAMILY.pipeline)
+    models = _load(cfg, path, ("transformer", *FAMILY.encoders))
     if lora is not None:
-        load_lora_file(models.transformer, lora, naming=NAMING, pipeline_cls=pipeline_cls())
+        load_lora_file(models.transformer, lora, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
     result = kontext_predict(
         models,
         load_rgb(Path(image)),
@@ -190,7 +190,7 @@ def predict(
 
 
 def _plan_target(cfg: FluxKontextConfig) -> PlanTarget:
-    return PlanTarget(plan_model(cfg.model.guidance_scale), PIPELINE, ("transformer", *ENCODERS), 1,
+    return PlanTarget(plan_model(cfg.model.guidance_scale), FAMILY.pipeline, ("transformer", *FAMILY.encoders), 1,
                       lambda configs, n: cfg.model.max_sequence_length)  # fmt: skip
 
 
@@ -202,7 +202,7 @@ def plan(cfg: FluxKontextConfig, *, vram: float | None, as_json: bool = False, c
 
 
 def _folder(cfg: FluxKontextConfig) -> Path:
-    return model_folder(cfg.model.pretrained_model_name_or_path, None, COMPONENTS, PIPELINE)
+    return model_folder(cfg.model.pretrained_model_name_or_path, None, FAMILY.components, FAMILY.pipeline)
 
 
 def check(cfg: FluxKontextConfig) -> int:
@@ -214,8 +214,8 @@ def check(cfg: FluxKontextConfig) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("flux_kontext_lora", PIPELINE, FluxKontextConfig, train=train, cache=cache, predict=predict, plan=plan,
-             check=check, argv=argv)  # fmt: skip
+    cli_main("flux_kontext_lora", FAMILY.pipeline, FAMILY.config, train=train, cache=cache, predict=predict,
+             plan=plan, check=check, argv=argv)  # fmt: skip
 
 
 if __name__ == "__main__":

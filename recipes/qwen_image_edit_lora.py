@@ -29,6 +29,7 @@ from qflux.data.images import image_arg, save_image
 from qflux.data.pairs import PairRule
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.models.qwen_image_edit import FAMILY
 from qflux.models.qwen_image_edit import cache as qcache
 from qflux.models.qwen_image_edit.batch import (
     QwenPairDataset,
@@ -39,16 +40,8 @@ from qflux.models.qwen_image_edit.batch import (
 )
 from qflux.models.qwen_image_edit.conditioning import vae_decode
 from qflux.models.qwen_image_edit.config import QwenImageEditConfig
-from qflux.models.qwen_image_edit.loaders import (
-    COMPONENTS,
-    ENCODERS,
-    PIPELINE,
-    QwenImageEditModels,
-    check_variant,
-    load_qwen_image_edit,
-)
+from qflux.models.qwen_image_edit.loaders import QwenImageEditModels, check_variant, load_qwen_image_edit
 from qflux.models.qwen_image_edit.loss import make_loss_fn
-from qflux.models.qwen_image_edit.names import NAMING
 from qflux.models.qwen_image_edit.plan import plan_model, text_tokens
 from qflux.models.qwen_image_edit.predict import denoise
 from qflux.models.qwen_image_edit.predict import predict as qwen_predict
@@ -78,25 +71,25 @@ def train(cfg: QwenImageEditConfig) -> RunResult:
     transformer and the encoders, or the cache), the LoRA is attached, then the loop runs and the
     outputs are written. SIGINT/SIGTERM save a checkpoint and return early."""
     variant = cfg.model.variant
-    with training_run(cfg, pipeline=PIPELINE, components=COMPONENTS, rule=PAIRS[variant],
+    with training_run(cfg, pipeline=FAMILY.pipeline, components=FAMILY.components, rule=PAIRS[variant],
                       variant=variant) as run:  # fmt: skip
         if run.finished is not None:
             return run.finished
         warn_if_too_big(cfg, _plan_target(cfg), run)
         models, data = _inputs(cfg, run)
-        lora0 = attach_lora(models.transformer, cfg, run, naming=NAMING, pipeline_cls=pipeline_cls())
+        lora0 = attach_lora(models.transformer, cfg, run, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
         loss_fn = make_loss_fn(models.transformer, weighting_scheme=cfg.train.weighting_scheme)
         state = first_state(cfg, run, lora0)
-        announce(cfg, run, models, ("transformer", *ENCODERS), state, PIPELINE)
+        announce(cfg, run, models, ("transformer", *FAMILY.encoders), state, FAMILY.pipeline)
         load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
         decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, NAMING, pipeline_cls())
+        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls())
         state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
         return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
 
 
 def _folder(cfg: QwenImageEditConfig) -> Path:
-    return model_folder(cfg.model.pretrained_model_name_or_path, cfg.model.variant, COMPONENTS, PIPELINE)
+    return model_folder(cfg.model.pretrained_model_name_or_path, cfg.model.variant, FAMILY.components, FAMILY.pipeline)
 
 
 def _load(cfg: QwenImageEditConfig, path: Path, include: Sequence[str], run: Run | None = None) -> QwenImageEditModels:
@@ -111,10 +104,10 @@ def _inputs(cfg: QwenImageEditConfig, run: Run) -> tuple[QwenImageEditModels, Da
     """Training's models and data path: the transformer and the cache, or every encoder as well.
     Each sample carries its own empty-instruction embedding (it sees the sample's images)."""
     if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
-        load_encoders = partial(_load, cfg, run.model_dir, ENCODERS)
+        load_encoders = partial(_load, cfg, run.model_dir, FAMILY.encoders)
         data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
         return _load(cfg, run.model_dir, ("transformer",), run), data
-    models = _load(cfg, run.model_dir, ("transformer", *ENCODERS), run)
+    models = _load(cfg, run.model_dir, ("transformer", *FAMILY.encoders), run)
     variant = cfg.model.variant
     pairs = pair_dataset(cfg, run.model_dir)
     return models, DataPath(lambda samples: QwenPairDataset(pairs(samples), variant), collate_qwen_pairs,
@@ -148,7 +141,9 @@ def cache(cfg: QwenImageEditConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
     path = _folder(cfg)
-    return cache_command(cfg, path, PAIRS[cfg.model.variant], _cache(cfg, path), partial(_load, cfg, path, ENCODERS))
+    return cache_command(
+        cfg, path, PAIRS[cfg.model.variant], _cache(cfg, path), partial(_load, cfg, path, FAMILY.encoders)
+    )
 
 
 def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> list[Image.Image]:
@@ -191,9 +186,9 @@ def predict(
     """
     cfg = load_config(QwenImageEditConfig, config, overrides)
     images = _images(image, cfg.model.variant)
-    models = _load(cfg, _folder(cfg), ("transformer", *ENCODERS))
+    models = _load(cfg, _folder(cfg), ("transformer", *FAMILY.encoders))
     if lora is not None:
-        load_lora_file(models.transformer, lora, naming=NAMING, pipeline_cls=pipeline_cls())
+        load_lora_file(models.transformer, lora, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
     result = qwen_predict(models, images, prompt, variant=cfg.model.variant, height=height, width=width,
                           num_inference_steps=num_inference_steps, seed=seed, negative_prompt=negative_prompt,
                           true_cfg_scale=true_cfg_scale)  # fmt: skip
@@ -209,7 +204,7 @@ def plan(cfg: QwenImageEditConfig, *, vram: float | None, as_json: bool = False,
 
 def _plan_target(cfg: QwenImageEditConfig) -> PlanTarget:
     variant = cfg.model.variant
-    return PlanTarget(plan_model(), PIPELINE, ("transformer", *ENCODERS), PAIRS[variant].controls[1],
+    return PlanTarget(plan_model(), FAMILY.pipeline, ("transformer", *FAMILY.encoders), PAIRS[variant].controls[1],
                       lambda configs, n: text_tokens(configs["text_encoder"], variant, n))  # fmt: skip
 
 
@@ -222,7 +217,7 @@ def check(cfg: QwenImageEditConfig) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("qwen_image_edit_lora", PIPELINE, QwenImageEditConfig, train=train, cache=cache, predict=predict,
+    cli_main("qwen_image_edit_lora", FAMILY.pipeline, FAMILY.config, train=train, cache=cache, predict=predict,
              plan=plan, check=check, argv=argv)  # fmt: skip
 
 

@@ -1,13 +1,17 @@
 """The model families, one folder each (``qflux/models/<family>/``): config section, loaders, conditioning, loss,
-predict, cache, plan model, ComfyUI name table and tiny builder. Families never import each other; importing
-one registers its built-in model. This module is the one registry of them all."""
+predict, cache, plan model, ComfyUI name table, tiny builder and published shapes. Families never import each
+other; importing one registers its built-in model, naming and shapes. :data:`FAMILIES` is the one registry of
+them all: a new family adds one line here."""
 
 from collections.abc import Callable
 from pathlib import Path
 
 from qflux.models import flux2_klein, flux_kontext, qwen_image_edit
+from qflux.train.family import Family
 
-__all__ = ["TINY_MODELS"]
+__all__ = ["FAMILIES", "TINY_MODELS"]
 
-TINY_MODELS: dict[str, Callable[..., Path]] = {**flux_kontext.TINY, **qwen_image_edit.TINY, **flux2_klein.TINY}
+FAMILIES: dict[str, Family] = {f.name: f for f in (flux_kontext.FAMILY, qwen_image_edit.FAMILY, flux2_klein.FAMILY)}
+"""Every family by name."""
+TINY_MODELS: dict[str, Callable[..., Path]] = {name: build for f in FAMILIES.values() for name, build in f.tiny.items()}
 """Every family's tiny builders by their ``python -m qflux.tiny`` name."""

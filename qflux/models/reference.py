@@ -6,15 +6,9 @@ from __future__ import annotations
 import sys
 
 from qflux.config.reference import markers, update_file
-from qflux.models.flux2_klein.config import Flux2KleinConfig
-from qflux.models.flux_kontext.config import FluxKontextConfig
-from qflux.models.qwen_image_edit.config import QwenImageEditConfig
+from qflux.models import FAMILIES
 
-REFERENCES: dict[tuple[str, str], type] = {
-    markers(""): FluxKontextConfig,
-    markers("qwen-"): QwenImageEditConfig,
-    markers("klein-"): Flux2KleinConfig,
-}
+REFERENCES: dict[tuple[str, str], type] = {markers(f.reference): f.config for f in FAMILIES.values()}
 """Each generated table: (start marker, end marker) → the schema it documents."""
 
 if __name__ == "__main__":  # pragma: no cover - exercised through update_file in tests

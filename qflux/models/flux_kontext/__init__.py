@@ -5,13 +5,15 @@ from pathlib import Path
 
 from qflux.lora.formats import register_naming
 from qflux.models.flux_kontext.conditioning import encode_prompt
-from qflux.models.flux_kontext.config import BUILTIN
+from qflux.models.flux_kontext.config import BUILTIN, FluxKontextConfig
+from qflux.models.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE
 from qflux.models.flux_kontext.names import NAMES, NAMING
 from qflux.models.flux_kontext.tiny import build_flux_kontext
 from qflux.train.builtin import BuiltinModel, register_builtin_model
+from qflux.train.family import Family
 from qflux.weights.shapes import register_shapes
 
-__all__ = ["TINY", "encode_prompt"]
+__all__ = ["FAMILY", "TINY", "encode_prompt"]
 
 TINY = {"flux_kontext": build_flux_kontext}
 """``python -m qflux.tiny`` names → builder."""
@@ -27,3 +29,15 @@ register_shapes(
         "AlekseyCalvin/Flux_Kontext_Dev_fp8_scaled_diffusers": "black-forest-labs/FLUX.1-Kontext-dev",
     },
 )
+
+FAMILY = Family(
+    name="flux_kontext",
+    pipeline=PIPELINE,
+    config=FluxKontextConfig,
+    components=COMPONENTS,
+    encoders=ENCODERS,
+    naming=NAMING,
+    tiny=TINY,
+    reference="",
+)
+"""What the recipe and the commands read of this family."""

@@ -6,13 +6,15 @@ from pathlib import Path
 
 from qflux.lora.formats import register_naming
 from qflux.models.qwen_image_edit.conditioning import encode_prompt
-from qflux.models.qwen_image_edit.config import BUILTIN
+from qflux.models.qwen_image_edit.config import BUILTIN, QwenImageEditConfig
+from qflux.models.qwen_image_edit.loaders import COMPONENTS, ENCODERS, PIPELINE
 from qflux.models.qwen_image_edit.names import NAMES, NAMING
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.builtin import BuiltinModel, register_builtin_model
+from qflux.train.family import Family
 from qflux.weights.shapes import register_shapes
 
-__all__ = ["TINY", "encode_prompt"]
+__all__ = ["FAMILY", "TINY", "encode_prompt"]
 
 TINY: dict[str, Callable[..., Path]] = {
     "qwen_image_edit": build_qwen_image_edit,
@@ -31,3 +33,15 @@ register_builtin_model(
 )
 register_naming(NAMING, NAMES)
 register_shapes(Path(__file__).parent / "shapes")
+
+FAMILY = Family(
+    name="qwen_image_edit",
+    pipeline=PIPELINE,
+    config=QwenImageEditConfig,
+    components=COMPONENTS,
+    encoders=ENCODERS,
+    naming=NAMING,
+    tiny=TINY,
+    reference="qwen-",
+)
+"""What the recipe and the commands read of this family."""
