@@ -138,6 +138,7 @@ def scan_pairs(
     multiple: int,
     skip_invalid: bool = False,
     warn: Callable[[str], None] = print,
+    listing: Listing | None = None,
     controls: tuple[int, int] = (1, 1),
     buckets: Literal["auto", "exact"] = "exact",
     control_sizing: Literal["target", "own"] = "target",
@@ -152,6 +153,8 @@ def scan_pairs(
 
     Args:
         multiple: image sides become multiples of this (the model's :func:`qflux.diffusion.latents.size_multiple`).
+        listing: receives the whole list of names behind each grouped warning (``warn`` gets one line with
+            the first few: :func:`grouped`).
         skip_invalid: drop the samples with problems (each reported through ``warn``) instead of
             failing; an empty result still fails.
         controls: (fewest, most) control images per sample. With most > 1, ``NAME_control_1``,
@@ -181,14 +184,20 @@ def scan_pairs(
             samples.append(found)
         else:
             problems += found
-    _report(root, problems, samples, skip_invalid=skip_invalid, warn=warn)
+    _report(root, problems, samples, skip_invalid=skip_invalid, warn=warn, listing=listing)
     if buckets == "auto":
-        return bucketed(samples, max_pixels, multiple, control_sizing=control_sizing, warn=warn)
+        return bucketed(samples, max_pixels, multiple, control_sizing=control_sizing, warn=warn, listing=listing)
     return [exactly_sized(s, max_pixels, multiple) for s in samples]
 
 
 def _report(
-    root: Path, problems: list[str], samples: list[PairSample], *, skip_invalid: bool, warn: Callable[[str], None]
+    root: Path,
+    problems: list[str],
+    samples: list[PairSample],
+    *,
+    skip_invalid: bool,
+    warn: Callable[[str], None],
+    listing: Listing | None = None,
 ) -> None:
     """Fail naming every problem (or, with ``skip_invalid``, warn of each), and fail on no samples."""
     if problems and not skip_invalid:
@@ -197,7 +206,7 @@ def _report(
             "valid samples only):\n  " + "\n  ".join(problems)
         )
     if problems:
-        warn(grouped(f"{len(problems)} invalid sample(s) skipped", problems))
+        warn_grouped(f"{len(problems)} invalid sample(s) skipped", problems, warn, listing)
     if not samples:
         raise QfluxError(f"dataset '{root}' holds no usable samples: training_images/ has no valid pairs")
 
@@ -216,6 +225,7 @@ def bucketed(
     *,
     control_sizing: Literal["target", "own"],
     warn: Callable[[str], None] = print,
+    listing: Listing | None = None,
 ) -> list[PairSample]:
     """``samples`` with each target cropped and resized into its aspect bucket (:mod:`qflux.data.buckets`).
 
@@ -246,8 +256,9 @@ def bucketed(
         out.append(attrs.evolve(s, control_sizes=tuple(sizes), target_size=target, control_boxes=tuple(boxes),
                                 target_box=_box(src[-1], target)))  # fmt: skip
     if alone:
-        warn(grouped(f"{len(alone)} pair(s) train in a bucket of their own (the nearest bucket, 1:4 … 4:1, would crop "
-                     f"more than {MAX_CROP:.0%} of their area)", alone))  # fmt: skip
+        cause = (f"{len(alone)} pair(s) train in a bucket of their own (the nearest bucket, 1:4 … 4:1, would crop "
+                 f"more than {MAX_CROP:.0%} of their area)")  # fmt: skip
+        warn_grouped(cause, alone, warn, listing)
     if upscaled:
         scale, name = max(upscaled)
         warn(f"{len(upscaled)} pair(s) are upscaled more than {UPSCALE_WARNING:g}× to their bucket (the most: {name}, "
@@ -258,6 +269,17 @@ def bucketed(
 
 SHOWN = 3
 """Names a grouped warning lists before it counts the rest."""
+
+
+Listing = Callable[[str, Sequence[str]], None]
+"""Receives (cause, every name) of a grouped warning."""
+
+
+def warn_grouped(cause: str, names: Sequence[str], warn: Callable[[str], None], listing: Listing | None) -> None:
+    """One line through ``warn`` (:func:`grouped`), and the whole list through ``listing`` when given."""
+    warn(grouped(cause, names))
+    if listing is not None:
+        listing(cause, names)
 
 
 def grouped(cause: str, names: Sequence[str]) -> str:

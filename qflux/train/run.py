@@ -29,7 +29,7 @@ from qflux.config.schema import RecipeConfig
 from qflux.data.checks import check_pairs
 from qflux.data.dataset import PairDataset
 from qflux.data.order import check_batches
-from qflux.data.pairs import PairRule, PairSample, scan_pairs
+from qflux.data.pairs import Listing, PairRule, PairSample, scan_pairs
 from qflux.diffusion.latents import size_multiple, vae_scale_factor
 from qflux.errors import QfluxError
 from qflux.lora.adapter import LORA_WEIGHT_NAME
@@ -123,20 +123,22 @@ def image_multiple(path: Path) -> int:
     return size_multiple(component_config(path, "vae"))
 
 
-def dataset_samples(cfg: RecipeConfig, path: Path, rule: PairRule) -> list[PairSample]:
+def dataset_samples(cfg: RecipeConfig, path: Path, rule: PairRule, listing: Listing | None = None) -> list[PairSample]:
     """The checked dataset, sized for the model in ``path`` (before any model loads)."""
-    return samples_at(cfg, image_multiple(path), rule)
+    return samples_at(cfg, image_multiple(path), rule, listing)
 
 
-def samples_at(cfg: RecipeConfig, multiple: int, rule: PairRule) -> list[PairSample]:
+def samples_at(cfg: RecipeConfig, multiple: int, rule: PairRule, listing: Listing | None = None) -> list[PairSample]:
     """The checked dataset with image sides multiples of ``multiple``: in aspect-ratio buckets
-    (``data.buckets: auto``) or each image at its own size (``exact``)."""
+    (``data.buckets: auto``) or each image at its own size (``exact``); ``listing`` receives the whole
+    list behind each grouped warning."""
     return scan_pairs(
         resolve_dataset_path(cfg.data.dataset_path),
         cfg.data.max_pixels,
         multiple=multiple,
         skip_invalid=cfg.data.skip_invalid,
         warn=tqdm.write,
+        listing=listing,
         controls=rule.controls,
         buckets=cfg.data.buckets,
         control_sizing=rule.control_sizing,
@@ -227,7 +229,8 @@ def training_run(
     device = rank_device(world, device)
     with quiet_unless(world.is_main):
         path = model_folder(cfg.model.pretrained_model_name_or_path, variant, components, pipeline)
-        samples = dataset_samples(cfg, path, rule)
+        listed: list[tuple[str, Sequence[str]]] = []
+        samples = dataset_samples(cfg, path, rule, lambda cause, names: listed.append((cause, names)))
         if world.is_main:  # the warnings are printed by rank 0 alone: the others need not decode the pairs
             for line in check_pairs(samples, progress=partial(tqdm, desc="checking pairs", unit="pair", leave=False)):
                 print(line)
@@ -243,6 +246,7 @@ def training_run(
         finished = _finished(cfg, resume_from) if resume_from is not None else None
         if finished is None and world.is_main:
             _prepare_output(cfg, out, fresh=resume_from is None)
+            _write_listing(out, listed)
         yield Run(world, device, path, samples, held, mode, resume_from, out, finished)
 
 
@@ -269,6 +273,19 @@ def _finished(cfg: RecipeConfig, path: Path) -> RunResult | None:
     )
     lora_path = Path(cfg.output_dir) / LORA_WEIGHT_NAME
     return RunResult(cfg, ckpt.state, dict(ckpt.state.lora), list(ckpt.meta.get("losses", [])), [], None, lora_path)
+
+
+DATA_WARNINGS = "data_warnings.txt"
+"""The whole list behind each grouped dataset warning, in the run's folder."""
+
+
+def _write_listing(out: Path, listed: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Write :data:`DATA_WARNINGS` (every name behind each grouped warning) and say where it is."""
+    if listed:
+        text = "".join(f"{cause}:\n" + "".join(f"  {n}\n" for n in names) for cause, names in listed)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DATA_WARNINGS).write_text(text, encoding="utf-8")
+        print(f"the dataset warnings' full lists: {out / DATA_WARNINGS}")
 
 
 def _prepare_output(cfg: RecipeConfig, out: Path, *, fresh: bool) -> None:

@@ -17,7 +17,7 @@ from qflux.train.checkpoint import PREFIX, list_checkpoints
 
 LORA_FILES = (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, EMA_WEIGHT_NAME, EMA_COMFYUI_WEIGHT_NAME)
 """The final LoRA files a run writes."""
-DERIVED = ("config.yaml", "loss.png", "sample.png", "validation")
+DERIVED = ("config.yaml", "loss.png", "sample.png", "validation", "data_warnings.txt")
 """What else a run writes beside its LoRA and checkpoints (the logging folder is named by the config)."""
 
 

@@ -150,3 +150,17 @@ def test_edit_plus_samples_with_controls_of_other_sizes_batch_together(
     cached = qwen_train(cfg("q", **{"cache.use_cache": True}))
     assert cached.losses == plain.losses
     assert all(torch.equal(cached.state.lora[k], plain.state.lora[k]) for k in plain.state.lora)
+
+
+def test_a_repeated_bucket_warning_is_one_line_and_its_full_list_is_in_the_run_folder(
+    tiny_flux_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Eight pairs of one size that trains in a bucket of its own: training prints the warning once (count and
+    first names), and the run folder's data_warnings.txt names all eight."""
+    data = make_synthetic_pairs(tmp_path / "odd", 8, seed=2, sizes=((240, 40),))
+    flux_train(_flux(tiny_flux_dir, data, tmp_path / "out", **{"train.max_train_steps": 1}))
+    text = capsys.readouterr().out
+    assert text.count("train in a bucket of their own") == 1
+    assert "8 pair(s) train in a bucket of their own" in text and "(+5 more)" in text
+    listing = (tmp_path / "out" / "data_warnings.txt").read_text()
+    assert all(f"  sample_{i:03d} (240×40 → " in listing for i in range(8))
