@@ -33,7 +33,7 @@ from qflux.optim.transform import OptimizerName, make_optimizer
 from qflux.train.state import CompileMode, StepHParams, init_train_state, make_train_step, opt_tensors
 from qflux.weights.block_swap import swap_blocks, swapped_bytes, transformer_blocks
 from qflux.weights.loading import ModelFiles
-from qflux.weights.quantize import _frozen_linears, fits_4bit, quantize_frozen
+from qflux.weights.quantize import fits_4bit, frozen_linears, quantize_frozen
 
 CARDS = (12, 16, 24, 48, 80)
 """Card sizes (GiB) the documentation's table answers for."""
@@ -132,7 +132,7 @@ def store_frozen(module: nn.Module, quantize: str) -> None:
         quantize_frozen(module, quantize)
         return
 
-    for name, m in _frozen_linears(module):
+    for name, m in frozen_linears(module):
         if fits_4bit(m.out_features, m.in_features):
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, Fake4bit.from_linear(m))

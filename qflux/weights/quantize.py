@@ -144,7 +144,7 @@ def linear_4bit(linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype) 
     return new.to(device)  # bitsandbytes quantizes when the weight moves to its device
 
 
-def _frozen_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+def frozen_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The plain frozen ``nn.Linear`` layers of ``module`` outside :data:`KEEP`, by path."""
     return [
         (name, m)
@@ -170,7 +170,7 @@ def quantize_frozen(module: nn.Module, mode: str, *, compute_dtype: torch.dtype 
     if mode != "fp8":
         bitsandbytes()  # the extra is needed even when no layer of this model fits 4 bits
     targets = [
-        (name, m) for name, m in _frozen_linears(module) if mode == "fp8" or fits_4bit(m.out_features, m.in_features)
+        (name, m) for name, m in frozen_linears(module) if mode == "fp8" or fits_4bit(m.out_features, m.in_features)
     ]
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
