@@ -72,6 +72,29 @@ class ComfyNames:
     """How messages name the model."""
 
 
+BFL_ATTENTION: dict[str, Target] = {
+    "attn.to_q": ("img_attn.qkv", 0, 3),
+    "attn.to_k": ("img_attn.qkv", 1, 3),
+    "attn.to_v": ("img_attn.qkv", 2, 3),
+    "attn.add_q_proj": ("txt_attn.qkv", 0, 3),
+    "attn.add_k_proj": ("txt_attn.qkv", 1, 3),
+    "attn.add_v_proj": ("txt_attn.qkv", 2, 3),
+    "attn.to_out.0": ("img_attn.proj", 0, 1),
+    "attn.to_add_out": ("txt_attn.proj", 0, 1),
+}
+"""A BFL double block's attention: diffusers' separate q/k/v fused into ``img_attn.qkv`` / ``txt_attn.qkv``, and the
+two output projections (the same in every BFL model)."""
+BFL_ENDS = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+"""A BFL model's input and output layers (the same in every BFL model)."""
+BFL_SWAPPED = frozenset({"final_layer.adaLN_modulation.1"})
+"""BFL's final modulation holds (shift, scale) where diffusers holds (scale, shift)."""
+
+
 NAMINGS: dict[str, ComfyNames] = {}
 """Each naming (a family's ``NAMING``) → its names; the families add theirs when imported."""
 

@@ -23,4 +23,4 @@ def test_each_family_record_matches_its_folder_and_recipe(name: str) -> None:
     assert model.pretrained_model_name_or_path in BUILTIN_MODELS  # its built-in tiny model is registered
     assert family.naming in NAMINGS
     assert set(family.encoders) <= set(family.components) and "transformer" in family.components
-    assert set(family.tiny) <= set(TINY_MODELS)
+    assert name in family.tiny and all(TINY_MODELS[n] is b for n, b in family.tiny.items())

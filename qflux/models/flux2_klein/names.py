@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qflux.lora.formats import ComfyNames, Target
+from qflux.lora.formats import BFL_ATTENTION, BFL_ENDS, BFL_SWAPPED, ComfyNames, Target
 
 NAMING = "flux2"
 """The name FLUX.2 [klein]'s LoRA files are written and read under."""
@@ -14,14 +14,7 @@ NAMING = "flux2"
 # converter (``_convert_non_diffusers_flux2_lora_to_diffusers``) maps the same pairs back. The double
 # blocks' q/k/v fuse as in FLUX.1; a single block's q/k/v/MLP projection is already fused in diffusers.
 DOUBLE: dict[str, Target] = {
-    "attn.to_q": ("img_attn.qkv", 0, 3),
-    "attn.to_k": ("img_attn.qkv", 1, 3),
-    "attn.to_v": ("img_attn.qkv", 2, 3),
-    "attn.add_q_proj": ("txt_attn.qkv", 0, 3),
-    "attn.add_k_proj": ("txt_attn.qkv", 1, 3),
-    "attn.add_v_proj": ("txt_attn.qkv", 2, 3),
-    "attn.to_out.0": ("img_attn.proj", 0, 1),
-    "attn.to_add_out": ("txt_attn.proj", 0, 1),
+    **BFL_ATTENTION,
     "ff.linear_in": ("img_mlp.0", 0, 1),
     "ff.linear_out": ("img_mlp.2", 0, 1),
     "ff_context.linear_in": ("txt_mlp.0", 0, 1),
@@ -29,8 +22,7 @@ DOUBLE: dict[str, Target] = {
 }
 SINGLE: dict[str, Target] = {"attn.to_qkv_mlp_proj": ("linear1", 0, 1), "attn.to_out": ("linear2", 0, 1)}
 TOP = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
+    **BFL_ENDS,
     "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
     "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
     "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
@@ -38,17 +30,15 @@ TOP = {
     "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
     "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
     "single_stream_modulation.linear": "single_stream_modulation.lin",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
 }
 
 NAMES = ComfyNames(
     DOUBLE,
     SINGLE,
     TOP,
-    swapped=frozenset({"final_layer.adaLN_modulation.1"}),
+    swapped=BFL_SWAPPED,
     # ComfyUI's Flux key map (comfy/utils.py flux_to_diffusers) has FLUX.2's block names but FLUX.1's top-level
-    # ones only: these four are the same in both; the time embedder and the shared modulations are not there
-    known_top=frozenset({"x_embedder", "context_embedder", "proj_out", "norm_out.linear"}),
+    # ones only: the shared ends are; the time embedder and the shared modulations are not there
+    known_top=frozenset(BFL_ENDS),
     label="FLUX.2",
 )
