@@ -107,15 +107,8 @@ def lora_to_diffusers(transformer: Any, lora: Mapping[str, torch.Tensor], dtype:
     return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
 
 
-def save_lora(
-    out_dir: str | Path,
-    transformer: Any,
-    lora: Mapping[str, torch.Tensor],
-    *,
-    dtype: torch.dtype,
-    pipeline_cls: Any,
-    weight_name: str = LORA_WEIGHT_NAME,
-) -> Path:
+def save_lora(out_dir: str | Path, transformer: Any, lora: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
+              pipeline_cls: Any, weight_name: str = LORA_WEIGHT_NAME) -> Path:  # fmt: skip
     """Write ``<out_dir>/<weight_name>`` (pytorch_lora_weights.safetensors) in the diffusers LoRA format
     (LoRA, DoRA) or LyCORIS's with ``transformer.`` module names (LoKr, LoHa).
 
@@ -272,15 +265,8 @@ def lora_scale(transformer: Any) -> float:
     return float(cfg.lora_alpha) / float(cfg.r)
 
 
-def save_lora_comfyui(
-    out_dir: str | Path,
-    transformer: Any,
-    lora: Mapping[str, torch.Tensor],
-    *,
-    dtype: torch.dtype,
-    naming: Naming,
-    file_name: str = COMFYUI_WEIGHT_NAME,
-) -> Path:
+def save_lora_comfyui(out_dir: str | Path, transformer: Any, lora: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
+                      naming: Naming, file_name: str = COMFYUI_WEIGHT_NAME) -> Path:  # fmt: skip
     """Write ``<out_dir>/<file_name>`` (pytorch_lora_weights_comfyui.safetensors) in ComfyUI's native naming
     (:func:`qflux.lora.formats.to_comfyui`; LoKr and LoHa: LyCORIS tensors under the names ComfyUI
     maps, :func:`qflux.lora.kinds.lycoris_stem`).

@@ -41,6 +41,8 @@ from torch.profiler._memory_profiler import Action
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from qflux.weights.shell import linear_shell
+
 GIB = 2**30
 ALLOWANCE = int(1.0 * GIB)
 """What no tensor shows on a CUDA device: the context (about 0.5 GiB with cuBLAS and cuDNN loaded),
@@ -171,9 +173,7 @@ class Fake4bit(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fake4bit:
         """The stand-in for ``linear`` stored in 4 bits (on ``linear``'s device, usually meta)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new = linear_shell(cls, linear.in_features, linear.out_features)
         n = linear.out_features * linear.in_features
         blocks = math.ceil(n / BLOCK_4BIT)
         device = linear.weight.device

@@ -141,23 +141,22 @@ def store_frozen(module: nn.Module, quantize: str) -> None:
 def encoder_bytes(model: PlanModel, component: str, config: Mapping[str, Any], dtype: torch.dtype,
                   quantize: str) -> int:  # fmt: skip
     """Bytes of an encoder's weights as stored (``quantize``: ``model.quantize_text_encoders``)."""
+    module = _frozen_on_meta(model, component, config, dtype, quantize)
+    return storage_bytes([*module.parameters(), *module.buffers()])
+
+
+def _frozen_on_meta(model: PlanModel, component: str, config: Mapping[str, Any], dtype: torch.dtype,
+                    quantize: str) -> nn.Module:  # fmt: skip
+    """The component built on the meta device (no memory), frozen and stored as ``quantize`` says."""
     with torch.device("meta"):
         module = model.build(component, config, dtype)
     module.requires_grad_(False)
     store_frozen(module, quantize)
-    return storage_bytes([*module.parameters(), *module.buffers()])
+    return module
 
 
-def estimate(
-    model: PlanModel,
-    configs: Mapping[str, Mapping[str, Any]],
-    inputs: Inputs,
-    setting: Setting,
-    *,
-    dtype: torch.dtype,
-    lora: LoraConfig,
-    resident_encoders: int = 0,
-) -> Breakdown:
+def estimate(model: PlanModel, configs: Mapping[str, Mapping[str, Any]], inputs: Inputs, setting: Setting, *,
+             dtype: torch.dtype, lora: LoraConfig, resident_encoders: int = 0) -> Breakdown:  # fmt: skip
     """The peak device memory of one training step of ``setting`` (see :mod:`qflux.memory.measure`); the
     step is measured once per process for each setting (``setting.cached`` only changes what
     ``resident_encoders`` adds).
@@ -178,21 +177,11 @@ _MEASURED: dict[tuple[Any, ...], Breakdown] = {}
 """Steps measured in this process (a plan measures each setting once; tests plan several times)."""
 
 
-def _measure(
-    model: PlanModel,
-    configs: Mapping[str, Mapping[str, Any]],
-    inputs: Inputs,
-    setting: Setting,
-    *,
-    dtype: torch.dtype,
-    lora: LoraConfig,
-) -> Breakdown:
+def _measure(model: PlanModel, configs: Mapping[str, Mapping[str, Any]], inputs: Inputs, setting: Setting, *,
+             dtype: torch.dtype, lora: LoraConfig) -> Breakdown:  # fmt: skip
     """One step of ``setting`` measured on fake tensors (its transformer only)."""
     mode = fake_mode()
-    with torch.device("meta"):
-        transformer = model.build("transformer", configs["transformer"], dtype)
-    transformer.requires_grad_(False)
-    store_frozen(transformer, setting.quantize)
+    transformer = _frozen_on_meta(model, "transformer", configs["transformer"], dtype, setting.quantize)
     if setting.checkpointing:
         transformer.enable_gradient_checkpointing()  # type: ignore[operator]
     names = list(inject_lora(transformer, lora, seed=0))

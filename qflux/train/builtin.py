@@ -53,6 +53,11 @@ class BuiltinModel:
     build: Callable[[Path, str | None], object]
     """``build(folder, variant)`` writes it."""
 
+    @classmethod
+    def seed0(cls, folder: str, build: Callable[..., object]) -> BuiltinModel:
+        """A family's one tiny model (no variants): ``build(folder, seed=0)`` under ``folder``."""
+        return cls(lambda _: folder, lambda path, _: build(path, seed=0))
+
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {}
 """``builtin:<name>`` → its model; each model family adds its own when imported (``qflux/models/<family>/``)."""

@@ -1,5 +1,6 @@
 """What a model family tells the shared code, its recipe and the commands: one small typed record per
-``qflux/models/<family>/`` (its ``FAMILY``), collected in :data:`qflux.models.FAMILIES`."""
+``qflux/models/<family>/`` (its ``FAMILY``), collected in :data:`qflux.models.FAMILIES`, which
+:func:`register`\\ s each: its built-in model, its ComfyUI names and its published shapes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
+
+from qflux.lora.formats import ComfyNames, register_naming
+from qflux.train.builtin import BuiltinModel, register_builtin_model
+from qflux.weights.shapes import register_shapes
 
 
 @attrs.frozen
@@ -19,13 +24,28 @@ class Family:
     """How messages name it (the start block's first line, errors)."""
     config: type
     """Its recipe's root config (:class:`qflux.config.schema.RecipeConfig` with its model section)."""
+    reference: str
+    """The prefix of its config table's markers in the README (:func:`qflux.config.reference.markers`)."""
     components: tuple[str, ...]
     """The subfolders of its diffusers folder a run reads."""
     encoders: tuple[str, ...]
     """The components that encode the data (the cache stands in for them)."""
     naming: str
     """The name of its ComfyUI name table (:data:`qflux.lora.formats.NAMINGS`)."""
+    names: ComfyNames
+    """That table."""
     tiny: Mapping[str, Callable[..., Path]]
     """``python -m qflux.tiny`` names → its tiny builders."""
-    reference: str
-    """The prefix of its config table's markers in the README (:func:`qflux.config.reference.markers`)."""
+    builtin: tuple[str, BuiltinModel]
+    """Its ``builtin:`` name (the config's default model) and the tiny model built under it."""
+    shapes: Path
+    """Its folder of published shapes (``<hub owner>__<name>/<component>/config.json``)."""
+    same_shapes: Mapping[str, str] = attrs.field(factory=dict)
+    """Hub ids whose shapes are another shipped id's (re-quantized copies)."""
+
+
+def register(family: Family) -> None:
+    """Make the family's built-in model, ComfyUI naming and shapes known to the shared code."""
+    register_builtin_model(*family.builtin)
+    register_naming(family.naming, family.names)
+    register_shapes(family.shapes, family.same_shapes)

@@ -33,6 +33,7 @@ from torch import nn
 from qflux.weights.fp8 import dequantize
 from qflux.weights.frozen_linear import FrozenLinear, needs_fast_frozen_linear
 from qflux.weights.quantize import Float8StorageLinear
+from qflux.weights.shell import linear_shell
 
 ADAPTER = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
 """peft's adapter layers: trained, so they stay on the device."""
@@ -110,9 +111,7 @@ class SwappedLinear(nn.Linear):
     def from_layer(cls, layer: nn.Linear, swapper: Swapper, block: int, host: torch.device) -> SwappedLinear:
         """Move ``layer``'s weight (and fp8 scale) to ``host`` (pinned when the device is CUDA); its
         bias goes to the device."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = layer.in_features, layer.out_features
+        new = linear_shell(cls, layer.in_features, layer.out_features)
         # the backward layout the layer would have had on the device (FrozenLinear's, on some CPUs)
         new.column_major = isinstance(layer, FrozenLinear) or (
             type(layer) is nn.Linear and swapper.device.type == "cpu" and needs_fast_frozen_linear(layer.weight)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qflux.errors import QfluxError, optional
+from qflux.weights.shell import linear_shell
 
 FP8 = torch.float8_e4m3fn
 
@@ -110,9 +111,7 @@ class Float8FrozenLinear(SelfDequantizing, nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Float8FrozenLinear:
         """Quantize ``linear``'s weight (static scales); bias and device are kept."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new = linear_shell(cls, linear.in_features, linear.out_features)
         w8, scale = quantize_rowwise(linear.weight.detach())
         new.weight = nn.Parameter(w8, requires_grad=False)
         new.register_buffer("weight_scale", scale)

@@ -25,6 +25,7 @@ from torch import nn
 
 from qflux.weights.fp8 import check_fp8_device, use_fp8_matmul
 from qflux.weights.quantize import keep_trainable_layout
+from qflux.weights.shell import linear_shell
 
 REDUCED_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -58,9 +59,7 @@ class FrozenLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FrozenLinear:
         """A ``FrozenLinear`` holding ``linear``'s own parameters (shared, not copied)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new = linear_shell(cls, linear.in_features, linear.out_features)
         new.weight, new.bias = linear.weight, linear.bias
         return new
 

@@ -48,6 +48,7 @@ from torch import nn
 
 from qflux.errors import QfluxError, optional
 from qflux.weights.fp8 import FP8, SelfDequantizing, dequantize, quantize_rowwise
+from qflux.weights.shell import linear_shell
 
 Quantize = Literal["none", "fp8", "nf4", "fp4"]
 QUANTIZE = ("none", "fp8", "nf4", "fp4")
@@ -105,10 +106,8 @@ class Float8StorageLinear(SelfDequantizing, nn.Linear):
         cls, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype
     ) -> Float8StorageLinear:
         """Wrap an already-quantized weight (a pre-quantized checkpoint): scale [out, 1] or a scalar."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
+        new = linear_shell(cls, w8.shape[1], w8.shape[0])  # w8: [out, in]
         new.compute_dtype = compute_dtype
-        new.out_features, new.in_features = w8.shape
         new.weight = nn.Parameter(w8.to(FP8), requires_grad=False)
         new.register_buffer("weight_scale", scale.float().reshape(-1, 1).expand(w8.shape[0], 1).contiguous())
         new.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)  # type: ignore[assignment]
