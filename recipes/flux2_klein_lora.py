@@ -21,14 +21,13 @@ from typing import Any
 
 import torch
 
-from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
 from qflux.data.dataset import collate_pairs
 from qflux.data.images import image_arg, save_image
 from qflux.data.pairs import PairRule
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
-from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.flux2_klein import FAMILY
 from qflux.models.flux2_klein import cache as kcache
 from qflux.models.flux2_klein.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
@@ -42,12 +41,9 @@ from qflux.models.flux2_klein.predict import predict as klein_predict
 from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.cache import CacheReport
 from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
-from qflux.train.check import run_check
-from qflux.train.driver import decoder, finish, train_loop
-from qflux.train.run import ModelOps, Run, RunResult, model_folder, pair_dataset, placements, training_run
-from qflux.train.start import announce, attach_lora, first_state
-from qflux.weights.dtypes import torch_dtype
-from qflux.weights.quantize import storage_by_component
+from qflux.train.driver import decoder, train_lora
+from qflux.train.options import load_options, preview_options
+from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
 MAX_REFERENCES = 4
 PAIRS = PairRule((0, MAX_REFERENCES), "own")
@@ -64,34 +60,29 @@ def pipeline_cls() -> Any:
 def train(cfg: Flux2KleinConfig) -> RunResult:
     """Train a LoRA as configured: the data and model folder are checked, the models load, the LoRA
     is attached, then the loop runs and the outputs are written. SIGINT/SIGTERM save a checkpoint."""
-    with training_run(cfg, pipeline=FAMILY.pipeline, components=FAMILY.components, rule=PAIRS, variant=None) as run:
+    with training_run(cfg, FAMILY, PAIRS) as run:
         if run.finished is not None:
             return run.finished
-        warn_if_too_big(cfg, _plan_target(cfg), run)
         models, data = _inputs(cfg, run)
-        lora0 = attach_lora(models.transformer, cfg, run, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
-        loss_fn = make_loss_fn(models.transformer, weighting_scheme=cfg.train.weighting_scheme)
-        state = first_state(cfg, run, lora0)
-        announce(cfg, run, models, ("transformer", *FAMILY.encoders), state, FAMILY.pipeline)
-        load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
-        decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls())
-        state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
-        return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
+        return train_lora(cfg, run, FAMILY, models, data, _ops(cfg, run, models))
 
 
-def _folder(cfg: Flux2KleinConfig) -> Path:
-    return model_folder(cfg.model.pretrained_model_name_or_path, None, FAMILY.components, FAMILY.pipeline)
+def _ops(cfg: Flux2KleinConfig, run: Run, models: Flux2KleinModels) -> ModelOps:
+    """The model's own functions the shared loop calls: its batch, preview (validation, sample.png),
+    decoding (a VAE loaded for the call when training from the cache) and loss."""
+    decode = decoder(vae_decode, models.vae, lambda: _load(cfg, run.model_dir, ("vae",)).vae)
+    loss = partial(make_loss_fn, weighting_scheme=cfg.train.weighting_scheme)
+    return ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls(), loss)
 
 
 def _load(cfg: Flux2KleinConfig, path: Path, include: Sequence[str], run: Run | None = None) -> Flux2KleinModels:
-    """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
-    dtype, quantize = torch_dtype(cfg.model.dtype), storage_by_component(cfg.model)
-    return load_flux2_klein(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
+    """The ``include``d components (the transformer on the run's own device)."""
+    return load_flux2_klein(path, include=include, **load_options(cfg, run))
 
 
 def _inputs(cfg: Flux2KleinConfig, run: Run) -> tuple[Flux2KleinModels, DataPath]:
     """Training's models and data path: the transformer and the cache, or the encoders as well."""
+    warn_if_too_big(cfg, _plan_target(cfg), run)  # before anything loads (CUDA)
     if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
         load_encoders = partial(_load, cfg, run.model_dir, FAMILY.encoders)
         data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
@@ -115,7 +106,7 @@ def _cache(cfg: Flux2KleinConfig, path: Path) -> CachePath:
 def cache(cfg: Flux2KleinConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
-    path = _folder(cfg)
+    path = family_folder(cfg, FAMILY)
     return cache_command(cfg, path, PAIRS, _cache(cfg, path), partial(_load, cfg, path, FAMILY.encoders))
 
 
@@ -127,34 +118,17 @@ def distilled(path: Path) -> bool:
 def _preview(cfg: Flux2KleinConfig, models: Flux2KleinModels, cond: Conditioning, lora: Any,
              steps: int) -> torch.Tensor:  # fmt: skip
     """One sample's conditioning denoised at its target size (no CFG)."""
+    text = PromptEmbeds(tokens=cond.text["tokens"], ids=cond.text["ids"])
+    options = preview_options(cfg, cond, lora, steps)
     return denoise(
-        models.transformer,
-        models.scheduler.config,
-        cond.controls,
-        PromptEmbeds(tokens=cond.text["tokens"], ids=cond.text["ids"]),
-        None,
-        latent_hw=(cond.latents.shape[-2], cond.latents.shape[-1]),
-        num_inference_steps=steps,
-        guidance_scale=1.0,
-        seed=cfg.seed,
-        lora=lora,
-        noise_dtype=torch_dtype(cfg.model.dtype),
+        models.transformer, models.scheduler.config, cond.controls, text, None, guidance_scale=1.0, **options
     )
 
 
-def predict(
-    prompt: str,
-    image: str | list[str] | None = None,
-    out: str = "edited.png",
-    lora: str | None = None,
-    seed: int = 0,
-    num_inference_steps: int = 50,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    config: str | None = None,
-    **overrides: Any,
-) -> None:
+def predict(prompt: str, image: str | list[str] | None = None, out: str = "edited.png",
+            lora: str | None = None, seed: int = 0, num_inference_steps: int = 50,
+            guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+            config: str | None = None, **overrides: Any) -> None:  # fmt: skip
     """Edit: ``predict --image=A.png[,B.png] --prompt="..." --out=OUT.png [--lora=FILE] [--model.*=...]``.
 
     The pipeline's defaults: 50 steps, CFG 4 against the empty prompt (not on a step-distilled
@@ -173,7 +147,7 @@ def predict(
     """
     cfg = load_config(Flux2KleinConfig, config, overrides)
     images = image_arg(image, PAIRS.controls, f"FLUX.2 [klein] takes 0 to {MAX_REFERENCES} images, comma-separated,")
-    path = _folder(cfg)
+    path = family_folder(cfg, FAMILY)
     models = _load(cfg, path, ("transformer", *FAMILY.encoders))
     if lora is not None:
         load_lora_file(models.transformer, lora, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
@@ -187,13 +161,6 @@ def predict(
     save_image(result, out)
 
 
-def plan(cfg: Flux2KleinConfig, *, vram: float | None, as_json: bool = False, controls: int | None = None) -> int:
-    """Print the run's peak GPU memory and its alternatives, planned on fake tensors; returns the
-    exit status (0: fits in ``vram`` GiB; 3: does not)."""
-    return run_plan(cfg, _plan_target(cfg), partial(_folder, cfg), vram=vram, as_json_output=as_json,
-                    controls=controls)  # fmt: skip
-
-
 def _plan_target(cfg: Flux2KleinConfig) -> PlanTarget:
     seq = cfg.model.max_sequence_length
     return PlanTarget(
@@ -201,16 +168,9 @@ def _plan_target(cfg: Flux2KleinConfig) -> PlanTarget:
     )
 
 
-def check(cfg: Flux2KleinConfig) -> int:
-    """Check the dataset: its errors (exit 2, as train gives them), then a warning per pair that will
-    likely train badly; exit 0 when there are only warnings."""
-    return run_check(cfg, PAIRS, partial(_folder, cfg))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("flux2_klein_lora", FAMILY.pipeline, FAMILY.config, train=train, cache=cache, predict=predict,
-             plan=plan, check=check, argv=argv)  # fmt: skip
+    recipe_main(FAMILY, train=train, cache=cache, predict=predict, rule=lambda _: PAIRS, target=_plan_target, argv=argv)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
 from qflux.data.dataset import collate_pairs
 from qflux.data.images import load_rgb, save_image
 from qflux.data.pairs import PairRule
 from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
-from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.flux_kontext import FAMILY
 from qflux.models.flux_kontext import cache as kcache
 from qflux.models.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
@@ -40,12 +39,9 @@ from qflux.models.flux_kontext.predict import predict as kontext_predict
 from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.cache import CacheReport
 from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
-from qflux.train.check import run_check
-from qflux.train.driver import decoder, finish, train_loop
-from qflux.train.run import ModelOps, Run, RunResult, model_folder, pair_dataset, placements, training_run
-from qflux.train.start import announce, attach_lora, first_state
-from qflux.weights.dtypes import torch_dtype
-from qflux.weights.quantize import storage_by_component
+from qflux.train.driver import decoder, train_lora
+from qflux.train.options import load_options, preview_options
+from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
 PAIRS = PairRule((1, 1), "target")
 """One control image per sample, sized like its target's bucket (the pipeline gives the output the
@@ -63,32 +59,30 @@ def train(cfg: FluxKontextConfig) -> RunResult:
     """Train a LoRA as configured: the data and model folder are checked, the models load (the
     transformer and the encoders, or the cache), the LoRA is attached, then the loop runs and the
     outputs are written. SIGINT/SIGTERM save a checkpoint and return early."""
-    with training_run(cfg, pipeline=FAMILY.pipeline, components=FAMILY.components, rule=PAIRS, variant=None) as run:
+    with training_run(cfg, FAMILY, PAIRS) as run:
         if run.finished is not None:
             return run.finished
-        warn_if_too_big(cfg, _plan_target(cfg), run)
         models, data = _inputs(cfg, run)
-        lora0 = attach_lora(models.transformer, cfg, run, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
-        loss_fn = make_loss_fn(
-            models.transformer, guidance_scale=cfg.model.guidance_scale, weighting_scheme=cfg.train.weighting_scheme
-        )
-        state = first_state(cfg, run, lora0)
-        announce(cfg, run, models, ("transformer", *FAMILY.encoders), state, FAMILY.pipeline)
-        load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
-        decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls())
-        state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
-        return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
+        return train_lora(cfg, run, FAMILY, models, data, _ops(cfg, run, models))
+
+
+def _ops(cfg: FluxKontextConfig, run: Run, models: FluxKontextModels) -> ModelOps:
+    """The model's own functions the shared loop calls: its batch, preview (validation, sample.png),
+    decoding (a VAE loaded for the call when training from the cache) and loss."""
+    decode = decoder(vae_decode, models.vae, lambda: _load(cfg, run.model_dir, ("vae",)).vae)
+    guidance, weighting = cfg.model.guidance_scale, cfg.train.weighting_scheme
+    loss = partial(make_loss_fn, guidance_scale=guidance, weighting_scheme=weighting)
+    return ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls(), loss)
 
 
 def _load(cfg: FluxKontextConfig, path: Path, include: Sequence[str], run: Run | None = None) -> FluxKontextModels:
-    """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
-    dtype, quantize = torch_dtype(cfg.model.dtype), storage_by_component(cfg.model)
-    return load_flux_kontext(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
+    """The ``include``d components (the transformer on the run's own device)."""
+    return load_flux_kontext(path, include=include, **load_options(cfg, run))
 
 
 def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPath]:
     """Training's models and data path: the transformer and the cache, or every encoder as well."""
+    warn_if_too_big(cfg, _plan_target(cfg), run)  # before anything loads (CUDA)
     if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
         load_encoders = partial(_load, cfg, run.model_dir, FAMILY.encoders)
         data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
@@ -113,43 +107,24 @@ def _preview(
     cfg: FluxKontextConfig, models: FluxKontextModels, cond: Conditioning, lora: Any, steps: int
 ) -> torch.Tensor:
     """One sample's conditioning denoised at its target size (the training guidance, no true CFG)."""
-    return denoise(
-        models.transformer,
-        models.scheduler.config,
-        cond.controls[0] if cond.controls else None,
-        PromptEmbeds(pooled=cond.text["pooled"], tokens=cond.text["tokens"]),
-        None,
-        latent_hw=(cond.latents.shape[-2], cond.latents.shape[-1]),
-        num_inference_steps=steps,
-        guidance_scale=cfg.model.guidance_scale,
-        seed=cfg.seed,
-        lora=lora,
-        noise_dtype=torch_dtype(cfg.model.dtype),
-    )
+    control = cond.controls[0] if cond.controls else None
+    text = PromptEmbeds(pooled=cond.text["pooled"], tokens=cond.text["tokens"])
+    options = preview_options(cfg, cond, lora, steps)
+    transformer, scheduler = models.transformer, models.scheduler.config
+    return denoise(transformer, scheduler, control, text, None, guidance_scale=cfg.model.guidance_scale, **options)
 
 
 def cache(cfg: FluxKontextConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
-    path = model_folder(cfg.model.pretrained_model_name_or_path, None, FAMILY.components, FAMILY.pipeline)
+    path = family_folder(cfg, FAMILY)
     return cache_command(cfg, path, PAIRS, _cache(cfg, path), partial(_load, cfg, path, FAMILY.encoders))
 
 
-def predict(
-    image: str,
-    prompt: str,
-    out: str = "edited.png",
-    lora: str | None = None,
-    seed: int = 0,
-    num_inference_steps: int = 28,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    true_cfg_scale: float = 1.0,
-    config: str | None = None,
-    **overrides: Any,
-) -> None:
+def predict(image: str, prompt: str, out: str = "edited.png", lora: str | None = None, seed: int = 0,
+            num_inference_steps: int = 28, guidance_scale: float | None = None, height: int | None = None,
+            width: int | None = None, negative_prompt: str | None = None, true_cfg_scale: float = 1.0,
+            config: str | None = None, **overrides: Any) -> None:  # fmt: skip
     """Edit one image: ``predict --image=IN.png --prompt="..." --out=OUT.png [--lora=FILE] [--model.*=...]``.
 
     Args:
@@ -169,7 +144,7 @@ def predict(
     cfg = load_config(FluxKontextConfig, config, overrides)
     if not Path(image).is_file():
         raise QfluxError(f"input image '{image}' does not exist; pass --image=PATH")
-    path = model_folder(cfg.model.pretrained_model_name_or_path, None, FAMILY.components, FAMILY.pipeline)
+    path = family_folder(cfg, FAMILY)
     models = _load(cfg, path, ("transformer", *FAMILY.encoders))
     if lora is not None:
         load_lora_file(models.transformer, lora, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
@@ -194,28 +169,9 @@ def _plan_target(cfg: FluxKontextConfig) -> PlanTarget:
                       lambda configs, n: cfg.model.max_sequence_length)  # fmt: skip
 
 
-def plan(cfg: FluxKontextConfig, *, vram: float | None, as_json: bool = False, controls: int | None = None) -> int:
-    """Print the run's peak GPU memory and its alternatives, planned on fake tensors; returns the
-    exit status (0: fits in ``vram`` GiB; 3: does not)."""
-    return run_plan(cfg, _plan_target(cfg), partial(_folder, cfg), vram=vram, as_json_output=as_json,
-                    controls=controls)  # fmt: skip
-
-
-def _folder(cfg: FluxKontextConfig) -> Path:
-    return model_folder(cfg.model.pretrained_model_name_or_path, None, FAMILY.components, FAMILY.pipeline)
-
-
-def check(cfg: FluxKontextConfig) -> int:
-    """Check the dataset: its errors (exit 2, as train gives them), then a warning per pair that will
-    likely train badly (a target moved or re-framed against its control, identical to it, of another
-    aspect; a too-short instruction); exit 0 when there are only warnings."""
-    return run_check(cfg, PAIRS, partial(_folder, cfg))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("flux_kontext_lora", FAMILY.pipeline, FAMILY.config, train=train, cache=cache, predict=predict,
-             plan=plan, check=check, argv=argv)  # fmt: skip
+    recipe_main(FAMILY, train=train, cache=cache, predict=predict, rule=lambda _: PAIRS, target=_plan_target, argv=argv)
 
 
 if __name__ == "__main__":

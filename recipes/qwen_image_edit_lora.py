@@ -23,12 +23,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qflux.config.cli import main as cli_main
 from qflux.config.parse import load_config
 from qflux.data.images import image_arg, save_image
 from qflux.data.pairs import PairRule
 from qflux.lora.adapter import load_lora_file
-from qflux.memory.command import PlanTarget, run_plan, warn_if_too_big
+from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.qwen_image_edit import FAMILY
 from qflux.models.qwen_image_edit import cache as qcache
 from qflux.models.qwen_image_edit.batch import (
@@ -48,12 +47,9 @@ from qflux.models.qwen_image_edit.predict import predict as qwen_predict
 from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.cache import CacheReport
 from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
-from qflux.train.check import run_check
-from qflux.train.driver import decoder, finish, train_loop
-from qflux.train.run import ModelOps, Run, RunResult, model_folder, pair_dataset, placements, training_run
-from qflux.train.start import announce, attach_lora, first_state
-from qflux.weights.dtypes import torch_dtype
-from qflux.weights.quantize import storage_by_component
+from qflux.train.driver import decoder, train_lora
+from qflux.train.options import load_options, preview_options
+from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
 PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own"), "edit_2511": PairRule((0, 3), "own")}
 """Control images per sample of each variant; each is sized at its own aspect, as the pipelines do."""
@@ -70,39 +66,32 @@ def train(cfg: QwenImageEditConfig) -> RunResult:
     """Train a LoRA as configured: the data and model folder are checked, the models load (the
     transformer and the encoders, or the cache), the LoRA is attached, then the loop runs and the
     outputs are written. SIGINT/SIGTERM save a checkpoint and return early."""
-    variant = cfg.model.variant
-    with training_run(cfg, pipeline=FAMILY.pipeline, components=FAMILY.components, rule=PAIRS[variant],
-                      variant=variant) as run:  # fmt: skip
+    with training_run(cfg, FAMILY, PAIRS[cfg.model.variant]) as run:
         if run.finished is not None:
             return run.finished
-        warn_if_too_big(cfg, _plan_target(cfg), run)
         models, data = _inputs(cfg, run)
-        lora0 = attach_lora(models.transformer, cfg, run, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
-        loss_fn = make_loss_fn(models.transformer, weighting_scheme=cfg.train.weighting_scheme)
-        state = first_state(cfg, run, lora0)
-        announce(cfg, run, models, ("transformer", *FAMILY.encoders), state, FAMILY.pipeline)
-        load_vae = partial(_load, cfg, run.model_dir, ("vae",))  # from the cache: the VAE only to decode
-        decode = decoder(vae_decode, models.vae, lambda: load_vae().vae)
-        ops = ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls())
-        state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
-        return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
+        return train_lora(cfg, run, FAMILY, models, data, _ops(cfg, run, models))
 
 
-def _folder(cfg: QwenImageEditConfig) -> Path:
-    return model_folder(cfg.model.pretrained_model_name_or_path, cfg.model.variant, FAMILY.components, FAMILY.pipeline)
+def _ops(cfg: QwenImageEditConfig, run: Run, models: QwenImageEditModels) -> ModelOps:
+    """The model's own functions the shared loop calls: its batch, preview (validation, sample.png),
+    decoding (a VAE loaded for the call when training from the cache) and loss."""
+    decode = decoder(vae_decode, models.vae, lambda: _load(cfg, run.model_dir, ("vae",)).vae)
+    loss = partial(make_loss_fn, weighting_scheme=cfg.train.weighting_scheme)
+    return ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls(), loss)
 
 
 def _load(cfg: QwenImageEditConfig, path: Path, include: Sequence[str], run: Run | None = None) -> QwenImageEditModels:
-    """The ``include``d components on ``devices`` (the transformer on the run's own device)."""
-    dtype, quantize = torch_dtype(cfg.model.dtype), storage_by_component(cfg.model)
+    """The ``include``d components (the transformer on the run's own device)."""
     if "transformer" in include:
         check_variant(path, cfg.model.variant)
-    return load_qwen_image_edit(path, dtype, include=include, devices=placements(cfg, run), quantize=quantize)
+    return load_qwen_image_edit(path, include=include, **load_options(cfg, run))
 
 
 def _inputs(cfg: QwenImageEditConfig, run: Run) -> tuple[QwenImageEditModels, DataPath]:
     """Training's models and data path: the transformer and the cache, or every encoder as well.
     Each sample carries its own empty-instruction embedding (it sees the sample's images)."""
+    warn_if_too_big(cfg, _plan_target(cfg), run)  # before anything loads (CUDA)
     if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
         load_encoders = partial(_load, cfg, run.model_dir, FAMILY.encoders)
         data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
@@ -123,24 +112,15 @@ def _cache(cfg: QwenImageEditConfig, path: Path) -> CachePath:
 def _preview(cfg: QwenImageEditConfig, models: QwenImageEditModels, cond: Conditioning, lora: Any,
              steps: int) -> torch.Tensor:  # fmt: skip
     """One sample's conditioning denoised at its target size (no true CFG)."""
-    return denoise(
-        models.transformer,
-        models.scheduler.config,
-        cond.controls,
-        (cond.text["embeds"], cond.text["mask"]),
-        None,
-        latent_hw=(cond.latents.shape[-2], cond.latents.shape[-1]),
-        num_inference_steps=steps,
-        seed=cfg.seed,
-        lora=lora,
-        noise_dtype=torch_dtype(cfg.model.dtype),
-    )
+    text = (cond.text["embeds"], cond.text["mask"])
+    options = preview_options(cfg, cond, lora, steps)
+    return denoise(models.transformer, models.scheduler.config, cond.controls, text, None, **options)
 
 
 def cache(cfg: QwenImageEditConfig) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
-    path = _folder(cfg)
+    path = family_folder(cfg, FAMILY)
     return cache_command(
         cfg, path, PAIRS[cfg.model.variant], _cache(cfg, path), partial(_load, cfg, path, FAMILY.encoders)
     )
@@ -152,20 +132,10 @@ def _images(image: str | list[str] | tuple[str, ...] | None, variant: str) -> li
     return image_arg(image, PAIRS[variant].controls, f"model.variant '{variant}' takes {want}")
 
 
-def predict(
-    prompt: str,
-    image: str | list[str] | None = None,
-    out: str = "edited.png",
-    lora: str | None = None,
-    seed: int = 0,
-    num_inference_steps: int = 50,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    true_cfg_scale: float = 4.0,
-    config: str | None = None,
-    **overrides: Any,
-) -> None:
+def predict(prompt: str, image: str | list[str] | None = None, out: str = "edited.png",
+            lora: str | None = None, seed: int = 0, num_inference_steps: int = 50, height: int | None = None,
+            width: int | None = None, negative_prompt: str | None = None, true_cfg_scale: float = 4.0,
+            config: str | None = None, **overrides: Any) -> None:  # fmt: skip
     """Edit: ``predict --image=IN.png --prompt="..." --out=OUT.png [--lora=FILE] [--model.*=...]``.
 
     The pipeline's defaults: 50 steps, true CFG (scale 4) only with ``--negative_prompt``, the
@@ -186,7 +156,7 @@ def predict(
     """
     cfg = load_config(QwenImageEditConfig, config, overrides)
     images = _images(image, cfg.model.variant)
-    models = _load(cfg, _folder(cfg), ("transformer", *FAMILY.encoders))
+    models = _load(cfg, family_folder(cfg, FAMILY), ("transformer", *FAMILY.encoders))
     if lora is not None:
         load_lora_file(models.transformer, lora, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
     result = qwen_predict(models, images, prompt, variant=cfg.model.variant, height=height, width=width,
@@ -195,30 +165,23 @@ def predict(
     save_image(result, out)
 
 
-def plan(cfg: QwenImageEditConfig, *, vram: float | None, as_json: bool = False, controls: int | None = None) -> int:
-    """Print the run's peak GPU memory and its alternatives, planned on fake tensors; returns the
-    exit status (0: fits in ``vram`` GiB; 3: does not)."""
-    return run_plan(cfg, _plan_target(cfg), partial(_folder, cfg), vram=vram, as_json_output=as_json,
-                    controls=controls)  # fmt: skip
-
-
 def _plan_target(cfg: QwenImageEditConfig) -> PlanTarget:
     variant = cfg.model.variant
     return PlanTarget(plan_model(), FAMILY.pipeline, ("transformer", *FAMILY.encoders), PAIRS[variant].controls[1],
                       lambda configs, n: text_tokens(configs["text_encoder"], variant, n))  # fmt: skip
 
 
-def check(cfg: QwenImageEditConfig) -> int:
-    """Check the dataset: its errors (exit 2, as train gives them), then a warning per pair that will
-    likely train badly (a target moved or re-framed against its control, identical to it, of another
-    aspect; a too-short instruction); exit 0 when there are only warnings."""
-    return run_check(cfg, PAIRS[cfg.model.variant], partial(_folder, cfg))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
-    cli_main("qwen_image_edit_lora", FAMILY.pipeline, FAMILY.config, train=train, cache=cache, predict=predict,
-             plan=plan, check=check, argv=argv)  # fmt: skip
+    recipe_main(
+        FAMILY,
+        train=train,
+        cache=cache,
+        predict=predict,
+        rule=lambda cfg: PAIRS[cfg.model.variant],
+        target=_plan_target,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
 """``python -m recipes.<model>_lora plan [--config=F] [--section.key=value ...] --vram=GiB [--json]``:
 the configured run's peak device memory and its alternatives (:mod:`qflux.memory.planner`), from the model's
-``config.json`` files alone; exit 0 when the run fits, :data:`DOES_NOT_FIT` when it does not."""
+``config.json`` files alone; exit 0 when the run fits, :data:`DOES_NOT_FIT` when it does not. :func:`recipe_main` is
+a recipe's whole command line: its own train, cache and predict, with the plan and check every family shares."""
 
 from __future__ import annotations
 
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
+from qflux.config.cli import main as cli_main
 from qflux.config.schema import RecipeConfig
+from qflux.data.pairs import PairRule
 from qflux.diffusion.latents import size_multiple
 from qflux.errors import QfluxError
 from qflux.memory.measure import GIB
@@ -31,6 +35,9 @@ from qflux.memory.planner import (
     square_bucket,
     table,
 )
+from qflux.train.check import run_check
+from qflux.train.family import Family
+from qflux.train.run import family_folder
 from qflux.weights.dtypes import torch_dtype
 from qflux.weights.loading import component_config
 from qflux.weights.shapes import published, shipped_ids
@@ -213,3 +220,26 @@ def _verdict(first: Row, cheapest: Row | None, configured: Setting, vram_gib: fl
         f"\ndoes not fit {vram_gib:g} GiB; the cheapest change that fits ({cheapest.breakdown.peak / GIB:.2f} GiB): "
         f"{change_text(cheapest, configured)}"
     )
+
+
+def recipe_main(family: Family, *, train: Callable[[Any], Any], cache: Callable[[Any], Any],
+                predict: Callable[..., Any], rule: Callable[[Any], PairRule], target: Callable[[Any], PlanTarget],
+                argv: list[str] | None) -> None:  # fmt: skip
+    """Run ``python -m recipes.<family>_lora``: the recipe's ``train``, ``cache`` and ``predict``, and the
+    ``plan`` and ``check`` of the family's model folder, its pairs (``rule(cfg)``) and its planner
+    record (``target(cfg)``); no arguments trains the built-in default; errors print one message and exit 2."""
+
+    def plan(cfg: RecipeConfig, *, vram: float | None, as_json: bool = False, controls: int | None = None) -> int:
+        """Print the run's peak GPU memory and its alternatives, planned on fake tensors; returns the
+        exit status (0: fits in ``vram`` GiB; 3: does not)."""
+        return run_plan(cfg, target(cfg), partial(family_folder, cfg, family), vram=vram, as_json_output=as_json,
+                        controls=controls)  # fmt: skip
+
+    def check(cfg: RecipeConfig) -> int:
+        """Check the dataset: its errors (exit 2, as train gives them), then a warning per pair that will
+        likely train badly (a target moved or re-framed against its control, identical to it, of another
+        aspect; a too-short instruction); exit 0 when there are only warnings."""
+        return run_check(cfg, rule(cfg), partial(family_folder, cfg, family))
+
+    cli_main(f"{family.name}_lora", family.pipeline, family.config, train=train, cache=cache, predict=predict,
+             plan=plan, check=check, argv=argv)  # fmt: skip

@@ -33,11 +33,12 @@ from qflux.lora.kinds import LYCORIS, comfy_drops, module_of
 from qflux.train.batch import Conditioning, DataPath
 from qflux.train.checkpoint import latest_checkpoint, save_loop_state
 from qflux.train.distributed import any_rank, barrier
+from qflux.train.family import Family
 from qflux.train.loop import Hook, LoopState, flush, mean_recent, run_loop
 from qflux.train.plots import save_image_row, save_loss_curve
 from qflux.train.run import ModelOps, Run, RunResult
 from qflux.train.signals import stop_signals
-from qflux.train.start import build_step, step_taker
+from qflux.train.start import announce, attach_lora, build_step, first_state, step_taker
 from qflux.train.state import LossFn, unreached_adapters
 from qflux.train.summary import LOSS_WINDOW, comfyui_note, end_block, unreached_text
 from qflux.train.tracking import Tracker, open_tracker
@@ -232,6 +233,18 @@ def finish(
         print(end_block(written, losses=state.losses, checkpoint=latest_checkpoint(run.output), logs=logs,
                         lycoris=cfg.model.lora.kind in LYCORIS, comfyui=note))  # fmt: skip
     return RunResult(cfg, state.train, dict(lora0), list(state.losses), seconds, models, lora_path, interrupted)
+
+
+def train_lora(cfg: RecipeConfig, run: Run, family: Family, models: Any, data: DataPath, ops: ModelOps) -> RunResult:
+    """The steps every recipe takes once its models and data are in hand: the adapter attached, the
+    loss ``ops.make_loss(transformer)`` built on the adapted transformer, the first state (fresh or
+    resumed) announced, the loop run, and the outputs written (:func:`finish`)."""
+    lora0 = attach_lora(models.transformer, cfg, run, naming=ops.naming, pipeline_cls=ops.pipeline_cls)
+    loss_fn: LossFn = ops.make_loss(models.transformer)
+    state = first_state(cfg, run, lora0)
+    announce(cfg, run, models, ("transformer", *family.encoders), state, family.pipeline)
+    state, interrupted, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
+    return finish(cfg, run, state, lora0, models, data, ops, interrupted, seconds)
 
 
 def report_unreached(

@@ -3,12 +3,9 @@ data, resume point); then :mod:`qflux.train.start` (the adapter, the first state
 :mod:`qflux.train.driver` (the loop with its hooks, and the outputs). The recipes call these by name, in order;
 what differs between models (loading, conditioning, the loss, previews) is theirs.
 
-    with training_run(cfg, ...) as run:           # device, ranks, model folder, data, resume point
-        models, data = <the model's inputs>         # encoders, or the cache
-        lora0 = attach_lora(transformer, cfg, run, ...)
-        state = first_state(cfg, run, lora0)       # fresh, or the checkpoint's LoopState
-        state, stopped, seconds = train_loop(cfg, run, state, data, loss_fn, models, ops)
-        return finish(cfg, run, state, lora0, models, ops, stopped, seconds)
+    with training_run(cfg, FAMILY, rule) as run:  # device, ranks, model folder, data, resume point
+        models, data = _inputs(cfg, run)            # memory check; the encoders, or the cache
+        return train_lora(cfg, run, FAMILY, models, data, _ops(cfg, run, models))  # adapter, loop, outputs
 """
 
 from __future__ import annotations
@@ -42,6 +39,7 @@ from qflux.train.checkpoint import (
     remove_partial,
 )
 from qflux.train.distributed import World, init_world, rank_device
+from qflux.train.family import Family
 from qflux.train.run_dir import claim_output_dir
 from qflux.train.state import (
     CompileMode,
@@ -70,6 +68,8 @@ class ModelOps:
     """How the model's ComfyUI files name modules."""
     pipeline_cls: type
     """The diffusers pipeline class (LoRA files are written and read through it)."""
+    make_loss: Callable[[Any], Any]
+    """``make_loss(transformer) → loss_fn(lora, batch)``: the training objective on the adapted transformer."""
 
 
 @attrs.frozen(eq=False)
@@ -108,6 +108,12 @@ class Run:
 def model_folder(name: str, variant: str | None, components: Sequence[str], pipeline: str) -> Path:
     """The resolved model folder of ``model.pretrained_model_name_or_path`` (built-in names built)."""
     return resolve_model_dir(resolve_model_path(name, variant), components, pipeline=pipeline)
+
+
+def family_folder(cfg: RecipeConfig, family: Family) -> Path:
+    """The family's resolved model folder for ``cfg`` (of ``model.variant`` where its config has one)."""
+    variant = getattr(cfg.model, "variant", None)
+    return model_folder(cfg.model.pretrained_model_name_or_path, variant, family.components, family.pipeline)
 
 
 def pair_dataset(cfg: RecipeConfig, path: Path) -> Callable[[Sequence[PairSample]], PairDataset]:
@@ -208,9 +214,7 @@ def check_adapter_settings(cfg: RecipeConfig) -> None:
 
 
 @contextlib.contextmanager
-def training_run(
-    cfg: RecipeConfig, *, pipeline: str, components: Sequence[str], rule: PairRule, variant: str | None
-) -> Iterator[Run]:
+def training_run(cfg: RecipeConfig, family: Family, rule: PairRule) -> Iterator[Run]:
     """Set a run up: device and ranks (only rank 0 prints), the model folder, the checked dataset and
     validation set, the compile mode, and the output folder (resumed, refused while it holds another
     run, or emptied with logging.overwrite). Under torchrun, trains data-parallel."""
@@ -228,7 +232,7 @@ def training_run(
         )
     device = rank_device(world, device)
     with quiet_unless(world.is_main):
-        path = model_folder(cfg.model.pretrained_model_name_or_path, variant, components, pipeline)
+        path = family_folder(cfg, family)
         listed: list[tuple[str, Sequence[str]]] = []
         samples = dataset_samples(cfg, path, rule, lambda cause, names: listed.append((cause, names)))
         if world.is_main:  # the warnings are printed by rank 0 alone: the others need not decode the pairs
