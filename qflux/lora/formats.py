@@ -72,15 +72,20 @@ class ComfyNames:
     """How messages name the model."""
 
 
+def fused(module: str, *parts: str) -> dict[str, Target]:
+    """Diffusers modules that BFL fuses into ``module``, in its order: each → (``module``, its index, how many)."""
+    return {part: (module, i, len(parts)) for i, part in enumerate(parts)}
+
+
+def renamed(names: Mapping[str, str]) -> dict[str, Target]:
+    """Diffusers modules that BFL keeps whole under another name: each → (its BFL name, 0, 1)."""
+    return {module: (name, 0, 1) for module, name in names.items()}
+
+
 BFL_ATTENTION: dict[str, Target] = {
-    "attn.to_q": ("img_attn.qkv", 0, 3),
-    "attn.to_k": ("img_attn.qkv", 1, 3),
-    "attn.to_v": ("img_attn.qkv", 2, 3),
-    "attn.add_q_proj": ("txt_attn.qkv", 0, 3),
-    "attn.add_k_proj": ("txt_attn.qkv", 1, 3),
-    "attn.add_v_proj": ("txt_attn.qkv", 2, 3),
-    "attn.to_out.0": ("img_attn.proj", 0, 1),
-    "attn.to_add_out": ("txt_attn.proj", 0, 1),
+    **fused("img_attn.qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
+    **fused("txt_attn.qkv", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    **renamed({"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}),
 }
 """A BFL double block's attention: diffusers' separate q/k/v fused into ``img_attn.qkv`` / ``txt_attn.qkv``, and the
 two output projections (the same in every BFL model)."""

@@ -1,4 +1,5 @@
-"""Parts every tiny model is built from, offline: tokenizers built in code and size presets.
+"""Parts every tiny model is built from, offline: tokenizers built in code, size presets, a seeded draw of the
+weights, the flow-matching scheduler and the saved pipeline folder.
 
 Each model family's tiny builder (``qflux/models/<family>/tiny.py``) composes them; ``python -m qflux.tiny``
 runs the builders.
@@ -7,8 +8,12 @@ runs the builders.
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import torch
 
 # Characters the tiny tokenizers know; anything else maps to the unknown token.
 _ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,!?'-:;()"
@@ -63,6 +68,16 @@ def t5_tokenizer() -> Any:
 Overrides = Mapping[str, Any]
 
 
+def by_size(sizes: tuple[str, ...], table: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Presets from a table that gives each setting once, as its values in ``sizes`` order: a plain key
+    (``{"latent_channels": (4, 16)}``) or a section of them (``{"vae": {"norm_num_groups": (4, 8)}}``)."""
+
+    def pick(value: Any, i: int) -> Any:
+        return {k: pick(v, i) for k, v in value.items()} if isinstance(value, Mapping) else value[i]
+
+    return {size: pick(table, i) for i, size in enumerate(sizes)}
+
+
 def preset(presets: Mapping[str, dict[str, Any]], size: str, overrides: Overrides | None) -> dict[str, Any]:
     """The preset ``size`` with ``overrides`` merged in: a section's keys are updated
     (``{"vae": {"block_out_channels": (8, 16, 16)}}``), a plain key is replaced."""
@@ -96,3 +111,50 @@ def chat_tokenizer(tokenizer_cls: Any) -> Any:
     )
     tok.add_special_tokens({"additional_special_tokens": list(CHAT_SPECIAL_TOKENS[1:])})
     return tok
+
+
+def chat_token_ids(tok: Any) -> dict[str, int]:
+    """Each of :data:`CHAT_SPECIAL_TOKENS` → its id in the chat tokenizer ``tok`` (:func:`chat_tokenizer`)."""
+    return dict(zip(CHAT_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(CHAT_SPECIAL_TOKENS)), strict=True))
+
+
+def chat_text_config(tok: Any) -> dict[str, Any]:
+    """The settings a chat tokenizer (:func:`chat_tokenizer`) fixes in its text model's config: ``vocab_size``
+    (the tokenizer's length rounded up to a multiple of 16), no bos token, eos ``<|im_end|>``, pad
+    ``<|endoftext|>``."""
+    ids = chat_token_ids(tok)
+    return {
+        "vocab_size": -(-len(tok) // 16) * 16,
+        "bos_token_id": None,
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Inside: the global torch RNG starts from ``seed``, so the weights modules draw there are a function of
+    it and of the order they are built in. The caller's RNG is restored on leaving."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def flow_scheduler(**settings: Any) -> Any:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` over 1000 training steps with dynamic shifting (the pipeline
+    computes each run's shift μ); ``settings``: the model's other arguments (``shift``, ``base_shift``, ...)."""
+    # deferred: diffusers is a heavy import
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True, **settings)
+
+
+def save_pipeline(pipeline_cls: Any, out_dir: str | Path, components: Mapping[str, Any]) -> Path:
+    """Write ``pipeline_cls(**components)`` to ``out_dir`` in the diffusers folder layout.
+
+    Returns:
+        The folder; ``pipeline_cls.from_pretrained(path)`` loads it.
+    """
+    out = Path(out_dir)
+    pipeline_cls(**components).save_pretrained(out)
+    return out

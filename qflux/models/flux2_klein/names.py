@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qflux.lora.formats import BFL_ATTENTION, BFL_ENDS, BFL_SWAPPED, ComfyNames, Target
+from qflux.lora.formats import BFL_ATTENTION, BFL_ENDS, BFL_SWAPPED, ComfyNames, Target, renamed
 
 NAMING = "flux2"
 """The name FLUX.2 [klein]'s LoRA files are written and read under."""
@@ -15,12 +15,16 @@ NAMING = "flux2"
 # blocks' q/k/v fuse as in FLUX.1; a single block's q/k/v/MLP projection is already fused in diffusers.
 DOUBLE: dict[str, Target] = {
     **BFL_ATTENTION,
-    "ff.linear_in": ("img_mlp.0", 0, 1),
-    "ff.linear_out": ("img_mlp.2", 0, 1),
-    "ff_context.linear_in": ("txt_mlp.0", 0, 1),
-    "ff_context.linear_out": ("txt_mlp.2", 0, 1),
+    **renamed(
+        {
+            "ff.linear_in": "img_mlp.0",
+            "ff.linear_out": "img_mlp.2",
+            "ff_context.linear_in": "txt_mlp.0",
+            "ff_context.linear_out": "txt_mlp.2",
+        }
+    ),
 }
-SINGLE: dict[str, Target] = {"attn.to_qkv_mlp_proj": ("linear1", 0, 1), "attn.to_out": ("linear2", 0, 1)}
+SINGLE: dict[str, Target] = renamed({"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"})
 TOP = {
     **BFL_ENDS,
     "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",

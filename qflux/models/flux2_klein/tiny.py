@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qflux.weights.tiny_parts import Overrides, chat_tokenizer, preset
+from qflux.weights import tiny_parts
 
 QWEN3_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -39,9 +39,12 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
+_SCHEDULER = {"shift": 3.0, "time_shift_type": "exponential"}
+"""FLUX.2's flow-matching scheduler settings (its pipeline computes μ per run: the rest are diffusers' defaults)."""
+
 
 def build_flux2_klein(
-    out_dir: str | Path, seed: int = 0, size: str = "tiny", overrides: Overrides | None = None
+    out_dir: str | Path, seed: int = 0, size: str = "tiny", overrides: tiny_parts.Overrides | None = None
 ) -> Path:
     """Write a tiny random FLUX.2 [klein] model folder (diffusers layout) to ``out_dir``.
 
@@ -54,47 +57,34 @@ def build_flux2_klein(
         The folder; ``Flux2KleinPipeline.from_pretrained(path)`` loads it.
     """
     # deferred: diffusers is a heavy import
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
-    # deferred: transformers is a heavy import
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
-
-    p = preset(_PRESETS, size, overrides)
-    out = Path(out_dir)
-    tok = chat_tokenizer(Qwen2Tokenizer)
-    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    p = tiny_parts.preset(_PRESETS, size, overrides)
     z = p["latent_channels"]
-    text = p["text"]
-    vocab = -(-len(tok) // 16) * 16
-    eos, pad = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = Qwen3ForCausalLM(
-            Qwen3Config(
-                vocab_size=vocab,
-                bos_token_id=None,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                rope_theta=1000000.0,
-                tie_word_embeddings=True,
-                **text,
-            )
-        )
+    with tiny_parts.seeded(seed):  # drawn in this order: text encoder, transformer, VAE
+        text = _text_encoder(p["text"])
         transformer = Flux2Transformer2DModel(
             patch_size=1,
             in_channels=4 * z,  # 2×2-patchified latents
-            joint_attention_dim=3 * text["hidden_size"],  # three hidden-state layers, stacked
+            joint_attention_dim=3 * p["text"]["hidden_size"],  # three hidden-state layers, stacked
             guidance_embeds=False,  # klein: no distilled guidance
             **p["transformer"],
         )
         vae = _vae(p["vae"], z, seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.2's settings (the pipeline computes mu per run)
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
-    )
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
-                              transformer=transformer, is_distilled=False)  # fmt: skip
-    pipe.save_pretrained(out)
-    return out
+    components = {"transformer": transformer, "vae": vae, "scheduler": tiny_parts.flow_scheduler(**_SCHEDULER), **text}
+    return tiny_parts.save_pipeline(Flux2KleinPipeline, out_dir, {**components, "is_distilled": False})
+
+
+def _text_encoder(settings: dict[str, Any]) -> dict[str, Any]:
+    """A Qwen3 causal LM of ``settings`` with its tokenizer, as the pipeline's components (the LM drawn from the
+    global RNG, which the builder seeds)."""
+    # deferred: transformers is a heavy import
+    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tok = tiny_parts.chat_tokenizer(Qwen2Tokenizer)
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    config = Qwen3Config(rope_theta=1000000.0, tie_word_embeddings=True, **tiny_parts.chat_text_config(tok), **settings)
+    return {"text_encoder": Qwen3ForCausalLM(config), "tokenizer": tok}
 
 
 def _vae(settings: dict[str, Any], z: int, seed: int) -> Any:

@@ -5,28 +5,28 @@ are swapped (:mod:`qflux.lora.formats`)."""
 
 from __future__ import annotations
 
-from qflux.lora.formats import BFL_ATTENTION, BFL_ENDS, BFL_SWAPPED, ComfyNames
+from qflux.lora.formats import BFL_ATTENTION, BFL_ENDS, BFL_SWAPPED, ComfyNames, fused, renamed
 
 NAMING = "flux"
 """The name FLUX.1 Kontext's LoRA files are written and read under."""
 
-# diffusers module (inside a double block) → (BFL module, part index, number of parts)
+# diffusers module → (BFL module, part index, number of parts), inside a double block and a single block
 DOUBLE = {
     **BFL_ATTENTION,
-    "ff.net.0.proj": ("img_mlp.0", 0, 1),
-    "ff.net.2": ("img_mlp.2", 0, 1),
-    "ff_context.net.0.proj": ("txt_mlp.0", 0, 1),
-    "ff_context.net.2": ("txt_mlp.2", 0, 1),
-    "norm1.linear": ("img_mod.lin", 0, 1),
-    "norm1_context.linear": ("txt_mod.lin", 0, 1),
+    **renamed(
+        {
+            "ff.net.0.proj": "img_mlp.0",
+            "ff.net.2": "img_mlp.2",
+            "ff_context.net.0.proj": "txt_mlp.0",
+            "ff_context.net.2": "txt_mlp.2",
+            "norm1.linear": "img_mod.lin",
+            "norm1_context.linear": "txt_mod.lin",
+        }
+    ),
 }
 SINGLE = {
-    "attn.to_q": ("linear1", 0, 4),
-    "attn.to_k": ("linear1", 1, 4),
-    "attn.to_v": ("linear1", 2, 4),
-    "proj_mlp": ("linear1", 3, 4),
-    "proj_out": ("linear2", 0, 1),
-    "norm.linear": ("modulation.lin", 0, 1),
+    **fused("linear1", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    **renamed({"proj_out": "linear2", "norm.linear": "modulation.lin"}),
 }
 TOP = {
     **BFL_ENDS,

@@ -13,34 +13,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+from qflux.weights import tiny_parts
 
-from qflux.weights.tiny_parts import Overrides, clip_tokenizer, preset, t5_tokenizer
+# Each setting's value in the "tiny" preset (tests and the default run) and in the "small" one, large enough that
+# compute matters on a CPU and that the text encoders outweigh the transformer, as they do for FLUX.1.
+_PRESETS = tiny_parts.by_size(("tiny", "small"), {
+    "latent_channels": (4, 16),
+    "transformer": {"num_layers": (1, 2), "num_single_layers": (2, 4), "attention_head_dim": (16, 64),
+                    "num_attention_heads": (2, 4), "axes_dims_rope": ((4, 6, 6), (16, 24, 24))},
+    "clip": {"hidden_size": (32, 256), "intermediate_size": (37, 1024), "num_attention_heads": (4, 4),
+             "num_hidden_layers": (2, 4)},
+    "t5": {"d_model": (32, 512), "d_ff": (37, 2048), "d_kv": (8, 64), "num_heads": (4, 8), "num_layers": (2, 12)},
+    "vae": {"block_out_channels": ((8, 16, 16, 16), (32, 64, 64, 64)), "norm_num_groups": (4, 8)},
+})  # fmt: skip
 
-# Shapes per preset. "tiny" is for tests and the default run; "small" is large enough that compute
-# matters on a CPU and that the text encoders outweigh the transformer, as they do for FLUX.1.
-_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "latent_channels": 4,
-        "transformer": {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
-                        "axes_dims_rope": (4, 6, 6)},
-        "clip": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
-        "t5": {"d_model": 32, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 2},
-        "vae": {"block_out_channels": (8, 16, 16, 16), "norm_num_groups": 4},
-    },
-    "small": {
-        "latent_channels": 16,
-        "transformer": {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4,
-                        "axes_dims_rope": (16, 24, 24)},
-        "clip": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "num_hidden_layers": 4},
-        "t5": {"d_model": 512, "d_ff": 2048, "d_kv": 64, "num_heads": 8, "num_layers": 12},
-        "vae": {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8},
-    },
-}  # fmt: skip
+_SCHEDULER = {"shift": 3.0, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+"""FLUX.1's flow-matching scheduler settings."""
 
 
 def build_flux_kontext(
-    out_dir: str | Path, seed: int = 0, size: str = "tiny", overrides: Overrides | None = None
+    out_dir: str | Path, seed: int = 0, size: str = "tiny", overrides: tiny_parts.Overrides | None = None
 ) -> Path:
     """Write a tiny random FLUX.1-Kontext model folder (diffusers layout) to ``out_dir``.
 
@@ -58,42 +50,28 @@ def build_flux_kontext(
     """
     from diffusers import FluxKontextPipeline, FluxTransformer2DModel  # deferred: diffusers takes seconds to import
 
-    p = preset(_PRESETS, size, overrides)
-    out = Path(out_dir)
-    tok = clip_tokenizer()
-    tok2 = t5_tokenizer()
-    latent_channels = p["latent_channels"]
-    # fork_rng keeps the seeding local: the caller's global RNG is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    p = tiny_parts.preset(_PRESETS, size, overrides)
+    with tiny_parts.seeded(seed):  # drawn in this order: transformer, CLIP, T5, VAE
         transformer = FluxTransformer2DModel(
             patch_size=1,
-            in_channels=4 * latent_channels,  # 2×2 packed latents
+            in_channels=4 * p["latent_channels"],  # 2×2 packed latents
             joint_attention_dim=p["t5"]["d_model"],
             pooled_projection_dim=p["clip"]["hidden_size"],
             guidance_embeds=True,
             **p["transformer"],  # axes_dims_rope sums to attention_head_dim
         )
-        clip, t5 = _text_encoders(p, tok, tok2)
+        text = _text_encoders(p)
         vae = _vae(p)
-    scheduler = _scheduler()
-    pipe = FluxKontextPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=tok,
-        text_encoder_2=t5,
-        tokenizer_2=tok2,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(out)
-    return out
+    components = {"transformer": transformer, "vae": vae, "scheduler": tiny_parts.flow_scheduler(**_SCHEDULER), **text}
+    return tiny_parts.save_pipeline(FluxKontextPipeline, out_dir, components)
 
 
-def _text_encoders(p: dict[str, Any], tok: Any, tok2: Any) -> tuple[Any, Any]:
-    """CLIP and T5 of preset ``p`` (drawn from the global RNG, which the builder seeds)."""
+def _text_encoders(p: dict[str, Any]) -> dict[str, Any]:
+    """CLIP and T5 of preset ``p`` with their tokenizers, as the pipeline's components (the encoders drawn from the
+    global RNG, which the builder seeds)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # deferred: heavy import
 
+    tok, tok2 = tiny_parts.clip_tokenizer(), tiny_parts.t5_tokenizer()
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),
@@ -116,7 +94,7 @@ def _text_encoders(p: dict[str, Any], tok: Any, tok2: Any) -> tuple[Any, Any]:
             decoder_start_token_id=tok2.pad_token_id,
         )
     )
-    return clip, t5
+    return {"text_encoder": clip, "tokenizer": tok, "text_encoder_2": t5, "tokenizer_2": tok2}
 
 
 def _vae(p: dict[str, Any]) -> Any:
@@ -137,19 +115,4 @@ def _vae(p: dict[str, Any]) -> Any:
         scaling_factor=0.3611,
         use_quant_conv=False,
         use_post_quant_conv=False,
-    )
-
-
-def _scheduler() -> Any:
-    """FLUX.1's flow-matching scheduler settings."""
-    from diffusers import FlowMatchEulerDiscreteScheduler  # deferred: heavy import
-
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
     )

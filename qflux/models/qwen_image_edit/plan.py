@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qflux.diffusion.latents import vae_scale_factor
+from qflux.diffusion.zeros import zero_latents
 from qflux.memory.planner import Inputs, PlanModel
 from qflux.models.qwen_image_edit.loaders import ENCODERS, QWEN_IMAGE_EDIT
 from qflux.models.qwen_image_edit.loss import QwenImageEditBatch, make_loss_fn
@@ -31,17 +31,10 @@ def text_tokens(encoder: Mapping[str, Any], variant: str, controls: int) -> int:
 def fake_batch(configs: Mapping[str, Mapping[str, Any]], inputs: Inputs, dtype: torch.dtype) -> QwenImageEditBatch:
     """A micro-batch of zeros: target latents [B, C, H/f, W/f], one latent per control image, the
     prompt embedding [B, S, D] and its mask."""
-    vae, t = configs["vae"], configs["transformer"]
-    f, c, b = vae_scale_factor(vae), int(vae["z_dim"]), inputs.batch_size
-    w, h = inputs.target
-    return QwenImageEditBatch(
-        latents=torch.zeros(b, c, h // f, w // f),
-        controls=tuple(torch.zeros(b, c, ch // f, cw // f) for cw, ch in inputs.controls),
-        embeds=torch.zeros(b, inputs.text_tokens, int(t["joint_attention_dim"]), dtype=dtype),
-        mask=torch.ones(b, inputs.text_tokens, dtype=torch.long),
-        noise=torch.zeros(b, c, h // f, w // f),
-        sigmas=torch.full((b,), 0.5),
-    )
+    vae, b, n = configs["vae"], inputs.batch_size, inputs.text_tokens
+    flow, controls = zero_latents(vae, int(vae["z_dim"]), b, inputs.target, inputs.controls)
+    embeds = torch.zeros(b, n, int(configs["transformer"]["joint_attention_dim"]), dtype=dtype)
+    return QwenImageEditBatch(**flow, controls=controls, embeds=embeds, mask=torch.ones(b, n, dtype=torch.long))
 
 
 def plan_model() -> PlanModel:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from qflux.models.qwen_image_edit.processor import qwen_processor
-from qflux.weights.tiny_parts import CHAT_SPECIAL_TOKENS, Overrides, chat_tokenizer, preset
+from qflux.weights import tiny_parts
 
 _QWEN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -28,13 +28,20 @@ _QWEN_PRESETS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
+_SCHEDULER = {"shift": 1.0, "base_shift": 0.5, "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192,
+              "shift_terminal": 0.02, "time_shift_type": "exponential"}  # fmt: skip
+"""Qwen-Image's flow-matching scheduler settings."""
 
 QWEN_VARIANTS = ("edit", "edit_plus", "edit_2511")
 """Qwen-Image-Edit, -2509 (Plus) and -2511 (Plus with ``zero_cond_t``)."""
 
 
 def build_qwen_image_edit(
-    out_dir: str | Path, seed: int = 0, size: str = "tiny", variant: str = "edit", overrides: Overrides | None = None
+    out_dir: str | Path,
+    seed: int = 0,
+    size: str = "tiny",
+    variant: str = "edit",
+    overrides: tiny_parts.Overrides | None = None,
 ) -> Path:
     """Write a tiny random Qwen-Image-Edit model folder (diffusers layout) to ``out_dir``.
 
@@ -54,23 +61,15 @@ def build_qwen_image_edit(
         The folder. ``QwenImageEditPipeline.from_pretrained(path, processor=load_qwen_processor(path
         / "processor"))`` loads it.
     """
-    # deferred: diffusers and transformers take seconds to import
+    # deferred: diffusers takes seconds to import
     from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-
-    # deferred: transformers is a heavy import
-    from transformers import Qwen2Tokenizer
 
     if variant not in QWEN_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(QWEN_VARIANTS)}")
-    p = preset(_QWEN_PRESETS, size, overrides)
-    out = Path(out_dir)
-    tok = chat_tokenizer(Qwen2Tokenizer)
-    ids = dict(zip(CHAT_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(CHAT_SPECIAL_TOKENS)), strict=True))
+    p = tiny_parts.preset(_QWEN_PRESETS, size, overrides)
     z = p["z_dim"]
-    vocab = -(-len(tok) // 16) * 16
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = _text_encoder(p, ids, vocab)
+    with tiny_parts.seeded(seed):  # drawn in this order: text encoder, transformer, VAE
+        text = _text_encoder(p)
         transformer = QwenImageTransformer2DModel(
             patch_size=2,
             in_channels=4 * z,  # 2×2 packed latents
@@ -81,31 +80,24 @@ def build_qwen_image_edit(
             **p["transformer"],
         )
         vae = _vae(p, seed)
-    scheduler = _scheduler()
+    components = {"transformer": transformer, "vae": vae, "scheduler": tiny_parts.flow_scheduler(**_SCHEDULER), **text}
     pipeline_cls = QwenImageEditPipeline if variant == "edit" else QwenImageEditPlusPipeline
-    pipe = pipeline_cls(
-        transformer=transformer,
-        vae=vae,
-        scheduler=scheduler,
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        processor=qwen_processor(tok, **p["processor"]),
-    )
-    pipe.save_pretrained(out)
-    return out
+    return tiny_parts.save_pipeline(pipeline_cls, out_dir, components)
 
 
-def _text_encoder(p: dict[str, Any], ids: dict[str, int], vocab: int) -> Any:
-    """Qwen2.5-VL (vision tower included) of preset ``p`` (drawn from the global RNG, which the builder seeds)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # deferred: heavy import
+def _text_encoder(p: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2.5-VL (vision tower included) of preset ``p`` with its tokenizer and processor, as the pipeline's
+    components (the encoder drawn from the global RNG, which the builder seeds)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer  # deferred: heavy
 
-    special = {"bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
-    text = dict(p["text"], vocab_size=vocab, rope_theta=1000000.0, **special,
+    tok = tiny_parts.chat_tokenizer(Qwen2Tokenizer)
+    ids = tiny_parts.chat_token_ids(tok)
+    special = tiny_parts.chat_text_config(tok)  # vocab_size and the bos, eos and pad ids
+    text = dict(p["text"], rope_theta=1000000.0, **special,
                 rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})  # fmt: skip
     config = Qwen2_5_VLConfig(
         text_config=text,
         vision_config=dict(p["vision"], out_hidden_size=p["text"]["hidden_size"]),
-        vocab_size=vocab,
         **special,
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
@@ -113,7 +105,8 @@ def _text_encoder(p: dict[str, Any], ids: dict[str, int], vocab: int) -> Any:
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
     )
-    return Qwen2_5_VLForConditionalGeneration(config)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    return {"text_encoder": text_encoder, "tokenizer": tok, "processor": qwen_processor(tok, **p["processor"])}
 
 
 def _vae(p: dict[str, Any], seed: int) -> Any:
@@ -129,21 +122,4 @@ def _vae(p: dict[str, Any], seed: int) -> Any:
         temperal_downsample=list(p["vae"]["temperal_downsample"]),
         latents_mean=(torch.randn(p["z_dim"], generator=gen) * 0.2).round(decimals=4).tolist(),
         latents_std=(1 + torch.rand(p["z_dim"], generator=gen)).round(decimals=4).tolist(),
-    )
-
-
-def _scheduler() -> Any:
-    """Qwen-Image's flow-matching scheduler settings."""
-    from diffusers import FlowMatchEulerDiscreteScheduler  # deferred: heavy import
-
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
     )
