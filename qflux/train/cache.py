@@ -17,6 +17,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qflux.data.buckets import Box
 from qflux.data.dataset import MaskMode, PairDataset
 from qflux.data.images import load_sized
 from qflux.data.masks import CHANGE_LEVEL
@@ -147,6 +149,17 @@ def folder_identity(folder: Path, dtype: str | None) -> dict[str, Any]:
     return {"path": str(folder.resolve()), "config": h.hexdigest(), "dtype": dtype}
 
 
+def components_id(model_dir: Path, dtype: str, weights: str, *files: str) -> dict[str, Any]:
+    """The identity of the component folder ``weights`` (run in ``dtype``) and of the tokenizer or
+    processor folders ``files`` that feed it (no dtype): :func:`folder_identity` of each, by name."""
+    return {f: folder_identity(model_dir / f, dtype if f == weights else None) for f in (weights, *files)}
+
+
+def read_config(model_dir: Path, component: str) -> dict[str, Any]:
+    """The ``config.json`` of a (resolved) model folder's component."""
+    return dict(json.loads((model_dir / component / "config.json").read_text()))
+
+
 @attrs.frozen
 class Entry:
     """One cache entry: its file, the tensors it must hold, and the key it is named by."""
@@ -175,9 +188,7 @@ class LatentSpec:
         """(C, h, w) of the latents of an image resized to ``size`` = (w, h)."""
         return self.channels, size[1] // self.factor, size[0] // self.factor
 
-    def entry(
-        self, root: Path, kind: str, digest: str, size: tuple[int, int], box: tuple[float, ...] | None = None
-    ) -> Entry:
+    def entry(self, root: Path, kind: str, digest: str, size: tuple[int, int], box: Box | None = None) -> Entry:
         """The ``pixel_latent`` / ``control_latent`` entry of an image file (by content digest)
         resized to ``size`` = (w, h), the region ``box`` = (left, top, right, bottom) of it when given
         (a bucket's crop; the key of an uncropped image has no box, as before buckets)."""
@@ -186,32 +197,87 @@ class LatentSpec:
             key["box"] = [round(x, 4) for x in box]
         return make_entry(root, key, {"latent": self.shape(size)})
 
-    def sample_images(self, root: Path, s: PairSample) -> tuple[Entry, tuple[Entry, ...]]:
-        """The ``pixel_latent`` entry of a sample's target and the ``control_latent`` entry of each
-        of its control images, as sized and cropped for training."""
-        target = self.entry(root, "pixel_latent", file_digest(s.target), s.target_size, s.target_box)
+
+@attrs.frozen
+class PromptSpec:
+    """How a text encoder's prompt embeddings are cached: their kind, the encoder's identity, the
+    settings that change its output, and the shape of ``embed``."""
+
+    kind: str
+    encoder: dict[str, Any]
+    """:func:`components_id` of the encoder and its tokenizer (and processor)."""
+    shape: tuple[int, ...]
+    """Of ``embed``: [P] (pooled) or [S, D] (tokens; S = -1 when it varies with the input)."""
+    settings: dict[str, Any] = attrs.Factory(dict)
+    """Further key parts (the sequence length, the layers, a template variant)."""
+
+    @classmethod
+    def from_folder(cls, model_dir: Path, dtype: str, kind: str, folders: Sequence[str], shape: tuple[int, ...],
+                    settings: dict[str, Any] | None = None) -> PromptSpec:  # fmt: skip
+        """A model folder's encoder: ``folders`` are its own (run in ``dtype``), then its tokenizer's."""
+        return cls(kind, components_id(model_dir, dtype, *folders), shape, settings or {})
+
+    def entry(self, root: Path, text: str, **inputs: Any) -> Entry:
+        """The entry of ``text`` with ``inputs``, what else the encoder sees (control images' digests)."""
+        key = {"kind": self.kind, "text": text, **inputs, **self.settings, "encoder": self.encoder}
+        return make_entry(root, key, {"embed": self.shape})
+
+
+Encode = Callable[[torch.Tensor], torch.Tensor]  # a VAE's encoder: images [1, 3, H, W] in [−1, 1] → [1, C, H/f, W/f]
+
+
+@attrs.frozen
+class ImageSpec:
+    """What a model caches of a sample's images: the latents of its target and control images, and
+    the change mask ``train.loss_mask`` asks for."""
+
+    latents: LatentSpec
+    loss_mask: MaskMode = "none"
+    """``train.loss_mask``: which ``change_mask`` entries the samples read."""
+
+    @classmethod
+    def from_folder(cls, model_dir: Path, dtype: str, channels_key: str, loss_mask: MaskMode) -> ImageSpec:
+        """A model folder's VAE (channels: ``channels_key`` of vae/config.json) under ``train.loss_mask``."""
+        vae = read_config(model_dir, "vae")
+        latents = LatentSpec(components_id(model_dir, dtype, "vae"), int(vae[channels_key]), vae_scale_factor(vae))
+        return cls(latents, loss_mask)
+
+    def entries(self, root: Path, s: PairSample) -> tuple[Entry, tuple[Entry, ...], Entry | None]:
+        """The ``pixel_latent`` entry of a sample's target, the ``control_latent`` entry of each of its
+        control images (as sized and cropped for training) and its ``change_mask`` entry (None: no mask)."""
+        target = self.latents.entry(root, "pixel_latent", file_digest(s.target), s.target_size, s.target_box)
         controls = tuple(
-            self.entry(root, "control_latent", file_digest(c), size, box)
+            self.latents.entry(root, "control_latent", file_digest(c), size, box)
             for c, size, box in zip(s.controls, s.control_sizes, s.control_crops, strict=True)
         )
-        return target, controls
+        return target, controls, mask_entry(self.latents, root, s, self.loss_mask)
+
+    def jobs(self, s: PairSample, images: Sequence[Entry], mask: Entry | None, encode: Encode) -> list[Job]:
+        """The jobs of sample ``s``'s latent entries ``images`` (its target's, then each control's) and
+        of its change mask ``mask``: each image sized and cropped as training reads it, then ``encode``d."""
+        jobs: list[Job] = [(e, partial(_encode_file, encode, *im)) for e, im in zip(images, s.images(), strict=True)]
+        if mask is not None:
+            jobs.append((mask, mask_job(s, self.loss_mask, self.latents.factor)))
+        return jobs
 
 
-def latent_spec(model_dir: Path, dtype: str, channels_key: str) -> LatentSpec:
-    """The :class:`LatentSpec` of a (resolved) model folder's VAE: its identity, its latent channels
-    (``channels_key`` of vae/config.json) and its factor."""
-
-    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
-    return LatentSpec({"vae": folder_identity(model_dir / "vae", dtype)}, int(vae_cfg[channels_key]),
-                      vae_scale_factor(vae_cfg))  # fmt: skip
+def _encode_file(encode: Encode, path: Path, size: tuple[int, int], box: Box | None) -> dict[str, torch.Tensor]:
+    return {"latent": encode(load_sized(path, size, box))[0]}
 
 
-def read_images(target: Entry, controls: Sequence[Entry]) -> dict[str, Any]:
-    """A cached sample's target latent [C, h, w] and control latents (a list of [C, hc, wc])."""
+def read_images(target: Entry, controls: Sequence[Entry], mask: Entry | None = None) -> dict[str, Any]:
+    """A cached sample's target latent [C, h, w], control latents (a list of [C, hc, wc]) and, when it
+    has one, change mask (:func:`read_mask`)."""
     return {
         "latent": read_for_training(target)["latent"],
         "controls": [read_for_training(c)["latent"] for c in controls],
+        **read_mask(mask),
     }
+
+
+def read_mask(mask: Entry | None) -> dict[str, torch.Tensor]:
+    """``{"mask": [1, h, w]}`` from a sample's change mask entry; ``{}`` when it has none."""
+    return {} if mask is None else {"mask": read_for_training(mask)["mask"]}
 
 
 def stack_images(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

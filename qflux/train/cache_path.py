@@ -21,7 +21,7 @@ from qflux.config.devices import component_devices
 from qflux.config.schema import RecipeConfig
 from qflux.data.pairs import PairRule, PairSample
 from qflux.train.batch import Conditioning, DataPath, with_mask
-from qflux.train.cache import CacheReport, Job
+from qflux.train.cache import CacheReport, EntryDataset, Job, entry_problems, fill_entries
 from qflux.train.distributed import World, any_rank, barrier, init_world
 from qflux.train.run import Run, dataset_samples, quiet_unless
 
@@ -51,13 +51,25 @@ def module_cache(
     conditioning: Callable[[dict[str, Any]], Conditioning],
     empty: Callable[[], Mapping[str, torch.Tensor] | None],
 ) -> CachePath:
-    """The :class:`CachePath` of a model's cache module (its ``sample_entries``, ``verify_cache``,
-    ``fill_cache``, ``cached_dataset`` and ``collate_cached``) for ``spec`` under ``root``."""
+    """The :class:`CachePath` of a model's cache module for ``spec`` under ``root``.
+
+    The module defines ``sample_entries(spec, root, samples)`` (a record per sample whose ``all()``
+    lists the entries it reads), ``empty_entries(spec, root)`` (the entries every sample reads: the
+    empty prompt's), ``jobs(models, spec, root, samples)`` (every entry the samples need, with how to
+    compute it), ``read_sample(entries)`` and ``collate_cached(items)``.
+    """
+
+    def verify(entries: list[Any]) -> list[str]:
+        return entry_problems([*(e for se in entries for e in se.all()), *module.empty_entries(spec, root)])
+
+    def fill_missing(models: Any, samples: list[PairSample], progress: Callable[[list[Job]], Any]) -> CacheReport:
+        return fill_entries(module.jobs(models, spec, root, samples), progress=progress)
+
     return CachePath(
         entries=partial(module.sample_entries, spec, root),
-        verify=partial(module.verify_cache, spec, root),
-        fill=lambda models, samples, progress: module.fill_cache(spec, models, samples, root, progress=progress),
-        dataset=module.cached_dataset,
+        verify=verify,
+        fill=fill_missing,
+        dataset=lambda entries: EntryDataset(entries, module.read_sample),
         collate=module.collate_cached,
         conditioning=conditioning,
         empty=empty,

@@ -18,8 +18,7 @@ a model whose encoder sees the image must put the image digest into the prompt k
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,28 +26,11 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.data.buckets import Box
 from qflux.data.dataset import MaskMode
-from qflux.data.images import load_sized
 from qflux.data.pairs import PairSample
-from qflux.diffusion.latents import vae_scale_factor
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.models.flux_kontext.loaders import FluxKontextModels
-from qflux.train.cache import (
-    CacheReport,
-    Entry,
-    EntryDataset,
-    Job,
-    LatentSpec,
-    entry_problems,
-    file_digest,
-    fill_entries,
-    folder_identity,
-    make_entry,
-    mask_entry,
-    mask_job,
-    read_for_training,
-)
+from qflux.train.cache import Entry, ImageSpec, Job, PromptSpec, read_config, read_for_training, read_mask
 
 PROMPT_KINDS = ("clip_prompt_embed", "t5_prompt_embed")
 
@@ -60,54 +42,35 @@ class CacheSpec:
     Built from the model folder's configs alone, so training from the cache loads no encoder.
     """
 
-    latents: LatentSpec
-    clip_id: dict[str, Any]
-    t5_id: dict[str, Any]
+    images: ImageSpec
+    clip: PromptSpec
+    """The pooled CLIP embedding [P]."""
+    t5: PromptSpec
+    """The T5 tokens [S, D], S = ``max_sequence_length``."""
     max_sequence_length: int
-    pooled_dim: int
-    t5_dim: int
-    loss_mask: MaskMode = "none"
-    """``train.loss_mask``: which ``change_mask`` entries the samples read."""
 
 
 def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask: MaskMode = "none") -> CacheSpec:
     """Read identities and shapes from a (resolved) FLUX.1 Kontext folder."""
-    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
-    clip_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
-    t5_cfg = json.loads((model_dir / "text_encoder_2" / "config.json").read_text())
-
-    def ident(*subs: str) -> dict[str, Any]:
-        return {s: folder_identity(model_dir / s, None if s.startswith("tokenizer") else dtype) for s in subs}
-
+    clip_shape = (int(read_config(model_dir, "text_encoder")["hidden_size"]),)
+    t5_shape = (max_sequence_length, int(read_config(model_dir, "text_encoder_2")["d_model"]))
+    t5_folders, t5_settings = ("text_encoder_2", "tokenizer_2"), {"max_sequence_length": max_sequence_length}
     return CacheSpec(
-        latents=LatentSpec(ident("vae"), int(vae_cfg["latent_channels"]), vae_scale_factor(vae_cfg)),
-        clip_id=ident("text_encoder", "tokenizer"),
-        t5_id=ident("text_encoder_2", "tokenizer_2"),
+        images=ImageSpec.from_folder(model_dir, dtype, "latent_channels", loss_mask),
+        clip=PromptSpec.from_folder(model_dir, dtype, PROMPT_KINDS[0], ("text_encoder", "tokenizer"), clip_shape),
+        t5=PromptSpec.from_folder(model_dir, dtype, PROMPT_KINDS[1], t5_folders, t5_shape, t5_settings),
         max_sequence_length=max_sequence_length,
-        pooled_dim=int(clip_cfg["hidden_size"]),
-        t5_dim=int(t5_cfg["d_model"]),
-        loss_mask=loss_mask,
     )
-
-
-def _latent(spec: CacheSpec, root: Path, kind: str, image: tuple[Path, tuple[int, int], Box | None]) -> Entry:
-    path, size, box = image
-    return spec.latents.entry(root, kind, file_digest(path), size, box)
 
 
 def prompt_entries(spec: CacheSpec, root: Path, text: str) -> tuple[Entry, Entry]:
     """The CLIP and T5 entries of a prompt."""
-    clip_key = {"kind": "clip_prompt_embed", "text": text, "encoder": spec.clip_id}
-    t5_key = {
-        "kind": "t5_prompt_embed",
-        "text": text,
-        "encoder": spec.t5_id,
-        "max_sequence_length": spec.max_sequence_length,
-    }
-    return (
-        make_entry(root, clip_key, {"embed": (spec.pooled_dim,)}),
-        make_entry(root, t5_key, {"embed": (spec.max_sequence_length, spec.t5_dim)}),
-    )
+    return spec.clip.entry(root, text), spec.t5.entry(root, text)
+
+
+def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, Entry]:
+    """The entries every sample reads: the empty prompt's (caption dropout, CFG)."""
+    return prompt_entries(spec, root, "")
 
 
 @attrs.frozen
@@ -121,27 +84,25 @@ class SampleEntries:
     mask: Entry | None = None
     """The change mask (``train.loss_mask``), or None."""
 
+    def all(self) -> list[Entry]:
+        return [self.target, self.control, self.clip, self.t5, *([self.mask] if self.mask else [])]
+
 
 def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[SampleEntries]:
     """Entries of each sample; reads every image file once to hash its bytes."""
     out = []
     for s in samples:
-        clip, t5 = prompt_entries(spec, root, s.prompt)
-        target, control = s.images()
-        out.append(
-            SampleEntries(
-                target=_latent(spec, root, "pixel_latent", target),
-                control=_latent(spec, root, "control_latent", control),
-                clip=clip,
-                t5=t5,
-                mask=mask_entry(spec.latents, root, s, spec.loss_mask),
-            )
-        )
+        target, (control,), mask = spec.images.entries(root, s)
+        out.append(SampleEntries(target, control, *prompt_entries(spec, root, s.prompt), mask=mask))
     return out
 
 
-def _jobs(models: FluxKontextModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
-    """Every entry the samples need, each with the function that computes its tensors."""
+def jobs(models: FluxKontextModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
+    """Every entry the samples need (and the empty prompt's), each with the function that computes it.
+
+    Args:
+        models: VAE, CLIP and T5 with tokenizers (no transformer needed).
+    """
     last: dict[str, PromptEmbeds] = {}
 
     def embed(text: str) -> PromptEmbeds:  # CLIP and T5 jobs of one text are adjacent: encode once
@@ -156,47 +117,16 @@ def _jobs(models: FluxKontextModels, spec: CacheSpec, root: Path, samples: Seque
     def tokens(text: str) -> dict[str, torch.Tensor]:
         return {"embed": embed(text).tokens[0]}
 
-    def latent(path: Path, size: tuple[int, int], box: Box | None) -> dict[str, torch.Tensor]:
-        return {"latent": vae_encode(models.vae, load_sized(path, size, box))[0]}
-
-    jobs: list[Job] = []
+    out: list[Job] = []
     texts = []
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
-        target, control = s.images()
-        jobs.append((se.target, partial(latent, *target)))
-        jobs.append((se.control, partial(latent, *control)))
-        if se.mask is not None:
-            jobs.append((se.mask, mask_job(s, spec.loss_mask, spec.latents.factor)))
+        out += spec.images.jobs(s, (se.target, se.control), se.mask, partial(vae_encode, models.vae))
         texts.append((s.prompt, (se.clip, se.t5)))
-    texts.append(("", prompt_entries(spec, root, "")))
+    texts.append(("", empty_entries(spec, root)))
     for text, (clip, t5) in texts:
-        jobs.append((clip, partial(pooled, text)))
-        jobs.append((t5, partial(tokens, text)))
-    return jobs
-
-
-def fill_cache(
-    spec: CacheSpec,
-    models: FluxKontextModels,
-    samples: Sequence[PairSample],
-    root: Path,
-    *,
-    progress: Callable[[list[Job]], Iterable[Job]] = iter,
-) -> CacheReport:
-    """Compute every missing or corrupt entry for ``samples`` (and the empty prompt); reuse the rest.
-
-    Args:
-        models: VAE, CLIP and T5 with tokenizers (no transformer needed).
-        progress: wraps the list of entries (e.g. ``tqdm``).
-    """
-    return fill_entries(_jobs(models, spec, root, samples), progress=progress)
-
-
-def verify_cache(spec: CacheSpec, root: Path, entries: Sequence[SampleEntries]) -> list[str]:
-    """Problems ('<path>: missing' or why it is corrupt) of the entries training would read."""
-    empty = prompt_entries(spec, root, "")
-    read = [x for se in entries for x in (se.target, se.control, se.clip, se.t5, se.mask) if x is not None]
-    return entry_problems([*read, *empty])
+        out.append((clip, partial(pooled, text)))
+        out.append((t5, partial(tokens, text)))
+    return out
 
 
 def read_empty_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds:
@@ -209,19 +139,15 @@ def read_empty_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds:
 
 
 def read_sample(e: SampleEntries) -> dict[str, torch.Tensor]:
-    """One cached sample's tensors: latent, control, pooled, tokens."""
+    """One cached sample's tensors: latent [C, h, w], control [C, hc, wc], pooled [P], tokens [S, D]
+    and, with a change mask, mask [1, h, w]."""
     return {
         "latent": read_for_training(e.target)["latent"],
         "control": read_for_training(e.control)["latent"],
         "pooled": read_for_training(e.clip)["embed"],
         "tokens": read_for_training(e.t5)["embed"],
-        **({} if e.mask is None else {"mask": read_for_training(e.mask)["mask"]}),
+        **read_mask(e.mask),
     }
-
-
-def cached_dataset(entries: Sequence[SampleEntries]) -> EntryDataset:
-    """Map-style dataset over cached samples (:func:`read_sample` of each)."""
-    return EntryDataset(entries, read_sample)
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,8 +18,7 @@ batch with a mask (:func:`qflux.models.qwen_image_edit.batch.stack_tokens`).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,26 +28,18 @@ import torch
 
 from qflux.data.buckets import Box
 from qflux.data.dataset import MaskMode
-from qflux.data.images import load_sized
 from qflux.data.pairs import PairSample
 from qflux.models.qwen_image_edit.batch import encode_sample_prompt, stack_tokens, vl_images
 from qflux.models.qwen_image_edit.conditioning import vae_encode
 from qflux.models.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.models.qwen_image_edit.predict import CONDITION_AREA, PLUS_VL_AREA
 from qflux.train.cache import (
-    CacheReport,
     Entry,
-    EntryDataset,
+    ImageSpec,
     Job,
-    LatentSpec,
-    entry_problems,
+    PromptSpec,
     file_digest,
-    fill_entries,
-    folder_identity,
-    latent_spec,
-    make_entry,
-    mask_entry,
-    mask_job,
+    read_config,
     read_for_training,
     read_images,
     stack_images,
@@ -64,27 +55,23 @@ class CacheSpec:
     Built from the model folder's configs alone, so training from the cache loads no encoder.
     """
 
-    latents: LatentSpec
-    encoder_id: dict[str, Any]
+    images: ImageSpec
+    prompt: PromptSpec
+    """Qwen2.5-VL's embedding [S, D] of the instruction with the control images (S varies)."""
     variant: str
-    embed_dim: int
-    loss_mask: MaskMode = "none"
-    """``train.loss_mask``: which ``change_mask`` entries the samples read."""
 
 
 def cache_spec(model_dir: Path, dtype: str, variant: str, loss_mask: MaskMode = "none") -> CacheSpec:
     """Read identities and shapes from a (resolved) Qwen-Image-Edit folder."""
-    enc_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
+    enc_cfg = read_config(model_dir, "text_encoder")
+    embed_dim = int(enc_cfg.get("hidden_size") or enc_cfg["text_config"]["hidden_size"])
+    area = CONDITION_AREA if variant == "edit" else PLUS_VL_AREA
+    settings = {"variant": variant, "vision_input": f"area {area}, multiple of 32, lanczos"}
+    folders = ("text_encoder", "processor", "tokenizer")
     return CacheSpec(
-        latents=latent_spec(model_dir, dtype, "z_dim"),
-        encoder_id={
-            "text_encoder": folder_identity(model_dir / "text_encoder", dtype),
-            "processor": folder_identity(model_dir / "processor", None),
-            "tokenizer": folder_identity(model_dir / "tokenizer", None),
-        },
+        images=ImageSpec.from_folder(model_dir, dtype, "z_dim", loss_mask),
+        prompt=PromptSpec.from_folder(model_dir, dtype, PROMPT_KIND, folders, (-1, embed_dim), settings),
         variant=variant,
-        embed_dim=int(enc_cfg.get("hidden_size") or enc_cfg["text_config"]["hidden_size"]),
-        loss_mask=loss_mask,
     )
 
 
@@ -97,18 +84,14 @@ def prompt_entry(
 ) -> Entry:
     """The embedding of ``text`` with the control images of these content digests, in order, each
     cropped to its box first (buckets; the key of uncropped images has no boxes, as before buckets)."""
-    area = CONDITION_AREA if spec.variant == "edit" else PLUS_VL_AREA
-    key: dict[str, Any] = {
-        "kind": PROMPT_KIND,
-        "text": text,
-        "images": list(image_digests),
-        "variant": spec.variant,
-        "vision_input": f"area {area}, multiple of 32, lanczos",
-        "encoder": spec.encoder_id,
-    }
-    if any(b is not None for b in boxes):
-        key["boxes"] = [None if b is None else [round(x, 4) for x in b] for b in boxes]
-    return make_entry(root, key, {"embed": (-1, spec.embed_dim)})
+    crops = [None if b is None else [round(x, 4) for x in b] for b in boxes]
+    cropped = {"boxes": crops} if any(b is not None for b in boxes) else {}
+    return spec.prompt.entry(root, text, images=list(image_digests), **cropped)
+
+
+def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, ...]:
+    """None: each sample's empty instruction sees its images, so it is among the sample's own entries."""
+    return ()
 
 
 @attrs.frozen
@@ -131,21 +114,21 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
     """Entries of each sample; reads every image file once to hash its bytes."""
     out = []
     for s in samples:
+        target, controls, mask = spec.images.entries(root, s)
         digests = [file_digest(c) for c in s.controls]
+        prompt = prompt_entry(spec, root, s.prompt, digests, s.control_crops)
         out.append(
-            SampleEntries(
-                *spec.latents.sample_images(root, s),
-                prompt=prompt_entry(spec, root, s.prompt, digests, s.control_crops),
-                empty=prompt_entry(spec, root, "", digests, s.control_crops),
-                mask=mask_entry(spec.latents, root, s, spec.loss_mask),
-            )
+            SampleEntries(target, controls, prompt, prompt_entry(spec, root, "", digests, s.control_crops), mask)
         )
     return out
 
 
-def _jobs(models: QwenImageEditModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
-    """Every entry the samples need, each with the function that computes its tensors."""
+def jobs(models: QwenImageEditModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
+    """Every entry the samples need, each with the function that computes its tensors.
 
+    Args:
+        models: the VAE and the Qwen2.5-VL encoder with its processor (no transformer needed).
+    """
     last: dict[PairSample, list[Any]] = {}
 
     def vision(s: PairSample) -> list[Any]:  # a sample's two embedding jobs are adjacent
@@ -157,55 +140,22 @@ def _jobs(models: QwenImageEditModels, spec: CacheSpec, root: Path, samples: Seq
     def embed(text: str, s: PairSample) -> dict[str, torch.Tensor]:
         return {"embed": encode_sample_prompt(models, text, vision(s), spec.variant)}
 
-    def latent(path: Path, size: tuple[int, int], box: Box | None) -> dict[str, torch.Tensor]:
-        return {"latent": vae_encode(models.vae, load_sized(path, size, box))[0]}
-
-    jobs: list[Job] = []
+    out: list[Job] = []
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
-        for entry, image in zip((se.target, *se.controls), s.images(), strict=True):
-            jobs.append((entry, partial(latent, *image)))
-        jobs.append((se.prompt, partial(embed, s.prompt, s)))
-        jobs.append((se.empty, partial(embed, "", s)))
-        if se.mask is not None:
-            jobs.append((se.mask, mask_job(s, spec.loss_mask, spec.latents.factor)))
-    return jobs
-
-
-def fill_cache(
-    spec: CacheSpec,
-    models: QwenImageEditModels,
-    samples: Sequence[PairSample],
-    root: Path,
-    *,
-    progress: Callable[[list[Job]], Iterable[Job]] = iter,
-) -> CacheReport:
-    """Compute every missing or corrupt entry for ``samples``; reuse the rest.
-
-    Args:
-        models: the VAE and the Qwen2.5-VL encoder with its processor (no transformer needed).
-        progress: wraps the list of entries (e.g. ``tqdm``).
-    """
-    return fill_entries(_jobs(models, spec, root, samples), progress=progress)
-
-
-def verify_cache(spec: CacheSpec, root: Path, entries: Sequence[SampleEntries]) -> list[str]:
-    """Problems ('<path>: missing' or why it is corrupt) of the entries training would read."""
-    return entry_problems([e for se in entries for e in se.all()])
+        out += spec.images.jobs(s, (se.target, *se.controls), se.mask, partial(vae_encode, models.vae))
+        out.append((se.prompt, partial(embed, s.prompt, s)))
+        out.append((se.empty, partial(embed, "", s)))
+    return out
 
 
 def read_sample(e: SampleEntries) -> dict[str, Any]:
-    """One cached sample's tensors: latent, controls, embed and the empty instruction's embed."""
+    """One cached sample's tensors: latent, controls, embed and the empty instruction's embed (and the
+    change mask, when it has one)."""
     return {
-        **read_images(e.target, e.controls),
+        **read_images(e.target, e.controls, e.mask),
         "embed": read_for_training(e.prompt)["embed"],
         "empty": read_for_training(e.empty)["embed"],
-        **({} if e.mask is None else {"mask": read_for_training(e.mask)["mask"]}),
     }
-
-
-def cached_dataset(entries: Sequence[SampleEntries]) -> EntryDataset:
-    """Map-style dataset over cached samples (:func:`read_sample` of each)."""
-    return EntryDataset(entries, read_sample)
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:

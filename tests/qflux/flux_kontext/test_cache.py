@@ -17,6 +17,7 @@ from qflux.data.synthetic import make_synthetic_pairs
 from qflux.errors import QfluxError
 from qflux.models.flux_kontext import cache as kcache
 from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.train.cache import EntryDataset
 from recipes.flux_kontext_lora import cache as fill
 from recipes.flux_kontext_lora import train as run
 
@@ -155,7 +156,7 @@ def test_entry_damaged_during_training_stops_with_its_name(dataset: Path, tmp_pa
     entries = kcache.sample_entries(spec, tmp_path / "cache", scan_pairs(dataset, None, multiple=16))
     entries[0].control.path.write_bytes(b"garbage")
     with pytest.raises(QfluxError, match=r"cache entry unusable during training: .*control_latent.*rerun the cache"):
-        kcache.cached_dataset(entries)[0]
+        EntryDataset(entries, kcache.read_sample)[0]
 
 
 def test_training_from_cache_equals_training_without(tmp_path: Path, tiny_flux_dir: Path) -> None:

@@ -23,7 +23,7 @@ from qflux.models.qwen_image_edit.batch import (
 )
 from qflux.models.qwen_image_edit.loaders import load_qwen_image_edit
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
-from qflux.train.cache import CacheReport
+from qflux.train.cache import CacheReport, EntryDataset, fill_entries
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def models(model: Path):
 
 def _fill(model: Path, models, data: Path, root: Path, variant: str = "edit") -> CacheReport:
     spec = qcache.cache_spec(model, "float32", variant)
-    return qcache.fill_cache(spec, models, scan_pairs(data, None, multiple=16, controls=(0, 3)), root)
+    return fill_entries(qcache.jobs(models, spec, root, scan_pairs(data, None, multiple=16, controls=(0, 3))))
 
 
 def test_same_prompt_different_images_differ_cached_and_uncached(model: Path, models, tmp_path: Path) -> None:
@@ -46,11 +46,11 @@ def test_same_prompt_different_images_differ_cached_and_uncached(model: Path, mo
     samples = scan_pairs(data, None, multiple=16)
     assert samples[0].prompt == samples[1].prompt == PROMPT
     spec = qcache.cache_spec(model, "float32", "edit")
-    qcache.fill_cache(spec, models, samples, tmp_path / "cache")
+    fill_entries(qcache.jobs(models, spec, tmp_path / "cache", samples))
     entries = qcache.sample_entries(spec, tmp_path / "cache", samples)
     assert entries[0].prompt.path != entries[1].prompt.path  # keyed by the images, not the text alone
 
-    cached_ds = qcache.cached_dataset(entries)
+    cached_ds = EntryDataset(entries, qcache.read_sample)
     cached = cached_conditioning(qcache.collate_cached([cached_ds[0], cached_ds[1]]))
     fresh_ds = QwenPairDataset(PairDataset(samples), "edit")
     fresh = encode_conditioning(models, collate_qwen_pairs([fresh_ds[0], fresh_ds[1]]), "edit")
@@ -85,8 +85,8 @@ def test_recompute_counts(model: Path, models, tmp_path: Path) -> None:
     edit_data = tmp_path / "edit"
     shutil.copytree(data, edit_data)
     (edit_data / "control_images" / "sample_000_control_1.png").unlink()
-    report = qcache.fill_cache(
-        qcache.cache_spec(model, "float32", "edit"), models, scan_pairs(edit_data, None, multiple=16), root
+    report = fill_entries(
+        qcache.jobs(models, qcache.cache_spec(model, "float32", "edit"), root, scan_pairs(edit_data, None, multiple=16))
     )
     assert (report.computed, report.reused) == (6, 6)
 
