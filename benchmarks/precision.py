@@ -91,9 +91,8 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
 
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    batch = FluxKontextBatch(
-        r(1, 4, 16, 16), r(1, 4, 16, 16), r(1, 32), r(1, 8, 32), r(1, 4, 16, 16), torch.tensor([0.5])
-    )
+    batch = FluxKontextBatch(latents=r(1, 4, 16, 16), control_latents=r(1, 4, 16, 16), pooled=r(1, 32),
+                             prompt_embeds=r(1, 8, 32), noise=r(1, 4, 16, 16), sigmas=torch.tensor([0.5]))  # fmt: skip
 
     def saved(tr: torch.nn.Module) -> int:
         lora = {k: v.requires_grad_() for k, v in inject_lora(tr, LoraConfig(r=4), seed=0).items()}

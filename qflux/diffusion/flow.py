@@ -10,14 +10,34 @@ matches ``train_dreambooth_lora_flux_kontext.py`` draw for draw.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
+import attrs
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from qflux.data.masks import masked_mean
 
 WeightingScheme = Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class FlowBatch:
+    """The flow-matching part of a training micro-batch, randomness included (drawn outside the step).
+
+    Each model's batch record extends it with its conditioning fields (keyword-only, so a record's
+    own required fields may follow ``pixel``'s default).
+    """
+
+    latents: torch.Tensor
+    """Target latents x0 [B, C, h, w] (float32)."""
+    noise: torch.Tensor
+    """ε [B, C, h, w] (float32)."""
+    sigmas: torch.Tensor
+    """σ [B] (float32) in (0, 1]."""
+    pixel: torch.Tensor | None = None
+    """Per-latent-pixel loss weights [B, 1, h, w] (``train.loss_mask``), or None (all 1)."""
 
 
 def sample_u(
@@ -126,3 +146,22 @@ def flow_match_loss(
         return (weights.float() * masked_mean(sq, pixel)).mean()
     w = weights.float().view(b, *([1] * (pred.ndim - 1)))
     return (w * sq).reshape(b, -1).mean(1).mean()
+
+
+def flow_loss(
+    velocity: Callable[[torch.Tensor], torch.Tensor], batch: FlowBatch, weighting_scheme: WeightingScheme
+) -> torch.Tensor:
+    """The training objective of every model, given its velocity at the noised latents.
+
+        x_t = (1 − σ)·x0 + σ·ε;   loss = mean_b w(σ_b) · mean (v̂(x_t) − (ε − x0))²   (:func:`flow_match_loss`)
+
+    Args:
+        velocity: x_t [B, C, h, w] → v̂ [B, C, h, w]: the model on the batch's conditioning (and LoRA).
+        batch: x0, ε, σ and the optional per-pixel weights.
+
+    Returns:
+        0-d float32 tensor.
+    """
+    x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
+    pred = velocity(add_noise(x0, eps, sigmas))
+    return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)

@@ -1,5 +1,5 @@
-"""From encoded conditioning to a training micro-batch: keyed draws, dropout and σ, shared by the
-FLUX.1 Kontext and Qwen-Image-Edit paths.
+"""From encoded conditioning to a training micro-batch: per-sample encoding, keyed draws, dropout and
+σ, shared by every model (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 [klein]).
 
 A model's conditioning is its target latents, its control latents (one tensor per control image)
 and its prompt tensors (a dict: FLUX's CLIP pooled + T5 tokens, Qwen's embeddings + mask). Per
@@ -24,10 +24,10 @@ import torch
 from qflux.config.schema import DataConfig, TrainConfig
 from qflux.data.masks import pixel_weights
 from qflux.data.pairs import PairSample
-from qflux.diffusion.flow import WeightingScheme, resolution_mu, sigmas_from_u, time_shift
+from qflux.diffusion.flow import FlowBatch, WeightingScheme, resolution_mu, sigmas_from_u, time_shift
 from qflux.diffusion.rng import draw_sample_randomness
 
-B = TypeVar("B")
+B = TypeVar("B", bound=FlowBatch)
 
 
 @attrs.frozen(eq=False)
@@ -46,6 +46,38 @@ class Conditioning:
     mask: torch.Tensor | None = None
     """Where the edit happens, on the latent grid [B, 1, h, w] in [0, 1] (``train.loss_mask``);
     None: the loss weighs every latent pixel alike."""
+
+
+def encode_pairs(
+    encode_image: Callable[[torch.Tensor], torch.Tensor],
+    raw: Mapping[str, Any],
+    text: Mapping[str, torch.Tensor],
+    empty: Mapping[str, torch.Tensor] | None = None,
+) -> Conditioning:
+    """The conditioning of a collated image batch (:func:`qflux.data.dataset.collate_pairs`) whose
+    prompts are already encoded.
+
+    The target [B, 3, H, W] and each control [B, 3, H_k, W_k] go through ``encode_image`` one sample
+    at a time, exactly as the cache encodes them, so training with and without the cache sees
+    bit-identical latents [B, C, H/f, W/f].
+
+    Args:
+        encode_image: a model's VAE encoder, images [1, 3, H, W] → latents [1, C, H/f, W/f].
+        text, empty: :attr:`Conditioning.text` and :attr:`Conditioning.empty`.
+    """
+    n = len(raw["prompt"])
+
+    def each(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([encode_image(images[i : i + 1]) for i in range(n)])
+
+    return Conditioning(
+        latents=each(raw["target"]), controls=tuple(each(x) for x in raw["controls"]), text=text, empty=empty
+    )
+
+
+def cat_rows(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-sample prompt tensors {name: [1, ...]} → the batch's {name: [B, ...]} (same-length tokens)."""
+    return {key: torch.cat([r[key] for r in rows]) for key in rows[0]}
 
 
 def with_mask(to_conditioning: Callable[[dict[str, Any]], Conditioning]) -> Callable[[dict[str, Any]], Conditioning]:
@@ -104,22 +136,23 @@ class DataPath:
     """The empty prompt's tensors [1, ...], or None when each sample's conditioning carries its own."""
 
 
-@attrs.frozen(eq=False)
-class Prepared:
-    """A micro-batch after dropout and the random draws, on the training device."""
+@attrs.frozen(eq=False, kw_only=True)
+class Prepared(FlowBatch):
+    """A micro-batch after dropout and the random draws, on the training device: x0, ε, σ and the
+    pixel weights from the change mask (:class:`~qflux.diffusion.flow.FlowBatch`), and the model's
+    conditioning under the shared names (:func:`to_record` renames it into the model's batch record)."""
 
-    latents: torch.Tensor
-    """x0 [B, C, h, w] float32."""
     controls: tuple[torch.Tensor, ...]
     """Control latents [B, C, hc_k, wc_k] float32; zeros for samples whose image was dropped."""
     text: dict[str, torch.Tensor]
     """Prompt tensors with dropped captions replaced by the empty instruction's."""
-    noise: torch.Tensor
-    """ε [B, C, h, w] float32."""
-    sigmas: torch.Tensor
-    """σ [B] float32 in (0, 1]."""
-    pixel: torch.Tensor | None = None
-    """Per-latent-pixel loss weights [B, 1, h, w] (from the change mask), or None (all 1)."""
+
+
+def to_record(make: Callable[..., B], p: Prepared, **conditioning: Any) -> B:
+    """A model's batch record (a :class:`~qflux.diffusion.flow.FlowBatch`, built by ``make``): x0, ε, σ
+    and the pixel weights of ``p``, and the model's ``conditioning`` fields (its names for ``p``'s
+    controls and prompt tensors)."""
+    return make(latents=p.latents, noise=p.noise, sigmas=p.sigmas, pixel=p.pixel, **conditioning)
 
 
 def sigmas_for(resolution_shift: bool, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -220,11 +253,10 @@ def eval_batches(
     keyed by (seed, sample index): the same batches on every call.
 
     Args:
-        assemble: ``(cond, keys) → batch`` of the model, without dropout (:meth:`Draws.without_dropout`); the
-            batch record has a ``sigmas`` field.
+        assemble: ``(cond, keys) → batch`` of the model, without dropout (:meth:`Draws.without_dropout`).
     """
     out = []
     for i, cond in enumerate(conds):
         batch = assemble(cond, (seed, -1, i))
-        out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]  # type: ignore[attr-defined,misc]
+        out += [attrs.evolve(batch, sigmas=torch.full_like(batch.sigmas, s)) for s in sigmas]
     return out

@@ -1,4 +1,5 @@
-"""Loading one frozen component at a time from a diffusers-layout folder (shared by every model).
+"""Loading frozen components from a diffusers-layout folder, one at a time or a job's set as the
+model's record (shared by every model).
 
 A loader takes a local folder or hub id, a dtype and a device, and returns the component in eval
 mode with ``requires_grad`` off; failures are one sentence naming the folder.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 import torch
@@ -90,13 +91,64 @@ Table = Mapping[str, Any]
 
 
 @attrs.frozen(eq=False)
-class ModelFiles:
-    """A model's diffusers folder: its name in messages and how each component loads."""
+class Components:
+    """The frozen components every diffusers edit pipeline has; ``None`` for a weight component a job
+    does not load. A model's record adds its own (:attr:`ModelFiles.record`)."""
+
+    transformer: Any
+    """The diffusion transformer; in training it carries an injected (zeroed) LoRA adapter."""
+    vae: Any
+    """The autoencoder, or None when the job reads latents from the cache."""
+    text_encoder: Any
+    """The (first) text encoder, or None when the job reads prompt embeddings from the cache."""
+    tokenizer: Any
+    """The text encoder's tokenizer."""
+    scheduler: Any
+    """``FlowMatchEulerDiscreteScheduler``, whose config predict and training read."""
+
+
+M = TypeVar("M", bound=Components)
+
+
+@attrs.frozen(eq=False)
+class ModelFiles(Generic[M]):
+    """A model's diffusers folder: its name in messages, how each component loads and the record
+    that holds a job's components."""
 
     pipeline: str
     """The model's name in messages (``"FLUX.1 Kontext"``)."""
     table: Callable[[], Table]
     """{component: how it loads} (a function, so the classes import only when used)."""
+    record: Callable[..., M]
+    """{component: loaded or None} as keywords → the model's record of them (a :class:`Components`)."""
+
+    def load(
+        self,
+        model_path: str | Path,
+        weight_dtype: torch.dtype,
+        *,
+        include: Sequence[str] | None = None,
+        devices: Mapping[str, str | torch.device] | None = None,
+        quantize: Mapping[str, str] | None = None,
+    ) -> M:
+        """The components a job needs, as the model's record: the weights named in ``include``
+        (default all; the others None) placed on ``devices[name]`` (default cpu) and quantized as
+        ``quantize[name]`` (default none), and every tokenizer, processor and scheduler (they are small).
+
+        Raises:
+            QfluxError: the folder lacks a component or one does not load (:func:`load_part`).
+        """
+        table = self.table()
+        weights = [n for n, how in table.items() if _is_weights(how)] if include is None else list(include)
+        light = [name for name, how in table.items() if not _is_weights(how)]
+        path = resolve_model_dir(str(model_path), [*weights, *light], pipeline=self.pipeline)
+        place, plan = devices or {}, quantize or {}
+        out: dict[str, Any] = {name: None for name in table}
+        for name in [*weights, *light]:
+            out[name] = load_part(
+                self, path, name, weight_dtype, place.get(name, "cpu"), quantize=plan.get(name, "none")
+            )
+        return self.record(**out)
 
 
 def _is_weights(how: Any) -> bool:
@@ -105,7 +157,7 @@ def _is_weights(how: Any) -> bool:
 
 
 def load_part(
-    files: ModelFiles,
+    files: ModelFiles[Any],
     model_path: str | Path,
     name: str,
     weight_dtype: torch.dtype = torch.bfloat16,
@@ -128,26 +180,3 @@ def load_part(
         return load(folder)
     except (OSError, ValueError, KeyError) as e:
         raise QfluxError(f"could not load {name} from '{folder}': {e}") from None
-
-
-def load_parts(
-    files: ModelFiles,
-    model_path: str | Path,
-    weight_dtype: torch.dtype,
-    *,
-    include: Sequence[str] | None = None,
-    devices: Mapping[str, str | torch.device] | None = None,
-    quantize: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """{component: loaded} for every component of the model: the weights named in ``include``
-    (default all; the others None) placed on ``devices[name]`` (default cpu) and quantized as
-    ``quantize[name]`` (default none), and every tokenizer, processor and scheduler (they are small)."""
-    table = files.table()
-    weights = [n for n, how in table.items() if _is_weights(how)] if include is None else list(include)
-    light = [name for name, how in table.items() if not _is_weights(how)]
-    path = resolve_model_dir(str(model_path), [*weights, *light], pipeline=files.pipeline)
-    place, plan = devices or {}, quantize or {}
-    out = {name: None for name in table}
-    for name in [*weights, *light]:
-        out[name] = load_part(files, path, name, weight_dtype, place.get(name, "cpu"), quantize=plan.get(name, "none"))
-    return out

@@ -8,6 +8,7 @@ is zero latents.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, text_ids, vae_encode
 from qflux.models.flux2_klein.loaders import Flux2KleinModels
 from qflux.models.flux2_klein.loss import Flux2KleinBatch
-from qflux.train.batch import Conditioning, Prepared
+from qflux.train.batch import Conditioning, Prepared, cat_rows, encode_pairs, to_record
 
 
 def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
@@ -27,14 +28,9 @@ def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
 def encode_conditioning(models: Flux2KleinModels, raw: dict[str, Any], max_sequence_length: int) -> Conditioning:
     """Encode a collated image batch (:func:`qflux.data.dataset.collate_pairs`) with the VAE and Qwen3, one
     sample at a time."""
-    n = len(raw["prompt"])
-    embeds = [encode_prompt(models.text_encoder, models.tokenizer, [raw["prompt"][i]], max_sequence_length)
-              for i in range(n)]  # fmt: skip
-    return Conditioning(
-        latents=torch.cat([vae_encode(models.vae, raw["target"][i : i + 1]) for i in range(n)]),
-        controls=tuple(torch.cat([vae_encode(models.vae, x[i : i + 1]) for i in range(n)]) for x in raw["controls"]),
-        text={"tokens": torch.cat([e.tokens for e in embeds]), "ids": torch.cat([e.ids for e in embeds])},
-    )
+    encode = models.text_encoder, models.tokenizer
+    text = cat_rows([text_tensors(encode_prompt(*encode, [p], max_sequence_length)) for p in raw["prompt"]])
+    return encode_pairs(partial(vae_encode, models.vae), raw, text)
 
 
 def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
@@ -48,12 +44,4 @@ def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
 
 def to_batch(p: Prepared) -> Flux2KleinBatch:
     """The FLUX.2 [klein] batch record of prepared tensors (:func:`qflux.train.batch.prepare`)."""
-    return Flux2KleinBatch(
-        latents=p.latents,
-        references=p.controls,
-        text=p.text["tokens"],
-        text_ids=p.text["ids"],
-        noise=p.noise,
-        sigmas=p.sigmas,
-        pixel=p.pixel,
-    )
+    return to_record(Flux2KleinBatch, p, references=p.controls, text=p.text["tokens"], text_ids=p.text["ids"])

@@ -6,14 +6,10 @@ Each weight component loads frozen, in eval mode, on its device (:func:`qflux.we
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 import attrs
-import torch
 
-from qflux.weights.loading import ModelFiles, Table, load_parts
+from qflux.weights.loading import Components, ModelFiles, Table
 
 PIPELINE = "FLUX.2 [klein]"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -42,33 +38,13 @@ def table() -> Table:
 
 
 @attrs.frozen(eq=False)
-class Flux2KleinModels:
-    """The frozen components one job needs; ``None`` where a job does not need one."""
-
-    transformer: Any
-    """``Flux2Transformer2DModel``."""
-    vae: Any
-    """``AutoencoderKLFlux2``."""
-    text_encoder: Any
-    """``Qwen3ForCausalLM``."""
-    tokenizer: Any
-    scheduler: Any
+class Flux2KleinModels(Components):
+    """The frozen components one job needs (:func:`table`): the shared ones, Qwen3 as ``text_encoder``."""
 
 
-def load_flux2_klein(
-    model_path: str | Path,
-    weight_dtype: torch.dtype,
-    *,
-    include: Sequence[str] | None = None,
-    devices: Mapping[str, str | torch.device] | None = None,
-    quantize: Mapping[str, str] | None = None,
-) -> Flux2KleinModels:
-    """The components a job needs (:func:`qflux.weights.loading.load_parts`), on ``devices``, quantized as
-    ``quantize`` says."""
-    return Flux2KleinModels(
-        **load_parts(FLUX2_KLEIN, model_path, weight_dtype, include=include, devices=devices, quantize=quantize)
-    )
+FLUX2_KLEIN = ModelFiles(PIPELINE, table, Flux2KleinModels)
+"""The FLUX.2 [klein] folder layout (:func:`qflux.weights.loading.load_part` loads one component of it)."""
 
-
-FLUX2_KLEIN = ModelFiles(PIPELINE, table)
-"""The FLUX.2 [klein] folder layout."""
+load_flux2_klein = FLUX2_KLEIN.load
+"""``load_flux2_klein(model_path, weight_dtype, *, include, devices, quantize)``: a job's components as
+:class:`Flux2KleinModels` (:meth:`qflux.weights.loading.ModelFiles.load`)."""

@@ -7,7 +7,8 @@ position); the loss is over the target's tokens only:
     v̂ = F([pack(x_t) ; pack(r_1) ; … ; pack(r_k)], t = σ, text = h, positions)[:, :N]
     loss = mean_b w(σ_b) · mean (v̂ − (ε − x0))²
 
-Noising, target, weights and loss are :mod:`qflux.diffusion.flow`'s, shared with FLUX.1 Kontext and Qwen-Image-Edit.
+Noising, target, weights and loss are :func:`qflux.diffusion.flow.flow_loss`, shared with FLUX.1 Kontext and
+Qwen-Image-Edit.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.diffusion.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
-from qflux.diffusion.latents import pack_latents, unpack_latents
+from qflux.diffusion.flow import FlowBatch, WeightingScheme, flow_loss
+from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
 from qflux.lora.adapter import call_with_lora
 from qflux.models.flux2_klein.conditioning import reference_ids, target_ids
 from qflux.weights.dtypes import compute_dtype
@@ -46,15 +47,7 @@ def velocity(
     Returns:
         [B, n, 4C] in the transformer's dtype.
     """
-    inputs = {
-        "hidden_states": tokens.to(dtype),
-        "timestep": sigmas.to(dtype),
-        "guidance": None,
-        "encoder_hidden_states": text.to(dtype),
-        "txt_ids": text_ids,
-        "img_ids": image_ids,
-        "return_dict": False,
-    }
+    inputs = transformer_inputs(tokens, sigmas, text, dtype, txt_ids=text_ids, img_ids=image_ids)
     return call_with_lora(transformer, params, inputs)[0][:, :n]
 
 
@@ -63,31 +56,23 @@ def token_inputs(noisy: torch.Tensor, references: tuple[torch.Tensor, ...]) -> t
     x_t [B, C, h, w] and references [B, C, h_k, w_k]."""
     b, _, h, w = noisy.shape
     ids = target_ids(b, (h, w), noisy.device)
-    if not references:
-        return pack_latents(noisy), ids
-    refs = reference_ids([(r.shape[-2], r.shape[-1]) for r in references], noisy.device).expand(b, -1, -1)
-    tokens = torch.cat([pack_latents(noisy), *(pack_latents(r.to(noisy.dtype)) for r in references)], dim=1)
-    return tokens, torch.cat([ids, refs], dim=1)
+    if references:
+        refs = reference_ids([(r.shape[-2], r.shape[-1]) for r in references], noisy.device).expand(b, -1, -1)
+        ids = torch.cat([ids, refs], dim=1)
+    return pack_sequence(noisy, references), ids
 
 
-@attrs.frozen(eq=False)
-class Flux2KleinBatch:
-    """Everything one training micro-batch needs, randomness included (drawn outside the step)."""
+@attrs.frozen(eq=False, kw_only=True)
+class Flux2KleinBatch(FlowBatch):
+    """A training micro-batch: x0 (normalised), ε, σ and pixel weights (:class:`~qflux.diffusion.flow.FlowBatch`)
+    and FLUX.2 [klein]'s conditioning."""
 
-    latents: torch.Tensor
-    """Target latents x0 [B, C, h, w] (normalised; float32)."""
     references: tuple[torch.Tensor, ...]
     """Reference latents, one [B, C, h_k, w_k] per reference image (zeros where dropped)."""
     text: torch.Tensor
     """Prompt embedding h [B, L, 3D]."""
     text_ids: torch.Tensor
     """[B, L, 4]."""
-    noise: torch.Tensor
-    """ε [B, C, h, w] (float32)."""
-    sigmas: torch.Tensor
-    """σ [B] (float32) in (0, 1]."""
-    pixel: torch.Tensor | None = None
-    """Per-latent-pixel loss weights [B, 1, h, w], or None (all 1)."""
 
 
 def make_loss_fn(
@@ -97,13 +82,13 @@ def make_loss_fn(
     dtype = compute_dtype(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: Flux2KleinBatch) -> torch.Tensor:
-        x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
-        noisy = add_noise(x0, eps, sigmas)
-        tokens, ids = token_inputs(noisy, batch.references)
-        h, w = x0.shape[-2], x0.shape[-1]
-        out = velocity(transformer, lora, tokens, (h // 2) * (w // 2), sigmas, batch.text, batch.text_ids, ids,
-                       dtype=dtype)  # fmt: skip
-        pred = unpack_latents(out.float(), h, w)
-        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)
+        def v(noisy: torch.Tensor) -> torch.Tensor:
+            h, w = noisy.shape[-2], noisy.shape[-1]
+            tokens, ids = token_inputs(noisy, batch.references)
+            out = velocity(transformer, lora, tokens, (h // 2) * (w // 2), batch.sigmas, batch.text, batch.text_ids,
+                           ids, dtype=dtype)  # fmt: skip
+            return unpack_latents(out.float(), h, w)  # v̂ [B, C, h, w] of the target's tokens
+
+        return flow_loss(v, batch, weighting_scheme)
 
     return loss_fn

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from qflux.data.images import to_image
-from qflux.diffusion.latents import PATCH, size_multiple, unpack_latents
-from qflux.diffusion.sampling import euler_scheduler, initial_noise
+from qflux.diffusion.latents import latent_size, size_multiple, unpack_latents
+from qflux.diffusion.sampling import cfg_batch, euler_denoise, guided, initial_noise
 from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode, vae_encode
 from qflux.models.flux2_klein.loaders import Flux2KleinModels
 from qflux.models.flux2_klein.loss import token_inputs, velocity
@@ -91,8 +91,6 @@ def predict(
     dtype = compute_dtype(models.text_encoder)
     refs = [reference_tensor(im, multiple) for im in images]
     default = (refs[0].shape[-2], refs[0].shape[-1]) if refs else (1024, 1024)
-    height = (height or default[0]) // multiple * multiple
-    width = (width or default[1]) // multiple * multiple
     encode = models.text_encoder, models.tokenizer
     pos = encode_prompt(*encode, [prompt], max_sequence_length)
     neg = encode_prompt(*encode, [""], max_sequence_length) if guidance_scale > 1 and not distilled else None
@@ -102,7 +100,7 @@ def predict(
         tuple(vae_encode(models.vae, r.to(dtype)) for r in refs),
         pos,
         neg,
-        latent_hw=(PATCH * (height // multiple), PATCH * (width // multiple)),
+        latent_hw=latent_size(height or default[0], width or default[1], multiple),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         seed=seed,
@@ -127,7 +125,9 @@ def denoise(
     lora: Mapping[str, torch.Tensor] | None = None,
     noise_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The pipeline's denoising loop from encoded inputs (shared by predict and validation).
+    """The Flux2 transformer's velocity on [x ; references] tokens (CFG against the empty prompt as one
+    batch of 2) stepped by :func:`qflux.diffusion.sampling.euler_denoise` on FLUX.2's empirical shift:
+    the pipeline's sampling from encoded inputs (shared by predict and validation).
 
     Args:
         references: normalised latents [1, C, h_k, w_k] of each reference.
@@ -142,21 +142,19 @@ def denoise(
     h, w = latent_hw
     # the pipeline draws its noise on the patchified grid [1, 4C, h/2, w/2]: the same numbers, unpatchified
     patchified = initial_noise((1, transformer.config.in_channels, h // 2, w // 2), seed, noise_dtype, device)
-    latents = unpack_latents(patchified.flatten(2).transpose(1, 2).contiguous(), h, w)
+    noise = unpack_latents(patchified.flatten(2).transpose(1, 2).contiguous(), h, w)
     seq = (h // 2) * (w // 2)
-    mu = empirical_mu(seq, num_inference_steps)
-    scheduler = euler_scheduler(scheduler_config, num_inference_steps, seq, device, mu=mu)
-    # CFG evaluates both prompts as one batch of 2: [prompt ; empty prompt]
-    text, text_ids = prompt.tokens.to(device), prompt.ids.to(device)
-    if negative is not None:
-        text, text_ids = torch.cat([text, negative.tokens.to(device)]), torch.cat([text_ids, negative.ids.to(device)])
+    text, text_ids = cfg_batch(
+        (prompt.tokens, prompt.ids), None if negative is None else (negative.tokens, negative.ids), device
+    )
     b = text.shape[0]
     refs = tuple(r.to(device).expand(b, -1, -1, -1) for r in references)
-    for t in scheduler.timesteps:
+
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = t.expand(b).to(device=device, dtype=noise_dtype) / 1000
-        tokens, ids = token_inputs(latents.expand(b, -1, -1, -1), refs)
-        v = unpack_latents(velocity(transformer, params, tokens, seq, sigma, text, text_ids, ids, dtype=tdtype), h, w)
-        if negative is not None:
-            v = v[1:] + guidance_scale * (v[:1] - v[1:])  # v̂_∅ + s·(v̂ − v̂_∅)
-        latents = scheduler.step(v.to(latents.dtype), t, latents, return_dict=False)[0]
-    return latents
+        tokens, ids = token_inputs(x.expand(b, -1, -1, -1), refs)
+        out = unpack_latents(velocity(transformer, params, tokens, seq, sigma, text, text_ids, ids, dtype=tdtype), h, w)
+        return (out if negative is None else guided(out[:1], out[1:], guidance_scale)).to(x.dtype)
+
+    mu = empirical_mu(seq, num_inference_steps)
+    return euler_denoise(v, noise, scheduler_config, num_inference_steps, seq, mu=mu)

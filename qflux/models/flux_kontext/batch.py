@@ -8,6 +8,7 @@ before ``train_step``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.models.flux_kontext.loaders import FluxKontextModels
 from qflux.models.flux_kontext.loss import FluxKontextBatch
-from qflux.train.batch import Conditioning, Draws, Prepared, prepare
+from qflux.train.batch import Conditioning, Draws, Prepared, cat_rows, encode_pairs, prepare, to_record
 
 
 def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
@@ -31,13 +32,8 @@ def encode_conditioning(models: FluxKontextModels, raw: dict[str, Any], max_sequ
     Each sample is encoded on its own, exactly as the cache encodes it, so training with and
     without the cache sees bit-identical conditioning.
     """
-    n = len(raw["prompt"])
-    embeds = [encode_prompt_with(models, [raw["prompt"][i]], max_sequence_length) for i in range(n)]
-    return Conditioning(
-        latents=torch.cat([vae_encode(models.vae, raw["target"][i : i + 1]) for i in range(n)]),
-        controls=tuple(torch.cat([vae_encode(models.vae, x[i : i + 1]) for i in range(n)]) for x in raw["controls"]),
-        text={"pooled": torch.cat([e.pooled for e in embeds]), "tokens": torch.cat([e.tokens for e in embeds])},
-    )
+    text = cat_rows([text_tensors(encode_prompt_with(models, [p], max_sequence_length)) for p in raw["prompt"]])
+    return encode_pairs(partial(vae_encode, models.vae), raw, text)
 
 
 def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
@@ -72,12 +68,6 @@ def assemble_batch(
 
 def to_batch(p: Prepared) -> FluxKontextBatch:
     """The FLUX.1 Kontext batch record of prepared tensors (:func:`qflux.train.batch.prepare`)."""
-    return FluxKontextBatch(
-        latents=p.latents,
-        control_latents=p.controls[0],
-        pooled=p.text["pooled"],
-        prompt_embeds=p.text["tokens"],
-        noise=p.noise,
-        sigmas=p.sigmas,
-        pixel=p.pixel,
+    return to_record(
+        FluxKontextBatch, p, control_latents=p.controls[0], pooled=p.text["pooled"], prompt_embeds=p.text["tokens"]
     )

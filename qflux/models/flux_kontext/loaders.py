@@ -7,14 +7,11 @@ loading one never loads the others, so training from a cache skips the text enco
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 
-from qflux.weights.loading import ModelFiles, Table, load_parts
+from qflux.weights.loading import Components, ModelFiles, Table
 
 PIPELINE = "FLUX.1 Kontext"
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -45,35 +42,18 @@ def table() -> Table:
 
 
 @attrs.frozen(eq=False)
-class FluxKontextModels:
-    """The frozen components one job needs; ``None`` where a job does not need one."""
+class FluxKontextModels(Components):
+    """The frozen components one job needs (:func:`table`): the shared ones, CLIP as ``text_encoder`` and
+    ``tokenizer``, and T5."""
 
-    transformer: Any
-    """``FluxTransformer2DModel``; in training it carries an injected (zeroed) LoRA adapter."""
-    vae: Any
-    """``AutoencoderKL``, or None when the job reads latents from the cache."""
-    text_encoder: Any
     text_encoder_2: Any
-    tokenizer: Any
+    """``T5EncoderModel``, or None when the job reads prompt embeddings from the cache."""
     tokenizer_2: Any
-    scheduler: Any
 
 
-def load_flux_kontext(
-    model_path: str | Path,
-    weight_dtype: torch.dtype,
-    *,
-    include: Sequence[str] | None = None,
-    devices: Mapping[str, str | torch.device] | None = None,
-    quantize: Mapping[str, str] | None = None,
-) -> FluxKontextModels:
-    """The components a job needs (:func:`qflux.weights.loading.load_parts`: the weights in ``include``,
-    default all, the rest ``None``; the small components always), on ``devices``, quantized as
-    ``quantize`` says."""
-    return FluxKontextModels(
-        **load_parts(FLUX_KONTEXT, model_path, weight_dtype, include=include, devices=devices, quantize=quantize)
-    )
-
-
-FLUX_KONTEXT = ModelFiles(PIPELINE, table)
+FLUX_KONTEXT = ModelFiles(PIPELINE, table, FluxKontextModels)
 """The FLUX.1 Kontext folder layout (:func:`qflux.weights.loading.load_part` loads one component of it)."""
+
+load_flux_kontext = FLUX_KONTEXT.load
+"""``load_flux_kontext(model_path, weight_dtype, *, include, devices, quantize)``: a job's components as
+:class:`FluxKontextModels` (:meth:`qflux.weights.loading.ModelFiles.load`)."""

@@ -17,30 +17,23 @@ from typing import Any, NamedTuple
 import attrs
 import torch
 
-from qflux.diffusion.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
-from qflux.diffusion.latents import latent_image_ids, pack_latents, unpack_latents
+from qflux.diffusion.flow import FlowBatch, WeightingScheme, flow_loss
+from qflux.diffusion.latents import latent_image_ids, pack_latents, transformer_inputs, unpack_latents
 from qflux.lora.adapter import call_with_lora
 from qflux.weights.dtypes import compute_dtype
 
 
-@attrs.frozen(eq=False)
-class FluxKontextBatch:
-    """Everything one training micro-batch needs, randomness included (drawn outside the step)."""
+@attrs.frozen(eq=False, kw_only=True)
+class FluxKontextBatch(FlowBatch):
+    """A training micro-batch: x0, ε, σ and pixel weights (:class:`~qflux.diffusion.flow.FlowBatch`) and
+    FLUX.1 Kontext's conditioning."""
 
-    latents: torch.Tensor
-    """Target latents x0 [B, C, h, w] (float32)."""
     control_latents: torch.Tensor
     """Control latents c [B, C, hc, wc] (float32); zeros where the control image was dropped."""
     pooled: torch.Tensor
     """CLIP pooled prompt embedding [B, P]."""
     prompt_embeds: torch.Tensor
     """T5 prompt embedding [B, S, D]."""
-    noise: torch.Tensor
-    """ε [B, C, h, w] (float32)."""
-    sigmas: torch.Tensor
-    """σ [B] (float32) in (0, 1]."""
-    pixel: torch.Tensor | None = None
-    """Per-latent-pixel loss weights [B, 1, h, w] (``train.loss_mask``), or None (all 1)."""
 
 
 def kontext_ids(latent_hw: tuple[int, int], control_hw: tuple[int, int]) -> torch.Tensor:
@@ -127,16 +120,16 @@ def velocity(
     n = tokens.shape[1]
     if layout.control is not None:
         tokens = torch.cat([tokens, layout.control], dim=1)
-    inputs = {
-        "hidden_states": tokens,
-        "timestep": sigmas.to(device=device, dtype=dtype),
-        "guidance": None if guidance is None else guidance.to(device),
-        "pooled_projections": pooled.to(device=device, dtype=dtype),
-        "encoder_hidden_states": prompt_embeds.to(device=device, dtype=dtype),
-        "txt_ids": layout.txt_ids,
-        "img_ids": layout.img_ids,
-        "return_dict": False,
-    }
+    inputs = transformer_inputs(
+        tokens,
+        sigmas.to(device),
+        prompt_embeds.to(device),
+        dtype,
+        guidance=None if guidance is None else guidance.to(device),
+        pooled_projections=pooled.to(device=device, dtype=dtype),
+        txt_ids=layout.txt_ids,
+        img_ids=layout.img_ids,
+    )
     out = call_with_lora(transformer, params, inputs)[0]
     return unpack_latents(out[:, :n], h, w)
 
@@ -151,21 +144,24 @@ def make_loss_fn(
     dtype = compute_dtype(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: FluxKontextBatch) -> torch.Tensor:
-        x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
+        x0 = batch.latents
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full((x0.shape[0],), guidance_scale, dtype=torch.float32, device=x0.device)
-        pred = velocity(
-            transformer,
-            lora,
-            add_noise(x0, eps, sigmas),
-            batch.control_latents,
-            sigmas,
-            batch.pooled,
-            batch.prompt_embeds,
-            guidance,
-            dtype=dtype,
-        )
-        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)
+
+        def v(noisy: torch.Tensor) -> torch.Tensor:
+            return velocity(
+                transformer,
+                lora,
+                noisy,
+                batch.control_latents,
+                batch.sigmas,
+                batch.pooled,
+                batch.prompt_embeds,
+                guidance,
+                dtype=dtype,
+            )
+
+        return flow_loss(v, batch, weighting_scheme)
 
     return loss_fn

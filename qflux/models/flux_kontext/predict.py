@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from qflux.data.images import image_to_tensor, to_image
-from qflux.diffusion.latents import PATCH, size_multiple
-from qflux.diffusion.sampling import euler_scheduler, initial_noise
+from qflux.diffusion.latents import latent_size, size_multiple
+from qflux.diffusion.sampling import cfg_batch, euler_denoise, guided, initial_noise
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode, vae_encode
 from qflux.models.flux_kontext.loaders import FluxKontextModels
 from qflux.models.flux_kontext.loss import token_layout, velocity
@@ -61,27 +61,23 @@ def predict(
     """
     multiple = size_multiple(models.vae.config)
     cw, ch = default_size(image, multiple)
-    width = max(multiple, (width or cw) // multiple * multiple)
-    height = max(multiple, (height or ch) // multiple * multiple)
-    dtype = compute_dtype(models.text_encoder_2)
     pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
     if negative_prompt is not None and true_cfg_scale > 1:
         neg = encode_prompt_with(models, [negative_prompt], max_sequence_length)
-    control = vae_encode(models.vae, image_to_tensor(image, (cw, ch)).to(dtype))
     latents = denoise(
         models.transformer,
         models.scheduler.config,
-        control,
+        vae_encode(models.vae, image_to_tensor(image, (cw, ch)).to(pos.tokens.dtype)),
         pos,
         neg,
-        latent_hw=(PATCH * (height // multiple), PATCH * (width // multiple)),
+        latent_hw=latent_size(max(multiple, height or ch), max(multiple, width or cw), multiple),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale,
         seed=seed,
         lora=lora,
-        noise_dtype=dtype,
+        noise_dtype=pos.tokens.dtype,  # the pipeline draws its noise in the prompt embedding's dtype
     )
     # channels-last latents take oneDNN's faster convolution path in the decoder (-23% decode
     # time on CPU: 307 → 235 ms on the small VAE); the image differs from the row-major decode by ~1e-5
@@ -104,7 +100,9 @@ def denoise(
     lora: Mapping[str, torch.Tensor] | None = None,
     noise_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The pipeline's denoising loop from encoded inputs (shared by predict and validation).
+    """FLUX.1 Kontext's velocity on [x ; control] tokens (true CFG as one batch of 2) stepped by
+    :func:`qflux.diffusion.sampling.euler_denoise`: the pipeline's sampling from encoded inputs (shared by
+    predict and validation).
 
     Args:
         control: control latents [1, C, hc, wc] (any device), or None.
@@ -118,28 +116,24 @@ def denoise(
     """
     params = dict(lora or {})
     device, tdtype = transformer.device, compute_dtype(transformer)
-    c = transformer.config.in_channels // 4
-    shape = (1, c, *latent_hw)
-    latents = initial_noise(shape, seed, noise_dtype, device)
-    scheduler = euler_scheduler(scheduler_config, num_inference_steps, (shape[2] // 2) * (shape[3] // 2), device)
-    # true CFG evaluates both prompts as one batch of 2: [positive ; negative]
+    h, w = latent_hw
+    noise = initial_noise((1, transformer.config.in_channels // 4, h, w), seed, noise_dtype, device)
     neg = negative if true_cfg_scale > 1 else None
-    pooled, tokens = prompt.pooled.to(device), prompt.tokens.to(device)
-    if neg is not None:
-        pooled = torch.cat([pooled, neg.pooled.to(device)])
-        tokens = torch.cat([tokens, neg.tokens.to(device)])
+    pooled, tokens = cfg_batch(
+        (prompt.pooled, prompt.tokens), None if neg is None else (neg.pooled, neg.tokens), device
+    )
     b = pooled.shape[0]
     cond = None if control is None else control.expand(b, -1, -1, -1)
-    layout = token_layout((shape[2], shape[3]), cond, tokens.shape[1], dtype=tdtype, device=device)
+    layout = token_layout((h, w), cond, tokens.shape[1], dtype=tdtype, device=device)
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([b], guidance_scale, dtype=torch.float32)
-    for t in scheduler.timesteps:
+
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = t.expand(b).to(device=device, dtype=noise_dtype) / 1000
-        v = velocity(
-            transformer, params, latents.expand(b, -1, -1, -1), layout, sigma, pooled, tokens, guidance, dtype=tdtype
+        out = velocity(
+            transformer, params, x.expand(b, -1, -1, -1), layout, sigma, pooled, tokens, guidance, dtype=tdtype
         )
-        if neg is not None:
-            v = v[1:] + true_cfg_scale * (v[:1] - v[1:])  # v̂_neg + s·(v̂_pos − v̂_neg)
-        latents = scheduler.step(v, t, latents, return_dict=False)[0]
-    return latents
+        return out if neg is None else guided(out[:1], out[1:], true_cfg_scale)
+
+    return euler_denoise(v, noise, scheduler_config, num_inference_steps, (h // 2) * (w // 2))

@@ -11,6 +11,7 @@ empty one *with the same images* (its own cached embedding). The random draws an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from qflux.models.qwen_image_edit.conditioning import encode_prompt, vae_encode
 from qflux.models.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.models.qwen_image_edit.loss import QwenImageEditBatch
 from qflux.models.qwen_image_edit.predict import vl_image
-from qflux.train.batch import Conditioning, Prepared, pad_tokens
+from qflux.train.batch import Conditioning, Prepared, encode_pairs, pad_tokens, to_record
 
 
 def vl_images(
@@ -90,32 +91,21 @@ def encode_conditioning(models: QwenImageEditModels, raw: dict[str, Any], varian
     n = len(raw["prompt"])
     rows = [encode_sample_prompt(models, raw["prompt"][i], raw["vl"][i], variant) for i in range(n)]
     empty = [encode_sample_prompt(models, "", raw["vl"][i], variant) for i in range(n)]
-    return Conditioning(
-        latents=torch.cat([vae_encode(models.vae, raw["target"][i : i + 1]) for i in range(n)]),
-        controls=tuple(torch.cat([vae_encode(models.vae, x[i : i + 1]) for i in range(n)]) for x in raw["controls"]),
-        text=dict(zip(("embeds", "mask"), stack_tokens(rows), strict=True)),
-        empty=dict(zip(("embeds", "mask"), stack_tokens(empty), strict=True)),
-    )
+    return encode_pairs(partial(vae_encode, models.vae), raw, _named(stack_tokens(rows)), _named(stack_tokens(empty)))
 
 
 def to_batch(p: Prepared) -> QwenImageEditBatch:
     """The Qwen-Image-Edit batch record of prepared tensors (:func:`qflux.train.batch.prepare`)."""
-    return QwenImageEditBatch(
-        latents=p.latents,
-        controls=p.controls,
-        embeds=p.text["embeds"],
-        mask=p.text["mask"],
-        noise=p.noise,
-        sigmas=p.sigmas,
-        pixel=p.pixel,
-    )
+    return to_record(QwenImageEditBatch, p, controls=p.controls, embeds=p.text["embeds"], mask=p.text["mask"])
 
 
 def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
     """Conditioning from a collated cached batch (:func:`qflux.models.qwen_image_edit.cache.collate_cached`)."""
     return Conditioning(
-        latents=raw["latent"],
-        controls=tuple(raw["controls"]),
-        text=dict(zip(("embeds", "mask"), raw["embed"], strict=True)),
-        empty=dict(zip(("embeds", "mask"), raw["empty"], strict=True)),
+        latents=raw["latent"], controls=tuple(raw["controls"]), text=_named(raw["embed"]), empty=_named(raw["empty"])
     )
+
+
+def _named(embeds_mask: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(embeds [B, S, D], mask [B, S]) as :class:`~qflux.train.batch.Conditioning` holds a prompt."""
+    return dict(zip(("embeds", "mask"), embeds_mask, strict=True))

@@ -8,16 +8,14 @@ device, one-sentence errors naming the folder. The processor is rebuilt without 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 
 from qflux.errors import QfluxError
 from qflux.models.qwen_image_edit.processor import load_qwen_processor
-from qflux.weights.loading import ModelFiles, Table, component_config, load_parts
+from qflux.weights.loading import Components, ModelFiles, Table, component_config
 
 PIPELINE = "Qwen-Image-Edit"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
@@ -48,41 +46,20 @@ def table() -> Table:
 
 
 @attrs.frozen(eq=False)
-class QwenImageEditModels:
-    """What one Qwen-Image-Edit job needs; ``None`` for a component it does not load."""
+class QwenImageEditModels(Components):
+    """What one Qwen-Image-Edit job needs (:func:`table`): the shared components, Qwen2.5-VL as
+    ``text_encoder`` with the Qwen2 tokenizer for the text-only template, and the processor."""
 
-    transformer: Any
-    """``QwenImageTransformer2DModel``; in training it carries an injected (zeroed) LoRA adapter."""
-    vae: Any
-    """``AutoencoderKLQwenImage``, or None when latents come from the cache."""
-    text_encoder: Any
-    """``Qwen2_5_VLForConditionalGeneration``, or None when embeddings come from the cache."""
-    tokenizer: Any
-    """``Qwen2Tokenizer`` for the text-only template."""
     processor: Any
     """``Qwen2VLProcessor``: the prompt template with its control image(s)."""
-    scheduler: Any
-    """``FlowMatchEulerDiscreteScheduler`` whose config predict and training read."""
 
 
-def load_qwen_image_edit(
-    model_path: str | Path,
-    weight_dtype: torch.dtype,
-    *,
-    include: Sequence[str] | None = None,
-    devices: Mapping[str, str | torch.device] | None = None,
-    quantize: Mapping[str, str] | None = None,
-) -> QwenImageEditModels:
-    """The components a job needs (:func:`qflux.weights.loading.load_parts`: the weights in ``include``,
-    default all, the rest ``None``; the small components always), on ``devices``, quantized as
-    ``quantize`` says."""
-    return QwenImageEditModels(
-        **load_parts(QWEN_IMAGE_EDIT, model_path, weight_dtype, include=include, devices=devices, quantize=quantize)
-    )
-
-
-QWEN_IMAGE_EDIT = ModelFiles(PIPELINE, table)
+QWEN_IMAGE_EDIT = ModelFiles(PIPELINE, table, QwenImageEditModels)
 """The Qwen-Image-Edit folder layout (:func:`qflux.weights.loading.load_part` loads one component of it)."""
+
+load_qwen_image_edit = QWEN_IMAGE_EDIT.load
+"""``load_qwen_image_edit(model_path, weight_dtype, *, include, devices, quantize)``: a job's components as
+:class:`QwenImageEditModels` (:meth:`qflux.weights.loading.ModelFiles.load`)."""
 
 
 def check_variant(path: Path, variant: str) -> None:

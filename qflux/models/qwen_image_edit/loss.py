@@ -8,7 +8,7 @@ prompt embedding) predicts a velocity for every token; the loss is over the targ
     v̂ = F([pack(x_t) ; pack(c_1) ; … ; pack(c_k)], t = σ, text = h, img_shapes)[:, :N]
     loss = mean_b w(σ_b) · mean (v̂ − (ε − x0))²
 
-Noising, target, weights and loss are :mod:`qflux.diffusion.flow`'s, shared with FLUX.1 Kontext.
+Noising, target, weights and loss are :func:`qflux.diffusion.flow.flow_loss`, shared with FLUX.1 Kontext.
 """
 
 from __future__ import annotations
@@ -19,30 +19,23 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.diffusion.flow import WeightingScheme, add_noise, flow_match_loss, flow_target, loss_weights
-from qflux.diffusion.latents import pack_latents, unpack_latents
+from qflux.diffusion.flow import FlowBatch, WeightingScheme, flow_loss
+from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
 from qflux.lora.adapter import call_with_lora
 from qflux.weights.dtypes import compute_dtype
 
 
-@attrs.frozen(eq=False)
-class QwenImageEditBatch:
-    """Everything one training micro-batch needs, randomness included (drawn outside the step)."""
+@attrs.frozen(eq=False, kw_only=True)
+class QwenImageEditBatch(FlowBatch):
+    """A training micro-batch: x0 (normalised by the VAE's mean and std), ε, σ and pixel weights
+    (:class:`~qflux.diffusion.flow.FlowBatch`) and Qwen-Image-Edit's conditioning."""
 
-    latents: torch.Tensor
-    """Target latents x0 [B, C, h, w] (float32, normalised by the VAE's mean and std)."""
     controls: tuple[torch.Tensor, ...]
     """Control latents, one [B, C, hc_k, wc_k] per control image (float32; zeros where dropped)."""
     embeds: torch.Tensor
     """Vision-language prompt embedding h [B, S, D]."""
     mask: torch.Tensor
     """[B, S] long: 1 for real tokens, 0 for padding."""
-    noise: torch.Tensor
-    """ε [B, C, h, w] (float32)."""
-    sigmas: torch.Tensor
-    """σ [B] (float32) in (0, 1]."""
-    pixel: torch.Tensor | None = None
-    """Per-latent-pixel loss weights [B, 1, h, w] (``train.loss_mask``), or None (all 1)."""
 
 
 def img_shapes(
@@ -78,15 +71,7 @@ def transformer_velocity(
     Returns:
         [B, n, 4C] in the transformer's dtype.
     """
-    inputs = {
-        "hidden_states": tokens.to(dtype),
-        "timestep": sigmas.to(dtype),
-        "guidance": None,
-        "encoder_hidden_states_mask": mask,
-        "encoder_hidden_states": embeds.to(dtype),
-        "img_shapes": shapes,
-        "return_dict": False,
-    }
+    inputs = transformer_inputs(tokens, sigmas, embeds, dtype, encoder_hidden_states_mask=mask, img_shapes=shapes)
     out = call_with_lora(transformer, params, inputs)[0]
     return out[:, :n]
 
@@ -101,14 +86,16 @@ def make_loss_fn(
     dtype = compute_dtype(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: QwenImageEditBatch) -> torch.Tensor:
-        x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
-        b, _, h, w = x0.shape
-        noisy = pack_latents(add_noise(x0, eps, sigmas))
-        tokens = torch.cat([noisy, *(pack_latents(c.to(noisy.dtype)) for c in batch.controls)], dim=1)
-        shapes = img_shapes(b, (h, w), [(c.shape[-2], c.shape[-1]) for c in batch.controls])
-        n = noisy.shape[1]
-        out = transformer_velocity(transformer, lora, tokens, n, sigmas, batch.embeds, batch.mask, shapes, dtype=dtype)
-        pred = unpack_latents(out, h, w)
-        return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)
+        def v(noisy: torch.Tensor) -> torch.Tensor:
+            b, _, h, w = noisy.shape
+            tokens = pack_sequence(noisy, batch.controls)
+            shapes = img_shapes(b, (h, w), [(c.shape[-2], c.shape[-1]) for c in batch.controls])
+            n = (h // 2) * (w // 2)  # the target's tokens come first
+            out = transformer_velocity(
+                transformer, lora, tokens, n, batch.sigmas, batch.embeds, batch.mask, shapes, dtype=dtype
+            )
+            return unpack_latents(out, h, w)
+
+        return flow_loss(v, batch, weighting_scheme)
 
     return loss_fn

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from qflux.data.images import to_image
-from qflux.diffusion.latents import PATCH, pack_latents, size_multiple, unpack_latents
-from qflux.diffusion.sampling import euler_scheduler, initial_noise
+from qflux.diffusion.latents import latent_size, pack_latents, size_multiple, unpack_latents
+from qflux.diffusion.sampling import euler_denoise, guided, initial_noise
 from qflux.models.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode
 from qflux.models.qwen_image_edit.loaders import QwenImageEditModels
 from qflux.models.qwen_image_edit.loss import img_shapes, transformer_velocity
@@ -124,20 +124,17 @@ def predict(
     multiple = size_multiple(models.vae.config)
     processor = VaeImageProcessor(vae_scale_factor=multiple)
     vl_images, pixels, _, (ow, oh) = control_inputs(images, variant, processor)
-    height = (height or oh) // multiple * multiple
-    width = (width or ow) // multiple * multiple
     encode = partial(encode_prompt, models.text_encoder, models.processor, images=[vl_images], variant=variant)
     prompt_embeds = encode([prompt])
     negative = encode([negative_prompt]) if negative_prompt is not None and true_cfg_scale > 1 else None
-    dtype = prompt_embeds[0].dtype
-    control = [vae_encode(models.vae, x) for x in pixels]
+    dtype = prompt_embeds[0].dtype  # the pipeline draws its noise in the prompt embedding's dtype
     latents = denoise(
         models.transformer,
         models.scheduler.config,
-        control,
+        [vae_encode(models.vae, x) for x in pixels],
         prompt_embeds,
         negative,
-        latent_hw=(PATCH * (height // multiple), PATCH * (width // multiple)),
+        latent_hw=latent_size(height or oh, width or ow, multiple),
         num_inference_steps=num_inference_steps,
         true_cfg_scale=true_cfg_scale,
         seed=seed,
@@ -163,7 +160,9 @@ def denoise(
     lora: Mapping[str, torch.Tensor] | None = None,
     noise_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The pipeline's denoising loop from encoded inputs (shared by predict and validation).
+    """The QwenImage transformer's velocity on [x ; controls] tokens (true CFG rescaled to the conditional
+    norm) stepped by :func:`qflux.diffusion.sampling.euler_denoise`: the pipeline's sampling from encoded
+    inputs (shared by predict and validation).
 
     Args:
         controls: latents of each control image [1, C, hc_k, wc_k] (any device); may be empty.
@@ -180,21 +179,22 @@ def denoise(
     neg = negative if true_cfg_scale > 1 else None
     packed = [pack_latents(c.to(device, noise_dtype)) for c in controls]
     h, w = latent_hw
-    latents = pack_latents(initial_noise((1, transformer.config.in_channels // 4, h, w), seed, noise_dtype, device))
-    n = latents.shape[1]
+    noise = pack_latents(initial_noise((1, transformer.config.in_channels // 4, h, w), seed, noise_dtype, device))
+    n = noise.shape[1]
     shapes = img_shapes(1, (h, w), [(c.shape[-2], c.shape[-1]) for c in controls])
-    scheduler = euler_scheduler(scheduler_config, num_inference_steps, n, device)
     mask_pos, mask_neg = _mask(mask), None if neg is None else _mask(neg[1])  # one host sync each, not per step
-    for t in scheduler.timesteps:
-        tokens = torch.cat([latents, *packed], dim=1)
-        sigma = t.expand(1).to(latents.dtype) / 1000
-        v = transformer_velocity(transformer, params, tokens, n, sigma, embeds, mask_pos, shapes, dtype=tdtype)
-        if neg is not None:
-            v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg[0], mask_neg, shapes, dtype=tdtype)
-            combined = v_neg + true_cfg_scale * (v - v_neg)
-            v = combined * (v.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
-        latents = scheduler.step(v, t, latents, return_dict=False)[0]
-    return unpack_latents(latents, h, w)
+
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([x, *packed], dim=1)  # [target ; controls], packed once
+        sigma = t.expand(1).to(x.dtype) / 1000
+        out = transformer_velocity(transformer, params, tokens, n, sigma, embeds, mask_pos, shapes, dtype=tdtype)
+        if neg is None:
+            return out
+        v_neg = transformer_velocity(transformer, params, tokens, n, sigma, neg[0], mask_neg, shapes, dtype=tdtype)
+        combined = guided(out, v_neg, true_cfg_scale)
+        return combined * (out.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))  # v · ‖v̂_pos‖ / ‖v‖
+
+    return unpack_latents(euler_denoise(v, noise, scheduler_config, num_inference_steps, n), h, w)
 
 
 def _mask(mask: torch.Tensor) -> torch.Tensor | None:
