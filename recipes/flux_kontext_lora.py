@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config
 from qflux.data.dataset import collate_pairs
 from qflux.data.images import load_rgb, save_image
 from qflux.data.pairs import PairRule
-from qflux.errors import QfluxError
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.flux_kontext import FAMILY

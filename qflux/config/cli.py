@@ -2,7 +2,7 @@
 
 fire parses the values; options alone (``--train.max_train_steps=10``) train; ``<command> --help``
 (or ``-h``) prints the command's usage, examples and every config key with its default, generated
-from the schema; a :class:`~qflux.errors.QfluxError` prints one line and exits 2.
+from the schema; a :class:`~qflux.config.errors.QfluxError` prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import fire
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config
 from qflux.config.reference import command_help, function_options
-from qflux.errors import QfluxError
 
 HELP_FLAGS = ("--help", "-h")
 

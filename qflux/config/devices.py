@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 
 
 def resolve_device(name: str, *, key: str) -> torch.device:

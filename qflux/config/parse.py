@@ -21,8 +21,8 @@ import cattrs
 import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from qflux.config.errors import QfluxError
 from qflux.config.schema import RecipeConfig
-from qflux.errors import QfluxError
 
 T = TypeVar("T")
 

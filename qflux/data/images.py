@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from qflux.config.errors import QfluxError
 from qflux.data.buckets import Box
-from qflux.errors import QfluxError
 
 _EXIF_ORIENTATION = 0x0112
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from qflux.config.errors import QfluxError
 from qflux.data.dataset import collate_pairs
 from qflux.data.pairs import PairSample
-from qflux.errors import QfluxError
 
 
 def epoch_batches(

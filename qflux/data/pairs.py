@@ -26,9 +26,9 @@ from typing import Literal
 import attrs
 from PIL import Image
 
+from qflux.config.errors import QfluxError
 from qflux.data.buckets import MAX_CROP, Box, Size, bucket_area, bucket_sizes, cover_box, nearest_bucket
 from qflux.data.images import image_size
-from qflux.errors import QfluxError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 UPSCALE_WARNING = 2.0

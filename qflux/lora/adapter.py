@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.func import functional_call
 
+from qflux.config.errors import QfluxError
 from qflux.config.schema import LoraConfig
-from qflux.errors import QfluxError
 from qflux.lora.formats import NAMINGS, Delta, Naming, layer_names, module_out_features, split_lora, to_comfyui
 from qflux.lora.kinds import (
     LYCORIS,

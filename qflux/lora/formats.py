@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 
 Params = dict[str, torch.Tensor]
 Delta = tuple[torch.Tensor, torch.Tensor]

@@ -37,8 +37,8 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
+from qflux.config.errors import QfluxError
 from qflux.config.schema import LoraConfig
-from qflux.errors import QfluxError
 from qflux.lora.formats import BLOCK_PATH, NAMINGS, Naming, comfy_target
 
 Kind = Literal["lora", "dora", "lokr", "loha"]

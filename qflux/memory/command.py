@@ -16,10 +16,10 @@ import attrs
 import torch
 
 from qflux.config.cli import main as cli_main
+from qflux.config.errors import QfluxError
 from qflux.config.schema import RecipeConfig
 from qflux.data.pairs import PairRule
 from qflux.diffusion.latents import size_multiple
-from qflux.errors import QfluxError
 from qflux.memory.measure import GIB
 from qflux.memory.planner import (
     Inputs,

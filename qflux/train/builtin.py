@@ -14,9 +14,9 @@ from pathlib import Path
 
 import attrs
 
+from qflux.config.errors import QfluxError
 from qflux.config.schema import BUILTIN_SYNTHETIC_DATASET
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 
 SYNTHETIC_TRAIN = 24
 SYNTHETIC_HELDOUT = 8

@@ -26,13 +26,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qflux.config.errors import QfluxError
 from qflux.data.buckets import Box
 from qflux.data.dataset import MaskMode, PairDataset
 from qflux.data.images import load_sized
 from qflux.data.masks import CHANGE_LEVEL
 from qflux.data.pairs import PairSample
 from qflux.diffusion.latents import vae_scale_factor
-from qflux.errors import QfluxError
 
 Shapes = Mapping[str, tuple[int, ...]]
 """Expected tensor shapes by name; a dimension of -1 matches any size (a prompt's token count)."""

@@ -31,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.optim.adamw import AdamWState
 from qflux.optim.prodigy import ProdigyState
 from qflux.train.loop import LoopState, start_state

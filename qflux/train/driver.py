@@ -15,12 +15,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import to_dict
 from qflux.config.schema import RecipeConfig
 from qflux.data.images import load_rgb, to_image, to_pil
 from qflux.data.order import batch_stream
 from qflux.data.pairs import PairSample
-from qflux.errors import QfluxError
 from qflux.lora.adapter import (
     COMFYUI_WEIGHT_NAME,
     EMA_COMFYUI_WEIGHT_NAME,

@@ -4,14 +4,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from qflux.lora.formats import ComfyNames, register_naming
 from qflux.train.builtin import BuiltinModel, register_builtin_model
+from qflux.weights.loading import ModelFiles
 from qflux.weights.shapes import register_shapes
+
+
+@attrs.frozen
+class ToyModel:
+    """How ``python -m qflux.toy`` builds a family's toy model (:mod:`qflux.toy`): the random start, and the
+    component files its stages load and save."""
+
+    start: Callable[[Path, Sequence[str], int], Path]
+    """``start(folder, words, seed)`` writes the untrained model; ``words`` are the toy grammar's."""
+    files: ModelFiles[Any]
+    """The family's component table (:func:`qflux.weights.loading.load_part` reads a component with it)."""
 
 
 @attrs.frozen
@@ -42,6 +55,8 @@ class Family:
     """Its folder of published shapes (``<hub owner>__<name>/<component>/config.json``)."""
     same_shapes: Mapping[str, str] = attrs.field(factory=dict)
     """Hub ids whose shapes are another shipped id's (re-quantized copies)."""
+    toy: ToyModel | None = None
+    """Its toy model on the toy world, where it has one."""
 
 
 def register(family: Family) -> None:

@@ -22,13 +22,13 @@ import torch
 from tqdm import tqdm
 
 from qflux.config.devices import component_devices, resolve_device
+from qflux.config.errors import QfluxError
 from qflux.config.schema import RecipeConfig
 from qflux.data.checks import check_pairs
 from qflux.data.dataset import PairDataset
 from qflux.data.order import check_batches
 from qflux.data.pairs import Listing, PairRule, PairSample, scan_pairs
 from qflux.diffusion.latents import size_multiple, vae_scale_factor
-from qflux.errors import QfluxError
 from qflux.lora.adapter import LORA_WEIGHT_NAME
 from qflux.lora.formats import Naming
 from qflux.train.batch import Conditioning, Prepared

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.lora.adapter import COMFYUI_WEIGHT_NAME, EMA_COMFYUI_WEIGHT_NAME, EMA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from qflux.train.checkpoint import PREFIX, list_checkpoints
 

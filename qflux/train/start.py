@@ -9,9 +9,9 @@ from typing import Any
 import attrs
 import torch
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import to_dict
 from qflux.config.schema import LoraConfig, OptimizerConfig, RecipeConfig
-from qflux.errors import QfluxError
 from qflux.lora.adapter import inject_lora, lora_from_file
 from qflux.lora.formats import Naming, check_convertible
 from qflux.lora.kinds import module_of

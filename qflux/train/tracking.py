@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 
 
 class Tracker(Protocol):

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qflux.config.errors import QfluxError
 from qflux.config.schema import RecipeConfig, ValidationConfig
 from qflux.data.dataset import PairDataset
 from qflux.data.images import load_rgb, load_sized, to_pil
 from qflux.data.masks import edit_psnr
 from qflux.data.pairs import PairRule, PairSample, fit_size, scan_pairs
-from qflux.errors import QfluxError
 from qflux.train.batch import Conditioning, DataPath, Draws, Prepared, eval_batches, prepare
 from qflux.train.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
 from qflux.train.loop import LoopState

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 
 
 def resolve_model_dir(name_or_path: str, subfolders: Sequence[str], *, pipeline: str) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qflux.errors import QfluxError, optional
+from qflux.config.errors import QfluxError, optional
 from qflux.weights.shell import linear_shell
 
 FP8 = torch.float8_e4m3fn

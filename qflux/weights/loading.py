@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import attrs
 import torch
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.weights.folders import resolve_model_dir
 from qflux.weights.quantize import load_prequantized, prequantized_kind, quantize_frozen, share_code_tables
 

@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from qflux.errors import QfluxError, optional
+from qflux.config.errors import QfluxError, optional
 from qflux.weights.fp8 import FP8, SelfDequantizing, dequantize, quantize_rowwise
 from qflux.weights.shell import linear_shell
 

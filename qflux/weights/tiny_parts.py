@@ -8,7 +8,7 @@ runs the builders.
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,9 @@ def clip_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def t5_tokenizer() -> Any:
-    """A unigram T5 tokenizer over single characters and a few words, built in code."""
+def t5_tokenizer(words: Sequence[str] = ()) -> Any:
+    """A unigram T5 tokenizer over single characters and a few words, built in code; each of ``words``
+    (a toy world's vocabulary) is one whole-word piece, preferred to spelling it out."""
     # deferred: transformers is a heavy import
     from transformers import T5Tokenizer
 
@@ -62,6 +63,7 @@ def t5_tokenizer() -> Any:
     pieces += [(w, -3.0) for w in words]
     pieces += [(c, -5.0) for c in _ALPHABET]
     pieces += [("▁" + c, -4.0) for c in _ALPHABET]
+    pieces += [("▁" + w, -1.0) for w in words if ("▁" + w, -3.0) not in pieces]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 

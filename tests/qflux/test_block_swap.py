@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 from qflux.weights.block_swap import SwappedLinear, swap_blocks, transformer_blocks

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.optim.adamw import adamw_update
 from qflux.train.checkpoint import (
     incompatibilities,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config, schema_keys, to_dict
-from qflux.errors import QfluxError
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 

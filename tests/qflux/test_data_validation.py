@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qflux.config.errors import QfluxError
 from qflux.data.images import load_rgb
 from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 
 
 def _data(tmp_path: Path) -> Path:

@@ -8,7 +8,7 @@ from torch import nn
 
 pytest.importorskip("torchao")
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.weights.fp8 import FP8, Float8FrozenLinear, check_fp8_device, dequantize, quantize_rowwise, use_fp8_matmul
 
 

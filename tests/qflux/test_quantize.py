@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
 from qflux.models.flux_kontext.loss import velocity
 from qflux.models.flux_kontext.tiny import build_flux_kontext

@@ -94,7 +94,7 @@ def test_cached_training_sees_the_same_cropped_pixels(photos: Path, tiny_flux_di
 def test_drop_last_that_leaves_nothing_is_refused_before_loading(
     photos: Path, tiny_flux_dir: Path, tmp_path: Path
 ) -> None:
-    from qflux.errors import QfluxError
+    from qflux.config.errors import QfluxError
 
     cfg = _flux(tiny_flux_dir, photos, tmp_path / "o", **{"data.batch_size": 7, "data.drop_last": True})
     with pytest.raises(QfluxError, match=r"no bucket holds 7 pairs.*lower data.batch_size or set data.drop_last"):

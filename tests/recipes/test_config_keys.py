@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config, schema_keys
 from qflux.data.dataset import PairDataset
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.tiny import build_flux_kontext
 from qflux.models.qwen_image_edit.config import QwenImageEditConfig

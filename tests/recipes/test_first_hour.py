@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qflux.config.errors import QfluxError
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 from qflux.lora.formats import check_convertible
 from qflux.train.plots import smoothing_window
 from qflux.train.summary import mean_loss

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from recipes.flux_kontext_lora import main

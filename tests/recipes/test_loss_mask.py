@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from qflux.config.errors import QfluxError
 from qflux.data.dataset import PairDataset
 from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import draw_scene
-from qflux.errors import QfluxError
 from recipes import flux_kontext_lora, qwen_image_edit_lora
 
 

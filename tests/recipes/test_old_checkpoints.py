@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from recipes.flux_kontext_lora import train
 

@@ -173,7 +173,7 @@ def test_predict_cli(edit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_dataset_errors_name_the_control_files(tmp_path: Path) -> None:
-    from qflux.errors import QfluxError
+    from qflux.config.errors import QfluxError
 
     data = make_synthetic_pairs(tmp_path / "data", 2, seed=0)
     controls = data / "control_images"

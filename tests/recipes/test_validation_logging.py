@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.train.plots import GRID_GAP, GRID_LABEL, grid_cell
 from recipes.flux_kontext_lora import train as run

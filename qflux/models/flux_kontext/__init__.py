@@ -5,11 +5,12 @@ from pathlib import Path
 
 from qflux.models.flux_kontext.conditioning import encode_prompt
 from qflux.models.flux_kontext.config import BUILTIN, FluxKontextConfig
-from qflux.models.flux_kontext.loaders import COMPONENTS, ENCODERS, PIPELINE
+from qflux.models.flux_kontext.loaders import COMPONENTS, ENCODERS, FLUX_KONTEXT, PIPELINE
 from qflux.models.flux_kontext.names import NAMES, NAMING
 from qflux.models.flux_kontext.tiny import build_flux_kontext
+from qflux.models.flux_kontext.toy import build_toy_start
 from qflux.train.builtin import BuiltinModel
-from qflux.train.family import Family
+from qflux.train.family import Family, ToyModel
 
 __all__ = ["FAMILY", "encode_prompt"]
 
@@ -20,5 +21,6 @@ FAMILY = Family(name="flux_kontext", pipeline=PIPELINE, config=FluxKontextConfig
                 # re-quantized copies of FLUX.1-Kontext-dev (recipes/configs/flux_kontext_fp4.yaml and _fp8.yaml)
                 same_shapes=dict.fromkeys(("eramth/flux-kontext-4bit-fp4",
                                            "AlekseyCalvin/Flux_Kontext_Dev_fp8_scaled_diffusers"),
-                                          "black-forest-labs/FLUX.1-Kontext-dev"))  # fmt: skip
+                                          "black-forest-labs/FLUX.1-Kontext-dev"),
+                toy=ToyModel(build_toy_start, FLUX_KONTEXT))  # fmt: skip
 """What the recipe and the commands read of this family (registered by :mod:`qflux.models`)."""

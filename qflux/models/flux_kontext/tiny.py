@@ -10,6 +10,7 @@ projection, T5 sequence, 3-axis RoPE) at a width small enough for a 2-core CPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,11 @@ _SCHEDULER = {"shift": 3.0, "base_shift": 0.5, "max_shift": 1.15, "base_image_se
 
 
 def build_flux_kontext(
-    out_dir: str | Path, seed: int = 0, size: str = "tiny", overrides: tiny_parts.Overrides | None = None
+    out_dir: str | Path,
+    seed: int = 0,
+    size: str = "tiny",
+    overrides: tiny_parts.Overrides | None = None,
+    words: Sequence[str] = (),
 ) -> Path:
     """Write a tiny random FLUX.1-Kontext model folder (diffusers layout) to ``out_dir``.
 
@@ -44,6 +49,7 @@ def build_flux_kontext(
         overrides: changes to the preset, per section (``transformer``, ``clip``, ``t5``, ``vae``)
             or plain key (``latent_channels``): other widths, head dims and VAE depths (a VAE of
             n ``block_out_channels`` downsamples by 2^(n−1)).
+        words: whole-word pieces of the T5 tokenizer (a toy world's vocabulary).
 
     Returns:
         The folder path. ``FluxKontextPipeline.from_pretrained(path)`` loads it.
@@ -60,18 +66,18 @@ def build_flux_kontext(
             guidance_embeds=True,
             **p["transformer"],  # axes_dims_rope sums to attention_head_dim
         )
-        text = _text_encoders(p)
+        text = _text_encoders(p, words)
         vae = _vae(p)
     components = {"transformer": transformer, "vae": vae, "scheduler": tiny_parts.flow_scheduler(**_SCHEDULER), **text}
     return tiny_parts.save_pipeline(FluxKontextPipeline, out_dir, components)
 
 
-def _text_encoders(p: dict[str, Any]) -> dict[str, Any]:
+def _text_encoders(p: dict[str, Any], words: Sequence[str] = ()) -> dict[str, Any]:
     """CLIP and T5 of preset ``p`` with their tokenizers, as the pipeline's components (the encoders drawn from the
     global RNG, which the builder seeds)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # deferred: heavy import
 
-    tok, tok2 = tiny_parts.clip_tokenizer(), tiny_parts.t5_tokenizer()
+    tok, tok2 = tiny_parts.clip_tokenizer(), tiny_parts.t5_tokenizer(words)
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.models.qwen_image_edit.processor import load_qwen_processor
 from qflux.weights.loading import Components, ModelFiles, Table, component_config
 

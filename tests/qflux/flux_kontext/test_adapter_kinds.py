@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from qflux.config.errors import QfluxError
 from qflux.config.schema import LoraConfig
-from qflux.errors import QfluxError
 from qflux.lora.adapter import (
     COMFYUI_WEIGHT_NAME,
     LORA_WEIGHT_NAME,

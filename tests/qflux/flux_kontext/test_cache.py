@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config
 from qflux.data.synthetic import make_synthetic_pairs
-from qflux.errors import QfluxError
 from qflux.models.flux_kontext import cache as kcache
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.train.cache import EntryDataset

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.models.flux_kontext import loaders
 from qflux.weights.loading import load_part
 

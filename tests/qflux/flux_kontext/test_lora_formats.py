@@ -13,8 +13,8 @@ from diffusers import FluxKontextPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from qflux.config.errors import QfluxError
 from qflux.config.schema import LoraConfig
-from qflux.errors import QfluxError
 from qflux.lora.adapter import (
     COMFYUI_WEIGHT_NAME,
     inject_lora,

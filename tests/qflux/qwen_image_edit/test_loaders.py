@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qflux.errors import QfluxError
+from qflux.config.errors import QfluxError
 from qflux.models.qwen_image_edit.loaders import QWEN_IMAGE_EDIT, load_qwen_image_edit
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.weights.loading import load_part

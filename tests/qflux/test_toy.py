@@ -1,0 +1,85 @@
+"""The toy world: scenes are deterministic values, every edit does what its instruction says and keeps the
+scene valid, and the command writes what it documents and refuses to overwrite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qflux.toy.__main__ import main
+from qflux.toy.edits import EDITS, TAUGHT, VOCABULARY, edited_pair
+from qflux.toy.world import Scene, fits, random_scene, render
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _valid(scene: Scene) -> None:
+    names = [s.name for s in scene.shapes]
+    assert len(names) == len(set(names))  # every shape can be named
+    for i, s in enumerate(scene.shapes):
+        assert fits(s, scene.shapes[:i] + scene.shapes[i + 1 :], scene.size, gap=0.0)
+
+
+@given(seed=st.integers(0, 2**31 - 1), edit=st.sampled_from(sorted(EDITS)))
+def test_every_edit_keeps_the_scene_valid_and_says_what_it_did(seed: int, edit: str) -> None:
+    control, target, text = edited_pair(np.random.default_rng(seed), [edit])
+    _valid(control)
+    _valid(target)
+    assert set(text.split()) <= set(VOCABULARY)
+    a, b = np.asarray(render(control), dtype=np.int16), np.asarray(render(target), dtype=np.int16)
+    changed = np.abs(a - b).sum(-1) > 0
+    assert changed.any()  # an edit always changes the picture
+    if edit in ("recolour", "remove", "move", "grow", "shrink"):  # local: only pixels of the named shape change
+        kind = text.split()[3]
+        s = control.shapes[control.find(" ".join(text.split()[2:4]))]
+        after = [t for t in target.shapes if t.kind == kind and t not in control.shapes]
+        ys, xs = np.nonzero(changed)
+        for x, y in zip(xs + 0.5, ys + 0.5, strict=True):  # pixel centres, inside a box of either shape
+            assert any(abs(x - o.x) <= o.r + 1 and abs(y - o.y) <= o.r + 1 for o in (s, *after))
+    if edit == "recolour":
+        assert [t.colour for t in target.shapes if (t.x, t.y) == (s.x, s.y)] == [text.split()[-1]]
+
+
+def test_scenes_are_a_function_of_the_seed() -> None:
+    a = [random_scene(np.random.default_rng(3)) for _ in range(2)]
+    assert a[0] == a[1]
+    assert np.array_equal(np.asarray(render(a[0])), np.asarray(render(a[1])))
+    assert random_scene(np.random.default_rng(4)) != a[0]
+
+
+def test_the_command_writes_scenes_and_pairs_and_never_overwrites(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["scenes", str(tmp_path / "s"), "--n=3", "--seed=5"])
+    main(["scenes", str(tmp_path / "s2"), "--n=3", "--seed=5"])
+    assert _digest(tmp_path / "s") == _digest(tmp_path / "s2")
+    listing = json.loads((tmp_path / "s" / "scenes.json").read_text())
+    assert sorted(listing) == ["scene_0000.png", "scene_0001.png", "scene_0002.png"]
+    before = _digest(tmp_path / "s")
+    with pytest.raises(SystemExit) as e:
+        main(["scenes", str(tmp_path / "s"), "--n=1"])
+    assert e.value.code == 2 and "already holds files" in capsys.readouterr().err
+    assert _digest(tmp_path / "s") == before
+
+    main(["pairs", str(tmp_path / "p"), "--edit=grow,mirror", "--n=4", "--seed=1"])
+    names = sorted(p.stem for p in (tmp_path / "p" / "control_images").iterdir())
+    assert names == [f"pair_{i:04d}" for i in range(4)]
+    for name in names:
+        text = (tmp_path / "p" / "training_images" / f"{name}.txt").read_text().strip()
+        assert text == json.loads((tmp_path / "p" / "pairs.json").read_text())[name]["instruction"]
+        assert text.endswith("bigger") or text == "mirror the picture"
+    with pytest.raises(SystemExit):
+        main(["pairs", str(tmp_path / "q"), "--edit=fly"])
+    assert "unknown edit 'fly'" in capsys.readouterr().err
+
+
+def test_the_taught_edits_are_a_subset() -> None:
+    assert set(TAUGHT) < set(EDITS)
