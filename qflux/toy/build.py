@@ -21,9 +21,12 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from qflux.toy.edits import VOCABULARY
+from qflux.data.pairs import PairSample, scan_pairs
+from qflux.toy.edits import VOCABULARY, write_pairs
+from qflux.toy.pretraining import PretrainRecipe, edit_scores, pretrain
 from qflux.toy.vae_training import VaeRecipe, latent_statistics, reconstruction_psnr, train_vae
 from qflux.train.family import ToyModel
+from qflux.train.run import image_multiple
 from qflux.weights.loading import load_part
 
 RECORD = "toy_build.json"
@@ -59,3 +62,27 @@ def build_vae(folder: Path, toy: ToyModel, recipe: VaeRecipe) -> float:
     _record(folder, "vae", {**attrs.asdict(recipe), "seconds": round(seconds), "psnr_held_out": round(held_out, 2),
                             "shift_factor": mean, "scaling_factor": 1.0 / std})  # fmt: skip
     return held_out
+
+
+def build_transformer(folder: Path, toy: ToyModel, recipe: PretrainRecipe, work: Path) -> tuple[float, float]:
+    """Stage 3: pretrain the folder's transformer on ``recipe.pairs`` pairs of the taught edits (written under
+    ``work``), save the weights' moving average; returns (psnr_changed, psnr_unchanged) on held-out pairs."""
+    models = toy.files.load(folder, torch.float32)
+    data, ops = toy.paths(models)
+    multiple = image_multiple(folder)
+
+    def pairs(name: str, n: int, seed: int) -> list[PairSample]:
+        root = write_pairs(work / name, recipe.edits, n, seed, recipe.size)
+        return scan_pairs(root, None, multiple=multiple, warn=lambda _: None)
+
+    train, held_out = pairs("train", recipe.pairs, recipe.seed), pairs("held_out", recipe.eval_pairs, recipe.seed + 1)
+    start = time.perf_counter()
+    ema = pretrain(models.transformer, data, ops, train, models.scheduler.config, recipe,
+                   progress=partial(tqdm, desc="toy transformer", unit="step"))  # fmt: skip
+    seconds = time.perf_counter() - start
+    models.transformer.load_state_dict(ema)
+    models.transformer.save_pretrained(folder / "transformer")
+    changed, unchanged = edit_scores(data, ops, held_out, {}, recipe.sample_steps)
+    scores = {"psnr_changed": round(changed, 2), "psnr_unchanged": round(unchanged, 2)}
+    _record(folder, "transformer", {**attrs.asdict(recipe), "seconds": round(seconds), **scores})
+    return changed, unchanged

@@ -72,7 +72,7 @@ def train_vae(vae: Any, recipe: VaeRecipe, progress: Callable[[Iterable[int]], I
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        log(step, float(loss))
+        log(step, loss.item())
     vae.eval()
 
 

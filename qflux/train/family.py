@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -14,6 +14,10 @@ from qflux.lora.formats import ComfyNames, register_naming
 from qflux.train.builtin import BuiltinModel, register_builtin_model
 from qflux.weights.loading import ModelFiles
 from qflux.weights.shapes import register_shapes
+
+if TYPE_CHECKING:  # run.py imports this module: the records are named for the type checker alone
+    from qflux.train.batch import DataPath
+    from qflux.train.run import ModelOps
 
 
 @attrs.frozen
@@ -25,6 +29,8 @@ class ToyModel:
     """``start(folder, words, seed)`` writes the untrained model; ``words`` are the toy grammar's."""
     files: ModelFiles[Any]
     """The family's component table (:func:`qflux.weights.loading.load_part` reads a component with it)."""
+    paths: Callable[[Any], tuple[DataPath, ModelOps]]
+    """``paths(models)``: the data path and the model's functions that pretraining the transformer uses."""
 
 
 @attrs.frozen
