@@ -10,6 +10,8 @@
   transformer; :mod:`qflux.toy.build`), with ``toy_build.json`` saying what each cost and measured.
   ``--resume`` goes on from the last stage the folder finished.
 
+- ``model OUT_DIR [--family=flux_kontext]``: the committed toy model (``builtin:toy-flux-kontext`` names it).
+
 A folder that already holds files is refused (``build --resume`` excepted): nothing a user made is overwritten.
 """
 
@@ -28,6 +30,7 @@ from qflux.toy.build import RECORD, build_start, build_transformer, build_vae
 from qflux.toy.edits import EDITS, write_pairs, write_scenes
 from qflux.toy.pretraining import PretrainRecipe
 from qflux.toy.vae_training import VaeRecipe
+from qflux.train.family import ToyModel
 
 
 def _fresh(out_dir: str) -> Path:
@@ -60,13 +63,24 @@ def pairs(out_dir: str, edit: str | tuple[str, ...] = "recolour", n: int = 16, s
     print(f"wrote {n} pairs ({', '.join(names)}) of {size}×{size} px to {out}")
 
 
-def build(out_dir: str, family: str = "flux_kontext", seed: int = 0, vae_steps: int = 2000, steps: int = 2400,
-          pairs: int = 6000, resume: bool = False) -> None:  # fmt: skip
-    """Build FAMILY's toy model in OUT_DIR from scratch (seeded); --resume skips the stages already done."""
+def _toy(family: str) -> ToyModel:
     toy = FAMILIES[family].toy if family in FAMILIES else None
     if toy is None:
         have = [name for name, f in FAMILIES.items() if f.toy is not None]
         raise QfluxError(f"--family: {family!r} has no toy model; choose from {', '.join(have)}")
+    return toy
+
+
+def model(out_dir: str, family: str = "flux_kontext") -> None:
+    """Write FAMILY's committed toy model (a diffusers folder) to OUT_DIR."""
+    out = _toy(family).write(_fresh(out_dir))
+    print(f"wrote the toy {family} model to {out}")
+
+
+def build(out_dir: str, family: str = "flux_kontext", seed: int = 0, vae_steps: int = 2000, steps: int = 2400,
+          pairs: int = 6000, resume: bool = False) -> None:  # fmt: skip
+    """Build FAMILY's toy model in OUT_DIR from scratch (seeded); --resume skips the stages already done."""
+    toy = _toy(family)
     out = Path(out_dir) if resume else _fresh(out_dir)
     done = json.loads((out / RECORD).read_text()) if (out / RECORD).exists() else {}
     if "start" not in done:
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point; a problem prints one line and exits 2."""
     try:
         fire.Fire(
-            {"scenes": scenes, "pairs": pairs, "build": build},
+            {"scenes": scenes, "pairs": pairs, "build": build, "model": model},
             command=sys.argv[1:] if argv is None else argv,
             name="qflux.toy",
         )

@@ -76,13 +76,29 @@ def build_transformer(folder: Path, toy: ToyModel, recipe: PretrainRecipe, work:
         return scan_pairs(root, None, multiple=multiple, warn=lambda _: None)
 
     train, held_out = pairs("train", recipe.pairs, recipe.seed), pairs("held_out", recipe.eval_pairs, recipe.seed + 1)
-    start = time.perf_counter()
+    start, curve, losses = time.perf_counter(), [], []
+
+    def log(step: int, loss: float) -> None:
+        losses.append(loss)
+        if (step + 1) % 100 == 0:
+            tqdm.write(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f}")
+
+    def measure(step: int, ema: dict[str, torch.Tensor]) -> None:  # the average's scores, the weights kept
+        own = {k: v.clone() for k, v in models.transformer.state_dict().items()}
+        models.transformer.load_state_dict(ema)
+        changed, unchanged = edit_scores(data, ops, held_out, {}, recipe.sample_steps)
+        models.transformer.load_state_dict(own)
+        seconds = round(time.perf_counter() - start)
+        curve.append({"step": step, "seconds": seconds, "psnr_changed": round(changed, 2),
+                      "psnr_unchanged": round(unchanged, 2)})  # fmt: skip
+        tqdm.write(f"step {step} ({seconds} s): psnr_changed {changed:.2f} dB, psnr_unchanged {unchanged:.2f} dB")
+
     ema = pretrain(models.transformer, data, ops, train, models.scheduler.config, recipe,
-                   progress=partial(tqdm, desc="toy transformer", unit="step"))  # fmt: skip
+                   progress=partial(tqdm, desc="toy transformer", unit="step"), log=log, every=measure)  # fmt: skip
     seconds = time.perf_counter() - start
     models.transformer.load_state_dict(ema)
     models.transformer.save_pretrained(folder / "transformer")
     changed, unchanged = edit_scores(data, ops, held_out, {}, recipe.sample_steps)
     scores = {"psnr_changed": round(changed, 2), "psnr_unchanged": round(unchanged, 2)}
-    _record(folder, "transformer", {**attrs.asdict(recipe), "seconds": round(seconds), **scores})
+    _record(folder, "transformer", {**attrs.asdict(recipe), "seconds": round(seconds), **scores, "curve": curve})
     return changed, unchanged

@@ -28,6 +28,10 @@ from qflux.train.run import ModelOps
 from qflux.train.validation import edit_metrics, edit_reference
 
 
+Weights = dict[str, torch.Tensor]
+"""A module's weights by parameter name."""
+
+
 @attrs.frozen
 class PretrainRecipe:
     """How a toy transformer pretrains."""
@@ -43,6 +47,8 @@ class PretrainRecipe:
     """Training pairs of the taught edits (encoded once)."""
     eval_pairs: int = 32
     sample_steps: int = 16
+    eval_every: int = 400
+    """Steps between measurements of the moving average on the held-out pairs (the build's curve)."""
     seed: int = 0
     size: int = 64
     edits: tuple[str, ...] = TAUGHT
@@ -76,9 +82,10 @@ def rows(cond: Conditioning, index: torch.Tensor) -> Conditioning:
 def pretrain(transformer: torch.nn.Module, data: DataPath, ops: ModelOps, samples: Sequence[PairSample],
              scheduler_config: Any, recipe: PretrainRecipe,
              progress: Callable[[Iterable[int]], Iterable[int]] = iter,
-             log: Callable[[int, float], None] = lambda step, loss: None) -> dict[str, torch.Tensor]:  # fmt: skip
+             log: Callable[[int, float], None] = lambda step, loss: None,
+             every: Callable[[int, Weights], None] = lambda step, ema: None) -> Weights:  # fmt: skip
     """Train every weight of ``transformer`` on ``samples``; returns the moving average of its weights
-    (its own weights end as the last step's)."""
+    (its own weights end as the last step's). ``every(step, ema)`` runs each ``recipe.eval_every`` steps."""
     cond = encode_all(data, samples)
     transformer.requires_grad_(True).train()
     params = dict(transformer.named_parameters())
@@ -101,6 +108,8 @@ def pretrain(transformer: torch.nn.Module, data: DataPath, ops: ModelOps, sample
             for k, v in params.items():  # ema ← d·ema + (1 − d)·θ
                 ema[k].lerp_(v.detach(), 1 - recipe.ema)
         log(step, loss.item())
+        if (step + 1) % recipe.eval_every == 0 and step + 1 < recipe.steps:
+            every(step + 1, ema)
     transformer.requires_grad_(False).eval()
     return ema
 

@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from qflux.config.errors import QfluxError
 from qflux.lora.formats import ComfyNames, register_naming
 from qflux.train.builtin import BuiltinModel, register_builtin_model
 from qflux.weights.loading import ModelFiles
@@ -31,6 +33,15 @@ class ToyModel:
     """The family's component table (:func:`qflux.weights.loading.load_part` reads a component with it)."""
     paths: Callable[[Any], tuple[DataPath, ModelOps]]
     """``paths(models)``: the data path and the model's functions that pretraining the transformer uses."""
+    folder: Path
+    """Where the trained toy model is committed (a diffusers folder, bf16 weights)."""
+
+    def write(self, out: Path) -> Path:
+        """Copy the committed toy model to ``out`` (a new folder)."""
+        if not (self.folder / "model_index.json").exists():
+            raise QfluxError(f"no toy model is committed at {self.folder}; build one with python -m qflux.toy build")
+        shutil.copytree(self.folder, out, dirs_exist_ok=True)
+        return out
 
 
 @attrs.frozen
@@ -65,8 +76,19 @@ class Family:
     """Its toy model on the toy world, where it has one."""
 
 
+def toy_name(family: Family) -> str:
+    """The ``builtin:`` name of the family's toy model: ``builtin:toy-flux-kontext``."""
+    return "builtin:toy-" + family.name.replace("_", "-")
+
+
 def register(family: Family) -> None:
-    """Make the family's built-in model, ComfyUI naming and shapes known to the shared code."""
+    """Make the family's built-in models (its tiny one, and its toy where it has one), ComfyUI naming and
+    shapes known to the shared code."""
     register_builtin_model(*family.builtin)
+    if family.toy is not None:
+        toy = family.toy
+        register_builtin_model(
+            toy_name(family), BuiltinModel(lambda _: toy_name(family)[8:], lambda p, _: toy.write(p))
+        )
     register_naming(family.naming, family.names)
     register_shapes(family.shapes, family.same_shapes)

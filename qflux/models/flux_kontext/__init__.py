@@ -8,7 +8,7 @@ from qflux.models.flux_kontext.config import BUILTIN, FluxKontextConfig
 from qflux.models.flux_kontext.loaders import COMPONENTS, ENCODERS, FLUX_KONTEXT, PIPELINE
 from qflux.models.flux_kontext.names import NAMES, NAMING
 from qflux.models.flux_kontext.tiny import build_flux_kontext
-from qflux.models.flux_kontext.toy import build_toy_start, toy_paths
+from qflux.models.flux_kontext.toy import FOLDER, build_toy_start, toy_paths
 from qflux.train.builtin import BuiltinModel
 from qflux.train.family import Family, ToyModel
 
@@ -22,5 +22,5 @@ FAMILY = Family(name="flux_kontext", pipeline=PIPELINE, config=FluxKontextConfig
                 same_shapes=dict.fromkeys(("eramth/flux-kontext-4bit-fp4",
                                            "AlekseyCalvin/Flux_Kontext_Dev_fp8_scaled_diffusers"),
                                           "black-forest-labs/FLUX.1-Kontext-dev"),
-                toy=ToyModel(build_toy_start, FLUX_KONTEXT, toy_paths))  # fmt: skip
+                toy=ToyModel(build_toy_start, FLUX_KONTEXT, toy_paths, FOLDER))  # fmt: skip
 """What the recipe and the commands read of this family (registered by :mod:`qflux.models`)."""

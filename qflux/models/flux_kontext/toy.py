@@ -45,6 +45,8 @@ TOY = {
 SEQUENCE = 32
 """T5 tokens of a toy prompt (``model.max_sequence_length`` of the toy's runs): the grammar's longest
 instruction is 6 words."""
+FOLDER = Path(__file__).parent / "toy_model"
+"""The trained toy, committed (``python -m qflux.toy model DIR`` copies it; ``builtin:toy-flux-kontext``)."""
 GUIDANCE = 2.5
 """The guidance value the toy transformer is trained and sampled at (Kontext's default)."""
 
