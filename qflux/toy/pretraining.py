@@ -27,7 +27,6 @@ from qflux.train.batch import Conditioning, DataPath, Draws, prepare
 from qflux.train.run import ModelOps
 from qflux.train.validation import edit_metrics, edit_reference
 
-
 Weights = dict[str, torch.Tensor]
 """A module's weights by parameter name."""
 
