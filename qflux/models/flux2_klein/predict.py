@@ -111,20 +111,11 @@ def predict(
 
 
 @torch.inference_mode()
-def denoise(
-    transformer: Any,
-    scheduler_config: Any,
-    references: tuple[torch.Tensor, ...],
-    prompt: PromptEmbeds,
-    negative: PromptEmbeds | None,
-    *,
-    latent_hw: tuple[int, int],
-    num_inference_steps: int,
-    guidance_scale: float,
-    seed: int = 0,
-    lora: Mapping[str, torch.Tensor] | None = None,
-    noise_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def denoise(transformer: Any, scheduler_config: Any, references: tuple[torch.Tensor, ...],
+            prompt: PromptEmbeds, negative: PromptEmbeds | None, *, latent_hw: tuple[int, int],
+            num_inference_steps: int, guidance_scale: float, seed: int = 0,
+            lora: Mapping[str, torch.Tensor] | None = None,
+            noise_dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """The Flux2 transformer's velocity on [x ; references] tokens (CFG against the empty prompt as one
     batch of 2) stepped by :func:`qflux.diffusion.sampling.euler_denoise` on FLUX.2's empirical shift:
     the pipeline's sampling from encoded inputs (shared by predict and validation).

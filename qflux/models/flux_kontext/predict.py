@@ -85,21 +85,11 @@ def predict(
 
 
 @torch.inference_mode()
-def denoise(
-    transformer: Any,
-    scheduler_config: Any,
-    control: torch.Tensor | None,
-    prompt: PromptEmbeds,
-    negative: PromptEmbeds | None,
-    *,
-    latent_hw: tuple[int, int],
-    num_inference_steps: int,
-    guidance_scale: float,
-    true_cfg_scale: float = 1.0,
-    seed: int = 0,
-    lora: Mapping[str, torch.Tensor] | None = None,
-    noise_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def denoise(transformer: Any, scheduler_config: Any, control: torch.Tensor | None, prompt: PromptEmbeds,
+            negative: PromptEmbeds | None, *, latent_hw: tuple[int, int], num_inference_steps: int,
+            guidance_scale: float, true_cfg_scale: float = 1.0, seed: int = 0,
+            lora: Mapping[str, torch.Tensor] | None = None,
+            noise_dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """FLUX.1 Kontext's velocity on [x ; control] tokens (true CFG as one batch of 2) stepped by
     :func:`qflux.diffusion.sampling.euler_denoise`: the pipeline's sampling from encoded inputs (shared by
     predict and validation).

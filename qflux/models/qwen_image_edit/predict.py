@@ -146,20 +146,11 @@ def predict(
 
 
 @torch.inference_mode()
-def denoise(
-    transformer: Any,
-    scheduler_config: Any,
-    controls: Sequence[torch.Tensor],
-    prompt: tuple[torch.Tensor, torch.Tensor],
-    negative: tuple[torch.Tensor, torch.Tensor] | None,
-    *,
-    latent_hw: tuple[int, int],
-    num_inference_steps: int,
-    true_cfg_scale: float = 4.0,
-    seed: int = 0,
-    lora: Mapping[str, torch.Tensor] | None = None,
-    noise_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def denoise(transformer: Any, scheduler_config: Any, controls: Sequence[torch.Tensor],
+            prompt: tuple[torch.Tensor, torch.Tensor], negative: tuple[torch.Tensor, torch.Tensor] | None, *,
+            latent_hw: tuple[int, int], num_inference_steps: int, true_cfg_scale: float = 4.0, seed: int = 0,
+            lora: Mapping[str, torch.Tensor] | None = None,
+            noise_dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """The QwenImage transformer's velocity on [x ; controls] tokens (true CFG rescaled to the conditional
     norm) stepped by :func:`qflux.diffusion.sampling.euler_denoise`: the pipeline's sampling from encoded
     inputs (shared by predict and validation).
