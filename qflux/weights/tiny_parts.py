@@ -59,11 +59,11 @@ def t5_tokenizer(words: Sequence[str] = ()) -> Any:
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    words = ["▁the", "▁make", "▁turn", "▁color", "▁image", "▁invert", "▁flip", "▁red", "▁blue"]
-    pieces += [(w, -3.0) for w in words]
+    common = ["▁the", "▁make", "▁turn", "▁color", "▁image", "▁invert", "▁flip", "▁red", "▁blue"]
+    pieces += [(w, -3.0) for w in common]
     pieces += [(c, -5.0) for c in _ALPHABET]
     pieces += [("▁" + c, -4.0) for c in _ALPHABET]
-    pieces += [("▁" + w, -1.0) for w in words if ("▁" + w, -3.0) not in pieces]
+    pieces += [("▁" + w, -1.0) for w in words if "▁" + w not in common]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 

@@ -9,12 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from diffusers import FluxKontextPipeline
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qflux.data.pairs import scan_pairs
+from qflux.models import FAMILIES
+from qflux.models.flux_kontext.loaders import load_flux_kontext
 from qflux.toy.__main__ import main
-from qflux.toy.edits import EDITS, TAUGHT, VOCABULARY, edited_pair
+from qflux.toy.build import RECORD, build_start, build_transformer, build_vae
+from qflux.toy.edits import EDITS, TAUGHT, VOCABULARY, edited_pair, write_pairs
+from qflux.toy.pretraining import PretrainRecipe, edit_scores
+from qflux.toy.vae_training import VaeRecipe
 from qflux.toy.world import Scene, fits, random_scene, render
+from qflux.train.builtin import resolve_model_path
+from qflux.train.family import toy_name
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -83,3 +93,37 @@ def test_the_command_writes_scenes_and_pairs_and_never_overwrites(
 
 def test_the_taught_edits_are_a_subset() -> None:
     assert set(TAUGHT) < set(EDITS)
+
+
+def test_the_build_stages_write_a_folder_the_pipeline_loads(tmp_path: Path) -> None:
+    """Each stage leaves a loadable diffusers folder and says what it did in toy_build.json (a few steps)."""
+    toy = FAMILIES["flux_kontext"].toy
+    assert toy is not None
+    out = build_start(tmp_path / "toy", toy, seed=0)
+    assert build_vae(out, toy, VaeRecipe(steps=2, batch_size=2)) > 0
+    recipe = PretrainRecipe(steps=2, batch_size=2, pairs=4, eval_pairs=2, sample_steps=2, warmup=1, eval_every=1)
+    changed, _ = build_transformer(out, toy, recipe, tmp_path / "work")
+    assert np.isfinite(changed)
+    record = json.loads((out / RECORD).read_text())
+    assert set(record) == {"start", "vae", "transformer"} and len(record["transformer"]["curve"]) == 1
+    vae = FluxKontextPipeline.from_pretrained(out).vae
+    assert vae.config.shift_factor == record["vae"]["shift_factor"]
+    tokens = FluxKontextPipeline.from_pretrained(out).tokenizer_2("make the red circle blue").input_ids
+    assert len(tokens) == 6  # one piece per word, and the end
+
+
+def test_the_committed_toy_model_performs_its_taught_edits(tmp_path: Path) -> None:
+    """``python -m qflux.toy model`` writes the committed toy, which edits held-out scenes of the taught edits
+    (16 sampling steps): better than copying the control where the edit is, and keeping the rest."""
+
+    main(["model", str(tmp_path / "toy")])
+    toy = FAMILIES["flux_kontext"].toy
+    assert toy is not None and (tmp_path / "toy" / "transformer" / "config.json").exists()
+    assert toy_name(FAMILIES["flux_kontext"]) == "builtin:toy-flux-kontext"
+    assert Path(resolve_model_path("builtin:toy-flux-kontext")).name == "toy-flux-kontext"
+    models = load_flux_kontext(tmp_path / "toy", torch.float32)
+    data, ops = toy.paths(models)
+    root = write_pairs(tmp_path / "held_out", TAUGHT, 8, seed=12345)
+    samples = scan_pairs(root, None, multiple=8, warn=lambda _: None)
+    changed, unchanged = edit_scores(data, ops, samples, {}, steps=16)
+    assert changed > 15 and unchanged > 20
