@@ -28,8 +28,8 @@ from qflux.config.errors import QfluxError
 from qflux.models import FAMILIES
 from qflux.toy.build import RECORD, build_start, build_transformer, build_vae
 from qflux.toy.edits import EDITS, write_pairs, write_scenes
-from qflux.toy.pretraining import PretrainRecipe
-from qflux.toy.vae_training import VaeRecipe
+from qflux.toy.pretraining import PretrainSettings
+from qflux.toy.vae_training import VaeSettings
 from qflux.train.family import ToyModel
 
 
@@ -86,11 +86,11 @@ def build(out_dir: str, family: str = "flux_kontext", seed: int = 0, vae_steps: 
     if "start" not in done:
         build_start(out, toy, seed)
     if "vae" not in done:
-        print(f"toy VAE: held-out reconstruction {build_vae(out, toy, VaeRecipe(steps=vae_steps, seed=seed)):.2f} dB")
+        print(f"toy VAE: held-out reconstruction {build_vae(out, toy, VaeSettings(steps=vae_steps, seed=seed)):.2f} dB")
     if "transformer" not in done:
         with tempfile.TemporaryDirectory(prefix="qflux-toy-") as work:
-            recipe = PretrainRecipe(steps=steps, pairs=pairs, seed=seed)
-            changed, unchanged = build_transformer(out, toy, recipe, Path(work))
+            settings = PretrainSettings(steps=steps, pairs=pairs, seed=seed)
+            changed, unchanged = build_transformer(out, toy, settings, Path(work))
         print(f"toy transformer, taught edits on held-out scenes: psnr_changed {changed:.2f} dB, "
               f"psnr_unchanged {unchanged:.2f} dB")  # fmt: skip
     print(f"toy {family} model in {out} (what each stage cost and measured: {out / RECORD})")

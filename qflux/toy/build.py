@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from qflux.data.pairs import PairSample, scan_pairs
 from qflux.toy.edits import VOCABULARY, write_pairs
-from qflux.toy.pretraining import PretrainRecipe, edit_scores, pretrain
-from qflux.toy.vae_training import VaeRecipe, latent_statistics, reconstruction_psnr, train_vae
+from qflux.toy.pretraining import PretrainSettings, edit_scores, pretrain
+from qflux.toy.vae_training import VaeSettings, latent_statistics, reconstruction_psnr, train_vae
 from qflux.train.family import ToyModel
 from qflux.train.run import image_multiple
 from qflux.weights.loading import load_part
@@ -47,35 +47,38 @@ def build_start(folder: Path, toy: ToyModel, seed: int) -> Path:
     return folder
 
 
-def build_vae(folder: Path, toy: ToyModel, recipe: VaeRecipe) -> float:
+def build_vae(folder: Path, toy: ToyModel, settings: VaeSettings) -> float:
     """Stage 2: train the folder's VAE on scenes, set its ``shift_factor`` / ``scaling_factor`` to the
     latents' mean and 1 / std, save it; returns the held-out reconstruction PSNR (dB)."""
     vae = load_part(toy.files, folder, "vae", torch.float32).requires_grad_(True)
     start = time.perf_counter()
-    train_vae(vae, recipe, progress=partial(tqdm, desc="toy VAE", unit="step"))
+    train_vae(vae, settings, progress=partial(tqdm, desc="toy VAE", unit="step"))
     seconds = time.perf_counter() - start
     vae.requires_grad_(False)
-    mean, std = latent_statistics(vae, seed=recipe.seed + 1, size=recipe.size)
+    mean, std = latent_statistics(vae, seed=settings.seed + 1, size=settings.size)
     vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
     vae.save_pretrained(folder / "vae")
-    held_out = reconstruction_psnr(vae, seed=recipe.seed + 2, size=recipe.size)
-    _record(folder, "vae", {**attrs.asdict(recipe), "seconds": round(seconds), "psnr_held_out": round(held_out, 2),
+    held_out = reconstruction_psnr(vae, seed=settings.seed + 2, size=settings.size)
+    _record(folder, "vae", {**attrs.asdict(settings), "seconds": round(seconds), "psnr_held_out": round(held_out, 2),
                             "shift_factor": mean, "scaling_factor": 1.0 / std})  # fmt: skip
     return held_out
 
 
-def build_transformer(folder: Path, toy: ToyModel, recipe: PretrainRecipe, work: Path) -> tuple[float, float]:
-    """Stage 3: pretrain the folder's transformer on ``recipe.pairs`` pairs of the taught edits (written under
+def build_transformer(folder: Path, toy: ToyModel, settings: PretrainSettings, work: Path) -> tuple[float, float]:
+    """Stage 3: pretrain the folder's transformer on ``settings.pairs`` pairs of the taught edits (written under
     ``work``), save the weights' moving average; returns (psnr_changed, psnr_unchanged) on held-out pairs."""
     models = toy.files.load(folder, torch.float32)
     data, ops = toy.paths(models)
     multiple = image_multiple(folder)
 
     def pairs(name: str, n: int, seed: int) -> list[PairSample]:
-        root = write_pairs(work / name, recipe.edits, n, seed, recipe.size)
+        root = write_pairs(work / name, settings.edits, n, seed, settings.size)
         return scan_pairs(root, None, multiple=multiple, warn=lambda _: None)
 
-    train, held_out = pairs("train", recipe.pairs, recipe.seed), pairs("held_out", recipe.eval_pairs, recipe.seed + 1)
+    train, held_out = (
+        pairs("train", settings.pairs, settings.seed),
+        pairs("held_out", settings.eval_pairs, settings.seed + 1),
+    )
     start, curve, losses = time.perf_counter(), [], []
 
     def log(step: int, loss: float) -> None:
@@ -86,19 +89,19 @@ def build_transformer(folder: Path, toy: ToyModel, recipe: PretrainRecipe, work:
     def measure(step: int, ema: dict[str, torch.Tensor]) -> None:  # the average's scores, the weights kept
         own = {k: v.clone() for k, v in models.transformer.state_dict().items()}
         models.transformer.load_state_dict(ema)
-        changed, unchanged = edit_scores(data, ops, held_out, {}, recipe.sample_steps)
+        changed, unchanged = edit_scores(data, ops, held_out, {}, settings.sample_steps)
         models.transformer.load_state_dict(own)
         seconds = round(time.perf_counter() - start)
         curve.append({"step": step, "seconds": seconds, "psnr_changed": round(changed, 2),
                       "psnr_unchanged": round(unchanged, 2)})  # fmt: skip
         tqdm.write(f"step {step} ({seconds} s): psnr_changed {changed:.2f} dB, psnr_unchanged {unchanged:.2f} dB")
 
-    ema = pretrain(models.transformer, data, ops, train, models.scheduler.config, recipe,
+    ema = pretrain(models.transformer, data, ops, train, models.scheduler.config, settings,
                    progress=partial(tqdm, desc="toy transformer", unit="step"), log=log, every=measure)  # fmt: skip
     seconds = time.perf_counter() - start
     models.transformer.load_state_dict(ema)
     models.transformer.save_pretrained(folder / "transformer")
-    changed, unchanged = edit_scores(data, ops, held_out, {}, recipe.sample_steps)
+    changed, unchanged = edit_scores(data, ops, held_out, {}, settings.sample_steps)
     scores = {"psnr_changed": round(changed, 2), "psnr_unchanged": round(unchanged, 2)}
-    _record(folder, "transformer", {**attrs.asdict(recipe), "seconds": round(seconds), **scores, "curve": curve})
+    _record(folder, "transformer", {**attrs.asdict(settings), "seconds": round(seconds), **scores, "curve": curve})
     return changed, unchanged

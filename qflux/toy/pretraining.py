@@ -32,7 +32,7 @@ Weights = dict[str, torch.Tensor]
 
 
 @attrs.frozen
-class PretrainRecipe:
+class PretrainSettings:
     """How a toy transformer pretrains."""
 
     steps: int = 2400
@@ -53,10 +53,10 @@ class PretrainRecipe:
     edits: tuple[str, ...] = TAUGHT
 
 
-def lr_at(recipe: PretrainRecipe, step: int) -> float:
+def lr_at(settings: PretrainSettings, step: int) -> float:
     """lr(step) = peak · min(1, (step + 1) / warmup) · (0.05 + 0.95 · ½(1 + cos(π · step / steps)))."""
-    warm = min(1.0, (step + 1) / recipe.warmup)
-    return recipe.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / recipe.steps)))
+    warm = min(1.0, (step + 1) / settings.warmup)
+    return settings.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
 
 
 @torch.no_grad()
@@ -79,25 +79,25 @@ def rows(cond: Conditioning, index: torch.Tensor) -> Conditioning:
 
 
 def pretrain(transformer: torch.nn.Module, data: DataPath, ops: ModelOps, samples: Sequence[PairSample],
-             scheduler_config: Any, recipe: PretrainRecipe,
+             scheduler_config: Any, settings: PretrainSettings,
              progress: Callable[[Iterable[int]], Iterable[int]] = iter,
              log: Callable[[int, float], None] = lambda step, loss: None,
              every: Callable[[int, Weights], None] = lambda step, ema: None) -> Weights:  # fmt: skip
     """Train every weight of ``transformer`` on ``samples``; returns the moving average of its weights
-    (its own weights end as the last step's). ``every(step, ema)`` runs each ``recipe.eval_every`` steps."""
+    (its own weights end as the last step's). ``every(step, ema)`` runs each ``settings.eval_every`` steps."""
     cond = encode_all(data, samples)
     transformer.requires_grad_(True).train()
     params = dict(transformer.named_parameters())
     ema = {k: v.detach().clone() for k, v in params.items()}
     loss_fn = ops.make_loss(transformer)
-    opt = torch.optim.AdamW(params.values(), lr=recipe.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
     draws = Draws(weighting_scheme="logit_normal")
-    pick = torch.Generator().manual_seed(recipe.seed)
-    for step in progress(range(recipe.steps)):
+    pick = torch.Generator().manual_seed(settings.seed)
+    for step in progress(range(settings.steps)):
         for group in opt.param_groups:
-            group["lr"] = lr_at(recipe, step)
-        index = torch.randint(len(samples), (recipe.batch_size,), generator=pick)
-        batch = ops.to_batch(prepare(draws, scheduler_config, rows(cond, index), data.empty, (recipe.seed, step)))
+            group["lr"] = lr_at(settings, step)
+        index = torch.randint(len(samples), (settings.batch_size,), generator=pick)
+        batch = ops.to_batch(prepare(draws, scheduler_config, rows(cond, index), data.empty, (settings.seed, step)))
         loss = loss_fn({}, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,9 +105,9 @@ def pretrain(transformer: torch.nn.Module, data: DataPath, ops: ModelOps, sample
         opt.step()
         with torch.no_grad():
             for k, v in params.items():  # ema ← d·ema + (1 − d)·θ
-                ema[k].lerp_(v.detach(), 1 - recipe.ema)
+                ema[k].lerp_(v.detach(), 1 - settings.ema)
         log(step, loss.item())
-        if (step + 1) % recipe.eval_every == 0 and step + 1 < recipe.steps:
+        if (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
             every(step + 1, ema)
     transformer.requires_grad_(False).eval()
     return ema

@@ -35,7 +35,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @attrs.frozen
-class VaeRecipe:
+class VaeSettings:
     """How the toy VAE trains."""
 
     steps: int = 1500
@@ -48,26 +48,26 @@ class VaeRecipe:
     size: int = 64
 
 
-def _lr(recipe: VaeRecipe, step: int) -> float:
+def _lr(settings: VaeSettings, step: int) -> float:
     warm = min(1.0, (step + 1) / 50)
-    cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
-    return recipe.lr * warm * cosine
+    cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+    return settings.lr * warm * cosine
 
 
-def train_vae(vae: Any, recipe: VaeRecipe, progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+def train_vae(vae: Any, settings: VaeSettings, progress: Callable[[Iterable[int]], Iterable[int]] = iter,
               log: Callable[[int, float], None] = lambda step, loss: None) -> None:  # fmt: skip
     """Train ``vae`` (a diffusers VAE: ``encode(x).latent_dist``, ``decode(z).sample``) in place on scenes."""
-    rng = np.random.default_rng(recipe.seed)
-    noise = torch.Generator().manual_seed(recipe.seed)  # the posterior's samples
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
+    rng = np.random.default_rng(settings.seed)
+    noise = torch.Generator().manual_seed(settings.seed)  # the posterior's samples
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
     vae.train()
-    for step in progress(range(recipe.steps)):
+    for step in progress(range(settings.steps)):
         for group in opt.param_groups:
-            group["lr"] = _lr(recipe, step)
-        x = scene_batch(rng, recipe.batch_size, recipe.size)
+            group["lr"] = _lr(settings, step)
+        x = scene_batch(rng, settings.batch_size, settings.size)
         posterior = vae.encode(x).latent_dist
         x_hat = vae.decode(posterior.sample(generator=noise)).sample
-        loss = (x_hat - x).abs().mean() + ((x_hat - x) ** 2).mean() + recipe.kl_weight * posterior.kl().mean()
+        loss = (x_hat - x).abs().mean() + ((x_hat - x) ** 2).mean() + settings.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

@@ -20,8 +20,8 @@ from qflux.models.flux_kontext.loaders import load_flux_kontext
 from qflux.toy.__main__ import main
 from qflux.toy.build import RECORD, build_start, build_transformer, build_vae
 from qflux.toy.edits import EDITS, TAUGHT, VOCABULARY, edited_pair, write_pairs
-from qflux.toy.pretraining import PretrainRecipe, edit_scores
-from qflux.toy.vae_training import VaeRecipe
+from qflux.toy.pretraining import PretrainSettings, edit_scores
+from qflux.toy.vae_training import VaeSettings
 from qflux.toy.world import Scene, fits, random_scene, render
 from qflux.train.builtin import resolve_model_path
 from qflux.train.family import toy_name
@@ -100,9 +100,9 @@ def test_the_build_stages_write_a_folder_the_pipeline_loads(tmp_path: Path) -> N
     toy = FAMILIES["flux_kontext"].toy
     assert toy is not None
     out = build_start(tmp_path / "toy", toy, seed=0)
-    assert build_vae(out, toy, VaeRecipe(steps=2, batch_size=2)) > 0
-    recipe = PretrainRecipe(steps=2, batch_size=2, pairs=4, eval_pairs=2, sample_steps=2, warmup=1, eval_every=1)
-    changed, _ = build_transformer(out, toy, recipe, tmp_path / "work")
+    assert build_vae(out, toy, VaeSettings(steps=2, batch_size=2)) > 0
+    settings = PretrainSettings(steps=2, batch_size=2, pairs=4, eval_pairs=2, sample_steps=2, warmup=1, eval_every=1)
+    changed, _ = build_transformer(out, toy, settings, tmp_path / "work")
     assert np.isfinite(changed)
     record = json.loads((out / RECORD).read_text())
     assert set(record) == {"start", "vae", "transformer"} and len(record["transformer"]["curve"]) == 1
