@@ -5,12 +5,13 @@
   (``control_images/``, ``training_images/`` with the instructions, ``pairs.json``); the edits are
   :data:`qflux.toy.edits.EDITS`.
 
-- ``build OUT_DIR [--family=flux_kontext] [--seed=0] [--vae_steps=2000] [--steps=2400] [--pairs=6000]``: a
+- ``build OUT_DIR [--family=F] [--seed=0] [--vae_steps=2000] [--steps=2400] [--pairs=6000]``: a
   family's toy model built from scratch on the world, in three stages (the random start, the VAE, the
   transformer; :mod:`qflux.toy.build`), with ``toy_build.json`` saying what each cost and measured.
   ``--resume`` goes on from the last stage the folder finished.
 
-- ``model OUT_DIR [--family=flux_kontext]``: the committed toy model (``builtin:toy-flux-kontext`` names it).
+- ``model OUT_DIR [--family=F]``: the committed toy model (``builtin:toy-flux-kontext`` names it). F is a family
+  with a toy model; with one such family (today flux_kontext), it is the default.
 
 A folder that already holds files is refused (``build --resume`` excepted): nothing a user made is overwritten.
 """
@@ -63,21 +64,23 @@ def pairs(out_dir: str, edit: str | tuple[str, ...] = "recolour", n: int = 16, s
     print(f"wrote {n} pairs ({', '.join(names)}) of {size}×{size} px to {out}")
 
 
-def _toy(family: str) -> ToyModel:
-    toy = FAMILIES[family].toy if family in FAMILIES else None
+def _toy(family: str | None) -> ToyModel:
+    """The named family's toy model; with no name, the only family that has one."""
+    have = [name for name, f in FAMILIES.items() if f.toy is not None]
+    name = have[0] if family is None and len(have) == 1 else family
+    toy = FAMILIES[name].toy if name is not None and name in FAMILIES else None
     if toy is None:
-        have = [name for name, f in FAMILIES.items() if f.toy is not None]
         raise QfluxError(f"--family: {family!r} has no toy model; choose from {', '.join(have)}")
     return toy
 
 
-def model(out_dir: str, family: str = "flux_kontext") -> None:
+def model(out_dir: str, family: str | None = None) -> None:
     """Write FAMILY's committed toy model (a diffusers folder) to OUT_DIR."""
     out = _toy(family).write(_fresh(out_dir))
-    print(f"wrote the toy {family} model to {out}")
+    print(f"wrote the toy model to {out}")
 
 
-def build(out_dir: str, family: str = "flux_kontext", seed: int = 0, vae_steps: int = 2000, steps: int = 2400,
+def build(out_dir: str, family: str | None = None, seed: int = 0, vae_steps: int = 2000, steps: int = 2400,
           pairs: int = 6000, resume: bool = False) -> None:  # fmt: skip
     """Build FAMILY's toy model in OUT_DIR from scratch (seeded); --resume skips the stages already done."""
     toy = _toy(family)
@@ -93,7 +96,7 @@ def build(out_dir: str, family: str = "flux_kontext", seed: int = 0, vae_steps: 
             changed, unchanged = build_transformer(out, toy, settings, Path(work))
         print(f"toy transformer, taught edits on held-out scenes: psnr_changed {changed:.2f} dB, "
               f"psnr_unchanged {unchanged:.2f} dB")  # fmt: skip
-    print(f"toy {family} model in {out} (what each stage cost and measured: {out / RECORD})")
+    print(f"toy model in {out} (what each stage cost and measured: {out / RECORD})")
 
 
 def main(argv: list[str] | None = None) -> None:
