@@ -12,7 +12,6 @@ prompt embeddings), then each step draws a batch of them, its noise and σ from 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from qflux.data.images import to_image
 from qflux.data.pairs import PairSample
 from qflux.toy.edits import TAUGHT
+from qflux.toy.vae_training import toy_lr
 from qflux.train.batch import Conditioning, DataPath, Draws, prepare
 from qflux.train.run import ModelOps
 from qflux.train.validation import edit_metrics, edit_reference
@@ -38,7 +38,7 @@ class PretrainSettings:
     steps: int = 2400
     batch_size: int = 32
     lr: float = 5e-4
-    """Peak AdamW learning rate: linear warm-up over ``warmup`` steps, then cosine to 5% of it."""
+    """Peak AdamW learning rate: linear warm-up over ``warmup`` steps, then cosine to 5% of it (:func:`toy_lr`)."""
     warmup: int = 100
     ema: float = 0.995
     """Decay of the weights' moving average (saved and measured)."""
@@ -51,12 +51,6 @@ class PretrainSettings:
     seed: int = 0
     size: int = 64
     edits: tuple[str, ...] = TAUGHT
-
-
-def lr_at(settings: PretrainSettings, step: int) -> float:
-    """lr(step) = peak · min(1, (step + 1) / warmup) · (0.05 + 0.95 · ½(1 + cos(π · step / steps)))."""
-    warm = min(1.0, (step + 1) / settings.warmup)
-    return settings.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
 
 
 @torch.no_grad()
@@ -95,7 +89,7 @@ def pretrain(transformer: torch.nn.Module, data: DataPath, ops: ModelOps, sample
     pick = torch.Generator().manual_seed(settings.seed)
     for step in progress(range(settings.steps)):
         for group in opt.param_groups:
-            group["lr"] = lr_at(settings, step)
+            group["lr"] = toy_lr(settings.lr, step, settings.steps, settings.warmup)
         index = torch.randint(len(samples), (settings.batch_size,), generator=pick)
         batch = ops.to_batch(prepare(draws, scheduler_config, rows(cond, index), data.empty, (settings.seed, step)))
         loss = loss_fn({}, batch)

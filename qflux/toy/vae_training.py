@@ -11,7 +11,6 @@ makes the VAE, this trains it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +18,8 @@ import attrs
 import numpy as np
 import torch
 
+from qflux.data.masks import region_psnr
+from qflux.optim.schedules import lr_multiplier
 from qflux.toy.world import random_scene, render
 
 
@@ -29,9 +30,10 @@ def scene_batch(rng: np.random.Generator, n: int, size: int) -> torch.Tensor:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [−1, 1] (peak-to-peak 2): 10·log10(4 / mean (a − b)²)."""
-    mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean())
-    return 10 * math.log10(4 / max(mse, 1e-12))
+    """PSNR in dB of image batches [n, 3, H, W] in [−1, 1] over every pixel (:func:`qflux.data.masks.region_psnr`
+    of the images in [0, 1], laid side by side)."""
+    pred, ref = (((x.clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3).flatten(1, 2) for x in (a, b))  # [3, n·H, W]
+    return float(region_psnr(pred, ref, torch.ones_like(ref[:1])))
 
 
 @attrs.frozen
@@ -48,10 +50,11 @@ class VaeSettings:
     size: int = 64
 
 
-def _lr(settings: VaeSettings, step: int) -> float:
-    warm = min(1.0, (step + 1) / 50)
-    cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
-    return settings.lr * warm * cosine
+def toy_lr(peak: float, step: int, steps: int, warmup: int) -> float:
+    """The toy trainers' schedule: lr(step) = peak · min(1, (step + 1) / warmup) · (0.05 + 0.95 · c(step)), with c the
+    half-cosine from 1 to 0 over ``steps`` (:func:`qflux.optim.schedules.lr_multiplier`)."""
+    cosine = lr_multiplier(step, kind="cosine", warmup_steps=0, total_steps=steps)
+    return peak * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * cosine)
 
 
 def train_vae(vae: Any, settings: VaeSettings, progress: Callable[[Iterable[int]], Iterable[int]] = iter,
@@ -63,7 +66,7 @@ def train_vae(vae: Any, settings: VaeSettings, progress: Callable[[Iterable[int]
     vae.train()
     for step in progress(range(settings.steps)):
         for group in opt.param_groups:
-            group["lr"] = _lr(settings, step)
+            group["lr"] = toy_lr(settings.lr, step, settings.steps, warmup=50)
         x = scene_batch(rng, settings.batch_size, settings.size)
         posterior = vae.encode(x).latent_dist
         x_hat = vae.decode(posterior.sample(generator=noise)).sample

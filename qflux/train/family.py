@@ -24,8 +24,9 @@ if TYPE_CHECKING:  # run.py imports this module: the records are named for the t
 
 @attrs.frozen
 class ToyModel:
-    """How ``python -m qflux.toy`` builds a family's toy model (:mod:`qflux.toy`): the random start, and the
-    component files its stages load and save."""
+    """How ``python -m qflux.toy`` builds and writes a family's toy model (:mod:`qflux.toy`): the random start,
+    the component table its stages load with, the data path and functions pretraining uses, and the committed
+    folder."""
 
     start: Callable[[Path, Sequence[str], int], Path]
     """``start(folder, words, seed)`` writes the untrained model; ``words`` are the toy grammar's."""
