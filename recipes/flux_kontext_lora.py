@@ -29,7 +29,7 @@ from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.flux_kontext import FAMILY
 from qflux.models.flux_kontext import cache as kcache
 from qflux.models.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
-from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_decode
+from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, text_length, vae_decode
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import FluxKontextModels, load_flux_kontext
 from qflux.models.flux_kontext.loss import make_loss_fn
@@ -88,7 +88,7 @@ def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPa
         data = cached_data(_cache(cfg, run.model_dir), run, cfg.cache.cache_dir, load_encoders)
         return _load(cfg, run.model_dir, ("transformer",), run), data
     models = _load(cfg, run.model_dir, ("transformer", *FAMILY.encoders), run)
-    seq = cfg.model.max_sequence_length
+    seq = text_length(cfg.model.max_sequence_length, run.model_dir)
     empty = text_tensors(encode_prompt_with(models, [""], seq))
     encode = with_mask(partial(encode_conditioning, models, max_sequence_length=seq))
     return models, DataPath(pair_dataset(cfg, run.model_dir), collate_pairs, encode, empty)
@@ -96,7 +96,8 @@ def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPa
 
 def _cache(cfg: FluxKontextConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
-    spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length, cfg.train.loss_mask)
+    seq = text_length(cfg.model.max_sequence_length, path)
+    spec = kcache.cache_spec(path, cfg.model.dtype, seq, cfg.train.loss_mask)
     root = Path(cfg.cache.cache_dir)
     return module_cache(
         kcache, spec, root, cached_conditioning, lambda: text_tensors(kcache.read_empty_prompt(spec, root))
@@ -159,14 +160,17 @@ def predict(image: str, prompt: str, out: str = "edited.png", lora: str | None =
         seed=seed,
         negative_prompt=negative_prompt,
         true_cfg_scale=true_cfg_scale,
-        max_sequence_length=cfg.model.max_sequence_length,
+        max_sequence_length=text_length(cfg.model.max_sequence_length, path),
     )
     save_image(result, out)
 
 
 def _plan_target(cfg: FluxKontextConfig) -> PlanTarget:
+    """The plan's model, components and prompt length (a local folder's tokenizer's, else FLUX.1's 512)."""
+    named = Path(cfg.model.pretrained_model_name_or_path)
+    seq = text_length(cfg.model.max_sequence_length, named if named.is_dir() else None)
     return PlanTarget(plan_model(cfg.model.guidance_scale), FAMILY.pipeline, ("transformer", *FAMILY.encoders), 1,
-                      lambda configs, n: cfg.model.max_sequence_length)  # fmt: skip
+                      lambda configs, n: seq)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,12 +11,25 @@ import torch
 from qflux.data.dataset import PairDataset, collate_pairs
 from qflux.data.pairs import PairSample
 from qflux.models.flux_kontext.batch import assemble_batch, encode_conditioning
-from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with
+from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, text_length
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import FluxKontextModels
 from qflux.models.flux_kontext.loss import FluxKontextBatch
 from qflux.train.batch import Conditioning, Draws
 from qflux.train.batch import eval_batches as shared_eval_batches
+from qflux.train.builtin import resolve_model_path
+
+TINY = ("--model.pretrained_model_name_or_path=builtin:tiny-flux-kontext", "--data.dataset_path=builtin:synthetic")
+"""The tiny random FLUX.1 Kontext and the synthetic set, as command-line options: what the tests that are not
+about the toy model run on (the FLUX.1 recipe's defaults are the toy model and its invert pairs)."""
+
+
+def tiny_args(recipe: Any, data: bool = True) -> list[str]:
+    """:data:`TINY` for the FLUX.1 Kontext recipe (without the dataset when ``data`` is false); nothing for the
+    others, whose defaults are their tiny models."""
+    if not recipe.__name__.endswith("flux_kontext_lora"):
+        return []
+    return list(TINY) if data else list(TINY[:1])
 
 
 def build_batch(
@@ -65,7 +78,7 @@ def fixed_eval_batches(
     """:func:`eval_batches` of ``samples`` encoded with ``models`` (one at a time), with the
     configuration's draws and sequence length."""
     dataset = PairDataset(samples)
-    seq = cfg.model.max_sequence_length
+    seq = text_length(cfg.model.max_sequence_length, resolve_model_path(cfg.model.pretrained_model_name_or_path))
     empty = encode_prompt_with(models, [""], seq)
     conds = [encode_conditioning(models, collate_pairs([dataset[i]]), seq) for i in range(len(samples))]
     draws = Draws.from_config(cfg.data, cfg.train)

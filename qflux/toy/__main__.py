@@ -7,7 +7,8 @@
 
 - ``build OUT_DIR [--family=F] [--seed=0] [--vae_steps=2000] [--steps=2400] [--pairs=6000]``: a
   family's toy model built from scratch on the world, in three stages (the random start, the VAE, the
-  transformer; :mod:`qflux.toy.build`), with ``toy_build.json`` saying what each cost and measured.
+  transformer; :mod:`qflux.toy.build`), its weights then stored in bf16 (what is committed), with
+  ``toy_build.json`` saying what each stage cost and measured.
   ``--resume`` goes on from the last stage the folder finished.
 
 - ``model OUT_DIR [--family=F]``: the committed toy model (``builtin:toy-flux-kontext`` names it). F is a family
@@ -22,16 +23,16 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fire
 
 from qflux.config.errors import QfluxError
-from qflux.models import FAMILIES
-from qflux.toy.build import RECORD, build_start, build_transformer, build_vae
 from qflux.toy.edits import EDITS, write_pairs, write_scenes
-from qflux.toy.pretraining import PretrainSettings
-from qflux.toy.vae_training import VaeSettings
-from qflux.train.family import ToyModel
+from qflux.train.console import quiet_known_warnings
+
+if TYPE_CHECKING:
+    from qflux.train.family import ToyModel
 
 
 def _fresh(out_dir: str) -> Path:
@@ -66,6 +67,9 @@ def pairs(out_dir: str, edit: str | tuple[str, ...] = "recolour", n: int = 16, s
 
 def _toy(family: str | None) -> ToyModel:
     """The named family's toy model; with no name, the only family that has one."""
+    quiet_known_warnings()  # the model families import diffusers (which imports torchao when it is installed)
+    from qflux.models import FAMILIES  # deferred: only the model commands need the families
+
     have = [name for name, f in FAMILIES.items() if f.toy is not None]
     name = have[0] if family is None and len(have) == 1 else family
     toy = FAMILIES[name].toy if name is not None and name in FAMILIES else None
@@ -84,6 +88,10 @@ def build(out_dir: str, family: str | None = None, seed: int = 0, vae_steps: int
           pairs: int = 6000, resume: bool = False) -> None:  # fmt: skip
     """Build FAMILY's toy model in OUT_DIR from scratch (seeded); --resume skips the stages already done."""
     toy = _toy(family)
+    from qflux.toy.build import RECORD, build_start, build_transformer, build_vae, store  # deferred: heavy
+    from qflux.toy.pretraining import PretrainSettings
+    from qflux.toy.vae_training import VaeSettings
+
     out = Path(out_dir) if resume else _fresh(out_dir)
     done = json.loads((out / RECORD).read_text()) if (out / RECORD).exists() else {}
     if "start" not in done:
@@ -96,6 +104,8 @@ def build(out_dir: str, family: str | None = None, seed: int = 0, vae_steps: int
             changed, unchanged = build_transformer(out, toy, settings, Path(work))
         print(f"toy transformer, taught edits on held-out scenes: psnr_changed {changed:.2f} dB, "
               f"psnr_unchanged {unchanged:.2f} dB")  # fmt: skip
+    if "stored" not in done:
+        store(out)
     print(f"toy model in {out} (what each stage cost and measured: {out / RECORD})")
 
 

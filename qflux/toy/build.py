@@ -4,7 +4,8 @@
    word of the grammar (:data:`qflux.toy.edits.VOCABULARY`);
 2. ``vae``: the VAE trained to reconstruct scenes (:mod:`qflux.toy.vae_training`), its latent statistics
    written to its config;
-3. ``pretrain``: the transformer trained from scratch on the taught edits (:mod:`qflux.toy.pretraining`).
+3. ``pretrain``: the transformer trained from scratch on the taught edits (:mod:`qflux.toy.pretraining`);
+4. ``stored``: every weight file rewritten in bf16, which is what is committed (half the bytes).
 
 Each stage is seeded and writes ``toy_build.json`` beside the model: what ran, its cost and its measures.
 """
@@ -105,3 +106,20 @@ def build_transformer(folder: Path, toy: ToyModel, settings: PretrainSettings, w
     scores = {"psnr_changed": round(changed, 2), "psnr_unchanged": round(unchanged, 2)}
     _record(folder, "transformer", {**attrs.asdict(settings), "seconds": round(seconds), **scores, "curve": curve})
     return changed, unchanged
+
+
+def store(folder: Path, dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """Stage 4: rewrite the folder's weight files with their floating-point tensors in ``dtype`` (the configs
+    stay; loaders cast to the run's dtype); returns the files."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(folder.rglob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata=metadata)
+    _record(folder, "stored", {"dtype": str(dtype).removeprefix("torch."),
+                               "bytes": sum(p.stat().st_size for p in files)})  # fmt: skip
+    return files

@@ -7,12 +7,14 @@ scene, instruction), and the writers of scenes and of (control, target, instruct
 | ``remove`` | remove the red circle | one shape, gone |
 | ``move`` | move the red circle left | one shape, a quarter of the image over |
 | ``background`` | turn the background gray | every background pixel |
-| ``grow`` | make the red circle bigger | one shape, 1.5× |
-| ``shrink`` | make the red circle smaller | one shape, 1/1.5× |
+| ``grow`` | make the red circle bigger | one shape, 2× |
+| ``shrink`` | make the red circle smaller | one shape, ½× |
 | ``mirror`` | mirror the picture | every shape, flipped left to right |
+| ``darken`` | make the red circle darker | one bright shape, drawn dark (RGB × ½) |
+| ``invert`` | invert the picture | every pixel, c → 255 − c |
 
-The toy models are taught :data:`TAUGHT`; the others are left for LoRAs to learn (local: grow, shrink;
-global: mirror). A user's own edit needs only scenes (:func:`write_scenes` and its ``scenes.json``).
+The toy models are taught :data:`TAUGHT`; the others are left for LoRAs to learn (local: grow, shrink,
+darken; global: mirror, invert). A user's own edit needs only scenes (:func:`write_scenes` and its ``scenes.json``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from qflux.toy.world import BACKGROUNDS, KINDS, SHAPE_COLOURS, Scene, Shape, fits, random_scene, render
+from qflux.toy.world import BACKGROUNDS, DARK, KINDS, SHAPE_COLOURS, Scene, Shape, fits, random_scene, render
 
 Edit = Callable[[Scene, np.random.Generator], "tuple[Scene, str] | None"]
 """(scene, rng) → (edited scene, instruction), or None where the edit does not apply to the scene."""
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-GROW = 1.5
+GROW = 2.0
 
 
 def _pick(scene: Scene, rng: np.random.Generator) -> int | None:
@@ -110,6 +112,21 @@ def mirror(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str] | None:
     return attrs.evolve(scene, shapes=shapes), "mirror the picture"
 
 
+def darken(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str] | None:
+    """ "make the red circle darker": a shape of full shade drawn dark (its colour's RGB × :data:`DARK`)."""
+    bright = [i for i, s in enumerate(scene.shapes) if s.shade == 1.0]
+    if not bright:
+        return None
+    i = bright[int(rng.integers(len(bright)))]
+    s = scene.shapes[i]
+    return _replace(scene, i, attrs.evolve(s, shade=DARK)), f"make the {s.name} darker"
+
+
+def invert(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str] | None:
+    """ "invert the picture": its negative, every channel c → 255 − c."""
+    return attrs.evolve(scene, inverted=not scene.inverted), "invert the picture"
+
+
 EDITS: dict[str, Edit] = {
     "recolour": recolour,
     "remove": remove,
@@ -118,12 +135,15 @@ EDITS: dict[str, Edit] = {
     "grow": _scaled(GROW, "bigger"),
     "shrink": _scaled(1 / GROW, "smaller"),
     "mirror": mirror,
+    "darken": darken,
+    "invert": invert,
 }
 """Every edit by name."""
 TAUGHT = ("recolour", "remove", "move", "background")
 """The edits the toy models are pretrained on."""
 VOCABULARY = sorted(
-    {"make", "the", "remove", "move", "turn", "background", "bigger", "smaller", "mirror", "picture"}
+    {"make", "the", "remove", "move", "turn", "background", "bigger", "smaller", "mirror", "picture",
+     "darker", "invert"}
     | set(SHAPE_COLOURS) | set(BACKGROUNDS) | set(KINDS) | set(DIRECTIONS)
 )  # fmt: skip
 """Every word an instruction uses (the toy tokenizers' vocabulary)."""

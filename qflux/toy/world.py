@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import attrs
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -35,18 +35,33 @@ KINDS = ("circle", "square", "triangle")
 """The shapes."""
 SUPERSAMPLE = 4
 """Shapes are drawn at this multiple of the scene size, then box-filtered down."""
+SIZES = (0.08, 0.28)
+"""The range of a random shape's half-size, as a fraction of the scene's size (5 to 18 px at 64 px), wide
+enough that a shape twice or half as big is still one the models have seen."""
+DARK = 0.5
+"""The shade of a dark shape (its colour's RGB × 0.5); a random shape is dark with probability
+:data:`DARK_SHARE`, so the models have seen dark shapes of every colour."""
+DARK_SHARE = 0.25
 
 
 @attrs.frozen
 class Shape:
     """One flat shape: ``kind`` in :data:`KINDS`, ``colour`` in :data:`SHAPE_COLOURS`, centre (x, y) and
-    half-size ``r`` in pixels (a circle's radius, half a square's side, a triangle's circumradius)."""
+    half-size ``r`` in pixels (a circle's radius, half a square's side, a triangle's circumradius), and
+    ``shade``, the factor its colour's RGB is drawn at (1: as named; the ``darken`` edit halves it)."""
 
     kind: str
     colour: str
     x: float
     y: float
     r: float
+    shade: float = 1.0
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        """The colour it is drawn in: its named colour's RGB × ``shade``."""
+        r, g, b = (round(c * self.shade) for c in SHAPE_COLOURS[self.colour])
+        return r, g, b
 
     @property
     def name(self) -> str:
@@ -56,11 +71,13 @@ class Shape:
 
 @attrs.frozen
 class Scene:
-    """A background colour (:data:`BACKGROUNDS`) and shapes drawn in order, on a ``size`` × ``size`` image."""
+    """A background colour (:data:`BACKGROUNDS`) and shapes drawn in order, on a ``size`` × ``size`` image;
+    ``inverted`` draws the picture's negative (every channel c → 255 − c)."""
 
     background: str
     shapes: tuple[Shape, ...]
     size: int = 64
+    inverted: bool = False
 
     def find(self, name: str) -> int:
         """The index of the shape called ``name`` ("red circle")."""
@@ -74,7 +91,7 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
         x, y, r = s.x * k, s.y * k, s.r * k
-        fill = SHAPE_COLOURS[s.colour]
+        fill = s.rgb
         if s.kind == "circle":
             draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
         elif s.kind == "square":
@@ -82,7 +99,8 @@ def render(scene: Scene) -> Image.Image:
         else:  # an upright equilateral triangle inscribed in the circle of radius r
             h = r * np.sqrt(3) / 2
             draw.polygon([(x, y - r), (x + h, y + r / 2), (x - h, y + r / 2)], fill=fill)
-    return img.resize((scene.size, scene.size), Image.Resampling.BOX)
+    img = img.resize((scene.size, scene.size), Image.Resampling.BOX)
+    return ImageOps.invert(img) if scene.inverted else img
 
 
 def fits(shape: Shape, others: tuple[Shape, ...], size: int, gap: float = 2.0) -> bool:
@@ -97,8 +115,9 @@ def random_shape(rng: np.random.Generator, size: int, taken: tuple[Shape, ...]) 
     free = [(c, k) for c in SHAPE_COLOURS for k in KINDS if f"{c} {k}" not in names]
     for _ in range(50):
         colour, kind = free[int(rng.integers(len(free)))]
-        r = float(rng.uniform(0.1, 0.18) * size)
-        shape = Shape(kind, colour, float(rng.uniform(r + 1, size - r - 1)), float(rng.uniform(r + 1, size - r - 1)), r)
+        r = float(rng.uniform(*SIZES) * size)
+        x, y = (float(rng.uniform(r + 1, size - r - 1)) for _ in range(2))
+        shape = Shape(kind, colour, x, y, r, DARK if rng.random() < DARK_SHARE else 1.0)
         if fits(shape, taken, size):
             return shape
     return None

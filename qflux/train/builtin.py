@@ -1,4 +1,6 @@
-"""The built-in demo assets: the tiny model and the synthetic dataset, made once and reused.
+"""The built-in assets: models and datasets qflux makes itself, offline, under ``builtin:`` names, made once
+and reused. The model families register their models (``qflux/models/<family>/``), :mod:`qflux.toy` its
+datasets (``builtin:toy-<edit>``); ``builtin:synthetic`` is here.
 
 They live under ``$QFLUX_HOME`` (default ``~/.cache/qflux``) and are built into a temporary
 folder that is renamed into place, so an interrupted build never leaves a half-written folder.
@@ -74,7 +76,7 @@ def resolve_model_path(name_or_path: str, variant: str | None = None) -> str:
     Raises:
         QfluxError: a ``builtin:`` name no model family registered.
     """
-    if not name_or_path.startswith("builtin:") or name_or_path == BUILTIN_SYNTHETIC_DATASET:
+    if not name_or_path.startswith("builtin:") or name_or_path in BUILTIN_DATASETS:
         return name_or_path
     model = BUILTIN_MODELS.get(name_or_path)
     if model is None:
@@ -82,11 +84,41 @@ def resolve_model_path(name_or_path: str, variant: str | None = None) -> str:
     return str(_build_once(model.folder(variant), lambda p: model.build(p, variant)))
 
 
-def resolve_dataset_path(path: str, *, heldout: bool = False) -> Path:
-    """Map ``builtin:synthetic`` to the synthetic training set (or its held-out set); others pass through."""
-    if path != BUILTIN_SYNTHETIC_DATASET:
-        return Path(path)
+@attrs.frozen
+class BuiltinDataset:
+    """A dataset qflux writes itself, offline, under a ``builtin:`` name: a training set and a held-out set
+    (validation's default when training on it)."""
 
-    if heldout:
-        return _build_once("synthetic-heldout", lambda p: make_synthetic_pairs(p, SYNTHETIC_HELDOUT, seed=1))
-    return _build_once("synthetic-train", lambda p: make_synthetic_pairs(p, SYNTHETIC_TRAIN, seed=0))
+    folder: str
+    """Its folders' name under ``$QFLUX_HOME`` (``<folder>-train``, ``<folder>-heldout``)."""
+    build: Callable[[Path, bool], object]
+    """``build(folder, heldout)`` writes the training set, or with ``heldout`` the held-out one."""
+
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    BUILTIN_SYNTHETIC_DATASET: BuiltinDataset(
+        "synthetic", lambda p, heldout: make_synthetic_pairs(p, SYNTHETIC_HELDOUT if heldout else SYNTHETIC_TRAIN,
+                                                             seed=int(heldout))
+    )
+}  # fmt: skip
+"""``builtin:<name>`` → its dataset (:mod:`qflux.toy` adds the toy world's, one per edit)."""
+
+
+def register_builtin_dataset(name: str, dataset: BuiltinDataset) -> None:
+    """Make ``name`` (``builtin:...``) resolve to ``dataset``."""
+    BUILTIN_DATASETS[name] = dataset
+
+
+def resolve_dataset_path(path: str, *, heldout: bool = False) -> Path:
+    """A registered ``builtin:`` dataset as its written training (or held-out) folder; other paths pass through.
+
+    Raises:
+        QfluxError: a ``builtin:`` name no one registered.
+    """
+    if not path.startswith("builtin:"):
+        return Path(path)
+    dataset = BUILTIN_DATASETS.get(path)
+    if dataset is None:
+        raise QfluxError(f"data.dataset_path: unknown built-in dataset '{path}'; the built-in datasets are "
+                         f"{', '.join(sorted(BUILTIN_DATASETS))}, or name a folder of pairs")  # fmt: skip
+    return _build_once(f"{dataset.folder}-{'heldout' if heldout else 'train'}", lambda p: dataset.build(p, heldout))

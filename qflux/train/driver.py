@@ -42,7 +42,7 @@ from qflux.train.start import announce, attach_lora, build_step, first_state, st
 from qflux.train.state import LossFn, unreached_adapters
 from qflux.train.summary import LOSS_WINDOW, comfyui_note, end_block, unreached_text
 from qflux.train.tracking import Tracker, open_tracker
-from qflux.train.validation import make_validator
+from qflux.train.validation import edit_metrics, edit_reference, make_validator
 from qflux.weights.dtypes import torch_dtype
 
 Render = Callable[[Sequence[Conditioning], Sequence[Mapping[str, torch.Tensor]]], list[np.ndarray]]
@@ -220,18 +220,21 @@ def finish(
             if run.world.is_main else []
         )  # fmt: skip
         lora_path = written[0] if written else lora_path
+        edit = None
         if cfg.logging.write_sample:
             cond = data.to_conditioning(data.collate([data.make_dataset(run.samples[:1])[0]]))
             before, after = renderer(cfg, ops)([cond, cond], [lora0, state.train.lora])
             if run.world.is_main:
                 written.append(_save_sample(run.samples[0], before, after, run.output / "sample.png"))
+                ref = edit_reference(run.samples[0])
+                edit = (edit_metrics(before, ref), edit_metrics(after, ref))
         barrier(run.world)
         logs = run.output / cfg.logging.logging_dir if cfg.logging.report_to == "tensorboard" else None
         lo = cfg.model.lora
         drops = comfy_drops(sorted({module_of(k) for k in lora0}), ops.naming)
         note = comfyui_note(lo.kind, lo.lora_alpha / lo.r, drops) if cfg.train.lora_format != "comfyui" else None
         print(end_block(written, losses=state.losses, checkpoint=latest_checkpoint(run.output), logs=logs,
-                        lycoris=cfg.model.lora.kind in LYCORIS, comfyui=note))  # fmt: skip
+                        lycoris=cfg.model.lora.kind in LYCORIS, comfyui=note, edit=edit))  # fmt: skip
     return RunResult(cfg, state.train, dict(lora0), list(state.losses), seconds, models, lora_path, interrupted)
 
 

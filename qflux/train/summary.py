@@ -8,6 +8,7 @@ the loss as the same mean the progress bar shows.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -162,6 +163,20 @@ def comfyui_note(kind: str, scale: float, drops: Sequence[str]) -> str | None:
     )
 
 
+def sample_line(before: tuple[float, float], after: tuple[float, float]) -> str:
+    """``sample.png: edit PSNR 8.1 dB before → 17.9 dB after where the pair changes (31.0 → 33.2 dB where it
+    does not)``, from (psnr_changed, psnr_unchanged) of the base model and of the LoRA; a region the pair does
+    not have (an all-changed edit has no unchanged pixels) is left out."""
+
+    def db(x: float) -> str:
+        return f"{x:.1f} dB" if math.isfinite(x) else "n/a"
+
+    line = f"sample.png: edit PSNR {db(before[0])} before → {db(after[0])} after where the pair changes"
+    if math.isfinite(before[1]) and math.isfinite(after[1]):
+        line += f" ({db(before[1])} → {db(after[1])} where it does not)"
+    return line
+
+
 def end_block(
     written: Sequence[Path],
     *,
@@ -170,9 +185,10 @@ def end_block(
     logs: Path | None,
     lycoris: bool = False,
     comfyui: str | None = None,
+    edit: tuple[tuple[float, float], tuple[float, float]] | None = None,
 ) -> str:
     """The lines printed when a run finishes (``lycoris``: the LoRA files are LoKr / LoHa; ``comfyui``:
-    :func:`comfyui_note`'s line)."""
+    :func:`comfyui_note`'s line; ``edit``: sample.png's (psnr_changed, psnr_unchanged) before and after)."""
     lines = []
     if losses:
         n = min(LOSS_WINDOW, len(losses))
@@ -180,6 +196,8 @@ def end_block(
             f"done: {len(losses)} steps; loss (mean of {n} steps, as the progress bar) "
             f"{mean_loss(losses, n, first=True):.4f} at the start → {mean_loss(losses, n):.4f} at the end"
         )
+    if edit is not None:
+        lines.append(sample_line(*edit))
     lines.append("wrote:")
     width = max((len(str(p)) for p in written), default=0)
     uses = {**FOR_APP, **FOR_APP_LYCORIS} if lycoris else FOR_APP

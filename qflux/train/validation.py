@@ -25,7 +25,7 @@ from qflux.data.images import load_rgb, load_sized, to_pil
 from qflux.data.masks import edit_psnr
 from qflux.data.pairs import PairRule, PairSample, fit_size, scan_pairs
 from qflux.train.batch import Conditioning, DataPath, Draws, Prepared, eval_batches, prepare
-from qflux.train.builtin import BUILTIN_SYNTHETIC_DATASET, resolve_dataset_path
+from qflux.train.builtin import BUILTIN_DATASETS, resolve_dataset_path
 from qflux.train.loop import LoopState
 from qflux.train.plots import save_image_grid
 from qflux.train.state import LossFn, evaluate_loss
@@ -76,8 +76,8 @@ def validation_set(
         return ValidationSet(samples, has_target)
     if cfg.dataset_path is not None:
         root = Path(cfg.dataset_path)
-    elif train_dataset_path == BUILTIN_SYNTHETIC_DATASET:
-        root = resolve_dataset_path(BUILTIN_SYNTHETIC_DATASET, heldout=True)
+    elif train_dataset_path in BUILTIN_DATASETS:  # a built-in dataset's own held-out set
+        root = resolve_dataset_path(train_dataset_path, heldout=True)
     else:
         raise QfluxError(
             "validation.enabled is true but there are no validation samples: set validation.dataset_path to a "

@@ -52,9 +52,10 @@ def clip_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def t5_tokenizer(words: Sequence[str] = ()) -> Any:
+def t5_tokenizer(words: Sequence[str] = (), model_max_length: int = 512) -> Any:
     """A unigram T5 tokenizer over single characters and a few words, built in code; each of ``words``
-    (a toy world's vocabulary) is one whole-word piece, preferred to spelling it out."""
+    (a toy world's vocabulary) is one whole-word piece, preferred to spelling it out. ``model_max_length``
+    is the prompt length its model is trained at (FLUX.1: 512)."""
     # deferred: transformers is a heavy import
     from transformers import T5Tokenizer
 
@@ -64,7 +65,7 @@ def t5_tokenizer(words: Sequence[str] = ()) -> Any:
     pieces += [(c, -5.0) for c in _ALPHABET]
     pieces += [("▁" + c, -4.0) for c in _ALPHABET]
     pieces += [("▁" + w, -1.0) for w in words if "▁" + w not in common]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
 Overrides = Mapping[str, Any]

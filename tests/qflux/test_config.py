@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_the_builtin_demo() -> None:
-    cfg = load_config(FluxKontextConfig, None, {})
-    assert cfg.model.pretrained_model_name_or_path == "builtin:tiny-flux-kontext"
+    cfg = load_config(FluxKontextConfig, None, {})  # FLUX.1 Kontext's: the toy model and an edit it was not taught
+    assert cfg.model.pretrained_model_name_or_path == "builtin:toy-flux-kontext"
+    assert cfg.data.dataset_path == "builtin:toy-invert"
+    cfg = load_config(QwenImageEditConfig, None, {})  # the others': their tiny model and the synthetic set
+    assert cfg.model.pretrained_model_name_or_path == "builtin:tiny-qwen-image-edit"
     assert cfg.data.dataset_path == "builtin:synthetic"
 
 

@@ -13,17 +13,20 @@ import torch
 from diffusers import FluxKontextPipeline
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
+from qflux.config.errors import QfluxError
 from qflux.data.pairs import scan_pairs
 from qflux.models import FAMILIES
+from qflux.models.flux_kontext.conditioning import text_length
 from qflux.models.flux_kontext.loaders import load_flux_kontext
 from qflux.toy.__main__ import main
-from qflux.toy.build import RECORD, build_start, build_transformer, build_vae
+from qflux.toy.build import RECORD, build_start, build_transformer, build_vae, store
 from qflux.toy.edits import EDITS, TAUGHT, VOCABULARY, edited_pair, write_pairs
 from qflux.toy.pretraining import PretrainSettings, edit_scores
 from qflux.toy.vae_training import VaeSettings
-from qflux.toy.world import Scene, fits, random_scene, render
-from qflux.train.builtin import resolve_model_path
+from qflux.toy.world import DARK, Scene, fits, random_scene, render
+from qflux.train.builtin import resolve_dataset_path, resolve_model_path
 from qflux.train.family import toy_name
 
 
@@ -47,7 +50,7 @@ def test_every_edit_keeps_the_scene_valid_and_says_what_it_did(seed: int, edit: 
     a, b = np.asarray(render(control), dtype=np.int16), np.asarray(render(target), dtype=np.int16)
     changed = np.abs(a - b).sum(-1) > 0
     assert changed.any()  # an edit always changes the picture
-    if edit in ("recolour", "remove", "move", "grow", "shrink"):  # local: only pixels of the named shape change
+    if edit in ("recolour", "remove", "move", "grow", "shrink", "darken"):  # local: only the named shape changes
         kind = text.split()[3]
         s = control.shapes[control.find(" ".join(text.split()[2:4]))]
         after = [t for t in target.shapes if t.kind == kind and t not in control.shapes]
@@ -56,6 +59,10 @@ def test_every_edit_keeps_the_scene_valid_and_says_what_it_did(seed: int, edit: 
             assert any(abs(x - o.x) <= o.r + 1 and abs(y - o.y) <= o.r + 1 for o in (s, *after))
     if edit == "recolour":
         assert [t.colour for t in target.shapes if (t.x, t.y) == (s.x, s.y)] == [text.split()[-1]]
+    if edit == "darken":
+        assert s.shade == 1.0 and target.shapes[control.shapes.index(s)].shade == DARK
+    if edit == "invert":  # the negative: every channel c → 255 − c
+        assert np.array_equal(a, 255 - b)
 
 
 def test_scenes_are_a_function_of_the_seed() -> None:
@@ -95,6 +102,23 @@ def test_the_taught_edits_are_a_subset() -> None:
     assert set(TAUGHT) < set(EDITS)
 
 
+def test_each_edit_is_a_builtin_dataset_with_its_own_held_out_pairs() -> None:
+    train, held = resolve_dataset_path("builtin:toy-darken"), resolve_dataset_path("builtin:toy-darken", heldout=True)
+    assert (
+        len(list((train / "control_images").iterdir())) == 64 and len(list((held / "control_images").iterdir())) == 16
+    )
+    texts = [p.read_text() for p in (train / "training_images").glob("*.txt")]
+    assert all(t.endswith(" darker\n") for t in texts)
+    assert resolve_dataset_path("builtin:toy-darken") == train  # written once
+    with pytest.raises(QfluxError, match="builtin:toy-invert"):  # an unknown name lists the known ones
+        resolve_dataset_path("builtin:toy-fly")
+
+
+def test_the_prompt_length_follows_the_model_folder(tiny_flux_dir: Path) -> None:
+    assert text_length(None, tiny_flux_dir) == 512 and text_length(77, tiny_flux_dir) == 77
+    assert text_length(None, None) == 512  # a folder not at hand: FLUX.1's
+
+
 def test_the_build_stages_write_a_folder_the_pipeline_loads(tmp_path: Path) -> None:
     """Each stage leaves a loadable diffusers folder and says what it did in toy_build.json (a few steps)."""
     toy = FAMILIES["flux_kontext"].toy
@@ -104,12 +128,19 @@ def test_the_build_stages_write_a_folder_the_pipeline_loads(tmp_path: Path) -> N
     settings = PretrainSettings(steps=2, batch_size=2, pairs=4, eval_pairs=2, sample_steps=2, warmup=1, eval_every=1)
     changed, _ = build_transformer(out, toy, settings, tmp_path / "work")
     assert np.isfinite(changed)
+    assert all(
+        t.dtype == torch.float32 for t in load_file(out / "vae" / "diffusion_pytorch_model.safetensors").values()
+    )
+    store(out)
     record = json.loads((out / RECORD).read_text())
-    assert set(record) == {"start", "vae", "transformer"} and len(record["transformer"]["curve"]) == 1
-    vae = FluxKontextPipeline.from_pretrained(out).vae
-    assert vae.config.shift_factor == record["vae"]["shift_factor"]
-    tokens = FluxKontextPipeline.from_pretrained(out).tokenizer_2("make the red circle blue").input_ids
-    assert len(tokens) == 6  # one piece per word, and the end
+    assert set(record) == {"start", "vae", "transformer", "stored"} and len(record["transformer"]["curve"]) == 1
+    assert all(
+        t.dtype == torch.bfloat16 for t in load_file(out / "vae" / "diffusion_pytorch_model.safetensors").values()
+    )
+    pipe = FluxKontextPipeline.from_pretrained(out)
+    assert pipe.vae.config.shift_factor == record["vae"]["shift_factor"]
+    assert len(pipe.tokenizer_2("make the red circle blue").input_ids) == 6  # one piece per word, and the end
+    assert text_length(None, out) == 32 == pipe.tokenizer_2.model_max_length  # the prompt length follows the folder
 
 
 def test_the_committed_toy_model_performs_its_taught_edits(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ PINNED = {
 
 def _overrides(out: Path, steps: int, kind: str, optimizer: str, **more: object) -> dict[str, object]:
     return {
+        "model.pretrained_model_name_or_path": "builtin:tiny-flux-kontext",
+        "data.dataset_path": "builtin:synthetic",
         "model.dtype": "float32",
         "model.max_sequence_length": 32,
         "model.lora.kind": kind,

@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 
 from qflux.data.synthetic import draw_scene
 from recipes import flux_kontext_lora, qwen_image_edit_lora
+from tests.flux_kontext_batches import TINY, tiny_args
 
 SHIFTED = {"pair_2": (10, 0), "pair_5": (-6, 8)}
 
@@ -37,7 +38,7 @@ def _pairs(root: Path, n: int = 8) -> Path:
 @pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora])
 def test_check_names_exactly_the_two_shifted_pairs_and_exits_0(recipe, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     data = _pairs(tmp_path / "pairs")
-    recipe.main(["check", f"--data.dataset_path={data}"])  # returns: exit 0
+    recipe.main(["check", f"--data.dataset_path={data}", *tiny_args(recipe, data=False)])  # returns: exit 0
     out = capsys.readouterr().out.strip().splitlines()
     warnings = [line for line in out if line.startswith("warning:")]
     assert sorted(w.split(":")[1].strip() for w in warnings) == sorted(SHIFTED)
@@ -50,14 +51,14 @@ def test_check_still_exits_2_on_dataset_errors(tmp_path: Path, capsys) -> None: 
     data = _pairs(tmp_path / "pairs", n=3)
     (data / "training_images" / "pair_1.txt").unlink()
     with pytest.raises(SystemExit) as info:
-        flux_kontext_lora.main(["check", f"--data.dataset_path={data}"])
+        flux_kontext_lora.main(["check", f"--data.dataset_path={data}", TINY[0]])
     assert info.value.code == 2 and "pair_1" in capsys.readouterr().err
 
 
 def test_train_shows_the_warnings_at_its_start(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     data = _pairs(tmp_path / "pairs", n=4)
     run = tmp_path / "run"
-    steps = ["--train.max_train_steps=1", "--data.max_pixels=4096", "--logging.write_sample=false"]
+    steps = ["--train.max_train_steps=1", "--data.max_pixels=4096", "--logging.write_sample=false", TINY[0]]
     flux_kontext_lora.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={run}", *steps])
     out = capsys.readouterr().out
     assert "warning: pair_2: the target is shifted by +10, +0 px" in out

@@ -18,6 +18,7 @@ from qflux.data.dataset import PairDataset
 from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import draw_scene
 from recipes import flux_kontext_lora, qwen_image_edit_lora
+from tests.flux_kontext_batches import TINY, tiny_args
 
 
 def _edited_pairs(root: Path, n: int = 2, size: tuple[int, int] = (64, 48)) -> Path:
@@ -72,7 +73,8 @@ def test_masked_training_runs_and_differs(recipe, tmp_path: Path) -> None:  # ty
     for mode in ("none", "masks", "auto"):
         out = tmp_path / mode
         recipe.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}", "--train.max_train_steps=2",
-                     f"--train.loss_mask={mode}", "--logging.write_sample=false", "--model.dtype=float32"])  # fmt: skip
+                     f"--train.loss_mask={mode}", "--logging.write_sample=false", "--model.dtype=float32",
+                     *tiny_args(recipe, data=False)])  # fmt: skip
         loras[mode] = load_file(out / "pytorch_lora_weights.safetensors")
     for mode in ("masks", "auto"):
         assert any(not torch.equal(loras["none"][k], loras[mode][k]) for k in loras["none"]), mode
@@ -86,7 +88,8 @@ def test_a_cached_masked_run_trains_what_the_uncached_one_does(recipe, tmp_path:
         out = tmp_path / f"out{len(loras)}"
         recipe.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}", "--train.max_train_steps=2",
                      "--train.loss_mask=auto", f"--cache.use_cache={str(cached).lower()}", "--model.dtype=float32",
-                     f"--cache.cache_dir={tmp_path / 'cache'}", "--logging.write_sample=false"])  # fmt: skip
+                     f"--cache.cache_dir={tmp_path / 'cache'}", "--logging.write_sample=false",
+                     *tiny_args(recipe, data=False)])  # fmt: skip
         loras.append(load_file(out / "pytorch_lora_weights.safetensors"))
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) > 0
     for other in loras[1:]:
@@ -101,7 +104,7 @@ def test_auto_training_logs_the_edit_metrics(tmp_path: Path, capsys) -> None:  #
     flux_kontext_lora.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}",
                             "--train.max_train_steps=2", "--train.loss_mask=auto", "--validation.enabled=true",
                             f"--validation.dataset_path={held}", "--validation.validation_steps=2",
-                            "--logging.report_to=jsonl", "--logging.write_sample=false"])  # fmt: skip
+                            "--logging.report_to=jsonl", "--logging.write_sample=false", TINY[0]])  # fmt: skip
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/psnr_changed" in r]
     assert [r["step"] for r in val] == [0, 2]

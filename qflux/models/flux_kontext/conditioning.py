@@ -6,7 +6,9 @@ computations as ``FluxKontextPipeline.encode_prompt`` and ``_encode_vae_image``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -16,6 +18,22 @@ from qflux.weights.dtypes import compute_dtype
 
 if TYPE_CHECKING:
     from qflux.models.flux_kontext.loaders import FluxKontextModels
+
+
+T5_LENGTH = 512
+"""FLUX.1's T5 prompt length, and the most ``model.max_sequence_length`` may be."""
+
+
+def text_length(configured: int | None, folder: str | Path | None) -> int:
+    """The T5 prompt length S: ``model.max_sequence_length`` when set, else the model folder's T5 tokenizer's
+    ``model_max_length`` (FLUX.1 Kontext: 512; the toy model: 32), at most :data:`T5_LENGTH` (512 when the folder
+    is not known or has no tokenizer config)."""
+    if configured is not None:
+        return configured
+    path = None if folder is None else Path(folder) / "tokenizer_2" / "tokenizer_config.json"
+    if path is None or not path.is_file():
+        return T5_LENGTH
+    return int(min(json.loads(path.read_text(encoding="utf-8")).get("model_max_length", T5_LENGTH), T5_LENGTH))
 
 
 @attrs.frozen(eq=False)

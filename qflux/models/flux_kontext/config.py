@@ -7,10 +7,14 @@ from typing import ClassVar
 import attrs
 from attrs import validators as v
 
-from qflux.config.schema import Devices, ModelSection, RecipeConfig, device_field, non_negative
+from qflux.config.schema import DataConfig, Devices, ModelSection, RecipeConfig, device_field, non_negative
 
 BUILTIN = "builtin:tiny-flux-kontext"
-"""The tiny random FLUX.1 Kontext qflux builds offline."""
+"""The tiny random FLUX.1 Kontext qflux builds offline (tests and parity)."""
+TOY = "builtin:toy-flux-kontext"
+"""The toy FLUX.1 Kontext, trained on the toy world (:mod:`qflux.toy`): the default run's model."""
+TOY_EDIT = "builtin:toy-invert"
+"""The default run's dataset: 64 toy-world pairs of an edit the toy model was never taught."""
 
 
 @attrs.frozen
@@ -18,10 +22,12 @@ class FluxKontextModel(ModelSection):
     """The FLUX.1 Kontext model section."""
 
     recipe: ClassVar[str] = "flux_kontext_lora"
-    pretrained_model_name_or_path: str = BUILTIN
-    """Local diffusers folder or hub id; 'builtin:tiny-flux-kontext' builds a tiny random model."""
-    max_sequence_length: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(512)))
-    """T5 token length of the prompt embedding (FLUX.1 uses 512)."""
+    pretrained_model_name_or_path: str = TOY
+    """Local diffusers folder or hub id; 'builtin:toy-flux-kontext' is the toy model trained on the toy world
+    (docs/toy_world.md), 'builtin:tiny-flux-kontext' a tiny random one."""
+    max_sequence_length: int | None = attrs.field(default=None, validator=v.optional(v.and_(v.ge(1), v.le(512))))
+    """T5 token length of the prompt embedding; null: the model folder's T5 tokenizer's ``model_max_length``
+    (512 for FLUX.1 Kontext, 32 for the toy model)."""
     guidance_scale: float = attrs.field(default=2.5, validator=non_negative)
     """Guidance value fed to the guidance-distilled transformer: in training, in validation and the
     sample, and predict's default (Kontext's own)."""
@@ -41,5 +47,8 @@ class FluxKontextConfig(RecipeConfig):
 
     model: FluxKontextModel = attrs.field(factory=FluxKontextModel)
     """FLUX.1 Kontext, and how its frozen weights are held."""
+    data: DataConfig = attrs.field(factory=lambda: DataConfig(dataset_path=TOY_EDIT))
+    """The paired dataset and batching (the default: the toy world's ``invert`` pairs, an edit the toy model
+    was never taught)."""
     devices: FluxDevices = attrs.field(factory=FluxDevices)
     """Where each FLUX.1 Kontext component runs."""

@@ -20,6 +20,7 @@ from qflux.weights import tiny_parts
 # compute matters on a CPU and that the text encoders outweigh the transformer, as they do for FLUX.1.
 _PRESETS = tiny_parts.by_size(("tiny", "small"), {
     "latent_channels": (4, 16),
+    "text_length": (512, 512),  # the T5 tokenizer's model_max_length: model.max_sequence_length's default
     "transformer": {"num_layers": (1, 2), "num_single_layers": (2, 4), "attention_head_dim": (16, 64),
                     "num_attention_heads": (2, 4), "axes_dims_rope": ((4, 6, 6), (16, 24, 24))},
     "clip": {"hidden_size": (32, 256), "intermediate_size": (37, 1024), "num_attention_heads": (4, 4),
@@ -47,7 +48,7 @@ def build_flux_kontext(
         size: "tiny" (tests, default run) or "small" (CPU benchmarks: width 256, 2 double and 4
             single blocks, 16 latent channels, a 12-layer T5 of width 512).
         overrides: changes to the preset, per section (``transformer``, ``clip``, ``t5``, ``vae``)
-            or plain key (``latent_channels``): other widths, head dims and VAE depths (a VAE of
+            or plain key (``latent_channels``, ``text_length``): other widths, head dims and VAE depths (a VAE of
             n ``block_out_channels`` downsamples by 2^(n−1)).
         words: whole-word pieces of the T5 tokenizer (a toy world's vocabulary).
 
@@ -77,7 +78,7 @@ def _text_encoders(p: dict[str, Any], words: Sequence[str] = ()) -> dict[str, An
     global RNG, which the builder seeds)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # deferred: heavy import
 
-    tok, tok2 = tiny_parts.clip_tokenizer(), tiny_parts.t5_tokenizer(words)
+    tok, tok2 = tiny_parts.clip_tokenizer(), tiny_parts.t5_tokenizer(words, p["text_length"])
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),

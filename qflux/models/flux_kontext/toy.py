@@ -33,8 +33,12 @@ from qflux.models.flux_kontext.tiny import build_flux_kontext
 from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.run import ModelOps
 
+SEQUENCE = 32
+"""T5 tokens of a toy prompt (its tokenizer's ``model_max_length``, so ``model.max_sequence_length``'s default on
+the toy): the grammar's longest instruction is 6 words."""
 TOY = {
     "latent_channels": 16,
+    "text_length": SEQUENCE,
     "vae": {"block_out_channels": (32, 64, 64), "norm_num_groups": 16},
     "transformer": {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 32, "num_attention_heads": 8,
                     "axes_dims_rope": (8, 12, 12)},
@@ -42,9 +46,6 @@ TOY = {
     "t5": {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2},
 }  # fmt: skip
 """The toy's shapes, as overrides of :func:`~qflux.models.flux_kontext.tiny.build_flux_kontext`'s "small" preset."""
-SEQUENCE = 32
-"""T5 tokens of a toy prompt (``model.max_sequence_length`` of the toy's runs): the grammar's longest
-instruction is 6 words."""
 FOLDER = Path(__file__).parent / "toy_model"
 """The trained toy, committed (``python -m qflux.toy model DIR`` copies it; ``builtin:toy-flux-kontext``)."""
 GUIDANCE = 2.5
