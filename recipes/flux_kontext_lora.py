@@ -29,7 +29,13 @@ from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.flux_kontext import FAMILY
 from qflux.models.flux_kontext import cache as kcache
 from qflux.models.flux_kontext.batch import cached_conditioning, encode_conditioning, text_tensors, to_batch
-from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, text_length, vae_decode
+from qflux.models.flux_kontext.conditioning import (
+    PromptEmbeds,
+    encode_prompt_with,
+    long_prompts,
+    text_length,
+    vae_decode,
+)
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.flux_kontext.loaders import FluxKontextModels, load_flux_kontext
 from qflux.models.flux_kontext.loss import make_loss_fn
@@ -62,8 +68,20 @@ def train(cfg: FluxKontextConfig) -> RunResult:
     with training_run(cfg, FAMILY, PAIRS) as run:
         if run.finished is not None:
             return run.finished
+        _warn_long_prompts(cfg, run)
         models, data = _inputs(cfg, run)
         return train_lora(cfg, run, FAMILY, models, data, _ops(cfg, run, models))
+
+
+def _warn_long_prompts(cfg: FluxKontextConfig, run: Run) -> None:
+    """Say which instructions are longer than the T5 tokens the model reads (they would be cut), and the key."""
+    seq = text_length(cfg.model.max_sequence_length, run.model_dir)
+    tokenizer = _load(cfg, run.model_dir, ()).tokenizer_2  # the tokenizers and scheduler, no weights
+    long = long_prompts(tokenizer, [(s.name, s.prompt) for s in run.samples], seq)
+    if long and run.world.is_main:
+        named = ", ".join(f"{name} ({n} tokens)" for name, n in long[:3]) + (", ..." if len(long) > 3 else "")
+        print(f"warning: {len(long)} instruction(s) are longer than the {seq} T5 tokens the model reads, so their "
+              f"ends are cut: {named}; set model.max_sequence_length (up to 512) to keep them whole")  # fmt: skip
 
 
 def _ops(cfg: FluxKontextConfig, run: Run, models: FluxKontextModels) -> ModelOps:

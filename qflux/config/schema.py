@@ -91,7 +91,8 @@ class DataConfig:
     """The paired dataset and batching."""
 
     dataset_path: str = BUILTIN_SYNTHETIC_DATASET
-    """Folder with control_images/ and training_images/; 'builtin:synthetic' makes a demo set."""
+    """Folder with control_images/ and training_images/; 'builtin:toy-<edit>' writes 64 toy-world pairs of an edit
+    (docs/toy_world.md), 'builtin:synthetic' a synthetic invert-the-colours set."""
     batch_size: int = attrs.field(default=2, validator=[v.instance_of(int), positive])
     """Samples per micro-batch; each batch holds pairs of one bucket (one set of sizes)."""
     caption_dropout_rate: float = attrs.field(default=0.05, validator=probability)

@@ -36,6 +36,13 @@ def text_length(configured: int | None, folder: str | Path | None) -> int:
     return int(min(json.loads(path.read_text(encoding="utf-8")).get("model_max_length", T5_LENGTH), T5_LENGTH))
 
 
+def long_prompts(tokenizer: Any, prompts: Sequence[tuple[str, str]], length: int) -> list[tuple[str, int]]:
+    """(name, T5 tokens) of each named prompt longer than ``length`` tokens, its end included: T5 reads only the
+    first ``length``, so the rest of the instruction is lost."""
+    counts = [(name, len(tokenizer(text).input_ids)) for name, text in prompts]
+    return [(name, n) for name, n in counts if n > length]
+
+
 @attrs.frozen(eq=False)
 class PromptEmbeds:
     """A batch of encoded prompts."""

@@ -1,0 +1,264 @@
+"""Does a LoRA trained with the FLUX.1 Kontext recipe's default settings learn an edit the toy model was
+never taught, and does the diffusers reference loop, at the same settings, learn the same?
+
+    python benchmarks/learning.py [--edits=darken,invert] [--pairs=64] [--heldout=16] [--steps=300]
+                                  [--reference=True] [--sample_steps=28] [--out=DIR] [--set=KEY=VALUE,...]
+
+Per edit of ``--edits`` (the untaught ones: ``darken``, ``grow`` and ``shrink`` are local, ``mirror`` and
+``invert`` global; :data:`qflux.toy.edits.EDITS`):
+
+1. Writes ``pairs`` training pairs (seed 0) and ``heldout`` held-out pairs (seed 1) of the toy world
+   (:func:`qflux.toy.edits.write_pairs`) under ``--out`` (default: a fresh temporary folder).
+2. Trains with ``recipes/flux_kontext_lora.py``'s ``train(cfg)`` at the config's defaults (the toy model
+   ``builtin:toy-flux-kontext``, rank 16, AdamW at 1e-3, batch 2, bf16 frozen weights, ...); only the dataset,
+   ``train.max_train_steps``, the output folder and ``logging.report_to: none`` are set, plus ``--set``'s
+   overrides for experiments (a dict, or ``key=value,key=value``).
+3. With ``--reference``: resets the adapter of the same transformer to the run's initial LoRA and trains it
+   the way diffusers' ``train_dreambooth_lora_flux_kontext.py`` does (``_reference_step`` of
+   benchmarks/train_step.py: peft adapter, ``backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW``) on
+   exactly the batches qflux's loop drew: the same batch stream, conditioning, dropout, noise and σ, keyed
+   by (seed, step, micro-batch, sample) as :func:`qflux.train.start.step_taker` keys them.
+4. Scores the base model (the initial LoRA, B = 0), qflux's LoRA and the reference LoRA on the held-out
+   pairs with the same sampler steps and seed (:func:`qflux.toy.pretraining.edit_scores`): psnr_changed
+   (the edit against the target inside the change mask) and psnr_unchanged (against the control outside
+   it: for a global edit only the few pixels it leaves nearly as they were; NaN where there are none).
+
+The bars: psnr_changed at least 5 dB above the base (``gain``), psnr_unchanged at most 1 dB below it
+(``unchanged_drop``, local edits), in at most 300 steps and 5 minutes on 2 CPU cores, and qflux's gains
+equal to the reference's within run-to-run noise. Seconds per step (``s``, ``ref_s``) are the median wall
+time of a training step, batch preparation (encoding, draws) included, for both loops: the median leaves
+out one-time costs (qflux's first step also runs the check for adapters the loss does not reach; the
+reference runs second, in a warm process), which ``total_s`` keeps. Both loops see identical batches and,
+at equal LoRA tensors, compute bit-identical losses and gradients; only the two AdamW implementations round
+differently (~1e-7), which the bf16 frozen base amplifies as the weights drift apart, so the LoRA max rel
+diff (the largest ‖qflux − reference‖ / ‖reference‖ over the adapter's tensors) is ~1e-6 after a few
+steps with ``--set=model.dtype=float32`` and ~1e-3 at the default bf16.
+
+Prints one line per edit, then:
+
+    RESULT name=learning <edit>_base_changed=… <edit>_changed=… <edit>_gain=… <edit>_unchanged_drop=…
+           <edit>_ref_changed=… <edit>_ref_gain=… <edit>_s=… <edit>_ref_s=… ... total_s=…
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qflux.config.parse import load_config
+from qflux.data.dataset import collate_pairs
+from qflux.data.order import batch_stream
+from qflux.data.pairs import PairSample
+from qflux.models.flux_kontext import FAMILY
+from qflux.models.flux_kontext.batch import encode_conditioning, text_tensors, to_batch
+from qflux.models.flux_kontext.conditioning import encode_prompt_with, text_length
+from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.flux_kontext.loss import FluxKontextBatch
+from qflux.models.flux_kontext.toy import toy_paths
+from qflux.optim.schedules import learning_rate
+from qflux.toy.edits import write_pairs
+from qflux.toy.pretraining import edit_scores
+from qflux.train.batch import DataPath, Draws, prepare, with_mask
+from qflux.train.run import RunResult, dataset_samples, family_folder, pair_dataset
+from recipes import flux_kontext_lora
+
+Lora = dict[str, torch.Tensor]
+
+
+def parse_set(extra: str | Mapping[str, Any] | tuple[str, ...]) -> dict[str, Any]:
+    """``--set``'s overrides as {dotted key: value}: a dict, or ``key=value,key=value`` text (fire may
+    hand the text over split at its commas)."""
+    if isinstance(extra, Mapping):
+        return dict(extra)
+    text = ",".join(extra) if isinstance(extra, tuple | list) else str(extra)
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"--set takes key=value,key=value (or a dict); got {extra!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def run_config(train_dir: Path, out: Path, steps: int, extra: Mapping[str, Any]) -> FluxKontextConfig:
+    """The recipe's default config on ``train_dir`` for ``steps`` steps, writing to ``out``, with ``extra``."""
+    overrides = {
+        "data.dataset_path": str(train_dir),
+        "train.max_train_steps": steps,
+        "logging.output_dir": str(out),
+        "logging.report_to": "none",
+        "logging.overwrite": True,  # a rerun into the same --out replaces the previous run
+        **extra,
+    }
+    return load_config(FluxKontextConfig, None, overrides)
+
+
+def check_reference(cfg: FluxKontextConfig) -> None:
+    """Refuse settings the reference step cannot mirror (it takes one unweighted micro-batch per AdamW step)."""
+    t = cfg.train
+    unsupported = {
+        "optimizer.name": cfg.optimizer.name != "adamw",
+        "train.gradient_accumulation_steps": t.gradient_accumulation_steps != 1,
+        "train.weighting_scheme": t.weighting_scheme != "none",
+        "train.loss_mask": t.loss_mask != "none",
+        "train.ema_decay": t.ema_decay is not None,
+    }
+    named = [k for k, bad in unsupported.items() if bad]
+    if named:
+        raise SystemExit(f"the reference loop cannot mirror {', '.join(named)}; drop it or pass --reference=False")
+
+
+def samples_of(cfg: FluxKontextConfig, folder: Path) -> list[PairSample]:
+    """The pairs of ``folder``, scanned and sized as the recipe scans its dataset."""
+    at = attrs.evolve(cfg, data=attrs.evolve(cfg.data, dataset_path=str(folder)))
+    return dataset_samples(at, family_folder(cfg, FAMILY), flux_kontext_lora.PAIRS)
+
+
+def recipe_data(cfg: FluxKontextConfig, models: Any) -> DataPath:
+    """The recipe's uncached data path (``flux_kontext_lora._inputs``): pairs encoded by the loaded encoders."""
+    path = family_folder(cfg, FAMILY)
+    seq = text_length(cfg.model.max_sequence_length, path)
+    empty = text_tensors(encode_prompt_with(models, [""], seq))
+    encode = with_mask(partial(encode_conditioning, models, max_sequence_length=seq))
+    return DataPath(pair_dataset(cfg, path), collate_pairs, encode, empty)
+
+
+def loop_batches(cfg: FluxKontextConfig, models: Any, device: torch.device) -> Iterator[FluxKontextBatch]:
+    """The batches qflux's loop trained on, step after step: :func:`qflux.train.driver.train_loop`'s stream and
+    :func:`qflux.train.start.step_taker`'s draws, keyed (seed, step, micro-batch 0) from the first sample's
+    offset in the global batch (one process, one micro-batch per step)."""
+    data, samples = recipe_data(cfg, models), samples_of(cfg, Path(cfg.data.dataset_path))
+    stream = batch_stream(
+        data.make_dataset(samples), samples, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+        num_workers=cfg.data.num_workers, collate_fn=data.collate, drop_last=cfg.data.drop_last,
+    )  # fmt: skip
+    draws, sched = Draws.from_config(cfg.data, cfg.train), models.scheduler.config
+    for step in range(cfg.train.max_train_steps):
+        _, raw = next(stream)
+        cond = data.to_conditioning(raw)
+        yield to_batch(prepare(draws, sched, cond, data.empty, (cfg.seed, step, 0), device, raw["offset"]))
+
+
+def trainable_adapter(transformer: Any, lora0: Mapping[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
+    """The transformer's adapter parameters (named as qflux's LoRA dict: module parameter names), reset to
+    ``lora0`` in float32 and trainable; the frozen base stays frozen."""
+    params = dict(transformer.named_parameters())
+    missing = [k for k in lora0 if k not in params]
+    if missing:
+        raise SystemExit(f"qflux's LoRA key {missing[0]!r} names no parameter of the transformer")
+    for name, p in params.items():
+        if name in lora0:
+            p.data = lora0[name].detach().to(p.device, torch.float32).clone()
+        p.requires_grad_(name in lora0)
+    return {k: params[k] for k in lora0}
+
+
+def reference_train(cfg: FluxKontextConfig, result: RunResult) -> tuple[Lora, float]:
+    """Train the run's transformer's own adapter from the run's initial LoRA as the diffusers script does, on
+    the loop's batches; returns (the LoRA, median seconds per step, batch preparation included)."""
+    from train_step import _reference_step  # benchmarks/train_step.py (this script's folder is on sys.path)
+
+    transformer, opt_cfg, sch = result.models.transformer, cfg.optimizer, cfg.lr_scheduler
+    params = trainable_adapter(transformer, result.initial_lora)
+    opt = torch.optim.AdamW(params.values(), lr=opt_cfg.peak_lr, betas=opt_cfg.betas,
+                            weight_decay=opt_cfg.weight_decay, eps=opt_cfg.eps)  # fmt: skip
+    clip = math.inf if cfg.train.max_grad_norm is None else cfg.train.max_grad_norm
+    batches, seconds = loop_batches(cfg, result.models, next(iter(params.values())).device), []
+    for step in range(cfg.train.max_train_steps):
+        start = time.perf_counter()
+        lr = learning_rate(step, base_lr=opt_cfg.peak_lr, kind=sch.scheduler_type, warmup_steps=sch.warmup_steps,
+                           total_steps=cfg.train.max_train_steps, num_cycles=sch.num_cycles)  # fmt: skip
+        for group in opt.param_groups:
+            group["lr"] = lr
+        _reference_step(transformer, list(params.values()), opt, next(batches), cfg.model.guidance_scale, clip)
+        seconds.append(time.perf_counter() - start)
+    lora = {k: p.detach().clone() for k, p in params.items()}
+    trainable_adapter(transformer, result.initial_lora)  # the module as the run left it (the LoRA at its init)
+    for p in params.values():
+        p.requires_grad_(False)
+    return lora, statistics.median(seconds)
+
+
+def rel_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """The largest ‖a − b‖ / ‖b‖ over the tensors of two LoRAs with the same keys."""
+    return max(float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-30)) for k in b)
+
+
+def run_edit(edit: str, root: Path, *, pairs: int, heldout: int, steps: int, reference: bool,
+             sample_steps: int, extra: Mapping[str, Any]) -> dict[str, float]:  # fmt: skip
+    """Train on ``edit`` (qflux, then the reference) and score the base and both LoRAs; the edit's figures."""
+    train_dir = write_pairs(root / edit / "train", [edit], pairs, seed=0)
+    held_dir = write_pairs(root / edit / "heldout", [edit], heldout, seed=1)
+    cfg = run_config(train_dir, root / edit / "qflux", steps, extra)
+    if reference:
+        check_reference(cfg)
+    result = flux_kontext_lora.train(cfg)
+    data, ops = toy_paths(result.models)
+    held = samples_of(cfg, held_dir)
+
+    def score(lora: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        return edit_scores(data, ops, held, dict(lora), sample_steps)
+
+    (base_c, base_u), (c, u) = score(result.initial_lora), score(result.state.lora)
+    out = {"base_changed": base_c, "base_unchanged": base_u, "changed": c, "unchanged": u,
+           "gain": c - base_c, "unchanged_drop": base_u - u,
+           "s": statistics.median(result.step_seconds)}  # fmt: skip
+    if reference:
+        ref, ref_s = reference_train(cfg, result)
+        ref_c, ref_u = score(ref)
+        out |= {"ref_changed": ref_c, "ref_unchanged": ref_u, "ref_gain": ref_c - base_c,
+                "ref_unchanged_drop": base_u - ref_u, "ref_s": ref_s,
+                "lora_rel_diff": rel_diff(result.state.lora, ref)}  # fmt: skip
+    return out
+
+
+def line(edit: str, r: Mapping[str, float]) -> str:
+    """One readable line of an edit's figures (dB; s/step)."""
+    text = (f"{edit}: base {r['base_changed']:.2f} / {r['base_unchanged']:.2f} dB (changed / unchanged), "
+            f"qflux {r['changed']:.2f} / {r['unchanged']:.2f}")  # fmt: skip
+    if "ref_changed" in r:
+        text += f", reference {r['ref_changed']:.2f} / {r['ref_unchanged']:.2f}"
+    text += f"; gain {r['gain']:+.2f} dB, unchanged drop {r['unchanged_drop']:.2f} dB"
+    if "ref_gain" in r:
+        text += f" (reference gain {r['ref_gain']:+.2f}, drop {r['ref_unchanged_drop']:.2f})"
+    text += f"; median {r['s']:.3f} s/step"
+    if "ref_s" in r:
+        text += f" (reference {r['ref_s']:.3f}); LoRA max rel diff {r['lora_rel_diff']:.2e}"
+    return text
+
+
+RESULT_KEYS = ("base_changed", "changed", "gain", "unchanged_drop", "ref_changed", "ref_gain", "s", "ref_s")
+"""The RESULT line's figures per edit (the ``ref_`` ones with ``--reference``)."""
+
+
+def main(edits: str | tuple[str, ...] = "darken,invert", pairs: int = 64, heldout: int = 16, steps: int = 300,
+         reference: bool = True, sample_steps: int = 28, out: str = "",
+         set: str | dict[str, Any] = "") -> None:  # fmt: skip
+    """Run every edit and print its line, then the RESULT line."""
+    names = edits.split(",") if isinstance(edits, str) else list(edits)
+    extra = parse_set(set)
+    started = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="qflux-learning-") as tmp:
+        root = Path(out) if out else Path(tmp)
+        for edit in names:
+            results[edit] = run_edit(edit, root, pairs=pairs, heldout=heldout, steps=steps, reference=reference,
+                                     sample_steps=sample_steps, extra=extra)  # fmt: skip
+            print(line(edit, results[edit]), flush=True)
+    fields = " ".join(f"{e}_{k}={r[k]:.2f}" for e, r in results.items() for k in RESULT_KEYS if k in r)
+    print(f"RESULT name=learning {fields} total_s={time.perf_counter() - started:.2f}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
