@@ -128,7 +128,7 @@ class OptimizerConfig:
     the usual value; ``prodigyopt``'s algorithm, qflux.optim.prodigy)."""
     lr: float | None = attrs.field(default=None, validator=v.optional(positive))
     """Peak learning rate (the schedule scales it per step). null: 1e-3 with adamw, which suits the
-    tiny default (real FLUX.1 Kontext LoRAs train at about 1e-4), and 1.0 with prodigy."""
+    toy and tiny defaults (real FLUX.1 Kontext LoRAs train at about 1e-4), and 1.0 with prodigy."""
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple)
     """(β1, β2): decay of the gradient's running mean and of its running square."""
     weight_decay: float = attrs.field(default=0.01, validator=non_negative)
@@ -333,8 +333,8 @@ class ValidationConfig:
     num_validation_samples: int = attrs.field(default=4, validator=positive)
     """How many held-out samples to use (the first ones, by name)."""
     dataset_path: str | None = None
-    """Held-out pairs in the training layout. null: the built-in held-out pairs when training on
-    builtin:synthetic; otherwise set this or samples."""
+    """Held-out pairs in the training layout. null: the built-in dataset's own held-out pairs when training on
+    one (builtin:toy-<edit>, builtin:synthetic); otherwise set this or samples."""
     samples: tuple[tuple[str, ...], ...] = ()
     """Instead of dataset_path: a list of [control image, prompt] or [control image, prompt, target
     image]. Samples without a target have no target panel and no validation loss."""
