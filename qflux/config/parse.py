@@ -257,11 +257,30 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Mapping[str, A
             raise QfluxError(f"config file '{p}' must hold a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
         structure(cls, data, source=source)  # report file errors against the file
-    merged = apply_overrides(data, overrides, cls)
+    merged = apply_overrides(_merge(_defaults(cls), data), overrides, cls)
     cfg = structure(cls, merged, source=source if not overrides else f"{source} + overrides")
     if isinstance(cfg, RecipeConfig):  # a recipe's config, with its derived defaults written in
         return typing.cast(T, cfg.resolved())
     return cfg
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The schema's own defaults as a nested dict, so that a section a file or an override names keeps the
+    defaults its root gives it (FLUX.1 Kontext's ``data.dataset_path`` is not ``DataConfig``'s); {} when the
+    schema has required fields."""
+    try:
+        return to_dict(cls())
+    except TypeError:
+        return {}
+
+
+def _merge(base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``data`` laid over it, section by section."""
+    out = dict(base)
+    for key, value in data.items():
+        below = out.get(key)
+        out[key] = _merge(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

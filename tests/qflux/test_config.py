@@ -18,6 +18,8 @@ def test_defaults_are_the_builtin_demo() -> None:
     cfg = load_config(FluxKontextConfig, None, {})  # FLUX.1 Kontext's: the toy model and an edit it was not taught
     assert cfg.model.pretrained_model_name_or_path == "builtin:toy-flux-kontext"
     assert cfg.data.dataset_path == "builtin:toy-invert"
+    cfg = load_config(FluxKontextConfig, None, {"data.batch_size": 4})  # a section named keeps its root's defaults
+    assert (cfg.data.dataset_path, cfg.data.batch_size) == ("builtin:toy-invert", 4)
     cfg = load_config(QwenImageEditConfig, None, {})  # the others': their tiny model and the synthetic set
     assert cfg.model.pretrained_model_name_or_path == "builtin:tiny-qwen-image-edit"
     assert cfg.data.dataset_path == "builtin:synthetic"

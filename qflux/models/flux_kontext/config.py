@@ -7,7 +7,7 @@ from typing import ClassVar
 import attrs
 from attrs import validators as v
 
-from qflux.config.schema import DataConfig, Devices, ModelSection, RecipeConfig, device_field, non_negative
+from qflux.config.schema import DataConfig, Devices, ModelSection, RecipeConfig, TrainConfig, device_field, non_negative
 
 BUILTIN = "builtin:tiny-flux-kontext"
 """The tiny random FLUX.1 Kontext qflux builds offline (tests and parity)."""
@@ -47,8 +47,10 @@ class FluxKontextConfig(RecipeConfig):
 
     model: FluxKontextModel = attrs.field(factory=FluxKontextModel)
     """FLUX.1 Kontext, and how its frozen weights are held."""
-    data: DataConfig = attrs.field(factory=lambda: DataConfig(dataset_path=TOY_EDIT))
+    data: DataConfig = attrs.field(factory=lambda: DataConfig(dataset_path=TOY_EDIT, batch_size=4))
     """The paired dataset and batching (the default: the toy world's ``invert`` pairs, an edit the toy model
-    was never taught)."""
+    was never taught, 4 per step)."""
+    train: TrainConfig = attrs.field(factory=lambda: TrainConfig(max_train_steps=300))
+    """The training loop (the default run: 300 steps, about a minute on 2 CPU cores)."""
     devices: FluxDevices = attrs.field(factory=FluxDevices)
     """Where each FLUX.1 Kontext component runs."""
