@@ -57,7 +57,8 @@ def test_help_exits_zero_with_usage_examples_and_keys(recipe, verb: str, capsys)
         if verb == "predict":
             assert "--height=null" in text and "--lora=null" in text and "[train]" not in text
         else:
-            assert "--train.max_train_steps=150" in text and "--logging.overwrite=false" in text
+            steps = 300 if recipe is flux_kontext_lora else 150  # FLUX.1's default run: the toy, 300 steps
+            assert f"--train.max_train_steps={steps}" in text and "--logging.overwrite=false" in text
 
 
 def test_help_from_a_shell_exits_zero_and_prints_no_library_noise() -> None:
@@ -126,7 +127,7 @@ def test_start_and_end_say_what_happens(tiny_flux_dir: Path, data: Path, tmp_pat
             None,
             {"model.pretrained_model_name_or_path": str(tiny_flux_dir), "model.max_sequence_length": 8,
              "data.dataset_path": str(data), "train.max_train_steps": 12, "logging.output_dir": str(out),
-             "logging.write_sample": False, "train.gradient_accumulation_steps": 2, "model.quantize": "nf4"},
+             "logging.write_sample": False, "train.gradient_accumulation_steps": 2, "model.quantize": "nf4", "data.batch_size": 2},
         )
     )  # fmt: skip
     text = capsys.readouterr().out

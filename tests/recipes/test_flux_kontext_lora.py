@@ -41,6 +41,7 @@ def _overrides(out: Path, steps: int) -> dict[str, object]:
     return {
         "model.pretrained_model_name_or_path": "builtin:tiny-flux-kontext",
         "data.dataset_path": "builtin:synthetic",
+        "data.batch_size": 2,
         "model.dtype": "float32",
         "model.max_sequence_length": 32,
         "train.max_train_steps": steps,
@@ -67,7 +68,7 @@ def test_the_default_run_shows_the_edit_appearing(trained) -> None:
     """sample.png's LoRA edit is closer to the target where the pair changes, by SAMPLE_GAIN dB or more, and the end
     block says by how much."""
     result, printed = trained
-    assert len(result.losses) == 150 == result.state.step
+    assert len(result.losses) == 300 == result.state.step
     line = next(x for x in printed.splitlines() if x.startswith("sample.png: edit PSNR"))
     before, after = (float(v) for v in re.findall(r"([0-9.]+) dB (?:before|after)", line))
     print(line)
@@ -80,7 +81,7 @@ def test_outputs_are_written(trained) -> None:
     for name in ("pytorch_lora_weights.safetensors", "config.yaml", "loss.png", "sample.png"):
         assert (out / name).is_file(), name
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["train"]["max_train_steps"] == 120 and saved["model"]["dtype"] == "float32"
+    assert saved["train"]["max_train_steps"] == 300 and saved["model"]["dtype"] == "bfloat16"
     pipe = FluxKontextPipeline.from_pretrained(resolve_model(trained), dtype=torch.float32)
     pipe.load_lora_weights(out)  # loads in diffusers as is
 
