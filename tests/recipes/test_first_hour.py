@@ -127,7 +127,8 @@ def test_start_and_end_say_what_happens(tiny_flux_dir: Path, data: Path, tmp_pat
             None,
             {"model.pretrained_model_name_or_path": str(tiny_flux_dir), "model.max_sequence_length": 8,
              "data.dataset_path": str(data), "train.max_train_steps": 12, "logging.output_dir": str(out),
-             "logging.write_sample": False, "train.gradient_accumulation_steps": 2, "model.quantize": "nf4", "data.batch_size": 2},
+             "logging.write_sample": False, "train.gradient_accumulation_steps": 2, "model.quantize": "nf4",
+             "data.batch_size": 2},
         )
     )  # fmt: skip
     text = capsys.readouterr().out
