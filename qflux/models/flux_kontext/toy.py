@@ -8,10 +8,10 @@ Its shapes (``TOY``, overrides of the tiny builder's "small" preset):
 | VAE | ``AutoencoderKL``, 3 levels (32, 64, 64 channels): ×4 down, 16 channels; 64² px → 16×16 latent, 64 tokens |
 | transformer | ``FluxTransformer2DModel``, 2 double and 4 single blocks, 8 heads × 32, guidance embedding |
 | CLIP | 2 layers of width 64 |
-| T5 | 2 layers of width 64; every word of the toy grammar is one token |
+| T5 | 2 layers of width 64; every word of the toy grammar is one token; prompts of :data:`SEQUENCE` tokens |
 
 :func:`build_toy_start` writes the random starting point; the VAE and the transformer are then trained on
-the toy world (``python -m qflux.toy train-vae`` and ``pretrain``).
+the toy world (``python -m qflux.toy build``).
 """
 
 from __future__ import annotations
