@@ -212,6 +212,9 @@ def run_edit(edit: str, root: Path, *, pairs: int, heldout: int, steps: int, ref
     out = {"base_changed": base_c, "base_unchanged": base_u, "changed": c, "unchanged": u,
            "gain": c - base_c, "unchanged_drop": base_u - u,
            "s": statistics.median(result.step_seconds)}  # fmt: skip
+    if result.state.ema is not None:  # train.ema_decay: the moving average, scored too
+        ema_c, ema_u = score(result.state.ema)
+        out |= {"ema_changed": ema_c, "ema_gain": ema_c - base_c, "ema_unchanged_drop": base_u - ema_u}
     if reference:
         ref, ref_s = reference_train(cfg, result)
         ref_c, ref_u = score(ref)
@@ -236,8 +239,10 @@ def line(edit: str, r: Mapping[str, float]) -> str:
     return text
 
 
-RESULT_KEYS = ("base_changed", "changed", "gain", "unchanged_drop", "ref_changed", "ref_gain", "s", "ref_s")
-"""The RESULT line's figures per edit (the ``ref_`` ones with ``--reference``)."""
+RESULT_KEYS = ("base_changed", "changed", "gain", "unchanged_drop", "ref_changed", "ref_gain", "s", "ref_s",
+               "ema_changed", "ema_gain", "ema_unchanged_drop")  # fmt: skip
+"""The RESULT line's figures per edit (the ``ref_`` ones with ``--reference``, the ``ema_`` ones with
+``train.ema_decay``)."""
 
 
 def main(edits: str | tuple[str, ...] = "darken,invert", pairs: int = 64, heldout: int = 16, steps: int = 300,
