@@ -6,6 +6,7 @@ Importing it registers one built-in dataset per edit, ``builtin:toy-<edit>``: :d
 and :data:`TOY_HELDOUT` held-out pairs (seed 1, validation's default) of 64 px scenes.
 """
 
+import hashlib
 from functools import partial
 from pathlib import Path
 
@@ -19,11 +20,20 @@ TOY_HELDOUT = 16
 """Held-out pairs of a ``builtin:toy-<edit>`` dataset."""
 
 
+WORLD_DIGEST = hashlib.sha256(
+    b"".join((Path(__file__).parent / name).read_bytes() for name in ("__init__.py", "world.py", "edits.py"))
+).hexdigest()[:10]
+"""The first 10 hex digits of the sha256 of the world's source: a ``builtin:toy-<edit>`` dataset is written under
+``$QFLUX_HOME/toy-<edit>-<digest>-train`` (and ``-heldout``), so a changed world writes its datasets anew."""
+
+
 def _write(edit: str, folder: Path, heldout: bool) -> Path:
     return write_pairs(folder, [edit], TOY_HELDOUT if heldout else TOY_PAIRS, seed=int(heldout))
 
 
 for _edit in EDITS:
-    register_builtin_dataset(f"builtin:toy-{_edit}", BuiltinDataset(f"toy-{_edit}", partial(_write, _edit)))
+    register_builtin_dataset(
+        f"builtin:toy-{_edit}", BuiltinDataset(f"toy-{_edit}-{WORLD_DIGEST}", partial(_write, _edit))
+    )
 
 __all__ = ["EDITS", "TAUGHT", "Scene", "Shape", "random_scene", "render", "write_pairs", "write_scenes"]

@@ -12,9 +12,12 @@ scene, instruction), and the writers of scenes and of (control, target, instruct
 | ``mirror`` | mirror the picture | every shape, flipped left to right |
 | ``darken`` | make the red circle darker | one bright shape, drawn dark (RGB × ½) |
 | ``invert`` | invert the picture | every pixel, c → 255 − c |
+| ``invert_shape`` | invert the red circle | one shape, drawn in its colour's negative |
+| ``grayscale`` | turn the picture gray | every coloured pixel, to its luma (gray pixels stay as they were) |
 
 The toy models are taught :data:`TAUGHT`; the others are left for LoRAs to learn (local: grow, shrink,
-darken; global: mirror, invert). A user's own edit needs only scenes (:func:`write_scenes` and its ``scenes.json``).
+darken, invert_shape; global: mirror, invert, grayscale). A user's own edit needs only scenes
+(:func:`write_scenes` and its ``scenes.json``).
 """
 
 from __future__ import annotations
@@ -127,6 +130,23 @@ def invert(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str] | None:
     return attrs.evolve(scene, inverted=not scene.inverted), "invert the picture"
 
 
+def invert_shape(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str] | None:
+    """ "invert the red circle": one shape drawn in its colour's negative (c → 255 − c), the rest as it was."""
+    i = _pick(scene, rng)
+    if i is None:
+        return None
+    s = scene.shapes[i]
+    return _replace(scene, i, attrs.evolve(s, inverted=not s.inverted)), f"invert the {s.name}"
+
+
+def grayscale(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str] | None:
+    """ "turn the picture gray": every pixel its luma; the white, gray and black backgrounds stay exactly
+    as they were, so a global edit has an unchanged region to keep."""
+    if scene.grayscale:
+        return None
+    return attrs.evolve(scene, grayscale=True), "turn the picture gray"
+
+
 EDITS: dict[str, Edit] = {
     "recolour": recolour,
     "remove": remove,
@@ -137,6 +157,8 @@ EDITS: dict[str, Edit] = {
     "mirror": mirror,
     "darken": darken,
     "invert": invert,
+    "invert_shape": invert_shape,
+    "grayscale": grayscale,
 }
 """Every edit by name."""
 TAUGHT = ("recolour", "remove", "move", "background")
@@ -162,7 +184,8 @@ def edited_pair(rng: np.random.Generator, edits: Sequence[str], size: int = 64) 
 
 
 def scene_json(scene: Scene) -> dict[str, object]:
-    """The scene as JSON: background, size and each shape's kind, colour, x, y, r."""
+    """The scene as JSON: background, size, inverted, grayscale and each shape's kind, colour, x, y, r, shade
+    and inverted."""
     return attrs.asdict(scene)
 
 

@@ -48,7 +48,8 @@ DARK_SHARE = 0.25
 class Shape:
     """One flat shape: ``kind`` in :data:`KINDS`, ``colour`` in :data:`SHAPE_COLOURS`, centre (x, y) and
     half-size ``r`` in pixels (a circle's radius, half a square's side, a triangle's circumradius), and
-    ``shade``, the factor its colour's RGB is drawn at (1: as named; the ``darken`` edit halves it)."""
+    ``shade``, the factor its colour's RGB is drawn at (1: as named; the ``darken`` edit halves it), and
+    ``inverted``, whether it is drawn in its colour's negative (c → 255 − c, the ``invert_shape`` edit)."""
 
     kind: str
     colour: str
@@ -56,12 +57,13 @@ class Shape:
     y: float
     r: float
     shade: float = 1.0
+    inverted: bool = False
 
     @property
     def rgb(self) -> tuple[int, int, int]:
-        """The colour it is drawn in: its named colour's RGB × ``shade``."""
+        """The colour it is drawn in: its named colour's RGB × ``shade`` (then 255 − c where ``inverted``)."""
         r, g, b = (round(c * self.shade) for c in SHAPE_COLOURS[self.colour])
-        return r, g, b
+        return (255 - r, 255 - g, 255 - b) if self.inverted else (r, g, b)
 
     @property
     def name(self) -> str:
@@ -72,12 +74,14 @@ class Shape:
 @attrs.frozen
 class Scene:
     """A background colour (:data:`BACKGROUNDS`) and shapes drawn in order, on a ``size`` × ``size`` image;
-    ``inverted`` draws the picture's negative (every channel c → 255 − c)."""
+    ``grayscale`` draws the picture in grays (each pixel its luma, 0.299 R + 0.587 G + 0.114 B, so a gray
+    pixel stays exactly as it was), ``inverted`` its negative (every channel c → 255 − c), in that order."""
 
     background: str
     shapes: tuple[Shape, ...]
     size: int = 64
     inverted: bool = False
+    grayscale: bool = False
 
     def find(self, name: str) -> int:
         """The index of the shape called ``name`` ("red circle")."""
@@ -100,6 +104,8 @@ def render(scene: Scene) -> Image.Image:
             h = r * np.sqrt(3) / 2
             draw.polygon([(x, y - r), (x + h, y + r / 2), (x - h, y + r / 2)], fill=fill)
     img = img.resize((scene.size, scene.size), Image.Resampling.BOX)
+    if scene.grayscale:
+        img = img.convert("L").convert("RGB")
     return ImageOps.invert(img) if scene.inverted else img
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +38,11 @@ class ToyModel:
     """``paths(models)``: the data path and the model's functions that pretraining the transformer uses."""
     folder: Path
     """Where the trained toy model is committed (a diffusers folder, bf16 weights)."""
+
+    def digest(self) -> str:
+        """The first 10 hex digits of the sha256 of the committed folder (each file's path and bytes): its
+        built-in copy's folder name carries it, so a changed toy is copied anew, never read stale."""
+        return folder_digest(self.folder)
 
     def write(self, out: Path) -> Path:
         """Copy the committed toy model to ``out`` (a new folder)."""
@@ -77,6 +84,16 @@ class Family:
     """Its toy model on the toy world, where it has one."""
 
 
+@functools.cache
+def folder_digest(folder: Path) -> str:
+    """The first 10 hex digits of the sha256 of ``folder``'s files (relative path, then bytes, in path order)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def toy_name(family: Family) -> str:
     """The ``builtin:`` name of the family's toy model: ``builtin:toy-flux-kontext``."""
     return "builtin:toy-" + family.name.replace("_", "-")
@@ -88,8 +105,10 @@ def register(family: Family) -> None:
     register_builtin_model(*family.builtin)
     if family.toy is not None:
         toy = family.toy
+        # under $QFLUX_HOME/toy-<family>-<digest>: a changed toy lands in a new folder
+        folder = toy_name(family)[len("builtin:") :]
         register_builtin_model(
-            toy_name(family), BuiltinModel(lambda _: toy_name(family)[8:], lambda p, _: toy.write(p))
+            toy_name(family), BuiltinModel(lambda _: f"{folder}-{toy.digest()}", lambda p, _: toy.write(p))
         )
     register_naming(family.naming, family.names)
     register_shapes(family.shapes, family.same_shapes)

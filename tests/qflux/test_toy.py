@@ -20,6 +20,7 @@ from qflux.data.pairs import scan_pairs
 from qflux.models import FAMILIES
 from qflux.models.flux_kontext.conditioning import text_length
 from qflux.models.flux_kontext.loaders import load_flux_kontext
+from qflux.toy import WORLD_DIGEST
 from qflux.toy.__main__ import main
 from qflux.toy.build import RECORD, build_start, build_transformer, build_vae, store
 from qflux.toy.edits import EDITS, TAUGHT, VOCABULARY, edited_pair, write_pairs
@@ -50,7 +51,8 @@ def test_every_edit_keeps_the_scene_valid_and_says_what_it_did(seed: int, edit: 
     a, b = np.asarray(render(control), dtype=np.int16), np.asarray(render(target), dtype=np.int16)
     changed = np.abs(a - b).sum(-1) > 0
     assert changed.any()  # an edit always changes the picture
-    if edit in ("recolour", "remove", "move", "grow", "shrink", "darken"):  # local: only the named shape changes
+    local = ("recolour", "remove", "move", "grow", "shrink", "darken", "invert_shape")
+    if edit in local:  # only the named shape changes
         kind = text.split()[3]
         s = control.shapes[control.find(" ".join(text.split()[2:4]))]
         after = [t for t in target.shapes if t.kind == kind and t not in control.shapes]
@@ -63,6 +65,13 @@ def test_every_edit_keeps_the_scene_valid_and_says_what_it_did(seed: int, edit: 
         assert s.shade == 1.0 and target.shapes[control.shapes.index(s)].shade == DARK
     if edit == "invert":  # the negative: every channel c → 255 − c
         assert np.array_equal(a, 255 - b)
+    if edit == "invert_shape":  # the named shape in its colour's negative
+        t = target.shapes[control.shapes.index(s)]
+        assert t.inverted and t.rgb == tuple(255 - c for c in s.rgb)
+    if edit == "grayscale":  # every pixel gray, and a pixel gray already stays exactly as it was
+        assert (b == b[..., :1]).all()
+        gray = (a == a[..., :1]).all(-1)
+        assert np.array_equal(a[gray], b[gray])
 
 
 def test_scenes_are_a_function_of_the_seed() -> None:
@@ -110,6 +119,7 @@ def test_each_edit_is_a_builtin_dataset_with_its_own_held_out_pairs() -> None:
     texts = [p.read_text() for p in (train / "training_images").glob("*.txt")]
     assert all(t.endswith(" darker\n") for t in texts)
     assert resolve_dataset_path("builtin:toy-darken") == train  # written once
+    assert train.name == f"toy-darken-{WORLD_DIGEST}-train"  # a changed world writes its datasets anew
     with pytest.raises(QfluxError, match="builtin:toy-invert"):  # an unknown name lists the known ones
         resolve_dataset_path("builtin:toy-fly")
 
@@ -151,7 +161,8 @@ def test_the_committed_toy_model_performs_its_taught_edits(tmp_path: Path) -> No
     toy = FAMILIES["flux_kontext"].toy
     assert toy is not None and (tmp_path / "toy" / "transformer" / "config.json").exists()
     assert toy_name(FAMILIES["flux_kontext"]) == "builtin:toy-flux-kontext"
-    assert Path(resolve_model_path("builtin:toy-flux-kontext")).name == "toy-flux-kontext"
+    # a changed toy is copied to a new folder, never read stale from an old one
+    assert Path(resolve_model_path("builtin:toy-flux-kontext")).name == f"toy-flux-kontext-{toy.digest()}"
     models = load_flux_kontext(tmp_path / "toy", torch.float32)
     data, ops = toy.paths(models)
     root = write_pairs(tmp_path / "held_out", TAUGHT, 8, seed=12345)
