@@ -1,30 +1,32 @@
 """Does a LoRA trained with the FLUX.1 Kontext recipe's default settings learn an edit the toy model was
 never taught, and does the diffusers reference loop, at the same settings, learn the same?
 
-    python benchmarks/learning.py [--edits=darken,invert] [--pairs=64] [--heldout=16] [--steps=300]
+    python benchmarks/learning.py [--edits=darken,grayscale] [--pairs=64] [--heldout=16] [--steps=300]
                                   [--reference=True] [--sample_steps=28] [--out=DIR] [--set=KEY=VALUE,...]
 
-Per edit of ``--edits`` (the untaught ones: ``darken``, ``grow`` and ``shrink`` are local, ``mirror`` and
-``invert`` global; :data:`qflux.toy.edits.EDITS`):
+Per edit of ``--edits`` (the untaught ones: ``darken``, ``grow``, ``shrink`` and ``invert_shape`` are local,
+``grayscale``, ``mirror`` and ``invert`` global; :data:`qflux.toy.edits.EDITS`):
 
 1. Writes ``pairs`` training pairs (seed 0) and ``heldout`` held-out pairs (seed 1) of the toy world
    (:func:`qflux.toy.edits.write_pairs`) under ``--out`` (default: a fresh temporary folder).
 2. Trains with ``recipes/flux_kontext_lora.py``'s ``train(cfg)`` at the config's defaults (the toy model
-   ``builtin:toy-flux-kontext``, rank 16, AdamW at 1e-3, batch 2, bf16 frozen weights, ...); only the dataset,
-   ``train.max_train_steps``, the output folder and ``logging.report_to: none`` are set, plus ``--set``'s
-   overrides for experiments (a dict, or ``key=value,key=value``).
+   ``builtin:toy-flux-kontext``, rank 16, AdamW at 1e-3, batch 8, ``train.loss_mask: auto``, bf16 frozen
+   weights, ...); only the dataset, ``train.max_train_steps``, the output folder and ``logging.report_to:
+   none`` are set, plus ``--set``'s overrides for experiments (a dict, or ``key=value,key=value``).
 3. With ``--reference``: resets the adapter of the same transformer to the run's initial LoRA and trains it
    the way diffusers' ``train_dreambooth_lora_flux_kontext.py`` does (``_reference_step`` of
-   benchmarks/train_step.py: peft adapter, ``backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW``) on
+   benchmarks/train_step.py: peft adapter, ``backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW``; the
+   loss mask's pixel weights in its own few lines, as the diffusers script has none) on
    exactly the batches qflux's loop drew: the same batch stream, conditioning, dropout, noise and σ, keyed
    by (seed, step, micro-batch, sample) as :func:`qflux.train.start.step_taker` keys them.
 4. Scores the base model (the initial LoRA, B = 0), qflux's LoRA and the reference LoRA on the held-out
    pairs with the same sampler steps and seed (:func:`qflux.toy.pretraining.edit_scores`): psnr_changed
    (the edit against the target inside the change mask) and psnr_unchanged (against the control outside
-   it: for a global edit only the few pixels it leaves nearly as they were; NaN where there are none).
+   it: for ``grayscale`` the pixels already gray, for ``invert`` only the gray ones, which it moves by one
+   level; NaN where there are none).
 
 The bars: psnr_changed at least 5 dB above the base (``gain``), psnr_unchanged at most 1 dB below it
-(``unchanged_drop``, local edits), in at most 300 steps and 5 minutes on 2 CPU cores, and qflux's gains
+(``unchanged_drop``), in at most 300 steps and 5 minutes on 2 CPU cores, and qflux's gains
 equal to the reference's within run-to-run noise. Seconds per step (``s``, ``ref_s``) are the median wall
 time of a training step, batch preparation (encoding, draws) included, for both loops: the median leaves
 out one-time costs (qflux's first step also runs the check for adapters the loss does not reach; the
@@ -103,13 +105,13 @@ def run_config(train_dir: Path, out: Path, steps: int, extra: Mapping[str, Any])
 
 
 def check_reference(cfg: FluxKontextConfig) -> None:
-    """Refuse settings the reference step cannot mirror (it takes one unweighted micro-batch per AdamW step)."""
+    """Refuse settings the reference step cannot mirror (it takes one micro-batch per AdamW step, weighted only
+    by ``train.loss_mask``'s pixel weights)."""
     t = cfg.train
     unsupported = {
         "optimizer.name": cfg.optimizer.name != "adamw",
         "train.gradient_accumulation_steps": t.gradient_accumulation_steps != 1,
         "train.weighting_scheme": t.weighting_scheme != "none",
-        "train.loss_mask": t.loss_mask != "none",
         "train.ema_decay": t.ema_decay is not None,
     }
     named = [k for k, bad in unsupported.items() if bad]
@@ -245,7 +247,7 @@ RESULT_KEYS = ("base_changed", "changed", "gain", "unchanged_drop", "ref_changed
 ``train.ema_decay``)."""
 
 
-def main(edits: str | tuple[str, ...] = "darken,invert", pairs: int = 64, heldout: int = 16, steps: int = 300,
+def main(edits: str | tuple[str, ...] = "darken,grayscale", pairs: int = 64, heldout: int = 16, steps: int = 300,
          reference: bool = True, sample_steps: int = 28, out: str = "",
          set: str | dict[str, Any] = "") -> None:  # fmt: skip
     """Run every edit and print its line, then the RESULT line."""

@@ -303,7 +303,8 @@ def main(
 
 
 def _reference_step(transformer, params, opt, batch, guidance_scale: float, max_grad_norm: float) -> float:
-    """One step as diffusers' train_dreambooth_lora_flux_kontext.py does it (module holds the LoRA)."""
+    """One step as diffusers' train_dreambooth_lora_flux_kontext.py does it (module holds the LoRA); where the
+    batch carries pixel weights (``train.loss_mask``), its loss is their weighted mean, as qflux documents it."""
     from diffusers import FluxKontextPipeline
 
     x0, noise, cond = batch.latents, batch.noise, batch.control_latents
@@ -331,7 +332,12 @@ def _reference_step(transformer, params, opt, batch, guidance_scale: float, max_
     )[0][:, :n]
     pred = FluxKontextPipeline._unpack_latents(pred, h * 8, w * 8, 8)
     target = noise - x0
-    loss = torch.mean(((pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
+    err = (pred.float() - target.float()) ** 2
+    if batch.pixel is None:
+        loss = torch.mean(err.reshape(bsz, -1), 1).mean()
+    else:  # train.loss_mask (not in the diffusers script): per sample Σ p·e / Σ p, p = w + (1 − w)·mask
+        p = batch.pixel.float().expand_as(err)
+        loss = ((p * err).reshape(bsz, -1).sum(1) / p.reshape(bsz, -1).sum(1)).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt.step()

@@ -21,7 +21,8 @@ from qflux.train.builtin import resolve_model_path
 
 TINY = ("--model.pretrained_model_name_or_path=builtin:tiny-flux-kontext", "--data.dataset_path=builtin:synthetic")
 """The tiny random FLUX.1 Kontext and the synthetic set, as command-line options: what the tests that are not
-about the toy model run on (the FLUX.1 recipe's defaults are the toy model and its invert pairs, 4 per step)."""
+about the toy model run on (the FLUX.1 recipe's defaults are the toy model and its invert pairs, 8 per step,
+with the auto loss mask)."""
 
 
 def tiny_args(recipe: Any, data: bool = True) -> list[str]:

@@ -42,6 +42,7 @@ def _overrides(out: Path, steps: int) -> dict[str, object]:
         "model.pretrained_model_name_or_path": "builtin:tiny-flux-kontext",
         "data.dataset_path": "builtin:synthetic",
         "data.batch_size": 2,
+        "train.loss_mask": "none",  # the pins' setting (FLUX.1's default is auto since they were taken)
         "model.dtype": "float32",
         "model.max_sequence_length": 32,
         "train.max_train_steps": steps,
