@@ -28,6 +28,7 @@ def _cfg(data: Path, cache: Path, model: Path, **extra: object) -> FluxKontextCo
         "model.dtype": "float32",
         "model.max_sequence_length": 16,
         "data.dataset_path": str(data),
+        "train.loss_mask": "none",  # the counts below are latents and prompts (change masks: test_loss_mask.py)
         "cache.cache_dir": str(cache),
         "devices.vae": "cpu",
         "devices.text_encoder": "cpu",
