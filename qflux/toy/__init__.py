@@ -6,13 +6,12 @@ Importing it registers one built-in dataset per edit, ``builtin:toy-<edit>``: :d
 and :data:`TOY_HELDOUT` held-out pairs (seed 1, validation's default) of 64 px scenes.
 """
 
-import hashlib
 from functools import partial
 from pathlib import Path
 
 from qflux.toy.edits import EDITS, TAUGHT, write_pairs, write_scenes
 from qflux.toy.world import Scene, Shape, random_scene, render
-from qflux.train.builtin import BuiltinDataset, register_builtin_dataset
+from qflux.train.builtin import BuiltinDataset, files_digest, register_builtin_dataset
 
 TOY_PAIRS = 64
 """Training pairs of a ``builtin:toy-<edit>`` dataset."""
@@ -20,9 +19,8 @@ TOY_HELDOUT = 16
 """Held-out pairs of a ``builtin:toy-<edit>`` dataset."""
 
 
-WORLD_DIGEST = hashlib.sha256(
-    b"".join((Path(__file__).parent / name).read_bytes() for name in ("__init__.py", "world.py", "edits.py"))
-).hexdigest()[:10]
+_HERE = Path(__file__).parent
+WORLD_DIGEST = files_digest(_HERE, [_HERE / name for name in ("__init__.py", "world.py", "edits.py")])
 """The first 10 hex digits of the sha256 of the world's source: a ``builtin:toy-<edit>`` dataset is written under
 ``$QFLUX_HOME/toy-<edit>-<digest>-train`` (and ``-heldout``), so a changed world writes its datasets anew."""
 

@@ -8,10 +8,11 @@ folder that is renamed into place, so an interrupted build never leaves a half-w
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -27,6 +28,16 @@ SYNTHETIC_HELDOUT = 8
 def qflux_home() -> Path:
     """``$QFLUX_HOME`` or ``~/.cache/qflux``."""
     return Path(os.environ.get("QFLUX_HOME", "~/.cache/qflux")).expanduser()
+
+
+def files_digest(root: Path, paths: Sequence[Path]) -> str:
+    """The first 10 hex digits of the sha256 of ``paths`` (each its path relative to ``root``, then its bytes):
+    a built-in folder's name carries the digest of what made it, so a changed source lands in a new folder."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def _build_once(name: str, build: Callable[[Path], object]) -> Path:

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -15,7 +13,7 @@ import attrs
 
 from qflux.config.errors import QfluxError
 from qflux.lora.formats import ComfyNames, register_naming
-from qflux.train.builtin import BuiltinModel, register_builtin_model
+from qflux.train.builtin import BuiltinModel, files_digest, register_builtin_model
 from qflux.weights.loading import ModelFiles
 from qflux.weights.shapes import register_shapes
 
@@ -42,7 +40,7 @@ class ToyModel:
     def digest(self) -> str:
         """The first 10 hex digits of the sha256 of the committed folder (each file's path and bytes): its
         built-in copy's folder name carries it, so a changed toy is copied anew, never read stale."""
-        return folder_digest(self.folder)
+        return files_digest(self.folder, sorted(p for p in self.folder.rglob("*") if p.is_file()))
 
     def write(self, out: Path) -> Path:
         """Copy the committed toy model to ``out`` (a new folder)."""
@@ -82,16 +80,6 @@ class Family:
     """Hub ids whose shapes are another shipped id's (re-quantized copies)."""
     toy: ToyModel | None = None
     """Its toy model on the toy world, where it has one."""
-
-
-@functools.cache
-def folder_digest(folder: Path) -> str:
-    """The first 10 hex digits of the sha256 of ``folder``'s files (relative path, then bytes, in path order)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        h.update(path.read_bytes())
-    return h.hexdigest()[:10]
 
 
 def toy_name(family: Family) -> str:
