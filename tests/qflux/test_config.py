@@ -119,7 +119,7 @@ def test_qwen_defaults_are_the_builtin_demo() -> None:
 
 def test_to_dict_is_plain_lists_and_dicts() -> None:
     d = to_dict(FluxKontextConfig())
-    assert d["model"]["lora"]["target_modules"] == ["to_k", "to_q", "to_v", "to_out.0"]
+    assert d["model"]["lora"]["target_modules"] == ["all-linear"]
     assert d["optimizer"]["betas"] == [0.9, 0.999]
 
 

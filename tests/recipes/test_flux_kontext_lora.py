@@ -43,6 +43,7 @@ def _overrides(out: Path, steps: int) -> dict[str, object]:
         "data.dataset_path": "builtin:synthetic",
         "data.batch_size": 2,
         "train.loss_mask": "none",  # the pins' setting (FLUX.1's default is auto since they were taken)
+        "model.lora.target_modules": ["to_k", "to_q", "to_v", "to_out.0"],  # the pins' (default: all-linear)
         "model.dtype": "float32",
         "model.max_sequence_length": 32,
         "train.max_train_steps": steps,

@@ -7,7 +7,16 @@ from typing import ClassVar
 import attrs
 from attrs import validators as v
 
-from qflux.config.schema import DataConfig, Devices, ModelSection, RecipeConfig, TrainConfig, device_field, non_negative
+from qflux.config.schema import (
+    DataConfig,
+    Devices,
+    LoraConfig,
+    ModelSection,
+    RecipeConfig,
+    TrainConfig,
+    device_field,
+    non_negative,
+)
 
 BUILTIN = "builtin:tiny-flux-kontext"
 """The tiny random FLUX.1 Kontext qflux builds offline (tests and parity)."""
@@ -31,6 +40,10 @@ class FluxKontextModel(ModelSection):
     guidance_scale: float = attrs.field(default=2.5, validator=non_negative)
     """Guidance value fed to the guidance-distilled transformer: in training, in validation and the
     sample, and predict's default (Kontext's own)."""
+    lora: LoraConfig = attrs.field(factory=lambda: LoraConfig(target_modules=("all-linear",)))
+    """The adapter; FLUX.1 Kontext's default adapts every linear layer of the transformer (as kohya's,
+    ai-toolkit's and musubi-tuner's FLUX LoRAs do), not only attention's q, k, v and out as diffusers'
+    script does: on the toy world it learns more in the same steps (docs/what_options_do.md)."""
 
 
 @attrs.frozen
