@@ -23,6 +23,10 @@ SIDE = 256
 """Longest side of the grey images compared (pixels)."""
 SCALES = tuple(round(1 + 0.02 * k, 2) for k in range(-5, 6))
 """Zoom factors tried, 0.90 to 1.10 in steps of 0.02."""
+SCALE_TIE = 0.01
+"""A zoom whose peak is within this fraction of the unzoomed peak is not told apart from it: on a small
+image a 2% zoom moves no pixel by a whole pixel (64 px: 0.6 px at the edge), so its peak equals the
+unzoomed one to the third decimal and an edit elsewhere in the picture decides which is higher."""
 
 
 @attrs.frozen
@@ -96,12 +100,11 @@ def align(control: Image.Image, target: Image.Image, *, scales: tuple[float, ...
     at :data:`SIDE` pixels; the shift is given in the target's pixels)."""
     size = small_size(*target.size)
     a, b = grey(control, size), grey(target, size)
-    best = (0.0, 0.0, -1.0, 1.0)
-    for s in scales:
-        # undo a candidate zoom of the target: a target whose content is s× larger, shrunk by 1/s
-        dx, dy, peak = phase_correlation(a, zoom(b, 1 / s))
-        if peak > best[2] + 1e-6 or (abs(peak - best[2]) <= 1e-6 and abs(s - 1) < abs(best[3] - 1)):
-            best = (dx, dy, peak, s)
-    dx, dy, peak, s = best
+    # undo each candidate zoom of the target: a target whose content is s× larger, shrunk by 1/s
+    found = {s: phase_correlation(a, zoom(b, 1 / s)) for s in scales}
+    # the highest peak wins; a peak within SCALE_TIE of a higher one, at a scale nearer 1, wins the tie
+    top = max(peak for _, _, peak in found.values())
+    s = min((s for s, (_, _, peak) in found.items() if peak >= top * (1 - SCALE_TIE)), key=lambda s: abs(s - 1))
+    dx, dy, peak = found[s]
     f = target.size[0] / size[0]
     return Alignment(dx=dx * f, dy=dy * f, scale=s, peak=peak)
