@@ -11,6 +11,7 @@ the values for the real models. Every key is read by the code.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -33,6 +34,11 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def _names(names: Iterable[str]) -> tuple[str, ...]:
+    """A list of module names (a YAML list, or a tuple) as a tuple."""
+    return tuple(names)
+
+
 @attrs.frozen
 class LoraConfig:
     """Adapter settings, handed to peft (``LoraConfig``, ``LoHaConfig``, ``LoKrConfig``)."""
@@ -52,7 +58,7 @@ class LoraConfig:
     init_lora_weights: bool | str = attrs.field(default="gaussian", validator=init_lora)
     """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random).
     lokr and loha: 'gaussian' and true start at ΔW = 0 (peft's init: one factor zero), false random."""
-    target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=tuple)
+    target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=_names)
     """Module names (suffixes) of the transformer that get an adapter; [all-linear]: every linear layer
     (a module whose output never reaches the loss, such as Qwen-Image's last text stream, is named at
     the start and keeps ΔW = 0)."""

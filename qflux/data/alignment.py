@@ -24,9 +24,9 @@ SIDE = 256
 SCALES = tuple(round(1 + 0.02 * k, 2) for k in range(-5, 6))
 """Zoom factors tried, 0.90 to 1.10 in steps of 0.02."""
 SCALE_TIE = 0.01
-"""A zoom whose peak is within this fraction of the unzoomed peak is not told apart from it: on a small
-image a 2% zoom moves no pixel by a whole pixel (64 px: 0.6 px at the edge), so its peak equals the
-unzoomed one to the third decimal and an edit elsewhere in the picture decides which is higher."""
+"""Peaks within this fraction of the highest are a tie, which the zoom nearest 1 wins: on a small image a
+2% zoom moves no pixel by a whole pixel (64 px: 0.6 px at the edge), so its peak equals the unzoomed one
+to a few thousandths and an edit elsewhere in the picture decides which is higher."""
 
 
 @attrs.frozen

@@ -52,7 +52,7 @@ def test_a_reframed_target_is_scaled() -> None:
 
 def test_a_zoom_too_small_to_move_a_pixel_does_not_decide() -> None:
     # the built-in darken pairs (seed 0): on 64 px a 2% zoom moves no pixel by a whole pixel, so its peak
-    # ties the unzoomed one to 1e-3 and the darkened shape used to tip it ("scaled ×0.98" on 12 of 64)
+    # ties the unzoomed one to a few 1e-3 and the darkened shape used to tip it ("scaled ×0.98" on 12 of 64)
     rng = np.random.default_rng(0)
     for _ in range(64):
         before, after, prompt = edited_pair(rng, ["darken"])

@@ -19,7 +19,7 @@ fused q/k/v/MLP projection (their ``attn.to_out`` shares its name with the doubl
 
 
 def _klein_lora() -> LoraConfig:
-    return LoraConfig(target_modules=KLEIN_TARGETS)  # type: ignore[arg-type]  # (attrs' converter takes any iterable)
+    return LoraConfig(target_modules=KLEIN_TARGETS)
 
 
 @attrs.frozen

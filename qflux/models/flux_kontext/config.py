@@ -41,9 +41,10 @@ class FluxKontextModel(ModelSection):
     """Guidance value fed to the guidance-distilled transformer: in training, in validation and the
     sample, and predict's default (Kontext's own)."""
     lora: LoraConfig = attrs.field(factory=lambda: LoraConfig(target_modules=("all-linear",)))
-    """The adapter; FLUX.1 Kontext's default adapts every linear layer of the transformer (as kohya's,
-    ai-toolkit's and musubi-tuner's FLUX LoRAs do), not only attention's q, k, v and out as diffusers'
-    script does: on the toy world it learns more in the same steps (docs/what_options_do.md)."""
+    """The adapter; FLUX.1 Kontext's default adapts every linear layer of the transformer (kohya's FLUX
+    LoRAs adapt every linear layer of the blocks: attention, MLP and modulation), not only attention's q,
+    k, v and out as diffusers' script does: on the toy world it learns more in the same steps
+    (docs/what_options_do.md)."""
 
 
 @attrs.frozen
