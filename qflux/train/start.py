@@ -14,7 +14,7 @@ from qflux.config.parse import to_dict
 from qflux.config.schema import LoraConfig, OptimizerConfig, RecipeConfig
 from qflux.lora.adapter import inject_lora, lora_from_file
 from qflux.lora.formats import Naming, check_convertible
-from qflux.lora.kinds import module_of
+from qflux.lora.kinds import ALL_LINEAR, module_of
 from qflux.optim.schedules import learning_rate
 from qflux.optim.transform import optimizer_from_config
 from qflux.train.batch import DataPath, Draws, prepare
@@ -102,9 +102,15 @@ def first_state(cfg: RecipeConfig, run: Run, lora0: Mapping[str, torch.Tensor]) 
     return state
 
 
-def adapter_text(lora: LoraConfig) -> str:
-    """The start block's adapter line: kind, rank, alpha and how many target modules."""
-    return f"{lora.kind}, rank {lora.r}, alpha {lora.lora_alpha:g}, on {', '.join(lora.target_modules)}"
+def adapter_text(lora: LoraConfig, tensors: Mapping[str, torch.Tensor]) -> str:
+    """The start block's adapter line: kind, rank, alpha, the targets, and how many layers and trainable
+    parameters they came to (``tensors``: the adapter's tensors by module parameter name)."""
+    targets = "every linear layer" if tuple(lora.target_modules) == (ALL_LINEAR,) else ", ".join(lora.target_modules)
+    layers = len({module_of(name) for name in tensors})
+    params = sum(t.numel() for t in tensors.values())
+    return (
+        f"{lora.kind}, rank {lora.r}, alpha {lora.lora_alpha:g}, on {targets}: {layers} layers, {params:,} parameters"
+    )
 
 
 def optimizer_text(opt: OptimizerConfig) -> str:
@@ -134,7 +140,7 @@ def announce(cfg: RecipeConfig, run: Run, models: Any, loaded: Sequence[str], st
         start_step=state.step,
         compile_mode=run.compile_mode,
         output=run.output,
-        adapter=adapter_text(cfg.model.lora),
+        adapter=adapter_text(cfg.model.lora, state.train.lora),
         optimizer=optimizer_text(cfg.optimizer),
     )
     print(start_block(plan))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffusers import FluxKontextPipeline
+from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from qflux.config.parse import load_config
@@ -75,6 +75,11 @@ def test_the_default_run_shows_the_edit_appearing(trained) -> None:
     before, after = (float(v) for v in re.findall(r"([0-9.]+) dB (?:before|after)", line))
     print(line)
     assert after >= before + SAMPLE_GAIN
+    # FLUX.1's default adapter: rank 16 on every linear layer of the transformer, each r·(in + out) parameters
+    linears = [m for m in FluxTransformer2DModel.from_pretrained(resolve_model(result), subfolder="transformer")
+               .modules() if isinstance(m, torch.nn.Linear)]  # fmt: skip
+    params = sum(16 * (m.in_features + m.out_features) for m in linears)
+    assert f"on every linear layer: {len(linears)} layers, {params:,} parameters" in printed
 
 
 def test_outputs_are_written(trained) -> None:
