@@ -53,10 +53,15 @@ ALL_LINEAR = "all-linear"
 """``model.lora.target_modules: [all-linear]``: every linear layer of the transformer."""
 
 
+def every_linear(cfg: LoraConfig) -> bool:
+    """Whether ``cfg`` targets every linear layer (``target_modules: [all-linear]``)."""
+    return tuple(cfg.target_modules) == (ALL_LINEAR,)
+
+
 def peft_config(cfg: LoraConfig, linear: Sequence[str] = ()) -> Any:
     """The peft config of ``cfg.kind`` (rank, alpha, init, target modules; ``[all-linear]`` becomes
     ``linear``, the model's linear layer paths)."""
-    targets = list(linear) if tuple(cfg.target_modules) == (ALL_LINEAR,) else list(cfg.target_modules)
+    targets = list(linear) if every_linear(cfg) else list(cfg.target_modules)
     return kind_config(cfg.kind, cfg.r, cfg.lora_alpha, targets, cfg.init_lora_weights)
 
 

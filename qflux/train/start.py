@@ -14,7 +14,7 @@ from qflux.config.parse import to_dict
 from qflux.config.schema import LoraConfig, OptimizerConfig, RecipeConfig
 from qflux.lora.adapter import inject_lora, lora_from_file
 from qflux.lora.formats import Naming, check_convertible
-from qflux.lora.kinds import ALL_LINEAR, module_of
+from qflux.lora.kinds import every_linear, module_of
 from qflux.optim.schedules import learning_rate
 from qflux.optim.transform import optimizer_from_config
 from qflux.train.batch import DataPath, Draws, prepare
@@ -105,7 +105,7 @@ def first_state(cfg: RecipeConfig, run: Run, lora0: Mapping[str, torch.Tensor]) 
 def adapter_text(lora: LoraConfig, tensors: Mapping[str, torch.Tensor]) -> str:
     """The start block's adapter line: kind, rank, alpha, the targets, and how many layers and trainable
     parameters they came to (``tensors``: the adapter's tensors by module parameter name)."""
-    targets = "every linear layer" if tuple(lora.target_modules) == (ALL_LINEAR,) else ", ".join(lora.target_modules)
+    targets = "every linear layer" if every_linear(lora) else ", ".join(lora.target_modules)
     layers = len({module_of(name) for name in tensors})
     params = sum(t.numel() for t in tensors.values())
     return (

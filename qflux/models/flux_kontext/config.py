@@ -17,6 +17,7 @@ from qflux.config.schema import (
     device_field,
     non_negative,
 )
+from qflux.lora.kinds import ALL_LINEAR
 
 BUILTIN = "builtin:tiny-flux-kontext"
 """The tiny random FLUX.1 Kontext qflux builds offline (tests and parity)."""
@@ -40,7 +41,7 @@ class FluxKontextModel(ModelSection):
     guidance_scale: float = attrs.field(default=2.5, validator=non_negative)
     """Guidance value fed to the guidance-distilled transformer: in training, in validation and the
     sample, and predict's default (Kontext's own)."""
-    lora: LoraConfig = attrs.field(factory=lambda: LoraConfig(target_modules=("all-linear",)))
+    lora: LoraConfig = attrs.field(factory=lambda: LoraConfig(target_modules=(ALL_LINEAR,)))
     """The adapter; FLUX.1 Kontext's default adapts every linear layer of the transformer (kohya's FLUX
     LoRAs adapt every linear layer of the blocks: attention, MLP and modulation), not only attention's q,
     k, v and out as diffusers' script does: on the toy world it learns more in the same steps
