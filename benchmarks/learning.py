@@ -3,6 +3,7 @@ never taught, and does the diffusers reference loop, at the same settings, learn
 
     python benchmarks/learning.py [--edits=darken,grayscale] [--pairs=64] [--heldout=16] [--steps=300]
                                   [--reference=True] [--sample_steps=28] [--out=DIR] [--set=KEY=VALUE,...]
+                                  [--rows=objective]
 
 Per edit of ``--edits`` (the untaught ones: ``darken``, ``grow``, ``shrink`` and ``invert_shape`` are local,
 ``grayscale``, ``mirror`` and ``invert`` global; :data:`qflux.toy.edits.EDITS`):
@@ -40,6 +41,9 @@ Prints one line per edit, then:
 
     RESULT name=learning <edit>_base_changed=… <edit>_changed=… <edit>_gain=… <edit>_unchanged_drop=…
            <edit>_ref_changed=… <edit>_ref_gain=… <edit>_s=… <edit>_ref_s=… ... total_s=…
+
+With ``--rows=objective`` it trains each row of :data:`ROWS` (the preservation, loss and timestep options, one
+override set each) on every edit without the reference, prints a table and ``RESULT name=learning_objective``.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ def check_reference(cfg: FluxKontextConfig) -> None:
         "train.gradient_accumulation_steps": t.gradient_accumulation_steps != 1,
         "train.weighting_scheme": t.weighting_scheme != "none",
         "train.ema_decay": t.ema_decay is not None,
+        "train.loss": t.loss != "mse",
+        "train.preserve": t.preserve != "none",
     }
     named = [k for k, bad in unsupported.items() if bad]
     if named:
@@ -181,7 +187,8 @@ def reference_train(cfg: FluxKontextConfig, result: RunResult) -> tuple[Lora, fl
                            total_steps=cfg.train.max_train_steps, num_cycles=sch.num_cycles)  # fmt: skip
         for group in opt.param_groups:
             group["lr"] = lr
-        _reference_step(transformer, list(params.values()), opt, next(batches), cfg.model.guidance_scale, clip)
+        _reference_step(transformer, list(params.values()), opt, next(batches), cfg.model.guidance_scale, clip,
+                        cfg.train.unmasked_weight)  # fmt: skip
         seconds.append(time.perf_counter() - start)
     lora = {k: p.detach().clone() for k, p in params.items()}
     trainable_adapter(transformer, result.initial_lora)  # the module as the run left it (the LoRA at its init)
@@ -254,12 +261,55 @@ RESULT_KEYS = ("base_changed", "changed", "gain", "unchanged_drop", "ref_changed
 ``train.ema_decay``)."""
 
 
+ROWS: dict[str, dict[str, dict[str, Any]]] = {
+    "objective": {
+        "default": {},
+        "preserve": {"train.preserve": "base"},
+        "preserve_w4": {"train.preserve": "base", "train.preserve_weight": 4.0},
+        "huber": {"train.loss": "huber"},
+        "pseudo_huber": {"train.loss": "pseudo_huber"},
+        "logit_normal": {"train.timestep_sampling": "logit_normal"},
+        "shift": {"train.timestep_sampling": "shift"},
+        "resolution_shift": {"train.timestep_sampling": "resolution_shift"},
+    },
+}
+"""``--rows``: named sets of rows, each a row's overrides on top of the defaults (and ``--set``)."""
+
+
+def run_rows(table: str, names: list[str], root: Path, **kw: Any) -> None:
+    """Every row of ``ROWS[table]`` on every edit, without the reference: a table of changed / unchanged PSNR,
+    gain, unchanged drop and step time, then ``RESULT name=learning_<table> <row>_<edit>_<key>=…``."""
+    if table not in ROWS:
+        raise SystemExit(f"--rows takes one of {', '.join(ROWS)}; got {table!r}")
+    extra, results = kw.pop("extra"), {}
+    for row, overrides in ROWS[table].items():
+        for edit in names:
+            r = run_edit(edit, root / row, reference=False, extra={**extra, **overrides}, **kw)
+            results[row, edit] = r
+            print(f"{row}: {line(edit, r)}", flush=True)
+    print("| row | " + " | ".join(f"{e} changed / unchanged (gain, drop)" for e in names) + " | s/step |")
+    print("| --- |" + " --- |" * (len(names) + 1))
+    for row in ROWS[table]:
+        rs = [results[row, e] for e in names]
+        cells = [f"{r['changed']:.2f} / {r['unchanged']:.2f} ({r['gain']:+.2f}, {r['unchanged_drop']:.2f})" for r in rs]
+        s = statistics.median(r["s"] for r in rs)
+        print(f"| {row} | " + " | ".join(cells) + f" | {s:.3f} |")
+    keys = ("changed", "unchanged", "gain", "unchanged_drop", "s")
+    fields = " ".join(f"{row}_{e}_{k}={r[k]:.3f}" for (row, e), r in results.items() for k in keys)
+    print(f"RESULT name=learning_{table} {fields}")
+
+
 def main(edits: str | tuple[str, ...] = "darken,grayscale", pairs: int = 64, heldout: int = 16, steps: int = 300,
          reference: bool = True, sample_steps: int = 28, out: str = "",
-         set: str | dict[str, Any] = "") -> None:  # fmt: skip
-    """Run every edit and print its line, then the RESULT line."""
+         set: str | dict[str, Any] = "", rows: str = "") -> None:  # fmt: skip
+    """Run every edit and print its line, then the RESULT line (with ``rows``: every row of that table)."""
     names = edits.split(",") if isinstance(edits, str) else list(edits)
     extra = parse_set(set)
+    if rows:
+        with tempfile.TemporaryDirectory(prefix="qflux-learning-") as tmp:
+            run_rows(rows, names, Path(out) if out else Path(tmp), pairs=pairs, heldout=heldout, steps=steps,
+                     sample_steps=sample_steps, extra=extra)  # fmt: skip
+        return
     started = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory(prefix="qflux-learning-") as tmp:

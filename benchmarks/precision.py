@@ -103,7 +103,7 @@ def _saved_for_backward(path: Path) -> dict[str, float]:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")(lora, batch)
+            make_loss_fn(tr, guidance_scale=2.5)(lora, batch)
         own = {t.untyped_storage().data_ptr() for t in (*tr.parameters(), *tr.buffers())}
         return sum(n for ptr, n in seen.items() if ptr not in own)
 
@@ -203,7 +203,7 @@ def run_full_size() -> None:
         lora = inject_lora(tr, LoraConfig(r=16), seed=0)
         state = init_train_state({k: t.to(device) for k, t in lora.items()}, 0)
         step = make_train_step(
-            make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none"),
+            make_loss_fn(tr, guidance_scale=2.5),
             StepHParams(engine="autograd"),
             module=tr,
         )

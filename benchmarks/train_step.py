@@ -154,7 +154,7 @@ def _forward_flops(tr, batch) -> float:
 
     from qflux.models.flux_kontext.loss import make_loss_fn
 
-    loss_fn = make_loss_fn(tr, guidance_scale=1.0, weighting_scheme="none")
+    loss_fn = make_loss_fn(tr, guidance_scale=1.0)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         loss_fn({}, batch)
     return float(counter.get_total_flops())
@@ -203,7 +203,7 @@ def bench_dtype(
         inject_lora(tr, lora_cfg, seed=0)
         prepare_frozen_base(tr, fp8_matmul=fp8_matmul, device=device, compile_mode=mode)
         engine = grad_engine(mode)
-        loss_fn = make_loss_fn(tr, guidance_scale=1.0, weighting_scheme="none")
+        loss_fn = make_loss_fn(tr, guidance_scale=1.0)
         step = make_train_step(loss_fn, StepHParams(make_optimizer(**hp_args), engine=engine), module=tr, compile=mode)
         holder = {"state": init_train_state({k: v.to(device) for k, v in lora.items()}, seed=0)}
 
@@ -302,9 +302,11 @@ def main(
     print("RESULT " + " ".join(parts))
 
 
-def _reference_step(transformer, params, opt, batch, guidance_scale: float, max_grad_norm: float) -> float:
+def _reference_step(
+    transformer, params, opt, batch, guidance_scale: float, max_grad_norm: float, unmasked_weight: float = 1.0
+) -> float:
     """One step as diffusers' train_dreambooth_lora_flux_kontext.py does it (module holds the LoRA); where the
-    batch carries pixel weights (``train.loss_mask``), its loss is their weighted mean, as qflux documents it."""
+    batch carries a change mask (``train.loss_mask``), its loss is the pixel-weighted mean qflux documents."""
     from diffusers import FluxKontextPipeline
 
     x0, noise, cond = batch.latents, batch.noise, batch.control_latents
@@ -333,10 +335,10 @@ def _reference_step(transformer, params, opt, batch, guidance_scale: float, max_
     pred = FluxKontextPipeline._unpack_latents(pred, h * 8, w * 8, 8)
     target = noise - x0
     err = (pred.float() - target.float()) ** 2
-    if batch.pixel is None:
+    if batch.change is None:
         loss = torch.mean(err.reshape(bsz, -1), 1).mean()
-    else:  # train.loss_mask (not in the diffusers script): per sample Σ p·e / Σ p, p = w + (1 − w)·mask
-        p = batch.pixel.float().expand_as(err)
+    else:  # train.loss_mask (not in the diffusers script): per sample Σ p·e / Σ p, p = u + (1 − u)·mask
+        p = (unmasked_weight + (1.0 - unmasked_weight) * batch.change.float()).expand_as(err)
         loss = ((p * err).reshape(bsz, -1).sum(1) / p.reshape(bsz, -1).sum(1)).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from qflux.config.errors import QfluxError
@@ -26,6 +27,7 @@ from qflux.config.parse import load_config
 from qflux.data.dataset import collate_pairs
 from qflux.data.images import image_arg, save_image
 from qflux.data.pairs import PairRule
+from qflux.diffusion.flow import Objective
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.flux2_klein import FAMILY
@@ -36,13 +38,13 @@ from qflux.models.flux2_klein.config import Flux2KleinConfig
 from qflux.models.flux2_klein.loaders import Flux2KleinModels, load_flux2_klein
 from qflux.models.flux2_klein.loss import make_loss_fn
 from qflux.models.flux2_klein.plan import plan_model
-from qflux.models.flux2_klein.predict import denoise
+from qflux.models.flux2_klein.predict import denoise, training_mu
 from qflux.models.flux2_klein.predict import predict as klein_predict
 from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.cache import CacheReport
 from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
 from qflux.train.driver import decoder, train_lora
-from qflux.train.options import load_options, preview_options
+from qflux.train.options import load_options, plan_options, preview_options
 from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
 MAX_REFERENCES = 4
@@ -71,8 +73,9 @@ def _ops(cfg: Flux2KleinConfig, run: Run, models: Flux2KleinModels) -> ModelOps:
     """The model's own functions the shared loop calls: its batch, preview (validation, sample.png),
     decoding (a VAE loaded for the call when training from the cache) and loss."""
     decode = decoder(vae_decode, models.vae, lambda: _load(cfg, run.model_dir, ("vae",)).vae)
-    loss = partial(make_loss_fn, weighting_scheme=cfg.train.weighting_scheme)
-    return ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls(), loss)
+    loss = partial(make_loss_fn, objective=Objective.from_config(cfg.train))
+    return ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls(), loss,
+                    mu=training_mu)  # fmt: skip
 
 
 def _load(cfg: Flux2KleinConfig, path: Path, include: Sequence[str], run: Run | None = None) -> Flux2KleinModels:
@@ -164,7 +167,11 @@ def predict(prompt: str, image: str | list[str] | None = None, out: str = "edite
 def _plan_target(cfg: Flux2KleinConfig) -> PlanTarget:
     seq = cfg.model.max_sequence_length
     return PlanTarget(
-        plan_model(), FAMILY.pipeline, ("transformer", *FAMILY.encoders), MAX_REFERENCES, lambda configs, n: seq
+        attrs.evolve(plan_model(), **plan_options(cfg)),
+        FAMILY.pipeline,
+        ("transformer", *FAMILY.encoders),
+        MAX_REFERENCES,
+        lambda configs, n: seq,
     )
 
 

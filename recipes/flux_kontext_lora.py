@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from qflux.config.errors import QfluxError
@@ -24,6 +25,7 @@ from qflux.config.parse import load_config
 from qflux.data.dataset import collate_pairs
 from qflux.data.images import load_rgb, save_image
 from qflux.data.pairs import PairRule
+from qflux.diffusion.flow import Objective
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.flux_kontext import FAMILY
@@ -46,7 +48,7 @@ from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.cache import CacheReport
 from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
 from qflux.train.driver import decoder, train_lora
-from qflux.train.options import load_options, preview_options
+from qflux.train.options import load_options, plan_options, preview_options
 from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
 PAIRS = PairRule((1, 1), "target")
@@ -88,8 +90,8 @@ def _ops(cfg: FluxKontextConfig, run: Run, models: FluxKontextModels) -> ModelOp
     """The model's own functions the shared loop calls: its batch, preview (validation, sample.png),
     decoding (a VAE loaded for the call when training from the cache) and loss."""
     decode = decoder(vae_decode, models.vae, lambda: _load(cfg, run.model_dir, ("vae",)).vae)
-    guidance, weighting = cfg.model.guidance_scale, cfg.train.weighting_scheme
-    loss = partial(make_loss_fn, guidance_scale=guidance, weighting_scheme=weighting)
+    guidance = cfg.model.guidance_scale
+    loss = partial(make_loss_fn, objective=Objective.from_config(cfg.train), guidance_scale=guidance)
     return ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls(), loss)
 
 
@@ -187,7 +189,8 @@ def _plan_target(cfg: FluxKontextConfig) -> PlanTarget:
     """The plan's model, components and prompt length (a local folder's tokenizer's, else FLUX.1's 512)."""
     named = Path(cfg.model.pretrained_model_name_or_path)
     seq = text_length(cfg.model.max_sequence_length, named if named.is_dir() else None)
-    return PlanTarget(plan_model(cfg.model.guidance_scale), FAMILY.pipeline, ("transformer", *FAMILY.encoders), 1,
+    model = attrs.evolve(plan_model(cfg.model.guidance_scale), **plan_options(cfg))
+    return PlanTarget(model, FAMILY.pipeline, ("transformer", *FAMILY.encoders), 1,
                       lambda configs, n: seq)  # fmt: skip
 
 

@@ -20,12 +20,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from PIL import Image
 
 from qflux.config.parse import load_config
 from qflux.data.images import image_arg, save_image
 from qflux.data.pairs import PairRule
+from qflux.diffusion.flow import Objective
 from qflux.lora.adapter import load_lora_file
 from qflux.memory.command import PlanTarget, recipe_main, warn_if_too_big
 from qflux.models.qwen_image_edit import FAMILY
@@ -48,7 +50,7 @@ from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.cache import CacheReport
 from qflux.train.cache_path import CachePath, cache_command, cached_data, module_cache
 from qflux.train.driver import decoder, train_lora
-from qflux.train.options import load_options, preview_options
+from qflux.train.options import load_options, plan_options, preview_options
 from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
 PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own"), "edit_2511": PairRule((0, 3), "own")}
@@ -77,7 +79,7 @@ def _ops(cfg: QwenImageEditConfig, run: Run, models: QwenImageEditModels) -> Mod
     """The model's own functions the shared loop calls: its batch, preview (validation, sample.png),
     decoding (a VAE loaded for the call when training from the cache) and loss."""
     decode = decoder(vae_decode, models.vae, lambda: _load(cfg, run.model_dir, ("vae",)).vae)
-    loss = partial(make_loss_fn, weighting_scheme=cfg.train.weighting_scheme)
+    loss = partial(make_loss_fn, objective=Objective.from_config(cfg.train))
     return ModelOps(to_batch, partial(_preview, cfg, models), decode, FAMILY.naming, pipeline_cls(), loss)
 
 
@@ -167,7 +169,8 @@ def predict(prompt: str, image: str | list[str] | None = None, out: str = "edite
 
 def _plan_target(cfg: QwenImageEditConfig) -> PlanTarget:
     variant = cfg.model.variant
-    return PlanTarget(plan_model(), FAMILY.pipeline, ("transformer", *FAMILY.encoders), PAIRS[variant].controls[1],
+    model = attrs.evolve(plan_model(), **plan_options(cfg))
+    return PlanTarget(model, FAMILY.pipeline, ("transformer", *FAMILY.encoders), PAIRS[variant].controls[1],
                       lambda configs, n: text_tokens(configs["text_encoder"], variant, n))  # fmt: skip
 
 

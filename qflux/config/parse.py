@@ -38,6 +38,7 @@ MOVED = {
         for old, new in _ENCODER_KEYS.items()
     },
     **{f"predict.devices.{c}": f"devices.{c}" for c in ("transformer", "vae", "text_encoder", "text_encoder_2")},
+    "train.resolution_shift": "train.timestep_sampling: resolution_shift",
 }
 """Keys of earlier qflux configs → where they live now (an old key's error names its new place)."""
 
@@ -111,9 +112,17 @@ _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a s
 
 
 def _literal(value: Any, tp: Any) -> Any:
-    if isinstance(value, str) and value in typing.get_args(tp):
+    options = typing.get_args(tp)
+    if isinstance(value, str) and value in options:
         return value
-    raise ValueError(f"must be one of {', '.join(map(repr, typing.get_args(tp)))}; got {value!r}")
+    if value in DENSITIES and "sigma_sqrt" in options:  # train.weighting_scheme of an earlier qflux
+        raise ValueError(f"{value} is now train.timestep_sampling: {value} (weighting_scheme weighs the loss "
+                         f"only: {', '.join(options)})")  # fmt: skip
+    raise ValueError(f"must be one of {', '.join(map(repr, options))}; got {value!r}")
+
+
+DENSITIES = ("logit_normal", "mode")
+"""``train.weighting_scheme`` values of earlier qflux (diffusers' densities), ``train.timestep_sampling``'s now."""
 
 
 def _union(value: Any, tp: Any) -> Any:

@@ -230,18 +230,30 @@ class TrainConfig:
     fp8_matmul: bool = False
     """Run the frozen base's large matmuls in fp8 (static per-channel weight scales, dynamic
     per-token activation scales; torchao). CUDA with compute capability 8.9+ only; the LoRA stays fp32."""
-    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = attrs.field(
-        default="none", validator=v.in_(("none", "logit_normal", "mode", "cosmap", "sigma_sqrt"))
+    weighting_scheme: Literal["none", "cosmap", "sigma_sqrt"] = attrs.field(
+        default="none", validator=v.in_(("none", "cosmap", "sigma_sqrt"))
     )
-    """Timestep density and loss weighting (SD3 paper, as diffusers' training scripts)."""
+    """The loss weight w(σ) of each sample (SD3 paper, diffusers' ``compute_loss_weighting_for_sd3``): 'none'
+    1, 'cosmap' 2/(π(1 − 2σ + 2σ²)), 'sigma_sqrt' σ⁻². How σ is drawn is ``timestep_sampling``."""
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "shift", "resolution_shift"] = attrs.field(
+        default="uniform", validator=v.in_(("uniform", "logit_normal", "mode", "shift", "resolution_shift"))
+    )
+    """How each sample's σ is drawn (from the step's keyed generator, the same on 1 or N ranks): 'uniform'
+    u ~ U[0, 1); 'logit_normal' u = sigmoid(N(logit_mean, logit_std)) (SD3; musubi-tuner's and ai-toolkit's
+    'sigmoid' with scale s is logit_std s); 'mode' SD3's mode density (mode_scale); then σ = 1 − u on the
+    scheduler's 1000 training steps (diffusers' mapping). 'shift': logit_normal, then σ' = s·σ / (1 + (s − 1)·σ) with
+    s = timestep_shift (towards noise for s > 1); 'resolution_shift': logit_normal, then the shift of the
+    family's own pipeline at the target's size, σ' = e^μ / (e^μ + 1/σ − 1), μ from its token count as the
+    pipeline computes it (FLUX.1 and Qwen from the scheduler config, FLUX.2 its empirical μ at 50 steps)."""
     logit_mean: float = 0.0
-    """logit_normal: mean of the normal before the sigmoid."""
+    """logit_normal, shift and resolution_shift: mean of the normal before the sigmoid. σ = 1 − u on the
+    scheduler's steps, as diffusers' scripts map it, so a positive mean draws σ nearer the image."""
     logit_std: float = attrs.field(default=1.0, validator=positive)
-    """logit_normal: standard deviation of the normal before the sigmoid."""
+    """logit_normal, shift and resolution_shift: standard deviation of the normal before the sigmoid."""
     mode_scale: float = 1.29
     """mode: scale of the mode-favouring density."""
-    resolution_shift: bool = False
-    """Shift sampled sigmas towards noise for large images: σ' = e^μ / (e^μ + 1/σ − 1), μ from seq len."""
+    timestep_shift: float = attrs.field(default=3.0, validator=positive)
+    """shift: s of σ' = s·σ / (1 + (s − 1)·σ) (SD3 trains at 3.0; 1 changes nothing)."""
     loss_mask: Literal["none", "masks", "auto"] = attrs.field(
         default="none", validator=v.in_(("none", "masks", "auto"))
     )
@@ -249,6 +261,23 @@ class TrainConfig:
     control_images/ (grey, white where the edit is, the target's size; a pair without one weighs
     all alike). ``auto``: a soft mask from |target − first control|, smoothed and dilated on the
     latent grid. Masks follow buckets and crops; the cache stores them (``change_mask`` entries)."""
+    loss: Literal["mse", "huber", "pseudo_huber"] = attrs.field(
+        default="mse", validator=v.in_(("mse", "huber", "pseudo_huber"))
+    )
+    """The error ℓ(d) of each element of d = v̂ − v: 'mse' d²; 'huber' d² up to |d| = huber_c, then
+    2·huber_c·|d| − huber_c²; 'pseudo_huber' 2c²(√(1 + (d/c)²) − 1) with c = huber_c (diffusers'
+    and SimpleTuner's "huber"). Both huber kinds equal mse for errors well below huber_c and grow
+    linearly above it, so rare large errors pull less (docs/what_options_do.md)."""
+    huber_c: float = attrs.field(default=0.1, validator=positive)
+    """huber and pseudo_huber only: the error size c where ℓ turns from quadratic to linear."""
+    preserve: Literal["none", "base"] = attrs.field(default="none", validator=v.in_(("none", "base")))
+    """'base': keep what the edit does not touch as the base model has it. Outside the change mask m
+    (``loss_mask``: masks or auto) the LoRA's velocity is also pulled to the base model's own
+    prediction on the same noisy latents, computed in the same step with the adapter off:
+    loss += mean w(σ)·preserve_weight·(1 − m)·ℓ(v̂ − v̂_base). Costs one more transformer forward
+    (no backward) a step; ``plan`` counts it."""
+    preserve_weight: float = attrs.field(default=1.0, validator=non_negative)
+    """λ of the preservation term (``preserve: base``)."""
     ema_decay: float | None = attrs.field(default=None, validator=v.optional(unit_interval))
     """Keep an exponential moving average of the LoRA, e ← d·e + (1 − d)·θ after every step, saved
     beside the raw weights as pytorch_lora_weights_ema.safetensors (and its ComfyUI twin) and in
@@ -267,6 +296,26 @@ class TrainConfig:
     """Stop after this many steps in a row whose loss or gradient was not finite (each is skipped)."""
 
     def __attrs_post_init__(self) -> None:
+        readers = {"logit_mean": ("logit_normal", "shift", "resolution_shift"),
+                   "logit_std": ("logit_normal", "shift", "resolution_shift"), "mode_scale": ("mode",),
+                   "timestep_shift": ("shift",)}  # fmt: skip
+        for f in attrs.fields(type(self)):
+            if (
+                f.name in readers
+                and getattr(self, f.name) != f.default
+                and self.timestep_sampling not in readers[f.name]
+            ):
+                raise ValueError(f"train.{f.name} is read only by train.timestep_sampling: "
+                                 f"{' or '.join(readers[f.name])}; set one or remove the key")  # fmt: skip
+        if self.huber_c != 0.1 and self.loss == "mse":
+            raise ValueError("train.huber_c is read only by train.loss: huber or pseudo_huber; set one or remove it")
+        if self.preserve == "base" and self.loss_mask == "none":
+            raise ValueError(
+                "train.preserve: base keeps the base model's prediction outside the change mask, and "
+                "train.loss_mask: none has none; set train.loss_mask: auto (or masks)"
+            )
+        if self.preserve_weight != 1.0 and self.preserve == "none":
+            raise ValueError("train.preserve_weight is read only with train.preserve: base; set it or remove the key")
         if self.compile is True and self.gradient_checkpointing:
             raise ValueError(
                 "compile: true (one graph through torch.func) cannot recompute checkpointed blocks; "

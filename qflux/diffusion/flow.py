@@ -10,16 +10,23 @@ matches ``train_dreambooth_lora_flux_kontext.py`` draw for draw.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import attrs
 import torch
+import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from qflux.data.masks import masked_mean
+from qflux.config.schema import TrainConfig
+from qflux.data.masks import masked_mean, pixel_weights
 
-WeightingScheme = Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
+WeightingScheme = Literal["none", "cosmap", "sigma_sqrt"]
+TimestepSampling = Literal["uniform", "logit_normal", "mode", "shift", "resolution_shift"]
+DENSITY = {"uniform": "none", "logit_normal": "logit_normal", "mode": "mode", "shift": "logit_normal",
+           "resolution_shift": "logit_normal"}  # fmt: skip
+"""Each sampler's density of u (diffusers' ``compute_density_for_timestep_sampling`` names; 'none' is uniform);
+the shift samplers then move σ (:func:`shifted_sigmas`)."""
 
 
 @attrs.frozen(eq=False, kw_only=True)
@@ -27,7 +34,7 @@ class FlowBatch:
     """The flow-matching part of a training micro-batch, randomness included (drawn outside the step).
 
     Each model's batch record extends it with its conditioning fields (keyword-only, so a record's
-    own required fields may follow ``pixel``'s default).
+    own required fields may follow ``change``'s default).
     """
 
     latents: torch.Tensor
@@ -36,12 +43,13 @@ class FlowBatch:
     """ε [B, C, h, w] (float32)."""
     sigmas: torch.Tensor
     """σ [B] (float32) in (0, 1]."""
-    pixel: torch.Tensor | None = None
-    """Per-latent-pixel loss weights [B, 1, h, w] (``train.loss_mask``), or None (all 1)."""
+    change: torch.Tensor | None = None
+    """The change mask m [B, 1, h, w] in [0, 1] (``train.loss_mask``: 1 where the edit happens), or None
+    (the loss weighs every latent pixel alike)."""
 
 
 def sample_u(
-    scheme: WeightingScheme,
+    sampling: TimestepSampling,
     batch_size: int,
     *,
     logit_mean: float,
@@ -49,13 +57,13 @@ def sample_u(
     mode_scale: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Draw u ∈ [0, 1) from the scheme's timestep density (uniform for none/cosmap/sigma_sqrt).
+    """Draw u ∈ [0, 1) from the sampler's density (:data:`DENSITY`), from ``generator`` alone.
 
     Returns:
         [batch_size] float32.
     """
     return compute_density_for_timestep_sampling(
-        weighting_scheme=scheme,
+        weighting_scheme=DENSITY[sampling],
         batch_size=batch_size,
         logit_mean=logit_mean,
         logit_std=logit_std,
@@ -97,6 +105,19 @@ def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     return e / (e + (1.0 / sigmas - 1.0))
 
 
+def shifted_sigmas(
+    sampling: TimestepSampling, sigmas: torch.Tensor, *, shift: float = 1.0, mu: float = 0.0
+) -> torch.Tensor:
+    """σ after the sampler's shift: 'shift' σ' = s·σ / (1 + (s − 1)·σ) (:func:`time_shift` at μ = ln s),
+    'resolution_shift' :func:`time_shift` at ``mu``, the others σ as it is. Endpoints stay fixed; σ' ≥ σ
+    exactly when s ≥ 1 (μ ≥ 0)."""
+    if sampling == "shift":
+        return time_shift(sigmas, math.log(shift))
+    if sampling == "resolution_shift":
+        return time_shift(sigmas, mu)
+    return sigmas
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """x_t = (1 − σ)·x0 + σ·ε.
 
@@ -123,45 +144,159 @@ def loss_weights(scheme: WeightingScheme, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(scheme, sigmas).float()
 
 
-def flow_match_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, pixel: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Weighted flow-matching MSE, as diffusers' scripts compute it.
+LossKind = Literal["mse", "huber", "pseudo_huber"]
+LOSS_KINDS = ("mse", "huber", "pseudo_huber")
+Preserve = Literal["none", "base"]
 
-    loss = mean_b ( mean_i w_b · (pred_bi − target_bi)² ), in float32; with per-pixel weights p
-    (:mod:`qflux.data.masks`): mean_b w_b · Σ_i p_bi (pred − target)²_bi / Σ_i p_bi.
+
+@attrs.frozen
+class Objective:
+    """What the training loss compares and how: the ``train`` keys of the objective, read once."""
+
+    weighting_scheme: WeightingScheme = "none"
+    """The per-sample weight w(σ) (:func:`loss_weights`)."""
+    loss: LossKind = "mse"
+    """The per-element error ℓ(d) of d = v̂ − v (:func:`elementwise_loss`)."""
+    huber_c: float = 0.1
+    """c of huber and pseudo_huber (the error size where ℓ turns from quadratic to linear)."""
+    unmasked_weight: float = 1.0
+    """u, the data term's weight outside the change mask: p = u + (1 − u)·m."""
+    preserve: Preserve = "none"
+    """'base': outside the change mask, pull the LoRA's prediction to the base model's (:func:`preservation_loss`)."""
+    preserve_weight: float = 1.0
+    """λ of the preservation term."""
+
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> Objective:
+        """The objective the ``train`` section configures."""
+        return cls(train.weighting_scheme, train.loss, train.huber_c, train.unmasked_weight, train.preserve,
+                   train.preserve_weight)  # fmt: skip
+
+
+MSE = Objective()
+"""The plain objective: unweighted mean squared error, no mask, no preservation (diffusers' scripts)."""
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, kind: LossKind = "mse", c: float = 0.1) -> torch.Tensor:
+    """ℓ(d) per element of d = pred − target, in float32 (same shape). Each is 0 at d = 0 and → d² as c → ∞:
+
+    mse:           ℓ = d²
+    huber:         ℓ = d²                 |d| ≤ c
+                   ℓ = 2c·|d| − c²        |d| > c       (2 × torch's huber_loss with δ = c)
+    pseudo_huber:  ℓ = 2c²·(√(1 + (d/c)²) − 1)          (smooth; diffusers' and SimpleTuner's "huber")
+    """
+    d = pred.float() - target.float()
+    if kind == "mse":
+        return d * d
+    if kind == "huber":
+        return 2.0 * F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=c)
+    if kind == "pseudo_huber":
+        # 2c²(√(1 + x) − 1) = 2c²·x / (√(1 + x) + 1) with x = (d/c)²: no cancellation at large c
+        return 2.0 * d * d / (torch.sqrt(1.0 + (d / c) ** 2) + 1.0)
+    raise ValueError(f"unknown loss kind {kind!r}; one of {', '.join(LOSS_KINDS)}")
+
+
+def flow_match_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    pixel: torch.Tensor | None = None,
+    kind: LossKind = "mse",
+    c: float = 0.1,
+) -> torch.Tensor:
+    """Weighted flow-matching loss; with ``kind='mse'`` and no pixel weights exactly diffusers' scripts.
+
+    loss = mean_b ( w_b · mean_i ℓ(pred_bi − target_bi) ), in float32; with per-pixel weights p
+    (:mod:`qflux.data.masks`): mean_b w_b · Σ_i p_bi ℓ_bi / Σ_i p_bi.
 
     Args:
         pred: predicted velocity [B, C, h, w] (or [B, ...] without ``pixel``).
         target: ε − x0, same shape.
         weights: [B].
         pixel: per-latent-pixel weights [B, 1, h, w], or None (all 1).
+        kind, c: the elementwise error ℓ (:func:`elementwise_loss`).
 
     Returns:
         0-d float32 tensor.
     """
     b = pred.shape[0]
-    sq = (pred.float() - target.float()) ** 2
+    err = elementwise_loss(pred, target, kind, c)
     if pixel is not None:
-        return (weights.float() * masked_mean(sq, pixel)).mean()
+        return (weights.float() * masked_mean(err, pixel)).mean()
     w = weights.float().view(b, *([1] * (pred.ndim - 1)))
-    return (w * sq).reshape(b, -1).mean(1).mean()
+    return (w * err).reshape(b, -1).mean(1).mean()
+
+
+def preservation_loss(
+    pred: torch.Tensor,
+    base: torch.Tensor,
+    weights: torch.Tensor,
+    keep: torch.Tensor,
+    kind: LossKind = "mse",
+    c: float = 0.1,
+) -> torch.Tensor:
+    """How far the LoRA's prediction strays from the base model's where nothing should change:
+
+        loss = mean_b w_b · mean_{c,y,x} k_byx · ℓ(v̂ − v̂_base)_bcyx          k = λ·(1 − m)
+
+    (ai-toolkit's ``inverted_mask_prior`` normalisation: a mean over every element, so λ = 1 weighs an
+    unchanged element as the data term weighs one at p = 1).
+
+    Args:
+        pred: the LoRA's velocity v̂ [B, C, h, w].
+        base: the base model's velocity on the same input, same shape (no gradient).
+        weights: w(σ) [B].
+        keep: k [B, 1, h, w], ≥ 0.
+        kind, c: the elementwise error ℓ (:func:`elementwise_loss`).
+
+    Returns:
+        0-d float32 tensor; 0 where pred = base or k = 0.
+    """
+    b = pred.shape[0]
+    err = keep.float() * elementwise_loss(pred, base, kind, c)
+    return (weights.float() * err.reshape(b, -1).mean(1)).mean()
+
+
+Velocity = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+"""``(adapter tensors, x_t [B, C, h, w]) → v̂ [B, C, h, w]``: a model on a batch's conditioning."""
 
 
 def flow_loss(
-    velocity: Callable[[torch.Tensor], torch.Tensor], batch: FlowBatch, weighting_scheme: WeightingScheme
+    velocity: Velocity,
+    lora: Mapping[str, torch.Tensor],
+    batch: FlowBatch,
+    objective: Objective,
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The training objective of every model, given its velocity at the noised latents.
 
-        x_t = (1 − σ)·x0 + σ·ε;   loss = mean_b w(σ_b) · mean (v̂(x_t) − (ε − x0))²   (:func:`flow_match_loss`)
+        x_t = (1 − σ)·x0 + σ·ε
+        loss = mean_b w(σ_b) · Σ p·ℓ(v̂(x_t) − (ε − x0)) / Σ p           (:func:`flow_match_loss`)
+             + [preserve: base]  mean_b w(σ_b) · mean λ(1 − m)·ℓ(v̂(x_t) − v̂_base(x_t))   (:func:`preservation_loss`)
+
+    with p = u + (1 − u)·m from the change mask m (p ≡ 1 without one).
 
     Args:
-        velocity: x_t [B, C, h, w] → v̂ [B, C, h, w]: the model on the batch's conditioning (and LoRA).
-        batch: x0, ε, σ and the optional per-pixel weights.
+        velocity: the model on the batch's conditioning, with the given adapter tensors.
+        lora: the adapter tensors being trained.
+        batch: x0, ε, σ and the optional change mask.
+        base: adapter tensors that make ΔW = 0 (:func:`qflux.lora.adapter.base_adapter`), for the base
+            model's prediction; needed with ``objective.preserve: base``.
 
     Returns:
         0-d float32 tensor.
     """
-    x0, eps, sigmas = batch.latents, batch.noise, batch.sigmas
-    pred = velocity(add_noise(x0, eps, sigmas))
-    return flow_match_loss(pred, flow_target(x0, eps), loss_weights(weighting_scheme, sigmas), batch.pixel)
+    x0, eps, sigmas, m = batch.latents, batch.noise, batch.sigmas, batch.change
+    noisy = add_noise(x0, eps, sigmas)
+    pred = velocity(lora, noisy)
+    w = loss_weights(objective.weighting_scheme, sigmas)
+    pixel = None if m is None else pixel_weights(m, objective.unmasked_weight)
+    loss = flow_match_loss(pred, flow_target(x0, eps), w, pixel, objective.loss, objective.huber_c)
+    if objective.preserve == "base":
+        if m is None or base is None:
+            raise ValueError("preserve: base needs the batch's change mask and the base adapter tensors")
+        with torch.no_grad():
+            prior = velocity(base, noisy)
+        keep = objective.preserve_weight * (1.0 - m.float())
+        loss = loss + preservation_loss(pred, prior, w, keep, objective.loss, objective.huber_c)
+    return loss

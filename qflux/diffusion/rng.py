@@ -12,7 +12,7 @@ import hashlib
 import attrs
 import torch
 
-from qflux.diffusion.flow import WeightingScheme, sample_u
+from qflux.diffusion.flow import TimestepSampling, sample_u
 
 
 def keyed_generator(*keys: int) -> torch.Generator:
@@ -42,7 +42,7 @@ def draw_sample_randomness(
     *,
     caption_dropout_rate: float,
     image_dropout_rate: float,
-    weighting_scheme: WeightingScheme,
+    timestep_sampling: TimestepSampling,
     logit_mean: float,
     logit_std: float,
     mode_scale: float,
@@ -63,7 +63,7 @@ def draw_sample_randomness(
         drop_i.append(bool(torch.rand((), generator=g) < image_dropout_rate))
         u.append(
             sample_u(
-                weighting_scheme, 1, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, generator=g
+                timestep_sampling, 1, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, generator=g
             )
         )
         noise.append(torch.randn(latent_shape, generator=g))

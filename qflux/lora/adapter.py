@@ -90,6 +90,13 @@ def inject_lora(transformer: Any, cfg: LoraConfig, *, seed: int) -> Params:
     return lora
 
 
+def base_adapter(module: Any) -> Params:
+    """The module's own adapter tensors (one factor zero after :func:`inject_lora`): substituted with
+    ``functional_call`` they give the base model (ΔW = 0) even where the trained tensors are held in the
+    module (the autograd engine). Views, not copies; ``{}`` for a module without an adapter."""
+    return {name: p.detach() for name, p in module.named_parameters() if is_adapter_param(name)}
+
+
 def call_with_lora(module: Any, lora: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]) -> Any:
     """``module(**inputs)`` with the LoRA tensors substituted (``{}``: the module as it is, without
     ``functional_call``'s bookkeeping). Pure: the module's own tensors are untouched."""

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qflux.config.schema import LoraConfig
+from qflux.diffusion.flow import MSE, Objective
 from qflux.lora.adapter import inject_lora
 from qflux.memory.measure import GIB, Breakdown, Fake4bit, fake_mode, measure_step, storage_bytes, to_fake
 from qflux.optim.transform import OptimizerName, make_optimizer
@@ -95,8 +96,21 @@ class PlanModel:
     """The components an uncached run keeps loaded beside the transformer."""
     batch: Callable[[Mapping[str, Mapping[str, Any]], Inputs, torch.dtype], Any]
     """(component configs, inputs, model dtype) → one micro-batch record of zeros."""
-    loss: Callable[[nn.Module], Callable[..., torch.Tensor]]
-    """The training loss of a transformer (the model's ``make_loss_fn``)."""
+    loss: Callable[[nn.Module, Objective], Callable[..., torch.Tensor]]
+    """The training loss of a transformer with an objective (the model's ``make_loss_fn``)."""
+    objective: Objective = MSE
+    """The run's objective (``train.loss``, ``train.preserve``: the base model's forward is planned)."""
+    masked: bool = False
+    """Whether the run's batches carry a change mask (``train.loss_mask``; ``train.preserve`` reads it)."""
+
+    def micro_batch(self, configs: Mapping[str, Mapping[str, Any]], inputs: Inputs, dtype: torch.dtype) -> Any:
+        """``batch``'s record, with a change mask of zeros [B, 1, h, w] where the run has one (with
+        ``train.preserve: base``, zero means every pixel is kept: the base model's forward runs)."""
+        batch = self.batch(configs, inputs, dtype)
+        if not self.masked:
+            return batch
+        b, _, h, w = batch.latents.shape
+        return attrs.evolve(batch, change=torch.zeros(b, 1, h, w))
 
     def build(self, component: str, config: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
         """Component ``component`` from its config in ``dtype``, on the current default device (meta)."""
@@ -166,7 +180,8 @@ def estimate(model: PlanModel, configs: Mapping[str, Mapping[str, Any]], inputs:
         resident_encoders: bytes of the encoders loaded beside the transformer (uncached runs).
     """
     key = (model.files.pipeline, json.dumps(configs, sort_keys=True, default=str), inputs,
-           attrs.evolve(setting, cached=True), str(dtype), attrs.astuple(lora))  # fmt: skip
+           attrs.evolve(setting, cached=True), str(dtype), attrs.astuple(lora), model.objective,
+           model.masked)  # fmt: skip
     if key not in _MEASURED:
         _MEASURED[key] = _measure(model, configs, inputs, setting, dtype=dtype, lora=lora)
     step = _MEASURED[key]
@@ -199,12 +214,14 @@ def _measure(model: PlanModel, configs: Mapping[str, Mapping[str, Any]], inputs:
     opt = opt_tensors(state.opt)
     adapter = [params[k] for k in names]
     weights = storage_bytes(module) - storage_bytes(adapter)
-    step = make_train_step(model.loss(transformer), StepHParams(optimizer, engine="autograd"), module=transformer)
+    step = make_train_step(
+        model.loss(transformer, model.objective), StepHParams(optimizer, engine="autograd"), module=transformer
+    )
 
     def run() -> None:
         # all K micro-batches are prepared before the step (as step_taker does); one is enough to
         # run through it: the others repeat the same forward and backward one after the other
-        batches = [model.batch(configs, inputs, dtype) for _ in range(inputs.accumulation)]
+        batches = [model.micro_batch(configs, inputs, dtype) for _ in range(inputs.accumulation)]
         step(state, batches[:1], torch.tensor(1e-4, dtype=torch.float64))
 
     activations, transient = measure_step(run, [*module, *state.lora.values(), *opt], mode)
@@ -252,12 +269,12 @@ def real_step(
         transformer.to(device)
     optimizer = make_optimizer(inputs.optimizer)
     state = init_train_state({k: v.to(device) for k, v in lora0.items()}, seed=0, optimizer=optimizer)
-    step = make_train_step(model.loss(transformer), StepHParams(optimizer, engine="autograd"), module=transformer,
-                           compile=compile_mode)  # fmt: skip
+    loss = model.loss(transformer, model.objective)
+    step = make_train_step(loss, StepHParams(optimizer, engine="autograd"), module=transformer, compile=compile_mode)
 
     def run() -> None:
         with torch.device(device):
-            batch = model.batch(configs, inputs, dtype)
+            batch = model.micro_batch(configs, inputs, dtype)
         step(state, [batch], torch.tensor(1e-4, dtype=torch.float64))
 
     opt = opt_tensors(state.opt)

@@ -85,7 +85,7 @@ def pretrain(transformer: torch.nn.Module, data: DataPath, ops: ModelOps, sample
     ema = {k: v.detach().clone() for k, v in params.items()}
     loss_fn = ops.make_loss(transformer)
     opt = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
-    draws = Draws(weighting_scheme="logit_normal")
+    draws = Draws(timestep_sampling="logit_normal")
     pick = torch.Generator().manual_seed(settings.seed)
     for step in progress(range(settings.steps)):
         for group in opt.param_groups:

@@ -7,7 +7,7 @@ sample i of a micro-batch, from a generator keyed by (seed, step, micro-batch, g
 
     drop caption → the prompt tensors of the empty instruction
     drop image   → every control latent × 0
-    ε ~ N(0, I),  u ~ density(weighting_scheme),  σ = sigmas_from_u(u)  (optionally time-shifted)
+    ε ~ N(0, I),  u ~ density(timestep_sampling),  σ = sigmas_from_u(u)  (shifted by the shift samplers)
 
 This all runs outside the gradient, before ``train_step``, and is the same whether the
 conditioning came from the encoders or from the cache.
@@ -22,9 +22,8 @@ import attrs
 import torch
 
 from qflux.config.schema import DataConfig, TrainConfig
-from qflux.data.masks import pixel_weights
 from qflux.data.pairs import PairSample
-from qflux.diffusion.flow import FlowBatch, WeightingScheme, resolution_mu, sigmas_from_u, time_shift
+from qflux.diffusion.flow import FlowBatch, TimestepSampling, resolution_mu, shifted_sigmas, sigmas_from_u
 from qflux.diffusion.rng import draw_sample_randomness
 
 B = TypeVar("B", bound=FlowBatch)
@@ -92,30 +91,32 @@ def with_mask(to_conditioning: Callable[[dict[str, Any]], Conditioning]) -> Call
 
 @attrs.frozen
 class Draws:
-    """How a micro-batch's randomness is drawn: dropout rates, the timestep density and its shift."""
+    """How a micro-batch's randomness is drawn: dropout rates, the timestep sampler and its settings."""
 
     caption_dropout_rate: float = 0.0
     image_dropout_rate: float = 0.0
-    weighting_scheme: WeightingScheme = "none"
+    timestep_sampling: TimestepSampling = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    resolution_shift: bool = False
-    unmasked_weight: float = 1.0
-    """The loss weight outside a conditioning's change mask (:func:`qflux.data.masks.pixel_weights`)."""
+    shift: float = 3.0
+    """s of the 'shift' sampler."""
+    mu: Callable[[int], float] | None = None
+    """The family pipeline's μ for an image of that many tokens ('resolution_shift'); None: the scheduler
+    config's linear μ (:func:`qflux.diffusion.flow.resolution_mu`), as FLUX.1 and Qwen compute it."""
 
     @classmethod
-    def from_config(cls, data: DataConfig, train: TrainConfig) -> Draws:
-        """The draws the ``data`` and ``train`` sections configure."""
+    def from_config(cls, data: DataConfig, train: TrainConfig, mu: Callable[[int], float] | None = None) -> Draws:
+        """The draws the ``data`` and ``train`` sections configure, with the family's μ rule (``ModelOps.mu``)."""
         return cls(
             data.caption_dropout_rate,
             data.prompt_image_dropout_rate,
-            train.weighting_scheme,
+            train.timestep_sampling,
             train.logit_mean,
             train.logit_std,
             train.mode_scale,
-            train.resolution_shift,
-            train.unmasked_weight,
+            train.timestep_shift,
+            mu,
         )
 
     def without_dropout(self) -> Draws:
@@ -139,7 +140,7 @@ class DataPath:
 @attrs.frozen(eq=False, kw_only=True)
 class Prepared(FlowBatch):
     """A micro-batch after dropout and the random draws, on the training device: x0, ε, σ and the
-    pixel weights from the change mask (:class:`~qflux.diffusion.flow.FlowBatch`), and the model's
+    change mask (:class:`~qflux.diffusion.flow.FlowBatch`), and the model's
     conditioning under the shared names (:func:`to_record` renames it into the model's batch record)."""
 
     controls: tuple[torch.Tensor, ...]
@@ -150,25 +151,27 @@ class Prepared(FlowBatch):
 
 def to_record(make: Callable[..., B], p: Prepared, **conditioning: Any) -> B:
     """A model's batch record (a :class:`~qflux.diffusion.flow.FlowBatch`, built by ``make``): x0, ε, σ
-    and the pixel weights of ``p``, and the model's ``conditioning`` fields (its names for ``p``'s
+    and the change mask of ``p``, and the model's ``conditioning`` fields (its names for ``p``'s
     controls and prompt tensors)."""
-    return make(latents=p.latents, noise=p.noise, sigmas=p.sigmas, pixel=p.pixel, **conditioning)
+    return make(latents=p.latents, noise=p.noise, sigmas=p.sigmas, change=p.change, **conditioning)
 
 
-def sigmas_for(resolution_shift: bool, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """σ from density draws u; with ``resolution_shift`` shifted by the latent's token count.
+def sigmas_for(draws: Draws, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """σ from density draws u [B] on the scheduler's training steps, shifted as ``draws.timestep_sampling`` says.
 
     Args:
-        hw: latent (h, w); the image has (h/2)·(w/2) tokens (2×2 packing).
+        hw: latent (h, w); the image has (h/2)·(w/2) tokens (2×2 packing), the μ of 'resolution_shift'.
     """
     sc = scheduler_config
     sigmas = sigmas_from_u(u, sc.num_train_timesteps)
-    if resolution_shift:
-        mu = resolution_mu(
-            (hw[0] // 2) * (hw[1] // 2), sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift
-        )
-        sigmas = time_shift(sigmas, mu)
-    return sigmas
+    if draws.timestep_sampling != "resolution_shift":
+        return shifted_sigmas(draws.timestep_sampling, sigmas, shift=draws.shift)
+    tokens = (hw[0] // 2) * (hw[1] // 2)
+    if draws.mu is not None:
+        mu = draws.mu(tokens)
+    else:
+        mu = resolution_mu(tokens, sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
+    return shifted_sigmas("resolution_shift", sigmas, mu=mu)
 
 
 def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -221,7 +224,7 @@ def prepare(
         (c, h, w),
         caption_dropout_rate=draws.caption_dropout_rate,
         image_dropout_rate=draws.image_dropout_rate,
-        weighting_scheme=draws.weighting_scheme,
+        timestep_sampling=draws.timestep_sampling,
         logit_mean=draws.logit_mean,
         logit_std=draws.logit_std,
         mode_scale=draws.mode_scale,
@@ -237,8 +240,8 @@ def prepare(
         controls=tuple(x.to(device, torch.float32) * keep.to(device) for x in cond.controls),
         text={k: t.to(device) for k, t in text.items()},
         noise=drawn.noise.to(device),
-        sigmas=sigmas_for(draws.resolution_shift, scheduler_config, drawn.u, (h, w)).to(device),
-        pixel=None if cond.mask is None else pixel_weights(cond.mask, draws.unmasked_weight).to(device),
+        sigmas=sigmas_for(draws, scheduler_config, drawn.u, (h, w)).to(device),
+        change=None if cond.mask is None else cond.mask.float().to(device),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from qflux.config.schema import RecipeConfig
+from qflux.diffusion.flow import Objective
 from qflux.train.batch import Conditioning
 from qflux.train.run import Run, placements
 from qflux.weights.dtypes import torch_dtype
@@ -30,3 +31,9 @@ def load_options(cfg: RecipeConfig, run: Run | None = None) -> dict[str, Any]:
     and storage (``model.quantize``, ``model.quantize_text_encoders``)."""
     quantize = storage_by_component(cfg.model)
     return {"weight_dtype": torch_dtype(cfg.model.dtype), "devices": placements(cfg, run), "quantize": quantize}
+
+
+def plan_options(cfg: RecipeConfig) -> dict[str, Any]:
+    """A family ``plan_model``'s keyword arguments: the run's objective (``train.loss``, ``train.preserve``: the base
+    model's extra forward is planned) and whether its batches carry a change mask (``train.loss_mask``)."""
+    return {"objective": Objective.from_config(cfg.train), "masked": cfg.train.loss_mask != "none"}

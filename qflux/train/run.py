@@ -70,6 +70,9 @@ class ModelOps:
     """The diffusers pipeline class (LoRA files are written and read through it)."""
     make_loss: Callable[[Any], Any]
     """``make_loss(transformer) → loss_fn(lora, batch)``: the training objective on the adapted transformer."""
+    mu: Callable[[int], float] | None = None
+    """The pipeline's shift μ for an image of that many tokens (``train.timestep_sampling: resolution_shift``),
+    where it is not the scheduler config's linear μ (FLUX.2's empirical one); None: that one."""
 
 
 @attrs.frozen(eq=False)

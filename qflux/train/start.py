@@ -168,7 +168,7 @@ def step_taker(
     batches from ``stream``, their randomness keyed by (state.seed, step, micro-batch, sample);
     ``first`` sees the run's first micro-batch before its step (:func:`qflux.train.driver.report_unreached`)."""
     draws, k, tr, sch = (
-        Draws.from_config(cfg.data, cfg.train),
+        Draws.from_config(cfg.data, cfg.train, ops.mu),
         cfg.train.gradient_accumulation_steps,
         cfg.train,
         cfg.lr_scheduler,

@@ -1,5 +1,6 @@
 """The compiled step: one graph without breaks (fullgraph), no recompiles when the lr changes,
-and the same results as the eager step. Marked ``compile`` (a cold graph takes ~80 s here)."""
+and the same results as the eager step, with the whole objective (change mask, huber, the base model's
+preservation forward). Marked ``compile`` (a cold graph takes ~80 s here)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from qflux.config.schema import LoraConfig
-from qflux.diffusion.flow import sigmas_from_u
+from qflux.diffusion.flow import Objective, sigmas_from_u
 from qflux.lora.adapter import inject_lora
 from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
 from qflux.models.flux_kontext.loss import FluxKontextBatch, make_loss_fn
@@ -20,9 +21,10 @@ from qflux.weights.frozen_linear import FrozenLinear, use_fast_frozen_linear
 from qflux.weights.loading import load_part
 
 
-def _batch(seed: int) -> FluxKontextBatch:
+def _batch(seed: int, masked: bool = False) -> FluxKontextBatch:
     g = torch.Generator().manual_seed(seed)
     return FluxKontextBatch(
+        change=torch.rand(2, 1, 8, 8, generator=g) if masked else None,
         latents=torch.randn(2, 4, 8, 8, generator=g),
         control_latents=torch.randn(2, 4, 6, 8, generator=g),
         pooled=torch.randn(2, 32, generator=g),
@@ -40,14 +42,15 @@ def test_compiled_step_one_graph_no_recompiles_equals_eager(tiny_flux_dir: Path)
     counters.clear()
     tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = inject_lora(tr, LoraConfig(r=4), seed=0)
-    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    objective = Objective(loss="huber", huber_c=0.5, unmasked_weight=0.25, preserve="base")
+    loss_fn = make_loss_fn(tr, objective, guidance_scale=2.5)
     hp = StepHParams()
     eager = make_train_step(loss_fn, hp)
     compiled = make_train_step(loss_fn, hp, compile=True)  # fullgraph=True: a graph break raises
     se = sc = init_train_state(lora, seed=0)
     for i in range(5):
         lr = torch.tensor(1e-3 * (i + 1), dtype=torch.float64)  # a new lr every step
-        micro = [_batch(10 + i), _batch(20 + i)]  # two accumulated micro-batches
+        micro = [_batch(10 + i, True), _batch(20 + i, True)]  # two accumulated micro-batches
         se, me = eager(se, micro, lr)
         sc, mc = compiled(sc, micro, lr)
         torch.testing.assert_close(mc["loss"], me["loss"], rtol=1e-5, atol=1e-6)
@@ -73,9 +76,9 @@ def test_regional_compile_with_checkpointing_equals_the_eager_func_step(tiny_flu
     for m in reg_tr.modules():  # the fast frozen linear (a custom autograd.Function) compiles too
         if type(m) is torch.nn.Linear and not m.weight.requires_grad:
             m.__class__ = FrozenLinear
-    eager = make_train_step(make_loss_fn(eager_tr, guidance_scale=2.5, weighting_scheme="none"), StepHParams())
+    eager = make_train_step(make_loss_fn(eager_tr, guidance_scale=2.5), StepHParams())
     regional = make_train_step(
-        make_loss_fn(reg_tr, guidance_scale=2.5, weighting_scheme="none"),
+        make_loss_fn(reg_tr, guidance_scale=2.5),
         StepHParams(engine="autograd"),
         module=reg_tr,
         compile="regional",
@@ -96,7 +99,7 @@ def test_regional_compile_with_checkpointing_equals_the_eager_func_step(tiny_flu
 
 def test_compile_modes_need_their_engine(tiny_flux_dir: Path) -> None:
     tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
-    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    loss_fn = make_loss_fn(tr, guidance_scale=2.5)
     with pytest.raises(ValueError, match="compile='full' needs engine='func'"):
         make_train_step(loss_fn, StepHParams(engine="autograd"), module=tr, compile=True)
     with pytest.raises(ValueError, match="compile='regional' needs engine='autograd'"):

@@ -152,7 +152,7 @@ def test_keyed_generators_are_independent_and_reproducible() -> None:
 
 @pytest.mark.parametrize(("caption", "image"), [(0.0, 0.0), (0.3, 0.0), (0.0, 0.6), (1.0, 1.0)])
 def test_dropout_draws_really_happen_at_the_rate(caption: float, image: float) -> None:
-    kw = {"weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+    kw = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
     drops_c, drops_i = [], []
     for step in range(100):
         d = draw_sample_randomness(

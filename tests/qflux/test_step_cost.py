@@ -68,7 +68,7 @@ def test_qwen_loss_reads_the_compute_dtype_once(tmp_path: Path, monkeypatch: pyt
     calls = []
     original = step.compute_dtype
     monkeypatch.setattr(step, "compute_dtype", lambda m: calls.append(1) or original(m))
-    loss_fn = step.make_loss_fn(tr, weighting_scheme="none")
+    loss_fn = step.make_loss_fn(tr)
     g = torch.Generator().manual_seed(0)
     c = tr.config.out_channels
     batch = step.QwenImageEditBatch(

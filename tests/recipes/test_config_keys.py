@@ -35,6 +35,7 @@ VALIDATING = {
     "validation.dataset_path": "{other_data}",
     "validation.num_inference_steps": 1,
 }
+MASKED = {"train.loss_mask": "masks", "data.dataset_path": "{masked_data}"}
 NAN = {"optimizer.lr": 1e30, "train.max_nonfinite_steps": 100}
 
 # key: (other value, settings applied to both runs). "{root}", "{other_model}", "{other_data}" and
@@ -85,6 +86,10 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.ema_decay": (0.9, {}),  # writes the average's two files
     "train.loss_mask": ("masks", {"data.dataset_path": "{masked_data}"}),  # auto: tests/recipes/test_loss_mask.py
     "train.unmasked_weight": (0.9, {"train.loss_mask": "masks", "data.dataset_path": "{masked_data}"}),
+    "train.loss": ("pseudo_huber", {}),
+    "train.huber_c": (0.01, {"train.loss": "huber"}),
+    "train.preserve": ("base", MASKED),
+    "train.preserve_weight": (5.0, {"train.preserve": "base", **MASKED}),
     "train.blocks_to_swap": (1, {}),  # the same LoRA by design: the swapped layers are what shows
     # the compiled run itself is tested in tests/qflux/test_compile.py; here: the key is read
     "train.compile": (True, {"train.gradient_checkpointing": True}),
@@ -111,10 +116,11 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "validation.use_ema": (True, {**VALIDATING, "train.ema_decay": 0.5}),
     "model.guidance_scale": (5.0, {}),
     "train.weighting_scheme": ("sigma_sqrt", {}),
-    "train.logit_mean": (1.0, {"train.weighting_scheme": "logit_normal"}),
-    "train.logit_std": (0.3, {"train.weighting_scheme": "logit_normal"}),
-    "train.mode_scale": (0.5, {"train.weighting_scheme": "mode"}),
-    "train.resolution_shift": (True, {}),
+    "train.timestep_sampling": ("logit_normal", {}),
+    "train.logit_mean": (1.0, {"train.timestep_sampling": "logit_normal"}),
+    "train.logit_std": (0.3, {"train.timestep_sampling": "logit_normal"}),
+    "train.timestep_shift": (1.5, {"train.timestep_sampling": "shift"}),
+    "train.mode_scale": (0.5, {"train.timestep_sampling": "mode"}),
     "train.save_dtype": ("bfloat16", {}),
     "train.checkpointing_steps": (1, {}),
     "train.checkpoints_total_limit": (1, {"train.checkpointing_steps": 1}),

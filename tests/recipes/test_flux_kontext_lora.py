@@ -103,7 +103,7 @@ def test_heldout_loss_drops(trained) -> None:
     trained = trained[0]
     held = scan_pairs(resolve_dataset_path(trained.config.data.dataset_path, heldout=True), None, multiple=16)
     batches = fixed_eval_batches(trained.config, trained.models, held)
-    loss_fn = make_loss_fn(trained.models.transformer, guidance_scale=2.5, weighting_scheme="none")
+    loss_fn = make_loss_fn(trained.models.transformer, guidance_scale=2.5)
     before = evaluate_loss(loss_fn, trained.initial_lora, batches).item()
     after = evaluate_loss(loss_fn, trained.state.lora, batches).item()
     print(f"held-out loss {before:.4f} -> {after:.4f}")

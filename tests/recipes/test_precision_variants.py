@@ -47,7 +47,7 @@ def test_variant_trains_and_its_lora_loads_in_the_bf16_pipeline(
     result = run(cfg)
     held = scan_pairs(resolve_dataset_path("builtin:synthetic", heldout=True), None, multiple=16)
     batches = fixed_eval_batches(cfg, load_flux_kontext(tiny_flux_dir, torch.bfloat16), held)
-    loss_fn = make_loss_fn(result.models.transformer, guidance_scale=2.5, weighting_scheme="none")
+    loss_fn = make_loss_fn(result.models.transformer, guidance_scale=2.5)
     before = evaluate_loss(loss_fn, result.initial_lora, batches).item()
     after = evaluate_loss(loss_fn, result.state.lora, batches).item()
     print(f"{mode}: held-out loss {before:.4f} -> {after:.4f}")

@@ -19,9 +19,9 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.diffusion.flow import FlowBatch, WeightingScheme, flow_loss
+from qflux.diffusion.flow import MSE, FlowBatch, Objective, flow_loss
 from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
-from qflux.lora.adapter import call_with_lora
+from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.models.flux2_klein.conditioning import reference_ids, target_ids
 from qflux.weights.dtypes import compute_dtype
 
@@ -64,7 +64,7 @@ def token_inputs(noisy: torch.Tensor, references: tuple[torch.Tensor, ...]) -> t
 
 @attrs.frozen(eq=False, kw_only=True)
 class Flux2KleinBatch(FlowBatch):
-    """A training micro-batch: x0 (normalised), ε, σ and pixel weights (:class:`~qflux.diffusion.flow.FlowBatch`)
+    """A training micro-batch: x0 (normalised), ε, σ and change mask (:class:`~qflux.diffusion.flow.FlowBatch`)
     and FLUX.2 [klein]'s conditioning."""
 
     references: tuple[torch.Tensor, ...]
@@ -76,19 +76,21 @@ class Flux2KleinBatch(FlowBatch):
 
 
 def make_loss_fn(
-    transformer: Any, *, weighting_scheme: WeightingScheme
+    transformer: Any, objective: Objective = MSE
 ) -> Callable[[Mapping[str, torch.Tensor], Flux2KleinBatch], torch.Tensor]:
-    """Close over the frozen transformer and the weighting; return the pure ``loss_fn(lora, batch)`` (0-d float32)."""
+    """Close over the frozen (adapted) transformer and the objective; return the pure ``loss_fn(lora, batch)``
+    (0-d float32)."""
     dtype = compute_dtype(transformer)
+    base = base_adapter(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: Flux2KleinBatch) -> torch.Tensor:
-        def v(noisy: torch.Tensor) -> torch.Tensor:
+        def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
             h, w = noisy.shape[-2], noisy.shape[-1]
             tokens, ids = token_inputs(noisy, batch.references)
-            out = velocity(transformer, lora, tokens, (h // 2) * (w // 2), batch.sigmas, batch.text, batch.text_ids,
+            out = velocity(transformer, params, tokens, (h // 2) * (w // 2), batch.sigmas, batch.text, batch.text_ids,
                            ids, dtype=dtype)  # fmt: skip
             return unpack_latents(out.float(), h, w)  # v̂ [B, C, h, w] of the target's tokens
 
-        return flow_loss(v, batch, weighting_scheme)
+        return flow_loss(v, lora, batch, objective, base)
 
     return loss_fn

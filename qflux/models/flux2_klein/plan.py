@@ -25,6 +25,4 @@ def fake_batch(configs: Mapping[str, Mapping[str, Any]], inputs: Inputs, dtype: 
 
 def plan_model() -> PlanModel:
     """FLUX.2 [klein] for the planner."""
-    return PlanModel(
-        files=FLUX2_KLEIN, encoders=ENCODERS, batch=fake_batch, loss=lambda t: make_loss_fn(t, weighting_scheme="none")
-    )
+    return PlanModel(files=FLUX2_KLEIN, encoders=ENCODERS, batch=fake_batch, loss=make_loss_fn)

@@ -51,6 +51,16 @@ def reference_tensor(image: Image.Image, multiple: int) -> torch.Tensor:
     return proc.preprocess(image, height=h, width=w, resize_mode="crop")
 
 
+PIPELINE_STEPS = 50
+"""``Flux2KleinPipeline``'s default number of denoising steps (and predict's)."""
+
+
+def training_mu(image_seq_len: int) -> float:
+    """The μ training's ``resolution_shift`` sampler shifts by: the pipeline's at its default steps (training has
+    no step count of its own)."""
+    return empirical_mu(image_seq_len, PIPELINE_STEPS)
+
+
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
     """FLUX.2's shift μ for ``image_seq_len`` latent tokens and ``num_steps`` steps (the pipeline's own)."""
     # deferred: diffusers is a heavy import
@@ -67,7 +77,7 @@ def predict(
     *,
     height: int | None = None,
     width: int | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int = PIPELINE_STEPS,
     guidance_scale: float = 4.0,
     distilled: bool = False,
     seed: int = 0,

@@ -6,7 +6,7 @@ taken over the target tokens only:
 
     x_t = (1 − σ)·x0 + σ·ε
     v̂ = F([pack(x_t) ; pack(c)], t = σ, ids = [(0, i, j) ; (1, i, j)])[:, :N]
-    loss = mean_b w(σ_b) · mean (v̂ − (ε − x0))²
+    loss = mean_b w(σ_b) · mean ℓ(v̂ − (ε − x0))   (+ preservation: :func:`qflux.diffusion.flow.flow_loss`)
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from typing import Any, NamedTuple
 import attrs
 import torch
 
-from qflux.diffusion.flow import FlowBatch, WeightingScheme, flow_loss
+from qflux.diffusion.flow import MSE, FlowBatch, Objective, flow_loss
 from qflux.diffusion.latents import latent_image_ids, pack_latents, transformer_inputs, unpack_latents
-from qflux.lora.adapter import call_with_lora
+from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.weights.dtypes import compute_dtype
 
 
 @attrs.frozen(eq=False, kw_only=True)
 class FluxKontextBatch(FlowBatch):
-    """A training micro-batch: x0, ε, σ and pixel weights (:class:`~qflux.diffusion.flow.FlowBatch`) and
+    """A training micro-batch: x0, ε, σ and change mask (:class:`~qflux.diffusion.flow.FlowBatch`) and
     FLUX.1 Kontext's conditioning."""
 
     control_latents: torch.Tensor
@@ -135,13 +135,14 @@ def velocity(
 
 
 def make_loss_fn(
-    transformer: Any, *, guidance_scale: float, weighting_scheme: WeightingScheme
+    transformer: Any, objective: Objective = MSE, *, guidance_scale: float
 ) -> Callable[[Mapping[str, torch.Tensor], FluxKontextBatch], torch.Tensor]:
-    """Close over the frozen transformer and objective settings; return ``loss_fn(lora, batch)``.
+    """Close over the frozen (adapted) transformer and the objective; return ``loss_fn(lora, batch)``.
 
     The returned function is pure: same (lora, batch) gives the same 0-d float32 loss.
     """
     dtype = compute_dtype(transformer)
+    base = base_adapter(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: FluxKontextBatch) -> torch.Tensor:
         x0 = batch.latents
@@ -149,10 +150,10 @@ def make_loss_fn(
         if transformer.config.guidance_embeds:
             guidance = torch.full((x0.shape[0],), guidance_scale, dtype=torch.float32, device=x0.device)
 
-        def v(noisy: torch.Tensor) -> torch.Tensor:
+        def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
             return velocity(
                 transformer,
-                lora,
+                params,
                 noisy,
                 batch.control_latents,
                 batch.sigmas,
@@ -162,6 +163,6 @@ def make_loss_fn(
                 dtype=dtype,
             )
 
-        return flow_loss(v, batch, weighting_scheme)
+        return flow_loss(v, lora, batch, objective, base)
 
     return loss_fn

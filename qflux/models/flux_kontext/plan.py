@@ -30,5 +30,5 @@ def plan_model(guidance_scale: float) -> PlanModel:
         files=FLUX_KONTEXT,
         encoders=ENCODERS,
         batch=fake_batch,
-        loss=lambda t: make_loss_fn(t, guidance_scale=guidance_scale, weighting_scheme="none"),
+        loss=lambda t, objective: make_loss_fn(t, objective, guidance_scale=guidance_scale),
     )

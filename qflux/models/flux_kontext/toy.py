@@ -76,5 +76,5 @@ def toy_paths(models: FluxKontextModels) -> tuple[DataPath, ModelOps]:
 
     from diffusers import FluxKontextPipeline  # deferred: heavy import
 
-    loss = partial(make_loss_fn, guidance_scale=GUIDANCE, weighting_scheme="logit_normal")
+    loss = partial(make_loss_fn, guidance_scale=GUIDANCE)
     return data, ModelOps(to_batch, preview, decode, NAMING, FluxKontextPipeline, loss)

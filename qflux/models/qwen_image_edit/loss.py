@@ -19,15 +19,15 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.diffusion.flow import FlowBatch, WeightingScheme, flow_loss
+from qflux.diffusion.flow import MSE, FlowBatch, Objective, flow_loss
 from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
-from qflux.lora.adapter import call_with_lora
+from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.weights.dtypes import compute_dtype
 
 
 @attrs.frozen(eq=False, kw_only=True)
 class QwenImageEditBatch(FlowBatch):
-    """A training micro-batch: x0 (normalised by the VAE's mean and std), ε, σ and pixel weights
+    """A training micro-batch: x0 (normalised by the VAE's mean and std), ε, σ and change mask
     (:class:`~qflux.diffusion.flow.FlowBatch`) and Qwen-Image-Edit's conditioning."""
 
     controls: tuple[torch.Tensor, ...]
@@ -77,25 +77,26 @@ def transformer_velocity(
 
 
 def make_loss_fn(
-    transformer: Any, *, weighting_scheme: WeightingScheme
+    transformer: Any, objective: Objective = MSE
 ) -> Callable[[Mapping[str, torch.Tensor], QwenImageEditBatch], torch.Tensor]:
-    """Close over the frozen transformer and the weighting; return ``loss_fn(lora, batch)``.
+    """Close over the frozen (adapted) transformer and the objective; return ``loss_fn(lora, batch)``.
 
     The returned function is pure: same (lora, batch) gives the same 0-d float32 loss.
     """
     dtype = compute_dtype(transformer)
+    base = base_adapter(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: QwenImageEditBatch) -> torch.Tensor:
-        def v(noisy: torch.Tensor) -> torch.Tensor:
+        def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
             b, _, h, w = noisy.shape
             tokens = pack_sequence(noisy, batch.controls)
             shapes = img_shapes(b, (h, w), [(c.shape[-2], c.shape[-1]) for c in batch.controls])
             n = (h // 2) * (w // 2)  # the target's tokens come first
             out = transformer_velocity(
-                transformer, lora, tokens, n, batch.sigmas, batch.embeds, batch.mask, shapes, dtype=dtype
+                transformer, params, tokens, n, batch.sigmas, batch.embeds, batch.mask, shapes, dtype=dtype
             )
             return unpack_latents(out, h, w)
 
-        return flow_loss(v, batch, weighting_scheme)
+        return flow_loss(v, lora, batch, objective, base)
 
     return loss_fn

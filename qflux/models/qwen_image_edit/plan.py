@@ -43,5 +43,5 @@ def plan_model() -> PlanModel:
         files=QWEN_IMAGE_EDIT,
         encoders=ENCODERS,
         batch=fake_batch,
-        loss=lambda t: make_loss_fn(t, weighting_scheme="none"),
+        loss=make_loss_fn,
     )

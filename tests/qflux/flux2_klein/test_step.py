@@ -55,7 +55,7 @@ def _pipeline_way(transformer, b: Flux2KleinBatch) -> torch.Tensor:  # type: ign
 @pytest.mark.parametrize("n_refs", [0, 1, 2])
 def test_the_loss_is_the_pipelines(models, n_refs: int) -> None:  # type: ignore[no-untyped-def]
     batch = _batch(models, n_refs)
-    ours = make_loss_fn(models.transformer, weighting_scheme="none")({}, batch)
+    ours = make_loss_fn(models.transformer)({}, batch)
     torch.testing.assert_close(ours, _pipeline_way(models.transformer, batch), rtol=1e-5, atol=1e-6)
 
 
@@ -63,6 +63,6 @@ def test_the_lora_gradient_reaches_every_adapted_layer(tmp_path: Path) -> None:
     models = load_flux2_klein(build_flux2_klein(tmp_path / "m", seed=6), torch.float32)
     targets = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out")
     lora = inject_lora(models.transformer, LoraConfig(r=2, target_modules=targets), seed=0)
-    loss_fn = make_loss_fn(models.transformer, weighting_scheme="none")
+    loss_fn = make_loss_fn(models.transformer)
     grads = torch.func.grad(loss_fn)(lora, _batch(models, 1))
     assert all(g.abs().sum() > 0 for k, g in grads.items() if ".lora_B." in k)

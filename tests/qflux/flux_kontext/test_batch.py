@@ -72,6 +72,7 @@ def test_draws_depend_on_keys_only(flux_models, tmp_path: Path) -> None:
 
 def test_resolution_shift_moves_sigmas_towards_noise(flux_models) -> None:
     u = torch.tensor([0.2, 0.5, 0.8])
-    plain = sigmas_for(_cfg(0, 0).resolution_shift, flux_models.scheduler.config, u, (8, 8))
-    shifted = sigmas_for(_cfg(0, 0, resolution_shift=True).resolution_shift, flux_models.scheduler.config, u, (8, 8))
+    plain = sigmas_for(_cfg(0, 0, timestep_sampling="logit_normal"), flux_models.scheduler.config, u, (64, 64))
+    draws = _cfg(0, 0, timestep_sampling="resolution_shift")
+    shifted = sigmas_for(draws, flux_models.scheduler.config, u, (64, 64))
     assert torch.all(shifted > plain)

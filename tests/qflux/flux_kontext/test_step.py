@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qflux.config.schema import LoraConfig
-from qflux.diffusion.flow import sigmas_from_u
+from qflux.diffusion.flow import Objective, sigmas_from_u
 from qflux.lora.adapter import inject_lora
 from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
 from qflux.models.flux_kontext.loss import FluxKontextBatch, make_loss_fn, velocity
@@ -115,7 +115,7 @@ def test_loss_equals_diffusers_script(lora_transformer, scheme: str) -> None:
     ]
     batch = attrs.evolve(batch, sigmas=sigmas_from_u(u))
     trained = _perturbed(lora, 1)
-    ours = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme=scheme)(trained, batch)  # type: ignore[arg-type]
+    ours = make_loss_fn(tr, Objective(weighting_scheme=scheme), guidance_scale=2.5)(trained, batch)  # type: ignore[arg-type]
     ref_module = copy.deepcopy(tr)
     ref_module.load_state_dict(trained, strict=False)
     ref = _reference_loss(ref_module, batch, timesteps, 2.5, scheme)
@@ -146,7 +146,7 @@ def test_train_step_does_not_mutate_and_is_bitwise_reproducible(
     lora_transformer, seed: int, n_micro: int, engine: str
 ) -> None:
     tr, lora = lora_transformer
-    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    loss_fn = make_loss_fn(tr, guidance_scale=2.5)
     state = init_train_state(_perturbed(lora, seed), seed=seed)
     batches = [_batch(seed + 1 + i) for i in range(n_micro)]
     snapshot = {k: v.clone() for k, v in state.lora.items()}
@@ -168,7 +168,7 @@ def test_train_step_does_not_mutate_and_is_bitwise_reproducible(
 
 def test_accumulation_equals_mean_of_gradients(lora_transformer) -> None:
     tr, lora = lora_transformer
-    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    loss_fn = make_loss_fn(tr, guidance_scale=2.5)
     state = init_train_state(_perturbed(lora, 5), seed=0)
     big = _batch(6, b=2)
     halves = [
@@ -189,7 +189,7 @@ def test_accumulation_equals_mean_of_gradients(lora_transformer) -> None:
 def test_engines_agree_with_and_without_checkpointing(tiny_flux_dir: Path) -> None:
     tr = load_part(FLUX_KONTEXT, tiny_flux_dir, "transformer", torch.float32)
     lora = inject_lora(tr, LoraConfig(r=4), seed=0)
-    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    loss_fn = make_loss_fn(tr, guidance_scale=2.5)
     state = init_train_state(_perturbed(lora, 7), seed=0)
     batches = [_batch(8)]
     ref, m_ref = train_step(state, batches, loss_fn=loss_fn, lr=torch.tensor(1e-2), hp=_hp("func"))
@@ -209,14 +209,14 @@ def test_autograd_engine_needs_the_module(lora_transformer) -> None:
     from qflux.train.state import value_and_grad
 
     tr, lora = lora_transformer
-    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    loss_fn = make_loss_fn(tr, guidance_scale=2.5)
     with pytest.raises(ValueError, match="needs the module"):
         value_and_grad(loss_fn, lora, _batch(0), engine="autograd")
 
 
 def test_non_finite_step_skips_the_update(lora_transformer) -> None:
     tr, lora = lora_transformer
-    loss_fn = make_loss_fn(tr, guidance_scale=2.5, weighting_scheme="none")
+    loss_fn = make_loss_fn(tr, guidance_scale=2.5)
     state = init_train_state(_perturbed(lora, 11), seed=0)
     good, _ = train_step(state, [_batch(12)], loss_fn=loss_fn, lr=torch.tensor(1e-3), hp=_hp())
     bad_batch = attrs.evolve(_batch(13), noise=torch.full_like(_batch(13).noise, float("nan")))

@@ -55,7 +55,7 @@ def test_the_loss_is_the_pipelines_with_controls_at_t_zero(tiny_2511: Path) -> N
     tr = models.transformer
     assert tr.config.zero_cond_t
     batch = _batch(models)
-    loss_fn = make_loss_fn(tr, weighting_scheme="none")
+    loss_fn = make_loss_fn(tr)
     ours = loss_fn({}, batch)
     torch.testing.assert_close(ours, _pipeline_way(tr, batch), rtol=1e-5, atol=1e-6)
     for m in tr.modules():  # the same weights with the control tokens modulated at σ instead of 0
