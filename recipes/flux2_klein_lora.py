@@ -93,17 +93,24 @@ def _inputs(cfg: Flux2KleinConfig, run: Run) -> tuple[Flux2KleinModels, DataPath
     models = _load(cfg, run.model_dir, ("transformer", *FAMILY.encoders), run)
     seq = cfg.model.max_sequence_length
     empty = text_tensors(encode_prompt(models.text_encoder, models.tokenizer, [""], seq))
+    kept = cfg.train.preserve_prompt
+    preserve = None if kept is None else text_tensors(encode_prompt(models.text_encoder, models.tokenizer, [kept], seq))
     encode = with_mask(partial(encode_conditioning, models, max_sequence_length=seq))
-    return models, DataPath(pair_dataset(cfg, run.model_dir), collate_pairs, encode, empty)
+    return models, DataPath(pair_dataset(cfg, run.model_dir), collate_pairs, encode, empty, preserve)
 
 
 def _cache(cfg: Flux2KleinConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
-    spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length, cfg.train.loss_mask)
+    spec = kcache.cache_spec(path, cfg.model.dtype, cfg.model.max_sequence_length, cfg.train.loss_mask,
+                             cfg.train.preserve_prompt)  # fmt: skip
     root = Path(cfg.cache.cache_dir)
-    return module_cache(
-        kcache, spec, root, cached_conditioning, lambda: text_tensors(kcache.read_empty_prompt(spec, root))
-    )
+
+    def preserve() -> dict[str, torch.Tensor] | None:
+        kept = kcache.read_preserve_prompt(spec, root)
+        return None if kept is None else text_tensors(kept)
+
+    empty = partial(kcache.read_empty_prompt, spec, root)
+    return module_cache(kcache, spec, root, cached_conditioning, lambda: text_tensors(empty()), preserve)
 
 
 def cache(cfg: Flux2KleinConfig) -> CacheReport:

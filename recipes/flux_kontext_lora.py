@@ -110,18 +110,24 @@ def _inputs(cfg: FluxKontextConfig, run: Run) -> tuple[FluxKontextModels, DataPa
     models = _load(cfg, run.model_dir, ("transformer", *FAMILY.encoders), run)
     seq = text_length(cfg.model.max_sequence_length, run.model_dir)
     empty = text_tensors(encode_prompt_with(models, [""], seq))
+    kept = cfg.train.preserve_prompt
+    preserve = None if kept is None else text_tensors(encode_prompt_with(models, [kept], seq))
     encode = with_mask(partial(encode_conditioning, models, max_sequence_length=seq))
-    return models, DataPath(pair_dataset(cfg, run.model_dir), collate_pairs, encode, empty)
+    return models, DataPath(pair_dataset(cfg, run.model_dir), collate_pairs, encode, empty, preserve)
 
 
 def _cache(cfg: FluxKontextConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
     seq = text_length(cfg.model.max_sequence_length, path)
-    spec = kcache.cache_spec(path, cfg.model.dtype, seq, cfg.train.loss_mask)
+    spec = kcache.cache_spec(path, cfg.model.dtype, seq, cfg.train.loss_mask, cfg.train.preserve_prompt)
     root = Path(cfg.cache.cache_dir)
-    return module_cache(
-        kcache, spec, root, cached_conditioning, lambda: text_tensors(kcache.read_empty_prompt(spec, root))
-    )
+
+    def preserve() -> dict[str, torch.Tensor] | None:
+        kept = kcache.read_preserve_prompt(spec, root)
+        return None if kept is None else text_tensors(kept)
+
+    empty = partial(kcache.read_empty_prompt, spec, root)
+    return module_cache(kcache, spec, root, cached_conditioning, lambda: text_tensors(empty()), preserve)
 
 
 def _preview(

@@ -102,12 +102,13 @@ def _inputs(cfg: QwenImageEditConfig, run: Run) -> tuple[QwenImageEditModels, Da
     variant = cfg.model.variant
     pairs = pair_dataset(cfg, run.model_dir)
     return models, DataPath(lambda samples: QwenPairDataset(pairs(samples), variant), collate_qwen_pairs,
-                            with_mask(partial(encode_conditioning, models, variant=variant)), None)  # fmt: skip
+                            with_mask(partial(encode_conditioning, models, variant=variant,
+                                              preserve_prompt=cfg.train.preserve_prompt)), None)  # fmt: skip
 
 
 def _cache(cfg: QwenImageEditConfig, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders, the dtype and the variant."""
-    spec = qcache.cache_spec(path, cfg.model.dtype, cfg.model.variant, cfg.train.loss_mask)
+    spec = qcache.cache_spec(path, cfg.model.dtype, cfg.model.variant, cfg.train.loss_mask, cfg.train.preserve_prompt)
     return module_cache(qcache, spec, Path(cfg.cache.cache_dir), cached_conditioning, lambda: None)
 
 

@@ -276,8 +276,13 @@ class TrainConfig:
     prediction on the same noisy latents, computed in the same step with the adapter off:
     loss += mean w(σ)·preserve_weight·(1 − m)·ℓ(v̂ − v̂_base). Costs one more transformer forward
     (no backward) a step; ``plan`` counts it."""
+    preserve_prompt: str | None = None
+    """Differential output preservation: on each step's noisy latents and controls, the LoRA's velocity for
+    this prompt is pulled to the base model's, loss += mean w(σ)·preserve_weight·ℓ(v̂_P − v̂_base,P)
+    (ai-toolkit's DOP on a prompt of your choosing; "" is its blank-prompt preservation). Two more
+    transformer forwards a step (one with backward); the cache holds its embedding. null: off."""
     preserve_weight: float = attrs.field(default=1.0, validator=non_negative)
-    """λ of the preservation term (``preserve: base``)."""
+    """λ of the preservation terms (``preserve: base``, ``preserve_prompt``)."""
     ema_decay: float | None = attrs.field(default=None, validator=v.optional(unit_interval))
     """Keep an exponential moving average of the LoRA, e ← d·e + (1 − d)·θ after every step, saved
     beside the raw weights as pytorch_lora_weights_ema.safetensors (and its ComfyUI twin) and in
@@ -314,8 +319,9 @@ class TrainConfig:
                 "train.preserve: base keeps the base model's prediction outside the change mask, and "
                 "train.loss_mask: none has none; set train.loss_mask: auto (or masks)"
             )
-        if self.preserve_weight != 1.0 and self.preserve == "none":
-            raise ValueError("train.preserve_weight is read only with train.preserve: base; set it or remove the key")
+        if self.preserve_weight != 1.0 and self.preserve == "none" and self.preserve_prompt is None:
+            raise ValueError("train.preserve_weight is read only with train.preserve: base or train.preserve_prompt; "
+                             "set one or remove the key")  # fmt: skip
         if self.compile is True and self.gradient_checkpointing:
             raise ValueError(
                 "compile: true (one graph through torch.func) cannot recompute checkpointed blocks; "

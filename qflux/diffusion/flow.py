@@ -46,6 +46,9 @@ class FlowBatch:
     change: torch.Tensor | None = None
     """The change mask m [B, 1, h, w] in [0, 1] (``train.loss_mask``: 1 where the edit happens), or None
     (the loss weighs every latent pixel alike)."""
+    preserve: Mapping[str, torch.Tensor] | None = None
+    """The preserve prompt's tensors (``train.preserve_prompt``), batch first, under the names of the model's
+    prompt tensors (:attr:`qflux.train.batch.Conditioning.text`), or None."""
 
 
 def sample_u(
@@ -267,21 +270,25 @@ def flow_loss(
     batch: FlowBatch,
     objective: Objective,
     base: Mapping[str, torch.Tensor] | None = None,
+    keep: Velocity | None = None,
 ) -> torch.Tensor:
     """The training objective of every model, given its velocity at the noised latents.
 
         x_t = (1 − σ)·x0 + σ·ε
         loss = mean_b w(σ_b) · Σ p·ℓ(v̂(x_t) − (ε − x0)) / Σ p           (:func:`flow_match_loss`)
              + [preserve: base]  mean_b w(σ_b) · mean λ(1 − m)·ℓ(v̂(x_t) − v̂_base(x_t))   (:func:`preservation_loss`)
+             + [preserve_prompt] mean_b w(σ_b) · mean λ·ℓ(v̂_P(x_t) − v̂_base,P(x_t))
 
-    with p = u + (1 − u)·m from the change mask m (p ≡ 1 without one).
+    with p = u + (1 − u)·m from the change mask m (p ≡ 1 without one); v̂_P is the model on the preserve
+    prompt P instead of the instruction, same x_t, σ and controls.
 
     Args:
         velocity: the model on the batch's conditioning, with the given adapter tensors.
         lora: the adapter tensors being trained.
         batch: x0, ε, σ and the optional change mask.
         base: adapter tensors that make ΔW = 0 (:func:`qflux.lora.adapter.base_adapter`), for the base
-            model's prediction; needed with ``objective.preserve: base``.
+            model's predictions; needed with ``objective.preserve: base`` or ``keep``.
+        keep: the model on the preserve prompt (``train.preserve_prompt``), or None.
 
     Returns:
         0-d float32 tensor.
@@ -292,11 +299,18 @@ def flow_loss(
     w = loss_weights(objective.weighting_scheme, sigmas)
     pixel = None if m is None else pixel_weights(m, objective.unmasked_weight)
     loss = flow_match_loss(pred, flow_target(x0, eps), w, pixel, objective.loss, objective.huber_c)
+    lam, kind, c = objective.preserve_weight, objective.loss, objective.huber_c
     if objective.preserve == "base":
         if m is None or base is None:
             raise ValueError("preserve: base needs the batch's change mask and the base adapter tensors")
         with torch.no_grad():
             prior = velocity(base, noisy)
-        keep = objective.preserve_weight * (1.0 - m.float())
-        loss = loss + preservation_loss(pred, prior, w, keep, objective.loss, objective.huber_c)
+        loss = loss + preservation_loss(pred, prior, w, lam * (1.0 - m.float()), kind, c)
+    if keep is not None:
+        if base is None:
+            raise ValueError("a preserve prompt needs the base adapter tensors")
+        with torch.no_grad():
+            prior = keep(base, noisy)
+        everywhere = torch.full_like(noisy[:, :1], lam, dtype=torch.float32)
+        loss = loss + preservation_loss(keep(lora, noisy), prior, w, everywhere, kind, c)
     return loss

@@ -13,7 +13,7 @@ from qflux.diffusion.latents import vae_scale_factor
 
 def zero_latents(
     vae: Mapping[str, Any], channels: int, batch_size: int, target: tuple[int, int], controls: Sequence[tuple[int, int]]
-) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
     """The flow-matching fields of a micro-batch of zeros and the latents of its control images.
 
     Args:
@@ -31,5 +31,5 @@ def zero_latents(
         w, h = size
         return torch.zeros(batch_size, channels, h // f, w // f)
 
-    flow = {"latents": zeros(target), "noise": zeros(target), "sigmas": torch.full((batch_size,), 0.5)}
+    flow: dict[str, Any] = {"latents": zeros(target), "noise": zeros(target), "sigmas": torch.full((batch_size,), 0.5)}
     return flow, tuple(zeros(size) for size in controls)

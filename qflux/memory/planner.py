@@ -102,11 +102,15 @@ class PlanModel:
     """The run's objective (``train.loss``, ``train.preserve``: the base model's forward is planned)."""
     masked: bool = False
     """Whether the run's batches carry a change mask (``train.loss_mask``; ``train.preserve`` reads it)."""
+    preserve_prompt: bool = False
+    """Whether they carry a preserve prompt (``train.preserve_prompt``: two more forwards, one with backward)."""
 
     def micro_batch(self, configs: Mapping[str, Mapping[str, Any]], inputs: Inputs, dtype: torch.dtype) -> Any:
         """``batch``'s record, with a change mask of zeros [B, 1, h, w] where the run has one (with
         ``train.preserve: base``, zero means every pixel is kept: the base model's forward runs)."""
         batch = self.batch(configs, inputs, dtype)
+        if self.preserve_prompt:  # a prompt of the instruction's length
+            batch = attrs.evolve(batch, preserve=batch.prompt())
         if not self.masked:
             return batch
         b, _, h, w = batch.latents.shape
@@ -181,7 +185,7 @@ def estimate(model: PlanModel, configs: Mapping[str, Mapping[str, Any]], inputs:
     """
     key = (model.files.pipeline, json.dumps(configs, sort_keys=True, default=str), inputs,
            attrs.evolve(setting, cached=True), str(dtype), attrs.astuple(lora), model.objective,
-           model.masked)  # fmt: skip
+           model.masked, model.preserve_prompt)  # fmt: skip
     if key not in _MEASURED:
         _MEASURED[key] = _measure(model, configs, inputs, setting, dtype=dtype, lora=lora)
     step = _MEASURED[key]

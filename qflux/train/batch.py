@@ -45,6 +45,9 @@ class Conditioning:
     mask: torch.Tensor | None = None
     """Where the edit happens, on the latent grid [B, 1, h, w] in [0, 1] (``train.loss_mask``);
     None: the loss weighs every latent pixel alike."""
+    preserve: Mapping[str, torch.Tensor] | None = None
+    """Each sample's preserve-prompt tensors [B, ...] (``train.preserve_prompt``), for a model whose prompt
+    embedding sees the sample's images (Qwen); None: the data path's one, if any."""
 
 
 def encode_pairs(
@@ -135,6 +138,9 @@ class DataPath:
     """A collated batch's :class:`Conditioning` (encoded here, or read from the cache)."""
     empty: Mapping[str, torch.Tensor] | None
     """The empty prompt's tensors [1, ...], or None when each sample's conditioning carries its own."""
+    preserve: Mapping[str, torch.Tensor] | None = None
+    """The preserve prompt's tensors [1, ...] (``train.preserve_prompt``), or None (none, or each sample's
+    conditioning carries its own)."""
 
 
 @attrs.frozen(eq=False, kw_only=True)
@@ -153,7 +159,8 @@ def to_record(make: Callable[..., B], p: Prepared, **conditioning: Any) -> B:
     """A model's batch record (a :class:`~qflux.diffusion.flow.FlowBatch`, built by ``make``): x0, ε, σ
     and the change mask of ``p``, and the model's ``conditioning`` fields (its names for ``p``'s
     controls and prompt tensors)."""
-    return make(latents=p.latents, noise=p.noise, sigmas=p.sigmas, change=p.change, **conditioning)
+    return make(latents=p.latents, noise=p.noise, sigmas=p.sigmas, change=p.change, preserve=p.preserve,
+                **conditioning)  # fmt: skip
 
 
 def sigmas_for(draws: Draws, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -208,12 +215,15 @@ def prepare(
     keys: tuple[int, ...],
     device: torch.device | str = "cpu",
     first_index: int = 0,
+    preserve: Mapping[str, torch.Tensor] | None = None,
 ) -> Prepared:
     """Apply caption and control dropout, draw noise and σ, and move everything to ``device``.
 
     Args:
         empty: the empty instruction's prompt tensors [1, ...], used unless ``cond.empty`` holds
             per-sample ones.
+        preserve: the preserve prompt's tensors [1, ...] (:attr:`DataPath.preserve`), used unless
+            ``cond.preserve`` holds per-sample ones; neither: no preserve prompt.
         keys: randomness keys (seed, step, micro-batch); sample i draws from keys + (first_index + i,).
         first_index: this batch's offset in the global batch (data-parallel ranks).
     """
@@ -235,6 +245,7 @@ def prepare(
         raise ValueError("no empty-prompt tensors: pass empty, or conditioning that carries its own")
     text = where_dropped(drawn.drop_caption, cond.text, blank)
     keep = (~drawn.drop_image).float().view(b, 1, 1, 1)
+    kept = cond.preserve if cond.preserve is not None else preserve
     return Prepared(
         latents=cond.latents.float().to(device),
         controls=tuple(x.to(device, torch.float32) * keep.to(device) for x in cond.controls),
@@ -242,6 +253,7 @@ def prepare(
         noise=drawn.noise.to(device),
         sigmas=sigmas_for(draws, scheduler_config, drawn.u, (h, w)).to(device),
         change=None if cond.mask is None else cond.mask.float().to(device),
+        preserve=None if kept is None else {k: t.expand(b, *t.shape[1:]).to(device) for k, t in kept.items()},
     )
 
 

@@ -42,6 +42,8 @@ class CachePath:
     conditioning: Callable[[dict[str, Any]], Conditioning]
     empty: Callable[[], Mapping[str, torch.Tensor] | None]
     """Reads the empty prompt's tensors (None: each sample's conditioning carries its own)."""
+    preserve: Callable[[], Mapping[str, torch.Tensor] | None] = lambda: None
+    """Reads the preserve prompt's tensors (``train.preserve_prompt``; None: none, or each sample's own)."""
 
 
 def module_cache(
@@ -50,13 +52,14 @@ def module_cache(
     root: Path,
     conditioning: Callable[[dict[str, Any]], Conditioning],
     empty: Callable[[], Mapping[str, torch.Tensor] | None],
+    preserve: Callable[[], Mapping[str, torch.Tensor] | None] = lambda: None,
 ) -> CachePath:
     """The :class:`CachePath` of a model's cache module for ``spec`` under ``root``.
 
     The module defines ``sample_entries(spec, root, samples)`` (a record per sample whose ``all()``
     lists the entries it reads), ``empty_entries(spec, root)`` (the entries every sample reads: the
-    empty prompt's), ``jobs(models, spec, root, samples)`` (every entry the samples need, with how to
-    compute it), ``read_sample(entries)`` and ``collate_cached(items)``.
+    empty prompt's and the preserve prompt's), ``jobs(models, spec, root, samples)`` (every entry the
+    samples need, with how to compute it), ``read_sample(entries)`` and ``collate_cached(items)``.
     """
 
     def verify(entries: list[Any]) -> list[str]:
@@ -73,6 +76,7 @@ def module_cache(
         collate=module.collate_cached,
         conditioning=conditioning,
         empty=empty,
+        preserve=preserve,
     )
 
 
@@ -110,7 +114,7 @@ def cached_data(cache: CachePath, run: Run, cache_dir: str, load_encoders: Calla
     def make_dataset(chosen: list[PairSample]) -> Any:
         return cache.dataset([known[s] if s in known else cache.entries([s])[0] for s in chosen])
 
-    return DataPath(make_dataset, cache.collate, with_mask(cache.conditioning), cache.empty())
+    return DataPath(make_dataset, cache.collate, with_mask(cache.conditioning), cache.empty(), cache.preserve())
 
 
 def cache_command(

@@ -181,7 +181,8 @@ def step_taker(
             position, raw = next(stream)
             cond = data.to_conditioning(raw)
             keys = (state.train.seed, state.step, m)
-            micro.append(ops.to_batch(prepare(draws, sched, cond, data.empty, keys, run.device, raw["offset"])))
+            micro.append(ops.to_batch(prepare(draws, sched, cond, data.empty, keys, run.device, raw["offset"],
+                                              data.preserve)))  # fmt: skip
             # this rank's share of the micro-batch's global mean, over K accumulated micro-batches
             shares.append(cond.latents.shape[0] / raw["global_size"] / k)
             samples += raw["global_size"]  # over ranks: every rank walks the same global batches

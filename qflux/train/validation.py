@@ -192,7 +192,7 @@ def make_validator(
     quiet = Draws.from_config(cfg.data, cfg.train).without_dropout()
 
     def assemble(cond: Conditioning, keys: tuple[int, ...]) -> Any:
-        return to_batch(prepare(quiet, scheduler_config, cond, data.empty, keys, device))
+        return to_batch(prepare(quiet, scheduler_config, cond, data.empty, keys, device, preserve=data.preserve))
 
     batches = eval_batches(assemble, with_target, seed=cfg.seed)
     refs = [edit_reference(s) if t else None for s, t in zip(vset.samples, vset.has_target, strict=True)]

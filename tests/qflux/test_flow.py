@@ -166,3 +166,27 @@ def test_preservation_needs_a_mask_and_the_base() -> None:
     batch = flow.FlowBatch(latents=torch.zeros(1, 1, 2, 2), noise=torch.ones(1, 1, 2, 2), sigmas=torch.ones(1))
     with pytest.raises(ValueError, match="change mask"):
         flow.flow_loss(_linear_velocity, {}, batch, flow.Objective(preserve="base"), {})
+
+
+@given(shape=shapes, seed=st.integers(0, 1000), kind=kinds, lam=st.floats(0.0, 10.0))
+def test_a_preserve_prompt_pulls_its_prediction_to_the_base_models(shape, seed: int, kind, lam: float) -> None:  # type: ignore[no-untyped-def]
+    b = shape[0]
+    x0, eps = _randn(shape, seed), _randn(shape, seed + 1)
+    sigmas = torch.rand(b, generator=torch.Generator().manual_seed(seed)) * 0.9 + 0.05
+    batch = flow.FlowBatch(latents=x0, noise=eps, sigmas=sigmas)
+    objective = flow.Objective(loss=kind, preserve_weight=lam)
+
+    def on_prompt(params, noisy):  # type: ignore[no-untyped-def]
+        """The model on another prompt: v̂ = a·x_t + 1 (a = 1 without an adapter)."""
+        return params.get("a", torch.tensor(1.0)) * noisy + 1.0
+
+    lora, base = {"a": torch.tensor(0.6)}, {}
+    data = flow.flow_loss(_linear_velocity, lora, batch, objective)
+    # at ΔW = 0 the term is 0; otherwise + mean_b mean λ·ℓ(v̂_P − v̂_base,P)
+    assert flow.flow_loss(_linear_velocity, {}, batch, objective, base, on_prompt) == flow.flow_loss(
+        _linear_velocity, {}, batch, objective
+    )
+    noisy = flow.add_noise(x0, eps, sigmas)
+    extra = (lam * flow.elementwise_loss(0.6 * noisy + 1, noisy + 1, kind)).reshape(b, -1).mean(1).mean()
+    got = flow.flow_loss(_linear_velocity, lora, batch, objective, base, on_prompt)
+    assert torch.allclose(got, data + extra, rtol=1e-5, atol=1e-7)

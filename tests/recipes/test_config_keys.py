@@ -90,6 +90,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.huber_c": (0.01, {"train.loss": "huber"}),
     "train.preserve": ("base", MASKED),
     "train.preserve_weight": (5.0, {"train.preserve": "base", **MASKED}),
+    "train.preserve_prompt": ("a photo", {}),
     "train.blocks_to_swap": (1, {}),  # the same LoRA by design: the swapped layers are what shows
     # the compiled run itself is tested in tests/qflux/test_compile.py; here: the key is read
     "train.compile": (True, {"train.gradient_checkpointing": True}),

@@ -1,6 +1,7 @@
-"""``train.preserve: base`` through the recipes: every family trains with it (and not the LoRA it trains without),
-cached training equals uncached and a resumed run equals a straight one bit for bit, block swap trains the same
-LoRA, ``plan`` counts the base model's forward, and the settings it cannot apply are refused with the fix."""
+"""``train.preserve: base`` and ``train.preserve_prompt`` through the recipes: every family trains with them (and not
+the LoRA it trains without), cached training equals uncached and a resumed run equals a straight one bit for bit,
+block swap trains the same LoRA, ``plan`` counts the extra forwards, and the settings they cannot apply are refused
+with the fix."""
 
 from __future__ import annotations
 
@@ -44,6 +45,21 @@ def test_each_family_trains_with_preservation(recipe, data: Path, tmp_path: Path
     assert any(not torch.equal(loras["plain"][k], loras["kept"][k]) for k in loras["plain"])
 
 
+@pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora, flux2_klein_lora])
+def test_each_family_trains_with_a_preserve_prompt_cached_or_not(recipe, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    loras = {}
+    for name, more in (("plain", []), ("kept", ["--train.preserve_prompt=a photo"]),
+                       ("cached", ["--train.preserve_prompt=a photo", "--cache.use_cache=true"])):  # fmt: skip
+        out = tmp_path / name
+        recipe.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}", "--train.max_train_steps=2",
+                     "--logging.write_sample=false", "--model.dtype=float32", f"--cache.cache_dir={tmp_path / 'c'}",
+                     *more, *tiny_args(recipe, data=False)])  # fmt: skip
+        loras[name] = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(loras["plain"][k], loras["kept"][k]) for k in loras["plain"])
+    assert all(torch.equal(loras["kept"][k], loras["cached"][k]) for k in loras["kept"])
+    assert len(list((tmp_path / "c").rglob("*.safetensors"))) > 0
+
+
 def _cfg(model: Path, data: Path, out: Path, steps: int, **more: object) -> FluxKontextConfig:
     return load_config(
         FluxKontextConfig,
@@ -51,6 +67,7 @@ def _cfg(model: Path, data: Path, out: Path, steps: int, **more: object) -> Flux
         {"model.pretrained_model_name_or_path": str(model), "model.dtype": "float32", "model.max_sequence_length": 8,
          "data.dataset_path": str(data), "train.max_train_steps": steps, "train.checkpointing_steps": 2,
          "train.loss_mask": "auto", "train.preserve": "base", "train.loss": "pseudo_huber", "train.huber_c": 0.5,
+         "train.preserve_prompt": "a photo",
          "logging.output_dir": str(out), "logging.write_sample": False, "logging.report_to": "none",
          "cache.cache_dir": str(out.parent / "cache"), **more},
     )  # fmt: skip
@@ -69,19 +86,21 @@ def test_cached_resumed_and_swapped_runs_train_the_same_lora(tiny_flux_dir: Path
 
 def test_plan_counts_the_base_models_forward() -> None:
     """FLUX.1 Kontext at full size in bf16, without checkpointing: the base forward runs while the LoRA forward's
-    activations are held, so the peak grows by its transient tensors; the weights and state do not."""
+    activations are held, so the peak grows by its transient tensors; a preserve prompt adds a second forward with
+    backward, whose activations are held too; the weights and state do not change."""
     rows = {}
-    for preserve in ("none", "base"):
+    settings = {"none": {}, "base": {"train.preserve": "base"}, "prompt": {"train.preserve_prompt": "a photo"}}
+    for preserve, more in settings.items():
         cfg = load_config(FluxKontextConfig, "recipes/configs/flux_kontext_bf16.yaml",
-                          {"train.loss_mask": "auto", "train.preserve": preserve})  # fmt: skip
+                          {"train.loss_mask": "auto", **more})  # fmt: skip
         target = flux_kontext_lora._plan_target(cfg)
         configs = {c: shipped_configs("black-forest-labs/FLUX.1-Kontext-dev")[c] for c in target.components}
         inputs = plan_inputs(cfg, target, configs, 1)
         rows[preserve] = estimate(target.model, configs, inputs, Setting("none", False, 0), dtype=torch.bfloat16,
                                   lora=cfg.model.lora)  # fmt: skip
-    kept, plain = rows["base"], rows["none"]
-    assert kept.weights == plain.weights and kept.state == plain.state
-    assert kept.peak > plain.peak
+    kept, prompt, plain = rows["base"], rows["prompt"], rows["none"]
+    assert kept.weights == plain.weights == prompt.weights and kept.state == plain.state == prompt.state
+    assert plain.peak < kept.peak < prompt.peak
 
 
 def test_what_preservation_cannot_apply_is_refused() -> None:

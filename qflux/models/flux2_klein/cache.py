@@ -50,9 +50,17 @@ class CacheSpec:
     prompt: PromptSpec
     """Qwen3's embedding [L, 3D]: three hidden-state layers stacked, L = ``max_sequence_length``."""
     max_sequence_length: int
+    preserve_prompt: str | None = None
+    """``train.preserve_prompt``: its entry is read beside the empty prompt's."""
 
 
-def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask: MaskMode = "none") -> CacheSpec:
+def cache_spec(
+    model_dir: Path,
+    dtype: str,
+    max_sequence_length: int,
+    loss_mask: MaskMode = "none",
+    preserve_prompt: str | None = None,
+) -> CacheSpec:
     """Read identities and shapes from a (resolved) FLUX.2 [klein] folder."""
     shape = (max_sequence_length, len(TEXT_LAYERS) * int(read_config(model_dir, "text_encoder")["hidden_size"]))
     settings = {"max_sequence_length": max_sequence_length, "layers": list(TEXT_LAYERS)}
@@ -60,12 +68,18 @@ def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask:
         images=ImageSpec.from_folder(model_dir, dtype, "latent_channels", loss_mask),
         prompt=PromptSpec.from_folder(model_dir, dtype, PROMPT_KIND, ("text_encoder", "tokenizer"), shape, settings),
         max_sequence_length=max_sequence_length,
+        preserve_prompt=preserve_prompt,
     )
 
 
-def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry]:
-    """The entry every sample reads: the empty prompt's (caption dropout)."""
-    return (spec.prompt.entry(root, ""),)
+def fixed_prompts(spec: CacheSpec) -> tuple[str, ...]:
+    """The prompts every sample reads: the empty one (caption dropout) and the preserve prompt."""
+    return ("",) if spec.preserve_prompt is None else ("", spec.preserve_prompt)
+
+
+def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, ...]:
+    """The entries every sample reads: those of :func:`fixed_prompts`."""
+    return tuple(spec.prompt.entry(root, text) for text in fixed_prompts(spec))
 
 
 @attrs.frozen
@@ -106,13 +120,19 @@ def jobs(models: Flux2KleinModels, spec: CacheSpec, root: Path, samples: Sequenc
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
         out += spec.images.jobs(s, (se.target, *se.controls), se.mask, partial(vae_encode, models.vae))
         out.append((se.prompt, partial(embed, s.prompt)))
-    out += [(e, partial(embed, "")) for e in empty_entries(spec, root)]
+    out += [(e, partial(embed, text)) for text, e in zip(fixed_prompts(spec), empty_entries(spec, root), strict=True)]
     return out
 
 
-def read_empty_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds:
-    """The cached empty prompt as a batch of one: tokens [1, L, 3D] and their positions."""
-    tokens = read_for_training(spec.prompt.entry(root, ""))["embed"][None]
+def read_preserve_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds | None:
+    """The cached preserve prompt (as :func:`read_empty_prompt`), or None without one."""
+    return None if spec.preserve_prompt is None else read_empty_prompt(spec, root, spec.preserve_prompt)
+
+
+def read_empty_prompt(spec: CacheSpec, root: Path, text: str = "") -> PromptEmbeds:
+    """The cached empty prompt (or ``text``, one of :func:`fixed_prompts`) as a batch of one: tokens [1, L, 3D]
+    and their positions."""
+    tokens = read_for_training(spec.prompt.entry(root, text))["embed"][None]
     return PromptEmbeds(tokens=tokens, ids=text_ids(tokens))
 
 

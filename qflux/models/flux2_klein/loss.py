@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.diffusion.flow import MSE, FlowBatch, Objective, flow_loss
+from qflux.diffusion.flow import MSE, FlowBatch, Objective, Velocity, flow_loss
 from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
 from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.models.flux2_klein.conditioning import reference_ids, target_ids
@@ -74,6 +74,10 @@ class Flux2KleinBatch(FlowBatch):
     text_ids: torch.Tensor
     """[B, L, 4]."""
 
+    def prompt(self) -> dict[str, torch.Tensor]:
+        """The prompt tensors under :attr:`qflux.train.batch.Conditioning.text`'s names (those of ``preserve``)."""
+        return {"tokens": self.text, "ids": self.text_ids}
+
 
 def make_loss_fn(
     transformer: Any, objective: Objective = MSE
@@ -84,13 +88,17 @@ def make_loss_fn(
     base = base_adapter(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: Flux2KleinBatch) -> torch.Tensor:
-        def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
-            h, w = noisy.shape[-2], noisy.shape[-1]
-            tokens, ids = token_inputs(noisy, batch.references)
-            out = velocity(transformer, params, tokens, (h // 2) * (w // 2), batch.sigmas, batch.text, batch.text_ids,
-                           ids, dtype=dtype)  # fmt: skip
-            return unpack_latents(out.float(), h, w)  # v̂ [B, C, h, w] of the target's tokens
+        def on(text: torch.Tensor, text_ids: torch.Tensor) -> Velocity:
+            def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
+                h, w = noisy.shape[-2], noisy.shape[-1]
+                tokens, ids = token_inputs(noisy, batch.references)
+                out = velocity(transformer, params, tokens, (h // 2) * (w // 2), batch.sigmas, text, text_ids, ids,
+                               dtype=dtype)  # fmt: skip
+                return unpack_latents(out.float(), h, w)  # v̂ [B, C, h, w] of the target's tokens
 
-        return flow_loss(v, lora, batch, objective, base)
+            return v
+
+        keep = None if batch.preserve is None else on(batch.preserve["tokens"], batch.preserve["ids"])
+        return flow_loss(on(batch.text, batch.text_ids), lora, batch, objective, base, keep)
 
     return loss_fn

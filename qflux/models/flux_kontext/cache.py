@@ -10,7 +10,8 @@ Entries (plan names), each keyed by a content hash of everything that determines
 | ``t5_prompt_embed`` | ``embed`` [S, D] | prompt text, T5 + tokenizer identity, ``max_sequence_length`` |
 | ``change_mask`` | ``mask`` [1, h, w] | ``train.loss_mask``, target bytes, size, box; mask file or control, level |
 
-The empty prompt (caption dropout, CFG) is cached as ordinary prompt entries for ``""``. An
+The empty prompt (caption dropout, CFG) is cached as ordinary prompt entries for ``""``, and so is
+``train.preserve_prompt``. An
 identity is the component folder's resolved path, a hash of its config (and tokenizer files) and
 the dtype. FLUX's prompt embeddings do not depend on the image, so the text is their whole input;
 a model whose encoder sees the image must put the image digest into the prompt key.
@@ -48,9 +49,17 @@ class CacheSpec:
     t5: PromptSpec
     """The T5 tokens [S, D], S = ``max_sequence_length``."""
     max_sequence_length: int
+    preserve_prompt: str | None = None
+    """``train.preserve_prompt``: its entries are read beside the empty prompt's."""
 
 
-def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask: MaskMode = "none") -> CacheSpec:
+def cache_spec(
+    model_dir: Path,
+    dtype: str,
+    max_sequence_length: int,
+    loss_mask: MaskMode = "none",
+    preserve_prompt: str | None = None,
+) -> CacheSpec:
     """Read identities and shapes from a (resolved) FLUX.1 Kontext folder."""
     clip_shape = (int(read_config(model_dir, "text_encoder")["hidden_size"]),)
     t5_shape = (max_sequence_length, int(read_config(model_dir, "text_encoder_2")["d_model"]))
@@ -60,6 +69,7 @@ def cache_spec(model_dir: Path, dtype: str, max_sequence_length: int, loss_mask:
         clip=PromptSpec.from_folder(model_dir, dtype, PROMPT_KINDS[0], ("text_encoder", "tokenizer"), clip_shape),
         t5=PromptSpec.from_folder(model_dir, dtype, PROMPT_KINDS[1], t5_folders, t5_shape, t5_settings),
         max_sequence_length=max_sequence_length,
+        preserve_prompt=preserve_prompt,
     )
 
 
@@ -68,9 +78,14 @@ def prompt_entries(spec: CacheSpec, root: Path, text: str) -> tuple[Entry, Entry
     return spec.clip.entry(root, text), spec.t5.entry(root, text)
 
 
-def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, Entry]:
-    """The entries every sample reads: the empty prompt's (caption dropout, CFG)."""
-    return prompt_entries(spec, root, "")
+def fixed_prompts(spec: CacheSpec) -> tuple[str, ...]:
+    """The prompts every sample reads: the empty one (caption dropout, CFG) and the preserve prompt."""
+    return ("",) if spec.preserve_prompt is None else ("", spec.preserve_prompt)
+
+
+def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, ...]:
+    """The entries every sample reads: those of :func:`fixed_prompts`."""
+    return tuple(e for text in fixed_prompts(spec) for e in prompt_entries(spec, root, text))
 
 
 @attrs.frozen
@@ -122,16 +137,22 @@ def jobs(models: FluxKontextModels, spec: CacheSpec, root: Path, samples: Sequen
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
         out += spec.images.jobs(s, (se.target, se.control), se.mask, partial(vae_encode, models.vae))
         texts.append((s.prompt, (se.clip, se.t5)))
-    texts.append(("", empty_entries(spec, root)))
+    texts += [(text, prompt_entries(spec, root, text)) for text in fixed_prompts(spec)]
     for text, (clip, t5) in texts:
         out.append((clip, partial(pooled, text)))
         out.append((t5, partial(tokens, text)))
     return out
 
 
-def read_empty_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds:
-    """The cached empty-prompt embeddings, as a batch of one: pooled [1, P], tokens [1, S, D]."""
-    clip, t5 = prompt_entries(spec, root, "")
+def read_preserve_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds | None:
+    """The cached preserve-prompt embeddings (as :func:`read_empty_prompt`), or None without one."""
+    return None if spec.preserve_prompt is None else read_empty_prompt(spec, root, spec.preserve_prompt)
+
+
+def read_empty_prompt(spec: CacheSpec, root: Path, text: str = "") -> PromptEmbeds:
+    """The cached embeddings of the empty prompt (or of ``text``, one of :func:`fixed_prompts`), as a batch of one:
+    pooled [1, P], tokens [1, S, D]."""
+    clip, t5 = prompt_entries(spec, root, text)
     return PromptEmbeds(
         pooled=read_for_training(clip)["embed"][None],
         tokens=read_for_training(t5)["embed"][None],

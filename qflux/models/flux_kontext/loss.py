@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import attrs
 import torch
 
-from qflux.diffusion.flow import MSE, FlowBatch, Objective, flow_loss
+from qflux.diffusion.flow import MSE, FlowBatch, Objective, Velocity, flow_loss
 from qflux.diffusion.latents import latent_image_ids, pack_latents, transformer_inputs, unpack_latents
 from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.weights.dtypes import compute_dtype
@@ -34,6 +34,10 @@ class FluxKontextBatch(FlowBatch):
     """CLIP pooled prompt embedding [B, P]."""
     prompt_embeds: torch.Tensor
     """T5 prompt embedding [B, S, D]."""
+
+    def prompt(self) -> dict[str, torch.Tensor]:
+        """The prompt tensors under :attr:`qflux.train.batch.Conditioning.text`'s names (those of ``preserve``)."""
+        return {"pooled": self.pooled, "tokens": self.prompt_embeds}
 
 
 def kontext_ids(latent_hw: tuple[int, int], control_hw: tuple[int, int]) -> torch.Tensor:
@@ -150,19 +154,14 @@ def make_loss_fn(
         if transformer.config.guidance_embeds:
             guidance = torch.full((x0.shape[0],), guidance_scale, dtype=torch.float32, device=x0.device)
 
-        def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
-            return velocity(
-                transformer,
-                params,
-                noisy,
-                batch.control_latents,
-                batch.sigmas,
-                batch.pooled,
-                batch.prompt_embeds,
-                guidance,
-                dtype=dtype,
-            )
+        def on(pooled: torch.Tensor, embeds: torch.Tensor) -> Velocity:
+            def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
+                return velocity(transformer, params, noisy, batch.control_latents, batch.sigmas, pooled, embeds,
+                                guidance, dtype=dtype)  # fmt: skip
 
-        return flow_loss(v, lora, batch, objective, base)
+            return v
+
+        keep = None if batch.preserve is None else on(batch.preserve["pooled"], batch.preserve["tokens"])
+        return flow_loss(on(batch.pooled, batch.prompt_embeds), lora, batch, objective, base, keep)
 
     return loss_fn

@@ -82,16 +82,22 @@ def encode_sample_prompt(
 
 
 @torch.no_grad()
-def encode_conditioning(models: QwenImageEditModels, raw: dict[str, Any], variant: str) -> Conditioning:
+def encode_conditioning(
+    models: QwenImageEditModels, raw: dict[str, Any], variant: str, preserve_prompt: str | None = None
+) -> Conditioning:
     """Encode a collated batch (:func:`collate_qwen_pairs`) with the VAE and the Qwen2.5-VL encoder.
 
     Each sample is encoded on its own, with its own images, exactly as the cache encodes it, so
-    training with and without the cache sees bit-identical conditioning.
+    training with and without the cache sees bit-identical conditioning; so is ``preserve_prompt``, if given.
     """
     n = len(raw["prompt"])
     rows = [encode_sample_prompt(models, raw["prompt"][i], raw["vl"][i], variant) for i in range(n)]
     empty = [encode_sample_prompt(models, "", raw["vl"][i], variant) for i in range(n)]
-    return encode_pairs(partial(vae_encode, models.vae), raw, _named(stack_tokens(rows)), _named(stack_tokens(empty)))
+    cond = encode_pairs(partial(vae_encode, models.vae), raw, _named(stack_tokens(rows)), _named(stack_tokens(empty)))
+    if preserve_prompt is None:
+        return cond
+    kept = [encode_sample_prompt(models, preserve_prompt, raw["vl"][i], variant) for i in range(n)]
+    return attrs.evolve(cond, preserve=_named(stack_tokens(kept)))
 
 
 def to_batch(p: Prepared) -> QwenImageEditBatch:
@@ -102,8 +108,9 @@ def to_batch(p: Prepared) -> QwenImageEditBatch:
 def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
     """Conditioning from a collated cached batch (:func:`qflux.models.qwen_image_edit.cache.collate_cached`)."""
     return Conditioning(
-        latents=raw["latent"], controls=tuple(raw["controls"]), text=_named(raw["embed"]), empty=_named(raw["empty"])
-    )
+        latents=raw["latent"], controls=tuple(raw["controls"]), text=_named(raw["embed"]), empty=_named(raw["empty"]),
+        preserve=_named(raw["preserve"]) if "preserve" in raw else None,
+    )  # fmt: skip
 
 
 def _named(embeds_mask: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,8 +12,9 @@ Entries, each keyed by a content hash of everything that determines it:
 Qwen-Image-Edit's prompt embedding sees the control image(s), so a prompt shared by two samples
 with different images gives two entries; the processor's settings (pixel bounds, patch and merge
 size) are part of its identity. Each sample also has the entry of the empty instruction with its
-images (caption dropout). S varies with the prompt and the images; the embeddings are padded per
-batch with a mask (:func:`qflux.models.qwen_image_edit.batch.stack_tokens`).
+images (caption dropout), and with ``train.preserve_prompt`` that prompt's with its images. S varies
+with the prompt and the images; the embeddings are padded per batch with a mask
+(:func:`qflux.models.qwen_image_edit.batch.stack_tokens`).
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ class CacheSpec:
     prompt: PromptSpec
     """Qwen2.5-VL's embedding [S, D] of the instruction with the control images (S varies)."""
     variant: str
+    preserve_prompt: str | None = None
+    """``train.preserve_prompt``: each sample also reads its embedding with the sample's images."""
 
 
-def cache_spec(model_dir: Path, dtype: str, variant: str, loss_mask: MaskMode = "none") -> CacheSpec:
+def cache_spec(
+    model_dir: Path, dtype: str, variant: str, loss_mask: MaskMode = "none", preserve_prompt: str | None = None
+) -> CacheSpec:
     """Read identities and shapes from a (resolved) Qwen-Image-Edit folder."""
     enc_cfg = read_config(model_dir, "text_encoder")
     embed_dim = int(enc_cfg.get("hidden_size") or enc_cfg["text_config"]["hidden_size"])
@@ -72,6 +77,7 @@ def cache_spec(model_dir: Path, dtype: str, variant: str, loss_mask: MaskMode = 
         images=ImageSpec.from_folder(model_dir, dtype, "z_dim", loss_mask),
         prompt=PromptSpec.from_folder(model_dir, dtype, PROMPT_KIND, folders, (-1, embed_dim), settings),
         variant=variant,
+        preserve_prompt=preserve_prompt,
     )
 
 
@@ -105,9 +111,12 @@ class SampleEntries:
     """The empty instruction with the same images (caption dropout)."""
     mask: Entry | None = None
     """The change mask (``train.loss_mask``), or None."""
+    preserve: Entry | None = None
+    """The preserve prompt with the same images (``train.preserve_prompt``), or None."""
 
     def all(self) -> list[Entry]:
-        return [self.target, *self.controls, self.prompt, self.empty, *([self.mask] if self.mask else [])]
+        return [self.target, *self.controls, self.prompt, self.empty, *([self.mask] if self.mask else []),
+                *([self.preserve] if self.preserve else [])]  # fmt: skip
 
 
 def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[SampleEntries]:
@@ -117,9 +126,10 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
         target, controls, mask = spec.images.entries(root, s)
         digests = [file_digest(c) for c in s.controls]
         prompt = prompt_entry(spec, root, s.prompt, digests, s.control_crops)
-        out.append(
-            SampleEntries(target, controls, prompt, prompt_entry(spec, root, "", digests, s.control_crops), mask)
-        )
+        empty = prompt_entry(spec, root, "", digests, s.control_crops)
+        kept = spec.preserve_prompt
+        preserve = None if kept is None else prompt_entry(spec, root, kept, digests, s.control_crops)
+        out.append(SampleEntries(target, controls, prompt, empty, mask, preserve))
     return out
 
 
@@ -145,6 +155,8 @@ def jobs(models: QwenImageEditModels, spec: CacheSpec, root: Path, samples: Sequ
         out += spec.images.jobs(s, (se.target, *se.controls), se.mask, partial(vae_encode, models.vae))
         out.append((se.prompt, partial(embed, s.prompt, s)))
         out.append((se.empty, partial(embed, "", s)))
+        if se.preserve is not None and spec.preserve_prompt is not None:
+            out.append((se.preserve, partial(embed, spec.preserve_prompt, s)))
     return out
 
 
@@ -155,6 +167,7 @@ def read_sample(e: SampleEntries) -> dict[str, Any]:
         **read_images(e.target, e.controls, e.mask),
         "embed": read_for_training(e.prompt)["embed"],
         "empty": read_for_training(e.empty)["embed"],
+        **({} if e.preserve is None else {"preserve": read_for_training(e.preserve)["embed"]}),
     }
 
 
@@ -165,4 +178,5 @@ def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
         **stack_images(items),
         "embed": stack_tokens([it["embed"] for it in items]),
         "empty": stack_tokens([it["empty"] for it in items]),
+        **({"preserve": stack_tokens([it["preserve"] for it in items])} if "preserve" in items[0] else {}),
     }

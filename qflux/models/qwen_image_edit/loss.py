@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import torch
 
-from qflux.diffusion.flow import MSE, FlowBatch, Objective, flow_loss
+from qflux.diffusion.flow import MSE, FlowBatch, Objective, Velocity, flow_loss
 from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
 from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.weights.dtypes import compute_dtype
@@ -36,6 +36,10 @@ class QwenImageEditBatch(FlowBatch):
     """Vision-language prompt embedding h [B, S, D]."""
     mask: torch.Tensor
     """[B, S] long: 1 for real tokens, 0 for padding."""
+
+    def prompt(self) -> dict[str, torch.Tensor]:
+        """The prompt tensors under :attr:`qflux.train.batch.Conditioning.text`'s names (those of ``preserve``)."""
+        return {"embeds": self.embeds, "mask": self.mask}
 
 
 def img_shapes(
@@ -87,16 +91,20 @@ def make_loss_fn(
     base = base_adapter(transformer)
 
     def loss_fn(lora: Mapping[str, torch.Tensor], batch: QwenImageEditBatch) -> torch.Tensor:
-        def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
-            b, _, h, w = noisy.shape
-            tokens = pack_sequence(noisy, batch.controls)
-            shapes = img_shapes(b, (h, w), [(c.shape[-2], c.shape[-1]) for c in batch.controls])
-            n = (h // 2) * (w // 2)  # the target's tokens come first
-            out = transformer_velocity(
-                transformer, params, tokens, n, batch.sigmas, batch.embeds, batch.mask, shapes, dtype=dtype
-            )
-            return unpack_latents(out, h, w)
+        def on(embeds: torch.Tensor, mask: torch.Tensor) -> Velocity:
+            def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
+                b, _, h, w = noisy.shape
+                tokens = pack_sequence(noisy, batch.controls)
+                shapes = img_shapes(b, (h, w), [(c.shape[-2], c.shape[-1]) for c in batch.controls])
+                n = (h // 2) * (w // 2)  # the target's tokens come first
+                out = transformer_velocity(
+                    transformer, params, tokens, n, batch.sigmas, embeds, mask, shapes, dtype=dtype
+                )
+                return unpack_latents(out, h, w)
 
-        return flow_loss(v, lora, batch, objective, base)
+            return v
+
+        keep = None if batch.preserve is None else on(batch.preserve["embeds"], batch.preserve["mask"])
+        return flow_loss(on(batch.embeds, batch.mask), lora, batch, objective, base, keep)
 
     return loss_fn
