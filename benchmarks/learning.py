@@ -3,7 +3,7 @@ never taught, and does the diffusers reference loop, at the same settings, learn
 
     python benchmarks/learning.py [--edits=darken,grayscale] [--pairs=64] [--heldout=16] [--steps=300]
                                   [--reference=True] [--sample_steps=28] [--out=DIR] [--set=KEY=VALUE,...]
-                                  [--rows=objective]
+                                  [--rows=objective|prompt] [--other=recolour]
 
 Per edit of ``--edits`` (the untaught ones: ``darken``, ``grow``, ``shrink`` and ``invert_shape`` are local,
 ``grayscale``, ``mirror`` and ``invert`` global; :data:`qflux.toy.edits.EDITS`):
@@ -42,8 +42,10 @@ Prints one line per edit, then:
     RESULT name=learning <edit>_base_changed=… <edit>_changed=… <edit>_gain=… <edit>_unchanged_drop=…
            <edit>_ref_changed=… <edit>_ref_gain=… <edit>_s=… <edit>_ref_s=… ... total_s=…
 
-With ``--rows=objective`` it trains each row of :data:`ROWS` (the preservation, loss and timestep options, one
-override set each) on every edit without the reference, prints a table and ``RESULT name=learning_objective``.
+With ``--rows=objective`` (or ``prompt``) it trains each row of :data:`ROWS` (the preservation, loss and timestep
+options, one override set each) on every edit without the reference, prints a table and ``RESULT
+name=learning_objective``. ``--other=EDIT`` also scores the base and each LoRA on a taught edit's held-out pairs
+(seed 2): what training one edit did to another (``other_drop``), which is what a preserve prompt claims to keep.
 """
 
 from __future__ import annotations
@@ -203,8 +205,10 @@ def rel_diffs(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> d
 
 
 def run_edit(edit: str, root: Path, *, pairs: int, heldout: int, steps: int, reference: bool,
-             sample_steps: int, extra: Mapping[str, Any]) -> dict[str, float]:  # fmt: skip
-    """Train on ``edit`` (qflux, then the reference) and score the base and both LoRAs; the edit's figures."""
+             sample_steps: int, extra: Mapping[str, Any], other: str = "") -> dict[str, float]:  # fmt: skip
+    """Train on ``edit`` (qflux, then the reference) and score the base and both LoRAs; the edit's figures. With
+    ``other``, a taught edit: the base and the LoRA also do it on its held-out pairs (what the LoRA did to an edit
+    it was not trained on: ``other_drop`` = the base's psnr_changed there minus the LoRA's)."""
     train_dir = write_pairs(root / edit / "train", [edit], pairs, seed=0)
     held_dir = write_pairs(root / edit / "heldout", [edit], heldout, seed=1)
     cfg = run_config(train_dir, root / edit / "qflux", steps, extra)
@@ -221,6 +225,11 @@ def run_edit(edit: str, root: Path, *, pairs: int, heldout: int, steps: int, ref
     out = {"base_changed": base_c, "base_unchanged": base_u, "changed": c, "unchanged": u,
            "gain": c - base_c, "unchanged_drop": base_u - u,
            "s": statistics.median(result.step_seconds)}  # fmt: skip
+    if other:
+        other_held = samples_of(cfg, write_pairs(root / edit / f"heldout-{other}", [other], heldout, seed=2))
+        (base_o, _), (lora_o, _) = (edit_scores(data, ops, other_held, dict(lo), sample_steps)
+                                    for lo in (result.initial_lora, result.state.lora))  # fmt: skip
+        out |= {"other_base_changed": base_o, "other_changed": lora_o, "other_drop": base_o - lora_o}
     if result.state.ema is not None:  # train.ema_decay: the moving average, scored too
         ema_c, ema_u = score(result.state.ema)
         out |= {"ema_changed": ema_c, "ema_gain": ema_c - base_c, "ema_unchanged_drop": base_u - ema_u}
@@ -262,6 +271,19 @@ RESULT_KEYS = ("base_changed", "changed", "gain", "unchanged_drop", "ref_changed
 
 
 ROWS: dict[str, dict[str, dict[str, Any]]] = {
+    "cost": {  # the step time of each extra forward (run with few --steps and --heldout)
+        "default": {},
+        "preserve": {"train.preserve": "base"},
+        "prompt": {"train.preserve_prompt": ""},
+        "both": {"train.preserve": "base", "train.preserve_prompt": ""},
+        "pseudo_huber": {"train.loss": "pseudo_huber"},
+    },
+    "prompt": {
+        "default": {},
+        "blank": {"train.preserve_prompt": ""},
+        "taught": {"train.preserve_prompt": "make the red circle blue"},
+        "base_and_blank": {"train.preserve": "base", "train.preserve_prompt": ""},
+    },
     "objective": {
         "default": {},
         "preserve": {"train.preserve": "base"},
@@ -293,22 +315,24 @@ def run_rows(table: str, names: list[str], root: Path, **kw: Any) -> None:
         rs = [results[row, e] for e in names]
         cells = [f"{r['changed']:.2f} / {r['unchanged']:.2f} ({r['gain']:+.2f}, {r['unchanged_drop']:.2f})" for r in rs]
         s = statistics.median(r["s"] for r in rs)
-        print(f"| {row} | " + " | ".join(cells) + f" | {s:.3f} |")
-    keys = ("changed", "unchanged", "gain", "unchanged_drop", "s")
-    fields = " ".join(f"{row}_{e}_{k}={r[k]:.3f}" for (row, e), r in results.items() for k in keys)
+        others = "".join(f" ({r['other_changed']:.2f} on the taught edit, drop {r['other_drop']:.2f})"
+                         for r in rs if "other_changed" in r)  # fmt: skip
+        print(f"| {row} | " + " | ".join(cells) + f" | {s:.3f} |{others}")
+    keys = ("changed", "unchanged", "gain", "unchanged_drop", "s", "other_changed", "other_drop")
+    fields = " ".join(f"{row}_{e}_{k}={r[k]:.3f}" for (row, e), r in results.items() for k in keys if k in r)
     print(f"RESULT name=learning_{table} {fields}")
 
 
 def main(edits: str | tuple[str, ...] = "darken,grayscale", pairs: int = 64, heldout: int = 16, steps: int = 300,
          reference: bool = True, sample_steps: int = 28, out: str = "",
-         set: str | dict[str, Any] = "", rows: str = "") -> None:  # fmt: skip
+         set: str | dict[str, Any] = "", rows: str = "", other: str = "") -> None:  # fmt: skip
     """Run every edit and print its line, then the RESULT line (with ``rows``: every row of that table)."""
     names = edits.split(",") if isinstance(edits, str) else list(edits)
     extra = parse_set(set)
     if rows:
         with tempfile.TemporaryDirectory(prefix="qflux-learning-") as tmp:
             run_rows(rows, names, Path(out) if out else Path(tmp), pairs=pairs, heldout=heldout, steps=steps,
-                     sample_steps=sample_steps, extra=extra)  # fmt: skip
+                     sample_steps=sample_steps, extra=extra, other=other)  # fmt: skip
         return
     started = time.perf_counter()
     results = {}

@@ -1,10 +1,12 @@
-"""Rectified-flow training maths: timestep sampling, noising and the flow-matching loss.
+"""Rectified-flow training maths: timestep sampling, noising and the flow-matching objective.
 
 Conventions (FLUX, SD3): σ ∈ (0, 1], σ = 1 is pure noise.
     x_t = (1 − σ)·x0 + σ·ε        velocity target v = ε − x0
-    loss = mean_b mean_i  w(σ_b) · (v̂ − v)²
-The sampling densities and weightings are diffusers' own (``diffusers.training_utils``), so a run
-matches ``train_dreambooth_lora_flux_kontext.py`` draw for draw.
+    loss = mean_b mean_i  w(σ_b) · ℓ(v̂ − v)          ℓ(d) = d² (mse), huber or pseudo-huber
+plus, with a change mask, per-pixel weights, and the preservation terms that pull the LoRA's prediction to
+the base model's (:func:`flow_loss`). The sampling densities and weightings are diffusers' own
+(``diffusers.training_utils``), so the default run (uniform σ, mse) matches
+``train_dreambooth_lora_flux_kontext.py`` draw for draw.
 """
 
 from __future__ import annotations

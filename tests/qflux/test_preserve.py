@@ -11,36 +11,26 @@ import pytest
 import torch
 
 from qflux.config.schema import LoraConfig
-from qflux.diffusion.flow import Objective, add_noise, elementwise_loss, sigmas_from_u
+from qflux.diffusion.flow import Objective, add_noise, elementwise_loss
 from qflux.lora.adapter import inject_lora
 from qflux.models.flux_kontext.loaders import FLUX_KONTEXT
 from qflux.models.flux_kontext.loss import FluxKontextBatch, make_loss_fn, velocity
 from qflux.optim.transform import make_optimizer
 from qflux.train.state import StepHParams, init_train_state, train_step
 from qflux.weights.loading import load_part
+from tests.qflux.flux_kontext.test_step import _batch as step_batch
+from tests.qflux.flux_kontext.test_step import _perturbed
 
 PLAIN = Objective(unmasked_weight=0.25)
 KEPT = Objective(unmasked_weight=0.25, preserve="base", preserve_weight=2.0)
 
 
-def _batch(seed: int, b: int = 2, hw: tuple[int, int] = (6, 8)) -> FluxKontextBatch:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(b, 1, *hw)
-    mask[..., : hw[1] // 2] = 1.0  # the edit is on the left half
-    return FluxKontextBatch(
-        latents=torch.randn(b, 4, *hw, generator=g),
-        control_latents=torch.randn(b, 4, *hw, generator=g),
-        pooled=torch.randn(b, 32, generator=g),
-        prompt_embeds=torch.randn(b, 7, 32, generator=g),
-        noise=torch.randn(b, 4, *hw, generator=g),
-        sigmas=sigmas_from_u(torch.rand(b, generator=g)),
-        change=mask,
-    )
-
-
-def _perturbed(lora: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in lora.items()}
+def _batch(seed: int) -> FluxKontextBatch:
+    """:func:`tests.qflux.flux_kontext.test_step._batch` (latents 6×8) with its edit on the left half."""
+    batch = step_batch(seed, chw=(6, 8))
+    mask = torch.zeros(2, 1, 6, 8)
+    mask[..., :4] = 1.0
+    return attrs.evolve(batch, change=mask)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "lokr", "loha"])

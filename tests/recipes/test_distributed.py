@@ -130,14 +130,16 @@ def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_qwen_two_ranks_of_batch_1_equal_one_process_of_batch_2(engine: str, data: Path, tmp_path: Path) -> None:
     """The Qwen-Image-Edit recipe runs the same loop under torchrun, on every linear layer: the adapters of
-    the last block's dropped text stream reduce as zero gradients on both ranks (no crash, named once)."""
+    the last block's dropped text stream reduce as zero gradients on both ranks (no crash, named once). Both
+    preservation terms are on: their base forwards run on the sharded base too."""
     from qflux.models.qwen_image_edit.config import QwenImageEditConfig
     from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
     from recipes.qwen_image_edit_lora import train as qwen_run
 
     model = build_qwen_image_edit(tmp_path / "model", seed=0)
     opts = {k: v for k, v in _opts(model, data, tmp_path, batch=1).items() if k != "model.max_sequence_length"}
-    opts |= {"model.lora.target_modules": "[all-linear]", "model.lora.r": 4, "train.distributed": engine}
+    opts |= {"model.lora.target_modules": "[all-linear]", "model.lora.r": 4, "train.distributed": engine,
+             "train.loss_mask": "auto", "train.preserve": "base", "train.preserve_prompt": "a photo"}  # fmt: skip
     single = tmp_path / "single"
     qwen_run(load_config(QwenImageEditConfig, None, {**opts, "data.batch_size": 2, "logging.output_dir": str(single)}))
     out = tmp_path / "out"

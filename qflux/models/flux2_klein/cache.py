@@ -33,6 +33,7 @@ from qflux.train.cache import (
     ImageSpec,
     Job,
     PromptSpec,
+    fixed_prompts,
     read_config,
     read_for_training,
     read_images,
@@ -72,14 +73,9 @@ def cache_spec(
     )
 
 
-def fixed_prompts(spec: CacheSpec) -> tuple[str, ...]:
-    """The prompts every sample reads: the empty one (caption dropout) and the preserve prompt."""
-    return ("",) if spec.preserve_prompt is None else ("", spec.preserve_prompt)
-
-
 def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, ...]:
-    """The entries every sample reads: those of :func:`fixed_prompts`."""
-    return tuple(spec.prompt.entry(root, text) for text in fixed_prompts(spec))
+    """The entries every sample reads: those of :func:`~qflux.train.cache.fixed_prompts`."""
+    return tuple(spec.prompt.entry(root, text) for text in fixed_prompts(spec.preserve_prompt))
 
 
 @attrs.frozen
@@ -120,7 +116,10 @@ def jobs(models: Flux2KleinModels, spec: CacheSpec, root: Path, samples: Sequenc
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
         out += spec.images.jobs(s, (se.target, *se.controls), se.mask, partial(vae_encode, models.vae))
         out.append((se.prompt, partial(embed, s.prompt)))
-    out += [(e, partial(embed, text)) for text, e in zip(fixed_prompts(spec), empty_entries(spec, root), strict=True)]
+    out += [
+        (e, partial(embed, text))
+        for text, e in zip(fixed_prompts(spec.preserve_prompt), empty_entries(spec, root), strict=True)
+    ]
     return out
 
 
@@ -130,8 +129,8 @@ def read_preserve_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds | None:
 
 
 def read_empty_prompt(spec: CacheSpec, root: Path, text: str = "") -> PromptEmbeds:
-    """The cached empty prompt (or ``text``, one of :func:`fixed_prompts`) as a batch of one: tokens [1, L, 3D]
-    and their positions."""
+    """The cached empty prompt (or ``text``, one of :func:`~qflux.train.cache.fixed_prompts`) as a batch of one:
+    tokens [1, L, 3D] and their positions."""
     tokens = read_for_training(spec.prompt.entry(root, text))["embed"][None]
     return PromptEmbeds(tokens=tokens, ids=text_ids(tokens))
 

@@ -31,7 +31,16 @@ from qflux.data.dataset import MaskMode
 from qflux.data.pairs import PairSample
 from qflux.models.flux_kontext.conditioning import PromptEmbeds, encode_prompt_with, vae_encode
 from qflux.models.flux_kontext.loaders import FluxKontextModels
-from qflux.train.cache import Entry, ImageSpec, Job, PromptSpec, read_config, read_for_training, read_mask
+from qflux.train.cache import (
+    Entry,
+    ImageSpec,
+    Job,
+    PromptSpec,
+    fixed_prompts,
+    read_config,
+    read_for_training,
+    read_mask,
+)
 
 PROMPT_KINDS = ("clip_prompt_embed", "t5_prompt_embed")
 
@@ -78,14 +87,9 @@ def prompt_entries(spec: CacheSpec, root: Path, text: str) -> tuple[Entry, Entry
     return spec.clip.entry(root, text), spec.t5.entry(root, text)
 
 
-def fixed_prompts(spec: CacheSpec) -> tuple[str, ...]:
-    """The prompts every sample reads: the empty one (caption dropout, CFG) and the preserve prompt."""
-    return ("",) if spec.preserve_prompt is None else ("", spec.preserve_prompt)
-
-
 def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, ...]:
-    """The entries every sample reads: those of :func:`fixed_prompts`."""
-    return tuple(e for text in fixed_prompts(spec) for e in prompt_entries(spec, root, text))
+    """The entries every sample reads: those of :func:`~qflux.train.cache.fixed_prompts`."""
+    return tuple(e for text in fixed_prompts(spec.preserve_prompt) for e in prompt_entries(spec, root, text))
 
 
 @attrs.frozen
@@ -137,7 +141,7 @@ def jobs(models: FluxKontextModels, spec: CacheSpec, root: Path, samples: Sequen
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):
         out += spec.images.jobs(s, (se.target, se.control), se.mask, partial(vae_encode, models.vae))
         texts.append((s.prompt, (se.clip, se.t5)))
-    texts += [(text, prompt_entries(spec, root, text)) for text in fixed_prompts(spec)]
+    texts += [(text, prompt_entries(spec, root, text)) for text in fixed_prompts(spec.preserve_prompt)]
     for text, (clip, t5) in texts:
         out.append((clip, partial(pooled, text)))
         out.append((t5, partial(tokens, text)))
@@ -150,8 +154,8 @@ def read_preserve_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds | None:
 
 
 def read_empty_prompt(spec: CacheSpec, root: Path, text: str = "") -> PromptEmbeds:
-    """The cached embeddings of the empty prompt (or of ``text``, one of :func:`fixed_prompts`), as a batch of one:
-    pooled [1, P], tokens [1, S, D]."""
+    """The cached embeddings of the empty prompt (or of ``text``, one of :func:`~qflux.train.cache.fixed_prompts`),
+    as a batch of one: pooled [1, P], tokens [1, S, D]."""
     clip, t5 = prompt_entries(spec, root, text)
     return PromptEmbeds(
         pooled=read_for_training(clip)["embed"][None],
