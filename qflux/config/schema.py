@@ -11,19 +11,19 @@ the values for the real models. Every key is read by the code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
 
+from qflux.config.lora import LoraConfig
 from qflux.config.validators import (
     device_field,
-    init_lora,
     non_negative,
     positive,
     positive_or_none,
     probability,
+    read_only_when,
     unit_interval,
 )
 
@@ -32,39 +32,6 @@ BUILTIN_SYNTHETIC_DATASET = "builtin:synthetic"
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-def _names(names: Iterable[str]) -> tuple[str, ...]:
-    """A list of module names (a YAML list, or a tuple) as a tuple."""
-    return tuple(names)
-
-
-@attrs.frozen
-class LoraConfig:
-    """Adapter settings, handed to peft (``LoraConfig``, ``LoHaConfig``, ``LoKrConfig``)."""
-
-    kind: Literal["lora", "dora", "lokr", "loha"] = attrs.field(
-        default="lora", validator=v.in_(("lora", "dora", "lokr", "loha"))
-    )
-    """'lora': ΔW = (α/r)·B·A. 'dora': LoRA with a learned magnitude per output row (peft's
-    use_dora), W' = m·(W + ΔW)/‖W + ΔW‖. 'lokr': ΔW = (α/r)·(W1 ⊗ W2), a Kronecker product (W2
-    low-rank where r is below half its size). 'loha': ΔW = (α/r)·(W1a·W1b) ⊙ (W2a·W2b), a Hadamard
-    product of two rank-r products. diffusers loads lora and dora files; ComfyUI loads lora, lokr
-    and loha (docs/flux_kontext_configuration_guide.md, "Adapters and optimizers")."""
-    r: int = attrs.field(default=16, validator=[v.instance_of(int), positive])
-    """Rank of the low-rank update ΔW = B·A (A: [r, in], B: [out, r])."""
-    lora_alpha: float = attrs.field(default=16, validator=positive)
-    """Scale numerator: the update is (lora_alpha / r)·B·A (every kind scales by lora_alpha / r)."""
-    init_lora_weights: bool | str = attrs.field(default="gaussian", validator=init_lora)
-    """peft init: 'gaussian' (A ~ N(0, 1/r), B = 0), true (Kaiming A, B = 0), false (both random).
-    lokr and loha: 'gaussian' and true start at ΔW = 0 (peft's init: one factor zero), false random."""
-    target_modules: tuple[str, ...] = attrs.field(default=("to_k", "to_q", "to_v", "to_out.0"), converter=_names)
-    """Module names (suffixes) of the transformer that get an adapter; [all-linear]: every linear layer
-    (a module whose output never reaches the loss, such as Qwen-Image's last text stream, is named at
-    the start and keeps ΔW = 0)."""
-    pretrained_weight: str | None = None
-    """A LoRA file to continue training from (diffusers, ComfyUI or kohya format); its rank and
-    modules must match r and target_modules. null: start from the init."""
 
 
 @attrs.frozen
@@ -301,27 +268,22 @@ class TrainConfig:
     """Stop after this many steps in a row whose loss or gradient was not finite (each is skipped)."""
 
     def __attrs_post_init__(self) -> None:
-        readers = {"logit_mean": ("logit_normal", "shift", "resolution_shift"),
-                   "logit_std": ("logit_normal", "shift", "resolution_shift"), "mode_scale": ("mode",),
-                   "timestep_shift": ("shift",)}  # fmt: skip
-        for f in attrs.fields(type(self)):
-            if (
-                f.name in readers
-                and getattr(self, f.name) != f.default
-                and self.timestep_sampling not in readers[f.name]
-            ):
-                raise ValueError(f"train.{f.name} is read only by train.timestep_sampling: "
-                                 f"{' or '.join(readers[f.name])}; set one or remove the key")  # fmt: skip
-        if self.huber_c != 0.1 and self.loss == "mse":
-            raise ValueError("train.huber_c is read only by train.loss: huber or pseudo_huber; set one or remove it")
+        logit = self.timestep_sampling in ("logit_normal", "shift", "resolution_shift")
+        sampler = "train.timestep_sampling: "
+        read_only_when(self, "train", {
+            "logit_mean": (logit, sampler + "logit_normal, shift or resolution_shift"),
+            "logit_std": (logit, sampler + "logit_normal, shift or resolution_shift"),
+            "mode_scale": (self.timestep_sampling == "mode", sampler + "mode"),
+            "timestep_shift": (self.timestep_sampling == "shift", sampler + "shift"),
+            "huber_c": (self.loss != "mse", "train.loss: huber or pseudo_huber"),
+            "preserve_weight": (self.preserve == "base" or self.preserve_prompt is not None,
+                                "train.preserve: base or train.preserve_prompt"),
+        })  # fmt: skip
         if self.preserve == "base" and self.loss_mask == "none":
             raise ValueError(
                 "train.preserve: base keeps the base model's prediction outside the change mask, and "
                 "train.loss_mask: none has none; set train.loss_mask: auto (or masks)"
             )
-        if self.preserve_weight != 1.0 and self.preserve == "none" and self.preserve_prompt is None:
-            raise ValueError("train.preserve_weight is read only with train.preserve: base or train.preserve_prompt; "
-                             "set one or remove the key")  # fmt: skip
         if self.compile is True and self.gradient_checkpointing:
             raise ValueError(
                 "compile: true (one graph through torch.func) cannot recompute checkpointed blocks; "

@@ -48,3 +48,14 @@ def device_field(doc_default: str = "auto") -> Any:
 def init_lora(inst: Any, att: Any, value: Any) -> None:
     if value not in (True, False, "gaussian"):
         raise ValueError(f"{att.name} must be one of true, false, 'gaussian'; got {value!r}")
+
+
+def read_only_when(inst: Any, section: str, readers: dict[str, tuple[bool, str]]) -> None:
+    """Refuse a key of ``inst`` set away from its default where nothing reads it.
+
+    Args:
+        readers: {field name: (whether this config reads it, the setting that would)}.
+    """
+    for f in attrs.fields(type(inst)):
+        if f.name in readers and not readers[f.name][0] and getattr(inst, f.name) != f.default:
+            raise ValueError(f"{section}.{f.name} is read only by {readers[f.name][1]}; set it or remove the key")

@@ -6,6 +6,7 @@ a recipe's whole command line: its own train, cache and predict, with the plan a
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -26,13 +27,11 @@ from qflux.memory.planner import (
     PlanModel,
     Row,
     Setting,
-    as_json,
     change_text,
     cheapest_fit,
     encoder_bytes,
     estimate,
     plan_rows,
-    square_bucket,
     table,
 )
 from qflux.train.check import run_check
@@ -243,3 +242,25 @@ def recipe_main(family: Family, *, train: Callable[[Any], Any], cache: Callable[
 
     cli_main(f"{family.name}_lora", family.pipeline, family.config, train=train, cache=cache, predict=predict,
              plan=plan, check=check, argv=argv)  # fmt: skip
+
+
+def as_json(configured: Row, alternatives: Sequence[Row], vram_gib: float, cheapest: Row | None) -> dict[str, Any]:
+    """``{"peak_gib", "fits", "breakdown", "alternatives", "cheapest_change"}``."""
+
+    def row(r: Row) -> dict[str, Any]:
+        return {**r.setting.overrides(), "peak_gib": round(r.breakdown.peak / GIB, 3), "fits": r.fits(vram_gib)}
+
+    return {
+        "peak_gib": round(configured.breakdown.peak / GIB, 3),
+        "fits": configured.fits(vram_gib),
+        "vram_gib": vram_gib,
+        "breakdown": configured.breakdown.as_gib(),
+        "alternatives": [row(r) for r in alternatives],
+        "cheapest_change": None if cheapest is None else change_text(cheapest, configured.setting),
+    }
+
+
+def square_bucket(max_pixels: int, multiple: int) -> tuple[int, int]:
+    """The 1:1 bucket of ``data.max_pixels`` (every bucket holds about that area)."""
+    side = max(multiple, math.isqrt(max_pixels) // multiple * multiple)
+    return side, side

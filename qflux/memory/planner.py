@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -386,25 +385,3 @@ def table(configured: Row, alternatives: Sequence[Row], vram_gib: float) -> str:
                      f"{'on' if s.cached else 'off':<6} {r.breakdown.peak / GIB:>9.2f}  "
                      f"{'yes' if r.fits(vram_gib) else 'no'}{mark}")  # fmt: skip
     return "\n".join(lines)
-
-
-def as_json(configured: Row, alternatives: Sequence[Row], vram_gib: float, cheapest: Row | None) -> dict[str, Any]:
-    """``{"peak_gib", "fits", "breakdown", "alternatives", "cheapest_change"}``."""
-
-    def row(r: Row) -> dict[str, Any]:
-        return {**r.setting.overrides(), "peak_gib": round(r.breakdown.peak / GIB, 3), "fits": r.fits(vram_gib)}
-
-    return {
-        "peak_gib": round(configured.breakdown.peak / GIB, 3),
-        "fits": configured.fits(vram_gib),
-        "vram_gib": vram_gib,
-        "breakdown": configured.breakdown.as_gib(),
-        "alternatives": [row(r) for r in alternatives],
-        "cheapest_change": None if cheapest is None else change_text(cheapest, configured.setting),
-    }
-
-
-def square_bucket(max_pixels: int, multiple: int) -> tuple[int, int]:
-    """The 1:1 bucket of ``data.max_pixels`` (every bucket holds about that area)."""
-    side = max(multiple, math.isqrt(max_pixels) // multiple * multiple)
-    return side, side

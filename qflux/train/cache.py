@@ -43,12 +43,6 @@ class CorruptEntry(Exception):
     """A cache file that cannot be used: unreadable, truncated, or with unexpected tensors."""
 
 
-def fixed_prompts(preserve_prompt: str | None) -> tuple[str, ...]:
-    """The prompts every sample of a model with image-free prompt embeddings reads: the empty one (caption
-    dropout, CFG) and ``train.preserve_prompt``, when set."""
-    return ("",) if preserve_prompt is None else ("", preserve_prompt)
-
-
 def file_digest(path: str | Path) -> str:
     """blake2b-128 of a file's bytes (hex)."""
     h = hashlib.blake2b(digest_size=16)

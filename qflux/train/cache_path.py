@@ -26,6 +26,12 @@ from qflux.train.distributed import World, any_rank, barrier, init_world
 from qflux.train.run import Run, dataset_samples, quiet_unless
 
 
+def fixed_prompts(preserve_prompt: str | None) -> tuple[str, ...]:
+    """The prompts every sample of a model with image-free prompt embeddings reads: the empty one (caption
+    dropout, CFG) and ``train.preserve_prompt``, when set."""
+    return ("",) if preserve_prompt is None else ("", preserve_prompt)
+
+
 @attrs.frozen(eq=False)
 class CachePath:
     """A model's cache, bound to one model folder, its settings and the cache root."""

@@ -100,7 +100,7 @@ def test_the_old_keys_name_the_new_ones() -> None:
         ({"train.weighting_scheme": "logit_normal"}, "logit_normal is now train.timestep_sampling: logit_normal"),
         ({"train.resolution_shift": True}, "it moved to 'train.timestep_sampling: resolution_shift'"),
         ({"train.timestep_shift": 2.0}, "train.timestep_shift is read only by train.timestep_sampling: shift"),
-        ({"train.logit_std": 2.0}, "read only by train.timestep_sampling: logit_normal or shift or resolution_shift"),
+        ({"train.logit_std": 2.0}, "read only by train.timestep_sampling: logit_normal, shift or resolution_shift"),
     ):
         with pytest.raises(QfluxError) as info:
             load_config(FluxKontextConfig, None, settings)

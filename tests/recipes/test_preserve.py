@@ -106,7 +106,10 @@ def test_plan_counts_the_base_models_forward() -> None:
 def test_what_preservation_cannot_apply_is_refused() -> None:
     for settings, fix in (
         ({"train.loss_mask": "none", "train.preserve": "base"}, "set train.loss_mask: auto (or masks)"),
-        ({"train.preserve_weight": 2.0}, "train.preserve_weight is read only with train.preserve: base"),
+        (
+            {"train.preserve_weight": 2.0},
+            "train.preserve_weight is read only by train.preserve: base or train.preserve_prompt",
+        ),
         ({"train.huber_c": 1.0}, "train.huber_c is read only by train.loss: huber or pseudo_huber"),
     ):
         with pytest.raises(QfluxError) as info:

@@ -33,12 +33,12 @@ from qflux.train.cache import (
     ImageSpec,
     Job,
     PromptSpec,
-    fixed_prompts,
     read_config,
     read_for_training,
     read_images,
     stack_images,
 )
+from qflux.train.cache_path import fixed_prompts
 
 PROMPT_KIND = "qwen3_prompt_embed"
 
@@ -74,7 +74,7 @@ def cache_spec(
 
 
 def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, ...]:
-    """The entries every sample reads: those of :func:`~qflux.train.cache.fixed_prompts`."""
+    """The entries every sample reads: those of :func:`~qflux.train.cache_path.fixed_prompts`."""
     return tuple(spec.prompt.entry(root, text) for text in fixed_prompts(spec.preserve_prompt))
 
 
@@ -129,7 +129,7 @@ def read_preserve_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds | None:
 
 
 def read_empty_prompt(spec: CacheSpec, root: Path, text: str = "") -> PromptEmbeds:
-    """The cached empty prompt (or ``text``, one of :func:`~qflux.train.cache.fixed_prompts`) as a batch of one:
+    """The cached empty prompt (or ``text``, one of :func:`~qflux.train.cache_path.fixed_prompts`) as a batch of one:
     tokens [1, L, 3D] and their positions."""
     tokens = read_for_training(spec.prompt.entry(root, text))["embed"][None]
     return PromptEmbeds(tokens=tokens, ids=text_ids(tokens))

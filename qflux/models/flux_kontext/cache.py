@@ -36,11 +36,11 @@ from qflux.train.cache import (
     ImageSpec,
     Job,
     PromptSpec,
-    fixed_prompts,
     read_config,
     read_for_training,
     read_mask,
 )
+from qflux.train.cache_path import fixed_prompts
 
 PROMPT_KINDS = ("clip_prompt_embed", "t5_prompt_embed")
 
@@ -88,7 +88,7 @@ def prompt_entries(spec: CacheSpec, root: Path, text: str) -> tuple[Entry, Entry
 
 
 def empty_entries(spec: CacheSpec, root: Path) -> tuple[Entry, ...]:
-    """The entries every sample reads: those of :func:`~qflux.train.cache.fixed_prompts`."""
+    """The entries every sample reads: those of :func:`~qflux.train.cache_path.fixed_prompts`."""
     return tuple(e for text in fixed_prompts(spec.preserve_prompt) for e in prompt_entries(spec, root, text))
 
 
@@ -154,7 +154,7 @@ def read_preserve_prompt(spec: CacheSpec, root: Path) -> PromptEmbeds | None:
 
 
 def read_empty_prompt(spec: CacheSpec, root: Path, text: str = "") -> PromptEmbeds:
-    """The cached embeddings of the empty prompt (or of ``text``, one of :func:`~qflux.train.cache.fixed_prompts`),
+    """The cached embeddings of the empty prompt (or of ``text``, one of :func:`~qflux.train.cache_path.fixed_prompts`),
     as a batch of one: pooled [1, P], tokens [1, S, D]."""
     clip, t5 = prompt_entries(spec, root, text)
     return PromptEmbeds(
