@@ -124,13 +124,9 @@ class OptimizerConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
 
     def __attrs_post_init__(self) -> None:
-        if self.name != "prodigy":
-            changed = [f.name for f in attrs.fields(type(self)) if f.name in PRODIGY_KEYS
-                       and getattr(self, f.name) != f.default]  # fmt: skip
-            if changed:
-                raise ValueError(
-                    f"optimizer.{changed[0]} is read only by Prodigy; set optimizer.name: prodigy or remove it"
-                )
+        read_only_when(
+            self, "optimizer", {k: (self.name == "prodigy", "optimizer.name: prodigy") for k in PRODIGY_KEYS}
+        )
 
     @property
     def peak_lr(self) -> float:

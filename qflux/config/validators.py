@@ -58,4 +58,5 @@ def read_only_when(inst: Any, section: str, readers: dict[str, tuple[bool, str]]
     """
     for f in attrs.fields(type(inst)):
         if f.name in readers and not readers[f.name][0] and getattr(inst, f.name) != f.default:
-            raise ValueError(f"{section}.{f.name} is read only by {readers[f.name][1]}; set it or remove the key")
+            setting = readers[f.name][1]
+            raise ValueError(f"{section}.{f.name} is read only by {setting}; set {setting}, or remove the key")
