@@ -38,7 +38,7 @@ from qflux.models.flux2_klein.config import Flux2KleinConfig
 from qflux.models.flux2_klein.loaders import Flux2KleinModels, load_flux2_klein
 from qflux.models.flux2_klein.loss import make_loss_fn
 from qflux.models.flux2_klein.plan import plan_model
-from qflux.models.flux2_klein.predict import denoise, training_mu
+from qflux.models.flux2_klein.predict import CONTROLS, denoise, training_mu
 from qflux.models.flux2_klein.predict import predict as klein_predict
 from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.cache import CacheReport
@@ -48,7 +48,7 @@ from qflux.train.options import load_options, plan_options, preview_options
 from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
 MAX_REFERENCES = 4
-PAIRS = PairRule((0, MAX_REFERENCES), "own")
+PAIRS = PairRule((0, MAX_REFERENCES), CONTROLS)
 """0 to 4 reference images per sample, each at its own size (the pipeline's way)."""
 
 
@@ -143,6 +143,7 @@ def predict(prompt: str, image: str | list[str] | None = None, out: str = "edite
 
     The pipeline's defaults: 50 steps, CFG 4 against the empty prompt (not on a step-distilled
     model), the output at the first reference's size (floored to multiples of 16; 1024² without one).
+    References are sized as training sizes them (``data.control_size``, ``data.control_max_pixels``).
 
     Args:
         prompt: the edit instruction.
@@ -165,7 +166,8 @@ def predict(prompt: str, image: str | list[str] | None = None, out: str = "edite
     try:
         result = klein_predict(models, images, prompt, height=height, width=width, seed=seed,
                                num_inference_steps=num_inference_steps, guidance_scale=scale, distilled=distilled(path),
-                               max_sequence_length=cfg.model.max_sequence_length)  # fmt: skip
+                               max_sequence_length=cfg.model.max_sequence_length,
+                               sizing=PAIRS.control.at_inference(cfg.data))  # fmt: skip
     except ValueError as e:  # the pipeline's own checks (an image under 64 px)
         raise QfluxError(f"--image: {e}") from None
     save_image(result, out)

@@ -22,6 +22,7 @@ import torch
 
 from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config
+from qflux.data.controls import ControlRule
 from qflux.data.dataset import collate_pairs
 from qflux.data.images import load_rgb, save_image
 from qflux.data.pairs import PairRule
@@ -51,7 +52,7 @@ from qflux.train.driver import decoder, train_lora
 from qflux.train.options import load_options, plan_options, preview_options
 from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
-PAIRS = PairRule((1, 1), "target")
+PAIRS = PairRule((1, 1), ControlRule("target"))
 """One control image per sample, sized like its target's bucket (the pipeline gives the output the
 control's size)."""
 
@@ -163,7 +164,8 @@ def predict(image: str, prompt: str, out: str = "edited.png", lora: str | None =
         seed: seed of the initial noise.
         num_inference_steps: denoising steps.
         guidance_scale: the guidance value fed to the guidance-distilled transformer (null: model.guidance_scale).
-        height: output height in pixels (default: the image's, floored to the model's multiple).
+        height: output height in pixels (default: the image's, floored to the model's multiple); the control is
+            sized as training sizes it (``data.control_size``, ``data.control_max_pixels``).
         width: output width in pixels (default: the image's, floored to the model's multiple).
         negative_prompt: with true_cfg_scale > 1, true classifier-free guidance against this prompt.
         true_cfg_scale: the true CFG scale (used with negative_prompt).
@@ -187,6 +189,7 @@ def predict(image: str, prompt: str, out: str = "edited.png", lora: str | None =
         negative_prompt=negative_prompt,
         true_cfg_scale=true_cfg_scale,
         max_sequence_length=text_length(cfg.model.max_sequence_length, path),
+        control=PAIRS.control.at_inference(cfg.data),
     )
     save_image(result, out)
 

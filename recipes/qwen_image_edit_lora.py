@@ -44,7 +44,7 @@ from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 from qflux.models.qwen_image_edit.loaders import QwenImageEditModels, check_variant, load_qwen_image_edit
 from qflux.models.qwen_image_edit.loss import make_loss_fn
 from qflux.models.qwen_image_edit.plan import plan_model, text_tokens
-from qflux.models.qwen_image_edit.predict import denoise
+from qflux.models.qwen_image_edit.predict import control_rule, denoise
 from qflux.models.qwen_image_edit.predict import predict as qwen_predict
 from qflux.train.batch import Conditioning, DataPath, with_mask
 from qflux.train.cache import CacheReport
@@ -53,7 +53,8 @@ from qflux.train.driver import decoder, train_lora
 from qflux.train.options import load_options, plan_options, preview_options
 from qflux.train.run import ModelOps, Run, RunResult, family_folder, pair_dataset, training_run
 
-PAIRS = {"edit": PairRule((1, 1), "own"), "edit_plus": PairRule((0, 3), "own"), "edit_2511": PairRule((0, 3), "own")}
+PAIRS = {"edit": PairRule((1, 1), control_rule("edit")), "edit_plus": PairRule((0, 3), control_rule("edit_plus")),
+         "edit_2511": PairRule((0, 3), control_rule("edit_2511"))}  # fmt: skip
 """Control images per sample of each variant; each is sized at its own aspect, as the pipelines do."""
 
 
@@ -142,7 +143,8 @@ def predict(prompt: str, image: str | list[str] | None = None, out: str = "edite
     """Edit: ``predict --image=IN.png --prompt="..." --out=OUT.png [--lora=FILE] [--model.*=...]``.
 
     The pipeline's defaults: 50 steps, true CFG (scale 4) only with ``--negative_prompt``, the
-    output at the (last) control image's ~1024² size. Edit-Plus takes ``--image=A.png,B.png``.
+    output at the (last) control image's ~1024² size. Edit-Plus takes ``--image=A.png,B.png``. Controls are
+    sized as training sizes them (``data.control_size``, ``data.control_max_pixels``; at most ``data.max_pixels``).
 
     Args:
         prompt: the edit instruction.
@@ -164,7 +166,8 @@ def predict(prompt: str, image: str | list[str] | None = None, out: str = "edite
         load_lora_file(models.transformer, lora, naming=FAMILY.naming, pipeline_cls=pipeline_cls())
     result = qwen_predict(models, images, prompt, variant=cfg.model.variant, height=height, width=width,
                           num_inference_steps=num_inference_steps, seed=seed, negative_prompt=negative_prompt,
-                          true_cfg_scale=true_cfg_scale)  # fmt: skip
+                          true_cfg_scale=true_cfg_scale,
+                          sizing=PAIRS[cfg.model.variant].control.at_inference(cfg.data))  # fmt: skip
     save_image(result, out)
 
 

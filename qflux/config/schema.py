@@ -30,6 +30,8 @@ from qflux.config.validators import (
 # A name that stands for a dataset qflux builds itself, offline (each model family names its own tiny model).
 BUILTIN_SYNTHETIC_DATASET = "builtin:synthetic"
 
+ControlSize = Literal["model", "target", "keep"]
+CONTROL_SIZES = ("model", "target", "keep")
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -80,6 +82,14 @@ class DataConfig:
     its target's aspect (1:4 … 4:1 in steps of ×2^¼, area ``max_pixels`` or the largest target's if
     smaller), so pairs of different sizes fill batches; exact: every image at its own aspect, uncropped,
     batched only with pairs of identical sizes."""
+    control_size: ControlSize = attrs.field(default="model", validator=v.in_(CONTROL_SIZES))
+    """How each control image is sized against its target, in training and in predict alike: 'model' as the
+    model's pipeline does (FLUX.1 Kontext: like the target; Qwen-Image-Edit and FLUX.2 [klein]: its own aspect at
+    the training area, at most 1024² px); 'target' like the target's bucket (or exact size), cropped to it;
+    'keep' the file's own size floored to the model's multiple, uncropped (docs/edit_aware_training.md)."""
+    control_max_pixels: int | None = attrs.field(default=None, validator=positive_or_none)
+    """The largest area of a control image (scaled down, aspect kept) under every control_size; null: the
+    model's own cap (with 'keep': none)."""
     drop_last: bool = False
     """Drop each bucket's last batch of an epoch when it holds fewer than ``batch_size`` samples (every
     step then trains on a full batch)."""

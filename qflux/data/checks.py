@@ -1,6 +1,7 @@
 """Warnings about pairs that pass the dataset's checks but will likely train badly: a target moved or
 re-framed against its control (:mod:`qflux.data.alignment`), a target identical to its control, a control
-whose aspect the target's crop cannot follow, a too-short instruction, and (a note) one instruction
+whose aspect the target's crop cannot follow, a control that trains at a very different area from its target,
+a too-short instruction, and (a note) one instruction
 for every pair. The ``check`` command prints them; ``train`` prints them at its start."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from PIL import Image
 
 from qflux.data.alignment import SIDE, align
 from qflux.data.buckets import MAX_CROP, crop_fraction
+from qflux.data.controls import area_ratio
 from qflux.data.images import image_size, load_rgb
 from qflux.data.pairs import PairSample
 
@@ -24,6 +26,8 @@ SCALE_MIN = 0.02
 """A re-framing by this fraction or more is reported."""
 SHORT_PROMPT = 3
 """Instructions shorter than this (characters) are reported."""
+CONTROL_SCALE = 2.0
+"""A control that trains at this many times its target's area (or at this fraction of it) is reported."""
 
 
 def pair_warnings(name: str, control: Image.Image, target: Image.Image, prompt: str,
@@ -58,6 +62,20 @@ def pair_warnings(name: str, control: Image.Image, target: Image.Image, prompt: 
     return out
 
 
+def size_warnings(sample: PairSample) -> list[str]:
+    """A warning per control image that trains at a very different area from its target (``data.control_size``
+    and ``data.control_max_pixels`` decide): the LoRA then learns the edit across a change of scale."""
+    out = []
+    for k, size in enumerate(sample.control_sizes):
+        if (ratio := area_ratio(size, sample.target_size)) >= CONTROL_SCALE:
+            (cw, ch), (tw, th) = size, sample.target_size
+            which = "its control" if k == 0 else f"its control {k + 1}"
+            out.append(f"{sample.name}: {which} trains at {cw}×{ch} px and its target at {tw}×{th} px ({ratio:.1f}× "
+                       "the area): predict sizes it the same way, but set data.control_size: target (or "
+                       "data.control_max_pixels) to train at one scale")  # fmt: skip
+    return out
+
+
 def _identical(a: Image.Image, b: Image.Image) -> bool:
     """Equal to within one 8-bit level everywhere."""
     x, y = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
@@ -82,6 +100,7 @@ def check_pairs(samples: Iterable[PairSample], *, progress: Callable[[Iterable[P
     for s in progress(samples):
         if not s.controls:
             continue
+        out += [f"warning: {w}" for w in size_warnings(s)]
         control, target = load_rgb(s.control, draft=SIDE * 2), load_rgb(s.target, draft=SIDE * 2)
         out += [f"warning: {w}" for w in pair_warnings(s.name, control, target, s.prompt,
                                                         target_width=image_size(s.target)[0])]  # fmt: skip

@@ -17,9 +17,9 @@ FLUX.1: :func:`qflux.diffusion.latents.size_multiple`), as FluxKontextPipeline d
 from __future__ import annotations
 
 import glob
-import math
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -27,10 +27,13 @@ import attrs
 from PIL import Image
 
 from qflux.config.errors import QfluxError
-from qflux.data.buckets import MAX_CROP, Box, Size, bucket_area, bucket_sizes, cover_box, nearest_bucket
+from qflux.data.buckets import MAX_CROP, Box, Size, bucket_area, bucket_sizes, nearest_bucket
+from qflux.data.controls import ControlRule, ControlSizes, crop_box, fit_size
 from qflux.data.images import image_size
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+TARGET, OWN = ControlSizes("target"), ControlSizes("own")
+"""The two rules without a cap or a pipeline's formula."""
 UPSCALE_WARNING = 2.0
 """Pairs whose target is scaled up more than this (per side) into its bucket are named in a warning."""
 
@@ -80,18 +83,6 @@ class PairSample:
         ]
 
 
-def fit_size(width: int, height: int, max_pixels: int | None, multiple: int) -> tuple[int, int]:
-    """Scale (width, height) down to at most ``max_pixels`` keeping the aspect, then floor to ``multiple``.
-
-    Returns:
-        (w, h), each a positive multiple of ``multiple``.
-    """
-    if max_pixels is not None and width * height > max_pixels:
-        scale = math.sqrt(max_pixels / (width * height))
-        width, height = round(width * scale), round(height * scale)
-    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
-
-
 def _image_problem(path: Path, multiple: int) -> str | None:
     """Why an image cannot be trained on (unreadable, truncated, empty, a side under ``multiple``
     px), or None."""
@@ -120,15 +111,12 @@ _EXTRA_CONTROL = re.compile(r"^(?P<stem>.+)_control_(?P<index>[1-9])$")
 
 @attrs.frozen
 class PairRule:
-    """A model's rule for its samples: how many control images each has, and how a control image of
-    another size than its target is sized in buckets."""
+    """A model's rule for its samples: how many control images each has, and how its pipeline sizes them."""
 
     controls: tuple[int, int] = (1, 1)
     """(fewest, most) control images per sample."""
-    control_sizing: Literal["target", "own"] = "target"
-    """"target": like the target's bucket (FLUX.1 Kontext, whose pipeline gives the output the
-    control's size); "own": the bucket of its own aspect (Qwen-Image-Edit, whose pipelines resize
-    each image to an area at its own aspect)."""
+    control: ControlRule = attrs.field(factory=ControlRule)
+    """What ``data.control_size: model`` means (:mod:`qflux.data.controls`)."""
 
 
 def scan_pairs(
@@ -141,7 +129,7 @@ def scan_pairs(
     listing: Listing | None = None,
     controls: tuple[int, int] = (1, 1),
     buckets: Literal["auto", "exact"] = "exact",
-    control_sizing: Literal["target", "own"] = "target",
+    control: ControlSizes = TARGET,
 ) -> list[PairSample]:
     """List and check the dataset's samples (sorted by name) before any model loads.
 
@@ -162,9 +150,10 @@ def scan_pairs(
         buckets: "exact" sizes each image to its own aspect (:func:`fit_size`); "auto" crops and
             resizes pairs into aspect-ratio buckets (:func:`bucketed`), so that pairs of different
             sizes batch together.
-        control_sizing: with buckets, how a control image of another size than its target is sized:
-            "target" (FLUX.1 Kontext: like the target's bucket) or "own" (Qwen-Image-Edit: the bucket
-            of its own aspect). A control of the target's size always gets the target's geometry.
+        control: how a control image is sized against its target (:mod:`qflux.data.controls`): "target"
+            (FLUX.1 Kontext: like the target), "own" (Qwen-Image-Edit, FLUX.2 [klein]: its own aspect at the
+            training area; a control of the target's size gets the target's geometry) or "keep" (its own size),
+            and its area cap.
 
     Raises:
         QfluxError: naming every problem and its file, or an empty dataset.
@@ -186,8 +175,8 @@ def scan_pairs(
             problems += found
     _report(root, problems, samples, skip_invalid=skip_invalid, warn=warn, listing=listing)
     if buckets == "auto":
-        return bucketed(samples, max_pixels, multiple, control_sizing=control_sizing, warn=warn, listing=listing)
-    return [exactly_sized(s, max_pixels, multiple) for s in samples]
+        return bucketed(samples, max_pixels, multiple, control=control, warn=warn, listing=listing)
+    return [exactly_sized(s, max_pixels, multiple, control) for s in samples]
 
 
 def _report(
@@ -211,11 +200,18 @@ def _report(
         raise QfluxError(f"dataset '{root}' holds no usable samples: training_images/ has no valid pairs")
 
 
-def exactly_sized(sample: PairSample, max_pixels: int | None, multiple: int) -> PairSample:
-    """``sample`` with each image at its own aspect, scaled down to ``max_pixels`` and floored to
-    ``multiple`` (:func:`fit_size`): the whole image, no crop."""
-    sizes = [fit_size(*image_size(p), max_pixels, multiple) for p in (*sample.controls, sample.target)]
-    return attrs.evolve(sample, control_sizes=tuple(sizes[:-1]), target_size=sizes[-1])
+def exactly_sized(sample: PairSample, max_pixels: int | None, multiple: int, control: ControlSizes = OWN) -> PairSample:
+    """``sample`` with the target at its own aspect, scaled down to ``max_pixels`` and floored to ``multiple``
+    (:func:`fit_size`), uncropped; each control as ``control`` says (:meth:`ControlSizes.size` at the area
+    ``max_pixels``), cropped only where it takes another aspect's size (``target``)."""
+    target = image_size(sample.target)
+    size = fit_size(*target, max_pixels, multiple)
+    sizes, boxes = [], []
+    for source in map(image_size, sample.controls):
+        c = control.size(source, size, multiple, area=max_pixels, target_source=target)
+        sizes.append(c)
+        boxes.append(crop_box(source, c) if control.sizing == "target" and source != target else None)
+    return attrs.evolve(sample, control_sizes=tuple(sizes), target_size=size, control_boxes=tuple(boxes))
 
 
 def bucketed(
@@ -223,20 +219,21 @@ def bucketed(
     max_pixels: int | None,
     multiple: int,
     *,
-    control_sizing: Literal["target", "own"],
+    control: ControlSizes,
     warn: Callable[[str], None] = print,
     listing: Listing | None = None,
 ) -> list[PairSample]:
     """``samples`` with each target cropped and resized into its aspect bucket (:mod:`qflux.data.buckets`).
 
-    A control image of its target's size gets the target's crop and size (pixel alignment kept);
-    another one is sized like the target's bucket ("target") or into its own aspect's bucket ("own"),
-    scaled to cover it and centre-cropped.
+    Each control is sized as ``control`` says (:meth:`ControlSizes.size`: the target's bucket, its own aspect at
+    the buckets' area, or its own size), scaled to cover that size and centre-cropped; a control of its target's
+    size under "target" or "own" gets the target's crop and size (pixel alignment kept).
     """
     sources = [[image_size(p) for p in (*s.controls, s.target)] for s in samples]
     area = bucket_area(max_pixels, [src[-1] for src in sources])
     table = bucket_sizes(area, multiple)
     out, upscaled, alone = [], [], []
+    bucket = partial(_bucket, multiple)
     for s, src in zip(samples, sources, strict=True):
         target, own = nearest_bucket(src[-1], table, area, multiple)
         if (scale := max(target[0] / src[-1][0], target[1] / src[-1][1])) > UPSCALE_WARNING:
@@ -246,15 +243,11 @@ def bucketed(
             alone.append(f"{s.name} ({w}×{h} → {tw}×{th})")
         sizes, boxes = [], []
         for size in src[:-1]:
-            c = (
-                target
-                if size == src[-1] or control_sizing == "target"
-                else nearest_bucket(size, table, area, multiple)[0]
-            )
+            c = control.size(size, target, multiple, area=area, target_source=src[-1], bucket=bucket)
             sizes.append(c)
-            boxes.append(_box(size, c))
+            boxes.append(crop_box(size, c))
         out.append(attrs.evolve(s, control_sizes=tuple(sizes), target_size=target, control_boxes=tuple(boxes),
-                                target_box=_box(src[-1], target)))  # fmt: skip
+                                target_box=crop_box(src[-1], target)))  # fmt: skip
     if alone:
         cause = (f"{len(alone)} pair(s) train in a bucket of their own (the nearest bucket, 1:4 … 4:1, would crop "
                  f"more than {MAX_CROP:.0%} of their area)")  # fmt: skip
@@ -275,6 +268,11 @@ Listing = Callable[[str, Sequence[str]], None]
 """Receives (cause, every name) of a grouped warning."""
 
 
+def _bucket(multiple: int, source: Size, area: int) -> Size:
+    """The bucket of ``area`` nearest ``source``'s aspect."""
+    return nearest_bucket(source, bucket_sizes(area, multiple), area, multiple)[0]
+
+
 def warn_grouped(cause: str, names: Sequence[str], warn: Callable[[str], None], listing: Listing | None) -> None:
     """One line through ``warn`` (:func:`grouped`), and the whole list through ``listing`` when given."""
     warn(grouped(cause, names))
@@ -287,12 +285,6 @@ def grouped(cause: str, names: Sequence[str]) -> str:
     (``12 pair(s) train in a bucket of their own (...): a_00, a_01, a_02, … (+9 more)``)."""
     more = f", … (+{len(names) - SHOWN} more)" if len(names) > SHOWN else ""
     return f"{cause}: {', '.join(names[:SHOWN])}{more}"
-
-
-def _box(source: Size, size: Size) -> Box | None:
-    """The crop of ``source`` that covers ``size``; None when it is the whole image."""
-    box = cover_box(source, size)
-    return None if box == (0.0, 0.0, float(source[0]), float(source[1])) else box
 
 
 def _folders(root: Path) -> tuple[Path, Path]:

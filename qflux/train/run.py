@@ -150,7 +150,7 @@ def samples_at(cfg: RecipeConfig, multiple: int, rule: PairRule, listing: Listin
         listing=listing,
         controls=rule.controls,
         buckets=cfg.data.buckets,
-        control_sizing=rule.control_sizing,
+        control=rule.control.resolve(cfg.data),
     )
 
 
@@ -245,9 +245,7 @@ def training_run(cfg: RecipeConfig, family: Family, rule: PairRule) -> Iterator[
         mode = _compile_mode(cfg, device, world, path)
         held = None
         if cfg.validation.enabled:
-            held = validation_set(
-                cfg.validation, cfg.data.dataset_path, cfg.data.max_pixels, multiple=image_multiple(path), rule=rule
-            )
+            held = validation_set(cfg.validation, cfg.data, multiple=image_multiple(path), rule=rule)
         out = Path(cfg.output_dir)
         resume_from = _checkpoint_to_resume(cfg)
         finished = _finished(cfg, resume_from) if resume_from is not None else None

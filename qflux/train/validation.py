@@ -19,11 +19,11 @@ import torch
 from tqdm import tqdm
 
 from qflux.config.errors import QfluxError
-from qflux.config.schema import RecipeConfig, ValidationConfig
+from qflux.config.schema import DataConfig, RecipeConfig, ValidationConfig
 from qflux.data.dataset import PairDataset
 from qflux.data.images import load_rgb, load_sized, to_pil
 from qflux.data.masks import edit_psnr
-from qflux.data.pairs import PairRule, PairSample, fit_size, scan_pairs
+from qflux.data.pairs import PairRule, PairSample, exactly_sized, scan_pairs
 from qflux.train.batch import Conditioning, DataPath, Draws, Prepared, eval_batches, prepare
 from qflux.train.builtin import BUILTIN_DATASETS, resolve_dataset_path
 from qflux.train.loop import LoopState
@@ -40,21 +40,17 @@ class ValidationSet:
     has_target: list[bool]
 
 
-def validation_set(
-    cfg: ValidationConfig,
-    train_dataset_path: str,
-    max_pixels: int | None,
-    *,
-    multiple: int,
-    rule: PairRule,
-) -> ValidationSet:
+def validation_set(cfg: ValidationConfig, data: DataConfig, *, multiple: int, rule: PairRule) -> ValidationSet:
     """Resolve and check the validation samples (before any model loads), sized like training's
-    (sides multiples of ``multiple``: :func:`qflux.diffusion.latents.size_multiple`), a folder read with the
-    model's ``rule`` (how many control images a sample has and how they are sized).
+    (sides multiples of ``multiple``: :func:`qflux.diffusion.latents.size_multiple`; ``data.max_pixels``, the
+    control sizing of ``data.control_size`` under the model's ``rule``); a folder is read with the model's
+    ``rule`` (how many control images a sample has).
 
     Raises:
         QfluxError: no source configured, or a listed sample that is malformed or unreadable.
     """
+    max_pixels = data.max_pixels
+    sizing = rule.control.resolve(data)
     if cfg.samples:
         samples, has_target = [], []
         for i, item in enumerate(cfg.samples[: cfg.num_validation_samples]):
@@ -65,26 +61,24 @@ def validation_set(
                 )
             control = Path(item[0])
             target = Path(item[2]) if len(item) == 3 else control
-            sizes = []
             for p in (control, target):
                 if not p.is_file():
                     raise QfluxError(f"validation.samples[{i}]: image '{p}' does not exist")
-                im = load_rgb(p)
-                sizes.append(fit_size(im.width, im.height, max_pixels, multiple))
-            samples.append(PairSample(f"sample{i}", (control,), target, item[1], (sizes[0],), sizes[1]))
+            sample = PairSample(f"sample{i}", (control,), target, item[1], (), (0, 0))
+            samples.append(exactly_sized(sample, max_pixels, multiple, sizing))
             has_target.append(len(item) == 3)
         return ValidationSet(samples, has_target)
     if cfg.dataset_path is not None:
         root = Path(cfg.dataset_path)
-    elif train_dataset_path in BUILTIN_DATASETS:  # a built-in dataset's own held-out set
-        root = resolve_dataset_path(train_dataset_path, heldout=True)
+    elif data.dataset_path in BUILTIN_DATASETS:  # a built-in dataset's own held-out set
+        root = resolve_dataset_path(data.dataset_path, heldout=True)
     else:
         raise QfluxError(
             "validation.enabled is true but there are no validation samples: set validation.dataset_path to a "
             "folder in the training layout, or validation.samples to a list of [control, prompt(, target)]"
         )
     found = scan_pairs(root, max_pixels, multiple=multiple, controls=rule.controls,
-                       control_sizing=rule.control_sizing)[: cfg.num_validation_samples]  # fmt: skip
+                       control=sizing)[: cfg.num_validation_samples]  # fmt: skip
     return ValidationSet(found, [True] * len(found))
 
 

@@ -22,6 +22,7 @@ from qflux.data.buckets import (
     nearest_bucket,
     own_bucket,
 )
+from qflux.data.controls import ControlSizes
 from qflux.data.dataset import PairDataset
 from qflux.data.images import load_rgb
 from qflux.data.pairs import scan_pairs
@@ -117,7 +118,7 @@ def test_a_control_of_the_targets_size_keeps_pixel_alignment(tmp_path: Path) -> 
     _write(tmp_path, "a", (310, 200))  # 1.55:1 into the nearest bucket: cropped
     _write(tmp_path, "b", (160, 160))
     for sizing in ("target", "own"):
-        a, b = scan_pairs(tmp_path, 256 * 256, multiple=16, buckets="auto", control_sizing=sizing)  # type: ignore[arg-type]
+        a, b = scan_pairs(tmp_path, 256 * 256, multiple=16, buckets="auto", control=ControlSizes(sizing))  # type: ignore[arg-type]
         assert a.target_box is not None and b.target_box is None
         assert a.control_sizes == (a.target_size,) and a.control_boxes == (a.target_box,)
         # control and target are one picture: after the crop and resize, still pixel for pixel
@@ -128,8 +129,8 @@ def test_a_control_of_the_targets_size_keeps_pixel_alignment(tmp_path: Path) -> 
 
 def test_controls_of_another_size_follow_the_models_rule(tmp_path: Path) -> None:
     _write(tmp_path, "a", (320, 240), control=(200, 300))
-    (kontext,) = scan_pairs(tmp_path, 256 * 256, multiple=16, buckets="auto", control_sizing="target")
-    (qwen,) = scan_pairs(tmp_path, 256 * 256, multiple=16, buckets="auto", control_sizing="own")
+    (kontext,) = scan_pairs(tmp_path, 256 * 256, multiple=16, buckets="auto", control=ControlSizes("target"))
+    (qwen,) = scan_pairs(tmp_path, 256 * 256, multiple=16, buckets="auto", control=ControlSizes("own"))
     assert kontext.control_sizes == (kontext.target_size,)  # Kontext: the target's bucket (cropped 2:3 → 4:3)
     w, h = qwen.control_sizes[0]  # Qwen: the bucket of its own aspect
     assert h > w and abs(math.log(w / h) - math.log(200 / 300)) < math.log(2) / 8 + 0.05

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from qflux.config.errors import QfluxError
+from qflux.data.controls import fit_size
 from qflux.data.dataset import PairDataset
 from qflux.data.images import image_to_tensor, load_rgb
 from qflux.data.order import batch_stream, epoch_batches
-from qflux.data.pairs import fit_size, scan_pairs
+from qflux.data.pairs import scan_pairs
 from qflux.data.synthetic import make_synthetic_pairs
 from qflux.diffusion.rng import draw_sample_randomness, keyed_generator
 

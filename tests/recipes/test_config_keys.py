@@ -60,6 +60,8 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "data.prompt_image_dropout_rate": (1.0, {}),
     "data.max_pixels": (1024, {}),
     "data.buckets": ("exact", {"data.dataset_path": "{mixed_data}"}),  # its 70×66 and 84×52 pairs are cropped
+    "data.control_size": ("keep", {"data.max_pixels": 1024}),  # the controls stay at their own size, not 32×32
+    "data.control_max_pixels": (1024, {}),
     "data.drop_last": (True, {"data.dataset_path": "{mixed_data}", "data.batch_size": 2, "train.max_train_steps": 4}),
     "data.shuffle": (False, {"data.batch_size": 1}),
     "data.num_workers": (1, {}),

@@ -10,6 +10,7 @@ step as ``Flux2KleinPipeline``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qflux.data.controls import ControlRule, ControlSizes
 from qflux.data.images import to_image
 from qflux.diffusion.latents import latent_size, size_multiple, unpack_latents
 from qflux.diffusion.sampling import cfg_batch, euler_denoise, guided, initial_noise
@@ -37,17 +39,44 @@ def image_processor(multiple: int) -> Any:
     return Flux2ImageProcessor(vae_scale_factor=multiple)
 
 
-def reference_tensor(image: Image.Image, multiple: int) -> torch.Tensor:
+def reference_size(size: tuple[int, int], area: int | None, multiple: int) -> tuple[int, int]:
+    """(w, h) the pipeline gives a reference of ``size``: shrunk to ``area`` pixels when above it (sides
+    truncated, ``Flux2ImageProcessor._resize_to_target_area``), then floored to ``multiple``."""
+    w, h = size
+    if area is not None and w * h > area:
+        scale = math.sqrt(area / (w * h))
+        w, h = int(w * scale), int(h * scale)
+    return w // multiple * multiple, h // multiple * multiple
+
+
+CONTROLS = ControlRule("own", MAX_REFERENCE_AREA, reference_size)
+"""The pipeline's rule for references: each at its own size, at most 1024² px (what ``data.control_size: model``
+means; ``own`` shrinks a reference to the area, never enlarges it)."""
+
+
+def reference_tensor(
+    image: Image.Image, multiple: int, sizing: ControlSizes | None = None, output: tuple[int, int] | None = None
+) -> torch.Tensor:
     """One reference as the pipeline prepares it: [1, 3, h, w] in [−1, 1], h and w multiples of ``multiple``.
+
+    Args:
+        sizing: :mod:`qflux.data.controls`' rule: "own" (the pipeline's, the default: its own size, shrunk to
+            1024² px or the cap when smaller), "keep" (its own size, shrunk to the cap) or "target" (``output``'s
+            (w, h), centre-cropped to it).
 
     Raises:
         ValueError: an image under 64 px a side (the pipeline's check, its message).
     """
     proc = image_processor(multiple)
     proc.check_image_input(image)
-    if image.width * image.height > MAX_REFERENCE_AREA:
-        image = proc._resize_to_target_area(image, MAX_REFERENCE_AREA)
-    w, h = image.width // multiple * multiple, image.height // multiple * multiple
+    sizing = sizing or ControlSizes(CONTROLS.sizing, CONTROLS.max_pixels, CONTROLS.own)
+    if sizing.sizing == "target" and output is not None:
+        w, h = output
+    else:
+        cap = sizing.max_pixels
+        if cap is not None and image.width * image.height > cap:
+            image = proc._resize_to_target_area(image, cap)
+        w, h = reference_size(image.size, None, multiple)
     return proc.preprocess(image, height=h, width=w, resize_mode="crop")
 
 
@@ -83,6 +112,7 @@ def predict(
     seed: int = 0,
     lora: Mapping[str, torch.Tensor] | None = None,
     max_sequence_length: int = 512,
+    sizing: ControlSizes | None = None,
 ) -> np.ndarray:
     """Edit (or, with no images, generate) as ``prompt`` says.
 
@@ -93,14 +123,18 @@ def predict(
         guidance_scale: CFG scale against the empty prompt, used when > 1 and the model is not
             step-distilled (``distilled``: the pipeline config's ``is_distilled``).
         lora: LoRA tensors to substitute into the transformer; None uses the module as it is.
+        sizing: training's reference sizing (:func:`reference_tensor`); None: the pipeline's.
 
     Returns:
         The image, [height, width, 3] float32 in [0, 1].
     """
     multiple = size_multiple(models.vae.config)
     dtype = compute_dtype(models.text_encoder)
-    refs = [reference_tensor(im, multiple) for im in images]
-    default = (refs[0].shape[-2], refs[0].shape[-1]) if refs else (1024, 1024)
+    first = reference_tensor(images[0], multiple, sizing) if images else None
+    default = (first.shape[-2], first.shape[-1]) if first is not None else (1024, 1024)
+    out = latent_size(height or default[0], width or default[1], multiple)
+    size = (out[1] * multiple // 2, out[0] * multiple // 2)  # (w, h) in pixels
+    refs = [reference_tensor(im, multiple, sizing, size) for im in images]
     encode = models.text_encoder, models.tokenizer
     pos = encode_prompt(*encode, [prompt], max_sequence_length)
     neg = encode_prompt(*encode, [""], max_sequence_length) if guidance_scale > 1 and not distilled else None
@@ -110,7 +144,7 @@ def predict(
         tuple(vae_encode(models.vae, r.to(dtype)) for r in refs),
         pos,
         neg,
-        latent_hw=latent_size(height or default[0], width or default[1], multiple),
+        latent_hw=out,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         seed=seed,

@@ -1,5 +1,6 @@
 """Editing an image with FLUX.1 Kontext (optionally through a LoRA), step for step as
-``FluxKontextPipeline`` with ``_auto_resize=False`` and ``max_area = height·width``.
+``FluxKontextPipeline`` with ``_auto_resize=False`` and ``max_area = height·width`` (the control at the output's size:
+``data.control_size: model``, as training sizes it).
 
     latents ~ N(0, I) from torch.Generator('cpu').manual_seed(seed)
     σ_i = linspace(1, 1/N, N) shifted by μ(seq_len);  x ← x + (σ_{i+1} − σ_i)·v̂(x, σ_i)
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qflux.data.controls import ControlSizes, fit_size
 from qflux.data.images import image_to_tensor, to_image
 from qflux.diffusion.latents import latent_size, size_multiple
 from qflux.diffusion.sampling import cfg_batch, euler_denoise, guided, initial_noise
@@ -44,14 +46,18 @@ def predict(
     true_cfg_scale: float = 1.0,
     lora: Mapping[str, torch.Tensor] | None = None,
     max_sequence_length: int = 512,
+    control: ControlSizes | None = None,
 ) -> np.ndarray:
     """Edit ``image`` as instructed by ``prompt``.
 
     Args:
         models: transformer, vae, encoders, tokenizers and scheduler.
-        image: the control image (RGB); resized to its own size floored to multiples of the VAE
-            factor × 2 (16 for FLUX.1; :func:`qflux.diffusion.latents.size_multiple`).
+        image: the control image (RGB); sized as ``control`` says (:meth:`qflux.data.controls.ControlSizes.size`:
+            "target", the default, takes the output's size; "keep" its own), in multiples of the VAE factor × 2 (16
+            for FLUX.1; :func:`qflux.diffusion.latents.size_multiple`).
         height, width: output size (floored to those multiples); default the control's size.
+        control: training's control sizing (``data.control_size``, ``data.control_max_pixels``), so that
+            inference sizes the control as training did; None: at the output's size.
         guidance_scale: fed to the guidance-distilled transformer (the config's ``model.guidance_scale``).
         lora: LoRA tensors to substitute into the transformer; None uses the module as it is.
             Components may sit on different devices; tensors move to where each one runs.
@@ -61,6 +67,8 @@ def predict(
     """
     multiple = size_multiple(models.vae.config)
     cw, ch = default_size(image, multiple)
+    out = fit_size(width or cw, height or ch, None, multiple)
+    size, box = (control or ControlSizes()).at_output(image.size, out, multiple)
     pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
     if negative_prompt is not None and true_cfg_scale > 1:
@@ -68,10 +76,10 @@ def predict(
     latents = denoise(
         models.transformer,
         models.scheduler.config,
-        vae_encode(models.vae, image_to_tensor(image, (cw, ch)).to(pos.tokens.dtype)),
+        vae_encode(models.vae, image_to_tensor(image, size, box).to(pos.tokens.dtype)),
         pos,
         neg,
-        latent_hw=latent_size(max(multiple, height or ch), max(multiple, width or cw), multiple),
+        latent_hw=latent_size(out[1], out[0], multiple),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale,

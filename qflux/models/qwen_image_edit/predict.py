@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qflux.data.images import to_image
+from qflux.data.controls import ControlRule, ControlSizes
+from qflux.data.images import crop, to_image
 from qflux.diffusion.latents import latent_size, pack_latents, size_multiple, unpack_latents
 from qflux.diffusion.sampling import euler_denoise, guided, initial_noise
 from qflux.models.qwen_image_edit.conditioning import encode_prompt, vae_decode, vae_encode
@@ -37,7 +38,12 @@ PLUS_VAE_AREA = 1024 * 1024
 
 def condition_size(image: Image.Image, area: int = CONDITION_AREA, variant: str = "edit") -> tuple[int, int]:
     """(width, height) the pipeline resizes ``image`` to: about ``area`` pixels at its aspect ratio,
-    multiples of 32.
+    multiples of 32 (:func:`condition_dims`)."""
+    return condition_dims(image.size, area, variant)
+
+
+def condition_dims(size: tuple[int, int], area: int = CONDITION_AREA, variant: str = "edit") -> tuple[int, int]:
+    """(width, height) the pipeline resizes an image of ``size`` = (w, h) to (:func:`condition_size`).
 
     Looked up in the pipeline module at call time, so whatever diffusers (or a test) defines there
     is what both implementations use.
@@ -46,13 +52,33 @@ def condition_size(image: Image.Image, area: int = CONDITION_AREA, variant: str 
         # deferred: diffusers is a heavy import
         import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
 
-        w, h, _ = edit.calculate_dimensions(area, image.width / image.height)
+        w, h, _ = edit.calculate_dimensions(area, size[0] / size[1])
     else:
         # deferred: diffusers is a heavy import
         import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 
-        w, h = plus.calculate_dimensions(area, image.width / image.height)
+        w, h = plus.calculate_dimensions(area, size[0] / size[1])
     return int(w), int(h)
+
+
+def control_rule(variant: str) -> ControlRule:
+    """The pipeline's rule for the VAE's control images: each at its own aspect, ~1024² px
+    (:func:`condition_dims`), what ``data.control_size: model`` means."""
+    area = CONDITION_AREA if variant == "edit" else PLUS_VAE_AREA
+    return ControlRule("own", area, partial(_own, variant))
+
+
+def control_sizes(variant: str) -> ControlSizes:
+    """The pipeline's own sizing of the control images (:func:`control_rule` at its area)."""
+    rule = control_rule(variant)
+    return ControlSizes(rule.sizing, rule.max_pixels, rule.own)
+
+
+def _own(variant: str, size: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
+    """The pipeline's size for a control image of ``size`` at ``area``: ``calculate_dimensions`` (multiples of 32),
+    floored to ``multiple`` as its image processor floors it."""
+    w, h = condition_dims(size, area, variant)
+    return max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
 
 
 def vl_image(image: Image.Image, variant: str, processor: Any) -> Image.Image:
@@ -69,27 +95,35 @@ def vl_image(image: Image.Image, variant: str, processor: Any) -> Image.Image:
 
 
 def control_inputs(
-    images: Sequence[Image.Image], variant: str, processor: Any
+    images: Sequence[Image.Image],
+    variant: str,
+    processor: Any,
+    sizing: ControlSizes | None = None,
+    output: tuple[int | None, int | None] = (None, None),
 ) -> tuple[list[Image.Image], list[torch.Tensor], list[tuple[int, int]], tuple[int, int]]:
-    """The pipeline's preparation of the control image(s).
+    """The pipeline's preparation of the control image(s), each VAE input sized by ``sizing``.
+
+    Args:
+        sizing: :mod:`qflux.data.controls`' rule: "own" (the pipeline's, the default: ~1024² px at its aspect,
+            or the cap's area when smaller: :func:`control_sizes`), "target" (the output's size, cropped to it) or
+            "keep" (its own size floored, at most the cap).
+        output: the requested output (width, height); None sides default to the (last) control's "own" size.
 
     Returns:
         (vision-language images, VAE pixel tensors [1, 3, H_i, W_i] in [-1, 1], their (W_i, H_i),
-        the default output (width, height)).
+        the output (width, height)).
     """
-    if variant == "edit":
-        (image,) = images
-        resized = vl_image(image, variant, processor)
-        cw, ch = resized.size
-        return [resized], [processor.preprocess(resized, ch, cw)], [(cw, ch)], (cw, ch)
+    sizing = sizing or control_sizes(variant)
+    multiple = processor.config.vae_scale_factor
+    default = sizing if sizing.sizing == "own" else control_sizes(variant)  # the output: the pipeline's default
+    last = default.own_size(images[-1].size, None, multiple) if images else (1024, 1024)
+    out = (output[0] or last[0], output[1] or last[1])
     vl, pixels, sizes = [], [], []
     for image in images:
-        vw, vh = condition_size(image, PLUS_VAE_AREA, variant)
+        (vw, vh), box = sizing.at_output(image.size, out, multiple)
         vl.append(vl_image(image, variant, processor))
-        pixels.append(processor.preprocess(image, vh, vw))
+        pixels.append(processor.preprocess(crop(image, box), vh, vw))
         sizes.append((vw, vh))
-    last = images[-1] if images else None
-    out = condition_size(last, PLUS_VAE_AREA, variant) if last is not None else (1024, 1024)
     return vl, pixels, sizes, out
 
 
@@ -107,11 +141,13 @@ def predict(
     negative_prompt: str | None = None,
     true_cfg_scale: float = 4.0,
     lora: Mapping[str, torch.Tensor] | None = None,
+    sizing: ControlSizes | None = None,
 ) -> np.ndarray:
     """Edit as ``prompt`` says; the pipeline's defaults (true CFG only with a negative prompt).
 
     Args:
         image: Edit: one control image. Edit-Plus (``variant='edit_plus'``): up to 3 (or none).
+        sizing: training's control sizing (:func:`control_inputs`); None: the pipeline's.
 
     Returns:
         [height, width, 3] float32 in [0, 1]; the size defaults to the (last) control image's
@@ -123,7 +159,7 @@ def predict(
     images = [image] if isinstance(image, Image.Image) else list(image)
     multiple = size_multiple(models.vae.config)
     processor = VaeImageProcessor(vae_scale_factor=multiple)
-    vl_images, pixels, _, (ow, oh) = control_inputs(images, variant, processor)
+    vl_images, pixels, _, (ow, oh) = control_inputs(images, variant, processor, sizing, (width, height))
     encode = partial(encode_prompt, models.text_encoder, models.processor, images=[vl_images], variant=variant)
     prompt_embeds = encode([prompt])
     negative = encode([negative_prompt]) if negative_prompt is not None and true_cfg_scale > 1 else None
@@ -134,7 +170,7 @@ def predict(
         [vae_encode(models.vae, x) for x in pixels],
         prompt_embeds,
         negative,
-        latent_hw=latent_size(height or oh, width or ow, multiple),
+        latent_hw=latent_size(oh, ow, multiple),
         num_inference_steps=num_inference_steps,
         true_cfg_scale=true_cfg_scale,
         seed=seed,
