@@ -42,9 +42,9 @@ Prints one line per edit, then:
     RESULT name=learning <edit>_base_changed=… <edit>_changed=… <edit>_gain=… <edit>_unchanged_drop=…
            <edit>_ref_changed=… <edit>_ref_gain=… <edit>_s=… <edit>_ref_s=… ... total_s=…
 
-With ``--rows=objective`` (or ``prompt``) it trains each row of :data:`ROWS` (the preservation, loss and timestep
-options, one override set each) on every edit without the reference, prints a table and ``RESULT
-name=learning_objective``. ``--other=EDIT`` also scores the base and each LoRA on a taught edit's held-out pairs
+With ``--rows=objective`` (or ``prompt``, ``control``, ``cost``) it trains each row of :data:`ROWS` (the
+preservation, loss and timestep options and the control's size, one override set each) on every edit without the
+reference, prints a table and ``RESULT name=learning_objective``. ``--other=EDIT`` also scores the base and each LoRA on a taught edit's held-out pairs
 (seed 2): what training one edit did to another (``other_drop``), which is what a preserve prompt claims to keep.
 """
 
@@ -293,6 +293,11 @@ ROWS: dict[str, dict[str, dict[str, Any]]] = {
         "logit_normal": {"train.timestep_sampling": "logit_normal"},
         "shift": {"train.timestep_sampling": "shift"},
         "resolution_shift": {"train.timestep_sampling": "resolution_shift"},
+    },
+    "control": {  # the toy's controls share their target's 64×64: a smaller control is what the world can show
+        "default": {},
+        "control_quarter": {"data.control_max_pixels": 32 * 32},
+        "control_sixteenth": {"data.control_max_pixels": 16 * 16},
     },
 }
 """``--rows``: named sets of rows, each a row's overrides on top of the defaults (and ``--set``)."""

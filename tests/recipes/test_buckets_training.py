@@ -142,9 +142,17 @@ def test_edit_plus_samples_with_controls_of_other_sizes_batch_together(
         )  # fmt: skip
 
     plain = qwen_train(cfg("p"))
-    # each control is sized at its own aspect: one bucket per role, shared by the four samples
-    assert "4 pairs in 1 bucket(s)\n           176×112 (control 144×144, 112×176): 4 pairs\n" in capsys.readouterr().out
+    # each control at its own aspect, as the pipeline sizes it (calculate_dimensions, multiples of 32, at the
+    # buckets' area): samples whose controls come out alike batch together
+    out = capsys.readouterr().out
+    assert "4 pairs in 2 bucket(s)\n" in out
+    assert (
+        "176×112 (control 160×128, 128×192): 2 pairs\n" in out and "176×112 (control 160×160, 128×192): 2 pairs" in out
+    )
     assert _samples(tmp_path / "p") == [2.0, 2.0]
+    # data.control_size: target sizes every control like its target: one bucket for the four
+    qwen_train(cfg("t", **{"data.control_size": "target"}))
+    assert "4 pairs in 1 bucket(s)\n           176×112: 4 pairs\n" in capsys.readouterr().out
     # the cache keys each crop box, the vision-language inputs too: the same conditioning
     qwen_cache(cfg("q", **{"cache.use_cache": True}))
     cached = qwen_train(cfg("q", **{"cache.use_cache": True}))
