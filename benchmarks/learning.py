@@ -44,8 +44,9 @@ Prints one line per edit, then:
 
 With ``--rows=objective`` (or ``prompt``, ``control``, ``cost``) it trains each row of :data:`ROWS` (the
 preservation, loss and timestep options and the control's size, one override set each) on every edit without the
-reference, prints a table and ``RESULT name=learning_objective``. ``--other=EDIT`` also scores the base and each LoRA on a taught edit's held-out pairs
-(seed 2): what training one edit did to another (``other_drop``), which is what a preserve prompt claims to keep.
+reference, prints a table and ``RESULT name=learning_objective``. ``--other=EDIT`` also scores the base and each
+LoRA on a taught edit's held-out pairs (seed 2): what training one edit did to another (``other_drop``), which is
+what a preserve prompt claims to keep.
 """
 
 from __future__ import annotations
