@@ -181,6 +181,7 @@ def _plan_target(cfg: Flux2KleinConfig) -> PlanTarget:
         ("transformer", *FAMILY.encoders),
         MAX_REFERENCES,
         lambda configs, n: seq,
+        PAIRS.control.resolve(cfg.data).max_pixels,
     )
 
 

@@ -200,7 +200,7 @@ def _plan_target(cfg: FluxKontextConfig) -> PlanTarget:
     seq = text_length(cfg.model.max_sequence_length, named if named.is_dir() else None)
     model = attrs.evolve(plan_model(cfg.model.guidance_scale), **plan_options(cfg))
     return PlanTarget(model, FAMILY.pipeline, ("transformer", *FAMILY.encoders), 1,
-                      lambda configs, n: seq)  # fmt: skip
+                      lambda configs, n: seq, PAIRS.control.resolve(cfg.data).max_pixels)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

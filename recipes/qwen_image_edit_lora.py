@@ -175,7 +175,8 @@ def _plan_target(cfg: QwenImageEditConfig) -> PlanTarget:
     variant = cfg.model.variant
     model = attrs.evolve(plan_model(), **plan_options(cfg))
     return PlanTarget(model, FAMILY.pipeline, ("transformer", *FAMILY.encoders), PAIRS[variant].controls[1],
-                      lambda configs, n: text_tokens(configs["text_encoder"], variant, n))  # fmt: skip
+                      lambda configs, n: text_tokens(configs["text_encoder"], variant, n),
+                      PAIRS[variant].control.resolve(cfg.data).max_pixels)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

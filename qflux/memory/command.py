@@ -63,6 +63,9 @@ class PlanTarget:
     """Control images per sample planned for (the most the model takes)."""
     text_tokens: Callable[[Mapping[str, Mapping[str, Any]], int], int]
     """(configs, controls) → tokens of the prompt embedding."""
+    control_pixels: int | None = None
+    """The run's cap on a control image's area (``data.control_size`` under the model's rule and
+    ``data.control_max_pixels``: :meth:`qflux.data.controls.ControlRule.resolve`); None: the target's."""
 
 
 def model_configs(name: str, target: PlanTarget, folder: Callable[[], Path]) -> tuple[dict[str, dict[str, Any]], str]:
@@ -108,14 +111,16 @@ def resident_encoders(cfg: RecipeConfig, target: PlanTarget, configs: Configs) -
 
 
 def plan_inputs(cfg: RecipeConfig, target: PlanTarget, configs: Configs, controls: int) -> Inputs:
-    """The shapes the run's step holds: the 1:1 bucket of ``data.max_pixels`` for the target and
-    each control image, the batch, the accumulation and the prompt's tokens."""
-    size = square_bucket(cfg.data.max_pixels or DEFAULT_AREA, size_multiple(configs["vae"]))
+    """The shapes the run's step holds: the 1:1 bucket of ``data.max_pixels`` for the target and each
+    control image (of the control cap when smaller), the batch, the accumulation and the prompt's tokens."""
+    area, multiple = cfg.data.max_pixels or DEFAULT_AREA, size_multiple(configs["vae"])
+    size = square_bucket(area, multiple)
+    control = square_bucket(min(area, target.control_pixels or area), multiple)
     return Inputs(
         batch_size=cfg.data.batch_size,
         accumulation=cfg.train.gradient_accumulation_steps,
         target=size,
-        controls=(size,) * controls,
+        controls=(control,) * controls,
         text_tokens=target.text_tokens(configs, controls),
         optimizer=cfg.optimizer.name,
     )
@@ -200,11 +205,12 @@ def _device_gib() -> float:
 
 def _header(cfg: RecipeConfig, target: PlanTarget, source: str, inputs: Inputs) -> str:
     (w, h), n = inputs.target, len(inputs.controls)
+    cw, ch = inputs.controls[0] if inputs.controls else (w, h)
     cached = "from the cache (encoders not loaded)" if cfg.cache.use_cache else "uncached (encoders loaded)"
     return (
         f"{target.pipeline} LoRA training, planned on fake tensors (nothing loaded, no GPU needed)\n"
         f"  shapes   {source}\n"
-        f"  step     {w}×{h} target + {n} control image(s) of {w}×{h}, {inputs.text_tokens} text tokens, "
+        f"  step     {w}×{h} target + {n} control image(s) of {cw}×{ch}, {inputs.text_tokens} text tokens, "
         f"batch {inputs.batch_size} × {inputs.accumulation} accumulated, {cfg.model.dtype}, LoRA rank "
         f"{cfg.model.lora.r}, {cached}"
     )

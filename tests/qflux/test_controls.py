@@ -164,3 +164,18 @@ def test_check_warns_of_a_control_at_another_scale(tmp_path: Path) -> None:
     assert "data.control_size: target" in warning
     assert size_warnings(model) == []
     assert math.isclose(model.control_sizes[0][0] / model.control_sizes[0][1], 4 / 3)
+
+
+def test_qwen_predict_sizes_controls_by_the_training_rule() -> None:
+    from diffusers.image_processor import VaeImageProcessor
+
+    proc, images = VaeImageProcessor(vae_scale_factor=16), [Image.new("RGB", (300, 200)), Image.new("RGB", (90, 160))]
+    rule = control_rule("edit_plus")
+    _, pixels, sizes, out = control_inputs(images, "edit_plus", proc, ControlSizes("target"), (160, 96))
+    assert out == (160, 96) and sizes == [(160, 96)] * 2 and [p.shape[-2:] for p in pixels] == [(96, 160)] * 2
+    _, _, sizes, out = control_inputs(images, "edit_plus", proc, ControlSizes("keep", 100 * 100))
+    assert sizes == [fit_size(300, 200, 100 * 100, 16), fit_size(90, 160, 100 * 100, 16)]
+    assert out == rule.resolve(DataConfig()).own_size((90, 160), None, 16)  # the output: the pipeline's default
+    small = rule.at_inference(DataConfig(max_pixels=128 * 128))
+    _, _, sizes, out = control_inputs(images, "edit_plus", proc, small)
+    assert all(w * h <= 1.1 * 128 * 128 for w, h in sizes) and out == sizes[-1]

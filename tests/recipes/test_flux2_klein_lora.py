@@ -69,6 +69,9 @@ def test_a_trained_lora_predicts_as_the_pipeline_with_two_references(model: Path
     main(["predict", *common, f"--out={tmp_path / 'base.png'}"])
     main(["predict", *common, f"--out={tmp_path / 'lora.png'}", f"--lora={lora}"])
     main(["predict", *common, f"--out={tmp_path / 'comfy.png'}", f"--lora={comfy}"])
+    main(["predict", *common, f"--out={tmp_path / 'target.png'}", "--data.control_size=target", "--height=64",
+          "--width=96"])  # fmt: skip
+    assert Image.open(tmp_path / "target.png").size == (96, 64)
     ours = {k: np.asarray(Image.open(tmp_path / f"{k}.png")) / 255.0 for k in ("base", "lora", "comfy")}
     assert _mad(ours["comfy"], ours["lora"]) <= 1 / 255  # the ComfyUI file reads back to the same LoRA
     pipe = Flux2KleinPipeline.from_pretrained(model, dtype=torch.float32)

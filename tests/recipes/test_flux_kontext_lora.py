@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -150,6 +151,14 @@ def test_predict_cli_with_lora(trained, tmp_path: Path, capsys: pytest.CaptureFi
     from PIL import Image
 
     assert Image.open(edited).size == Image.open(held[0].control).size
+    # another output size: the control takes it (data.control_size: model = target), or keeps its own (keep)
+    sized = {}
+    for rule in ("model", "keep"):
+        sized[rule] = tmp_path / f"{rule}.png"
+        main(["predict", f"--image={held[0].control}", "--prompt=invert the picture", f"--out={sized[rule]}",
+              "--num_inference_steps=2", "--height=48", "--width=80", f"--data.control_size={rule}"])  # fmt: skip
+        assert Image.open(sized[rule]).size == (80, 48)
+    assert not np.array_equal(np.asarray(Image.open(sized["model"])), np.asarray(Image.open(sized["keep"])))
     with pytest.raises(SystemExit) as info:
         main(["predict", "--image=/nonexistent.png", "--prompt=x"])
     assert info.value.code == 2

@@ -124,3 +124,18 @@ def test_plan_without_vram_on_a_machine_without_cuda_asks_for_it(capsys) -> None
 def test_no_warning_before_a_cpu_run(tiny_flux_dir: Path) -> None:
     cfg = load_config(QwenImageEditConfig, None, {})
     assert fit_warning(cfg, qwen_image_edit_lora._plan_target(cfg), tiny_flux_dir, torch.device("cpu")) is None
+
+
+def test_plan_sizes_controls_by_the_control_cap() -> None:
+    """data.control_max_pixels (and a pipeline's own cap under control_size: model) shrinks the planned controls."""
+    for recipe, cls, name in ((flux_kontext_lora, FluxKontextConfig, "black-forest-labs/FLUX.1-Kontext-dev"),
+                              (qwen_image_edit_lora, QwenImageEditConfig, "Qwen/Qwen-Image-Edit")):  # fmt: skip
+        configs = shipped_configs(name)
+        for more, side in (({}, 1024), ({"data.control_max_pixels": 512 * 512}, 512)):
+            cfg = load_config(cls, None, {"data.max_pixels": 1024 * 1024, **more})
+            inputs = plan_inputs(cfg, recipe._plan_target(cfg), configs, 1)
+            assert inputs.target == (1024, 1024) and inputs.controls == ((side, side),)
+    # Qwen's pipeline sizes a control at ~1024² whatever the training area: so does the plan
+    cfg = load_config(QwenImageEditConfig, None, {"data.max_pixels": 2048 * 2048})
+    inputs = plan_inputs(cfg, qwen_image_edit_lora._plan_target(cfg), shipped_configs("Qwen/Qwen-Image-Edit"), 1)
+    assert inputs.target == (2048, 2048) and inputs.controls == ((1024, 1024),)
