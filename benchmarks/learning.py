@@ -295,6 +295,10 @@ ROWS: dict[str, dict[str, dict[str, Any]]] = {
         "shift": {"train.timestep_sampling": "shift"},
         "resolution_shift": {"train.timestep_sampling": "resolution_shift"},
     },
+    "sampler": {  # the candidate default sampler against the default, for runs at other seeds (--set=seed=N)
+        "default": {},
+        "shift": {"train.timestep_sampling": "shift"},
+    },
     "control": {  # the toy's controls share their target's 64×64: a smaller control is what the world can show
         "default": {},
         "control_quarter": {"data.control_max_pixels": 32 * 32},
