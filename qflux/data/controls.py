@@ -5,10 +5,10 @@ factor × 2: :func:`qflux.diffusion.latents.size_multiple`).
 
     target  the control takes its target's size (the target's bucket, or its exact size), scaled to cover
             it and centre-cropped: FLUX.1 Kontext's pipeline gives the output the control's size
-    own     a size of the control's own aspect at the training area (the nearest bucket, or its own size
-            scaled down): Qwen-Image-Edit's pipelines size each control at its own aspect
-    keep    the file's own size, floored to the multiple (never scaled up): FLUX.2 [klein]'s pipeline
-            keeps a reference's size up to its 1024² cap
+    own     a size of the control's own aspect at the training area, by the pipeline's own formula
+            (Qwen-Image-Edit: ``calculate_dimensions``; FLUX.2 [klein]: its own size, shrunk to the area) or,
+            for a rule without one, the nearest bucket of its aspect
+    keep    the file's own size, floored to the multiple (never scaled up)
 
 ``data.control_size: model`` is the family's rule (:class:`ControlRule`); ``data.control_max_pixels``
 then caps a control's area (scaled down, aspect kept) under every rule.
@@ -40,7 +40,7 @@ class ControlSizes:
     """The largest area of a control image; None: no cap of its own."""
     own: OwnSize | None = None
     """The ``own`` rule's size at an area; None: the nearest bucket of its aspect (in buckets), else its own size
-    scaled down to the area (:func:`shrunk`)."""
+    scaled down to the area (:func:`fit_size`)."""
 
     def size(self, source: Size, target: Size, multiple: int, *, area: int | None = None,
              target_source: Size | None = None, bucket: Callable[[Size, int], Size] | None = None) -> Size:  # fmt: skip
@@ -66,15 +66,18 @@ class ControlSizes:
         :meth:`size`, cropped only where that takes another aspect than the image's own (as the pipelines,
         whose resize to a floored size stretches by under a multiple)."""
         size = self.size(source, output, multiple)
-        own = self.own_size(source, None, multiple) if self.sizing == "own" else fit_size(*source, self.max_pixels,
-                                                                                         multiple)  # fmt: skip
-        return size, (None if size == own else crop_box(source, size))
+        if self.sizing == "own":
+            natural = self.own_size(source, None, multiple)
+        else:  # the image's own aspect
+            natural = fit_size(*source, self.max_pixels, multiple)
+        return size, (None if size == natural else crop_box(source, size))
 
     def own_size(self, source: Size, area: int | None, multiple: int) -> Size:
-        """``source``'s ``own`` size at ``area`` (capped at :attr:`max_pixels`): the rule's, or :func:`shrunk`."""
+        """``source``'s ``own`` size at ``area`` (capped at :attr:`max_pixels`): the rule's, or its own size scaled
+        down to the area (:func:`fit_size`)."""
         area = smaller(area, self.max_pixels)
         if self.own is None or area is None:
-            return shrunk(source, area, multiple)
+            return fit_size(*source, area, multiple)
         return self.own(source, area, multiple)
 
 
@@ -102,13 +105,9 @@ class ControlRule:
         """Predict's sizing: training's, where ``own`` is also capped at ``data.max_pixels`` (training's ``own``
         controls are at most the training area), so a LoRA trained at a smaller area predicts at it."""
         sizes = self.resolve(data)
-        return attrs.evolve(sizes, max_pixels=smaller(sizes.max_pixels, data.max_pixels)) if sizes.sizing == "own" \
-            else sizes  # fmt: skip
-
-
-def shrunk(source: Size, area: int | None, multiple: int) -> Size:
-    """``source`` scaled down to at most ``area`` pixels and floored to ``multiple`` (:func:`fit_size`)."""
-    return fit_size(*source, area, multiple)
+        if sizes.sizing != "own":
+            return sizes
+        return attrs.evolve(sizes, max_pixels=smaller(sizes.max_pixels, data.max_pixels))
 
 
 def smaller(a: int | None, b: int | None) -> int | None:
