@@ -289,7 +289,7 @@ def layer_names(transformer: Any, naming: Naming) -> dict[str, list[Target]]:
     return names
 
 
-def _peft_scale(metadata: Mapping[str, str] | None) -> Callable[[str, int], float]:
+def peft_scale(metadata: Mapping[str, str] | None) -> Callable[[str, int], float]:
     """``scale(module, rank)`` from the peft config diffusers writes in a file's metadata
     (α/r, α/√r with rsLoRA, per-module α from ``alpha_pattern``); 1 without one (peft's α = r)."""
     raw = (metadata or {}).get("lora_adapter_metadata")
@@ -348,7 +348,7 @@ def split_lora(
     A fused file module is split into its parts' row blocks; a part keeps only the columns of ``up``
     that are non-zero in its rows (our block-diagonal export: its own rank), and a part whose rows are
     all zero has no update. The scale is the file's: ``.alpha``/rank, else the peft config in the
-    metadata (:func:`_peft_scale`), else 1.
+    metadata (:func:`peft_scale`), else 1.
 
     Args:
         names: :func:`layer_names` of the model.
@@ -362,7 +362,7 @@ def split_lora(
         ValueError: a fused module whose ``up`` does not have the parts' total width.
     """
     kohya = {n.replace(".", "_"): n for n in names}
-    peft_scale = _peft_scale(metadata)
+    scale_of = peft_scale(metadata)
     deltas: dict[str, Delta] = {}
     unknown: list[str] = []
     for key, down in sd.items():
@@ -381,7 +381,7 @@ def split_lora(
             unknown.append(name)
             continue
         rank = down.shape[0]
-        scale = float(alpha) / rank if alpha is not None else peft_scale(name, rank)
+        scale = float(alpha) / rank if alpha is not None else scale_of(name, rank)
         if name in swapped:
             up = _swap_halves(up)
         deltas |= _parts(name, down, up.float() * scale, targets, out_features)

@@ -1,0 +1,68 @@
+"""``python -m qflux.lora VERB``: the LoRA toolbox (a stable command; scripts may call it).
+
+    inspect FILE                               spelling, layers, ranks, targets, each layer's ‖ΔW‖_F
+    resize FILE --rank=R --out=PATH            the best rank-R approximation of every layer (SVD), energy kept
+    extract --base=A --tuned=B --rank=R --out=PATH
+                                               a LoRA of the 2-D weights that differ between two transformers
+    ema CHECKPOINT_DIR... --decay=D --out=PATH  the post-hoc moving average of a run's checkpoints
+
+Every verb that writes takes ``--out``, writes safetensors with metadata saying what made it, and never writes
+over an input. Errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fire
+
+from qflux.config.errors import QfluxError
+from qflux.lora.toolbox import ema_file, extract_file, inspect_lines, resize_file
+
+
+def inspect(file: str) -> None:
+    """Print a LoRA file's spelling, layers, ranks and targets, and each layer's ‖ΔW‖_F."""
+    for line in inspect_lines(file):
+        print(line)
+
+
+def resize(file: str, rank: int, out: str) -> None:
+    """Write ``file`` at rank ``rank`` (every layer's best approximation) to ``out``; print the energy kept."""
+    path, kept = resize_file(file, int(rank), out)
+    worst = min(kept, key=kept.__getitem__)
+    print(f"wrote {path}: rank {rank}, energy kept {min(kept.values()):.4%} (least: {worst}) to "
+          f"{max(kept.values()):.4%} per layer")  # fmt: skip
+
+
+def extract(base: str, tuned: str, rank: int, out: str) -> None:
+    """Write a rank-``rank`` LoRA of what differs between two transformers (safetensors files or folders)."""
+    path, kept = extract_file(base, tuned, int(rank), out)
+    print(f"wrote {path}: {len(kept)} layers at rank {rank}, energy kept {min(kept.values()):.4%} at least")
+
+
+def ema(*checkpoints: str, decay: float, out: str) -> None:
+    """Write the post-hoc moving average (decay ``decay`` per step) of the checkpoints' LoRA files."""
+    if not checkpoints:
+        raise QfluxError("ema takes the checkpoint-<step> folders to average, then --decay and --out")
+    path = ema_file(checkpoints, float(decay), out)
+    print(f"wrote {path}: the moving average of {len(checkpoints)} checkpoints, decay {decay}")
+
+
+VERBS = {"inspect": inspect, "resize": resize, "extract": extract, "ema": ema}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one verb; a :class:`QfluxError` prints ``error: ...`` and exits 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in VERBS:
+        print(__doc__, file=sys.stderr if args else sys.stdout)
+        raise SystemExit(2 if args else 0)
+    try:
+        fire.Fire(VERBS, command=args, name="qflux.lora")
+    except QfluxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
