@@ -5,6 +5,9 @@
     extract --base=A --tuned=B --rank=R --out=PATH
                                                a LoRA of the 2-D weights that differ between two transformers
     ema CHECKPOINT_DIR... --decay=D --out=PATH  the post-hoc moving average of a run's checkpoints
+    convert FILE --to=diffusers|comfyui --family=F --model=M --out=PATH
+                                               diffusers or ComfyUI names, for the model M (a diffusers folder,
+                                               or a hub id whose shapes qflux ships) of family F
 
 Every verb that writes takes ``--out``, writes safetensors with metadata saying what made it, and never writes
 over an input. Errors print one line and exit 2.
@@ -12,12 +15,16 @@ over an input. Errors print one line and exit 2.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import fire
+import torch
 
 from qflux.config.errors import QfluxError
-from qflux.lora.toolbox import ema_file, extract_file, inspect_lines, resize_file
+from qflux.lora.toolbox import convert_file, ema_file, extract_file, inspect_lines, resize_file
 
 
 def inspect(file: str) -> None:
@@ -48,7 +55,43 @@ def ema(*checkpoints: str, decay: float, out: str) -> None:
     print(f"wrote {path}: the moving average of {len(checkpoints)} checkpoints, decay {decay}")
 
 
-VERBS = {"inspect": inspect, "resize": resize, "extract": extract, "ema": ema}
+def convert(file: str, to: str, family: str, model: str, out: str) -> None:
+    """Write ``file`` in diffusers or ComfyUI names for ``model`` (family ``family``: its ComfyUI names)."""
+    transformer, naming = model_on_meta(family, model)
+    path = convert_file(file, to, transformer, naming, out)  # type: ignore[arg-type]
+    print(f"wrote {path}: {to} names for {model}")
+
+
+def model_on_meta(family: str, model: str) -> tuple[Any, str]:
+    """The transformer of ``model`` (a diffusers folder or its transformer folder, or a hub id whose shapes qflux
+    ships) built on the meta device (names and widths, no memory), and the ComfyUI naming of ``family``."""
+    # deferred: the families (and diffusers) are heavy imports, and only convert names a model
+    import diffusers
+
+    from qflux.models import FAMILIES
+    from qflux.weights.shapes import published
+
+    if family not in FAMILIES:
+        raise QfluxError(f"--family takes one of {', '.join(FAMILIES)}; got {family!r}")
+    folder = Path(model)
+    found = [f / "config.json" for f in (folder / "transformer", folder) if (f / "config.json").is_file()]
+    shipped = published(model)
+    if found:
+        config = json.loads(found[0].read_text(encoding="utf-8"))
+    elif shipped is not None and "transformer" in shipped:
+        config = shipped["transformer"]
+    else:
+        raise QfluxError(f"--model '{model}' is neither a diffusers folder (transformer/config.json) nor a hub id "
+                         "whose shapes qflux ships")  # fmt: skip
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if cls is None:
+        raise QfluxError(f"--model '{model}': its transformer config names no diffusers class it knows")
+    with torch.device("meta"):
+        transformer = cls.from_config(config)
+    return transformer, FAMILIES[family].naming
+
+
+VERBS = {"inspect": inspect, "resize": resize, "extract": extract, "ema": ema, "convert": convert}
 
 
 def main(argv: list[str] | None = None) -> None:

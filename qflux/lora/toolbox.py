@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qflux.config.errors import QfluxError
-from qflux.lora.formats import peft_scale
+from qflux.lora.formats import NAMINGS, Naming, layer_names, module_out_features, peft_scale, split_lora, to_comfyui
 from qflux.lora.kinds import read_adapter_file
 from qflux.lora.tools import Pair, delta_norm, extract, post_hoc_ema, resize
 
@@ -198,6 +198,44 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(f), "pt") as handle:
             out |= {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     return out
+
+
+def convert_file(path: str | Path, to: Literal["diffusers", "comfyui"], transformer: Any, naming: Naming,
+                 out: str | Path) -> Path:  # fmt: skip
+    """``path`` (any spelling) in diffusers names (``transformer.<module>.lora_A/B.weight``, scale 1: diffusers
+    gives each layer α = r) or ComfyUI's native ones (:func:`qflux.lora.formats.to_comfyui`: fused layers, ``.alpha``),
+    for ``transformer`` (any device: only its module names and widths are read).
+
+    Raises:
+        QfluxError: not a LoRA, or one that adapts modules the model lacks (another model), or ``to`` unknown.
+    """
+    if to not in ("diffusers", "comfyui"):
+        raise QfluxError(f"--to takes diffusers or comfyui; got {to!r}")
+    lora = read_lora_file(path)
+    down, up = SPELLINGS[lora.spelling]
+    sd = {k: t for stem, (a, b) in lora.layers.items() for k, t in ((stem + down, a), (stem + up, b))}
+    widths = module_out_features(transformer)
+    try:
+        deltas, unknown = split_lora(sd, None, layer_names(transformer, naming), widths, NAMINGS[naming].swapped)
+    except ValueError as e:
+        raise QfluxError(f"'{path}' does not fit the model: {e}") from None
+    if unknown:
+        raise QfluxError(f"'{path}' adapts {len(unknown)} module(s) the model does not have (first: {unknown[0]}): "
+                         "it was trained for another model; give --model= the model it was trained on")  # fmt: skip
+    diffusers = {}
+    for module, (a, b) in deltas.items():
+        diffusers[f"transformer.{module}.lora_A.weight"], diffusers[f"transformer.{module}.lora_B.weight"] = a, b
+    made = {"verb": "convert", "input": Path(path).name, "to": to}
+    if to == "diffusers":
+        return write_lora_file(LoraFile(_layers(diffusers, "diffusers"), "diffusers", {}), out, [path], made)
+    comfy = to_comfyui(diffusers, scale=1.0, out_features=widths, naming=naming)
+    return write_lora_file(LoraFile(_layers(comfy, "comfyui"), "comfyui", {}), out, [path], made)
+
+
+def _layers(sd: Mapping[str, torch.Tensor], spelling: Spelling) -> dict[str, Pair]:
+    """{stem: (A, B)} of a state dict in ``spelling`` whose scale is 1."""
+    down, up = SPELLINGS[spelling]
+    return {k.removesuffix(down): (v, sd[k.removesuffix(down) + up]) for k, v in sd.items() if k.endswith(down)}
 
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")

@@ -171,3 +171,24 @@ def test_inspect_and_the_refusals(run: Path, tmp_path: Path, capsys) -> None:
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_convert_round_trips_bit_for_bit_and_matches_the_runs_comfyui_file(
+    run: Path, tiny_flux_dir: Path, tmp_path: Path
+) -> None:
+    model = ["--family=flux_kontext", f"--model={tiny_flux_dir}"]
+    files = {n: tmp_path / f"{n}.safetensors" for n in ("c1", "d1", "c2", "d2")}
+    main(["convert", str(run / LORA_WEIGHT_NAME), "--to=comfyui", *model, f"--out={files['c1']}"])
+    main(["convert", str(files["c1"]), "--to=diffusers", *model, f"--out={files['d1']}"])
+    main(["convert", str(files["d1"]), "--to=comfyui", *model, f"--out={files['c2']}"])
+    main(["convert", str(files["c2"]), "--to=diffusers", *model, f"--out={files['d2']}"])
+    for a, b in (("c1", "c2"), ("d1", "d2")):
+        x, y = load_file(files[a]), load_file(files[b])
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    # the same updates as the run's own ComfyUI file, every fused layer included
+    ours, theirs = _deltas(run / "pytorch_lora_weights_comfyui.safetensors"), _deltas(files["c1"])
+    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+    with pytest.raises(SystemExit) as info:
+        main(["convert", str(run / LORA_WEIGHT_NAME), "--to=comfyui", "--family=sdxl", f"--model={tiny_flux_dir}",
+              f"--out={tmp_path / 'x.safetensors'}"])  # fmt: skip
+    assert info.value.code == 2
