@@ -1,6 +1,7 @@
 """``python -m qflux.lora VERB``: the LoRA toolbox (a stable command; scripts may call it).
 
-    inspect FILE                               spelling, layers, ranks, targets, each layer's ‖ΔW‖_F
+    inspect FILE [--family=F --model=M]        spelling, layers, ranks, targets, each layer's ‖ΔW‖_F; which layers
+                                               qflux, ComfyUI and diffusers apply to the model, which they drop
     resize FILE --rank=R --out=PATH            the best rank-R approximation of every layer (SVD), energy kept
     extract --base=A --tuned=B --rank=R --out=PATH
                                                a LoRA of the 2-D weights that differ between two transformers
@@ -24,13 +25,20 @@ import fire
 import torch
 
 from qflux.config.errors import QfluxError
-from qflux.lora.toolbox import convert_file, ema_file, extract_file, inspect_lines, resize_file
+from qflux.lora.toolbox import convert_file, ema_file, extract_file, inspect_lines, loader_lines, resize_file
 
 
-def inspect(file: str) -> None:
-    """Print a LoRA file's spelling, layers, ranks and targets, and each layer's ‖ΔW‖_F."""
+def inspect(file: str, family: str | None = None, model: str | None = None) -> None:
+    """Print a LoRA file's spelling, layers, ranks and targets, and each layer's ‖ΔW‖_F; with ``--family`` and
+    ``--model``, which layers qflux, ComfyUI and diffusers apply to that model and which they drop."""
     for line in inspect_lines(file):
         print(line)
+    if (family is None) != (model is None):
+        raise QfluxError("inspect's loader report takes both --family and --model (a diffusers folder or hub id)")
+    if family is not None and model is not None:
+        print(f"on {model}:")
+        for line in loader_lines(file, *model_on_meta(family, model)):
+            print("  " + line)
 
 
 def resize(file: str, rank: int, out: str) -> None:

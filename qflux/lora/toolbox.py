@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qflux.config.errors import QfluxError
+from qflux.lora.comfyui_keys import key_map
 from qflux.lora.formats import NAMINGS, Naming, layer_names, module_out_features, peft_scale, split_lora, to_comfyui
 from qflux.lora.kinds import read_adapter_file
 from qflux.lora.tools import Pair, delta_norm, extract, post_hoc_ema, resize
@@ -136,6 +137,41 @@ def inspect_lines(path: str | Path) -> list[str]:
     ]
     lines += [f"  {stem}  {delta_norm(a, b):.6g}" for stem, (a, b) in lora.layers.items()]
     return lines
+
+
+def loader_lines(path: str | Path, transformer: Any, naming: Naming) -> list[str]:
+    """What each loader makes of the file on ``transformer`` (names and widths only: it may sit on the meta device):
+    the key stems qflux's reader places, those ComfyUI's ``LoraLoaderModelOnly`` applies
+    (:func:`qflux.lora.comfyui_keys.key_map`, read at ComfyUI's source) and those diffusers' ``load_lora_weights``
+    applies (its own names; ComfyUI and kohya names go through its converter, which is not run here); each with the
+    stems it drops."""
+    lora = read_lora_file(path)
+    down, up = SPELLINGS[lora.spelling]
+    sd = {k: t for stem, (a, b) in lora.layers.items() for k, t in ((stem + down, a), (stem + up, b))}
+    _, unknown = split_lora(sd, None, layer_names(transformer, naming), module_out_features(transformer),
+                            NAMINGS[naming].swapped)  # fmt: skip
+    stems = list(lora.layers)
+    comfy = key_map(transformer, naming)
+    linear = {p for p, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def line(loader: str, dropped: Sequence[str]) -> str:
+        named = f": {', '.join(dropped[:3])}{', …' if len(dropped) > 3 else ''}" if dropped else ""
+        return f"{loader:<31}applies {len(stems) - len(dropped)} of {len(stems)} layers, drops {len(dropped)}{named}"
+
+    out = [line("qflux (predict --lora)", [s for s in stems if _strip(s) in unknown]),
+           line("ComfyUI (LoraLoaderModelOnly)", [s for s in stems if s not in comfy])]  # fmt: skip
+    if lora.spelling == "diffusers":
+        out.append(line("diffusers (load_lora_weights)", [s for s in stems if _module(s) not in linear]))
+    else:
+        out.append(f"{'diffusers (load_lora_weights)':<31}converts {lora.spelling} names with its own converter "
+                   "(not run here)")  # fmt: skip
+    return out
+
+
+def _strip(stem: str) -> str:
+    """A key stem as qflux's reader names its module (prefix dropped; kohya's underscores kept)."""
+    return next((stem.removeprefix(p) for p in ("transformer.", "diffusion_model.") if stem.startswith(p)),
+                stem.removeprefix("lora_unet_"))  # fmt: skip
 
 
 def _target(stem: str) -> str:

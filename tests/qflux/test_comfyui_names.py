@@ -1,5 +1,5 @@
 """Every file qflux writes, for every family and adapter kind, against the LoRA key names ComfyUI's own key map
-accepts (read at its source, tests/data/comfyui_lora_keys.json): the ComfyUI file loads whole, every layer's
+accepts (read at its source, qflux/lora/comfyui_lora_keys.json): the ComfyUI file loads whole, every layer's
 update as ComfyUI's weight adapters apply it equal to peft's; the diffusers-format file loses in ComfyUI exactly
 the layers (and the α/r) the end block names. The adapters target every linear layer."""
 
@@ -22,12 +22,12 @@ from qflux.lora.adapter import (
     save_lora,
     save_lora_comfyui,
 )
+from qflux.lora.comfyui_keys import key_map, patched
 from qflux.lora.formats import NAMINGS, comfy_target
 from qflux.lora.kinds import comfy_drops, module_of
 from qflux.models.flux2_klein.tiny import build_flux2_klein
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.summary import comfyui_note
-from tests.comfyui_keys import key_map, patched
 
 FAMILIES = {"flux": FluxTransformer2DModel, "qwen": QwenImageTransformer2DModel, "flux2": Flux2Transformer2DModel}
 KINDS = ["lora", "dora", "lokr", "loha"]

@@ -192,3 +192,20 @@ def test_convert_round_trips_bit_for_bit_and_matches_the_runs_comfyui_file(
         main(["convert", str(run / LORA_WEIGHT_NAME), "--to=comfyui", "--family=sdxl", f"--model={tiny_flux_dir}",
               f"--out={tmp_path / 'x.safetensors'}"])  # fmt: skip
     assert info.value.code == 2
+
+
+def test_inspect_reports_what_each_loader_applies_and_names_a_mistyped_key(
+    run: Path, tiny_flux_dir: Path, tmp_path: Path, capsys
+) -> None:
+    model = ["--family=flux_kontext", f"--model={tiny_flux_dir}"]
+    for name in (LORA_WEIGHT_NAME, "pytorch_lora_weights_comfyui.safetensors"):
+        main(["inspect", str(run / name), *model])
+        out = capsys.readouterr().out
+        assert out.count("drops 0") == (3 if name == LORA_WEIGHT_NAME else 2), out
+    sd = load_file(run / LORA_WEIGHT_NAME)
+    typo = {k.replace("transformer.transformer_blocks.0.attn.to_q.", "transformer.transformer_blocks.0.attn.to_qq."): v
+            for k, v in sd.items()}  # fmt: skip
+    save_file(typo, str(tmp_path / "typo.safetensors"), metadata=load_metadata(run / LORA_WEIGHT_NAME))
+    main(["inspect", str(tmp_path / "typo.safetensors"), *model])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "drops 1: " in line]
+    assert len(lines) == 3 and all("transformer.transformer_blocks.0.attn.to_qq" in line for line in lines)

@@ -1,5 +1,8 @@
-"""ComfyUI's LoRA key map for a model, from the names read at ComfyUI's source (tests/data/comfyui_lora_keys.json),
-and the weight update its loaders apply: what ``LoraLoaderModelOnly`` would patch from a file qflux wrote."""
+"""ComfyUI's LoRA key map for a model, from the names read at ComfyUI's source (``comfyui_lora_keys.json`` beside this
+module: ComfyUI is not on PyPI), and the weight update its loaders apply: what ``LoraLoaderModelOnly`` would patch
+from a LoRA file (``python -m qflux.lora inspect`` reports it; the tests check every file qflux writes against it).
+
+``family`` below is ComfyUI's model kind: "flux" (FLUX.1), "flux2" (FLUX.2) or "qwen" (Qwen-Image)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-DATA = json.loads((Path(__file__).parent / "data" / "comfyui_lora_keys.json").read_text(encoding="utf-8"))
+DATA = json.loads((Path(__file__).parent / "comfyui_lora_keys.json").read_text(encoding="utf-8"))
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
@@ -78,7 +81,7 @@ def split_key(key: str) -> tuple[str, str]:
     for leaf in sorted(leaves, key=len, reverse=True):
         if key.endswith("." + leaf):
             return key[: -len(leaf) - 1], leaf
-    raise AssertionError(f"'{key}' holds a tensor ComfyUI's loaders do not read")
+    raise ValueError(f"'{key}' holds a tensor ComfyUI's loaders do not read")
 
 
 def stems(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -107,7 +110,8 @@ def delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return scale * torch.kron(w1, w2)
     up = parts.get("lora_up.weight", parts.get("lora_B.weight"))
     down = parts.get("lora_down.weight", parts.get("lora_A.weight"))
-    assert up is not None and down is not None, sorted(parts)
+    if up is None or down is None:
+        raise ValueError(f"a LoRA layer without its up and down tensors: {sorted(parts)}")
     scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
     return scale * up.float() @ down.float()
 
