@@ -9,6 +9,8 @@
     convert FILE --to=diffusers|comfyui --family=F --model=M --out=PATH
                                                diffusers or ComfyUI names, for the model M (a diffusers folder,
                                                or a hub id whose shapes qflux ships) of family F
+    merge FILE --into=FOLDER --family=F --out=PATH [--dtype=bfloat16]
+                                               the transformer with the LoRA baked in, one safetensors file
 
 Every verb that writes takes ``--out``, writes safetensors with metadata saying what made it, and never writes
 over an input. Errors print one line and exit 2.
@@ -25,7 +27,15 @@ import fire
 import torch
 
 from qflux.config.errors import QfluxError
-from qflux.lora.toolbox import convert_file, ema_file, extract_file, inspect_lines, loader_lines, resize_file
+from qflux.lora.toolbox import (
+    convert_file,
+    ema_file,
+    extract_file,
+    inspect_lines,
+    loader_lines,
+    merge_file,
+    resize_file,
+)
 
 
 def inspect(file: str, family: str | None = None, model: str | None = None) -> None:
@@ -99,7 +109,20 @@ def model_on_meta(family: str, model: str) -> tuple[Any, str]:
     return transformer, FAMILIES[family].naming
 
 
-VERBS = {"inspect": inspect, "resize": resize, "extract": extract, "ema": ema, "convert": convert}
+def merge(file: str, into: str, family: str, out: str, dtype: str = "bfloat16") -> None:
+    """Bake ``file`` into the transformer of the diffusers folder ``into`` (family ``family``) as one safetensors
+    file in ``dtype`` (bfloat16, float16 or float32)."""
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise QfluxError(f"--dtype takes one of {', '.join(dtypes)}; got {dtype!r}")
+    if not Path(into).is_dir():
+        raise QfluxError(f"--into '{into}' is not a folder; give the diffusers model folder (or its transformer/)")
+    path, layers = merge_file(file, into, *model_on_meta(family, into), out, dtypes[dtype])
+    print(f"wrote {path}: {layers} layers merged, {dtype}; load it with <Transformer>.from_single_file('{path}', "
+          f"config='{into}', subfolder='transformer')")  # fmt: skip
+
+
+VERBS = {"inspect": inspect, "resize": resize, "extract": extract, "ema": ema, "convert": convert, "merge": merge}
 
 
 def main(argv: list[str] | None = None) -> None:

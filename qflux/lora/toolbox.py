@@ -247,6 +247,54 @@ def convert_file(path: str | Path, to: Literal["diffusers", "comfyui"], transfor
     """
     if to not in ("diffusers", "comfyui"):
         raise QfluxError(f"--to takes diffusers or comfyui; got {to!r}")
+    deltas = _model_deltas(path, transformer, naming)
+    widths = module_out_features(transformer)
+    diffusers = {}
+    for module, (a, b) in deltas.items():
+        diffusers[f"transformer.{module}.lora_A.weight"], diffusers[f"transformer.{module}.lora_B.weight"] = a, b
+    made = {"verb": "convert", "input": Path(path).name, "to": to}
+    if to == "diffusers":
+        return write_lora_file(LoraFile(_layers(diffusers, "diffusers"), "diffusers", {}), out, [path], made)
+    comfy = to_comfyui(diffusers, scale=1.0, out_features=widths, naming=naming)
+    return write_lora_file(LoraFile(_layers(comfy, "comfyui"), "comfyui", {}), out, [path], made)
+
+
+def merge_file(path: str | Path, model: str | Path, transformer: Any, naming: Naming, out: str | Path,
+               dtype: torch.dtype = torch.bfloat16) -> tuple[Path, int]:  # fmt: skip
+    """The transformer of ``model`` (a diffusers folder, or its transformer folder) with the LoRA baked in,
+    W ← W + ΔW for each adapted layer (computed in float32), as one safetensors file of diffusers names in ``dtype``
+    (``from_single_file`` loads it with the folder's config); returns the file and the number of layers changed.
+
+    Args:
+        transformer: ``model``'s transformer, any device (its names and widths map the file's layers).
+
+    Raises:
+        QfluxError: not a LoRA, a LoRA of another model, or a folder without the transformer's weights.
+    """
+    folder = Path(model)
+    folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    weights = read_weights(folder)
+    deltas = _model_deltas(path, transformer, naming)
+    missing = [m for m in deltas if f"{m}.weight" not in weights]
+    if missing:
+        raise QfluxError(f"'{folder}' has no weight {missing[0]}.weight: not the model '{path}' adapts")
+    merged = dict(weights)
+    for module, (a, b) in deltas.items():
+        w = weights[f"{module}.weight"]
+        merged[f"{module}.weight"] = w.float() + b.float() @ a.float()  # W + B·A
+    target = _output(out, [path, *sorted(folder.glob("*.safetensors"))])
+    made = {"verb": "merge", "lora": Path(path).name, "model": str(model), "dtype": str(dtype).removeprefix("torch.")}
+    save_file({k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in merged.items()},
+              str(target), metadata={"format": "pt", TOOL_KEY: json.dumps(made)})  # fmt: skip
+    return target, len(deltas)
+
+
+def _model_deltas(path: str | Path, transformer: Any, naming: Naming) -> dict[str, Pair]:
+    """{diffusers module: (A, B)} of a LoRA file of any spelling on ``transformer`` (fused layers split).
+
+    Raises:
+        QfluxError: the file adapts modules the model lacks, or does not fit its widths.
+    """
     lora = read_lora_file(path)
     down, up = SPELLINGS[lora.spelling]
     sd = {k: t for stem, (a, b) in lora.layers.items() for k, t in ((stem + down, a), (stem + up, b))}
@@ -258,14 +306,7 @@ def convert_file(path: str | Path, to: Literal["diffusers", "comfyui"], transfor
     if unknown:
         raise QfluxError(f"'{path}' adapts {len(unknown)} module(s) the model does not have (first: {unknown[0]}): "
                          "it was trained for another model; give --model= the model it was trained on")  # fmt: skip
-    diffusers = {}
-    for module, (a, b) in deltas.items():
-        diffusers[f"transformer.{module}.lora_A.weight"], diffusers[f"transformer.{module}.lora_B.weight"] = a, b
-    made = {"verb": "convert", "input": Path(path).name, "to": to}
-    if to == "diffusers":
-        return write_lora_file(LoraFile(_layers(diffusers, "diffusers"), "diffusers", {}), out, [path], made)
-    comfy = to_comfyui(diffusers, scale=1.0, out_features=widths, naming=naming)
-    return write_lora_file(LoraFile(_layers(comfy, "comfyui"), "comfyui", {}), out, [path], made)
+    return deltas
 
 
 def _layers(sd: Mapping[str, torch.Tensor], spelling: Spelling) -> dict[str, Pair]:

@@ -7,6 +7,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
@@ -209,3 +210,31 @@ def test_inspect_reports_what_each_loader_applies_and_names_a_mistyped_key(
     main(["inspect", str(tmp_path / "typo.safetensors"), *model])
     lines = [line for line in capsys.readouterr().out.splitlines() if "drops 1: " in line]
     assert len(lines) == 3 and all("transformer.transformer_blocks.0.attn.to_qq" in line for line in lines)
+
+
+def test_merge_bakes_the_lora_in_and_the_pipeline_loads_the_file(
+    run: Path, tiny_flux_dir: Path, tmp_path: Path
+) -> None:
+    """The ComfyUI file (fused layers) merged into the tiny model: FluxKontextPipeline with the merged transformer
+    edits as the pipeline with the LoRA loaded (float32: 1e-5; bfloat16: within its rounding)."""
+    from PIL import Image
+
+    control = Image.new("RGB", (32, 32), (200, 40, 90))
+
+    def edit(pipe) -> np.ndarray:  # type: ignore[no-untyped-def]
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator("cpu").manual_seed(0)
+        return pipe(image=control, prompt="invert", num_inference_steps=2, guidance_scale=2.5, generator=gen,
+                    output_type="np", _auto_resize=False, max_sequence_length=8).images[0]  # fmt: skip
+
+    pipe = FluxKontextPipeline.from_pretrained(tiny_flux_dir, torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(run), weight_name=LORA_WEIGHT_NAME)
+    with_lora = edit(pipe)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):  # measured 1.5e-6 and 2.5e-3; the LoRA moves 4.6e-2
+        out = tmp_path / f"merged_{dtype}.safetensors"
+        main(["merge", str(run / "pytorch_lora_weights_comfyui.safetensors"), f"--into={tiny_flux_dir}",
+              "--family=flux_kontext", f"--out={out}", f"--dtype={dtype}"])  # fmt: skip
+        merged = FluxTransformer2DModel.from_single_file(str(out), config=str(tiny_flux_dir), subfolder="transformer",
+                                                         torch_dtype=torch.float32)  # fmt: skip
+        got = edit(FluxKontextPipeline.from_pretrained(tiny_flux_dir, transformer=merged, torch_dtype=torch.float32))
+        assert np.abs(got - with_lora).max() <= tol, (dtype, np.abs(got - with_lora).max())
