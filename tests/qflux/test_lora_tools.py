@@ -168,6 +168,19 @@ def test_inspect_and_the_refusals(run: Path, tmp_path: Path, capsys) -> None:
         (["resize", str(run / LORA_WEIGHT_NAME), "--rank=2", f"--out={run / LORA_WEIGHT_NAME}"], "never replaced"),
         (["ema", str(run), "--decay=0.9", f"--out={tmp_path / 'e.safetensors'}"], "not a checkpoint-<step> folder"),
         (["ema", str(run / "checkpoint-1"), "--decay=1.5", f"--out={tmp_path / 'e.safetensors'}"], "in [0, 1)"),
+        (
+            [
+                "convert",
+                str(run / LORA_WEIGHT_NAME),
+                "--to=comfyui",
+                "--family=flux_kontext",
+                f"--model={tmp_path}",
+                f"--out={tmp_path / 'c.safetensors'}",
+            ],
+            "neither a diffusers folder",
+        ),
+        (["inspect", str(run / LORA_WEIGHT_NAME), "--family=flux_kontext"], "both --family and --model"),
+        (["frobnicate"], ""),
     ]:
         with pytest.raises(SystemExit) as info:
             main(argv)
