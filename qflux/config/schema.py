@@ -55,6 +55,10 @@ class ModelSection:
     output channel, computed in bf16; pip install 'qflux[fp8]'), 'nf4' / 'fp4' (bitsandbytes 4-bit,
     blocks of 64; pip install 'qflux[4bit]'). The LoRA stays fp32 and saves in the same format
     (docs/flux_kontext_configuration_guide.md)."""
+    transformer_file: str | None = None
+    """A single .safetensors file (diffusers or the original BFL / Qwen names, as ``from_single_file`` reads them)
+    that replaces the folder's transformer weights; the folder still gives its config and every other component.
+    null: the folder's own transformer."""
     quantize_text_encoders: bool = False
     """Also store the text encoders' linear weights as model.quantize says, wherever they load:
     the cache command, training without the cache, and predict."""

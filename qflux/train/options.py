@@ -27,10 +27,12 @@ def preview_options(
 
 
 def load_options(cfg: RecipeConfig, run: Run | None = None) -> dict[str, Any]:
-    """A family loader's keyword arguments: ``model.dtype``, each component's device (:func:`placements`)
-    and storage (``model.quantize``, ``model.quantize_text_encoders``)."""
+    """A family loader's keyword arguments: ``model.dtype``, each component's device (:func:`placements`),
+    storage (``model.quantize``, ``model.quantize_text_encoders``) and single file (``model.transformer_file``)."""
     quantize = storage_by_component(cfg.model)
-    return {"weight_dtype": torch_dtype(cfg.model.dtype), "devices": placements(cfg, run), "quantize": quantize}
+    files = {} if cfg.model.transformer_file is None else {"transformer": cfg.model.transformer_file}
+    return {"weight_dtype": torch_dtype(cfg.model.dtype), "devices": placements(cfg, run), "quantize": quantize,
+            "files": files}  # fmt: skip
 
 
 def plan_options(cfg: RecipeConfig) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 import torch
+from safetensors import safe_open
 
 from qflux.config.errors import QfluxError
 from qflux.weights.folders import resolve_model_dir
@@ -56,10 +57,13 @@ def load_component(
     *,
     pipeline: str,
     quantize: str = "none",
+    file: str | Path | None = None,
 ) -> Any:
     """``cls.from_pretrained(folder, subfolder=..., dtype=...)``, frozen on ``device``.
 
     Args:
+        file: a single safetensors file of the component's weights (:func:`single_file`), the folder giving its
+            config.
         quantize: store the frozen linears as none / fp8 / nf4 / fp4 (:mod:`qflux.weights.quantize`); done
             on the CPU before the move, so the device never holds the full-precision weights. A
             pre-quantized checkpoint (bitsandbytes 4-bit, or fp8 with scales) loads as it is stored.
@@ -67,6 +71,10 @@ def load_component(
 
     path = component_folder(model_path, subfolder, pipeline=pipeline)
     folder = path / subfolder
+    if file is not None:
+        module = single_file(cls, Path(file), path, subfolder, weight_dtype)
+        quantize_frozen(module, quantize, compute_dtype=weight_dtype)
+        return frozen(module, device)
     try:
         kind = prequantized_kind(folder)
         if kind is not None and not hasattr(cls, "load_config"):
@@ -83,6 +91,53 @@ def load_component(
     except (OSError, ValueError, KeyError) as e:
         raise QfluxError(f"could not load {subfolder} from '{folder}': {e}") from None
     return frozen(module, device)
+
+
+def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: torch.dtype) -> Any:
+    """``cls.from_single_file(file, config=path, subfolder=subfolder)`` in ``weight_dtype``, frozen: the weights of a
+    single safetensors file (diffusers names, or the original ones diffusers converts), the config of the folder.
+
+    Raises:
+        QfluxError: a missing file, a GGUF file, or a diffusers-named file whose tensors do not match the config
+            (the first mismatched tensor named), or one diffusers cannot read.
+    """
+    if not file.is_file():
+        raise QfluxError(f"model.transformer_file '{file}' does not exist; give a .safetensors file of the {subfolder}")
+    if file.suffix.lower() == ".gguf":
+        raise QfluxError(f"model.transformer_file '{file}' is GGUF, which qflux does not read yet; give a .safetensors "
+                         "file (bf16, or fp8 e4m3fn, which loads through model.dtype)")  # fmt: skip
+    _check_shapes(cls, file, path / subfolder)
+    try:
+        module = cls.from_single_file(str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise QfluxError(
+            f"could not load model.transformer_file '{file}' as the {subfolder} of '{path}': {e}"
+        ) from None
+    module.requires_grad_(False)
+    return module
+
+
+def _check_shapes(cls: Any, file: Path, folder: Path) -> None:
+    """Refuse a file in the model's own (diffusers) names whose tensors the folder's config does not have, naming
+    the first; a file in other names is left to diffusers' converter."""
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(file), "pt") as f:
+        keys = list(f.keys())
+        if not keys or not set(keys) <= set(want):  # not diffusers names: diffusers converts them
+            return
+        for k in keys:
+            got = tuple(f.get_slice(k).get_shape())
+            if got != want[k]:
+                raise QfluxError(
+                    f"model.transformer_file '{file}': {k} is {list(got)}, the config at '{folder}' makes it "
+                    f"{list(want[k])}; the file is of another model (or size) than the folder"
+                )
+    missing = sorted(set(want) - set(keys))
+    if missing:
+        raise QfluxError(f"model.transformer_file '{file}' lacks {len(missing)} tensor(s) the config at '{folder}' "
+                         f"makes (first: {missing[0]})")  # fmt: skip
 
 
 Table = Mapping[str, Any]
@@ -130,10 +185,12 @@ class ModelFiles(Generic[M]):
         include: Sequence[str] | None = None,
         devices: Mapping[str, str | torch.device] | None = None,
         quantize: Mapping[str, str] | None = None,
+        files: Mapping[str, str | Path] | None = None,
     ) -> M:
         """The components a job needs, as the model's record: the weights named in ``include``
         (default all; the others None) placed on ``devices[name]`` (default cpu) and quantized as
-        ``quantize[name]`` (default none), and every tokenizer, processor and scheduler (they are small).
+        ``quantize[name]`` (default none), a weight component from the single file ``files[name]`` where given
+        (:func:`load_component`), and every tokenizer, processor and scheduler (they are small).
 
         Raises:
             QfluxError: the folder lacks a component or one does not load (:func:`load_part`).
@@ -145,9 +202,8 @@ class ModelFiles(Generic[M]):
         place, plan = devices or {}, quantize or {}
         out: dict[str, Any] = {name: None for name in table}
         for name in [*weights, *light]:
-            out[name] = load_part(
-                self, path, name, weight_dtype, place.get(name, "cpu"), quantize=plan.get(name, "none")
-            )
+            out[name] = load_part(self, path, name, weight_dtype, place.get(name, "cpu"),
+                                  quantize=plan.get(name, "none"), file=(files or {}).get(name))  # fmt: skip
         return self.record(**out)
 
 
@@ -164,16 +220,18 @@ def load_part(
     device: str | torch.device = "cpu",
     *,
     quantize: str = "none",
+    file: str | Path | None = None,
 ) -> Any:
     """Component ``name`` of a model folder: weights frozen in ``weight_dtype`` on ``device``
-    (:func:`load_component`), or a tokenizer, processor or scheduler.
+    (:func:`load_component`, from the single ``file`` when given), or a tokenizer, processor or scheduler.
 
     Raises:
         QfluxError: the folder lacks the component or it does not load (one sentence naming it).
     """
     how: Any = files.table()[name]
     if _is_weights(how):
-        return load_component(how, model_path, name, weight_dtype, device, pipeline=files.pipeline, quantize=quantize)
+        return load_component(how, model_path, name, weight_dtype, device, pipeline=files.pipeline, quantize=quantize,
+                              file=file)  # fmt: skip
     folder = component_folder(model_path, name, pipeline=files.pipeline) / name
     try:
         load = getattr(how, "from_pretrained", how)  # a class's constructor from a folder, or a function

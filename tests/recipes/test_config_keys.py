@@ -48,6 +48,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "model.dtype": ("bfloat16", {}),
     "model.max_sequence_length": (4, {}),
     "model.quantize": ("fp8", {}),
+    "model.transformer_file": ("{other_model}/transformer/diffusion_pytorch_model.safetensors", {}),
     "model.quantize_text_encoders": (True, {"model.quantize": "fp8"}),  # fp8: every width (4 bits: test_quantize)
     "model.lora.kind": ("lokr", {}),
     "model.lora.r": (4, {}),
@@ -141,6 +142,7 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
 # The Qwen-Image-Edit recipe: its schema is FLUX's without the FLUX-only keys, plus model.variant.
 QWEN_ALTERNATIVES = {k: v for k, v in ALTERNATIVES.items() if k in schema_keys(QwenImageEditConfig)}
 QWEN_ALTERNATIVES["model.variant"] = ("edit_plus", {})
+QWEN_ALTERNATIVES["model.transformer_file"] = ("{qwen_other_model}/transformer/diffusion_pytorch_model.safetensors", {})
 # Both recipes run qflux.train.run and qflux.train.driver, so the keys those read are walked once, with
 # FLUX (above). With Qwen we walk the keys whose reading is Qwen's own code: the model, its
 # conditioning and dropout, placements, the sample and the predict command.
