@@ -106,9 +106,12 @@ def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: 
     if file.suffix.lower() == ".gguf":
         raise QfluxError(f"model.transformer_file '{file}' is GGUF, which qflux does not read yet; give a .safetensors "
                          "file (bf16, or fp8 e4m3fn, which loads through model.dtype)")  # fmt: skip
-    _check_shapes(cls, file, path / subfolder)
+    own_names = _check_shapes(cls, file, path / subfolder)
     try:
-        module = cls.from_single_file(str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype)
+        if own_names and _holds_fp8(file):  # fp8 e4m3fn (ComfyUI's, or fp8-scaled): kept in fp8, never upcast
+            module = load_prequantized(cls, path / subfolder, weight_dtype, "fp8", files=[file])
+        else:
+            module = cls.from_single_file(str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise QfluxError(
             f"could not load model.transformer_file '{file}' as the {subfolder} of '{path}': {e}"
@@ -117,16 +120,23 @@ def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: 
     return module
 
 
-def _check_shapes(cls: Any, file: Path, folder: Path) -> None:
-    """Refuse a file in the model's own (diffusers) names whose tensors the folder's config does not have, naming
-    the first; a file in other names is left to diffusers' converter."""
+def _holds_fp8(file: Path) -> bool:
+    """Whether a safetensors file stores float8_e4m3fn tensors (read from its header)."""
+    with safe_open(str(file), "pt") as f:
+        return any(f.get_slice(k).get_dtype() == "F8_E4M3" for k in f.keys())  # noqa: SIM118
+
+
+def _check_shapes(cls: Any, file: Path, folder: Path) -> bool:
+    """Whether a file is in the model's own (diffusers) names, refusing one whose tensors the folder's config does
+    not make (naming the first); a file in other names is left to diffusers' converter. fp8 files' scales
+    (``<layer>.scale_weight`` / ``.weight_scale``, ``scaled_fp8``) are not the model's tensors."""
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(folder))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with safe_open(str(file), "pt") as f:
-        keys = list(f.keys())
+        keys = [k for k in f.keys() if not k.endswith(SCALES)]  # noqa: SIM118
         if not keys or not set(keys) <= set(want):  # not diffusers names: diffusers converts them
-            return
+            return False
         for k in keys:
             got = tuple(f.get_slice(k).get_shape())
             if got != want[k]:
@@ -138,6 +148,11 @@ def _check_shapes(cls: Any, file: Path, folder: Path) -> None:
     if missing:
         raise QfluxError(f"model.transformer_file '{file}' lacks {len(missing)} tensor(s) the config at '{folder}' "
                          f"makes (first: {missing[0]})")  # fmt: skip
+    return True
+
+
+SCALES = (".scale_weight", ".weight_scale", "scaled_fp8")
+"""The names of an fp8 file's scales (ComfyUI's fp8-scaled files and qflux's own)."""
 
 
 Table = Mapping[str, Any]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,9 +300,12 @@ def prequantized_kind(folder: Path) -> str | None:
     return None
 
 
-def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str) -> Any:
+def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str, files: Sequence[Path] = ()) -> Any:
     """A model whose linear layers are read quantized from a pre-quantized checkpoint (see
     :func:`prequantized_kind`); every other tensor is cast to ``dtype``.
+
+    Args:
+        files: the checkpoint's files (default: the folder's ``*.safetensors``); the folder gives the config.
 
     Raises:
         QfluxError: the checkpoint lacks tensors the model needs (names the first ones).
@@ -311,7 +315,7 @@ def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str) -> 
     config.pop("quantization_config", None)
     model = _empty_model(cls, config, dtype)
     sd: dict[str, torch.Tensor] = {}
-    for f in _checkpoint_files(folder):
+    for f in files or _checkpoint_files(folder):
         sd.update(load_file(str(f)))
     replaced: set[str] = set()
     for name, m in list(model.named_modules()):

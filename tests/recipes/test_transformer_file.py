@@ -68,3 +68,46 @@ def test_a_file_of_another_model_is_refused_naming_its_tensor(tiny_flux_dir: Pat
             main(["train", f"--model.pretrained_model_name_or_path={tiny_flux_dir}", "--train.max_train_steps=1",
                   f"--model.transformer_file={file}", f"--logging.output_dir={tmp_path / 'out'}"])  # fmt: skip
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _fp8_scaled(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8-scaled layout: each 2-D linear weight as float8_e4m3fn with one ``scale_weight`` per layer
+    (w ≈ scale·w₈, scale = amax/448), every other tensor as it is."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith(".weight") and v.ndim == 2 and not k.startswith(("x_embedder", "proj_out")):
+            scale = v.abs().max().clamp_min(1e-12) / 448
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            out[k.removesuffix(".weight") + ".scale_weight"] = scale.float().reshape(1)
+        else:
+            out[k] = v
+    return out
+
+
+def test_an_fp8_scaled_file_trains_kept_in_fp8(tiny_flux_dir: Path, tmp_path: Path) -> None:
+    """The file's fp8 weights stay fp8 in the model (qflux's fp8 storage), and its edit is within what the
+    folder with model.quantize=fp8 gives (both against the folder at full precision)."""
+    from qflux.models.flux_kontext.loaders import load_flux_kontext
+    from qflux.weights.quantize import Float8StorageLinear
+
+    weights = load_file(tiny_flux_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    fp8 = tmp_path / "flux1-kontext-tiny_fp8_scaled.safetensors"
+    save_file(_fp8_scaled(weights), str(fp8))
+    models = load_flux_kontext(tiny_flux_dir, torch.float32, include=("transformer",), files={"transformer": fp8})
+    stored = [m for m in models.transformer.modules() if isinstance(m, Float8StorageLinear)]
+    assert stored and all(m.weight.dtype == torch.float8_e4m3fn for m in stored)
+    result = train(_cfg(tiny_flux_dir, tmp_path / "fp8", **{"model.transformer_file": str(fp8)}))
+    assert all(np.isfinite(result.losses))
+    control = tmp_path / "control.png"
+    Image.new("RGB", (32, 32), (200, 40, 90)).save(control)
+    common = [f"--image={control}", "--prompt=invert", "--num_inference_steps=2", "--model.dtype=float32",
+              f"--model.pretrained_model_name_or_path={tiny_flux_dir}", "--model.max_sequence_length=8"]  # fmt: skip
+    images = {}
+    for name, extra in {"full": [], "folder_fp8": ["--model.quantize=fp8"],
+                        "file_fp8": [f"--model.transformer_file={fp8}"]}.items():  # fmt: skip
+        main(["predict", *common, *extra, f"--out={tmp_path / name}.png"])
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.float64) / 255
+    folder_err = np.abs(images["folder_fp8"] - images["full"]).mean()
+    file_err = np.abs(images["file_fp8"] - images["full"]).mean()
+    print(f"mean |diff| from full precision: folder fp8 {folder_err:.5f}, fp8-scaled file {file_err:.5f}")
+    assert file_err <= 2 * folder_err + 1 / 255
