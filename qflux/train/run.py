@@ -200,8 +200,20 @@ def check_adapter_settings(cfg: RecipeConfig) -> None:
     """Refuse adapter settings that cannot work together, naming the fix.
 
     Raises:
-        QfluxError: DoRA with a ComfyUI file or with block swap.
+        QfluxError: DoRA with a ComfyUI file or with block swap; on a GGUF transformer, another adapter kind than
+            lora, or block swap.
     """
+    gguf = cfg.model.transformer_file is not None and cfg.model.transformer_file.lower().endswith(".gguf")
+    if gguf and cfg.model.lora.kind != "lora":
+        raise QfluxError(
+            f"model.lora.kind: {cfg.model.lora.kind} reads each adapted layer's weight, which a GGUF transformer keeps "
+            "quantized (model.transformer_file); set model.lora.kind: lora, or give a .safetensors transformer_file"
+        )
+    if gguf and cfg.train.blocks_to_swap:
+        raise QfluxError(
+            "train.blocks_to_swap cannot move a GGUF transformer's quantized layers (model.transformer_file); set "
+            "train.blocks_to_swap: 0, or give a .safetensors transformer_file"
+        )
     if cfg.model.lora.kind != "dora":
         return
     if cfg.train.lora_format == "comfyui":

@@ -95,23 +95,51 @@ def load_component(
 
 def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: torch.dtype) -> Any:
     """``cls.from_single_file(file, config=path, subfolder=subfolder)`` in ``weight_dtype``, frozen: the weights of a
-    single safetensors file (diffusers names, or the original ones diffusers converts), the config of the folder.
+    single safetensors file (diffusers names, or the original ones diffusers converts; fp8 kept in fp8) or GGUF file
+    (kept quantized: :func:`_gguf`), the config of the folder.
 
     Raises:
-        QfluxError: a missing file, a GGUF file, or a diffusers-named file whose tensors do not match the config
-            (the first mismatched tensor named), or one diffusers cannot read.
+        QfluxError: a missing file, a diffusers-named file whose tensors do not match the config (the first
+            mismatched tensor named), or one diffusers cannot read.
     """
     if not file.is_file():
         raise QfluxError(f"model.transformer_file '{file}' does not exist; give a .safetensors file of the {subfolder}")
     if file.suffix.lower() == ".gguf":
-        raise QfluxError(f"model.transformer_file '{file}' is GGUF, which qflux does not read yet; give a .safetensors "
-                         "file (bf16, or fp8 e4m3fn, which loads through model.dtype)")  # fmt: skip
+        return _gguf(cls, file, path, subfolder, weight_dtype)
     own_names = _check_shapes(cls, file, path / subfolder)
     try:
         if own_names and _holds_fp8(file):  # fp8 e4m3fn (ComfyUI's, or fp8-scaled): kept in fp8, never upcast
             module = load_prequantized(cls, path / subfolder, weight_dtype, "fp8", files=[file])
         else:
             module = cls.from_single_file(str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise QfluxError(
+            f"could not load model.transformer_file '{file}' as the {subfolder} of '{path}': {e}"
+        ) from None
+    module.requires_grad_(False)
+    return module
+
+
+def _gguf(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: torch.dtype) -> Any:
+    """A GGUF file through diffusers' GGUF quantizer: each quantized linear stays quantized (Q8_0, Q4_K, ...) and is
+    dequantized to ``weight_dtype`` in its forward, as diffusers runs it.
+
+    Raises:
+        QfluxError: the ``gguf`` package is missing, or diffusers cannot read the file for this model.
+    """
+    try:
+        import gguf  # noqa: F401  (diffusers reads the file with it)
+    except ImportError:
+        raise QfluxError(
+            f"model.transformer_file '{file}' is GGUF: pip install 'qflux[gguf]' (the gguf package)"
+        ) from None
+    # deferred: diffusers is a heavy import
+    from diffusers import GGUFQuantizationConfig
+
+    try:
+        quantization = GGUFQuantizationConfig(compute_dtype=weight_dtype)
+        module = cls.from_single_file(str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype,
+                                      quantization_config=quantization)  # fmt: skip
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise QfluxError(
             f"could not load model.transformer_file '{file}' as the {subfolder} of '{path}': {e}"
