@@ -38,7 +38,7 @@ from qflux.train.check import run_check
 from qflux.train.family import Family
 from qflux.train.run import family_folder
 from qflux.weights.dtypes import torch_dtype
-from qflux.weights.loading import component_config
+from qflux.weights.loading import component_config, stored_bytes
 from qflux.weights.shapes import published, shipped_ids
 
 Configs = Mapping[str, Mapping[str, Any]]
@@ -142,16 +142,26 @@ def run_plan(
     n = target.controls if controls is None else controls
     inputs = plan_inputs(cfg, target, configs, n)
     train = cfg.train
-    configured = Setting(cfg.model.quantize, train.gradient_checkpointing, train.blocks_to_swap, cfg.cache.use_cache)
+    file = cfg.model.transformer_file
+    stored = stored_bytes(file) if file is not None and Path(file).is_file() else None
+    # a diffusers-named fp8 file stays fp8 whatever model.quantize says (qflux.weights.loading.single_file)
+    quantize = "fp8" if stored is not None and stored[1].startswith("F8_E4M3") else cfg.model.quantize
+    configured = Setting(quantize, train.gradient_checkpointing, train.blocks_to_swap, cfg.cache.use_cache)
     say = progress or (lambda m: print(m, file=sys.stderr))
     first, alternatives = plan_rows(target.model, configs, inputs, configured, vram_gib=vram_gib,
                                     dtype=torch_dtype(cfg.model.dtype), lora=cfg.model.lora,
                                     encoders=resident_encoders(cfg, target, configs), progress=say)  # fmt: skip
     cheapest = None if first.fits(vram_gib) else cheapest_fit(alternatives, configured, vram_gib)
     if as_json_output:
-        print(json.dumps(as_json(first, alternatives, vram_gib, cheapest), indent=2))
+        out = as_json(first, alternatives, vram_gib, cheapest)
+        if stored is not None:
+            out["transformer_file"] = {"bytes": stored[0], "gib": round(stored[0] / GIB, 3), "stored_as": stored[1]}
+        print(json.dumps(out, indent=2))
     else:
         print(_header(cfg, target, source, inputs))
+        if stored is not None:
+            how = "fp8, as it stays" if quantize != cfg.model.quantize else "as model.quantize stores it"
+            print(f"  file     model.transformer_file {stored[0] / GIB:.2f} GiB stored ({stored[1]}); planned {how}")
         print(table(first, alternatives, vram_gib))
         print(_verdict(first, cheapest, configured, vram_gib))
     return 0 if first.fits(vram_gib) else DOES_NOT_FIT

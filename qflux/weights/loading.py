@@ -8,6 +8,7 @@ mode with ``requires_grad`` off; failures are one sentence naming the folder.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -146,6 +147,32 @@ def _gguf(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: torch.
         ) from None
     module.requires_grad_(False)
     return module
+
+
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                     "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+"""Bytes per element of each safetensors dtype."""
+
+
+def stored_bytes(file: str | Path) -> tuple[int, str]:
+    """(bytes of every tensor as the file stores them, what they are stored as: the dtypes or GGUF types, the most
+    bytes first), read from the header (safetensors) or the tensor table (GGUF) alone."""
+    path = Path(file)
+    by_kind: dict[str, int] = {}
+    if path.suffix.lower() == ".gguf":
+        # deferred: the gguf package is an extra
+        from gguf import GGUFReader
+
+        for t in GGUFReader(str(path)).tensors:
+            by_kind[t.tensor_type.name] = by_kind.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    else:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():  # noqa: SIM118
+                sl = f.get_slice(k)
+                n = math.prod(sl.get_shape()) * SAFETENSORS_BYTES.get(sl.get_dtype(), 4)
+                by_kind[sl.get_dtype()] = by_kind.get(sl.get_dtype(), 0) + n
+    kinds = sorted(by_kind, key=by_kind.__getitem__, reverse=True)
+    return sum(by_kind.values()), ", ".join(kinds)
 
 
 def _holds_fp8(file: Path) -> bool:

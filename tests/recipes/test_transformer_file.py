@@ -164,3 +164,32 @@ def test_a_gguf_file_trains_kept_quantized(tiny_flux_dir: Path, tmp_path: Path, 
     err = np.abs(images["gguf"] - images["full"]).mean()
     print(f"{qtype}: mean |diff| from full precision {err:.5f}")
     assert err <= tolerance
+
+
+def test_plan_reports_the_files_stored_bytes(tiny_flux_dir: Path, tmp_path: Path, capsys) -> None:
+    """fp8 stores the linear weights in half of bf16's bytes, Q4_0 in fewer still; an fp8 file is planned as fp8
+    storage (it stays fp8), so its peak is the folder's with model.quantize=fp8."""
+    import json
+
+    source = load_file(tiny_flux_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    weights = {k: v.to(torch.bfloat16) for k, v in source.items()}
+    files = {"bf16": tmp_path / "bf16.safetensors", "fp8": tmp_path / "fp8.safetensors"}
+    save_file(weights, str(files["bf16"]))
+    save_file(_fp8_scaled(weights), str(files["fp8"]))
+    files["q4"] = _gguf(weights, tmp_path / "q4.gguf", "Q4_0")
+
+    def plan(*more: str) -> dict:  # type: ignore[type-arg]
+        try:
+            main(["plan", f"--model.pretrained_model_name_or_path={tiny_flux_dir}", "--vram=24", "--json", *more])
+        except SystemExit as e:
+            assert e.code in (0, None)
+        return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+    got = {k: plan(f"--model.transformer_file={f}") for k, f in files.items()}
+    stored = {k: v["transformer_file"]["bytes"] for k, v in got.items()}
+    scales = _fp8_scaled(weights).keys() - weights.keys()  # one float32 scale_weight per fp8 layer
+    saved = sum(weights[k.replace(".scale_weight", ".weight")].numel() for k in scales)  # 2 bytes → 1 each
+    assert stored["bf16"] - stored["fp8"] == saved - 4 * len(scales)
+    assert stored["q4"] < stored["fp8"] and got["fp8"]["transformer_file"]["stored_as"].startswith("F8_E4M3")
+    assert got["fp8"]["peak_gib"] == plan("--model.quantize=fp8")["peak_gib"]
+    assert got["bf16"]["peak_gib"] == plan()["peak_gib"]
