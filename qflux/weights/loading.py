@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -97,7 +98,7 @@ def load_component(
 def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: torch.dtype) -> Any:
     """``cls.from_single_file(file, config=path, subfolder=subfolder)`` in ``weight_dtype``, frozen: the weights of a
     single safetensors file (diffusers names, or the original ones diffusers converts; fp8 kept in fp8) or GGUF file
-    (kept quantized: :func:`_gguf`), the config of the folder.
+    (kept quantized: :func:`_gguf_config`), the config of the folder.
 
     Raises:
         QfluxError: a missing file, a diffusers-named file whose tensors do not match the config (the first
@@ -105,14 +106,16 @@ def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: 
     """
     if not file.is_file():
         raise QfluxError(f"model.transformer_file '{file}' does not exist; give a .safetensors file of the {subfolder}")
+    single = partial(cls.from_single_file, str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype)
     if file.suffix.lower() == ".gguf":
-        return _gguf(cls, file, path, subfolder, weight_dtype)
-    own_names = _check_shapes(cls, file, path / subfolder)
+        load = partial(single, quantization_config=_gguf_config(file, weight_dtype))
+    elif _check_shapes(cls, file, path / subfolder) and _holds_fp8(file):
+        # fp8 e4m3fn in diffusers names (ComfyUI's, or fp8-scaled): kept in fp8, never upcast
+        load = partial(load_prequantized, cls, path / subfolder, weight_dtype, "fp8", files=[file])
+    else:
+        load = single
     try:
-        if own_names and _holds_fp8(file):  # fp8 e4m3fn (ComfyUI's, or fp8-scaled): kept in fp8, never upcast
-            module = load_prequantized(cls, path / subfolder, weight_dtype, "fp8", files=[file])
-        else:
-            module = cls.from_single_file(str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype)
+        module = load()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise QfluxError(
             f"could not load model.transformer_file '{file}' as the {subfolder} of '{path}': {e}"
@@ -121,12 +124,12 @@ def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: 
     return module
 
 
-def _gguf(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: torch.dtype) -> Any:
-    """A GGUF file through diffusers' GGUF quantizer: each quantized linear stays quantized (Q8_0, Q4_K, ...) and is
-    dequantized to ``weight_dtype`` in its forward, as diffusers runs it.
+def _gguf_config(file: Path, weight_dtype: torch.dtype) -> Any:
+    """diffusers' GGUF quantizer: each quantized linear stays quantized (Q8_0, Q4_K, ...) and is dequantized to
+    ``weight_dtype`` in its forward, as diffusers runs it.
 
     Raises:
-        QfluxError: the ``gguf`` package is missing, or diffusers cannot read the file for this model.
+        QfluxError: the ``gguf`` package is missing.
     """
     try:
         import gguf  # noqa: F401  (diffusers reads the file with it)
@@ -137,16 +140,7 @@ def _gguf(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: torch.
     # deferred: diffusers is a heavy import
     from diffusers import GGUFQuantizationConfig
 
-    try:
-        quantization = GGUFQuantizationConfig(compute_dtype=weight_dtype)
-        module = cls.from_single_file(str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype,
-                                      quantization_config=quantization)  # fmt: skip
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise QfluxError(
-            f"could not load model.transformer_file '{file}' as the {subfolder} of '{path}': {e}"
-        ) from None
-    module.requires_grad_(False)
-    return module
+    return GGUFQuantizationConfig(compute_dtype=weight_dtype)
 
 
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
