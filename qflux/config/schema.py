@@ -56,9 +56,10 @@ class ModelSection:
     blocks of 64; pip install 'qflux[4bit]'). The LoRA stays fp32 and saves in the same format
     (docs/flux_kontext_configuration_guide.md)."""
     transformer_file: str | None = None
-    """A single .safetensors file (diffusers or the original BFL / Qwen names, as ``from_single_file`` reads them)
-    that replaces the folder's transformer weights; the folder still gives its config and every other component.
-    null: the folder's own transformer."""
+    """A single file that replaces the folder's transformer weights, the folder still giving its config and every
+    other component: .safetensors in diffusers names or the original BFL / Qwen ones (diffusers' ``from_single_file``
+    converts them; an fp8 e4m3fn file in diffusers names, plain or fp8-scaled, stays fp8), or .gguf (kept quantized;
+    pip install 'qflux[gguf]'). null: the folder's own transformer."""
     quantize_text_encoders: bool = False
     """Also store the text encoders' linear weights as model.quantize says, wherever they load:
     the cache command, training without the cache, and predict."""
