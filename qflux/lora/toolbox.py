@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from qflux.config.errors import QfluxError
 from qflux.lora.comfyui_keys import key_map
 from qflux.lora.formats import NAMINGS, Naming, layer_names, module_out_features, peft_scale, split_lora, to_comfyui
-from qflux.lora.kinds import read_adapter_file
+from qflux.lora.kinds import lycoris_modules, lycoris_stem, read_adapter_file
 from qflux.lora.tools import Pair, delta_norm, extract, post_hoc_ema, resize
 
 Spelling = Literal["diffusers", "comfyui", "kohya"]
@@ -247,6 +247,14 @@ def convert_file(path: str | Path, to: Literal["diffusers", "comfyui"], transfor
     """
     if to not in ("diffusers", "comfyui"):
         raise QfluxError(f"--to takes diffusers or comfyui; got {to!r}")
+    kind, _, stored = read_adapter_file(path, "the LoRA file")
+    if kind in ("lokr", "loha"):
+        return _convert_lycoris(path, stored, to, transformer, naming, out)
+    if kind == "dora" and to == "comfyui":
+        raise QfluxError(f"'{path}' is a DoRA: it has no ComfyUI file (ComfyUI divides by ‖W‖ where DoRA divides by "
+                         "‖W+ΔW‖, so its image would differ)")  # fmt: skip
+    if kind == "dora":
+        raise QfluxError(f"'{path}' is a DoRA, which qflux writes in diffusers names only: nothing to convert")
     deltas = _model_deltas(path, transformer, naming)
     widths = module_out_features(transformer)
     diffusers = {}
@@ -257,6 +265,29 @@ def convert_file(path: str | Path, to: Literal["diffusers", "comfyui"], transfor
         return write_lora_file(LoraFile(_layers(diffusers, "diffusers"), "diffusers", {}), out, [path], made)
     comfy = to_comfyui(diffusers, scale=1.0, out_features=widths, naming=naming)
     return write_lora_file(LoraFile(_layers(comfy, "comfyui"), "comfyui", {}), out, [path], made)
+
+
+def _convert_lycoris(path: str | Path, stored: Mapping[str, torch.Tensor], to: str, transformer: Any, naming: Naming,
+                     out: str | Path) -> Path:  # fmt: skip
+    """A LoKr / LoHa file (qflux's LyCORIS tensors) under the other file's names: ``transformer.<module>`` (diffusers)
+    or :func:`qflux.lora.kinds.lycoris_stem`'s (ComfyUI); the tensors and the metadata as they are."""
+    linear = [p.removesuffix(".base_layer") for p, m in transformer.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".lora_" not in p]  # fmt: skip
+    modules = lycoris_modules(linear, naming)
+    renamed = {}
+    for key, t in stored.items():
+        stem, leaf = key.rsplit(".", 1)
+        module = modules.get(stem)
+        if module is None:
+            raise QfluxError(f"'{path}' adapts '{stem}', which the model does not have: it was trained for another "
+                             "model; give --model= the model it was trained on")  # fmt: skip
+        renamed[f"{f'transformer.{module}' if to == 'diffusers' else lycoris_stem(module, naming)}.{leaf}"] = t
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata() or {})
+    made = {"verb": "convert", "input": Path(path).name, "to": to}
+    target = _output(out, [path])
+    save_file(renamed, str(target), metadata={**metadata, TOOL_KEY: json.dumps(made)})
+    return target
 
 
 def merge_file(path: str | Path, model: str | Path, transformer: Any, naming: Naming, out: str | Path,

@@ -251,3 +251,20 @@ def test_merge_bakes_the_lora_in_and_the_pipeline_loads_the_file(
                                                          torch_dtype=torch.float32)  # fmt: skip
         got = edit(FluxKontextPipeline.from_pretrained(tiny_flux_dir, transformer=merged, torch_dtype=torch.float32))
         assert np.abs(got - with_lora).max() <= tol, (dtype, np.abs(got - with_lora).max())
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_convert_a_lycoris_file_is_the_runs_other_file(tiny_flux_dir: Path, tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "run"
+    train(load_config(FluxKontextConfig, None, {
+        "model.pretrained_model_name_or_path": str(tiny_flux_dir), "model.dtype": "float32",
+        "model.max_sequence_length": 8, "train.max_train_steps": 1, "model.lora.kind": kind,
+        "logging.output_dir": str(out), "logging.write_sample": False, "logging.report_to": "none",
+    }))  # fmt: skip
+    model = ["--family=flux_kontext", f"--model={tiny_flux_dir}"]
+    pairs = {"comfyui": (LORA_WEIGHT_NAME, "pytorch_lora_weights_comfyui.safetensors"),
+             "diffusers": ("pytorch_lora_weights_comfyui.safetensors", LORA_WEIGHT_NAME)}  # fmt: skip
+    for to, (src, want) in pairs.items():
+        main(["convert", str(out / src), f"--to={to}", *model, f"--out={tmp_path / to}.safetensors"])
+        got, expected = load_file(tmp_path / f"{to}.safetensors"), load_file(out / want)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
