@@ -9,8 +9,9 @@
     convert FILE --to=diffusers|comfyui --family=F --model=M --out=PATH
                                                diffusers or ComfyUI names, for the model M (a diffusers folder,
                                                or a hub id whose shapes qflux ships) of family F
-    merge FILE --into=FOLDER --family=F --out=PATH [--dtype=bfloat16]
+    merge FILE --into=FOLDER --family=F --out=PATH [--dtype=bfloat16] [--names=diffusers|original]
                                                the transformer with the LoRA baked in, one safetensors file
+                                               (original: BFL's names, as ComfyUI's checkpoints hold them)
 
 Every verb that writes takes ``--out``, writes safetensors with metadata saying what made it, and never writes
 over an input. Errors print one line and exit 2.
@@ -109,15 +110,17 @@ def model_on_meta(family: str, model: str) -> tuple[Any, str]:
     return transformer, FAMILIES[family].naming
 
 
-def merge(file: str, into: str, family: str, out: str, dtype: str = "bfloat16") -> None:
+def merge(file: str, into: str, family: str, out: str, dtype: str = "bfloat16", names: str = "diffusers") -> None:
     """Bake ``file`` into the transformer of the diffusers folder ``into`` (family ``family``) as one safetensors
-    file in ``dtype`` (bfloat16, float16 or float32)."""
+    file in ``dtype`` (bfloat16, float16 or float32), in diffusers or the original (BFL: ComfyUI's) ``names``."""
+    if names not in ("diffusers", "original"):
+        raise QfluxError(f"--names takes diffusers or original; got {names!r}")
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in dtypes:
         raise QfluxError(f"--dtype takes one of {', '.join(dtypes)}; got {dtype!r}")
     if not Path(into).is_dir():
         raise QfluxError(f"--into '{into}' is not a folder; give the diffusers model folder (or its transformer/)")
-    path, layers = merge_file(file, into, *model_on_meta(family, into), out, dtypes[dtype])
+    path, layers = merge_file(file, into, *model_on_meta(family, into), out, dtypes[dtype], names == "original")
     print(f"wrote {path}: {layers} layers merged, {dtype}; load it with <Transformer>.from_single_file('{path}', "
           f"config='{into}', subfolder='transformer')")  # fmt: skip
 

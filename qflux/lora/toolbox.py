@@ -23,6 +23,7 @@ from qflux.config.errors import QfluxError
 from qflux.lora.comfyui_keys import key_map
 from qflux.lora.formats import NAMINGS, Naming, layer_names, module_out_features, peft_scale, split_lora, to_comfyui
 from qflux.lora.kinds import lycoris_modules, lycoris_stem, read_adapter_file
+from qflux.lora.original_names import to_original_names
 from qflux.lora.tools import Pair, delta_norm, extract, post_hoc_ema, resize
 
 Spelling = Literal["diffusers", "comfyui", "kohya"]
@@ -291,10 +292,12 @@ def _convert_lycoris(path: str | Path, stored: Mapping[str, torch.Tensor], to: s
 
 
 def merge_file(path: str | Path, model: str | Path, transformer: Any, naming: Naming, out: str | Path,
-               dtype: torch.dtype = torch.bfloat16) -> tuple[Path, int]:  # fmt: skip
+               dtype: torch.dtype = torch.bfloat16, original: bool = False) -> tuple[Path, int]:  # fmt: skip
     """The transformer of ``model`` (a diffusers folder, or its transformer folder) with the LoRA baked in,
-    W ← W + ΔW for each adapted layer (computed in float32), as one safetensors file of diffusers names in ``dtype``
-    (``from_single_file`` loads it with the folder's config); returns the file and the number of layers changed.
+    W ← W + ΔW for each adapted layer (computed in float32), as one safetensors file in ``dtype``: diffusers names,
+    or with ``original`` the model's original (BFL) ones, the layout of BFL's and ComfyUI's checkpoints
+    (:func:`qflux.lora.original_names.to_original_names`); ``from_single_file`` loads either with the folder's config.
+    Returns the file and the number of layers changed.
 
     Args:
         transformer: ``model``'s transformer, any device (its names and widths map the file's layers).
@@ -313,8 +316,11 @@ def merge_file(path: str | Path, model: str | Path, transformer: Any, naming: Na
     for module, (a, b) in deltas.items():
         w = weights[f"{module}.weight"]
         merged[f"{module}.weight"] = w.float() + b.float() @ a.float()  # W + B·A
+    if original:
+        merged = to_original_names(merged, naming)
     target = _output(out, [path, *sorted(folder.glob("*.safetensors"))])
-    made = {"verb": "merge", "lora": Path(path).name, "model": str(model), "dtype": str(dtype).removeprefix("torch.")}
+    made = {"verb": "merge", "lora": Path(path).name, "model": str(model), "dtype": str(dtype).removeprefix("torch."),
+            "names": "original" if original else "diffusers"}  # fmt: skip
     save_file({k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in merged.items()},
               str(target), metadata={"format": "pt", TOOL_KEY: json.dumps(made)})  # fmt: skip
     return target, len(deltas)
