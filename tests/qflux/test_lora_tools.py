@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from qflux.config.parse import load_config
 from qflux.lora.__main__ import main
 from qflux.lora.adapter import EMA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_lora
+from qflux.lora.original_names import to_original_names
 from qflux.lora.toolbox import TOOL_KEY, read_lora_file
 from qflux.lora.tools import extract, post_hoc_ema, resize
 from qflux.models.flux_kontext.config import FluxKontextConfig
@@ -251,6 +252,13 @@ def test_merge_bakes_the_lora_in_and_the_pipeline_loads_the_file(
                                                          torch_dtype=torch.float32)  # fmt: skip
         got = edit(FluxKontextPipeline.from_pretrained(tiny_flux_dir, transformer=merged, torch_dtype=torch.float32))
         assert np.abs(got - with_lora).max() <= tol, (dtype, np.abs(got - with_lora).max())
+    # in BFL names: the same tensors, as qflux.lora.original_names lays them out (tests/qflux/test_original_names.py)
+    comfy = run / "pytorch_lora_weights_comfyui.safetensors"
+    main(["merge", str(comfy), f"--into={tiny_flux_dir}", "--family=flux_kontext", "--dtype=float32",
+          "--names=original", f"--out={tmp_path / 'bfl.safetensors'}"])  # fmt: skip
+    bfl = load_file(tmp_path / "bfl.safetensors")
+    want = to_original_names(load_file(tmp_path / "merged_float32.safetensors"), "flux")
+    assert bfl.keys() == want.keys() and all(torch.equal(bfl[k], want[k]) for k in bfl)
 
 
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
