@@ -198,3 +198,13 @@ def test_plan_reports_the_files_stored_bytes(tiny_flux_dir: Path, tmp_path: Path
     assert stored["q4"] < stored["fp8"] and got["fp8"]["transformer_file"]["stored_as"].startswith("F8_E4M3")
     assert got["fp8"]["peak_gib"] == plan("--model.quantize=fp8")["peak_gib"]
     assert got["bf16"]["peak_gib"] == plan()["peak_gib"]
+
+
+def test_the_tests_q4k_writer_is_ggml_layout() -> None:
+    """The Q4_K bytes decode, through the gguf package's own dequantizer, to the values within Q4_0's error."""
+    from gguf import GGMLQuantizationType, quants
+
+    x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * 0.1
+    back = quants.dequantize(quantize_q4_k(x), GGMLQuantizationType.Q4_K)
+    q4_0 = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    assert back.shape == x.shape and np.abs(back - x).mean() <= np.abs(q4_0 - x).mean()
