@@ -9,7 +9,7 @@
     convert FILE --to=diffusers|comfyui --family=F --model=M --out=PATH
                                                diffusers or ComfyUI names, for the model M (a diffusers folder,
                                                or a hub id whose shapes qflux ships) of family F
-    merge FILE --into=FOLDER --family=F --out=PATH [--dtype=bfloat16] [--names=diffusers|original]
+    merge FILE --into=FOLDER --family=F --out=PATH [--dtype=bfloat16|float16|float32|fp8] [--names=diffusers|original]
                                                the transformer with the LoRA baked in, one safetensors file
                                                (original: BFL's names, as ComfyUI's checkpoints hold them)
 
@@ -28,15 +28,8 @@ import fire
 import torch
 
 from qflux.config.errors import QfluxError
-from qflux.lora.toolbox import (
-    convert_file,
-    ema_file,
-    extract_file,
-    inspect_lines,
-    loader_lines,
-    merge_file,
-    resize_file,
-)
+from qflux.lora.model_verbs import convert_file, loader_lines, merge_file
+from qflux.lora.toolbox import ema_file, extract_file, inspect_lines, resize_file
 
 
 def inspect(file: str, family: str | None = None, model: str | None = None) -> None:
@@ -112,10 +105,16 @@ def model_on_meta(family: str, model: str) -> tuple[Any, str]:
 
 def merge(file: str, into: str, family: str, out: str, dtype: str = "bfloat16", names: str = "diffusers") -> None:
     """Bake ``file`` into the transformer of the diffusers folder ``into`` (family ``family``) as one safetensors
-    file in ``dtype`` (bfloat16, float16 or float32), in diffusers or the original (BFL: ComfyUI's) ``names``."""
+    file in ``dtype`` (bfloat16, float16, float32, or fp8: ComfyUI's fp8-scaled layout), in diffusers or the original
+    (BFL: ComfyUI's) ``names``."""
     if names not in ("diffusers", "original"):
         raise QfluxError(f"--names takes diffusers or original; got {names!r}")
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    dtypes = {
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float32": torch.float32,
+        "fp8": torch.float8_e4m3fn,
+    }
     if dtype not in dtypes:
         raise QfluxError(f"--dtype takes one of {', '.join(dtypes)}; got {dtype!r}")
     if not Path(into).is_dir():

@@ -20,10 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qflux.config.errors import QfluxError
-from qflux.lora.comfyui_keys import key_map
-from qflux.lora.formats import NAMINGS, Naming, layer_names, module_out_features, peft_scale, split_lora, to_comfyui
-from qflux.lora.kinds import lycoris_modules, lycoris_stem, read_adapter_file
-from qflux.lora.original_names import to_original_names
+from qflux.lora.formats import peft_scale
+from qflux.lora.kinds import read_adapter_file
 from qflux.lora.tools import Pair, delta_norm, extract, post_hoc_ema, resize
 
 Spelling = Literal["diffusers", "comfyui", "kohya"]
@@ -72,14 +70,14 @@ def read_lora_file(path: str | Path) -> LoraFile:
         if up is None:
             raise QfluxError(f"'{path}': {key} has no {stem + up_end}")
         alpha = sd.get(stem + ".alpha")
-        scale = float(alpha) / rank if alpha is not None else scale_of(_module(stem), rank)
+        scale = float(alpha) / rank if alpha is not None else scale_of(module_name(stem), rank)
         layers[stem] = (down.float(), up.float() * scale)
     if not layers:
         raise QfluxError(f"'{path}' holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up): it is not a LoRA")
     return LoraFile(layers, spelling, metadata)
 
 
-def _module(stem: str) -> str:
+def module_name(stem: str) -> str:
     """A diffusers stem's module name (``transformer.`` dropped), as the peft config names it."""
     return stem.removeprefix("transformer.")
 
@@ -91,7 +89,7 @@ def write_lora_file(lora: LoraFile, out: str | Path, inputs: Sequence[str | Path
     Raises:
         QfluxError: ``out`` is one of ``inputs`` (an input is never written over).
     """
-    path = _output(out, inputs)
+    path = output_path(out, inputs)
     down_end, up_end = SPELLINGS[lora.spelling]
     sd: dict[str, torch.Tensor] = {}
     for stem, (a, b) in lora.layers.items():
@@ -100,7 +98,7 @@ def write_lora_file(lora: LoraFile, out: str | Path, inputs: Sequence[str | Path
             sd[stem + ".alpha"] = torch.tensor(float(a.shape[0]))
     metadata = {**lora.metadata, "format": "pt", TOOL_KEY: json.dumps(dict(made_by))}
     if "lora_adapter_metadata" in metadata:  # the peft config: α = r for every layer (scale 1)
-        ranks = {_module(s): a.shape[0] for s, (a, _) in lora.layers.items()}
+        ranks = {module_name(s): a.shape[0] for s, (a, _) in lora.layers.items()}
         r = max(ranks.values())
         pattern = {m: k for m, k in ranks.items() if k != r}  # α = r everywhere: a layer of another rank names both
         config = json.loads(metadata["lora_adapter_metadata"])
@@ -110,7 +108,7 @@ def write_lora_file(lora: LoraFile, out: str | Path, inputs: Sequence[str | Path
     return path
 
 
-def _output(out: str | Path, inputs: Sequence[str | Path]) -> Path:
+def output_path(out: str | Path, inputs: Sequence[str | Path]) -> Path:
     """``out`` as a path, its folder made.
 
     Raises:
@@ -138,41 +136,6 @@ def inspect_lines(path: str | Path) -> list[str]:
     ]
     lines += [f"  {stem}  {delta_norm(a, b):.6g}" for stem, (a, b) in lora.layers.items()]
     return lines
-
-
-def loader_lines(path: str | Path, transformer: Any, naming: Naming) -> list[str]:
-    """What each loader makes of the file on ``transformer`` (names and widths only: it may sit on the meta device):
-    the key stems qflux's reader places, those ComfyUI's ``LoraLoaderModelOnly`` applies
-    (:func:`qflux.lora.comfyui_keys.key_map`, read at ComfyUI's source) and those diffusers' ``load_lora_weights``
-    applies (its own names; ComfyUI and kohya names go through its converter, which is not run here); each with the
-    stems it drops."""
-    lora = read_lora_file(path)
-    down, up = SPELLINGS[lora.spelling]
-    sd = {k: t for stem, (a, b) in lora.layers.items() for k, t in ((stem + down, a), (stem + up, b))}
-    _, unknown = split_lora(sd, None, layer_names(transformer, naming), module_out_features(transformer),
-                            NAMINGS[naming].swapped)  # fmt: skip
-    stems = list(lora.layers)
-    comfy = key_map(transformer, naming)
-    linear = {p for p, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-
-    def line(loader: str, dropped: Sequence[str]) -> str:
-        named = f": {', '.join(dropped[:3])}{', …' if len(dropped) > 3 else ''}" if dropped else ""
-        return f"{loader:<31}applies {len(stems) - len(dropped)} of {len(stems)} layers, drops {len(dropped)}{named}"
-
-    out = [line("qflux (predict --lora)", [s for s in stems if _strip(s) in unknown]),
-           line("ComfyUI (LoraLoaderModelOnly)", [s for s in stems if s not in comfy])]  # fmt: skip
-    if lora.spelling == "diffusers":
-        out.append(line("diffusers (load_lora_weights)", [s for s in stems if _module(s) not in linear]))
-    else:
-        out.append(f"{'diffusers (load_lora_weights)':<31}converts {lora.spelling} names with its own converter "
-                   "(not run here)")  # fmt: skip
-    return out
-
-
-def _strip(stem: str) -> str:
-    """A key stem as qflux's reader names its module (prefix dropped; kohya's underscores kept)."""
-    return next((stem.removeprefix(p) for p in ("transformer.", "diffusion_model.") if stem.startswith(p)),
-                stem.removeprefix("lora_unet_"))  # fmt: skip
 
 
 def _target(stem: str) -> str:
@@ -237,121 +200,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def convert_file(path: str | Path, to: Literal["diffusers", "comfyui"], transformer: Any, naming: Naming,
-                 out: str | Path) -> Path:  # fmt: skip
-    """``path`` (any spelling) in diffusers names (``transformer.<module>.lora_A/B.weight``, scale 1: diffusers
-    gives each layer α = r) or ComfyUI's native ones (:func:`qflux.lora.formats.to_comfyui`: fused layers, ``.alpha``),
-    for ``transformer`` (any device: only its module names and widths are read).
-
-    Raises:
-        QfluxError: not a LoRA, or one that adapts modules the model lacks (another model), or ``to`` unknown.
-    """
-    if to not in ("diffusers", "comfyui"):
-        raise QfluxError(f"--to takes diffusers or comfyui; got {to!r}")
-    kind, _, stored = read_adapter_file(path, "the LoRA file")
-    if kind in ("lokr", "loha"):
-        return _convert_lycoris(path, stored, to, transformer, naming, out)
-    if kind == "dora" and to == "comfyui":
-        raise QfluxError(f"'{path}' is a DoRA: it has no ComfyUI file (ComfyUI divides by ‖W‖ where DoRA divides by "
-                         "‖W+ΔW‖, so its image would differ)")  # fmt: skip
-    if kind == "dora":
-        raise QfluxError(f"'{path}' is a DoRA, which qflux writes in diffusers names only: nothing to convert")
-    deltas = _model_deltas(path, transformer, naming)
-    widths = module_out_features(transformer)
-    diffusers = {}
-    for module, (a, b) in deltas.items():
-        diffusers[f"transformer.{module}.lora_A.weight"], diffusers[f"transformer.{module}.lora_B.weight"] = a, b
-    made = {"verb": "convert", "input": Path(path).name, "to": to}
-    if to == "diffusers":
-        return write_lora_file(LoraFile(_layers(diffusers, "diffusers"), "diffusers", {}), out, [path], made)
-    comfy = to_comfyui(diffusers, scale=1.0, out_features=widths, naming=naming)
-    return write_lora_file(LoraFile(_layers(comfy, "comfyui"), "comfyui", {}), out, [path], made)
-
-
-def _convert_lycoris(path: str | Path, stored: Mapping[str, torch.Tensor], to: str, transformer: Any, naming: Naming,
-                     out: str | Path) -> Path:  # fmt: skip
-    """A LoKr / LoHa file (qflux's LyCORIS tensors) under the other file's names: ``transformer.<module>`` (diffusers)
-    or :func:`qflux.lora.kinds.lycoris_stem`'s (ComfyUI); the tensors and the metadata as they are."""
-    linear = [p.removesuffix(".base_layer") for p, m in transformer.named_modules()
-              if isinstance(m, torch.nn.Linear) and ".lora_" not in p]  # fmt: skip
-    modules = lycoris_modules(linear, naming)
-    renamed = {}
-    for key, t in stored.items():
-        stem, leaf = key.rsplit(".", 1)
-        module = modules.get(stem)
-        if module is None:
-            raise QfluxError(f"'{path}' adapts '{stem}', which the model does not have: it was trained for another "
-                             "model; give --model= the model it was trained on")  # fmt: skip
-        renamed[f"{f'transformer.{module}' if to == 'diffusers' else lycoris_stem(module, naming)}.{leaf}"] = t
-    with safe_open(str(path), "pt") as f:
-        metadata = dict(f.metadata() or {})
-    made = {"verb": "convert", "input": Path(path).name, "to": to}
-    target = _output(out, [path])
-    save_file(renamed, str(target), metadata={**metadata, TOOL_KEY: json.dumps(made)})
-    return target
-
-
-def merge_file(path: str | Path, model: str | Path, transformer: Any, naming: Naming, out: str | Path,
-               dtype: torch.dtype = torch.bfloat16, original: bool = False) -> tuple[Path, int]:  # fmt: skip
-    """The transformer of ``model`` (a diffusers folder, or its transformer folder) with the LoRA baked in,
-    W ← W + ΔW for each adapted layer (computed in float32), as one safetensors file in ``dtype``: diffusers names,
-    or with ``original`` the model's original (BFL) ones, the layout of BFL's and ComfyUI's checkpoints
-    (:func:`qflux.lora.original_names.to_original_names`); ``from_single_file`` loads either with the folder's config.
-    Returns the file and the number of layers changed.
-
-    Args:
-        transformer: ``model``'s transformer, any device (its names and widths map the file's layers).
-
-    Raises:
-        QfluxError: not a LoRA, a LoRA of another model, or a folder without the transformer's weights.
-    """
-    folder = Path(model)
-    folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
-    weights = read_weights(folder)
-    deltas = _model_deltas(path, transformer, naming)
-    missing = [m for m in deltas if f"{m}.weight" not in weights]
-    if missing:
-        raise QfluxError(f"'{folder}' has no weight {missing[0]}.weight: not the model '{path}' adapts")
-    merged = dict(weights)
-    for module, (a, b) in deltas.items():
-        w = weights[f"{module}.weight"]
-        merged[f"{module}.weight"] = w.float() + b.float() @ a.float()  # W + B·A
-    if original:
-        merged = to_original_names(merged, naming)
-    target = _output(out, [path, *sorted(folder.glob("*.safetensors"))])
-    made = {"verb": "merge", "lora": Path(path).name, "model": str(model), "dtype": str(dtype).removeprefix("torch."),
-            "names": "original" if original else "diffusers"}  # fmt: skip
-    save_file({k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in merged.items()},
-              str(target), metadata={"format": "pt", TOOL_KEY: json.dumps(made)})  # fmt: skip
-    return target, len(deltas)
-
-
-def _model_deltas(path: str | Path, transformer: Any, naming: Naming) -> dict[str, Pair]:
-    """{diffusers module: (A, B)} of a LoRA file of any spelling on ``transformer`` (fused layers split).
-
-    Raises:
-        QfluxError: the file adapts modules the model lacks, or does not fit its widths.
-    """
-    lora = read_lora_file(path)
-    down, up = SPELLINGS[lora.spelling]
-    sd = {k: t for stem, (a, b) in lora.layers.items() for k, t in ((stem + down, a), (stem + up, b))}
-    widths = module_out_features(transformer)
-    try:
-        deltas, unknown = split_lora(sd, None, layer_names(transformer, naming), widths, NAMINGS[naming].swapped)
-    except ValueError as e:
-        raise QfluxError(f"'{path}' does not fit the model: {e}") from None
-    if unknown:
-        raise QfluxError(f"'{path}' adapts {len(unknown)} module(s) the model does not have (first: {unknown[0]}): "
-                         "it was trained for another model; give --model= the model it was trained on")  # fmt: skip
-    return deltas
-
-
-def _layers(sd: Mapping[str, torch.Tensor], spelling: Spelling) -> dict[str, Pair]:
-    """{stem: (A, B)} of a state dict in ``spelling`` whose scale is 1."""
-    down, up = SPELLINGS[spelling]
-    return {k.removesuffix(down): (v, sd[k.removesuffix(down) + up]) for k, v in sd.items() if k.endswith(down)}
-
-
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -387,7 +235,7 @@ def ema_file(checkpoints: Sequence[str | Path], decay: float, out: str | Path,
     with safe_open(str(found[-1][1]), "pt") as handle:
         metadata = dict(handle.metadata() or {})
     made = {"verb": "ema", "decay": decay, "steps": [s for s, _ in found]}
-    path = _output(out, [f for _, f in found])
+    path = output_path(out, [f for _, f in found])
     save_file({k: v.to(dtype).contiguous() for k, v in averaged.items()}, str(path),
               metadata={**metadata, "format": "pt", TOOL_KEY: json.dumps(made)})  # fmt: skip
     return path

@@ -22,7 +22,9 @@ from qflux.lora.original_names import to_original_names
 from qflux.lora.toolbox import TOOL_KEY, read_lora_file
 from qflux.lora.tools import extract, post_hoc_ema, resize
 from qflux.models.flux_kontext.config import FluxKontextConfig
+from qflux.models.flux_kontext.loaders import load_flux_kontext
 from qflux.optim.adamw import ema_update
+from qflux.weights.quantize import Float8StorageLinear
 from recipes.flux_kontext_lora import train
 
 
@@ -259,6 +261,17 @@ def test_merge_bakes_the_lora_in_and_the_pipeline_loads_the_file(
     bfl = load_file(tmp_path / "bfl.safetensors")
     want = to_original_names(load_file(tmp_path / "merged_float32.safetensors"), "flux")
     assert bfl.keys() == want.keys() and all(torch.equal(bfl[k], want[k]) for k in bfl)
+    # fp8 (ComfyUI's fp8-scaled layout): qflux's transformer_file keeps it fp8, each weight within fp8's rounding
+    main(["merge", str(comfy), f"--into={tiny_flux_dir}", "--family=flux_kontext", "--dtype=fp8",
+          f"--out={tmp_path / 'fp8.safetensors'}"])  # fmt: skip
+    full = load_file(tmp_path / "merged_float32.safetensors")
+    models = load_flux_kontext(tiny_flux_dir, torch.float32, include=("transformer",),
+                               files={"transformer": tmp_path / "fp8.safetensors"})  # fmt: skip
+    stored = {n: m for n, m in models.transformer.named_modules() if isinstance(m, Float8StorageLinear)}
+    assert len(stored) == sum(1 for k, v in full.items() if k.endswith(".weight") and v.ndim == 2)
+    for name, m in stored.items():
+        w = m.weight.float() * m.weight_scale
+        assert (w - full[f"{name}.weight"]).abs().max() <= full[f"{name}.weight"].abs().max() / 8  # e4m3: 3 bits
 
 
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
