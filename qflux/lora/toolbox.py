@@ -124,7 +124,14 @@ def output_path(out: str | Path, inputs: Sequence[str | Path]) -> Path:
 
 
 def inspect_lines(path: str | Path) -> list[str]:
-    """What ``inspect`` prints: the spelling, the layers, ranks and targets, and each layer's ‖ΔW‖_F."""
+    """What ``inspect`` prints: the spelling, the layers, ranks and targets, and each layer's ‖ΔW‖_F (LoKr, LoHa and
+    DoRA files: their kind, settings, layers and targets)."""
+    kind, meta, stored = read_adapter_file(path, "the LoRA file")
+    if kind != "lora":
+        stems = sorted({k.rsplit(".", 1)[0].split(".lora_")[0] for k in stored if not k.endswith(".alpha")})
+        settings = ", ".join(f"{k} {meta[k]}" for k in ("r", "lora_alpha", "alpha", "decompose_both") if k in meta)
+        return [f"file      {path}", f"kind      {kind}, {len(stems)} layers, {settings}",
+                f"targets   {', '.join(sorted({_target(s) for s in stems}))}"]  # fmt: skip
     lora = read_lora_file(path)
     ranks = sorted({a.shape[0] for a, _ in lora.layers.values()})
     targets = sorted({_target(s) for s in lora.layers})

@@ -275,7 +275,7 @@ def test_merge_bakes_the_lora_in_and_the_pipeline_loads_the_file(
 
 
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
-def test_convert_a_lycoris_file_is_the_runs_other_file(tiny_flux_dir: Path, tmp_path: Path, kind: str) -> None:
+def test_convert_a_lycoris_file_is_the_runs_other_file(tiny_flux_dir: Path, tmp_path: Path, kind: str, capsys) -> None:
     out = tmp_path / "run"
     train(load_config(FluxKontextConfig, None, {
         "model.pretrained_model_name_or_path": str(tiny_flux_dir), "model.dtype": "float32",
@@ -285,6 +285,8 @@ def test_convert_a_lycoris_file_is_the_runs_other_file(tiny_flux_dir: Path, tmp_
     model = ["--family=flux_kontext", f"--model={tiny_flux_dir}"]
     pairs = {"comfyui": (LORA_WEIGHT_NAME, "pytorch_lora_weights_comfyui.safetensors"),
              "diffusers": ("pytorch_lora_weights_comfyui.safetensors", LORA_WEIGHT_NAME)}  # fmt: skip
+    main(["inspect", str(out / LORA_WEIGHT_NAME)])
+    assert f"kind      {kind}, " in capsys.readouterr().out
     for to, (src, want) in pairs.items():
         main(["convert", str(out / src), f"--to={to}", *model, f"--out={tmp_path / to}.safetensors"])
         got, expected = load_file(tmp_path / f"{to}.safetensors"), load_file(out / want)
