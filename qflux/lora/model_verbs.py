@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qflux.config.errors import QfluxError
-from qflux.lora.comfyui_keys import key_map
+from qflux.lora.comfyui_keys import delta, key_map
 from qflux.lora.formats import NAMINGS, Naming, layer_names, module_out_features, split_lora, to_comfyui
 from qflux.lora.kinds import lycoris_modules, lycoris_stem, read_adapter_file
 from qflux.lora.original_names import to_original_names
@@ -124,8 +124,8 @@ def _convert_lycoris(path: str | Path, stored: Mapping[str, torch.Tensor], to: s
 
 def merge_file(path: str | Path, model: str | Path, transformer: Any, naming: Naming, out: str | Path,
                dtype: torch.dtype = torch.bfloat16, original: bool = False) -> tuple[Path, int]:  # fmt: skip
-    """The transformer of ``model`` (a diffusers folder, or its transformer folder) with the LoRA baked in,
-    W ← W + ΔW for each adapted layer (computed in float32), as one safetensors file in ``dtype`` (float8_e4m3fn:
+    """The transformer of ``model`` (a diffusers folder, or its transformer folder) with the adapter (any kind qflux
+    writes: :func:`_merged_weights`) baked in, computed in float32, as one safetensors file in ``dtype`` (float8_e4m3fn:
     :func:`fp8_scaled`): diffusers names,
     or with ``original`` the model's original (BFL) ones, the layout of BFL's and ComfyUI's checkpoints
     (:func:`qflux.lora.original_names.to_original_names`); ``from_single_file`` loads either with the folder's config.
@@ -135,19 +135,14 @@ def merge_file(path: str | Path, model: str | Path, transformer: Any, naming: Na
         transformer: ``model``'s transformer, any device (its names and widths map the file's layers).
 
     Raises:
-        QfluxError: not a LoRA, a LoRA of another model, or a folder without the transformer's weights.
+        QfluxError: an adapter of another model, or a folder without the transformer's weights.
     """
     folder = Path(model)
     folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
     weights = read_weights(folder)
-    deltas = _model_deltas(path, transformer, naming)
-    missing = [m for m in deltas if f"{m}.weight" not in weights]
-    if missing:
-        raise QfluxError(f"'{folder}' has no weight {missing[0]}.weight: not the model '{path}' adapts")
-    merged = dict(weights)
-    for module, (a, b) in deltas.items():
-        w = weights[f"{module}.weight"]
-        merged[f"{module}.weight"] = w.float() + b.float() @ a.float()  # W + B·A
+    merged, changed = dict(weights), _merged_weights(path, transformer, naming, weights)
+    for module, new in changed.items():
+        merged[f"{module}.weight"] = new
     if original:
         merged = to_original_names(merged, naming)
     target = output_path(out, [path, *sorted(folder.glob("*.safetensors"))])
@@ -158,7 +153,53 @@ def merge_file(path: str | Path, model: str | Path, transformer: Any, naming: Na
     else:
         stored = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in merged.items()}
     save_file(stored, str(target), metadata={"format": "pt", TOOL_KEY: json.dumps(made)})
-    return target, len(deltas)
+    return target, len(changed)
+
+
+def _merged_weights(path: str | Path, transformer: Any, naming: Naming, weights: Mapping[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """{diffusers module: its weight with the adapter baked in, float32} for a file of any kind qflux writes:
+    LoRA W + B·A; LoKr and LoHa W + ΔW as ComfyUI's weight adapters compute it (the same as peft's:
+    tests/qflux/test_comfyui_names.py); DoRA m ⊙ V / ‖V‖ with V = W + (α/r)·B·A (norms over each output row).
+
+    Raises:
+        QfluxError: a file of another model.
+    """
+    kind, meta, stored = read_adapter_file(path, "the LoRA file")
+    if kind == "lora":
+        updates = {m: b.float() @ a.float() for m, (a, b) in _model_deltas(path, transformer, naming).items()}
+    elif kind == "dora":
+        scale = float(meta["lora_alpha"]) / float(meta["r"])
+        updates = {}
+        for key in [k for k in stored if k.endswith(".lora_magnitude_vector")]:
+            stem = key.removesuffix(".lora_magnitude_vector")
+            module = stem.removeprefix("transformer.")
+            w = _weight(weights, module, path)
+            v = w + scale * stored[f"{stem}.lora_B.weight"].float() @ stored[f"{stem}.lora_A.weight"].float()
+            updates[module] = stored[key].float()[:, None] * v / v.norm(dim=1, keepdim=True) - w  # m ⊙ V/‖V‖ − W
+    else:
+        linear = [p for p, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+        modules = lycoris_modules(linear, naming)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in stored.items():
+            stem, leaf = key.rsplit(".", 1)
+            if stem not in modules:
+                raise QfluxError(f"'{path}' adapts '{stem}', which the model does not have: it was trained for another "
+                                 "model; give --into the model it was trained on")  # fmt: skip
+            parts.setdefault(modules[stem], {})[leaf] = t
+        updates = {m: delta(p) for m, p in parts.items()}
+    return {m: _weight(weights, m, path) + d for m, d in updates.items()}
+
+
+def _weight(weights: Mapping[str, torch.Tensor], module: str, path: str | Path) -> torch.Tensor:
+    """A module's weight, float32.
+
+    Raises:
+        QfluxError: the model has no such weight (the file adapts another model).
+    """
+    if f"{module}.weight" not in weights:
+        raise QfluxError(f"the model has no weight {module}.weight: '{path}' adapts another model")
+    return weights[f"{module}.weight"].float()
 
 
 FP8_MAX = 448.0

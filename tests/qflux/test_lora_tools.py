@@ -291,3 +291,30 @@ def test_convert_a_lycoris_file_is_the_runs_other_file(tiny_flux_dir: Path, tmp_
         main(["convert", str(out / src), f"--to={to}", *model, f"--out={tmp_path / to}.safetensors"])
         got, expected = load_file(tmp_path / f"{to}.safetensors"), load_file(out / want)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha", "dora"])
+def test_merge_bakes_in_every_kind_as_predict_applies_it(tiny_flux_dir: Path, tmp_path: Path, kind: str) -> None:
+    from PIL import Image
+
+    from recipes.flux_kontext_lora import main as recipe
+
+    out = tmp_path / "run"
+    train(load_config(FluxKontextConfig, None, {
+        "model.pretrained_model_name_or_path": str(tiny_flux_dir), "model.dtype": "float32",
+        "model.max_sequence_length": 8, "train.max_train_steps": 2, "model.lora.kind": kind, "optimizer.lr": 0.05,
+        "train.lora_format": "diffusers", "logging.output_dir": str(out), "logging.write_sample": False,
+        "logging.report_to": "none",
+    }))  # fmt: skip
+    main(["merge", str(out / LORA_WEIGHT_NAME), f"--into={tiny_flux_dir}", "--family=flux_kontext", "--dtype=float32",
+          f"--out={tmp_path / 'merged.safetensors'}"])  # fmt: skip
+    Image.new("RGB", (32, 32), (200, 40, 90)).save(tmp_path / "c.png")
+    common = [f"--image={tmp_path / 'c.png'}", "--prompt=invert", "--num_inference_steps=2", "--model.dtype=float32",
+              f"--model.pretrained_model_name_or_path={tiny_flux_dir}", "--model.max_sequence_length=8"]  # fmt: skip
+    images = {}
+    for name, extra in {"base": [], "adapter": [f"--lora={out / LORA_WEIGHT_NAME}"],
+                        "merged": [f"--model.transformer_file={tmp_path / 'merged.safetensors'}"]}.items():  # fmt: skip
+        recipe(["predict", *common, *extra, f"--out={tmp_path / name}.png"])
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
+    assert np.abs(images["merged"] - images["adapter"]).max() <= 1
+    assert np.abs(images["adapter"] - images["base"]).max() > 1  # the adapter moved the image
