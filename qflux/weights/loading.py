@@ -17,10 +17,11 @@ from typing import Any, Generic, TypeVar
 import attrs
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from qflux.config.errors import QfluxError
 from qflux.weights.folders import resolve_model_dir
-from qflux.weights.quantize import load_prequantized, prequantized_kind, quantize_frozen, share_code_tables
+from qflux.weights.quantize import FP8, load_prequantized, prequantized_kind, quantize_frozen, share_code_tables
 
 
 def component_folder(model_path: str | Path, subfolder: str, *, pipeline: str) -> Path:
@@ -109,10 +110,12 @@ def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: 
     single = partial(cls.from_single_file, str(file), config=str(path), subfolder=subfolder, dtype=weight_dtype)
     if file.suffix.lower() == ".gguf":
         load = partial(single, quantization_config=_gguf_config(file, weight_dtype))
-    elif _check_shapes(cls, file, path / subfolder) and _holds_fp8(file):
-        # fp8 e4m3fn in diffusers names (ComfyUI's, or fp8-scaled): kept in fp8, never upcast
-        load = partial(load_prequantized, cls, path / subfolder, weight_dtype, "fp8", files=[file])
+    elif _holds_fp8(file):  # fp8 e4m3fn (ComfyUI's, or fp8-scaled): kept in fp8, never upcast
+        own = _check_shapes(cls, file, path / subfolder)
+        sd = None if own else _converted_fp8(cls, file, path / subfolder)
+        load = partial(load_prequantized, cls, path / subfolder, weight_dtype, "fp8", files=[file], state_dict=sd)
     else:
+        _check_shapes(cls, file, path / subfolder)
         load = single
     try:
         module = load()
@@ -167,6 +170,37 @@ def stored_bytes(file: str | Path) -> tuple[int, str]:
                 by_kind[sl.get_dtype()] = by_kind.get(sl.get_dtype(), 0) + n
     kinds = sorted(by_kind, key=by_kind.__getitem__, reverse=True)
     return sum(by_kind.values()), ", ".join(kinds)
+
+
+def _converted_fp8(cls: Any, file: Path, folder: Path) -> dict[str, torch.Tensor]:
+    """An fp8 file in the original names, through diffusers' own converter for ``cls`` with its fp8 tensors as they
+    are (the converter only renames, stacks, splits and swaps rows): the diffusers-named state dict, each fp8 weight
+    with the scale of the original weight its rows came from (``<module>.scale_weight``).
+
+    Which original tensor a converted one came from is read by converting a second checkpoint of markers: each
+    tensor replaced by its index, one value per row, which the converter moves as it moves the rows.
+    """
+    # deferred: diffusers is a heavy import
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
+    config = dict(cls.load_config(folder))
+    raw = load_file(str(file))
+    scales = {}
+    for key in [k for k in raw if k.endswith(SCALES)]:
+        t = raw.pop(key)
+        if key != "scaled_fp8":  # the marker of ComfyUI's fp8-scaled files
+            scales[key.rsplit(".", 1)[0]] = t
+    names = list(raw)
+    markers = {k: torch.full((v.shape[0],), float(i)) if v.ndim else v.float() for i, (k, v) in enumerate(raw.items())}
+    converted = convert(checkpoint=raw, config=config)
+    sources = convert(checkpoint=markers, config=config)
+    for key, t in list(converted.items()):
+        if t.dtype != FP8 or not key.endswith(".weight"):
+            continue
+        source = names[int(sources[key].reshape(-1)[0])].removesuffix(".weight")
+        converted[key.removesuffix(".weight") + ".scale_weight"] = scales.get(source, torch.ones(1))
+    return converted
 
 
 def _holds_fp8(file: Path) -> bool:

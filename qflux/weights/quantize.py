@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -300,12 +300,14 @@ def prequantized_kind(folder: Path) -> str | None:
     return None
 
 
-def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str, files: Sequence[Path] = ()) -> Any:
+def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str, files: Sequence[Path] = (),
+                      state_dict: Mapping[str, torch.Tensor] | None = None) -> Any:  # fmt: skip
     """A model whose linear layers are read quantized from a pre-quantized checkpoint (see
     :func:`prequantized_kind`); every other tensor is cast to ``dtype``.
 
     Args:
         files: the checkpoint's files (default: the folder's ``*.safetensors``); the folder gives the config.
+        state_dict: the checkpoint's tensors themselves (instead of files).
 
     Raises:
         QfluxError: the checkpoint lacks tensors the model needs (names the first ones).
@@ -314,8 +316,8 @@ def load_prequantized(cls: Any, folder: Path, dtype: torch.dtype, kind: str, fil
     config = dict(cls.load_config(folder))
     config.pop("quantization_config", None)
     model = _empty_model(cls, config, dtype)
-    sd: dict[str, torch.Tensor] = {}
-    for f in files or _checkpoint_files(folder):
+    sd: dict[str, torch.Tensor] = dict(state_dict or {})
+    for f in () if state_dict is not None else files or _checkpoint_files(folder):
         sd.update(load_file(str(f)))
     replaced: set[str] = set()
     for name, m in list(model.named_modules()):

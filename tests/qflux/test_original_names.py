@@ -79,3 +79,29 @@ def test_klein_trains_on_its_bfl_file_as_on_the_folder(klein: Path, tmp_path: Pa
     folder, filed = run("folder"), run("file", **{"model.transformer_file": str(tmp_path / "bfl.safetensors")})
     assert folder.losses == filed.losses
     assert all(torch.equal(folder.state.lora[k], filed.state.lora[k]) for k in folder.state.lora)
+
+
+def test_an_fp8_scaled_bfl_file_stays_fp8_through_diffusers_converter(klein: Path, tmp_path: Path) -> None:
+    """ComfyUI's usual file: BFL names, fp8-scaled. The converter moves its fp8 rows as they are, each converted
+    weight keeps the scale of the fused weight its rows came from: the model's dequantized weights are the file's."""
+    from qflux.lora.model_verbs import fp8_scaled
+    from qflux.models.flux2_klein.loaders import load_flux2_klein
+    from qflux.weights.quantize import Float8StorageLinear
+
+    bfl = fp8_scaled(to_original_names(_weights(klein), "flux2"))
+    save_file(bfl, str(tmp_path / "flux2-klein-tiny_fp8_scaled.safetensors"))
+    models = load_flux2_klein(klein, torch.float32, include=("transformer",),
+                              files={"transformer": tmp_path / "flux2-klein-tiny_fp8_scaled.safetensors"})  # fmt: skip
+    stored = {n: m for n, m in models.transformer.named_modules() if isinstance(m, Float8StorageLinear)}
+    assert stored and not any(type(m) is torch.nn.Linear for m in models.transformer.modules())  # none upcast
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    dequantized = {}
+    for k, v in bfl.items():
+        if not k.endswith(("scale_weight", "scaled_fp8")):
+            fp8 = v.dtype == torch.float8_e4m3fn
+            dequantized[k] = v.float() * bfl[k.removesuffix(".weight") + ".scale_weight"] if fp8 else v.float()
+
+    want = convert_flux2_transformer_checkpoint_to_diffusers(dequantized)
+    for name, m in stored.items():
+        assert torch.equal(m.weight.float() * m.weight_scale, want[f"{name}.weight"]), name
