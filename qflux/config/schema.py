@@ -58,7 +58,7 @@ class ModelSection:
     transformer_file: str | None = None
     """A single file that replaces the folder's transformer weights, the folder still giving its config and every
     other component: .safetensors in diffusers names or the original BFL / Qwen ones (diffusers' ``from_single_file``
-    converts them; an fp8 e4m3fn file in diffusers names, plain or fp8-scaled, stays fp8), or .gguf (kept quantized;
+    converts them; an fp8 e4m3fn file, plain or fp8-scaled, stays fp8), or .gguf (kept quantized;
     pip install 'qflux[gguf]'). null: the folder's own transformer."""
     quantize_text_encoders: bool = False
     """Also store the text encoders' linear weights as model.quantize says, wherever they load:
