@@ -182,6 +182,7 @@ def test_plan_reports_the_files_stored_bytes(tiny_flux_dir: Path, tmp_path: Path
     save_file(weights, str(files["bf16"]))
     save_file(_fp8_scaled(weights), str(files["fp8"]))
     files["q4"] = _gguf(weights, tmp_path / "q4.gguf", "Q4_0")
+    files["q4k"] = _gguf(weights, tmp_path / "q4k.gguf", "Q4_K")
 
     def plan(*more: str) -> dict:  # type: ignore[type-arg]
         try:
@@ -195,7 +196,12 @@ def test_plan_reports_the_files_stored_bytes(tiny_flux_dir: Path, tmp_path: Path
     scales = _fp8_scaled(weights).keys() - weights.keys()  # one float32 scale_weight per fp8 layer
     saved = sum(weights[k.replace(".scale_weight", ".weight")].numel() for k in scales)  # 2 bytes → 1 each
     assert stored["bf16"] - stored["fp8"] == saved - 4 * len(scales)
-    assert stored["q4"] < stored["fp8"] and got["fp8"]["transformer_file"]["stored_as"].startswith("F8_E4M3")
+    assert stored["q4"] < stored["fp8"]
+    # the file's own bytes: Q4_K's 144 per 256 weights (0.28 of bf16's 512), float32 elsewhere
+    q4k = sum(
+        v.numel() * 144 // 256 if v.ndim == 2 and v.shape[1] % 256 == 0 else v.numel() * 4 for v in weights.values()
+    )
+    assert stored["q4k"] == q4k and got["fp8"]["transformer_file"]["stored_as"].startswith("F8_E4M3")
     assert got["fp8"]["peak_gib"] == plan("--model.quantize=fp8")["peak_gib"]
     assert got["bf16"]["peak_gib"] == plan()["peak_gib"]
 
