@@ -89,9 +89,7 @@ def reference_rows(cls: type, prefix: str = "", instance: Any = None) -> list[tu
             rows += reference_rows(f.type, key + ".", sub)
             continue
         if f.name not in docs:
-            raise ValueError(
-                f"config key '{key}' has no docstring in {cls.__name__}: document it in qflux/config/schema.py"
-            )
+            raise ValueError(f"config key '{key}' has no docstring in {cls.__name__}: document it in {cls.__module__}")
         annotation, doc = docs[f.name]
         rows.append((key, annotation.replace("|", "\\|"), _default(f, instance), doc))
     return rows

@@ -22,7 +22,7 @@ from typing import Literal
 
 import attrs
 
-from qflux.config.schema import DataConfig
+from qflux.config.data import DataConfig
 from qflux.data.buckets import Box, Size, cover_box
 
 Sizing = Literal["target", "own", "keep"]

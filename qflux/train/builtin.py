@@ -17,8 +17,8 @@ from pathlib import Path
 
 import attrs
 
+from qflux.config.data import BUILTIN_SYNTHETIC_DATASET
 from qflux.config.errors import QfluxError
-from qflux.config.schema import BUILTIN_SYNTHETIC_DATASET
 from qflux.data.synthetic import make_synthetic_pairs
 
 SYNTHETIC_TRAIN = 24

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from qflux.config.data import DataConfig
 from qflux.config.errors import QfluxError
-from qflux.config.schema import DataConfig
 from qflux.data.checks import size_warnings
 from qflux.data.controls import ControlRule, ControlSizes, fit_size
 from qflux.data.pairs import PairRule
