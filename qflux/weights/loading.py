@@ -111,15 +111,13 @@ def single_file(cls: Any, file: Path, path: Path, subfolder: str, weight_dtype: 
     if file.suffix.lower() == ".gguf":
         load = partial(single, quantization_config=_gguf_config(file, weight_dtype))
     elif _holds_fp8(file):  # fp8 e4m3fn (ComfyUI's, or fp8-scaled): kept in fp8, never upcast
-        own = _check_shapes(cls, file, path / subfolder)
-        sd = None if own else _converted_fp8(cls, file, path / subfolder)
-        load = partial(load_prequantized, cls, path / subfolder, weight_dtype, "fp8", files=[file], state_dict=sd)
+        load = partial(_fp8, cls, file, path / subfolder, weight_dtype, _check_shapes(cls, file, path / subfolder))
     else:
         _check_shapes(cls, file, path / subfolder)
         load = single
     try:
         module = load()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:  # diffusers' converters
         raise QfluxError(
             f"could not load model.transformer_file '{file}' as the {subfolder} of '{path}': {e}"
         ) from None
@@ -170,6 +168,13 @@ def stored_bytes(file: str | Path) -> tuple[int, str]:
                 by_kind[sl.get_dtype()] = by_kind.get(sl.get_dtype(), 0) + n
     kinds = sorted(by_kind, key=by_kind.__getitem__, reverse=True)
     return sum(by_kind.values()), ", ".join(kinds)
+
+
+def _fp8(cls: Any, file: Path, folder: Path, weight_dtype: torch.dtype, own_names: bool) -> Any:
+    """An fp8 file's model with its linear layers kept in fp8 (:func:`load_prequantized`): in the model's own names
+    as it is, in the original ones through diffusers' converter (:func:`_converted_fp8`)."""
+    sd = None if own_names else _converted_fp8(cls, file, folder)
+    return load_prequantized(cls, folder, weight_dtype, "fp8", files=[file], state_dict=sd)
 
 
 def _converted_fp8(cls: Any, file: Path, folder: Path) -> dict[str, torch.Tensor]:
