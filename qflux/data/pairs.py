@@ -202,13 +202,15 @@ def _report(
 
 def exactly_sized(sample: PairSample, max_pixels: int | None, multiple: int, control: ControlSizes = OWN) -> PairSample:
     """``sample`` with the target at its own aspect, scaled down to ``max_pixels`` and floored to ``multiple``
-    (:func:`fit_size`), uncropped; each control as ``control`` says (:meth:`ControlSizes.size` at the area
-    ``max_pixels``), cropped only where it takes another aspect's size (``target``)."""
+    (:func:`fit_size`), uncropped; each control as ``control`` says (:meth:`ControlSizes.size` at the target's area,
+    at most ``max_pixels``, as the buckets' area is at most the largest target's), cropped only where it takes another
+    aspect's size (``target``)."""
     target = image_size(sample.target)
     size = fit_size(*target, max_pixels, multiple)
     sizes, boxes = [], []
     for source in map(image_size, sample.controls):
-        c = control.size(source, size, multiple, area=max_pixels, target_source=target)
+        area = target[0] * target[1] if max_pixels is None else min(max_pixels, target[0] * target[1])  # never above it
+        c = control.size(source, size, multiple, area=area, target_source=target)
         sizes.append(c)
         boxes.append(crop_box(source, c) if control.sizing == "target" and source != target else None)
     return attrs.evolve(sample, control_sizes=tuple(sizes), target_size=size, control_boxes=tuple(boxes))

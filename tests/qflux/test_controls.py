@@ -179,3 +179,13 @@ def test_qwen_predict_sizes_controls_by_the_training_rule() -> None:
     small = rule.at_inference(DataConfig(max_pixels=128 * 128))
     _, _, sizes, out = control_inputs(images, "edit_plus", proc, small)
     assert all(w * h <= 1.1 * 128 * 128 for w, h in sizes) and out == sizes[-1]
+
+
+def test_exact_sizing_never_enlarges_a_control_past_its_targets_area(tmp_path: Path) -> None:
+    """With buckets: exact and data.max_pixels far above the pair, Qwen's own-aspect control is at its target's area
+    (as the buckets' area is at most the largest target's), not enlarged to max_pixels."""
+    root = _pair(tmp_path, (200, 150), (150, 210))
+    data = DataConfig(dataset_path=str(root), buckets="exact")  # max_pixels 1024²
+    (sample,) = samples_at(FluxKontextConfig(data=data), 16, RULES["qwen_edit"])
+    w, h = sample.control_sizes[0]
+    assert w * h <= 1.2 * 200 * 150 and h > w  # calculate_dimensions at 200·150 px: rounded to 32, its own aspect
