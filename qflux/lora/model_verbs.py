@@ -40,8 +40,7 @@ def loader_lines(path: str | Path, transformer: Any, naming: Naming) -> list[str
     applies (its own names; ComfyUI and kohya names go through its converter, which is not run here); each with the
     stems it drops."""
     lora = read_lora_file(path)
-    down, up = SPELLINGS[lora.spelling]
-    sd = {k: t for stem, (a, b) in lora.layers.items() for k, t in ((stem + down, a), (stem + up, b))}
+    sd = lora.tensors()
     _, unknown = split_lora(sd, None, layer_names(transformer, naming), module_out_features(transformer),
                             NAMINGS[naming].swapped)  # fmt: skip
     stems = list(lora.layers)
@@ -228,8 +227,7 @@ def _model_deltas(path: str | Path, transformer: Any, naming: Naming) -> dict[st
         QfluxError: the file adapts modules the model lacks, or does not fit its widths.
     """
     lora = read_lora_file(path)
-    down, up = SPELLINGS[lora.spelling]
-    sd = {k: t for stem, (a, b) in lora.layers.items() for k, t in ((stem + down, a), (stem + up, b))}
+    sd = lora.tensors()
     widths = module_out_features(transformer)
     try:
         deltas, unknown = split_lora(sd, None, layer_names(transformer, naming), widths, NAMINGS[naming].swapped)

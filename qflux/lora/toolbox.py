@@ -44,6 +44,11 @@ class LoraFile:
     spelling: Spelling
     metadata: dict[str, str]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The layers under their spelling's down / up keys (the scale folded in: α = r)."""
+        down, up = SPELLINGS[self.spelling]
+        return {k: t for stem, (a, b) in self.layers.items() for k, t in ((stem + down, a), (stem + up, b))}
+
 
 def read_lora_file(path: str | Path) -> LoraFile:
     """The layers of a LoRA file of any spelling (:class:`LoraFile`).
@@ -90,12 +95,9 @@ def write_lora_file(lora: LoraFile, out: str | Path, inputs: Sequence[str | Path
         QfluxError: ``out`` is one of ``inputs`` (an input is never written over).
     """
     path = output_path(out, inputs)
-    down_end, up_end = SPELLINGS[lora.spelling]
-    sd: dict[str, torch.Tensor] = {}
-    for stem, (a, b) in lora.layers.items():
-        sd[stem + down_end], sd[stem + up_end] = a.contiguous(), b.contiguous()
-        if lora.spelling != "diffusers":
-            sd[stem + ".alpha"] = torch.tensor(float(a.shape[0]))
+    sd = {k: t.contiguous() for k, t in lora.tensors().items()}
+    if lora.spelling != "diffusers":
+        sd |= {stem + ".alpha": torch.tensor(float(a.shape[0])) for stem, (a, _) in lora.layers.items()}
     metadata = {**lora.metadata, "format": "pt", TOOL_KEY: json.dumps(dict(made_by))}
     if "lora_adapter_metadata" in metadata:  # the peft config: α = r for every layer (scale 1)
         ranks = {module_name(s): a.shape[0] for s, (a, _) in lora.layers.items()}
