@@ -1,7 +1,7 @@
 """Step time and memory of qflux's train step, eager and compiled, against the diffusers reference loop.
 
     python benchmarks/train_step.py [--config=small|full] [--steps=10] [--warmup=2]
-                                    [--dtypes=bfloat16,float32] [--compile=regional|full|none] [--fp8]
+                                    [--dtypes=bfloat16,float32] [--compile=regional|full|none] [--fp8] [--profile=N]
 
 On the same weights (shared tensors) and batches, interleaved after warm-up, it times:
   (a) qflux eager (the default on CPU): ``make_train_step`` on a transformer prepared as the recipe
@@ -28,7 +28,9 @@ width 3072) with random weights, 1024×1024 target and control (128×128 latents
 rank 16, batch 1, gradient checkpointing on; adds MFU (model FLOPs counted by torch's
 ``FlopCounterMode`` on one forward, times 2 for the input-gradient backward; the frozen base takes
 no weight gradient and recomputation is not counted) against the card's dense bf16 peak. ``--fp8``
-adds (d): the compiled step with ``train.fp8_matmul``.
+adds (d): the compiled step with ``train.fp8_matmul``. ``--profile=N`` then runs N more steps of the eager step and
+of the reference under ``torch.profiler`` and prints where their time goes: each kind of op's share of the self CPU
+(or CUDA) time (:data:`OP_KINDS`) and the top ops; the RESULT line gains ``profile_<variant>_<kind>_pct``.
 """
 
 from __future__ import annotations
@@ -160,8 +162,51 @@ def _forward_flops(tr, batch) -> float:
     return float(counter.get_total_flops())
 
 
+OP_KINDS = {
+    "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int", "aten::mkldnn_"),
+    "attention": ("scaled_dot_product", "attention", "aten::_softmax", "aten::softmax"),
+    "copy_cast": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::to", "aten::cat",
+                  "aten::stack", "aten::fill_", "aten::zero_", "aten::empty", "aten::index"),
+    "norm": ("layer_norm", "rms_norm", "group_norm", "aten::rsqrt", "aten::var", "aten::mean", "aten::pow"),
+    "optimizer": ("_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt"),
+}  # fmt: skip
+"""Kinds of op by name prefix or part (first match wins); everything else (elementwise, rope, views) is "other"."""
+
+
+def op_kind(name: str) -> str:
+    """The :data:`OP_KINDS` kind of a profiler op name, or "other"."""
+    return next((kind for kind, parts in OP_KINDS.items() if any(p in name for p in parts)), "other")
+
+
+def profile_step(fn, batches, device: torch.device, label: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Self time per op kind (percent of the total) over ``batches``, and the top ops printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for b in batches:
+            fn(b)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr)) for e in prof.key_averages()]
+    total = sum(t for _, t in events) or 1.0
+    shares: dict[str, float] = {}
+    for name, t in events:
+        shares[op_kind(name)] = shares.get(op_kind(name), 0.0) + 100.0 * t / total
+    print(f"profile {label}: " + ", ".join(f"{k} {v:.1f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
+    for name, t in sorted(events, key=lambda e: -e[1])[:8]:
+        print(f"    {100.0 * t / total:5.1f}%  {name}  ({op_kind(name)})")
+    return shares
+
+
 def bench_dtype(
-    config: str, dtype_name: str, steps: int, warmup: int, compile: str, fp8: bool, device: torch.device
+    config: str,
+    dtype_name: str,
+    steps: int,
+    warmup: int,
+    compile: str,
+    fp8: bool,
+    device: torch.device,
+    profile: int = 0,
 ) -> dict[str, float]:
     """Time and measure every variant for one frozen-weight dtype; returns the figures."""
     import tempfile
@@ -248,6 +293,10 @@ def bench_dtype(
                 mem[name] = max(mem[name], rss.rise)
                 peak_rss = max(peak_rss, rss.peak)
     med = {k: statistics.median(v) for k, v in times.items()}
+    profiled = {}
+    for name in ("eager", "reference") if profile else ():
+        batches = [_batch(warmup + steps + i, shape, device) for i in range(profile)]
+        profiled[name] = profile_step(variants[name], batches, device, f"{dtype_name} {name}")
     unit = "GB" if device.type == "cuda" else "MB (rise)"
     for k in variants:
         print(f"{dtype_name:9s} {k:13s} median {med[k]:.4f} s/step  peak {mem[k]:.2f} {unit}", flush=True)
@@ -263,6 +312,8 @@ def bench_dtype(
         out["compiled_vs_eager"] = med["eager"] / med["compiled"]
     out["mem_vs_reference"] = mem[best] / max(mem["reference"], 1e-9)
     out["warmup_s"] = warm_s
+    for name, shares in profiled.items():
+        out |= {f"profile_{name}_{kind}_pct": pct for kind, pct in shares.items()}
     if config == "full":
         flops = 2 * _forward_flops(base, _batch(0, shape, device))
         name = torch.cuda.get_device_name(device)
@@ -281,6 +332,7 @@ def main(
     dtypes: str | tuple[str, ...] = "bfloat16,float32",
     compile: str = "regional",
     fp8: bool = False,
+    profile: int = 0,
 ) -> None:
     """Run every dtype, print the per-variant figures and one RESULT line."""
     if config not in ("small", "full"):
@@ -292,7 +344,7 @@ def main(
     started = time.perf_counter()
     parts = [f"name=train_step_{config}", f"compile={compile}"]
     for i, name in enumerate(names):
-        figures = bench_dtype(config, name, steps, warmup, compile, fp8, device)
+        figures = bench_dtype(config, name, steps, warmup, compile, fp8, device, profile)
         prefix = "" if i == 0 else f"{name}_"
         parts += [f"{prefix}{k}={v:.4f}" if k.endswith("_s") or "vs" in k else f"{prefix}{k}={v:.3f}"
                   for k, v in figures.items()]  # fmt: skip
