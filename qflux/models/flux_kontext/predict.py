@@ -26,11 +26,6 @@ from qflux.models.flux_kontext.loss import token_layout, velocity
 from qflux.weights.dtypes import compute_dtype
 
 
-def default_size(image: Image.Image, multiple: int) -> tuple[int, int]:
-    """(width, height) of ``image`` floored to multiples of ``multiple``: the default output size."""
-    return max(multiple, image.width // multiple * multiple), max(multiple, image.height // multiple * multiple)
-
-
 @torch.inference_mode()
 def predict(
     models: FluxKontextModels,
@@ -66,8 +61,7 @@ def predict(
         The edited image, [height, width, 3] float32 in [0, 1].
     """
     multiple = size_multiple(models.vae.config)
-    cw, ch = default_size(image, multiple)
-    out = fit_size(width or cw, height or ch, None, multiple)
+    out = fit_size(width or image.width, height or image.height, None, multiple)  # default: the control's, floored
     size, box = (control or ControlSizes()).at_output(image.size, out, multiple)
     pos = encode_prompt_with(models, [prompt], max_sequence_length)
     neg = None
