@@ -223,6 +223,18 @@ class TrainConfig:
     unmasked_weight: float = attrs.field(default=0.25, validator=non_negative)
     """The loss weight outside the mask (1 inside): loss = Σ p·(v̂ − v)² / Σ p, p = w + (1 − w)·mask.
     1 makes ``loss_mask`` change nothing."""
+    route: Literal["none", "tread"] = attrs.field(default="none", validator=v.in_(("none", "tread")))
+    """Token routing (SimpleTuner's TREAD): each step, a random route_ratio of the target image's tokens skips
+    the blocks route_blocks and rejoins after them; control and text tokens always go through, predict and
+    validation route nothing. Less work a step; what it does to learning: docs/what_options_do.md."""
+    route_ratio: float = attrs.field(default=0.5, validator=v.and_(v.ge(0.0), v.lt(1.0)))
+    """tread: the share r of target tokens that skip (round(r·N) of N; 0 routes none)."""
+    route_blocks: tuple[int, int] = attrs.field(default=(2, -2), converter=tuple)
+    """tread: [first, last] repeated blocks routed, inclusive, in forward order (FLUX.1 and FLUX.2: double
+    blocks, then single ones); negative counts from the end."""
+    route_keep_changed: bool = True
+    """tread with loss_mask: tokens where the change mask is set are never skipped while the region
+    covers at most 1 − route_ratio of the image."""
     save_dtype: Dtype = attrs.field(default="float32", validator=v.in_(DTYPES))
     """dtype of the saved LoRA tensors."""
     checkpointing_steps: int = attrs.field(default=50, validator=non_negative)
@@ -242,9 +254,15 @@ class TrainConfig:
             "mode_scale": (self.timestep_sampling == "mode", sampler + "mode"),
             "timestep_shift": (self.timestep_sampling == "shift", sampler + "shift"),
             "huber_c": (self.loss != "mse", "train.loss: huber or pseudo_huber"),
+            "route_ratio": (self.route == "tread", "train.route: tread"),
+            "route_blocks": (self.route == "tread", "train.route: tread"),
+            "route_keep_changed": (self.route == "tread" and self.loss_mask != "none",
+                                   "train.route: tread with train.loss_mask: masks or auto"),
             "preserve_weight": (self.preserve == "base" or self.preserve_prompt is not None,
                                 "train.preserve: base or train.preserve_prompt"),
         })  # fmt: skip
+        if len(self.route_blocks) != 2 or not all(isinstance(i, int) for i in self.route_blocks):
+            raise ValueError(f"train.route_blocks: {list(self.route_blocks)} must be two block indices [first, last]")
         if self.preserve == "base" and self.loss_mask == "none":
             raise ValueError(
                 "train.preserve: base keeps the base model's prediction outside the change mask, and "

@@ -51,6 +51,9 @@ class FlowBatch:
     preserve: Mapping[str, torch.Tensor] | None = None
     """The preserve prompt's tensors (``train.preserve_prompt``), batch first, under the names of the model's
     prompt tensors (:attr:`qflux.train.batch.Conditioning.text`), or None."""
+    route: torch.Tensor | None = None
+    """The target tokens' routing scores s [N] (``train.route``: :mod:`qflux.diffusion.routing`), or None: every
+    token goes through every block."""
 
 
 def sample_u(

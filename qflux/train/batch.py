@@ -9,6 +9,9 @@ sample i of a micro-batch, from a generator keyed by (seed, step, micro-batch, g
     drop image   → every control latent × 0
     ε ~ N(0, I),  u ~ density(timestep_sampling),  σ = sigmas_from_u(u)  (shifted by the shift samplers)
 
+and per micro-batch, from the generator keyed by (seed, step, micro-batch, ROUTE_STREAM), the routing scores
+(``train.route``; :func:`qflux.diffusion.routing.draw_scores`).
+
 This all runs outside the gradient, before ``train_step``, and is the same whether the
 conditioning came from the encoders or from the cache.
 """
@@ -24,9 +27,12 @@ import torch
 from qflux.config.schema import DataConfig, TrainConfig
 from qflux.data.pairs import PairSample
 from qflux.diffusion.flow import FlowBatch, TimestepSampling, resolution_mu, shifted_sigmas, sigmas_from_u
-from qflux.diffusion.rng import draw_sample_randomness
+from qflux.diffusion.rng import draw_sample_randomness, keyed_generator
+from qflux.diffusion.routing import draw_scores
 
 B = TypeVar("B", bound=FlowBatch)
+ROUTE_STREAM = -1
+"""The last key of a micro-batch's routing draw (a sample's draws end in its index, ≥ 0)."""
 
 
 @attrs.frozen(eq=False)
@@ -107,6 +113,10 @@ class Draws:
     mu: Callable[[int], float] | None = None
     """The family pipeline's μ for an image of that many tokens ('resolution_shift'); None: the scheduler
     config's linear μ (:func:`qflux.diffusion.flow.resolution_mu`), as FLUX.1 and Qwen compute it."""
+    route: bool = False
+    """Draw routing scores (``train.route: tread`` with a positive route_ratio)."""
+    route_keep_changed: bool = False
+    """Raise the changed tokens' scores above the rest (``train.route_keep_changed``)."""
 
     @classmethod
     def from_config(cls, data: DataConfig, train: TrainConfig, mu: Callable[[int], float] | None = None) -> Draws:
@@ -120,11 +130,13 @@ class Draws:
             train.mode_scale,
             train.timestep_shift,
             mu,
+            train.route == "tread" and train.route_ratio > 0,
+            train.route_keep_changed,
         )
 
     def without_dropout(self) -> Draws:
-        """The same draws with caption and control dropout off (evaluation)."""
-        return attrs.evolve(self, caption_dropout_rate=0.0, image_dropout_rate=0.0)
+        """The same draws with caption and control dropout and routing off (evaluation)."""
+        return attrs.evolve(self, caption_dropout_rate=0.0, image_dropout_rate=0.0, route=False)
 
 
 @attrs.frozen(eq=False)
@@ -160,7 +172,7 @@ def to_record(make: Callable[..., B], p: Prepared, **conditioning: Any) -> B:
     and the change mask of ``p``, and the model's ``conditioning`` fields (its names for ``p``'s
     controls and prompt tensors)."""
     return make(latents=p.latents, noise=p.noise, sigmas=p.sigmas, change=p.change, preserve=p.preserve,
-                **conditioning)  # fmt: skip
+                route=p.route, **conditioning)  # fmt: skip
 
 
 def sigmas_for(draws: Draws, scheduler_config: Any, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -246,14 +258,20 @@ def prepare(
     text = where_dropped(drawn.drop_caption, cond.text, blank)
     keep = (~drawn.drop_image).float().view(b, 1, 1, 1)
     kept = cond.preserve if cond.preserve is not None else preserve
+    change = None if cond.mask is None else cond.mask.float()
+    # the routing subset: one per micro-batch, from the step's keys alone (the same on 1 or N ranks)
+    route = None
+    if draws.route:
+        route = draw_scores(keyed_generator(*keys, ROUTE_STREAM), (h, w), change if draws.route_keep_changed else None)
     return Prepared(
         latents=cond.latents.float().to(device),
         controls=tuple(x.to(device, torch.float32) * keep.to(device) for x in cond.controls),
         text={k: t.to(device) for k, t in text.items()},
         noise=drawn.noise.to(device),
         sigmas=sigmas_for(draws, scheduler_config, drawn.u, (h, w)).to(device),
-        change=None if cond.mask is None else cond.mask.float().to(device),
+        change=None if change is None else change.to(device),
         preserve=None if kept is None else {k: t.expand(b, *t.shape[1:]).to(device) for k, t in kept.items()},
+        route=None if route is None else route.to(device),
     )
 
 

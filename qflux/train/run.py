@@ -29,6 +29,7 @@ from qflux.data.dataset import PairDataset
 from qflux.data.order import check_batches
 from qflux.data.pairs import Listing, PairRule, PairSample, scan_pairs
 from qflux.diffusion.latents import size_multiple, vae_scale_factor
+from qflux.diffusion.routing import routed_blocks
 from qflux.lora.adapter import LORA_WEIGHT_NAME
 from qflux.lora.formats import Naming
 from qflux.train.batch import Conditioning, Prepared
@@ -170,7 +171,7 @@ def quiet_unless(main: bool) -> contextlib.AbstractContextManager[Any]:
 
 def _compile_mode(cfg: RecipeConfig, device: torch.device, world: World, path: Path) -> CompileMode:
     """``train.compile`` for this device (``auto`` is eager with block swap and with DoRA), refused
-    (before any model loads) where it cannot run; block swap is checked here too."""
+    (before any model loads) where it cannot run; block swap and the routed blocks are checked here too."""
     swap, dora = cfg.train.blocks_to_swap, cfg.model.lora.kind == "dora"
     eager = (swap or dora) and cfg.train.compile == "auto"
     mode = "none" if eager else resolve_compile(cfg.train.compile, device)
@@ -179,7 +180,13 @@ def _compile_mode(cfg: RecipeConfig, device: torch.device, world: World, path: P
             f"train.compile: {cfg.train.compile} cannot trace peft's DoRA layers (their weight lookup breaks the "
             "graph); use train.compile: auto or false with model.lora.kind: dora"
         )
-    problem = swap_problem(swap, blocks=block_count(component_config(path, "transformer")),
+    blocks = block_count(component_config(path, "transformer"))
+    if cfg.train.route == "tread":
+        try:
+            routed_blocks(cfg.train.route_blocks, blocks)
+        except ValueError as e:
+            raise QfluxError(str(e)) from None
+    problem = swap_problem(swap, blocks=blocks,
                            quantize=cfg.model.quantize, fp8_matmul=cfg.train.fp8_matmul, compile_mode=mode,
                            fsdp=world.size > 1 and cfg.train.distributed == "fsdp")  # fmt: skip
     if problem is not None:

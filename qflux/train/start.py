@@ -12,6 +12,7 @@ import torch
 from qflux.config.errors import QfluxError
 from qflux.config.parse import to_dict
 from qflux.config.schema import LoraConfig, OptimizerConfig, RecipeConfig
+from qflux.diffusion.routing import install_routing
 from qflux.lora.adapter import inject_lora, lora_from_file
 from qflux.lora.formats import Naming, check_convertible
 from qflux.lora.kinds import every_linear, module_of
@@ -67,6 +68,8 @@ def attach_lora(transformer: Any, cfg: RecipeConfig, run: Run, *, naming: Naming
         lora0 = lora_from_file(transformer, weight, lora0, naming=naming, pipeline_cls=pipeline_cls)
     if cfg.train.lora_format != "diffusers" and cfg.model.lora.kind != "dora":  # DoRA has no ComfyUI file
         check_convertible(sorted({module_of(k) for k in lora0}), naming)
+    if cfg.train.route == "tread" and cfg.train.route_ratio > 0:
+        install_routing(transformer_blocks(transformer), cfg.train.route_blocks, cfg.train.route_ratio)
     if cfg.train.blocks_to_swap:
         every = transformer_blocks(transformer)
         held = swapped_bytes(every[-cfg.train.blocks_to_swap :])

@@ -21,6 +21,7 @@ import torch
 
 from qflux.diffusion.flow import MSE, FlowBatch, Objective, Velocity, flow_loss
 from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
+from qflux.diffusion.routing import route_kwargs
 from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.models.flux2_klein.conditioning import reference_ids, target_ids
 from qflux.weights.dtypes import compute_dtype
@@ -37,17 +38,20 @@ def velocity(
     image_ids: torch.Tensor,
     *,
     dtype: torch.dtype,
+    route: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One transformer call on [target ; references] tokens; the first ``n`` tokens' velocity.
 
     Args:
         params: LoRA tensors substituted into the module, ``{}`` for the module as it is.
         tokens: [B, N + Nr, 4C]; sigmas: [B]; text: [B, L, 3D]; text_ids: [B, L, 4]; image_ids: [B, N + Nr, 4].
+        route: the target tokens' routing scores [N] (training with ``train.route``), or None.
 
     Returns:
         [B, n, 4C] in the transformer's dtype.
     """
-    inputs = transformer_inputs(tokens, sigmas, text, dtype, txt_ids=text_ids, img_ids=image_ids)
+    inputs = transformer_inputs(tokens, sigmas, text, dtype, txt_ids=text_ids, img_ids=image_ids,
+                                joint_attention_kwargs=route_kwargs(route))  # fmt: skip
     return call_with_lora(transformer, params, inputs)[0][:, :n]
 
 
@@ -93,7 +97,7 @@ def make_loss_fn(
                 h, w = noisy.shape[-2], noisy.shape[-1]
                 tokens, ids = token_inputs(noisy, batch.references)
                 out = velocity(transformer, params, tokens, (h // 2) * (w // 2), batch.sigmas, text, text_ids, ids,
-                               dtype=dtype)  # fmt: skip
+                               dtype=dtype, route=batch.route)  # fmt: skip
                 return unpack_latents(out.float(), h, w)  # v̂ [B, C, h, w] of the target's tokens
 
             return v

@@ -19,6 +19,7 @@ import torch
 
 from qflux.diffusion.flow import MSE, FlowBatch, Objective, Velocity, flow_loss
 from qflux.diffusion.latents import latent_image_ids, pack_latents, transformer_inputs, unpack_latents
+from qflux.diffusion.routing import route_kwargs
 from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.weights.dtypes import compute_dtype
 
@@ -98,6 +99,7 @@ def velocity(
     guidance: torch.Tensor | None,
     *,
     dtype: torch.dtype,
+    route: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One transformer evaluation on [pack(noisy) ; packed control]; the target tokens' velocity.
 
@@ -112,6 +114,7 @@ def velocity(
         guidance: [B] guidance values, or None for a model without guidance embedding.
         dtype: the transformer's compute dtype (``transformer.dtype``, which walks every module:
             read it once, not every step).
+        route: the target tokens' routing scores [N] (training with ``train.route``), or None.
 
     Returns:
         v̂ [B, C, h, w] in the transformer's output dtype.
@@ -133,6 +136,7 @@ def velocity(
         pooled_projections=pooled.to(device=device, dtype=dtype),
         txt_ids=layout.txt_ids,
         img_ids=layout.img_ids,
+        joint_attention_kwargs=route_kwargs(route),
     )
     out = call_with_lora(transformer, params, inputs)[0]
     return unpack_latents(out[:, :n], h, w)
@@ -157,7 +161,7 @@ def make_loss_fn(
         def on(pooled: torch.Tensor, embeds: torch.Tensor) -> Velocity:
             def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
                 return velocity(transformer, params, noisy, batch.control_latents, batch.sigmas, pooled, embeds,
-                                guidance, dtype=dtype)  # fmt: skip
+                                guidance, dtype=dtype, route=batch.route)  # fmt: skip
 
             return v
 

@@ -21,6 +21,7 @@ import torch
 
 from qflux.diffusion.flow import MSE, FlowBatch, Objective, Velocity, flow_loss
 from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
+from qflux.diffusion.routing import route_kwargs
 from qflux.lora.adapter import base_adapter, call_with_lora
 from qflux.weights.dtypes import compute_dtype
 
@@ -62,6 +63,7 @@ def transformer_velocity(
     shapes: list[list[tuple[int, int, int]]],
     *,
     dtype: torch.dtype,
+    route: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One QwenImage transformer call on [target ; control] tokens; the first ``n`` tokens' output.
 
@@ -71,11 +73,13 @@ def transformer_velocity(
         shapes: :func:`img_shapes`.
         dtype: the transformer's compute dtype (:func:`qflux.weights.dtypes.compute_dtype` walks the
             modules: read it once per loss function or denoising loop, not per call).
+        route: the target tokens' routing scores [n] (training with ``train.route``), or None.
 
     Returns:
         [B, n, 4C] in the transformer's dtype.
     """
-    inputs = transformer_inputs(tokens, sigmas, embeds, dtype, encoder_hidden_states_mask=mask, img_shapes=shapes)
+    inputs = transformer_inputs(tokens, sigmas, embeds, dtype, encoder_hidden_states_mask=mask, img_shapes=shapes,
+                                attention_kwargs=route_kwargs(route))  # fmt: skip
     out = call_with_lora(transformer, params, inputs)[0]
     return out[:, :n]
 
@@ -98,7 +102,7 @@ def make_loss_fn(
                 shapes = img_shapes(b, (h, w), [(c.shape[-2], c.shape[-1]) for c in batch.controls])
                 n = (h // 2) * (w // 2)  # the target's tokens come first
                 out = transformer_velocity(
-                    transformer, params, tokens, n, batch.sigmas, embeds, mask, shapes, dtype=dtype
+                    transformer, params, tokens, n, batch.sigmas, embeds, mask, shapes, dtype=dtype, route=batch.route
                 )
                 return unpack_latents(out, h, w)
 
