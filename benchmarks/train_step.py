@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--config=small|full] [--steps=10] [--warmup=2]
                                     [--dtypes=bfloat16,float32] [--compile=regional|full|none] [--fp8] [--profile=N]
+                                    [--route=RATIO] [--route_blocks=FIRST,LAST]
 
 On the same weights (shared tensors) and batches, interleaved after warm-up, it times:
   (a) qflux eager (the default on CPU): ``make_train_step`` on a transformer prepared as the recipe
@@ -28,7 +29,10 @@ width 3072) with random weights, 1024×1024 target and control (128×128 latents
 rank 16, batch 1, gradient checkpointing on; adds MFU (model FLOPs counted by torch's
 ``FlopCounterMode`` on one forward, times 2 for the input-gradient backward; the frozen base takes
 no weight gradient and recomputation is not counted) against the card's dense bf16 peak. ``--fp8``
-adds (d): the compiled step with ``train.fp8_matmul``. ``--profile=N`` then runs N more steps of the eager step and
+adds (d): the compiled step with ``train.fp8_matmul``. ``--route=r`` adds the
+eager and compiled steps with ``train.route: tread`` at ratio r over ``--route_blocks`` (default 2,-2): the RESULT
+line's ``speedup_vs_reference`` is then the routed step's, ``unrouted_vs_reference`` the plain one's, and it carries
+``route_ratio`` and ``route_blocks``. ``--profile=N`` then runs N more steps of the eager step and
 of the reference under ``torch.profiler`` and prints where their time goes: each kind of op's share of the self CPU
 (or CUDA) time (:data:`OP_KINDS`) and the top ops; the RESULT line gains ``profile_<variant>_<kind>_pct``.
 """
@@ -125,6 +129,7 @@ def _batch(i: int, shape: dict[str, int], device: torch.device):
         prompt_embeds=r(1, txt, dim),
         noise=r(1, c, lat, lat),
         sigmas=sigmas_from_u(torch.rand(1, generator=g)).to(device),
+        route=torch.rand((lat // 2) ** 2, generator=g).to(device),  # read by the routed variants only
     )
 
 
@@ -207,15 +212,21 @@ def bench_dtype(
     fp8: bool,
     device: torch.device,
     profile: int = 0,
+    route: float = 0.0,
+    route_blocks: tuple[int, int] = (2, -2),
 ) -> dict[str, float]:
     """Time and measure every variant for one frozen-weight dtype; returns the figures."""
     import tempfile
 
+    import attrs
+
     from qflux.config.schema import LoraConfig
+    from qflux.diffusion.routing import install_routing
     from qflux.lora.adapter import inject_lora
     from qflux.models.flux_kontext.loss import make_loss_fn
     from qflux.optim.transform import make_optimizer
     from qflux.train.state import StepHParams, grad_engine, init_train_state, make_train_step
+    from qflux.weights.block_swap import transformer_blocks
     from qflux.weights.dtypes import torch_dtype
     from qflux.weights.frozen_linear import prepare_frozen_base
 
@@ -241,11 +252,13 @@ def bench_dtype(
             ref_params.append(p)
     ref_opt = torch.optim.AdamW(ref_params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
 
-    def qflux_step(mode: str, fp8_matmul: bool = False):
+    def qflux_step(mode: str, fp8_matmul: bool = False, ratio: float = 0.0):
         tr = _shared_copy(base)
         if checkpointing:
             tr.enable_gradient_checkpointing()
         inject_lora(tr, lora_cfg, seed=0)
+        if ratio:  # as train.route: tread sets it up
+            install_routing(transformer_blocks(tr), route_blocks, ratio)
         prepare_frozen_base(tr, fp8_matmul=fp8_matmul, device=device, compile_mode=mode)
         engine = grad_engine(mode)
         loss_fn = make_loss_fn(tr, guidance_scale=1.0)
@@ -253,7 +266,7 @@ def bench_dtype(
         holder = {"state": init_train_state({k: v.to(device) for k, v in lora.items()}, seed=0)}
 
         def run(b) -> None:
-            holder["state"], _ = step(holder["state"], [b], lr)
+            holder["state"], _ = step(holder["state"], [b if ratio else attrs.evolve(b, route=None)], lr)
 
         return run
 
@@ -262,6 +275,10 @@ def bench_dtype(
         variants["compiled"] = qflux_step(compile)
     if fp8:
         variants["compiled_fp8"] = qflux_step(compile, fp8_matmul=True)
+    if route:
+        variants["eager_routed"] = qflux_step("none", ratio=route)
+        if compile != "none":
+            variants["compiled_routed"] = qflux_step(compile, ratio=route)
     variants["reference"] = lambda b: _reference_step(ref_tr, ref_params, ref_opt, b, 1.0, 1.0)
 
     t0 = time.perf_counter()
@@ -294,7 +311,7 @@ def bench_dtype(
                 peak_rss = max(peak_rss, rss.peak)
     med = {k: statistics.median(v) for k, v in times.items()}
     profiled = {}
-    for name in ("eager", "reference") if profile else ():
+    for name in [k for k in ("eager", "eager_routed", "reference") if k in variants] if profile else ():
         batches = [_batch(warmup + steps + i, shape, device) for i in range(profile)]
         profiled[name] = profile_step(variants[name], batches, device, f"{dtype_name} {name}")
     unit = "GB" if device.type == "cuda" else "MB (rise)"
@@ -307,6 +324,10 @@ def bench_dtype(
         out["peak_rss_mb"] = peak_rss
     best = "compiled" if "compiled" in med else "eager"
     out["eager_vs_reference"] = med["reference"] / med["eager"]  # the default path on CPU (compile: auto)
+    if route:  # the headline is the routed step; the unrouted one stays beside it
+        out["unrouted_vs_reference"] = med["reference"] / med[best]
+        best += "_routed"
+        out["route_ratio"] = route
     out["speedup_vs_reference"] = med["reference"] / med[best]
     if "compiled" in med:
         out["compiled_vs_eager"] = med["eager"] / med["compiled"]
@@ -333,6 +354,8 @@ def main(
     compile: str = "regional",
     fp8: bool = False,
     profile: int = 0,
+    route: float = 0.0,
+    route_blocks: str | tuple[int, int] = "2,-2",
 ) -> None:
     """Run every dtype, print the per-variant figures and one RESULT line."""
     if config not in ("small", "full"):
@@ -343,8 +366,13 @@ def main(
     names = dtypes.split(",") if isinstance(dtypes, str) else list(dtypes)
     started = time.perf_counter()
     parts = [f"name=train_step_{config}", f"compile={compile}"]
+    if route:
+        parts.append(
+            f"route_blocks={route_blocks if isinstance(route_blocks, str) else ','.join(map(str, route_blocks))}"
+        )
     for i, name in enumerate(names):
-        figures = bench_dtype(config, name, steps, warmup, compile, fp8, device, profile)
+        span = tuple(int(i) for i in route_blocks.split(",")) if isinstance(route_blocks, str) else route_blocks
+        figures = bench_dtype(config, name, steps, warmup, compile, fp8, device, profile, route, span)  # type: ignore[arg-type]
         prefix = "" if i == 0 else f"{name}_"
         parts += [f"{prefix}{k}={v:.4f}" if k.endswith("_s") or "vs" in k else f"{prefix}{k}={v:.3f}"
                   for k, v in figures.items()]  # fmt: skip

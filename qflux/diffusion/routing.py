@@ -117,8 +117,7 @@ def _gather_rotary(rotary: Any, index: torch.Tensor, image: int, text: int) -> A
 
 def _routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A block's forward with routing (installed as the instance's ``forward`` by :func:`install_routing`)."""
-    forward = type(self).forward
-    names, role, ratio = self.__dict__["_qflux_route"]
+    names, role, ratio, forward = self.__dict__["_qflux_route"]
     bound = {**dict(zip(names[: len(args)], args, strict=True)), **kwargs}
     call = None
     for key, value in bound.items():
@@ -167,7 +166,7 @@ def install_routing(blocks: Sequence[nn.Module], span: Sequence[int], ratio: flo
         role = ("first" if i == routed.start else "") + ("last" if i == routed.stop - 1 else "")
         role = role or ("middle" if i in routed else "")
         names = tuple(inspect.signature(type(block).forward).parameters)[1:]
-        block.__dict__["_qflux_route"] = (names, role, float(ratio))
+        block.__dict__["_qflux_route"] = (names, role, float(ratio), type(block).forward)
         block.forward = types.MethodType(_routed_forward, block)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from qflux.config.schema import LoraConfig
 from qflux.diffusion.flow import MSE, Objective
+from qflux.diffusion.routing import install_routing
 from qflux.lora.adapter import inject_lora
 from qflux.memory.measure import GIB, Breakdown, Fake4bit, fake_mode, measure_step, storage_bytes, to_fake
 from qflux.optim.transform import OptimizerName, make_optimizer
@@ -103,6 +104,8 @@ class PlanModel:
     """Whether the run's batches carry a change mask (``train.loss_mask``; ``train.preserve`` reads it)."""
     preserve_prompt: bool = False
     """Whether they carry a preserve prompt (``train.preserve_prompt``: two more forwards, one with backward)."""
+    route: tuple[float, tuple[int, int]] | None = None
+    """(``train.route_ratio``, ``train.route_blocks``) of a routed run (``train.route: tread``), or None."""
 
     def micro_batch(self, configs: Mapping[str, Mapping[str, Any]], inputs: Inputs, dtype: torch.dtype) -> Any:
         """``batch``'s record, with a change mask of zeros [B, 1, h, w] where the run has one (with
@@ -110,6 +113,9 @@ class PlanModel:
         batch = self.batch(configs, inputs, dtype)
         if self.preserve_prompt:  # a prompt of the instruction's length
             batch = attrs.evolve(batch, preserve=batch.prompt())
+        if self.route is not None:  # scores for the target's (h/2)·(w/2) tokens
+            h, w = batch.latents.shape[-2:]
+            batch = attrs.evolve(batch, route=torch.zeros((h // 2) * (w // 2)))
         if not self.masked:
             return batch
         b, _, h, w = batch.latents.shape
@@ -184,7 +190,7 @@ def estimate(model: PlanModel, configs: Mapping[str, Mapping[str, Any]], inputs:
     """
     key = (model.files.pipeline, json.dumps(configs, sort_keys=True, default=str), inputs,
            attrs.evolve(setting, cached=True), str(dtype), attrs.astuple(lora), model.objective,
-           model.masked, model.preserve_prompt)  # fmt: skip
+           model.masked, model.preserve_prompt, model.route)  # fmt: skip
     if key not in _MEASURED:
         _MEASURED[key] = _measure(model, configs, inputs, setting, dtype=dtype, lora=lora)
     step = _MEASURED[key]
@@ -203,6 +209,8 @@ def _measure(model: PlanModel, configs: Mapping[str, Mapping[str, Any]], inputs:
     if setting.checkpointing:
         transformer.enable_gradient_checkpointing()  # type: ignore[operator]
     names = list(inject_lora(transformer, lora, seed=0))
+    if model.route is not None:  # routed as training routes it
+        install_routing(transformer_blocks(transformer), model.route[1], model.route[0])
     to_fake(transformer, mode)
     swapped: list[torch.Tensor] = []
     if setting.blocks_to_swap:
@@ -264,6 +272,8 @@ def real_step(
     if setting.checkpointing:
         transformer.enable_gradient_checkpointing()  # type: ignore[operator]
     lora0 = inject_lora(transformer, lora, seed=0)
+    if model.route is not None:  # routed as training routes it
+        install_routing(transformer_blocks(transformer), model.route[1], model.route[0])
     held: set[int] = set()
     if setting.blocks_to_swap:
         swapper = swap_blocks(transformer, setting.blocks_to_swap, device)

@@ -38,6 +38,8 @@ def load_options(cfg: RecipeConfig, run: Run | None = None) -> dict[str, Any]:
 def plan_options(cfg: RecipeConfig) -> dict[str, Any]:
     """A family ``plan_model``'s keyword arguments: the run's objective (``train.loss``, ``train.preserve``: the base
     model's extra forward is planned), whether its batches carry a change mask (``train.loss_mask``) and a preserve
-    prompt (``train.preserve_prompt``)."""
+    prompt (``train.preserve_prompt``), and its token routing (``train.route``: fewer tokens in the routed blocks)."""
+    routed = cfg.train.route == "tread" and cfg.train.route_ratio > 0
     return {"objective": Objective.from_config(cfg.train), "masked": cfg.train.loss_mask != "none",
-            "preserve_prompt": cfg.train.preserve_prompt is not None}  # fmt: skip
+            "preserve_prompt": cfg.train.preserve_prompt is not None,
+            "route": (cfg.train.route_ratio, cfg.train.route_blocks) if routed else None}  # fmt: skip
