@@ -304,6 +304,12 @@ ROWS: dict[str, dict[str, dict[str, Any]]] = {
         "control_quarter": {"data.control_max_pixels": 32 * 32},
         "control_sixteenth": {"data.control_max_pixels": 16 * 16},
     },
+    "route": {  # token routing (train.route: tread) at equal steps; s/step gives the equal-wall-time comparison
+        "default": {},
+        "tread_50": {"train.route": "tread", "train.route_ratio": 0.5, "train.route_blocks": [2, -2]},
+        "tread_50_wide": {"train.route": "tread", "train.route_ratio": 0.5, "train.route_blocks": [1, -1]},
+        "tread_75": {"train.route": "tread", "train.route_ratio": 0.75, "train.route_blocks": [1, -2]},
+    },
 }
 """``--rows``: named sets of rows, each a row's overrides on top of the defaults (and ``--set``)."""
 

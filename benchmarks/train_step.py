@@ -29,9 +29,9 @@ width 3072) with random weights, 1024×1024 target and control (128×128 latents
 rank 16, batch 1, gradient checkpointing on; adds MFU (model FLOPs counted by torch's
 ``FlopCounterMode`` on one forward, times 2 for the input-gradient backward; the frozen base takes
 no weight gradient and recomputation is not counted) against the card's dense bf16 peak. ``--fp8``
-adds (d): the compiled step with ``train.fp8_matmul``. ``--route=r`` adds the
-eager and compiled steps with ``train.route: tread`` at ratio r over ``--route_blocks`` (default 2,-2): the RESULT
-line's ``speedup_vs_reference`` is then the routed step's, ``unrouted_vs_reference`` the plain one's, and it carries
+adds (d): the compiled step with ``train.fp8_matmul``. ``--route=r`` adds the eager and compiled steps with
+``train.route: tread`` at ratio r over ``--route_blocks`` (default 1,-1, the config's): the RESULT line's
+``speedup_vs_reference`` is then the routed step's, ``unrouted_vs_reference`` the plain one's, and it carries
 ``route_ratio`` and ``route_blocks``. ``--profile=N`` then runs N more steps of the eager step and
 of the reference under ``torch.profiler`` and prints where their time goes: each kind of op's share of the self CPU
 (or CUDA) time (:data:`OP_KINDS`) and the top ops; the RESULT line gains ``profile_<variant>_<kind>_pct``.
@@ -213,7 +213,7 @@ def bench_dtype(
     device: torch.device,
     profile: int = 0,
     route: float = 0.0,
-    route_blocks: tuple[int, int] = (2, -2),
+    route_blocks: tuple[int, int] = (1, -1),
 ) -> dict[str, float]:
     """Time and measure every variant for one frozen-weight dtype; returns the figures."""
     import tempfile
@@ -355,7 +355,7 @@ def main(
     fp8: bool = False,
     profile: int = 0,
     route: float = 0.0,
-    route_blocks: str | tuple[int, int] = "2,-2",
+    route_blocks: str | tuple[int, int] = "1,-1",
 ) -> None:
     """Run every dtype, print the per-variant figures and one RESULT line."""
     if config not in ("small", "full"):

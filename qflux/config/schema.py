@@ -229,9 +229,9 @@ class TrainConfig:
     validation route nothing. Less work a step; what it does to learning: docs/what_options_do.md."""
     route_ratio: float = attrs.field(default=0.5, validator=v.and_(v.ge(0.0), v.lt(1.0)))
     """tread: the share r of target tokens that skip (round(r·N) of N; 0 routes none)."""
-    route_blocks: tuple[int, int] = attrs.field(default=(2, -2), converter=tuple)
+    route_blocks: tuple[int, int] = attrs.field(default=(1, -1), converter=tuple)
     """tread: [first, last] repeated blocks routed, inclusive, in forward order (FLUX.1 and FLUX.2: double
-    blocks, then single ones); negative counts from the end."""
+    blocks, then single ones); negative counts from the end. The first block always sees every token."""
     route_keep_changed: bool = True
     """tread with loss_mask: tokens where the change mask is set are never skipped while the region
     covers at most 1 − route_ratio of the image."""
@@ -261,8 +261,6 @@ class TrainConfig:
             "preserve_weight": (self.preserve == "base" or self.preserve_prompt is not None,
                                 "train.preserve: base or train.preserve_prompt"),
         })  # fmt: skip
-        if len(self.route_blocks) != 2 or not all(isinstance(i, int) for i in self.route_blocks):
-            raise ValueError(f"train.route_blocks: {list(self.route_blocks)} must be two block indices [first, last]")
         if self.preserve == "base" and self.loss_mask == "none":
             raise ValueError(
                 "train.preserve: base keeps the base model's prediction outside the change mask, and "

@@ -94,6 +94,10 @@ ALTERNATIVES: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.preserve": ("base", MASKED),
     "train.preserve_weight": (5.0, {"train.preserve": "base", **MASKED}),
     "train.preserve_prompt": ("a photo", {}),
+    "train.route": ("tread", {}),
+    "train.route_ratio": (0.25, {"train.route": "tread"}),
+    "train.route_blocks": ([0, -1], {"train.route": "tread"}),
+    "train.route_keep_changed": (False, {"train.route": "tread", **MASKED}),
     "train.blocks_to_swap": (1, {}),  # the same LoRA by design: the swapped layers are what shows
     # the compiled run itself is tested in tests/qflux/test_compile.py; here: the key is read
     "train.compile": (True, {"train.gradient_checkpointing": True}),

@@ -131,7 +131,8 @@ def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(
 def test_qwen_two_ranks_of_batch_1_equal_one_process_of_batch_2(engine: str, data: Path, tmp_path: Path) -> None:
     """The Qwen-Image-Edit recipe runs the same loop under torchrun, on every linear layer: the adapters of
     the last block's dropped text stream reduce as zero gradients on both ranks (no crash, named once). Both
-    preservation terms are on: their base forwards run on the sharded base too."""
+    preservation terms and token routing are on: their base forwards run on the sharded base too, and the routed
+    tokens are the same on both ranks as in one process."""
     from qflux.models.qwen_image_edit.config import QwenImageEditConfig
     from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
     from recipes.qwen_image_edit_lora import train as qwen_run
@@ -139,7 +140,9 @@ def test_qwen_two_ranks_of_batch_1_equal_one_process_of_batch_2(engine: str, dat
     model = build_qwen_image_edit(tmp_path / "model", seed=0)
     opts = {k: v for k, v in _opts(model, data, tmp_path, batch=1).items() if k != "model.max_sequence_length"}
     opts |= {"model.lora.target_modules": "[all-linear]", "model.lora.r": 4, "train.distributed": engine,
-             "train.loss_mask": "auto", "train.preserve": "base", "train.preserve_prompt": "a photo"}  # fmt: skip
+             "train.loss_mask": "auto", "train.preserve": "base", "train.preserve_prompt": "a photo",
+             # routed: one subset per step from its keys on 1 or 2 ranks (a changed region kept per rank would differ)
+             "train.route": "tread", "train.route_blocks": "[0,-1]", "train.route_keep_changed": False}  # fmt: skip
     single = tmp_path / "single"
     qwen_run(load_config(QwenImageEditConfig, None, {**opts, "data.batch_size": 2, "logging.output_dir": str(single)}))
     out = tmp_path / "out"
