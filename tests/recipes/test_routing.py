@@ -50,7 +50,7 @@ def _cfg(model: Path, data: Path, out: Path, steps: int, **more: object) -> Flux
         {"model.pretrained_model_name_or_path": str(model), "model.dtype": "float32", "model.max_sequence_length": 8,
          "data.dataset_path": str(data), "data.batch_size": 2, "train.max_train_steps": steps,
          "train.checkpointing_steps": 2, "train.loss_mask": "auto", "train.preserve": "base",
-         "train.route": "tread", "train.route_ratio": 0.5, "train.route_blocks": [1, -2],
+         "train.route": "tread",
          "logging.output_dir": str(out), "logging.write_sample": False, "logging.report_to": "none",
          "cache.cache_dir": str(out.parent / "cache"), **more},
     )  # fmt: skip
