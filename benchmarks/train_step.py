@@ -311,7 +311,8 @@ def bench_dtype(
                 peak_rss = max(peak_rss, rss.peak)
     med = {k: statistics.median(v) for k, v in times.items()}
     profiled = {}
-    for name in [k for k in ("eager", "eager_routed", "compiled_routed", "reference") if k in variants] if profile else ():
+    profiled_names = [k for k in ("eager", "eager_routed", "compiled_routed", "reference") if k in variants]
+    for name in profiled_names if profile else ():
         batches = [_batch(warmup + steps + i, shape, device) for i in range(profile)]
         profiled[name] = profile_step(variants[name], batches, device, f"{dtype_name} {name}")
     unit = "GB" if device.type == "cuda" else "MB (rise)"

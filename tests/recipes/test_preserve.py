@@ -32,17 +32,21 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora, flux2_klein_lora])
-def test_each_family_trains_with_preservation(recipe, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_each_family_trains_with_preservation_and_routed(recipe, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each family trains with ``train.preserve: base`` and with ``train.route: tread`` (every block but the first
+    routed), each to another finite LoRA than the plain run's."""
     loras = {}
-    for name, more in (("plain", []), ("kept", ["--train.preserve=base", "--train.preserve_weight=4"])):
+    for name, more in (("plain", []), ("kept", ["--train.preserve=base", "--train.preserve_weight=4"]),
+                       ("routed", ["--train.route=tread", "--train.route_blocks=[1, -1]"])):  # fmt: skip
         out = tmp_path / name
         recipe.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}", "--train.max_train_steps=3",
                      "--train.loss_mask=auto", "--logging.write_sample=false", "--model.dtype=float32", *more,
                      *tiny_args(recipe, data=False)])  # fmt: skip
         loras[name] = load_file(out / "pytorch_lora_weights.safetensors")
-    assert loras["plain"].keys() == loras["kept"].keys()
-    assert all(torch.isfinite(t).all() for t in loras["kept"].values())
-    assert any(not torch.equal(loras["plain"][k], loras["kept"][k]) for k in loras["plain"])
+    for other in ("kept", "routed"):
+        assert loras["plain"].keys() == loras[other].keys()
+        assert all(torch.isfinite(t).all() for t in loras[other].values())
+        assert any(not torch.equal(loras["plain"][k], loras[other][k]) for k in loras["plain"])
 
 
 @pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora, flux2_klein_lora])

@@ -1,6 +1,7 @@
-"""``train.route: tread`` through the recipes: every family trains routed (and differently from unrouted), a routed
-run resumes, caches, swaps blocks and checkpoints to the same LoRA bit for bit, a route ratio of 0 is the
-unrouted run, and ``plan`` counts the routed blocks' smaller activations."""
+"""``train.route: tread`` through the FLUX.1 recipe: a routed run resumes, caches, swaps blocks and checkpoints to
+the same LoRA bit for bit, a route ratio of 0 is the unrouted run, and ``plan`` counts the routed blocks' smaller
+activations. Every family's routed run: tests/recipes/test_preserve.py; 2 ranks against 1 process:
+tests/recipes/test_distributed.py (Qwen-Image-Edit)."""
 
 from __future__ import annotations
 
@@ -8,39 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from qflux.config.parse import load_config
 from qflux.memory.command import plan_inputs
 from qflux.memory.planner import Setting, estimate
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.weights.shapes import shipped_configs
-from recipes import flux2_klein_lora, flux_kontext_lora, qwen_image_edit_lora
+from recipes import flux_kontext_lora
 from recipes.flux_kontext_lora import train as flux_train
-from tests.flux_kontext_batches import tiny_args
 from tests.recipes.test_loss_mask import _edited_pairs
-
-ROUTED = ["--train.route=tread", "--train.route_blocks=[0, -1]"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Pairs whose edit paints the top-left quarter red (the auto mask finds it)."""
     return _edited_pairs(tmp_path_factory.mktemp("data") / "pairs", n=4)
-
-
-@pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora, flux2_klein_lora])
-def test_each_family_trains_routed(recipe, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    loras = {}
-    for name, more in (("plain", []), ("routed", ROUTED)):
-        out = tmp_path / name
-        recipe.main(["train", f"--data.dataset_path={data}", f"--logging.output_dir={out}", "--train.max_train_steps=2",
-                     "--train.loss_mask=auto", "--logging.write_sample=false", "--model.dtype=float32", *more,
-                     *tiny_args(recipe, data=False)])  # fmt: skip
-        loras[name] = load_file(out / "pytorch_lora_weights.safetensors")
-    assert loras["plain"].keys() == loras["routed"].keys()
-    assert all(torch.isfinite(t).all() for t in loras["routed"].values())
-    assert any(not torch.equal(loras["plain"][k], loras["routed"][k]) for k in loras["plain"])
 
 
 def _cfg(model: Path, data: Path, out: Path, steps: int, **more: object) -> FluxKontextConfig:
