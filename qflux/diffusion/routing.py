@@ -58,11 +58,9 @@ class RouteCall:
         """Text tokens in front of the image rows (a block fed one joined stream reads it here)."""
 
 
-def route_kwargs(scores: torch.Tensor | None, kwargs: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The attention kwargs of one transformer call with its routing added (``kwargs`` unchanged without)."""
-    if scores is None:
-        return kwargs
-    return {**(kwargs or {}), ROUTE_KEY: RouteCall(scores)}
+def route_kwargs(scores: torch.Tensor | None) -> dict[str, Any] | None:
+    """The attention kwargs that carry one transformer call's routing (a fresh :class:`RouteCall`), or None."""
+    return None if scores is None else {ROUTE_KEY: RouteCall(scores)}
 
 
 def draw_scores(generator: torch.Generator, latent_hw: tuple[int, int], change: torch.Tensor | None) -> torch.Tensor:
