@@ -154,6 +154,20 @@ def _routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return torch.cat([out[:, :text], call.full.index_copy(1, call.index, out[:, text:])], dim=1)
 
 
+_FORWARDS: dict[tuple[type, str], Any] = {}
+"""One copy of :func:`_routed_forward` per (block class, role), each with its own code object: torch.compile keeps
+its graphs (and its recompile limit) per code object, so a regionally compiled block class holds per role the
+graphs it held without routing (one per grad mode and bucket), as many as without routing."""
+
+
+def _forward_for(cls: type, role: str) -> Any:
+    """:func:`_routed_forward` for blocks of class ``cls`` in ``role`` (a function of its own code object)."""
+    if (cls, role) not in _FORWARDS:
+        code = _routed_forward.__code__.replace(co_name=f"_routed_forward_{cls.__name__}_{role or 'outside'}")
+        _FORWARDS[cls, role] = types.FunctionType(code, _routed_forward.__globals__, code.co_name)
+    return _FORWARDS[cls, role]
+
+
 def install_routing(blocks: Sequence[nn.Module], span: Sequence[int], ratio: float) -> None:
     """Wrap each block's ``forward`` (all of a transformer's repeated blocks, in forward order) so calls that
     carry a :class:`RouteCall` route blocks ``span`` (:func:`routed_blocks`) at ``ratio``.
@@ -165,7 +179,7 @@ def install_routing(blocks: Sequence[nn.Module], span: Sequence[int], ratio: flo
         role = role or ("middle" if i in routed else "")
         names = tuple(inspect.signature(type(block).forward).parameters)[1:]
         block.__dict__["_qflux_route"] = (names, role, float(ratio), type(block).forward)
-        block.forward = types.MethodType(_routed_forward, block)
+        block.forward = types.MethodType(_forward_for(type(block), role), block)
 
 
 def remove_routing(blocks: Sequence[nn.Module]) -> None:

@@ -172,6 +172,21 @@ def test_a_routed_flux_equals_its_blocks_run_on_the_kept_tokens() -> None:
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+def test_blocks_of_one_class_and_role_share_a_forward_and_others_do_not() -> None:
+    """torch.compile keeps graphs, and its recompile limit, per code object: one per (block class, role), shared by
+    those blocks, so a regionally compiled class holds per role what it held without routing (one shared wrapper
+    reached the limit of 8 graphs in a 6-step tiny run)."""
+    m, _ = _flux()  # 2 double blocks, then 3 single ones
+    install_routing(transformer_blocks(m), (1, 3), 0.5)
+    codes = [b.forward.__func__.__code__ for b in transformer_blocks(m)]
+    assert [c.co_name.removeprefix("_routed_forward_") for c in codes] == [
+        "FluxTransformerBlock_outside", "FluxTransformerBlock_first", "FluxSingleTransformerBlock_middle",
+        "FluxSingleTransformerBlock_last", "FluxSingleTransformerBlock_outside"]  # fmt: skip
+    again, _ = _flux()
+    install_routing(transformer_blocks(again), (1, 3), 0.5)
+    assert [b.forward.__func__.__code__ for b in transformer_blocks(again)] == codes  # reused, not new each time
+
+
 def test_the_draws_keep_the_changed_region_and_do_not_depend_on_the_rank() -> None:
     g = torch.Generator().manual_seed(0)
     change = torch.zeros(2, 1, 8, 8)
