@@ -157,7 +157,7 @@ def _routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 _FORWARDS: dict[tuple[type, str], Any] = {}
 """One copy of :func:`_routed_forward` per (block class, role), each with its own code object: torch.compile keeps
 its graphs (and its recompile limit) per code object, so a regionally compiled block class holds per role the
-graphs it held without routing (one per grad mode and bucket), as many as without routing."""
+graphs it held without routing (one per grad mode and bucket)."""
 
 
 def _forward_for(cls: type, role: str) -> Any:
