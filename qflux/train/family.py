@@ -55,7 +55,8 @@ class Family:
     """A model family as the recipe and the commands read it."""
 
     name: str
-    """Its folder under ``qflux/models/`` and its recipe's stem (``recipes/<name>_lora.py``)."""
+    """Its recipe's stem (``recipes/<name>_lora.py``); its folder under ``qflux/models/`` is the name, or the
+    name's architecture for a variant (``flux2`` for ``flux2_klein`` and ``flux2_dev``)."""
     pipeline: str
     """How messages name it (the start block's first line, errors)."""
     config: type

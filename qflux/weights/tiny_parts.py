@@ -134,6 +134,53 @@ def chat_text_config(tok: Any) -> dict[str, Any]:
     }
 
 
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                          "[IMG]", "[IMG_BREAK]", "[IMG_END]")  # fmt: skip
+"""Mistral 3's control tokens (Tekken's), in its order: ids 0 to 10."""
+
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('') %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+"""Mistral Small 3.1's chat template, reduced to what FLUX.2 [dev]'s pipeline renders: a system turn and user
+turns whose content is a string or a list of text parts."""
+
+
+def mistral_tokenizer(words: Sequence[str] = ()) -> Any:
+    """A byte-level BPE tokenizer (transformers' ``PreTrainedTokenizerFast``) over all 256 bytes, Mistral 3's
+    control tokens and chat template, built in code; each of ``words`` is one token after a space (merges
+    spell it out a character at a time), so a long system message stays short."""
+    # deferred: tokenizers and transformers are heavy imports
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(MISTRAL_SPECIAL_TOKENS)}
+    byte = _bytes_to_unicode()
+    for c in byte.values():
+        vocab[c] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        spelt = byte[ord(" ")] + "".join(byte[b] for b in word.encode("utf-8"))
+        for i in range(2, len(spelt) + 1):
+            if spelt[:i] not in vocab:
+                merges.append((spelt[: i - 1], spelt[i - 1]))
+                vocab[spelt[:i]] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=list(MISTRAL_SPECIAL_TOKENS[4:]),
+    )  # fmt: skip
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Inside: the global torch RNG starts from ``seed``, so the weights modules draw there are a function of

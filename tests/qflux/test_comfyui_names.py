@@ -25,7 +25,7 @@ from qflux.lora.adapter import (
 from qflux.lora.comfyui_keys import key_map, patched
 from qflux.lora.formats import NAMINGS, comfy_target
 from qflux.lora.kinds import comfy_drops, module_of
-from qflux.models.flux2_klein.tiny import build_flux2_klein
+from qflux.models.flux2.tiny import build_flux2_klein
 from qflux.models.qwen_image_edit.tiny import build_qwen_image_edit
 from qflux.train.summary import comfyui_note
 

@@ -16,7 +16,7 @@ from qflux.models.reference import REFERENCES
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-@pytest.mark.parametrize("markers", list(REFERENCES), ids=["flux", "qwen", "klein"])
+@pytest.mark.parametrize("markers", list(REFERENCES), ids=["flux", "qwen", "klein", "dev"])
 def test_readme_reference_is_current(markers: tuple[str, str]) -> None:
     assert current_section(README, *markers) == render_reference(REFERENCES[markers]), (
         "README.md's configuration reference is stale: run `python -m qflux.models.reference README.md`"

@@ -18,7 +18,7 @@ from qflux.config.errors import QfluxError
 from qflux.data.checks import size_warnings
 from qflux.data.controls import ControlRule, ControlSizes, fit_size
 from qflux.data.pairs import PairRule
-from qflux.models.flux2_klein.predict import CONTROLS, reference_tensor
+from qflux.models.flux2.predict import CONTROLS, reference_tensor
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.qwen_image_edit.batch import vl_images
 from qflux.models.qwen_image_edit.predict import PLUS_VAE_AREA, PLUS_VL_AREA, control_inputs, control_rule

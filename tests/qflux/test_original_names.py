@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import qflux.models  # noqa: F401  (registers every family's names)
 from qflux.lora.comfyui_keys import _flux_to_diffusers
 from qflux.lora.original_names import to_original_names
-from qflux.models.flux2_klein.tiny import build_flux2_klein
+from qflux.models.flux2.tiny import build_flux2_klein
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def test_flux1_in_bfl_names_is_where_comfyuis_table_looks(tiny_flux_dir: Path) -
 
 def test_klein_trains_on_its_bfl_file_as_on_the_folder(klein: Path, tmp_path: Path) -> None:
     from qflux.config.parse import load_config
-    from qflux.models.flux2_klein.config import Flux2KleinConfig
+    from qflux.models.flux2.config import Flux2KleinConfig
     from recipes.flux2_klein_lora import train
 
     save_file(to_original_names(_weights(klein), "flux2"), str(tmp_path / "bfl.safetensors"))
@@ -85,12 +85,12 @@ def test_an_fp8_scaled_bfl_file_stays_fp8_through_diffusers_converter(klein: Pat
     """ComfyUI's usual file: BFL names, fp8-scaled. The converter moves its fp8 rows as they are, each converted
     weight keeps the scale of the fused weight its rows came from: the model's dequantized weights are the file's."""
     from qflux.lora.model_verbs import fp8_scaled
-    from qflux.models.flux2_klein.loaders import load_flux2_klein
+    from qflux.models.flux2.loaders import KLEIN
     from qflux.weights.quantize import Float8StorageLinear
 
     bfl = fp8_scaled(to_original_names(_weights(klein), "flux2"))
     save_file(bfl, str(tmp_path / "flux2-klein-tiny_fp8_scaled.safetensors"))
-    models = load_flux2_klein(klein, torch.float32, include=("transformer",),
+    models = KLEIN.files.load(klein, torch.float32, include=("transformer",),
                               files={"transformer": tmp_path / "flux2-klein-tiny_fp8_scaled.safetensors"})  # fmt: skip
     stored = {n: m for n, m in models.transformer.named_modules() if isinstance(m, Float8StorageLinear)}
     assert stored and not any(type(m) is torch.nn.Linear for m in models.transformer.modules())  # none upcast

@@ -71,7 +71,7 @@ def test_resolution_shift_is_each_pipelines_mu() -> None:
     from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
-    from qflux.models.flux2_klein.predict import training_mu
+    from qflux.models.flux2.predict import training_mu
 
     u = torch.tensor([0.1, 0.5, 0.9])
     sigmas = flow.sigmas_from_u(u)

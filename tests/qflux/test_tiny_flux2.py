@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qflux.models.flux2_klein.tiny import build_flux2_klein
+from qflux.models.flux2.tiny import build_flux2_klein
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -77,8 +77,8 @@ def test_flux_kontext_trains_every_linear_layer(tiny_flux_dir: Path, tmp_path: P
 
 
 def test_flux2_klein_trains_every_linear_layer(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from qflux.models.flux2_klein.config import Flux2KleinConfig
-    from qflux.models.flux2_klein.tiny import build_flux2_klein
+    from qflux.models.flux2.config import Flux2KleinConfig
+    from qflux.models.flux2.tiny import build_flux2_klein
     from recipes.flux2_klein_lora import train
 
     model = build_flux2_klein(tmp_path / "model", seed=0)

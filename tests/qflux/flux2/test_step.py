@@ -12,28 +12,29 @@ from diffusers import Flux2KleinPipeline
 
 from qflux.config.schema import LoraConfig
 from qflux.lora.adapter import inject_lora
-from qflux.models.flux2_klein.conditioning import encode_prompt
-from qflux.models.flux2_klein.loaders import load_flux2_klein
-from qflux.models.flux2_klein.loss import Flux2KleinBatch, make_loss_fn
-from qflux.models.flux2_klein.tiny import build_flux2_klein
+from qflux.models.flux2.conditioning import encode_prompt
+from qflux.models.flux2.loaders import KLEIN
+from qflux.models.flux2.loss import Flux2Batch, make_loss_fn
+from qflux.models.flux2.text import QWEN3
+from qflux.models.flux2.tiny import build_flux2_klein
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    return load_flux2_klein(build_flux2_klein(tmp_path_factory.mktemp("klein"), seed=5), torch.float32)
+    return KLEIN.files.load(build_flux2_klein(tmp_path_factory.mktemp("klein"), seed=5), torch.float32)
 
 
-def _batch(models, n_refs: int) -> Flux2KleinBatch:  # type: ignore[no-untyped-def]
+def _batch(models, n_refs: int) -> Flux2Batch:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(n_refs)
     c = models.transformer.config.in_channels // 4  # the VAE's latent channels
-    prompt = encode_prompt(models.text_encoder, models.tokenizer, ["make it red", "swap them"], 16)
+    prompt = encode_prompt(QWEN3, models.text_encoder, models.tokenizer, ["make it red", "swap them"], 16)
     refs = tuple(torch.randn(2, c, *hw, generator=g) for hw in [(6, 8), (10, 4)][:n_refs])
-    return Flux2KleinBatch(latents=torch.randn(2, c, 8, 12, generator=g), references=refs, text=prompt.tokens,
+    return Flux2Batch(latents=torch.randn(2, c, 8, 12, generator=g), references=refs, text=prompt.tokens,
                            text_ids=prompt.ids, noise=torch.randn(2, c, 8, 12, generator=g),
                            sigmas=torch.tensor([0.2, 0.9]))  # fmt: skip
 
 
-def _pipeline_way(transformer, b: Flux2KleinBatch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _pipeline_way(transformer, b: Flux2Batch) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """The pipeline's packing on the patchified grid: _patchify_latents, _pack_latents, its ids."""
     pipe = Flux2KleinPipeline
     s = b.sigmas.view(-1, 1, 1, 1)
@@ -60,7 +61,7 @@ def test_the_loss_is_the_pipelines(models, n_refs: int) -> None:  # type: ignore
 
 
 def test_the_lora_gradient_reaches_every_adapted_layer(tmp_path: Path) -> None:
-    models = load_flux2_klein(build_flux2_klein(tmp_path / "m", seed=6), torch.float32)
+    models = KLEIN.files.load(build_flux2_klein(tmp_path / "m", seed=6), torch.float32)
     targets = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out")
     lora = inject_lora(models.transformer, LoraConfig(r=2, target_modules=targets), seed=0)
     loss_fn = make_loss_fn(models.transformer)

@@ -1,11 +1,13 @@
-"""Editing with FLUX.2 [klein] from zero or more reference images (optionally through a LoRA), step for
-step as ``Flux2KleinPipeline``.
+"""Editing with FLUX.2 from zero or more reference images (optionally through a LoRA), step for step as
+``Flux2KleinPipeline`` ([klein]) and ``Flux2Pipeline`` ([dev]).
 
     references: each checked (≥ 64 px), shrunk to ≤ 1024² pixels, floored to multiples of 16 and
         centre-cropped to that size; encoded, patchified and normalised; reference k at T = 10·(k+1)
     latents ~ N(0, I) [1, 4C, h, w] from torch.Generator('cpu').manual_seed(seed)
     σ_i = linspace(1, 1/N, N) shifted by the empirical μ(h·w, N);  x ← x + (σ_{i+1} − σ_i)·v̂(x, σ_i)
-    CFG (guidance_scale > 1 on a model that is not step-distilled): v̂ = v̂_∅ + s·(v̂ − v̂_∅), ∅ the empty prompt
+    [klein]: CFG (guidance_scale > 1 on a model that is not step-distilled): v̂ = v̂_∅ + s·(v̂ − v̂_∅), ∅ the
+        empty prompt
+    [dev]: the guidance-distilled transformer reads guidance_scale as an input, g; no CFG
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from qflux.data.controls import ControlRule, ControlSizes
 from qflux.data.images import to_image
 from qflux.diffusion.latents import latent_size, size_multiple, unpack_latents
 from qflux.diffusion.sampling import cfg_batch, euler_denoise, guided, initial_noise
-from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, vae_decode, vae_encode
-from qflux.models.flux2_klein.loaders import Flux2KleinModels
-from qflux.models.flux2_klein.loss import token_inputs, velocity
+from qflux.models.flux2.conditioning import PromptEmbeds, encode_prompt, vae_decode, vae_encode
+from qflux.models.flux2.loaders import Flux2Models
+from qflux.models.flux2.loss import guidance_values, token_inputs, velocity
+from qflux.models.flux2.text import TextEncoder
 from qflux.weights.dtypes import compute_dtype
 
 MAX_REFERENCE_AREA = 1024 * 1024
@@ -81,7 +84,7 @@ def reference_tensor(
 
 
 PIPELINE_STEPS = 50
-"""``Flux2KleinPipeline``'s default number of denoising steps (and predict's)."""
+"""The FLUX.2 pipelines' default number of denoising steps (and predict's)."""
 
 
 def training_mu(image_seq_len: int) -> float:
@@ -93,14 +96,15 @@ def training_mu(image_seq_len: int) -> float:
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
     """FLUX.2's shift μ for ``image_seq_len`` latent tokens and ``num_steps`` steps (the pipeline's own)."""
     # deferred: diffusers is a heavy import
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
     return float(compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps))
 
 
 @torch.inference_mode()
 def predict(
-    models: Flux2KleinModels,
+    models: Flux2Models,
+    encoder: TextEncoder,
     images: Sequence[Image.Image],
     prompt: str,
     *,
@@ -117,11 +121,13 @@ def predict(
     """Edit (or, with no images, generate) as ``prompt`` says.
 
     Args:
+        encoder: the variant's text encoder.
         images: the reference images (RGB), 0 or more.
         height, width: output size, floored to multiples of the VAE factor × 2; default the first
             reference's prepared size (1024² without references, as the pipeline).
-        guidance_scale: CFG scale against the empty prompt, used when > 1 and the model is not
-            step-distilled (``distilled``: the pipeline config's ``is_distilled``).
+        guidance_scale: a guidance-distilled transformer's ([dev]'s) guidance input; else the CFG scale
+            against the empty prompt, used when > 1 and the model is not step-distilled (``distilled``: the
+            pipeline config's ``is_distilled``).
         lora: LoRA tensors to substitute into the transformer; None uses the module as it is.
         sizing: training's reference sizing (:func:`reference_tensor`); None: the pipeline's.
 
@@ -135,9 +141,10 @@ def predict(
     out = latent_size(height or default[0], width or default[1], multiple)
     size = (out[1] * multiple // 2, out[0] * multiple // 2)  # (w, h) in pixels
     refs = [reference_tensor(im, multiple, sizing, size) for im in images]
-    encode = models.text_encoder, models.tokenizer
+    encode = encoder, models.text_encoder, models.tokenizer
     pos = encode_prompt(*encode, [prompt], max_sequence_length)
-    neg = encode_prompt(*encode, [""], max_sequence_length) if guidance_scale > 1 and not distilled else None
+    cfg = guidance_scale > 1 and not distilled and not models.transformer.config.guidance_embeds
+    neg = encode_prompt(*encode, [""], max_sequence_length) if cfg else None
     latents = denoise(
         models.transformer,
         models.scheduler.config,
@@ -161,12 +168,14 @@ def denoise(transformer: Any, scheduler_config: Any, references: tuple[torch.Ten
             lora: Mapping[str, torch.Tensor] | None = None,
             noise_dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """The Flux2 transformer's velocity on [x ; references] tokens (CFG against the empty prompt as one
-    batch of 2) stepped by :func:`qflux.diffusion.sampling.euler_denoise` on FLUX.2's empirical shift:
+    batch of 2; or, guidance-distilled, with ``guidance_scale`` as its input) stepped by
+    :func:`qflux.diffusion.sampling.euler_denoise` on FLUX.2's empirical shift:
     the pipeline's sampling from encoded inputs (shared by predict and validation).
 
     Args:
         references: normalised latents [1, C, h_k, w_k] of each reference.
         prompt, negative: the prompt's embedding and, for CFG, the empty prompt's.
+        guidance_scale: the CFG scale (with ``negative``), or the guidance-distilled transformer's input.
         latent_hw: (h, w) of the output latents (even; the image is the VAE factor times larger).
 
     Returns:
@@ -184,11 +193,13 @@ def denoise(transformer: Any, scheduler_config: Any, references: tuple[torch.Ten
     )
     b = text.shape[0]
     refs = tuple(r.to(device).expand(b, -1, -1, -1) for r in references)
+    guidance = guidance_values(transformer, guidance_scale, text)
 
     def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = t.expand(b).to(device=device, dtype=noise_dtype) / 1000
         tokens, ids = token_inputs(x.expand(b, -1, -1, -1), refs)
-        out = unpack_latents(velocity(transformer, params, tokens, seq, sigma, text, text_ids, ids, dtype=tdtype), h, w)
+        out = velocity(transformer, params, tokens, seq, sigma, text, text_ids, ids, dtype=tdtype, guidance=guidance)
+        out = unpack_latents(out, h, w)
         return (out if negative is None else guided(out[:1], out[1:], guidance_scale)).to(x.dtype)
 
     mu = empirical_mu(seq, num_inference_steps)

@@ -1,10 +1,11 @@
-"""The FLUX.2 [klein] transformer call and training objective, pure functions of (LoRA tensors, inputs).
+"""The FLUX.2 transformer call and training objective, pure functions of (LoRA tensors, inputs).
 
 The target's noised tokens come first, then every reference image's tokens (each at its own T
 position); the loss is over the target's tokens only:
 
     x_t = (1 − σ)·x0 + σ·ε                       (x0: normalised target latents [B, C, h, w])
-    v̂ = F([pack(x_t) ; pack(r_1) ; … ; pack(r_k)], t = σ, text = h, positions)[:, :N]
+    v̂ = F([pack(x_t) ; pack(r_1) ; … ; pack(r_k)], t = σ, text = h, positions, g)[:, :N]
+        (g: [dev]'s guidance value, ``model.guidance_scale``; [klein] has no guidance input)
     loss = mean_b w(σ_b) · mean (v̂ − (ε − x0))²
 
 Noising, target, weights and loss are :func:`qflux.diffusion.flow.flow_loss`, shared with FLUX.1 Kontext and
@@ -23,7 +24,7 @@ from qflux.diffusion.flow import MSE, FlowBatch, Objective, Velocity, flow_loss
 from qflux.diffusion.latents import pack_sequence, transformer_inputs, unpack_latents
 from qflux.diffusion.routing import route_kwargs
 from qflux.lora.adapter import base_adapter, call_with_lora
-from qflux.models.flux2_klein.conditioning import reference_ids, target_ids
+from qflux.models.flux2.conditioning import reference_ids, target_ids
 from qflux.weights.dtypes import compute_dtype
 
 
@@ -38,6 +39,7 @@ def velocity(
     image_ids: torch.Tensor,
     *,
     dtype: torch.dtype,
+    guidance: torch.Tensor | None = None,
     route: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One transformer call on [target ; references] tokens; the first ``n`` tokens' velocity.
@@ -45,12 +47,13 @@ def velocity(
     Args:
         params: LoRA tensors substituted into the module, ``{}`` for the module as it is.
         tokens: [B, N + Nr, 4C]; sigmas: [B]; text: [B, L, 3D]; text_ids: [B, L, 4]; image_ids: [B, N + Nr, 4].
+        guidance: [B] guidance values (float32) for a guidance-distilled transformer, else None.
         route: the target tokens' routing scores [N] (training with ``train.route``), or None.
 
     Returns:
         [B, n, 4C] in the transformer's dtype.
     """
-    inputs = transformer_inputs(tokens, sigmas, text, dtype, txt_ids=text_ids, img_ids=image_ids,
+    inputs = transformer_inputs(tokens, sigmas, text, dtype, txt_ids=text_ids, img_ids=image_ids, guidance=guidance,
                                 joint_attention_kwargs=route_kwargs(route))  # fmt: skip
     return call_with_lora(transformer, params, inputs)[0][:, :n]
 
@@ -67,9 +70,9 @@ def token_inputs(noisy: torch.Tensor, references: tuple[torch.Tensor, ...]) -> t
 
 
 @attrs.frozen(eq=False, kw_only=True)
-class Flux2KleinBatch(FlowBatch):
+class Flux2Batch(FlowBatch):
     """A training micro-batch: x0 (normalised), ε, σ and change mask (:class:`~qflux.diffusion.flow.FlowBatch`)
-    and FLUX.2 [klein]'s conditioning."""
+    and FLUX.2's conditioning."""
 
     references: tuple[torch.Tensor, ...]
     """Reference latents, one [B, C, h_k, w_k] per reference image (zeros where dropped)."""
@@ -83,21 +86,37 @@ class Flux2KleinBatch(FlowBatch):
         return {"tokens": self.text, "ids": self.text_ids}
 
 
+def guidance_values(transformer: Any, guidance_scale: float | None, like: torch.Tensor) -> torch.Tensor | None:
+    """[B] float32 values of ``guidance_scale`` (B, device: ``like``'s first axis and device) for a transformer with
+    a guidance embedding (``config.guidance_embeds``: FLUX.2 [dev]); None for one without ([klein]).
+
+    Raises:
+        ValueError: a guidance-distilled transformer and no ``guidance_scale``.
+    """
+    if not transformer.config.guidance_embeds:
+        return None
+    if guidance_scale is None:
+        raise ValueError("this FLUX.2 transformer is guidance-distilled (guidance_embeds): give model.guidance_scale")
+    return torch.full((like.shape[0],), float(guidance_scale), dtype=torch.float32, device=like.device)
+
+
 def make_loss_fn(
-    transformer: Any, objective: Objective = MSE
-) -> Callable[[Mapping[str, torch.Tensor], Flux2KleinBatch], torch.Tensor]:
-    """Close over the frozen (adapted) transformer and the objective; return the pure ``loss_fn(lora, batch)``
-    (0-d float32)."""
+    transformer: Any, objective: Objective = MSE, *, guidance_scale: float | None = None
+) -> Callable[[Mapping[str, torch.Tensor], Flux2Batch], torch.Tensor]:
+    """Close over the frozen (adapted) transformer, the objective and (for a guidance-distilled transformer)
+    the guidance value; return the pure ``loss_fn(lora, batch)`` (0-d float32)."""
     dtype = compute_dtype(transformer)
     base = base_adapter(transformer)
 
-    def loss_fn(lora: Mapping[str, torch.Tensor], batch: Flux2KleinBatch) -> torch.Tensor:
+    def loss_fn(lora: Mapping[str, torch.Tensor], batch: Flux2Batch) -> torch.Tensor:
+        guidance = guidance_values(transformer, guidance_scale, batch.sigmas)
+
         def on(text: torch.Tensor, text_ids: torch.Tensor) -> Velocity:
             def v(params: Mapping[str, torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
                 h, w = noisy.shape[-2], noisy.shape[-1]
                 tokens, ids = token_inputs(noisy, batch.references)
                 out = velocity(transformer, params, tokens, (h // 2) * (w // 2), batch.sigmas, text, text_ids, ids,
-                               dtype=dtype, route=batch.route)  # fmt: skip
+                               dtype=dtype, guidance=guidance, route=batch.route)  # fmt: skip
                 return unpack_latents(out.float(), h, w)  # v̂ [B, C, h, w] of the target's tokens
 
             return v

@@ -1,4 +1,4 @@
-"""The FLUX.2 [klein] embedding cache: what is cached per sample, under which key, and how it is read.
+"""The FLUX.2 embedding cache: what is cached per sample, under which key, and how it is read.
 
 Entries, each keyed by a content hash of everything that determines it:
 
@@ -6,7 +6,7 @@ Entries, each keyed by a content hash of everything that determines it:
 | --- | --- | --- |
 | ``pixel_latent`` | ``latent`` [C, h, w] | target bytes, size (w, h), crop box (buckets), resize mode, VAE identity |
 | ``control_latent`` | ``latent`` [C, hc, wc] | each reference's bytes, size, crop box, resize mode, VAE identity |
-| ``qwen3_prompt_embed`` | ``embed`` [L, 3D] | prompt text, Qwen3 + tokenizer identity, sequence length, layers |
+| ``qwen3_prompt_embed``, ``mistral3_prompt_embed`` | ``embed`` [L, 3D] | prompt, encoder + tokenizer, length, layers |
 | ``change_mask`` | ``mask`` [1, h, w] | ``train.loss_mask``, target bytes, size, box; mask file or control, level |
 
 The prompt embedding does not see the images, so the text is its whole input (as FLUX.1's); the
@@ -26,8 +26,9 @@ import torch
 
 from qflux.data.dataset import MaskMode
 from qflux.data.pairs import PairSample
-from qflux.models.flux2_klein.conditioning import TEXT_LAYERS, PromptEmbeds, encode_prompt, text_ids, vae_encode
-from qflux.models.flux2_klein.loaders import Flux2KleinModels
+from qflux.models.flux2.conditioning import PromptEmbeds, encode_prompt, text_ids, vae_encode
+from qflux.models.flux2.loaders import Flux2Models
+from qflux.models.flux2.text import TextEncoder
 from qflux.train.cache import (
     Entry,
     ImageSpec,
@@ -40,8 +41,6 @@ from qflux.train.cache import (
 )
 from qflux.train.cache_path import fixed_prompts
 
-PROMPT_KIND = "qwen3_prompt_embed"
-
 
 @attrs.frozen
 class CacheSpec:
@@ -49,25 +48,29 @@ class CacheSpec:
 
     images: ImageSpec
     prompt: PromptSpec
-    """Qwen3's embedding [L, 3D]: three hidden-state layers stacked, L = ``max_sequence_length``."""
+    """The text encoder's embedding [L, 3D]: three hidden-state layers stacked, L = ``max_sequence_length``."""
+    encoder: TextEncoder
+    """The variant's text encoder."""
     max_sequence_length: int
     preserve_prompt: str | None = None
     """``train.preserve_prompt``: its entry is read beside the empty prompt's."""
 
 
 def cache_spec(
+    encoder: TextEncoder,
     model_dir: Path,
     dtype: str,
     max_sequence_length: int,
     loss_mask: MaskMode = "none",
     preserve_prompt: str | None = None,
 ) -> CacheSpec:
-    """Read identities and shapes from a (resolved) FLUX.2 [klein] folder."""
-    shape = (max_sequence_length, len(TEXT_LAYERS) * int(read_config(model_dir, "text_encoder")["hidden_size"]))
-    settings = {"max_sequence_length": max_sequence_length, "layers": list(TEXT_LAYERS)}
+    """Read identities and shapes from a (resolved) FLUX.2 folder whose text encoder is ``encoder``."""
+    shape = (max_sequence_length, encoder.embed_width(read_config(model_dir, "text_encoder")))
+    settings = {"max_sequence_length": max_sequence_length, "layers": list(encoder.layers)}
     return CacheSpec(
         images=ImageSpec.from_folder(model_dir, dtype, "latent_channels", loss_mask),
-        prompt=PromptSpec.from_folder(model_dir, dtype, PROMPT_KIND, ("text_encoder", "tokenizer"), shape, settings),
+        prompt=PromptSpec.from_folder(model_dir, dtype, encoder.kind, ("text_encoder", "tokenizer"), shape, settings),
+        encoder=encoder,
         max_sequence_length=max_sequence_length,
         preserve_prompt=preserve_prompt,
     )
@@ -100,17 +103,16 @@ def sample_entries(spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -
     return out
 
 
-def jobs(models: Flux2KleinModels, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
+def jobs(models: Flux2Models, spec: CacheSpec, root: Path, samples: Sequence[PairSample]) -> list[Job]:
     """Every entry the samples need (and the empty prompt's), each with the function that computes it.
 
     Args:
-        models: the VAE and Qwen3 with its tokenizer (no transformer needed).
+        models: the VAE and the text encoder with its tokenizer (no transformer needed).
     """
+    encode = spec.encoder, models.text_encoder, models.tokenizer
 
     def embed(text: str) -> dict[str, torch.Tensor]:
-        return {
-            "embed": encode_prompt(models.text_encoder, models.tokenizer, [text], spec.max_sequence_length).tokens[0]
-        }
+        return {"embed": encode_prompt(*encode, [text], spec.max_sequence_length).tokens[0]}
 
     out: list[Job] = []
     for s, se in zip(samples, sample_entries(spec, root, samples), strict=True):

@@ -1,8 +1,9 @@
-"""FLUX.2 [klein]'s inputs as the pipeline computes them: the prompt through Qwen3 (hidden states of
-layers 9, 18 and 27 stacked per token), the images through the VAE (2×2-patchified latents
-normalised by the VAE's batch-norm statistics), and the 4-D positions (T, H, W, L) of every token.
+"""FLUX.2's inputs as its pipelines compute them: the prompt through the variant's text encoder (three
+hidden-state layers stacked per token, :mod:`qflux.models.flux2.text`), the images through the VAE
+(2×2-patchified latents normalised by the VAE's batch-norm statistics), and the 4-D positions
+(T, H, W, L) of every token.
 
-    h = [H₉ ; H₁₈ ; H₂₇] ∈ [B, L, 3D]          (the chat-templated, padded prompt)
+    h = [H_a ; H_b ; H_c] ∈ [B, L, 3D]         (the chat-templated, padded prompt)
     z = unpatchify((patchify(mode(E(x))) − μ_bn) / √(σ²_bn + ε))   [B, C, H/8, W/8]
     tokens = pack(z) [B, (h/2)(w/2), 4C]       (the pipeline's patchify-then-flatten, the same order)
     positions: text (0, 0, 0, l); target (0, i, j, 0); reference k (10·(k+1), i, j, 0)
@@ -11,8 +12,8 @@ Latents are kept on the VAE's own grid (normalised per patchified channel, then 
 FLUX.1's are: buckets, masks and the σ shift then work on them as on FLUX.1's, and
 :func:`qflux.diffusion.latents.pack_latents` makes exactly the pipeline's tokens.
 
-The pipeline's own static helpers compute each piece (``Flux2KleinPipeline._get_qwen3_prompt_embeds``,
-``_patchify_latents``, ``_prepare_latent_ids``, ...), so these are its numbers by construction.
+The pipelines' own static helpers compute each piece (``Flux2Pipeline._patchify_latents``,
+``_prepare_latent_ids``, ...; [klein]'s are copies of [dev]'s), so these are their numbers by construction.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from typing import Any
 import attrs
 import torch
 
-TEXT_LAYERS = (9, 18, 27)
-"""The Qwen3 hidden states FLUX.2 [klein] reads (the pipeline's ``text_encoder_out_layers``)."""
+from qflux.models.flux2.text import TextEncoder
 
 
 def _pipeline() -> Any:
     # deferred: diffusers is a heavy import
-    from diffusers import Flux2KleinPipeline
+    from diffusers import Flux2Pipeline
 
-    return Flux2KleinPipeline
+    return Flux2Pipeline
 
 
 @attrs.frozen(eq=False)
@@ -46,18 +46,11 @@ class PromptEmbeds:
 
 @torch.no_grad()
 def encode_prompt(
-    text_encoder: Any, tokenizer: Any, prompts: Sequence[str], max_sequence_length: int = 512
+    encoder: TextEncoder, text_encoder: Any, tokenizer: Any, prompts: Sequence[str], max_sequence_length: int = 512
 ) -> PromptEmbeds:
-    """The prompts through the chat template and Qwen3, padded to ``max_sequence_length`` tokens."""
-    tokens = _pipeline()._get_qwen3_prompt_embeds(
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        prompt=list(prompts),
-        dtype=text_encoder.dtype,
-        device=text_encoder.device,
-        max_sequence_length=max_sequence_length,
-        hidden_states_layers=TEXT_LAYERS,
-    )
+    """The prompts through the chat template and the variant's ``encoder``, padded to ``max_sequence_length``
+    tokens."""
+    tokens = encoder.encode(text_encoder, tokenizer, prompts, max_sequence_length)
     return PromptEmbeds(tokens=tokens, ids=text_ids(tokens))
 
 

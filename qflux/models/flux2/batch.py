@@ -1,4 +1,4 @@
-"""Turning a micro-batch into a :class:`Flux2KleinBatch`: conditioning, dropout and random draws.
+"""Turning a micro-batch into a :class:`Flux2Batch`: conditioning, dropout and random draws.
 
 Each sample is encoded on its own (its prompt through Qwen3, its target and reference images through
 the VAE), as the cache encodes it; :func:`qflux.train.batch.prepare` then applies the keyed draws and
@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from qflux.models.flux2_klein.conditioning import PromptEmbeds, encode_prompt, text_ids, vae_encode
-from qflux.models.flux2_klein.loaders import Flux2KleinModels
-from qflux.models.flux2_klein.loss import Flux2KleinBatch
+from qflux.models.flux2.conditioning import PromptEmbeds, encode_prompt, text_ids, vae_encode
+from qflux.models.flux2.loaders import Flux2Models
+from qflux.models.flux2.loss import Flux2Batch
+from qflux.models.flux2.text import TextEncoder
 from qflux.train.batch import Conditioning, Prepared, cat_rows, encode_pairs, to_record
 
 
@@ -25,16 +26,18 @@ def text_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode_conditioning(models: Flux2KleinModels, raw: dict[str, Any], max_sequence_length: int) -> Conditioning:
-    """Encode a collated image batch (:func:`qflux.data.dataset.collate_pairs`) with the VAE and Qwen3, one
-    sample at a time."""
-    encode = models.text_encoder, models.tokenizer
+def encode_conditioning(
+    encoder: TextEncoder, models: Flux2Models, raw: dict[str, Any], max_sequence_length: int
+) -> Conditioning:
+    """Encode a collated image batch (:func:`qflux.data.dataset.collate_pairs`) with the VAE and the text
+    ``encoder``, one sample at a time."""
+    encode = encoder, models.text_encoder, models.tokenizer
     text = cat_rows([text_tensors(encode_prompt(*encode, [p], max_sequence_length)) for p in raw["prompt"]])
     return encode_pairs(partial(vae_encode, models.vae), raw, text)
 
 
 def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
-    """Conditioning from a collated cached batch (:func:`qflux.models.flux2_klein.cache.collate_cached`)."""
+    """Conditioning from a collated cached batch (:func:`qflux.models.flux2.cache.collate_cached`)."""
     return Conditioning(
         latents=raw["latent"],
         controls=tuple(raw["controls"]),
@@ -42,6 +45,6 @@ def cached_conditioning(raw: dict[str, Any]) -> Conditioning:
     )
 
 
-def to_batch(p: Prepared) -> Flux2KleinBatch:
-    """The FLUX.2 [klein] batch record of prepared tensors (:func:`qflux.train.batch.prepare`)."""
-    return to_record(Flux2KleinBatch, p, references=p.controls, text=p.text["tokens"], text_ids=p.text["ids"])
+def to_batch(p: Prepared) -> Flux2Batch:
+    """The FLUX.2 batch record of prepared tensors (:func:`qflux.train.batch.prepare`)."""
+    return to_record(Flux2Batch, p, references=p.controls, text=p.text["tokens"], text_ids=p.text["ids"])

@@ -14,9 +14,10 @@ from PIL import Image
 
 from qflux.config.schema import LoraConfig
 from qflux.lora.adapter import inject_lora, save_lora
-from qflux.models.flux2_klein.loaders import load_flux2_klein
-from qflux.models.flux2_klein.predict import predict
-from qflux.models.flux2_klein.tiny import build_flux2_klein
+from qflux.models.flux2.loaders import KLEIN
+from qflux.models.flux2.predict import predict
+from qflux.models.flux2.text import QWEN3
+from qflux.models.flux2.tiny import build_flux2_klein
 
 STEPS = 3
 
@@ -33,7 +34,7 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 def klein(tmp_path_factory: pytest.TempPathFactory):
     """A tiny klein (seed 2), our models, a LoRA on them (saved for the pipeline), and the pipeline."""
     path = build_flux2_klein(tmp_path_factory.mktemp("klein"), seed=2)
-    models = load_flux2_klein(path, torch.float32)
+    models = KLEIN.files.load(path, torch.float32)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"))
     lora = inject_lora(models.transformer, cfg, seed=0)
     g = torch.Generator().manual_seed(1)
@@ -58,7 +59,7 @@ def _pipe_image(pipe, n: int, guidance: float) -> np.ndarray:  # type: ignore[no
 @pytest.mark.parametrize(("n", "guidance"), [(1, 1.0), (1, 4.0), (2, 1.0), (2, 4.0)])
 def test_predict_equals_the_pipeline(klein, n: int, guidance: float) -> None:
     _, models, _, _, pipe = klein
-    ours = predict(models, _refs(n), "make it red", num_inference_steps=STEPS, guidance_scale=guidance, seed=3,
+    ours = predict(models, QWEN3, _refs(n), "make it red", num_inference_steps=STEPS, guidance_scale=guidance, seed=3,
                    max_sequence_length=32)  # fmt: skip
     ref = _pipe_image(pipe, n, guidance)
     assert ours.shape == ref.shape == (64, 96, 3)  # the first reference's size, floored to 16
@@ -69,8 +70,8 @@ def test_predict_equals_the_pipeline(klein, n: int, guidance: float) -> None:
 def test_our_lora_in_the_pipeline_equals_predict_and_moves_the_image(klein, n: int, guidance: float) -> None:
     _, models, lora, out, pipe = klein
     kw = {"num_inference_steps": STEPS, "guidance_scale": guidance, "seed": 3, "max_sequence_length": 32}
-    ours = predict(models, _refs(n), "make it red", lora=lora, **kw)
-    base = predict(models, _refs(n), "make it red", **kw)
+    ours = predict(models, QWEN3, _refs(n), "make it red", lora=lora, **kw)
+    base = predict(models, QWEN3, _refs(n), "make it red", **kw)
     assert _mad(ours, base) > 5 / 255
     pipe.load_lora_weights(str(out))
     try:
@@ -96,7 +97,7 @@ def test_the_comfyui_file_has_bfl_names_and_every_update(klein, tmp_path: Path) 
     from qflux.lora.adapter import lora_scale, read_lora, save_lora_comfyui
 
     path = klein[0]
-    models = load_flux2_klein(path, torch.float32)
+    models = KLEIN.files.load(path, torch.float32)
     tr = models.transformer
     lora = inject_lora(tr, LoraConfig(r=2, lora_alpha=4, target_modules=ALL), seed=0)
     g = torch.Generator().manual_seed(7)
@@ -145,7 +146,7 @@ def test_lycoris_comfyui_file_names_every_module_as_comfyui_maps_it_and_reads_ba
     from qflux.lora.adapter import COMFYUI_WEIGHT_NAME, load_lora_file, save_lora_comfyui
 
     path = klein[0]
-    models = load_flux2_klein(path, torch.float32)
+    models = KLEIN.files.load(path, torch.float32)
     lora = inject_lora(models.transformer, LoraConfig(kind=kind, r=2, lora_alpha=4, target_modules=("all-linear",)),
                        seed=0)  # fmt: skip
     g = torch.Generator().manual_seed(5)
@@ -158,8 +159,8 @@ def test_lycoris_comfyui_file_names_every_module_as_comfyui_maps_it_and_reads_ba
     assert {f"diffusion_model.{m}" for m in five} <= stems
     assert not any("time_guidance_embed" in s or "stream_modulation_img_linear" in s for s in stems)
     kw = {"num_inference_steps": STEPS, "guidance_scale": 1.0, "seed": 3, "max_sequence_length": 32}
-    ours = predict(models, _refs(1), "make it red", lora=lora, **kw)
-    fresh = load_flux2_klein(path, torch.float32)
+    ours = predict(models, QWEN3, _refs(1), "make it red", lora=lora, **kw)
+    fresh = KLEIN.files.load(path, torch.float32)
     load_lora_file(fresh.transformer, out / COMFYUI_WEIGHT_NAME, naming="flux2", pipeline_cls=Flux2KleinPipeline)
-    assert _mad(predict(fresh, _refs(1), "make it red", **kw), ours) <= 1 / 255
-    assert _mad(ours, predict(models, _refs(1), "make it red", **kw)) > 5 / 255  # the adapter moves the image
+    assert _mad(predict(fresh, QWEN3, _refs(1), "make it red", **kw), ours) <= 1 / 255
+    assert _mad(ours, predict(models, QWEN3, _refs(1), "make it red", **kw)) > 5 / 255  # the adapter moves the image
