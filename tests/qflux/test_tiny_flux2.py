@@ -1,6 +1,7 @@
-"""The tiny FLUX.2 [klein]: deterministic per seed, in the diffusers layout ``Flux2KleinPipeline`` loads,
-with the relations the pipeline relies on (Qwen3 layers 9, 18 and 27; 3 × its width into the
-transformer; 4 × the VAE's latent channels patchified), and it edits with one and two references."""
+"""The tiny FLUX.2 [klein] and [dev]: deterministic per seed, in the diffusers layout ``Flux2KleinPipeline`` and
+``Flux2Pipeline`` load, with the relations the pipelines rely on (Qwen3 layers 9, 18 and 27, Mistral's 10, 20 and
+30; 3 × the encoder's width into the transformer; 4 × the VAE's latent channels patchified; [dev]'s guidance
+embedding and system message through Mistral's chat template), and each edits with one and two references."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qflux.models.flux2.tiny import build_flux2_klein
+from qflux.models.flux2.tiny import build_flux2_dev, build_flux2_klein
+from qflux.tiny import main as tiny_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,3 +72,54 @@ def test_cli_builds_it(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "qflux.tiny", "flux2_klein", str(tmp_path / "n"), "--size=huge"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode != 0 and "unknown size 'huge'" in proc.stderr
+
+
+def test_the_tiny_dev_is_deterministic_and_flux2pipeline_edits_with_one_and_two_references(tmp_path: Path) -> None:
+    from diffusers import Flux2Pipeline
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    tiny_main("flux2_dev", str(tmp_path / "dev"), seed=0)
+    assert _digest(build_flux2_dev(tmp_path / "again", seed=0)) == _digest(tmp_path / "dev")
+    assert _digest(build_flux2_dev(tmp_path / "other", seed=1)) != _digest(tmp_path / "dev")
+    pipe = Flux2Pipeline.from_pretrained(tmp_path / "dev")
+    pipe.set_progress_bar_config(disable=True)
+    text, tr, vae = pipe.text_encoder.config.text_config, pipe.transformer.config, pipe.vae.config
+    assert type(pipe.text_encoder).__name__ == "Mistral3ForConditionalGeneration"
+    assert text.num_hidden_layers >= 30 and tr.guidance_embeds  # hidden_states[30] exists
+    assert tr.joint_attention_dim == 3 * text.hidden_size and tr.in_channels == 4 * vae.latent_channels
+    rendered = pipe.tokenizer.apply_chat_template(format_input(["make it red"], SYSTEM_MESSAGE), tokenize=False)[0]
+    assert rendered == f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]make it red[/INST]"
+    assert len(pipe.tokenizer(rendered, add_special_tokens=False).input_ids) < 64  # whole-word tokens
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)) for _ in range(2)]
+    images = []
+    for n in (1, 2):
+        out = pipe(image=refs[:n], prompt="make it red", height=64, width=96, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), output_type="np", max_sequence_length=80)  # fmt: skip
+        assert out.images[0].shape == (64, 96, 3) and np.isfinite(out.images[0]).all()
+        images.append(out.images[0])
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_the_dev_tokenizer_loads_a_processor_folders_chat_template_or_says_what_is_missing(tmp_path: Path) -> None:
+    """A Pixtral processor's folder keeps its chat template in chat_template.json: the tokenizer is read with it; a
+    folder with none is refused with the fix."""
+    import json
+    import shutil
+
+    from qflux.config.errors import QfluxError
+    from qflux.models.flux2.text import chat_tokenizer
+
+    folder = build_flux2_dev(tmp_path / "dev", seed=0) / "tokenizer"
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert chat_tokenizer(folder).chat_template == template
+    (folder / "chat_template.json").unlink()
+    with pytest.raises(QfluxError, match="no chat template"):
+        chat_tokenizer(folder)
+    shutil.rmtree(folder)
