@@ -21,6 +21,7 @@ from qflux.config.errors import QfluxError
 from qflux.config.schema import RecipeConfig
 from qflux.data.pairs import PairRule
 from qflux.diffusion.latents import size_multiple
+from qflux.memory.encode import EncodeStep, encode_step
 from qflux.memory.measure import GIB
 from qflux.memory.planner import (
     Inputs,
@@ -110,6 +111,16 @@ def resident_encoders(cfg: RecipeConfig, target: PlanTarget, configs: Configs) -
     return out
 
 
+def cache_step(cfg: RecipeConfig, target: PlanTarget, configs: Configs, inputs: Inputs) -> EncodeStep:
+    """The cache step's peak (:mod:`qflux.memory.encode`): the encoders placed on the transformer's device, the text
+    encoders stored as ``model.quantize_text_encoders`` says, one prompt of the run's tokens, one target image."""
+    devices = attrs.asdict(cfg.devices)
+    on_card = [c for c in target.model.encoders if same_device(devices[c], cfg.devices.transformer)]
+    text = cfg.model.quantize if cfg.model.quantize_text_encoders else "none"
+    return encode_step(target.model, configs, on_card, dtype=torch_dtype(cfg.model.dtype), text_quantize=text,
+                       text_tokens=inputs.text_tokens, image=inputs.target)  # fmt: skip
+
+
 def plan_inputs(cfg: RecipeConfig, target: PlanTarget, configs: Configs, controls: int) -> Inputs:
     """The shapes the run's step holds: the 1:1 bucket of ``data.max_pixels`` for the target and each
     control image (of the control cap when smaller), the batch, the accumulation and the prompt's tokens."""
@@ -152,8 +163,9 @@ def run_plan(
                                     dtype=torch_dtype(cfg.model.dtype), lora=cfg.model.lora,
                                     encoders=resident_encoders(cfg, target, configs), progress=say)  # fmt: skip
     cheapest = None if first.fits(vram_gib) else cheapest_fit(alternatives, configured, vram_gib)
+    encoding = cache_step(cfg, target, configs, inputs)
     if as_json_output:
-        out = as_json(first, alternatives, vram_gib, cheapest)
+        out = {**as_json(first, alternatives, vram_gib, cheapest), "cache_step": encoding.as_json(vram_gib)}
         if stored is not None:
             out["transformer_file"] = {"bytes": stored[0], "gib": round(stored[0] / GIB, 3), "stored_as": stored[1]}
         print(json.dumps(out, indent=2))
@@ -163,6 +175,7 @@ def run_plan(
             how = "fp8, as it stays" if quantize != cfg.model.quantize else "as model.quantize stores it"
             print(f"  file     model.transformer_file {stored[0] / GIB:.2f} GiB stored ({stored[1]}); planned {how}")
         print(table(first, alternatives, vram_gib))
+        print(encoding.text(vram_gib))
         print(_verdict(first, cheapest, configured, vram_gib))
     return 0 if first.fits(vram_gib) else DOES_NOT_FIT
 

@@ -189,6 +189,14 @@ class Fake4bit(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Fake4bitFn.apply(x, self.weight, self.bias, (self.out_features, self.in_features))
 
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the weight is stored in (what block swap moves: :mod:`qflux.weights.stored`)."""
+        return self.weight, self.absmax, self.statistics
+
+    def weight_from(self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight [out, in] a swapped copy makes on its device (its values are not the layer's)."""
+        return torch.empty(self.out_features, self.in_features, dtype=dtype, device=tensors[0].device)
+
 
 def measure_step(
     run_step: Callable[[], Any], resident: Iterable[torch.Tensor], mode: FakeTensorMode

@@ -11,7 +11,8 @@ The alternatives vary storage (the configured dtype, fp8, nf4) × gradient check
 measured, then block swap is added where it is needed: the fewest blocks whose weights bring the
 peak under the card, checked by measuring that run too. "Cheapest" orders changes by what they cost
 a run: checkpointing (about a third more compute, exact), then fp8 storage (same speed, weights
-rounded to 8 bits), then block swap (exact, slower by the copies), then 4 bits.
+rounded to 8 bits), then block swap (exact, slower by the copies), then 4 bits (with swap where 4 bits alone
+do not fit).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class PlanModel:
     """(component configs, inputs, model dtype) → one micro-batch record of zeros."""
     loss: Callable[[nn.Module, Objective], Callable[..., torch.Tensor]]
     """The training loss of a transformer with an objective (the model's ``make_loss_fn``)."""
+    vae_encode: Callable[[Any, torch.Tensor], torch.Tensor]
+    """(VAE, images [B, 3, H, W]) → latents: the model's own encoding (the cache step's forward)."""
     objective: Objective = MSE
     """The run's objective (``train.loss``, ``train.preserve``: the base model's forward is planned)."""
     masked: bool = False
@@ -352,7 +355,7 @@ def plan_rows(
                     rows[s] = row(s)
     for s, r in list(rows.items()):
         # DoRA reads each layer's whole weight every step: not with block swap (qflux.train.run refuses it)
-        if r.fits(vram_gib) or s.blocks_to_swap or s.quantize in ("nf4", "fp4") or lora.kind == "dora":
+        if r.fits(vram_gib) or s.blocks_to_swap or lora.kind == "dora":
             continue
         n = blocks_needed(r, block_weights(model, configs["transformer"], dtype, s.quantize), vram_gib)
         if n:

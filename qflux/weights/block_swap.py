@@ -13,11 +13,13 @@ checkpointing recomputes a block's forward inside backward: its weights are then
 block's backward has used them. LoRA layers, norms and biases (under 0.1% of a block's bytes) stay
 on the device; the LoRA of a swapped block trains as any other.
 
-The arithmetic is the layer's own: a bf16/fp32 weight is used as stored (with :class:`FrozenLinear`'s
-column-major hand-over where the replaced layer had it), an fp8-stored weight is dequantized as
-:class:`qflux.weights.quantize.Float8StorageLinear` does, so a run with swap gives the LoRA of the run
-without it (identical on CPU, tested). bitsandbytes 4-bit layers and ``train.fp8_matmul`` layers are
-not swapped (:func:`swap_problem` refuses them before loading).
+The arithmetic is the layer's own (:mod:`qflux.weights.stored`): a bf16/fp32 weight is used as stored (with
+:class:`FrozenLinear`'s column-major hand-over where the replaced layer had it), an fp8-stored weight is
+dequantized as :class:`qflux.weights.quantize.Float8StorageLinear` does, so a run with swap gives the LoRA of
+the run without it (identical on CPU, tested). A bitsandbytes 4-bit layer travels packed (with its
+statistics) and is dequantized on the device for the product, as bitsandbytes' own backward does (its forward
+fuses the two: the same LoRA to rounding). ``train.fp8_matmul`` layers are not swapped
+(:func:`swap_problem` refuses them before loading).
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qflux.weights.fp8 import dequantize
 from qflux.weights.frozen_linear import FrozenLinear, needs_fast_frozen_linear
 from qflux.weights.quantize import Float8StorageLinear
 from qflux.weights.shell import linear_shell
+from qflux.weights.stored import Rebuild, stored_weight
 
 ADAPTER = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
 """peft's adapter layers: trained, so they stay on the device."""
@@ -59,11 +61,6 @@ def swap_problem(blocks_to_swap: int, *, blocks: int, quantize: str, fp8_matmul:
         return None
     if blocks_to_swap > blocks:
         return f"train.blocks_to_swap: {blocks_to_swap} is more than the transformer's {blocks} blocks"
-    if quantize in ("nf4", "fp4"):
-        return (
-            f"train.blocks_to_swap cannot move bitsandbytes' {quantize} layers; 4 bits already store the blocks "
-            "small: use one or the other (model.quantize: fp8 or none swaps)"
-        )
     if fp8_matmul:
         return "train.blocks_to_swap cannot serve train.fp8_matmul layers; set one of them off"
     if compile_mode != "none":
@@ -96,11 +93,14 @@ class _SwappedLinearFn(torch.autograd.Function):
 
 
 class SwappedLinear(nn.Linear):
-    """A frozen linear layer whose weight (and fp8 scale) stay on the host; see the module docstring.
+    """A frozen linear layer whose stored weight (with an fp8 scale or 4-bit statistics) stays on the host; see
+    the module docstring.
 
     ``weight`` is the host tensor (same name and state-dict entry as the layer it replaces)."""
 
-    weight_scale: torch.Tensor | None
+    stored: tuple[torch.Tensor, ...]
+    """The host tensors W is rebuilt from (:func:`qflux.weights.stored.stored_weight`), ``weight`` first."""
+    rebuild: Rebuild
     swapper: Swapper
     block: int
     """Index of the layer's block among the swapped ones (forward order)."""
@@ -109,16 +109,18 @@ class SwappedLinear(nn.Linear):
 
     @classmethod
     def from_layer(cls, layer: nn.Linear, swapper: Swapper, block: int, host: torch.device) -> SwappedLinear:
-        """Move ``layer``'s weight (and fp8 scale) to ``host`` (pinned when the device is CUDA); its
-        bias goes to the device."""
+        """Move ``layer``'s stored weight to ``host`` (pinned when the device is CUDA); its bias goes to the
+        device."""
         new = linear_shell(cls, layer.in_features, layer.out_features)
         # the backward layout the layer would have had on the device (FrozenLinear's, on some CPUs)
         new.column_major = isinstance(layer, FrozenLinear) or (
             type(layer) is nn.Linear and swapper.device.type == "cpu" and needs_fast_frozen_linear(layer.weight)
         )
-        new.weight = nn.Parameter(swapper.to_host(layer.weight.detach(), host), requires_grad=False)
-        scale = getattr(layer, "weight_scale", None) if isinstance(layer, Float8StorageLinear) else None
-        new.register_buffer("weight_scale", None if scale is None else swapper.to_host(scale, host))
+        tensors, rebuild = stored_weight(layer)
+        stored = tuple(swapper.to_host(t.detach(), host) for t in tensors)
+        new.weight = nn.Parameter(stored[0], requires_grad=False)
+        object.__setattr__(new, "stored", stored)  # the weight and its statistics: not buffers of their own
+        object.__setattr__(new, "rebuild", rebuild)
         new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(swapper.device),
                                                                  requires_grad=False)  # fmt: skip
         object.__setattr__(new, "swapper", swapper)  # not a submodule
@@ -126,17 +128,14 @@ class SwappedLinear(nn.Linear):
         return new
 
     def host_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The tensors that travel: the weight, and the fp8 scale."""
-        return (self.weight,) if self.weight_scale is None else (self.weight, self.weight_scale)
+        """The tensors that travel: the stored weight and its scale or statistics."""
+        return self.stored
 
     def fetch(self, dtype: torch.dtype, needs_backward: bool = False) -> torch.Tensor:
-        """This layer's weight on the device, in ``dtype`` for an fp8-stored one: [out, in].
+        """This layer's weight on the device, [out, in] (a quantized one rebuilt in ``dtype``).
 
         ``needs_backward``: called by a forward whose backward will fetch the weight again."""
-        tensors = self.swapper.take(self, needs_backward)
-        if len(tensors) == 2:
-            return dequantize(tensors[0], tensors[1], dtype)  # W = s ⊙ W₈
-        return tensors[0]
+        return self.rebuild(self.swapper.take(self, needs_backward), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SwappedLinearFn.apply(x, self.bias, self)
@@ -242,7 +241,7 @@ def swap_blocks(module: nn.Module, n: int, device: torch.device, *, host: torch.
     ``module`` is expected on the host (loaded there: the device never holds the swapped weights).
 
     Raises:
-        ValueError: a swapped block holds a layer that cannot be swapped (4-bit, fp8 matmul).
+        ValueError: a swapped block holds a layer that cannot be swapped (fp8 matmul).
     """
     host = host or torch.device("cpu")
     swapper = Swapper(device)
@@ -252,7 +251,7 @@ def swap_blocks(module: nn.Module, n: int, device: torch.device, *, host: torch.
         for name, m in list(block.named_modules()):
             if not isinstance(m, nn.Linear) or m.weight.requires_grad or ADAPTER.search(name):
                 continue
-            if type(m) not in (nn.Linear, FrozenLinear, Float8StorageLinear):
+            if not swappable(m):
                 raise ValueError(f"block swap cannot move {type(m).__name__} layers ({name})")
             parent, _, child = name.rpartition(".")
             new = SwappedLinear.from_layer(m, swapper, i, host)
@@ -271,21 +270,28 @@ def _move_except(module: nn.Module, device: torch.device, keep: set[int]) -> Non
     """Move every parameter and buffer of ``module`` to ``device`` except the tensors in ``keep``."""
     for m in module.modules():
         for k, p in m._parameters.items():
-            if p is not None and id(p) not in keep:
+            if p is not None and id(p) not in keep and hasattr(p, "quant_state"):  # bitsandbytes moves its own
+                m._parameters[k] = p.to(device)  # type: ignore[assignment]
+            elif p is not None and id(p) not in keep:
                 m._parameters[k] = nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
         for k, b in m._buffers.items():
             if b is not None and id(b) not in keep:
                 m._buffers[k] = b.to(device)
 
 
+def swappable(m: nn.Module) -> bool:
+    """Whether block swap can move a frozen linear layer: a plain, fp8-stored or 4-bit one (bitsandbytes', or
+    the planner's stand-in), not an fp8-matmul one."""
+    four_bit = hasattr(getattr(m, "weight", None), "quant_state") or hasattr(m, "weight_from")
+    return type(m) in (nn.Linear, FrozenLinear, Float8StorageLinear) or four_bit
+
+
 def swapped_bytes(blocks: Sequence[nn.Module]) -> int:
-    """Bytes of the frozen linear weights (and fp8 scales) of ``blocks``: what swapping them moves off
-    the device."""
+    """Bytes of the frozen linear weights as stored (with fp8 scales, 4-bit statistics) of ``blocks``: what
+    swapping them moves off the device."""
     total = 0
     for block in blocks:
         for name, m in block.named_modules():
             if isinstance(m, nn.Linear) and not m.weight.requires_grad and not ADAPTER.search(name):
-                total += m.weight.numel() * m.weight.element_size()
-                scale = getattr(m, "weight_scale", None)
-                total += 0 if scale is None else scale.numel() * scale.element_size()
+                total += sum(t.numel() * t.element_size() for t in stored_weight(m)[0])
     return total

@@ -8,6 +8,7 @@ import pytest
 
 from qflux.config.errors import QfluxError
 from qflux.config.parse import load_config, schema_keys, to_dict
+from qflux.models.flux2.config import Flux2DevConfig
 from qflux.models.flux_kontext.config import FluxKontextConfig
 from qflux.models.qwen_image_edit.config import QwenImageEditConfig
 
@@ -94,7 +95,8 @@ def test_missing_and_bad_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("pattern", "cls"), [("flux_kontext_*.yaml", FluxKontextConfig),
-                                              ("qwen_image_edit_*.yaml", QwenImageEditConfig)])  # fmt: skip
+                                              ("qwen_image_edit_*.yaml", QwenImageEditConfig),
+                                              ("flux2_dev_*.yaml", Flux2DevConfig)])  # fmt: skip
 def test_shipped_configs_load_and_round_trip(tmp_path: Path, pattern: str, cls: type) -> None:
     import yaml
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
@@ -139,3 +140,31 @@ def test_plan_sizes_controls_by_the_control_cap() -> None:
     cfg = load_config(QwenImageEditConfig, None, {"data.max_pixels": 2048 * 2048})
     inputs = plan_inputs(cfg, qwen_image_edit_lora._plan_target(cfg), shipped_configs("Qwen/Qwen-Image-Edit"), 1)
     assert inputs.target == (2048, 2048) and inputs.controls == ((1024, 1024),)
+
+
+@pytest.mark.parametrize(("card", "train_peak"), [(24, (20, 24)), (48, (38, 48))])
+def test_the_flux2_dev_configs_fit_their_cards_and_so_does_the_cache_step(
+    card: int, train_peak: tuple[int, int]
+) -> None:
+    """FLUX.2 [dev] (32B) at 1024² with one 1024² reference, batch 1, checkpointing, from the cache: nf4 with 24
+    blocks swapped fits 24 GiB, fp8 fits 48 GiB; each config's cache step (Mistral Small 3.1, 24B, stored as the
+    transformer is, beside the VAE) fits its card, and would not with the encoder in bf16 (45 GiB of weights)."""
+    from qflux.memory.command import cache_step
+    from qflux.models.flux2.config import Flux2DevConfig
+    from recipes import flux2_dev_lora
+
+    cfg = load_config(Flux2DevConfig, f"recipes/configs/flux2_dev_{card}gb.yaml", {})
+    target = flux2_dev_lora._plan_target(cfg)
+    configs = {c: shipped_configs("black-forest-labs/FLUX.2-dev")[c] for c in target.components}
+    train = cfg.train
+    setting = Setting(cfg.model.quantize, train.gradient_checkpointing, train.blocks_to_swap, cfg.cache.use_cache)
+    inputs = plan_inputs(cfg, target, configs, 1)
+    assert inputs.target == inputs.controls[0] == (1024, 1024) and inputs.text_tokens == 512
+    assert (setting.checkpointing, setting.cached, inputs.batch_size) == (True, True, 1)
+    step = estimate(target.model, configs, inputs, setting, dtype=torch.bfloat16, lora=cfg.model.lora)
+    assert train_peak[0] * GIB <= step.peak <= train_peak[1] * GIB
+    encoding = cache_step(cfg, target, configs, inputs)
+    assert encoding.peak <= card * GIB and encoding.weights["text_encoder"] > 10 * GIB
+    bf16 = cache_step(attrs.evolve(cfg, model=attrs.evolve(cfg.model, quantize_text_encoders=False)), target,
+                      configs, inputs)  # fmt: skip
+    assert bf16.weights["text_encoder"] > 44 * GIB and bf16.peak > 44 * GIB

@@ -11,6 +11,7 @@ import torch
 
 from qflux.diffusion.zeros import zero_latents
 from qflux.memory.planner import Inputs, PlanModel
+from qflux.models.flux2.conditioning import vae_encode
 from qflux.models.flux2.loaders import ENCODERS, Variant
 from qflux.models.flux2.loss import Flux2Batch, make_loss_fn
 
@@ -27,4 +28,4 @@ def fake_batch(configs: Mapping[str, Mapping[str, Any]], inputs: Inputs, dtype: 
 def plan_model(variant: Variant, guidance_scale: float | None) -> PlanModel:
     """A FLUX.2 variant for the planner (``guidance_scale``: the guidance-distilled transformer's value)."""
     loss = partial(make_loss_fn, guidance_scale=guidance_scale)
-    return PlanModel(files=variant.files, encoders=ENCODERS, batch=fake_batch, loss=loss)
+    return PlanModel(files=variant.files, encoders=ENCODERS, batch=fake_batch, loss=loss, vae_encode=vae_encode)

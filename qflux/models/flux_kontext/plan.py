@@ -10,6 +10,7 @@ import torch
 
 from qflux.diffusion.zeros import zero_latents
 from qflux.memory.planner import Inputs, PlanModel
+from qflux.models.flux_kontext.conditioning import vae_encode
 from qflux.models.flux_kontext.loaders import ENCODERS, FLUX_KONTEXT
 from qflux.models.flux_kontext.loss import FluxKontextBatch, make_loss_fn
 
@@ -31,4 +32,5 @@ def plan_model(guidance_scale: float) -> PlanModel:
         encoders=ENCODERS,
         batch=fake_batch,
         loss=lambda t, objective: make_loss_fn(t, objective, guidance_scale=guidance_scale),
+        vae_encode=vae_encode,
     )

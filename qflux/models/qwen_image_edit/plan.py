@@ -10,6 +10,7 @@ import torch
 
 from qflux.diffusion.zeros import zero_latents
 from qflux.memory.planner import Inputs, PlanModel
+from qflux.models.qwen_image_edit.conditioning import vae_encode
 from qflux.models.qwen_image_edit.loaders import ENCODERS, QWEN_IMAGE_EDIT
 from qflux.models.qwen_image_edit.loss import QwenImageEditBatch, make_loss_fn
 from qflux.models.qwen_image_edit.predict import CONDITION_AREA, PLUS_VL_AREA
@@ -44,4 +45,5 @@ def plan_model() -> PlanModel:
         encoders=ENCODERS,
         batch=fake_batch,
         loss=make_loss_fn,
+        vae_encode=vae_encode,
     )
