@@ -1,8 +1,8 @@
 """The full-size memory table of docs/memory.md, from ``plan``'s estimator (fake tensors, no weights,
-no GPU): FLUX.1-Kontext-dev at 1024² and 512² with one control image, Qwen-Image-Edit at 1024², and
-Qwen-Image-Edit-2509 at 1024² with one and three controls; each in bf16, fp8 and nf4 storage, with
-and without gradient checkpointing, and bf16 / fp8 with checkpointing plus the fewest swapped blocks
-that fit 24 GiB (and 16 GiB). Batch 1, LoRA rank 16 on the recipes' default targets, cached
+no GPU): FLUX.1-Kontext-dev at 1024² and 512² with one control image, Qwen-Image-Edit at 1024²,
+Qwen-Image-Edit-2509 at 1024² with one and three controls, and FLUX.2 [dev] at 1024² with one reference;
+each in bf16, fp8 and nf4 storage, with and without gradient checkpointing, and each storage with
+checkpointing plus the fewest swapped blocks that fit 24 GiB (and 16 GiB). Batch 1, LoRA rank 16 on the recipes' default targets, cached
 embeddings (encoders not loaded), the 1 GiB allowance for the CUDA context included.
 
     python benchmarks/plan_table.py [--only=kontext-1024,...] > table.md
@@ -30,10 +30,12 @@ SCENARIOS = {
     "qwen-edit-1024": ("Qwen/Qwen-Image-Edit", "edit", 1024, 1),
     "qwen-2509-1024-1": ("Qwen/Qwen-Image-Edit-2509", "edit_plus", 1024, 1),
     "qwen-2509-1024-3": ("Qwen/Qwen-Image-Edit-2509", "edit_plus", 1024, 3),
+    "flux2-dev-1024": ("black-forest-labs/FLUX.2-dev", "flux2_dev", 1024, 1),
 }
 
 
 def _scenario(name: str) -> tuple[Any, dict[str, Any], Any]:
+    import qflux.models  # noqa: F401  (registers the shipped shapes)
     from qflux.memory.planner import Inputs
     from qflux.weights.shapes import shipped_configs
 
@@ -43,6 +45,11 @@ def _scenario(name: str) -> tuple[Any, dict[str, Any], Any]:
         from qflux.models.flux_kontext.plan import plan_model
 
         model, tokens = plan_model(2.5), 512
+    elif variant == "flux2_dev":
+        from qflux.models.flux2.loaders import DEV
+        from qflux.models.flux2.plan import plan_model as flux2_plan_model
+
+        model, tokens = flux2_plan_model(DEV, 4.0), 512
     else:
         from qflux.models.qwen_image_edit.plan import plan_model, text_tokens
 
@@ -73,7 +80,7 @@ def main(only: str = "") -> None:
             return Row(s, estimate(model, configs, inputs, s, dtype=dtype, lora=lora))
 
         rows = [peak(Setting(q, c)) for q in ("none", "fp8", "nf4") for c in (False, True)]
-        for quantize in ("none", "fp8"):
+        for quantize in ("none", "fp8", "nf4"):
             row = next(r for r in rows if r.setting == Setting(quantize, True))
             blocks = block_weights(model, configs["transformer"], dtype, quantize)
             for card in (24, 16):

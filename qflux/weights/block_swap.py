@@ -119,7 +119,8 @@ class SwappedLinear(nn.Linear):
         tensors, rebuild = stored_weight(layer)
         stored = tuple(swapper.to_host(t.detach(), host) for t in tensors)
         new.weight = nn.Parameter(stored[0], requires_grad=False)
-        object.__setattr__(new, "stored", stored)  # the weight and its statistics: not buffers of their own
+        # the weight parameter itself, then its scale or statistics (not buffers of their own)
+        object.__setattr__(new, "stored", (new.weight, *stored[1:]))
         object.__setattr__(new, "rebuild", rebuild)
         new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(swapper.device),
                                                                  requires_grad=False)  # fmt: skip
