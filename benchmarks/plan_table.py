@@ -2,8 +2,9 @@
 no GPU): FLUX.1-Kontext-dev at 1024² and 512² with one control image, Qwen-Image-Edit at 1024²,
 Qwen-Image-Edit-2509 at 1024² with one and three controls, and FLUX.2 [dev] at 1024² with one reference;
 each in bf16, fp8 and nf4 storage, with and without gradient checkpointing, and each storage with
-checkpointing plus the fewest swapped blocks that fit 24 GiB (and 16 GiB). Batch 1, LoRA rank 16 on the recipes' default targets, cached
-embeddings (encoders not loaded), the 1 GiB allowance for the CUDA context included.
+checkpointing plus the fewest swapped blocks that fit 24 GiB (and 16 GiB). Batch 1, LoRA rank 16 on the
+recipes' default targets, cached embeddings (encoders not loaded), the 1 GiB allowance for the CUDA context
+included.
 
     python benchmarks/plan_table.py [--only=kontext-1024,...] > table.md
 
