@@ -102,24 +102,42 @@ def test_the_tiny_dev_is_deterministic_and_flux2pipeline_edits_with_one_and_two_
     assert not np.array_equal(images[0], images[1])
 
 
-def test_the_dev_tokenizer_loads_a_processor_folders_chat_template_or_says_what_is_missing(tmp_path: Path) -> None:
-    """A Pixtral processor's folder keeps its chat template in chat_template.json: the tokenizer is read with it; a
-    folder with none is refused with the fix."""
+def test_a_dev_folder_in_the_hubs_processor_layout_loads_without_torchvision(tmp_path: Path) -> None:
+    """The real FLUX.2 [dev] folder's ``tokenizer/`` is a Pixtral processor (``model_index.json`` names
+    ``PixtralProcessor``, which needs torchvision) with its chat template in ``chat_template.json``: qflux reads the
+    tokenizer and that template and encodes the prompt as from the plain tokenizer; a folder with no chat template
+    is refused with the fix."""
     import json
-    import shutil
 
     from qflux.config.errors import QfluxError
-    from qflux.models.flux2.text import chat_tokenizer
+    from qflux.models.flux2.conditioning import encode_prompt
+    from qflux.models.flux2.loaders import DEV
 
-    folder = build_flux2_dev(tmp_path / "dev", seed=0) / "tokenizer"
+    path = build_flux2_dev(tmp_path / "dev", seed=0)
+    plain = DEV.files.load(path, torch.float32, include=("text_encoder",))
+    want = encode_prompt(DEV.text, plain.text_encoder, plain.tokenizer, ["make it red"], 80).tokens
+    folder = path / "tokenizer"
     template = (folder / "chat_template.jinja").read_text()
     (folder / "chat_template.jinja").unlink()
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    assert chat_tokenizer(folder).chat_template == template
+    processor = {
+        "processor_class": "PixtralProcessor",
+        "patch_size": 8,
+        "spatial_merge_size": 2,
+        "image_token": "[IMG]",
+    }
+    (folder / "processor_config.json").write_text(json.dumps(processor))
+    images = {"image_processor_type": "PixtralImageProcessor", "processor_class": "PixtralProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(images))
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "PixtralProcessor"]}))
+    hub = DEV.files.load(path, torch.float32, include=("text_encoder",))
+    assert hub.tokenizer.chat_template == template
+    got = encode_prompt(DEV.text, hub.text_encoder, hub.tokenizer, ["make it red"], 80).tokens
+    assert torch.equal(got, want)
     (folder / "chat_template.json").unlink()
     with pytest.raises(QfluxError, match="no chat template"):
-        chat_tokenizer(folder)
-    shutil.rmtree(folder)
+        DEV.files.load(path, torch.float32, include=())

@@ -59,7 +59,9 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
 
 
-def test_a_trained_lora_predicts_as_the_pipeline_with_two_references(model: tuple[str, Path], tmp_path: Path) -> None:
+def test_a_trained_lora_predicts_as_the_pipeline_with_one_and_two_references(
+    model: tuple[str, Path], tmp_path: Path
+) -> None:
     import diffusers
 
     variant, model_dir = model
@@ -76,17 +78,22 @@ def test_a_trained_lora_predicts_as_the_pipeline_with_two_references(model: tupl
     main(["predict", *common, f"--out={tmp_path / 'base.png'}"])
     main(["predict", *common, f"--out={tmp_path / 'lora.png'}", f"--lora={lora}"])
     main(["predict", *common, f"--out={tmp_path / 'comfy.png'}", f"--lora={comfy}"])
+    one = [f"--image={refs[0]}", *common[1:]]
+    main(["predict", *one, f"--out={tmp_path / 'base1.png'}"])
+    main(["predict", *one, f"--out={tmp_path / 'lora1.png'}", f"--lora={lora}"])
     main(["predict", *common, f"--out={tmp_path / 'target.png'}", "--data.control_size=target", "--height=64",
           "--width=96"])  # fmt: skip
     assert Image.open(tmp_path / "target.png").size == (96, 64)
-    ours = {k: np.asarray(Image.open(tmp_path / f"{k}.png")) / 255.0 for k in ("base", "lora", "comfy")}
+    ours = {
+        k: np.asarray(Image.open(tmp_path / f"{k}.png")) / 255.0 for k in ("base", "lora", "comfy", "base1", "lora1")
+    }
     assert _mad(ours["comfy"], ours["lora"]) <= 1 / 255  # the ComfyUI file reads back to the same LoRA
     pipeline = {"klein": diffusers.Flux2KleinPipeline, "dev": diffusers.Flux2Pipeline}[variant]
     pipe = pipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
-    def pipeline_image() -> np.ndarray:
-        images = [Image.open(p).convert("RGB") for p in refs]
+    def pipeline_image(n: int = 2) -> np.ndarray:
+        images = [Image.open(p).convert("RGB") for p in refs[:n]]
         result = pipe(
             image=images,
             prompt="invert the colors",
@@ -101,10 +108,12 @@ def test_a_trained_lora_predicts_as_the_pipeline_with_two_references(model: tupl
     base = pipeline_image()
     assert ours["base"].shape == base.shape == (80, 96, 3)
     assert _mad(ours["base"], base) <= 1 / 255
+    assert _mad(ours["base1"], pipeline_image(1)) <= 1 / 255
     pipe.load_lora_weights(str(out))
     with_lora = pipeline_image()
     assert _mad(ours["lora"], with_lora) <= 1 / 255
     assert _mad(with_lora, base) > 5 / 255  # the LoRA moves the image
+    assert _mad(ours["lora1"], pipeline_image(1)) <= 1 / 255
 
 
 def test_cached_training_equals_uncached_resumes_and_plan_and_check_run(model: tuple[str, Path], tmp_path: Path,
