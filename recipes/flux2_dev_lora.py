@@ -7,34 +7,19 @@ FLUX.2's (:mod:`recipes.flux2`), for [dev]: Mistral Small 3.1, the guidance-dist
 32B model on those cards (``plan`` shows how).
 """
 
-from __future__ import annotations
-
 from functools import partial
 
-from qflux.models.flux2.config import Flux2DevConfig
-from qflux.train.cache import CacheReport
-from qflux.train.run import RunResult
 from recipes import flux2
 from recipes.flux2 import PAIRS
 
 __all__ = ["PAIRS", "cache", "main", "predict", "train"]
 
 RECIPE = flux2.DEV_RECIPE
-
-
-def train(cfg: Flux2DevConfig) -> RunResult:
-    """Train a LoRA as configured (:func:`recipes.flux2.train`)."""
-    return flux2.train(RECIPE, cfg)
-
-
-def cache(cfg: Flux2DevConfig) -> CacheReport:
-    """Compute the cache entries the configured dataset needs (:func:`recipes.flux2.cache`)."""
-    return flux2.cache(RECIPE, cfg)
-
-
+train = partial(flux2.train, RECIPE)
+cache = partial(flux2.cache, RECIPE)
 predict = flux2.predict_command(RECIPE)
-_plan_target = partial(flux2._plan_target, RECIPE)
 main = partial(flux2.main, RECIPE)
+_plan_target = partial(flux2._plan_target, RECIPE)
 
 if __name__ == "__main__":
     main()

@@ -5,34 +5,19 @@ colour-inversion dataset); ``Flux2KleinPipeline.load_lora_weights`` reads the Lo
 are FLUX.2's (:mod:`recipes.flux2`), for [klein]: Qwen3, CFG in predict.
 """
 
-from __future__ import annotations
-
 from functools import partial
 
-from qflux.models.flux2.config import Flux2KleinConfig
-from qflux.train.cache import CacheReport
-from qflux.train.run import RunResult
 from recipes import flux2
 from recipes.flux2 import PAIRS
 
 __all__ = ["PAIRS", "cache", "main", "predict", "train"]
 
 RECIPE = flux2.KLEIN_RECIPE
-
-
-def train(cfg: Flux2KleinConfig) -> RunResult:
-    """Train a LoRA as configured (:func:`recipes.flux2.train`)."""
-    return flux2.train(RECIPE, cfg)
-
-
-def cache(cfg: Flux2KleinConfig) -> CacheReport:
-    """Compute the cache entries the configured dataset needs (:func:`recipes.flux2.cache`)."""
-    return flux2.cache(RECIPE, cfg)
-
-
+train = partial(flux2.train, RECIPE)
+cache = partial(flux2.cache, RECIPE)
 predict = flux2.predict_command(RECIPE)
-_plan_target = partial(flux2._plan_target, RECIPE)
 main = partial(flux2.main, RECIPE)
+_plan_target = partial(flux2._plan_target, RECIPE)
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fire
@@ -49,7 +50,9 @@ def plan_command(run: Callable[..., int], config_cls: type) -> Callable[..., Non
 
 def _help(name: str, pipeline: str, config_cls: type, verb: str, predict: Callable[..., Any]) -> str:
     prog, stem = f"python -m recipes.{name}", name.removesuffix("_lora")
-    config = f"--config=recipes/configs/{stem}_bf16.yaml"
+    # an example config the recipe ships (recipes/configs/<stem>_*.yaml), else a file of the user's
+    shipped = sorted((Path(__file__).resolve().parents[2] / "recipes" / "configs").glob(f"{stem}_*.yaml"))
+    config = f"--config=recipes/configs/{shipped[0].name}" if shipped else "--config=my_config.yaml"
     usage, summary, examples = {
         "train": (
             f"{prog} [train] [--config=FILE.yaml] [--section.key=value ...]",

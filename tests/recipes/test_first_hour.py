@@ -18,7 +18,7 @@ from qflux.data.synthetic import make_synthetic_pairs
 from qflux.lora.formats import check_convertible
 from qflux.train.plots import smoothing_window
 from qflux.train.summary import mean_loss
-from recipes import flux_kontext_lora, qwen_image_edit_lora
+from recipes import flux2_dev_lora, flux_kontext_lora, qwen_image_edit_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,12 +47,14 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("verb", ["train", "cache", "plan", "check", "predict"])
-@pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora])
+@pytest.mark.parametrize("recipe", [flux_kontext_lora, qwen_image_edit_lora, flux2_dev_lora])
 def test_help_exits_zero_with_usage_examples_and_keys(recipe, verb: str, capsys) -> None:
     for flag in ("--help", "-h"):
         recipe.main([verb, flag])
         text = capsys.readouterr().out
         assert text.startswith("usage: python -m recipes.") and "examples:" in text
+        for named in re.findall(r"--config=(recipes/configs/\S+\.yaml)", text):  # the examples name shipped configs
+            assert (ROOT / named).is_file(), named
         assert "[model]" in text and "--model.dtype=bfloat16" in text
         if verb == "predict":
             assert "--height=null" in text and "--lora=null" in text and "[train]" not in text
