@@ -82,3 +82,31 @@ def test_qwen_variant_with_quantized_text_encoder(tmp_path: Path) -> None:
     assert count_layers(result.models.text_encoder, "nf4").kept > 0  # the 16-wide vision tower stays bf16
     pipe = QwenImageEditPipeline.from_pretrained(model, processor=load_qwen_processor(model / "processor"))
     pipe.load_lora_weights(tmp_path / "out")
+
+
+def test_flux2_dev_caches_with_its_mistral_in_nf4_and_trains(tmp_path: Path) -> None:
+    """The 24 GB config's way: Mistral Small 3.1 stored in nf4 while it fills the cache, then training from the
+    cache alone (a tiny [dev] whose text model is 64 wide, so its layers fit bitsandbytes' 4-bit kernels)."""
+    from qflux.config.parse import load_config as load
+    from qflux.models.flux2.config import Flux2DevConfig
+    from qflux.models.flux2.tiny import build_flux2_dev
+    from qflux.weights.quantize import count_layers
+    from recipes.flux2_dev_lora import cache, train
+
+    wide = {"text": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2}}
+    model = build_flux2_dev(tmp_path / "model", seed=3, overrides=wide)
+    overrides = {"model.pretrained_model_name_or_path": str(model), "model.quantize": "nf4",
+                 "model.quantize_text_encoders": True, "model.max_sequence_length": 80, "train.max_train_steps": 2,
+                 "cache.use_cache": True, "cache.cache_dir": str(tmp_path / "cache"),
+                 "logging.output_dir": str(tmp_path / "out"), "logging.write_sample": False,
+                 "logging.report_to": "none"}  # fmt: skip
+    cfg = load(Flux2DevConfig, None, overrides)
+    report = cache(cfg)
+    assert report.computed > 0
+    from recipes.flux2 import DEV_RECIPE, _load
+
+    encoders = _load(DEV_RECIPE, cfg, model, ("text_encoder",))
+    assert count_layers(encoders.text_encoder, "nf4").quantized > 0
+    result = train(cfg)
+    assert result.models.text_encoder is None  # cached training never loads the encoder
+    assert all(torch.isfinite(torch.tensor(result.losses)))
