@@ -12,9 +12,10 @@ from functools import partial
 from recipes import flux2
 from recipes.flux2 import PAIRS
 
-__all__ = ["PAIRS", "cache", "main", "predict", "train"]
+__all__ = ["FAMILY", "PAIRS", "cache", "main", "predict", "train"]
 
 RECIPE = flux2.DEV_RECIPE
+FAMILY = RECIPE.family
 train = partial(flux2.train, RECIPE)
 cache = partial(flux2.cache, RECIPE)
 predict = flux2.predict_command(RECIPE)

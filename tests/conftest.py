@@ -45,3 +45,35 @@ def flux_models(tiny_flux_dir: Path):
     from qflux.models.flux_kontext.loaders import load_flux_kontext
 
     return load_flux_kontext(tiny_flux_dir, torch.float32)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fake_steps_untraced():  # type: ignore[no-untyped-def]
+    """The planner's steps on fake tensors (``qflux.memory.measure.measure_step``) make millions of Python calls
+    inside torch's fake-tensor dispatch, and the coverage tracer, called on each, makes them about twice as slow.
+    They run with coverage paused: the qflux code they run (each model's loss, the train step) is covered by the
+    real steps of other tests, and the planner's own lines around them stay traced."""
+    try:
+        import coverage
+    except ImportError:
+        yield
+        return
+    cov = coverage.Coverage.current()
+    if cov is None:
+        yield
+        return
+    from qflux.memory import encode, measure, planner
+
+    real = measure.measure_step
+
+    def untraced(*args, **kwargs):  # type: ignore[no-untyped-def]
+        cov.stop()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            cov.start()
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (measure, planner, encode):
+            mp.setattr(module, "measure_step", untraced)
+        yield
