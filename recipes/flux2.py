@@ -1,4 +1,4 @@
-"""The FLUX.2 LoRA recipes' commands, one set for both variants (:data:`KLEIN`, :data:`DEV`):
+"""The FLUX.2 LoRA recipes' commands, one set for both variants (:data:`KLEIN_SPEC`, :data:`DEV_SPEC`):
 ``python -m recipes.flux2_klein_lora`` and ``python -m recipes.flux2_dev_lora``
 ``[train|cache|predict|plan|check] [--config=F] [...]``.
 
@@ -60,17 +60,17 @@ Flux2Config = Any
 
 
 @attrs.frozen
-class Recipe:
-    """One FLUX.2 variant's recipe: its family record (config, names, built-in model) and model (folder,
-    encoder, pipeline)."""
+class Flux2Spec:
+    """Which FLUX.2 a recipe trains (a frozen record the commands take): its family record (config, names,
+    built-in model) and its model (folder, encoder, pipeline)."""
 
     family: Family
     variant: Variant
 
 
-KLEIN_RECIPE = Recipe(KLEIN_FAMILY, KLEIN)
+KLEIN_SPEC = Flux2Spec(KLEIN_FAMILY, KLEIN)
 """FLUX.2 [klein]'s recipe (``recipes/flux2_klein_lora.py``)."""
-DEV_RECIPE = Recipe(DEV_FAMILY, DEV)
+DEV_SPEC = Flux2Spec(DEV_FAMILY, DEV)
 """FLUX.2 [dev]'s recipe (``recipes/flux2_dev_lora.py``).
 
 ``model.guidance_scale`` goes to every transformer call; a transformer without a guidance embedding
@@ -78,7 +78,7 @@ DEV_RECIPE = Recipe(DEV_FAMILY, DEV)
 scale."""
 
 
-def train(r: Recipe, cfg: Flux2Config) -> RunResult:
+def train(r: Flux2Spec, cfg: Flux2Config) -> RunResult:
     """Train a LoRA as configured: the data and model folder are checked, the models load, the LoRA
     is attached, then the loop runs and the outputs are written. SIGINT/SIGTERM save a checkpoint."""
     with training_run(cfg, r.family, PAIRS) as run:
@@ -88,7 +88,7 @@ def train(r: Recipe, cfg: Flux2Config) -> RunResult:
         return train_lora(cfg, run, r.family, models, data, _ops(r, cfg, run, models))
 
 
-def _ops(r: Recipe, cfg: Flux2Config, run: Run, models: Flux2Models) -> ModelOps:
+def _ops(r: Flux2Spec, cfg: Flux2Config, run: Run, models: Flux2Models) -> ModelOps:
     """The model's own functions the shared loop calls: its batch, preview (validation, sample.png),
     decoding (a VAE loaded for the call when training from the cache) and loss."""
     decode = decoder(vae_decode, models.vae, lambda: _load(r, cfg, run.model_dir, ("vae",)).vae)
@@ -97,12 +97,12 @@ def _ops(r: Recipe, cfg: Flux2Config, run: Run, models: Flux2Models) -> ModelOps
                     loss, mu=training_mu)  # fmt: skip
 
 
-def _load(r: Recipe, cfg: Flux2Config, path: Path, include: Sequence[str], run: Run | None = None) -> Flux2Models:
+def _load(r: Flux2Spec, cfg: Flux2Config, path: Path, include: Sequence[str], run: Run | None = None) -> Flux2Models:
     """The ``include``d components (the transformer on the run's own device)."""
     return r.variant.files.load(path, include=include, **load_options(cfg, run))
 
 
-def _inputs(r: Recipe, cfg: Flux2Config, run: Run) -> tuple[Flux2Models, DataPath]:
+def _inputs(r: Flux2Spec, cfg: Flux2Config, run: Run) -> tuple[Flux2Models, DataPath]:
     """Training's models and data path: the transformer and the cache, or the encoders as well."""
     warn_if_too_big(cfg, _plan_target(r, cfg), run)  # before anything loads (CUDA)
     if cfg.cache.use_cache:  # the missing entries are computed first, with the encoders
@@ -119,7 +119,7 @@ def _inputs(r: Recipe, cfg: Flux2Config, run: Run) -> tuple[Flux2Models, DataPat
     return models, DataPath(pair_dataset(cfg, run.model_dir), collate_pairs, encode, empty, preserve)
 
 
-def _cache(r: Recipe, cfg: Flux2Config, path: Path) -> CachePath:
+def _cache(r: Flux2Spec, cfg: Flux2Config, path: Path) -> CachePath:
     """This model's cache of ``cache.cache_dir``, for the folder's encoders and the configured dtype."""
     spec = kcache.cache_spec(r.variant.text, path, cfg.model.dtype, cfg.model.max_sequence_length,
                              cfg.train.loss_mask, cfg.train.preserve_prompt)  # fmt: skip
@@ -133,7 +133,7 @@ def _cache(r: Recipe, cfg: Flux2Config, path: Path) -> CachePath:
     return module_cache(kcache, spec, root, cached_conditioning, lambda: text_tensors(empty()), preserve)
 
 
-def cache(r: Recipe, cfg: Flux2Config) -> CacheReport:
+def cache(r: Flux2Spec, cfg: Flux2Config) -> CacheReport:
     """Compute the cache entries the configured dataset needs (under torchrun, each rank every
     world-th sample); returns the computed/reused counts."""
     path = family_folder(cfg, r.family)
@@ -145,7 +145,7 @@ def distilled(path: Path) -> bool:
     return bool(json.loads((path / "model_index.json").read_text()).get("is_distilled", False))
 
 
-def _preview(r: Recipe, cfg: Flux2Config, models: Flux2Models, cond: Conditioning, lora: Any,
+def _preview(r: Flux2Spec, cfg: Flux2Config, models: Flux2Models, cond: Conditioning, lora: Any,
              steps: int) -> torch.Tensor:  # fmt: skip
     """One sample's conditioning denoised at its target size (no CFG; [dev] at ``model.guidance_scale``)."""
     text = PromptEmbeds(tokens=cond.text["tokens"], ids=cond.text["ids"])
@@ -154,7 +154,7 @@ def _preview(r: Recipe, cfg: Flux2Config, models: Flux2Models, cond: Conditionin
                    guidance_scale=cfg.model.guidance_scale, **options)  # fmt: skip
 
 
-def predict_command(r: Recipe) -> Any:
+def predict_command(r: Flux2Spec) -> Any:
     """The variant's ``predict`` command (its docstring is the command's help)."""
 
     def predict(prompt: str, image: str | list[str] | None = None, out: str = "edited.png",
@@ -185,7 +185,7 @@ def predict_command(r: Recipe) -> Any:
     return predict
 
 
-def _predict(r: Recipe, prompt: str, image: str | list[str] | None, out: str, lora: str | None, seed: int,
+def _predict(r: Flux2Spec, prompt: str, image: str | list[str] | None, out: str, lora: str | None, seed: int,
              num_inference_steps: int, guidance_scale: float | None, height: int | None, width: int | None,
              config: str | None, overrides: dict[str, Any]) -> None:  # fmt: skip
     """``predict``'s work (:func:`predict_command`)."""
@@ -208,7 +208,7 @@ def _predict(r: Recipe, prompt: str, image: str | list[str] | None, out: str, lo
     save_image(result, out)
 
 
-def _plan_target(r: Recipe, cfg: Flux2Config) -> PlanTarget:
+def _plan_target(r: Flux2Spec, cfg: Flux2Config) -> PlanTarget:
     seq = cfg.model.max_sequence_length
     return PlanTarget(
         attrs.evolve(plan_model(r.variant, cfg.model.guidance_scale), **plan_options(cfg)),
@@ -220,7 +220,7 @@ def _plan_target(r: Recipe, cfg: Flux2Config) -> PlanTarget:
     )
 
 
-def main(r: Recipe, argv: list[str] | None = None) -> None:
+def main(r: Flux2Spec, argv: list[str] | None = None) -> None:
     """Entry point: no arguments trains the built-in default; errors print one message and exit 2."""
     recipe_main(r.family, train=partial(train, r), cache=partial(cache, r), predict=predict_command(r),
                 rule=lambda _: PAIRS, target=partial(_plan_target, r), argv=argv)  # fmt: skip

@@ -12,13 +12,13 @@ from recipes.flux2 import PAIRS
 
 __all__ = ["FAMILY", "PAIRS", "cache", "main", "predict", "train"]
 
-RECIPE = flux2.KLEIN_RECIPE
-FAMILY = RECIPE.family
-train = partial(flux2.train, RECIPE)
-cache = partial(flux2.cache, RECIPE)
-predict = flux2.predict_command(RECIPE)
-main = partial(flux2.main, RECIPE)
-_plan_target = partial(flux2._plan_target, RECIPE)
+SPEC = flux2.KLEIN_SPEC
+FAMILY = SPEC.family
+train = partial(flux2.train, SPEC)
+cache = partial(flux2.cache, SPEC)
+predict = flux2.predict_command(SPEC)
+main = partial(flux2.main, SPEC)
+_plan_target = partial(flux2._plan_target, SPEC)
 
 if __name__ == "__main__":
     main()

@@ -17,8 +17,8 @@ The arithmetic is the layer's own (:mod:`qflux.weights.stored`): a bf16/fp32 wei
 :class:`FrozenLinear`'s column-major hand-over where the replaced layer had it), an fp8-stored weight is
 dequantized as :class:`qflux.weights.quantize.Float8StorageLinear` does, so a run with swap gives the LoRA of
 the run without it (identical on CPU, tested). A bitsandbytes 4-bit layer travels packed (with its
-statistics) and is dequantized on the device for the product, as bitsandbytes' own backward does (its forward
-fuses the two: the same LoRA to rounding). ``train.fp8_matmul`` layers are not swapped
+statistics) and is dequantized on the device for the product, as bitsandbytes' backward (and its default
+forward kernel) computes it: the same LoRA bit for bit on CPU, tested. ``train.fp8_matmul`` layers are not swapped
 (:func:`swap_problem` refuses them before loading).
 """
 
@@ -119,7 +119,9 @@ class SwappedLinear(nn.Linear):
         tensors, rebuild = stored_weight(layer)
         stored = tuple(swapper.to_host(t.detach(), host) for t in tensors)
         new.weight = nn.Parameter(stored[0], requires_grad=False)
-        # the weight parameter itself, then its scale or statistics (not buffers of their own)
+        if isinstance(layer, Float8StorageLinear):  # its scale keeps its state-dict entry
+            new.register_buffer("weight_scale", stored[1])
+        # the weight parameter itself, then its scale or 4-bit statistics
         object.__setattr__(new, "stored", (new.weight, *stored[1:]))
         object.__setattr__(new, "rebuild", rebuild)
         new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(swapper.device),

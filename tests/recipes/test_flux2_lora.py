@@ -133,7 +133,7 @@ def test_cached_training_equals_uncached_resumes_and_plan_and_check_run(model: t
                      "validation.enabled": cached, "validation.dataset_path": str(data),
                      "validation.validation_steps": 2, "validation.num_inference_steps": 1,
                      "validation.num_validation_samples": 2, **more}  # fmt: skip
-        return recipe.train(load_config(recipe.RECIPE.family.config, None, overrides))
+        return recipe.train(load_config(recipe.SPEC.family.config, None, overrides))
 
     plain, cached = run("plain", False), run("cached", True)
     run("resumed", True, steps=2)

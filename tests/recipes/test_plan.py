@@ -22,9 +22,6 @@ from qflux.weights.shapes import shipped_configs, shipped_ids
 from recipes import flux2_klein_lora, flux_kontext_lora, qwen_image_edit_lora
 
 BF16 = "recipes/configs/flux_kontext_bf16.yaml"
-# the full-size plans run on one xdist worker (setup.cfg: --dist loadgroup): its process measures each step once
-# (qflux.memory.planner's cache) where two workers would each measure the settings these plans share
-pytestmark = pytest.mark.xdist_group("full_size_plans")
 
 
 def _plan_json(recipe, capsys, argv: list[str]) -> tuple[int, dict]:  # type: ignore[no-untyped-def]

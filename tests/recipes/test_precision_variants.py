@@ -103,9 +103,9 @@ def test_flux2_dev_caches_with_its_mistral_in_nf4_and_trains(tmp_path: Path) -> 
     cfg = load(Flux2DevConfig, None, overrides)
     report = cache(cfg)
     assert report.computed > 0
-    from recipes.flux2 import DEV_RECIPE, _load
+    from recipes.flux2 import DEV_SPEC, _load
 
-    encoders = _load(DEV_RECIPE, cfg, model, ("text_encoder",))
+    encoders = _load(DEV_SPEC, cfg, model, ("text_encoder",))
     assert count_layers(encoders.text_encoder, "nf4").quantized > 0
     result = train(cfg)
     assert result.models.text_encoder is None  # cached training never loads the encoder
