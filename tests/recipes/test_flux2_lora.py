@@ -19,7 +19,7 @@ from recipes import flux2_dev_lora, flux2_klein_lora
 
 STEPS = 3
 SEQ = {"klein": 32, "dev": 80}
-"""Prompt tokens: [dev]'s hold BFL's system message (56 tokens with a short prompt in the tiny tokenizer)."""
+"""Prompt tokens: [dev]'s hold BFL's system message (52 to 56 tokens with a short prompt in the tiny tokenizer)."""
 RECIPES = {"klein": flux2_klein_lora, "dev": flux2_dev_lora}
 
 

@@ -1,8 +1,8 @@
 """Turning a micro-batch into a :class:`Flux2Batch`: conditioning, dropout and random draws.
 
-Each sample is encoded on its own (its prompt through Qwen3, its target and reference images through
-the VAE), as the cache encodes it; :func:`qflux.train.batch.prepare` then applies the keyed draws and
-dropout shared with the other models. A dropped caption is the empty prompt; a dropped reference set
+Each sample is encoded on its own (its prompt through the variant's text encoder, its target and reference
+images through the VAE), as the cache encodes it; :func:`qflux.train.batch.prepare` then applies the keyed
+draws and dropout shared with the other models. A dropped caption is the empty prompt; a dropped reference set
 is zero latents.
 """
 

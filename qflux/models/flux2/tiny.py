@@ -13,7 +13,8 @@ FLUX.2 [dev] (``Flux2Pipeline``) has the same transformer and VAE, its transform
 embedding, and reads Mistral Small 3.1 (``Mistral3ForConditionalGeneration``) at layers 10, 20 and 30 after
 BFL's system message: the tiny one has a Mistral text model of 31 layers of width 16 with a one-layer Pixtral
 vision tower (unused for text), and a byte-level tokenizer built in code with Mistral's control tokens, chat
-template and a whole-word token for each word of the system message (56 tokens for it and a short prompt).
+template and a whole-word token for each word of the system message (52 tokens for it and
+"make it red"; 184 with byte tokens alone).
 The tokenizer saves as a plain tokenizer, not the Pixtral processor (whose image half needs torchvision).
 """
 
