@@ -18,8 +18,8 @@ The arithmetic is the layer's own (:mod:`qflux.weights.stored`): a bf16/fp32 wei
 dequantized as :class:`qflux.weights.quantize.Float8StorageLinear` does, so a run with swap gives the LoRA of
 the run without it (identical on CPU, tested). A bitsandbytes 4-bit layer travels packed (with its
 statistics) and is dequantized on the device for the product, as bitsandbytes' backward (and its default
-forward kernel) computes it: the same LoRA bit for bit on CPU, tested. ``train.fp8_matmul`` layers are not swapped
-(:func:`swap_problem` refuses them before loading).
+forward kernel) computes it: the layer's output and gradient bit for bit on CPU, tested. ``train.fp8_matmul``
+layers are not swapped (:func:`swap_problem` refuses them before loading).
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ def _same(a: Any, b: Any) -> None:
         {},
         {"model.dtype": "bfloat16", "train.gradient_checkpointing": True},
         {"model.quantize": "fp8"},
+        # the tiny model's 32-wide layers stay bf16 under nf4 (bitsandbytes needs 64): the run's other layers, swapped
+        # beside 4-bit storage; a 4-bit layer itself: test_a_swapped_4bit_layer_computes_what_the_layer_does
         {"model.quantize": "nf4", "model.dtype": "bfloat16", "train.gradient_checkpointing": True},
         {"cache.use_cache": True},
     ],
@@ -121,3 +123,25 @@ def test_what_it_cannot_serve_is_refused_before_loading(
     with pytest.raises(QfluxError, match=message):
         flux_train(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_a_swapped_4bit_layer_computes_what_the_layer_does(quant_type: str) -> None:
+    """A bitsandbytes 4-bit layer (64 wide, as bitsandbytes' kernels need) swapped to the host: its packed weight
+    and statistics travel, and the output and the input's gradient are the layer's own, bit for bit."""
+    from qflux.weights.block_swap import Swapper
+    from qflux.weights.quantize import keep_trainable_layout, linear_4bit
+
+    torch.manual_seed(0)
+    layer = linear_4bit(torch.nn.Linear(128, 64).to(torch.bfloat16), quant_type, torch.bfloat16).requires_grad_(False)
+    keep_trainable_layout(layer)  # as training holds 4-bit layers
+    swapper = Swapper(torch.device("cpu"))
+    swapped = SwappedLinear.from_layer(layer, swapper, 0, torch.device("cpu"))
+    assert len(swapped.host_tensors()) > 2 and swapped.weight.dtype == torch.uint8  # packed, with its statistics
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+    want = layer(x)
+    (gx,) = torch.autograd.grad(want.sum(), x)
+    got = swapped(x)
+    (sx,) = torch.autograd.grad(got.sum(), x)
+    assert torch.equal(got, want) and torch.equal(sx, gx)
+    assert swapper.copies == 2  # fetched for forward and again for backward
