@@ -27,8 +27,6 @@ from qflux.config.errors import QfluxError
 class TextEncoder:
     """One FLUX.2 variant's prompt encoder."""
 
-    name: str
-    """Its name in messages."""
     kind: str
     """The cache's entry kind of its embeddings."""
     layers: tuple[int, ...]
@@ -66,11 +64,9 @@ class TextEncoder:
         )
 
 
-QWEN3 = TextEncoder("Qwen3", "qwen3_prompt_embed", (9, 18, 27), "Flux2KleinPipeline", "_get_qwen3_prompt_embeds")
+QWEN3 = TextEncoder("qwen3_prompt_embed", (9, 18, 27), "Flux2KleinPipeline", "_get_qwen3_prompt_embeds")
 """FLUX.2 [klein]'s encoder."""
-MISTRAL3 = TextEncoder(
-    "Mistral Small 3.1", "mistral3_prompt_embed", (10, 20, 30), "Flux2Pipeline", "_get_mistral_3_small_prompt_embeds"
-)
+MISTRAL3 = TextEncoder("mistral3_prompt_embed", (10, 20, 30), "Flux2Pipeline", "_get_mistral_3_small_prompt_embeds")
 """FLUX.2 [dev]'s encoder (the helper adds the pipeline's ``SYSTEM_MESSAGE`` itself)."""
 
 
